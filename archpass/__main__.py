@@ -1,0 +1,3 @@
+from archpass.cli.main import main
+
+main()

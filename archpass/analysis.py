@@ -1,0 +1,799 @@
+"""Structural analysis: layers, channel groups, blocks and stages of a canonical model.
+
+The channel-group analysis is the dependency-graph problem structural-pruning tools
+solve for PyTorch, solved here on ONNX.  Each tensor's channel axis is tracked as a list
+of *segments* (several after a Concat), each a slot in a union-find; ops that force two
+channel dimensions to agree (residual Add, SE Mul, depthwise conv, BatchNorm,
+elementwise ops, Flatten/GlobalPool into Gemm, Transpose/Reshape that keep the axis)
+unite their slots.  A slot that reaches something archpass cannot rewrite through (a
+graph input or output, a Reshape that merges channels, a grouped conv, an op it does
+not know) makes its whole group not adjustable, with the reason.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from archpass.activations import UNARY, find_activation
+from archpass.model import Model
+from archpass.structure import Block, ChannelGroup, Layer, Member, Node, Stage, Structure, Tensor
+
+ELEMENTWISE_UNARY = {
+    "Relu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "LeakyRelu", "Elu", "Selu", "Gelu", "Erf",
+    "Softplus", "Softsign", "Exp", "Log", "Sqrt", "Neg", "Abs", "Identity", "Dropout", "Cast", "Reciprocal",
+    "Floor", "Ceil", "Round", "Sign", "Celu", "Mish", "ThresholdedRelu", "Not", "IsNaN", "Sin", "Cos",
+}
+ELEMENTWISE_BINARY = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean", "PRelu", "Where", "Equal", "Greater", "Less", "And", "Or"}
+CHANNEL_PRESERVING = {
+    "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool", "GlobalLpPool", "Resize", "Upsample",
+    "Pad", "Softmax", "LogSoftmax", "LRN", "MaxUnpool",
+}
+NORMS = {"BatchNormalization", "InstanceNormalization"}
+ELEM_BYTES = {1: 4, 2: 1, 3: 1, 4: 2, 5: 2, 6: 4, 7: 8, 9: 1, 10: 2, 11: 8, 12: 4, 13: 8, 16: 2}
+
+
+def _attr(node: onnx.NodeProto, name: str, default=None):
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return default
+
+
+class _UnionFind:
+    def __init__(self):
+        self.parent: list[int] = []
+        self.size: list[int] = []  # channel count of each slot
+        self.reason: list[str | None] = []
+        self.members: list[list[Member]] = []
+
+    def new(self, channels: int) -> int:
+        self.parent.append(len(self.parent))
+        self.size.append(channels)
+        self.reason.append(None)
+        self.members.append([])
+        return len(self.parent) - 1
+
+    def find(self, a: int) -> int:
+        while self.parent[a] != a:
+            self.parent[a] = self.parent[self.parent[a]]
+            a = self.parent[a]
+        return a
+
+    def union(self, a: int, b: int) -> int:
+        ra, rb = self.find(a), self.find(b)
+        if ra == rb:
+            return ra
+        lo, hi = min(ra, rb), max(ra, rb)  # the older slot is the root: ids follow topological order
+        self.parent[hi] = lo
+        self.members[lo].extend(self.members[hi])
+        self.members[hi] = []
+        if self.reason[lo] is None:
+            self.reason[lo] = self.reason[hi]
+        return lo
+
+    def fix(self, a: int, reason: str) -> None:
+        r = self.find(a)
+        if self.reason[r] is None:
+            self.reason[r] = reason
+
+    def add(self, a: int, member: Member) -> None:
+        self.members[self.find(a)].append(member)
+
+
+@dataclass
+class _TInfo:
+    """Mutable per-tensor bookkeeping during analysis."""
+
+    shape: tuple[int, ...]
+    axis: int | None = None
+    segs: list[int] = field(default_factory=list)
+    spatial: tuple[int, ...] = ()
+
+
+class _Analyzer:
+    def __init__(self, proto: onnx.ModelProto):
+        self.proto = proto
+        g = proto.graph
+        self.g = g
+        self.inits = {i.name: i for i in g.initializer}
+        self.const_nodes = {n.output[0]: n for n in g.node if n.op_type == "Constant"}
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self.dtypes: dict[str, int] = {}
+        for vi in list(g.input) + list(g.value_info) + list(g.output):
+            tt = vi.type.tensor_type
+            if vi.type.HasField("tensor_type") and tt.HasField("shape"):
+                self.shapes[vi.name] = tuple(d.dim_value for d in tt.shape.dim)
+                self.dtypes[vi.name] = tt.elem_type
+        for i in g.initializer:
+            self.shapes[i.name] = tuple(i.dims)
+            self.dtypes[i.name] = i.data_type
+        self.consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+        self.producer: dict[str, onnx.NodeProto] = {}
+        for n in g.node:
+            for i in n.input:
+                if i:
+                    self.consumers[i].append(n)
+            for o in n.output:
+                self.producer[o] = n
+        self._const_cache: dict[str, np.ndarray | None] = {}
+        self.uf = _UnionFind()
+        self.t: dict[str, _TInfo] = {}
+        self.unsupported: list[str] = []
+        self.notes: list[str] = []
+
+    # ------------------------------------------------------------ helpers
+    def const(self, name: str) -> np.ndarray | None:
+        if name in self._const_cache:
+            return self._const_cache[name]
+        val = None
+        if name in self.inits:
+            val = numpy_helper.to_array(self.inits[name])
+        elif name in self.const_nodes:
+            n = self.const_nodes[name]
+            for a in n.attribute:
+                if a.name == "value":
+                    val = numpy_helper.to_array(a.t)
+                elif a.name in ("value_float", "value_int"):
+                    val = np.array(onnx.helper.get_attribute_value(a))
+                elif a.name in ("value_floats", "value_ints"):
+                    val = np.array(onnx.helper.get_attribute_value(a))
+        self._const_cache[name] = val
+        return val
+
+    def is_const(self, name: str) -> bool:
+        return name in self.inits or name in self.const_nodes
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        if name in self.shapes:
+            return self.shapes[name]
+        v = self.const(name)
+        return tuple(v.shape) if v is not None else ()
+
+    def info(self, name: str) -> _TInfo:
+        if name not in self.t:
+            self.t[name] = _TInfo(self.shape(name))
+        return self.t[name]
+
+    def fix_tensor(self, name: str, reason: str) -> None:
+        ti = self.t.get(name)
+        if ti is None:
+            return
+        for s in ti.segs:
+            self.uf.fix(s, reason)
+
+    def fresh(self, name: str, axis: int | None, reason: str | None = None, member: Member | None = None) -> None:
+        shp = self.shape(name)
+        ti = _TInfo(shp)
+        if axis is not None and len(shp) > axis >= 0:
+            s = self.uf.new(shp[axis])
+            if reason:
+                self.uf.fix(s, reason)
+            if member:
+                self.uf.add(s, member)
+            ti.axis, ti.segs = axis, [s]
+            ti.spatial = tuple(i for i in range(2, len(shp))) if axis == 1 and len(shp) >= 3 else ()
+        self.t[name] = ti
+
+    def same_layout(self, dst: str, src: str, axis_shift: int = 0) -> None:
+        s = self.info(src)
+        shp = self.shape(dst)
+        if s.axis is None:
+            self.t[dst] = _TInfo(shp)
+            return
+        ax = s.axis + axis_shift
+        if not (0 <= ax < len(shp)) or shp[ax] != sum(self.uf.size[x] for x in s.segs):
+            # channel axis did not survive as we expected: stop tracking, channels are fixed
+            for seg in s.segs:
+                self.uf.fix(seg, f"shape of '{dst}' does not keep the channel axis")
+            self.fresh(dst, None)
+            return
+        self.t[dst] = _TInfo(shp, ax, list(s.segs), tuple(a + axis_shift for a in s.spatial))
+
+    def unite_layouts(self, a: list[int], b: list[int], where: str) -> bool:
+        if len(a) == len(b) and all(self.uf.size[x] == self.uf.size[y] for x, y in zip(a, b)):
+            for x, y in zip(a, b):
+                self.uf.union(x, y)
+            return True
+        for x in a + b:
+            self.uf.fix(x, f"{where} joins tensors whose channels are concatenated differently")
+        return False
+
+    # ------------------------------------------------------------ main walk
+    def run(self) -> Structure:
+        g = self.g
+        init_names = set(self.inits)
+        graph_inputs = [i for i in g.input if i.name not in init_names]
+        for vi in graph_inputs:
+            shp = self.shape(vi.name)
+            axis = 1 if len(shp) >= 2 else None
+            self.fresh(vi.name, axis, reason=f"carries the model input '{vi.name}'",
+                       member=Member(vi.name, "input", "input"))
+        self.layers: dict[str, Layer] = {}
+        self.layer_order: list[str] = []
+        self.act_of: dict[str, object] = {}
+        nodes: list[Node] = []
+        for n in g.node:
+            if n.op_type == "Constant":
+                continue
+            self.visit(n)
+            nodes.append(self.node_record(n))
+        for vi in g.output:
+            ti = self.t.get(vi.name)
+            if ti and ti.segs:
+                for s in ti.segs:
+                    self.uf.add(s, Member(vi.name, "output", "output"))
+                    self.uf.fix(s, f"feeds model output '{vi.name}'")
+        # ---- groups, numbered by their oldest slot (topological order)
+        roots = sorted({self.uf.find(s) for s in range(len(self.uf.parent))})
+        gid = {r: f"group{i}" for i, r in enumerate(roots)}
+
+        def gname(slot: int) -> str:
+            return gid[self.uf.find(slot)]
+
+        groups = []
+        for r in roots:
+            reason = self.uf.reason[r]
+            groups.append(ChannelGroup(gid[r], self.uf.size[r], tuple(self.uf.members[r]), reason is None, reason))
+        tensors: dict[str, Tensor] = {}
+        for name, ti in self.t.items():
+            tensors[name] = Tensor(
+                name, tuple(ti.shape), ELEM_BYTES.get(self.dtypes.get(name, 1), 4), ti.axis,
+                tuple(gname(s) for s in ti.segs), ti.spatial, self.is_const(name),
+            )
+        for i in g.initializer:
+            if i.name not in tensors:
+                tensors[i.name] = Tensor(i.name, tuple(i.dims), ELEM_BYTES.get(i.data_type, 4), const=True)
+        layers = []
+        for lid in self.layer_order:
+            l = self.layers[lid]
+            ti_in = self.t[l.input]
+            ti_out = self.t[l.output]
+            layers.append(Layer(**{**l.__dict__,
+                                   "in_groups": tuple(gname(s) for s in ti_in.segs),
+                                   "out_group": gname(ti_out.segs[0]) if ti_out.segs else ""}))
+        blocks, stages = _find_blocks(layers, self)
+        inputs = tuple((vi.name, self.shape(vi.name)) for vi in graph_inputs)
+        outputs = tuple((vi.name, self.shape(vi.name)) for vi in g.output)
+        return Structure(
+            inputs=inputs, outputs=outputs, layers=tuple(layers), blocks=tuple(blocks), stages=tuple(stages),
+            groups=tuple(groups), nodes=tuple(nodes), tensors=tensors,
+            unsupported=tuple(sorted(set(self.unsupported))), notes=tuple(self.notes),
+        )
+
+    def node_record(self, n: onnx.NodeProto) -> Node:
+        spatial: list[tuple[str, object]] = []
+        if n.op_type in ("Conv", "MaxPool", "AveragePool", "LpPool", "ConvTranspose"):
+            w = self.shape(n.input[1]) if n.op_type in ("Conv", "ConvTranspose") else None
+            k = tuple(_attr(n, "kernel_shape", w[2:] if w else ()))
+            nd = len(k)
+            spatial += [
+                ("kernel", k),
+                ("strides", tuple(_attr(n, "strides", [1] * nd))),
+                ("pads", tuple(_attr(n, "pads", [0] * (2 * nd)))),
+                ("dilations", tuple(_attr(n, "dilations", [1] * nd))),
+                ("ceil_mode", int(_attr(n, "ceil_mode", 0))),
+                ("auto_pad", _attr(n, "auto_pad", b"NOTSET").decode() if isinstance(_attr(n, "auto_pad", b""), bytes) else "NOTSET"),
+            ]
+        elif n.op_type in ("Resize", "Upsample"):
+            scales = self.const(n.input[2]) if len(n.input) > 2 and n.input[2] else None
+            sizes = self.const(n.input[3]) if len(n.input) > 3 and n.input[3] else None
+            if n.op_type == "Upsample" and len(n.input) > 1:
+                scales = self.const(n.input[1])
+            if scales is not None and scales.size:
+                spatial.append(("scales", tuple(float(s) for s in scales)))
+            if sizes is not None and sizes.size:
+                spatial.append(("sizes", tuple(int(s) for s in sizes)))
+        layer = n.name if n.name in self.layers else None
+        return Node(n.name, n.op_type, tuple(n.input), tuple(n.output), layer, tuple(spatial))
+
+    def visit(self, n: onnx.NodeProto) -> None:
+        op = n.op_type
+        ins = [i for i in n.input]
+        out = n.output[0] if n.output else None
+        if op == "Conv" and self.is_const(ins[1]):
+            self.visit_conv(n)
+        elif op == "Gemm" and self.is_const(ins[1]):
+            self.visit_gemm(n)
+        elif op == "MatMul" and self.is_const(ins[1]) and len(self.shape(ins[1])) == 2:
+            self.visit_matmul(n)
+        elif op in ELEMENTWISE_UNARY or op in NORMS:
+            self.same_layout(out, ins[0])
+            if op in NORMS:
+                for s in self.info(out).segs:
+                    self.uf.add(s, Member(n.name, op, "param"))
+        elif op in CHANNEL_PRESERVING:
+            x = self.info(ins[0])
+            if op == "Pad" and x.axis is not None:
+                pads = self.const(ins[1]) if len(ins) > 1 and ins[1] else np.array(_attr(n, "pads", []))
+                r = len(x.shape)
+                if pads is not None and pads.size == 2 * r and (pads[x.axis] or pads[x.axis + r]):
+                    self.fix_tensor(ins[0], f"Pad node '{n.name}' pads the channel axis")
+            if op in ("Softmax", "LogSoftmax") and x.axis is not None:
+                ax = _attr(n, "axis", -1) % max(len(x.shape), 1)
+                if ax == x.axis:
+                    for s in x.segs:
+                        self.uf.add(s, Member(n.name, op, "elementwise"))
+            self.same_layout(out, ins[0])
+        elif op in ELEMENTWISE_BINARY:
+            self.visit_binary(n)
+        elif op == "Concat":
+            self.visit_concat(n)
+        elif op == "Flatten":
+            self.visit_flatten(n)
+        elif op == "Reshape":
+            self.visit_reshape(n)
+        elif op == "Transpose":
+            self.visit_transpose(n)
+        elif op in ("Squeeze", "Unsqueeze"):
+            self.visit_squeeze(n)
+        elif op in ("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL2", "ReduceL1",
+                    "ReduceLogSumExp", "ReduceSumSquare"):
+            self.visit_reduce(n)
+        elif op == "LayerNormalization":
+            self.visit_layernorm(n)
+        elif op in ("Split", "Slice"):
+            self.visit_split(n)
+        else:
+            self.visit_unknown(n)
+
+    def visit_unknown(self, n: onnx.NodeProto, why: str | None = None) -> None:
+        self.unsupported.append(n.op_type)
+        for i in n.input:
+            if i and i in self.t:
+                self.fix_tensor(i, why or f"consumed by {n.op_type} node '{n.name}', which archpass cannot rewrite through")
+        for o in n.output:
+            shp = self.shape(o)
+            self.fresh(o, 1 if len(shp) >= 2 else None, reason=f"produced by {n.op_type} node '{n.name}', which archpass cannot rewrite")
+
+    # ------------------------------------------------------------ layers
+    def _register_layer(self, n, op, cin, cout, k, s, groups, in_hw, out_hw, pads, dil, bias, x, y, w):
+        act = find_activation(y, self.consumers, self.const)
+        self.layers[n.name] = Layer(
+            id=n.name, op=op, cin=cin, cout=cout, kernel=k, stride=s, groups=groups, in_hw=in_hw, out_hw=out_hw,
+            pads=pads, dilation=dil, activation=act.kind if act else None, bias=bias, input=x, output=y,
+            act_output=act.output if act else y, weight=w,
+        )
+        self.layer_order.append(n.name)
+
+    def visit_conv(self, n: onnx.NodeProto) -> None:
+        x, w = n.input[0], n.input[1]
+        y = n.output[0]
+        ws = self.shape(w)
+        xs, ys = self.shape(x), self.shape(y)
+        if len(ws) != 4 or len(xs) != 4:
+            return self.visit_unknown(n, f"{len(ws) - 2}-D convolution '{n.name}' is not rewritten")
+        groups = int(_attr(n, "group", 1))
+        cout, cin_g, kh, kw = ws
+        cin = cin_g * groups
+        strides = tuple(_attr(n, "strides", [1, 1]))
+        dil = tuple(_attr(n, "dilations", [1, 1]))
+        pads = tuple(_attr(n, "pads", [0, 0, 0, 0]))
+        pads = (pads[0], pads[1], pads[2], pads[3])
+        xi = self.info(x)
+        bias = len(n.input) > 2 and bool(n.input[2])
+        self._register_layer(n, "Conv", cin, cout, (kh, kw), strides, groups, (xs[2], xs[3]), (ys[2], ys[3]),
+                             pads, dil, bias, x, y, w)
+        if xi.axis != 1:
+            self.fix_tensor(x, f"Conv '{n.name}' reads a tensor whose channel axis was moved")
+            self.fresh(y, 1, reason=f"Conv '{n.name}' reads a tensor whose channel axis was moved",
+                       member=Member(n.name, "Conv", "producer"))
+            return
+        if groups == 1:
+            off = 0
+            for s in xi.segs:
+                self.uf.add(s, Member(n.name, "Conv", "consumer", off))
+                off += self.uf.size[s]
+            self.fresh(y, 1, member=Member(n.name, "Conv", "producer"))
+        elif groups == cin and cout == cin:
+            for s in xi.segs:
+                self.uf.add(s, Member(n.name, "Conv", "depthwise"))
+            self.t[y] = _TInfo(ys, 1, list(xi.segs), (2, 3))
+        else:
+            why = (f"Conv '{n.name}' is a grouped convolution (groups={groups})" if cout % groups == 0 and groups != cin
+                   else f"Conv '{n.name}' is a depthwise convolution with channel multiplier {cout // max(cin, 1)}")
+            off = 0
+            for s in xi.segs:
+                self.uf.add(s, Member(n.name, "Conv", "consumer", off))
+                off += self.uf.size[s]
+            self.fix_tensor(x, why)
+            self.fresh(y, 1, reason=why, member=Member(n.name, "Conv", "producer"))
+
+    def _linear(self, n, cin, cout, x, y, w, bias, in_axis_ok: bool, out_axis: int) -> None:
+        xs = self.shape(x)
+        hw = tuple(int(d) for d in xs[1:-1]) if len(xs) > 2 else (1,)
+        in_hw = (hw[0], int(np.prod(hw[1:])) if len(hw) > 1 else 1) if hw else (1, 1)
+        self._register_layer(n, n.op_type, cin, cout, (1, 1), (1, 1), 1, in_hw, in_hw, (0, 0, 0, 0), (1, 1),
+                             bias, x, y, w)
+        xi = self.info(x)
+        if not in_axis_ok:
+            self.fix_tensor(x, f"{n.op_type} '{n.name}' contracts an axis that is not the channel axis")
+        else:
+            off = 0
+            for s in xi.segs:
+                self.uf.add(s, Member(n.name, n.op_type, "consumer", off))
+                off += self.uf.size[s]
+        self.fresh(y, out_axis, member=Member(n.name, n.op_type, "producer"))
+
+    def visit_gemm(self, n: onnx.NodeProto) -> None:
+        x, w, y = n.input[0], n.input[1], n.output[0]
+        ws = self.shape(w)
+        tb = int(_attr(n, "transB", 0))
+        ta = int(_attr(n, "transA", 0))
+        cout, cin = (ws[0], ws[1]) if tb else (ws[1], ws[0])
+        xi = self.info(x)
+        ok = ta == 0 and xi.axis == 1 and len(self.shape(x)) == 2
+        bias = len(n.input) > 2 and bool(n.input[2])
+        self._linear(n, cin, cout, x, y, w, bias, ok, 1)
+
+    def visit_matmul(self, n: onnx.NodeProto) -> None:
+        x, w, y = n.input[0], n.input[1], n.output[0]
+        cin, cout = self.shape(w)
+        xs = self.shape(x)
+        xi = self.info(x)
+        ok = xi.axis == len(xs) - 1
+        self._linear(n, cin, cout, x, y, w, False, ok, len(self.shape(y)) - 1)
+
+    # ------------------------------------------------------------ coupling ops
+    def visit_binary(self, n: onnx.NodeProto) -> None:
+        out = n.output[0]
+        oshape = self.shape(out)
+        r = len(oshape)
+        full: list[tuple[str, _TInfo, int]] = []  # tensors carrying the channel axis with full size
+        consts: list[str] = []
+        for i in n.input:
+            if not i:
+                continue
+            shp = self.shape(i)
+            shift = r - len(shp)
+            if self.is_const(i):
+                consts.append(i)
+                continue
+            ti = self.info(i)
+            if ti.axis is not None and shp[ti.axis] > 1:
+                full.append((i, ti, shift))
+        if not full:
+            # nothing tracked: maybe a gate of size 1 or constants only
+            self.fresh(out, None)
+            for i in n.input:
+                if i in self.t and self.t[i].segs:
+                    pass
+            return
+        base_name, base, shift = full[0]
+        ax = base.axis + shift
+        for other_name, ti, sh in full[1:]:
+            if ti.axis + sh != ax:
+                self.fix_tensor(other_name, f"{n.op_type} '{n.name}' broadcasts channels against another axis")
+                self.fix_tensor(base_name, f"{n.op_type} '{n.name}' broadcasts channels against another axis")
+                continue
+            self.unite_layouts(base.segs, ti.segs, f"{n.op_type} '{n.name}'")
+        role = "elementwise"
+        for s in base.segs:
+            self.uf.add(s, Member(n.name, n.op_type, role))
+        for c in consts:
+            cs = self.shape(c)
+            cax = ax - (r - len(cs))
+            if 0 <= cax < len(cs) and cs[cax] > 1:
+                for s in base.segs:
+                    self.uf.add(s, Member(n.name, n.op_type, "param"))
+        self.t[out] = _TInfo(oshape, ax, list(base.segs), tuple(a + shift for a in base.spatial))
+
+    def visit_concat(self, n: onnx.NodeProto) -> None:
+        out = n.output[0]
+        oshape = self.shape(out)
+        axis = _attr(n, "axis", 0) % max(len(oshape), 1)
+        infos = [(i, self.info(i)) for i in n.input if i]
+        tracked = [ti for _, ti in infos if ti.axis is not None]
+        if len(tracked) != len(infos):
+            for i, _ in infos:
+                self.fix_tensor(i, f"Concat '{n.name}' joins a tensor without a known channel axis")
+            self.fresh(out, 1 if len(oshape) >= 2 else None, reason=f"Concat '{n.name}' has untracked inputs")
+            return
+        if all(ti.axis == axis for ti in tracked):
+            segs: list[int] = []
+            off = 0
+            for i, ti in infos:
+                for s in ti.segs:
+                    self.uf.add(s, Member(n.name, "Concat", "concat", off))
+                    off += self.uf.size[s]
+                segs.extend(ti.segs)
+            self.t[out] = _TInfo(oshape, axis, segs, tracked[0].spatial)
+            return
+        # concatenation along another axis: channels of all inputs must agree
+        first = tracked[0]
+        for ti in tracked[1:]:
+            if ti.axis != first.axis:
+                for i, _ in infos:
+                    self.fix_tensor(i, f"Concat '{n.name}' joins tensors with different channel axes")
+                break
+            self.unite_layouts(first.segs, ti.segs, f"Concat '{n.name}'")
+        self.t[out] = _TInfo(oshape, first.axis, list(first.segs), first.spatial)
+
+    def visit_flatten(self, n: onnx.NodeProto) -> None:
+        x, out = n.input[0], n.output[0]
+        xi = self.info(x)
+        xs = self.shape(x)
+        axis = _attr(n, "axis", 1) % max(len(xs), 1) if xs else 1
+        if xi.axis is None:
+            return self.fresh(out, None)
+        rest = [d for i, d in enumerate(xs) if i >= axis and i != xi.axis]
+        if xi.axis == axis and int(np.prod(rest)) == 1 and int(np.prod(xs[:axis])) == self.shape(out)[0]:
+            self.t[out] = _TInfo(self.shape(out), 1, list(xi.segs))
+            return
+        why = f"Flatten '{n.name}' merges channels with spatial dims {tuple(xs[2:])} into one feature axis"
+        self.fix_tensor(x, why)
+        self.fresh(out, 1, reason=why)
+
+    def visit_reshape(self, n: onnx.NodeProto) -> None:
+        x, out = n.input[0], n.output[0]
+        xi = self.info(x)
+        xs, os_ = self.shape(x), self.shape(out)
+        if xi.axis is None:
+            return self.fresh(out, None)
+        c = xs[xi.axis]
+        before = int(np.prod(xs[: xi.axis]))
+        after = int(np.prod(xs[xi.axis + 1:]))
+        for j, d in enumerate(os_):
+            if d == c and int(np.prod(os_[:j])) == before and int(np.prod(os_[j + 1:])) == after:
+                target = self.const(n.input[1]) if len(n.input) > 1 else None
+                if target is not None and target.size == len(os_) and int(target[j]) == c:
+                    for s in xi.segs:
+                        self.uf.add(s, Member(n.name, "Reshape", "reshape", j))
+                elif target is not None and target.size == len(os_) and int(target[j]) == -1 and any(
+                        int(t) > 0 and k > j for k, t in enumerate(target) if int(t) != 1):
+                    break  # -1 on the channel axis relies on other literal sizes; treat as fixed
+                spatial = tuple(k for k in range(len(os_)) if k != j and k > 0 and os_[k] > 1)
+                self.t[out] = _TInfo(os_, j, list(xi.segs), spatial)
+                return
+        why = f"Reshape '{n.name}' fixes the channel size ({tuple(xs)} -> {tuple(os_)})"
+        self.fix_tensor(x, why)
+        self.fresh(out, 1 if len(os_) >= 2 else None, reason=why)
+
+    def visit_transpose(self, n: onnx.NodeProto) -> None:
+        x, out = n.input[0], n.output[0]
+        xi = self.info(x)
+        perm = list(_attr(n, "perm", list(range(len(xi.shape)))[::-1]))
+        if xi.axis is None:
+            return self.fresh(out, None)
+        self.t[out] = _TInfo(self.shape(out), perm.index(xi.axis), list(xi.segs),
+                             tuple(perm.index(a) for a in xi.spatial if a in perm))
+
+    def _axes(self, n: onnx.NodeProto, rank: int) -> list[int] | None:
+        axes = _attr(n, "axes")
+        if axes is None and len(n.input) > 1 and n.input[1]:
+            v = self.const(n.input[1])
+            axes = None if v is None else v.tolist()
+        if axes is None:
+            return None
+        return [int(a) % rank for a in axes]
+
+    def visit_squeeze(self, n: onnx.NodeProto) -> None:
+        x, out = n.input[0], n.output[0]
+        xi = self.info(x)
+        xs, os_ = self.shape(x), self.shape(out)
+        if xi.axis is None:
+            return self.fresh(out, None)
+        if n.op_type == "Squeeze":
+            axes = self._axes(n, len(xs))
+            if axes is None:
+                axes = [i for i, d in enumerate(xs) if d == 1]
+            if xi.axis in axes:
+                return self.visit_unknown(n, f"Squeeze '{n.name}' removes the channel axis")
+            ax = xi.axis - sum(1 for a in axes if a < xi.axis)
+        else:
+            axes = self._axes(n, len(os_)) or []
+            ax = xi.axis
+            for a in sorted(axes):
+                if a <= ax:
+                    ax += 1
+        self.t[out] = _TInfo(os_, ax, list(xi.segs))
+
+    def visit_reduce(self, n: onnx.NodeProto) -> None:
+        x, out = n.input[0], n.output[0]
+        xi = self.info(x)
+        xs = self.shape(x)
+        if xi.axis is None:
+            return self.fresh(out, None)
+        axes = self._axes(n, len(xs))
+        if axes is None:
+            axes = [] if _attr(n, "noop_with_empty_axes", 0) else list(range(len(xs)))
+        keep = int(_attr(n, "keepdims", 1))
+        if xi.axis in axes:
+            for s in xi.segs:
+                self.uf.add(s, Member(n.name, n.op_type, "reduce"))
+            return self.fresh(out, None)
+        ax = xi.axis if keep else xi.axis - sum(1 for a in axes if a < xi.axis)
+        self.t[out] = _TInfo(self.shape(out), ax, list(xi.segs))
+
+    def visit_layernorm(self, n: onnx.NodeProto) -> None:
+        x, out = n.input[0], n.output[0]
+        xi = self.info(x)
+        xs = self.shape(x)
+        axis = _attr(n, "axis", -1) % len(xs)
+        self.same_layout(out, x)
+        if xi.axis is not None and xi.axis >= axis:
+            for s in xi.segs:
+                self.uf.add(s, Member(n.name, n.op_type, "param"))
+        for o in n.output[1:]:
+            if o:
+                self.fresh(o, None)
+
+    def visit_split(self, n: onnx.NodeProto) -> None:
+        x = n.input[0]
+        xi = self.info(x)
+        xs = self.shape(x)
+        if xi.axis is None:
+            for o in n.output:
+                self.fresh(o, None)
+            return
+        if n.op_type == "Split":
+            axis = _attr(n, "axis", 0) % len(xs)
+        else:
+            axes = self.const(n.input[3]) if len(n.input) > 3 and n.input[3] else None
+            axis = None if axes is None else [int(a) % len(xs) for a in axes.tolist()]
+            starts = self.const(n.input[1])
+            if axes is None:
+                axis = list(range(starts.size)) if starts is not None else None
+            if axis is None:
+                return self.visit_unknown(n)
+            if xi.axis not in axis:
+                self.same_layout(n.output[0], x)
+                return
+            axis = xi.axis
+        if axis != xi.axis:
+            for o in n.output:
+                self.same_layout(o, x)
+            return
+        # splitting the channel axis: keep whole segments when the cut falls on their edges
+        bounds, off = {0: 0}, 0
+        for k, s in enumerate(xi.segs):
+            off += self.uf.size[s]
+            bounds[off] = k + 1
+        start = 0
+        for o in n.output:
+            size = self.shape(o)[axis]
+            if n.op_type == "Slice":
+                st = self.const(n.input[1])
+                axes_v = self.const(n.input[3]) if len(n.input) > 3 and n.input[3] else None
+                idx = 0 if axes_v is None else [int(a) % len(xs) for a in axes_v.tolist()].index(axis)
+                start = int(np.clip(int(st.reshape(-1)[idx]), -xs[axis], xs[axis])) % xs[axis] if st is not None else 0
+            end = start + size
+            if start in bounds and end in bounds:
+                segs = xi.segs[bounds[start]:bounds[end]]
+                for s in segs:
+                    self.uf.add(s, Member(n.name, n.op_type, "split", start))
+                self.t[o] = _TInfo(self.shape(o), axis, list(segs), xi.spatial)
+            else:
+                why = f"{n.op_type} '{n.name}' cuts the channels at fixed offsets"
+                self.fix_tensor(x, why)
+                self.fresh(o, axis, reason=why)
+            start = end
+
+
+# ---------------------------------------------------------------------------- blocks
+def _find_blocks(layers: list[Layer], an: _Analyzer) -> tuple[list[Block], list[Stage]]:
+    by_id = {l.id: l for l in layers}
+    by_input: dict[str, list[Layer]] = defaultdict(list)
+    for l in layers:
+        by_input[l.input].append(l)
+    order = {l.id: i for i, l in enumerate(layers)}
+    used: set[str] = set()
+
+    def sole_layer_after(tensor: str) -> Layer | None:
+        cons = an.consumers.get(tensor, [])
+        if len(cons) == 1 and cons[0].name in by_id and cons[0].input[0] == tensor:
+            return by_id[cons[0].name]
+        return None
+
+    def se_after(tensor: str) -> tuple[list[str], str]:
+        """Squeeze-and-excitation after ``tensor``: (its layer ids, the gated tensor) or ([], tensor)."""
+        cons = an.consumers.get(tensor, [])
+        if len(cons) != 2:
+            return [], tensor
+        pool = [c for c in cons if c.op_type in ("GlobalAveragePool", "ReduceMean")]
+        mul = [c for c in cons if c.op_type == "Mul"]
+        if len(pool) != 1 or len(mul) != 1:
+            return [], tensor
+        se_layers: list[str] = []
+        cur = pool[0].output[0]
+        for _ in range(4):
+            nxt = an.consumers.get(cur, [])
+            if len(nxt) != 1:
+                return [], tensor
+            node = nxt[0]
+            if node.name in by_id:
+                se_layers.append(node.name)
+                cur = by_id[node.name].act_output
+            elif node.op_type in UNARY or node.op_type in ("Clip", "Flatten", "Reshape", "Unsqueeze", "Squeeze", "Add", "Div", "Mul"):
+                if node is mul[0]:
+                    break
+                cur = node.output[0]
+            if cur in mul[0].input:
+                break
+        if cur in mul[0].input and len(se_layers) == 2:
+            return se_layers, mul[0].output[0]
+        return [], tensor
+
+    def residual_add(block_in: str, out: str) -> str | None:
+        cons = an.consumers.get(out, [])
+        if len(cons) == 1 and cons[0].op_type == "Add" and block_in in cons[0].input and out in cons[0].input:
+            return cons[0].name
+        return None
+
+    raw: list[tuple[int, str, list[str], bool, list[tuple[str, str]], str | None]] = []
+    for l in layers:
+        if l.id in used:
+            continue
+        # --- ibn: 1x1 expand -> act -> KxK depthwise -> act -> [SE] -> 1x1 project -> [Add]
+        if l.pointwise and l.activation:
+            d = sole_layer_after(l.act_output)
+            if d and d.depthwise and d.activation and d.cin == l.cout:
+                se, gated = se_after(d.act_output)
+                p = sole_layer_after(gated)
+                if p and p.pointwise and p.id not in used:
+                    roles = [("expand", l.id), ("depthwise", d.id)]
+                    if se:
+                        roles += [("se_reduce", se[0]), ("se_expand", se[1])]
+                    roles.append(("project", p.id))
+                    add = residual_add(l.input, p.act_output)
+                    ids = [l.id, d.id, *se, p.id]
+                    used.update(ids)
+                    raw.append((order[l.id], "ibn", ids, add is not None, roles, add))
+                    continue
+        # --- fused_ibn: KxK dense (expanding) -> act -> [SE] -> 1x1 project -> [Add]
+        if l.op == "Conv" and l.groups == 1 and l.kernel != (1, 1) and l.activation and l.cout > l.cin:
+            se, gated = se_after(l.act_output)
+            p = sole_layer_after(gated)
+            if p and p.pointwise and p.cout < l.cout and p.id not in used:
+                roles = [("fused", l.id)]
+                if se:
+                    roles += [("se_reduce", se[0]), ("se_expand", se[1])]
+                roles.append(("project", p.id))
+                add = residual_add(l.input, p.act_output)
+                ids = [l.id, *se, p.id]
+                used.update(ids)
+                raw.append((order[l.id], "fused_ibn", ids, add is not None, roles, add))
+                continue
+        # --- depthwise: KxK depthwise -> act -> [SE] -> [1x1 pointwise] (no expansion before it)
+        if l.depthwise:
+            roles = [("depthwise", l.id)]
+            ids = [l.id]
+            se, gated = se_after(l.act_output) if l.activation else ([], l.act_output)
+            if se:
+                roles += [("se_reduce", se[0]), ("se_expand", se[1])]
+                ids += se
+            p = sole_layer_after(gated)
+            if p and p.pointwise and p.id not in used:
+                roles.append(("project", p.id))
+                ids.append(p.id)
+            out = by_id[ids[-1]].act_output
+            add = residual_add(l.input, out)
+            used.update(ids)
+            raw.append((order[l.id], "depthwise", ids, add is not None, roles, add))
+    raw.sort(key=lambda r: r[0])
+    blocks: list[Block] = []
+    stages: list[Stage] = []
+    cur_hw = None
+    stage_blocks: list[str] = []
+    for i, (_, kind, ids, res, roles, add) in enumerate(raw):
+        bid = f"block{i}"
+        hw = by_id[ids[-1]].out_hw
+        if hw != cur_hw:
+            if stage_blocks:
+                stages.append(Stage(f"stage{len(stages)}", len(stages), tuple(stage_blocks), cur_hw))
+            stage_blocks, cur_hw = [], hw
+        stage_blocks.append(bid)
+        blocks.append(Block(bid, kind, tuple(ids), res, len(stages), tuple(roles), add))
+    if stage_blocks:
+        stages.append(Stage(f"stage{len(stages)}", len(stages), tuple(stage_blocks), cur_hw))
+    return blocks, stages
+
+
+def analyze(model: Model | onnx.ModelProto) -> Structure:
+    """Analyze a loaded (canonical, statically shaped) model."""
+    proto = model.proto if isinstance(model, Model) else model
+    return _Analyzer(proto).run()

@@ -1,0 +1,357 @@
+"""Loading, validating, pinning and canonicalizing ONNX models; atomic saving.
+
+``load_model`` turns whatever a real exporter wrote (external data, dynamic dims,
+Constant nodes, unfused BatchNorm) into a :class:`Model`: a checked, canonical,
+statically shaped ``onnx.ModelProto``.  Every user mistake raises
+:class:`~archpass.errors.ModelLoadError` with one line that names the fix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import onnx
+from onnx import ModelProto
+
+from archpass.errors import ModelLoadError
+
+STANDARD_DOMAINS = {"", "ai.onnx", "ai.onnx.ml", "ai.onnx.preview.training"}
+TWO_GB = 2**31 - 1
+_SHAPE_RE = re.compile(r"^(?P<name>.+):(?P<dims>\d+(,\d+)*)$")
+
+
+@dataclass(frozen=True)
+class Model:
+    """A loaded model: canonical, checked, with every input dimension pinned."""
+
+    proto: ModelProto = field(repr=False)
+    path: Path | None
+    sha256: str
+    input_shapes: tuple[tuple[str, tuple[int, ...]], ...]
+    notes: tuple[str, ...] = ()
+
+    @property
+    def inputs(self) -> dict[str, tuple[int, ...]]:
+        return dict(self.input_shapes)
+
+
+# --------------------------------------------------------------------------- parsing flags
+def parse_input_shapes(specs: Sequence[str] | None) -> dict[str, tuple[int, ...]]:
+    """Parse repeated ``NAME:D0,D1,...`` flags (the onnxsim/onnxslim/polygraphy form)."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for spec in specs or ():
+        m = _SHAPE_RE.match(spec.strip())
+        if not m:
+            raise ModelLoadError(
+                f"malformed --input-shape '{spec}'",
+                "write it as NAME:D0,D1,... with positive integers, e.g. --input-shape input:1,3,224,224",
+            )
+        dims = tuple(int(d) for d in m.group("dims").split(","))
+        if any(d <= 0 for d in dims):
+            raise ModelLoadError(f"--input-shape '{spec}' has a non-positive dimension", "use positive integers only")
+        name = m.group("name")
+        if name in shapes:
+            raise ModelLoadError(f"--input-shape names input '{name}' twice", "give each input once")
+        shapes[name] = dims
+    return shapes
+
+
+# --------------------------------------------------------------------------- reading
+def _read_proto(path: Path) -> ModelProto:
+    if not path.exists():
+        raise ModelLoadError(f"model file not found: {path}", "check the path")
+    if not path.is_file():
+        raise ModelLoadError(f"{path} is not a file", "pass the path of an .onnx file")
+    try:
+        proto = onnx.load_model(str(path), load_external_data=False)
+    except Exception as exc:  # DecodeError, RuntimeError from the C++ parser, UnicodeError...
+        raise ModelLoadError(
+            f"{path} is not an ONNX model or is truncated ({type(exc).__name__})",
+            "re-export the model or check that the download finished",
+        ) from None
+    if proto.ir_version <= 0 or not proto.HasField("graph") or len(proto.graph.node) == 0:
+        raise ModelLoadError(
+            f"{path} is not an ONNX model (no graph or no nodes)",
+            "pass an .onnx file written by an exporter",
+        )
+    return proto
+
+
+def _external_tensors(proto: ModelProto):
+    from onnx.external_data_helper import _get_all_tensors, uses_external_data
+
+    return [t for t in _get_all_tensors(proto) if uses_external_data(t)]
+
+
+def _check_external_data(proto: ModelProto, base: Path) -> None:
+    """Refuse external data that points outside the model's folder or is missing."""
+    base_real = base.resolve()
+    for t in _external_tensors(proto):
+        info = {e.key: e.value for e in t.external_data}
+        loc = info.get("location", "")
+        target = (base / loc).resolve()
+        if os.path.isabs(loc) or not target.is_relative_to(base_real):
+            raise ModelLoadError(
+                f"external data of tensor '{t.name}' points outside the model's folder ({loc!r})",
+                "keep external data files next to the model and reference them by a relative name",
+            )
+        if not target.is_file():
+            raise ModelLoadError(
+                f"external data file {loc!r} of tensor '{t.name}' is missing",
+                f"put it in {base}",
+            )
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _check(proto: ModelProto, path: Path | None) -> None:
+    try:
+        if proto.ByteSize() > TWO_GB and path is not None:
+            onnx.checker.check_model(str(path))
+        else:
+            onnx.checker.check_model(proto)
+    except (onnx.checker.ValidationError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"model fails the ONNX checker: {first}", "fix or re-export the model") from None
+
+
+# --------------------------------------------------------------------------- dims
+def _graph_inputs(proto: ModelProto):
+    inits = {i.name for i in proto.graph.initializer}
+    return [i for i in proto.graph.input if i.name not in inits]
+
+
+def _dims(vi) -> list[int | str | None]:
+    out: list[int | str | None] = []
+    for d in vi.type.tensor_type.shape.dim:
+        if d.HasField("dim_value") and d.dim_value > 0:
+            out.append(d.dim_value)
+        elif d.HasField("dim_param") and d.dim_param:
+            out.append(d.dim_param)
+        else:
+            out.append(None)
+    return out
+
+
+def _pin_inputs(proto: ModelProto, shapes: Mapping[str, tuple[int, ...]]) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    inputs = _graph_inputs(proto)
+    names = [i.name for i in inputs]
+    for name in shapes:
+        if name not in names:
+            raise ModelLoadError(
+                f"--input-shape names unknown input '{name}'",
+                f"the model's inputs are: {', '.join(names)}",
+            )
+    pinned = []
+    missing = []
+    for vi in inputs:
+        if not vi.type.HasField("tensor_type"):
+            raise ModelLoadError(f"input '{vi.name}' is not a tensor", "archpass handles tensor inputs only")
+        dims = _dims(vi)
+        if vi.name in shapes:
+            want = shapes[vi.name]
+            if len(want) != len(dims):
+                raise ModelLoadError(
+                    f"--input-shape for '{vi.name}' has {len(want)} dims but the input has rank {len(dims)}",
+                    f"give {len(dims)} dims, e.g. {vi.name}:{','.join(str(d) if isinstance(d, int) else '1' for d in dims)}",
+                )
+            for have, w in zip(dims, want):
+                if isinstance(have, int) and have != w:
+                    raise ModelLoadError(
+                        f"--input-shape {vi.name}:{','.join(map(str, want))} contradicts the model's static shape "
+                        f"{vi.name}:{','.join(str(d) for d in dims)}",
+                        "only dynamic dimensions can be pinned (use the resolution pass to change static ones)",
+                    )
+            final = tuple(want)
+        else:
+            if any(not isinstance(d, int) for d in dims):
+                missing.append((vi.name, dims))
+                continue
+            final = tuple(int(d) for d in dims)  # type: ignore[arg-type]
+        shape = vi.type.tensor_type.shape
+        for d, v in zip(shape.dim, final):
+            d.Clear()
+            d.dim_value = v
+        pinned.append((vi.name, final))
+    if missing:
+        desc = "; ".join(f"{n} has dims [{', '.join(str(d) if d is not None else '?' for d in dims)}]" for n, dims in missing)
+        example = " ".join(
+            f"--input-shape {n}:{','.join(str(d) if isinstance(d, int) else ('1' if i == 0 else '224') for i, d in enumerate(dims))}"
+            for n, dims in missing
+        )
+        raise ModelLoadError(f"dynamic input dimensions: {desc}", f"pin them with {example}")
+    # Outputs and intermediate value_info may carry stale symbolic dims; inference recomputes them.
+    for vi in proto.graph.output:
+        for d in vi.type.tensor_type.shape.dim:
+            if not (d.HasField("dim_value") and d.dim_value > 0):
+                d.Clear()
+    del proto.graph.value_info[:]
+    return tuple(pinned)
+
+
+# --------------------------------------------------------------------------- canonicalization
+def _custom_ops(proto: ModelProto) -> list[onnx.NodeProto]:
+    local_funcs = {(f.domain, f.name) for f in proto.functions}
+    return [n for n in proto.graph.node if n.domain not in STANDARD_DOMAINS and (n.domain, n.op_type) not in local_funcs]
+
+
+def _infer(proto: ModelProto) -> ModelProto:
+    try:
+        return onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True, data_prop=True)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"cannot infer the model's shapes: {first}", "re-export the model with static shapes or valid ops") from None
+
+
+def _unshaped(proto: ModelProto) -> tuple[str, str] | None:
+    """The first node output without a static shape, as (node, tensor)."""
+    known = {}
+    for vi in list(proto.graph.value_info) + list(proto.graph.output) + list(proto.graph.input):
+        tt = vi.type.tensor_type
+        if vi.type.HasField("tensor_type") and tt.HasField("shape") and all(d.HasField("dim_value") for d in tt.shape.dim):
+            known[vi.name] = True
+    for init in proto.graph.initializer:
+        known[init.name] = True
+    for n in proto.graph.node:
+        for o in n.output:
+            if o and o not in known:
+                return n.name or n.op_type, o
+    return None
+
+
+def canonicalize(proto: ModelProto) -> ModelProto:
+    """Constant folding, BatchNorm folding, dead-code removal (onnxslim) and static shape inference."""
+    import onnxslim
+
+    logging.getLogger("onnxslim").setLevel(logging.ERROR)
+    try:
+        slim = onnxslim.slim(proto)
+    except Exception:
+        slim = None
+    if slim is None or len(slim.graph.node) == 0:
+        # onnxslim could not process the graph; keep the model and let inference judge it
+        slim = proto
+    # onnxslim leaves names empty on nodes it creates; name them deterministically
+    seen: set[str] = set()
+    for i, n in enumerate(slim.graph.node):
+        if not n.name or n.name in seen:
+            base = n.name or f"{n.op_type.lower()}_{i}"
+            name, k = base, 1
+            while name in seen:
+                name, k = f"{base}_{k}", k + 1
+            n.name = name
+        seen.add(n.name)
+    return _infer(slim)
+
+
+def load_model(
+    path: str | os.PathLike,
+    input_shapes: Mapping[str, Sequence[int]] | Sequence[str] | None = None,
+    *,
+    canonical: bool = True,
+) -> Model:
+    """Read, check, pin and canonicalize an ONNX model.
+
+    ``input_shapes`` maps input names to shapes, or is a list of ``NAME:D0,D1,...``
+    strings as given on the command line.
+    """
+    path = Path(path)
+    if input_shapes is None:
+        shapes: dict[str, tuple[int, ...]] = {}
+    elif isinstance(input_shapes, Mapping):
+        shapes = {k: tuple(int(d) for d in v) for k, v in input_shapes.items()}
+    else:
+        shapes = parse_input_shapes(list(input_shapes))
+    proto = _read_proto(path)
+    if _external_tensors(proto):
+        _check_external_data(proto, path.parent)
+        from onnx.external_data_helper import load_external_data_for_model
+
+        load_external_data_for_model(proto, str(path.parent))
+    return model_from_proto(proto, shapes, path=path, sha256=_sha256(path), canonical=canonical)
+
+
+def model_from_proto(
+    proto: ModelProto,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+    *,
+    path: Path | None = None,
+    sha256: str | None = None,
+    canonical: bool = True,
+) -> Model:
+    """Like :func:`load_model` for a proto already in memory (it is copied, never changed)."""
+    work = ModelProto()
+    work.CopyFrom(proto)
+    _check(work, path)
+    custom = _custom_ops(work)
+    if custom:
+        n = custom[0]
+        raise ModelLoadError(
+            f"cannot infer shapes through custom-domain op {n.op_type} (domain '{n.domain}') at node '{n.name or n.op_type}'",
+            "export it with standard ONNX ops or replace the custom op before optimizing",
+        )
+    pinned = _pin_inputs(work, {k: tuple(v) for k, v in (input_shapes or {}).items()})
+    if sha256 is None:
+        sha256 = hashlib.sha256(proto.SerializeToString()).hexdigest()
+    work = canonicalize(work) if canonical else _infer(work)
+    missing = _unshaped(work)
+    if missing:
+        node, tensor = missing
+        raise ModelLoadError(
+            f"cannot infer a static shape for tensor '{tensor}' (output of node '{node}')",
+            "pin every dynamic input with --input-shape or re-export with static shapes",
+        )
+    return Model(proto=work, path=path, sha256=sha256, input_shapes=pinned)
+
+
+# --------------------------------------------------------------------------- saving
+def save_model(proto: ModelProto, dest: str | os.PathLike) -> Path:
+    """Write atomically: a temporary file in the destination folder, renamed into place.
+    Models over 2 GB are saved with external data (``<name>.data`` beside the model)."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmpdir = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        tmp_model = tmpdir / dest.name
+        if proto.ByteSize() > TWO_GB - (64 << 20):
+            data_name = dest.name + ".data"
+            onnx.save_model(proto, str(tmp_model), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=data_name, size_threshold=1024)
+            os.replace(tmpdir / data_name, dest.parent / data_name)
+        else:
+            onnx.save_model(proto, str(tmp_model))
+        os.replace(tmp_model, dest)
+    finally:
+        for p in tmpdir.iterdir() if tmpdir.exists() else ():
+            p.unlink()
+        if tmpdir.exists():
+            tmpdir.rmdir()
+    return dest
+
+
+def atomic_write_text(dest: str | os.PathLike, text: str) -> Path:
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, dest)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return dest

@@ -1,0 +1,378 @@
+"""The analyzed structure of a model: a shape-level view that passes and cost models share.
+
+A :class:`Structure` is immutable.  It knows every tensor's shape, every conv/gemm
+layer's geometry, the blocks and stages those layers form, and the channel groups: the
+sets of tensor channel dimensions that must change together.  Rewrites that only change
+shapes (channel counts, input resolution) produce a new Structure through
+:meth:`Structure.with_group_channels` and :meth:`Structure.with_input_hw` without
+touching ONNX; the search scores thousands of candidates this way.
+
+Ids are stable for a given input model: layers are named after their ONNX node,
+blocks ``block<N>``, groups ``group<N>`` and stages ``stage<N>`` numbered in
+topological order.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from types import MappingProxyType
+from typing import Iterable, Mapping
+
+HW = tuple[int, int]
+
+
+def conv_out(size: int, k: int, s: int, pad_begin: int, pad_end: int, d: int = 1, ceil: bool = False) -> int:
+    span = d * (k - 1) + 1
+    num = size + pad_begin + pad_end - span
+    if ceil:
+        out = -(-num // s) + 1
+        # ONNX: the last window must start inside the input or left padding
+        if (out - 1) * s >= size + pad_begin:
+            out -= 1
+        return out
+    return num // s + 1
+
+
+@dataclass(frozen=True)
+class Layer:
+    """A conv or gemm/matmul-with-weights node and its geometry (NCHW view).
+
+    ``in_groups`` lists the channel groups the input channel axis is made of (several
+    after a Concat), ``out_group`` the group of the output channels.  ``activation``
+    is the recognized activation that follows the layer (``relu``, ``relu6``,
+    ``hardswish``, ``sigmoid``, ``swish``, ``hardsigmoid``, ``gelu``, ``clip``, or None);
+    ``output`` is the layer's own output tensor and ``act_output`` the tensor after that
+    activation (equal to ``output`` when there is none).
+    """
+
+    id: str
+    op: str
+    cin: int
+    cout: int
+    kernel: HW
+    stride: HW
+    groups: int
+    in_hw: HW
+    out_hw: HW
+    pads: tuple[int, int, int, int] = (0, 0, 0, 0)  # top, left, bottom, right
+    dilation: HW = (1, 1)
+    activation: str | None = None
+    bias: bool = False
+    input: str = ""
+    output: str = ""
+    act_output: str = ""
+    weight: str = ""
+    in_groups: tuple[str, ...] = ()
+    out_group: str = ""
+    provenance: str | None = None
+
+    @property
+    def depthwise(self) -> bool:
+        return self.op == "Conv" and self.groups > 1 and self.groups == self.cin and self.cout % self.cin == 0
+
+    @property
+    def pointwise(self) -> bool:
+        return self.op == "Conv" and self.kernel == (1, 1) and self.groups == 1
+
+    @property
+    def macs(self) -> int:
+        return self.cout * self.out_hw[0] * self.out_hw[1] * (self.cin // max(self.groups, 1)) * self.kernel[0] * self.kernel[1]
+
+    @property
+    def params(self) -> int:
+        return self.cout * (self.cin // max(self.groups, 1)) * self.kernel[0] * self.kernel[1] + (self.cout if self.bias else 0)
+
+    def to_json(self) -> dict:
+        return {
+            "id": self.id,
+            "op": self.op,
+            "cin": self.cin,
+            "cout": self.cout,
+            "kernel": list(self.kernel),
+            "stride": list(self.stride),
+            "groups": self.groups,
+            "in_hw": list(self.in_hw),
+            "out_hw": list(self.out_hw),
+            "pads": list(self.pads),
+            "dilation": list(self.dilation),
+            "activation": self.activation,
+            "bias": self.bias,
+            "macs": self.macs,
+            "params": self.params,
+            "in_groups": list(self.in_groups),
+            "out_group": self.out_group,
+            **({"provenance": self.provenance} if self.provenance else {}),
+        }
+
+
+@dataclass(frozen=True)
+class Block:
+    """A recognized building block.
+
+    ``kind`` is ``ibn`` (1x1 expand, KxK depthwise, optional SE, 1x1 project),
+    ``fused_ibn`` (KxK dense, 1x1 project) or ``depthwise`` (KxK depthwise, optional SE,
+    1x1 pointwise, no expansion).  ``roles`` maps a role (``expand``, ``depthwise``,
+    ``fused``, ``se_reduce``, ``se_expand``, ``project``) to a layer id.
+    """
+
+    id: str
+    kind: str
+    layers: tuple[str, ...]
+    residual: bool
+    stage: int
+    roles: tuple[tuple[str, str], ...] = ()
+    residual_add: str | None = None
+
+    def role(self, name: str) -> str | None:
+        for r, lid in self.roles:
+            if r == name:
+                return lid
+        return None
+
+    def to_json(self) -> dict:
+        return {
+            "id": self.id,
+            "kind": self.kind,
+            "layers": list(self.layers),
+            "residual": self.residual,
+            "stage": self.stage,
+            "roles": dict(self.roles),
+        }
+
+
+@dataclass(frozen=True)
+class Member:
+    """One place a channel group appears.
+
+    ``role`` is ``producer`` (a layer's output channels), ``consumer`` (a layer's input
+    channels, at ``offset`` within a concatenated input), ``depthwise`` (in = out),
+    ``elementwise`` (Add/Mul/activation/normalization: shapes must agree), ``param``
+    (a per-channel constant such as a BatchNorm scale or a LayerNorm weight),
+    ``concat`` (an input of a Concat at ``offset``), ``input``/``output`` (a graph
+    input or output).
+    """
+
+    node: str
+    op: str
+    role: str
+    offset: int = 0
+
+    def to_json(self) -> dict:
+        d = {"node": self.node, "op": self.op, "role": self.role}
+        if self.offset:
+            d["offset"] = self.offset
+        return d
+
+
+@dataclass(frozen=True)
+class ChannelGroup:
+    id: str
+    channels: int
+    members: tuple[Member, ...]
+    adjustable: bool
+    reason: str | None = None
+
+    @property
+    def producers(self) -> tuple[Member, ...]:
+        return tuple(m for m in self.members if m.role == "producer")
+
+    @property
+    def consumers(self) -> tuple[Member, ...]:
+        return tuple(m for m in self.members if m.role in ("consumer", "depthwise"))
+
+    def to_json(self) -> dict:
+        return {
+            "id": self.id,
+            "channels": self.channels,
+            "adjustable": self.adjustable,
+            "reason": self.reason,
+            "producers": sorted({m.node for m in self.producers}),
+            "consumers": sorted({m.node for m in self.consumers}),
+            "members": [m.to_json() for m in self.members],
+        }
+
+
+@dataclass(frozen=True)
+class Tensor:
+    """A value in the graph.  ``segments`` are the channel groups along ``channel_axis``
+    (one entry per concatenated part); ``const`` marks initializers."""
+
+    name: str
+    shape: tuple[int, ...]
+    elem_bytes: int = 4
+    channel_axis: int | None = None
+    segments: tuple[str, ...] = ()
+    spatial_axes: tuple[int, ...] = ()
+    const: bool = False
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape) if self.shape else 1
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.elem_bytes
+
+
+@dataclass(frozen=True)
+class Node:
+    """An ONNX node in execution (topological) order, with the layer it forms if any.
+
+    ``spatial`` holds what recomputing output H×W needs for ops that change it
+    (kernel, stride, pads, dilation, ceil, or resize scales)."""
+
+    name: str
+    op: str
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    layer: str | None = None
+    spatial: tuple[tuple[str, object], ...] = ()
+
+    def attr(self, key: str, default=None):
+        for k, v in self.spatial:
+            if k == key:
+                return v
+        return default
+
+
+@dataclass(frozen=True)
+class Stage:
+    id: str
+    index: int
+    blocks: tuple[str, ...]
+    hw: HW
+
+    def to_json(self) -> dict:
+        return {"id": self.id, "index": self.index, "blocks": list(self.blocks), "hw": list(self.hw)}
+
+
+@dataclass(frozen=True)
+class Structure:
+    """Everything the passes and the cost model know about a model, without weights."""
+
+    inputs: tuple[tuple[str, tuple[int, ...]], ...]
+    outputs: tuple[tuple[str, tuple[int, ...]], ...]
+    layers: tuple[Layer, ...]
+    blocks: tuple[Block, ...]
+    stages: tuple[Stage, ...]
+    groups: tuple[ChannelGroup, ...]
+    nodes: tuple[Node, ...]
+    tensors: Mapping[str, Tensor] = field(default_factory=dict)
+    unsupported: tuple[str, ...] = ()  # op types seen that no pass can rewrite through
+    notes: tuple[str, ...] = ()
+
+    # ---------------------------------------------------------------- lookup
+    def __post_init__(self):
+        object.__setattr__(self, "tensors", MappingProxyType(dict(self.tensors)))
+        object.__setattr__(self, "_layer_idx", {l.id: l for l in self.layers})
+        object.__setattr__(self, "_block_idx", {b.id: b for b in self.blocks})
+        object.__setattr__(self, "_group_idx", {g.id: g for g in self.groups})
+
+    def layer(self, layer_id: str) -> Layer:
+        return self._layer_idx[layer_id]  # type: ignore[attr-defined]
+
+    def block(self, block_id: str) -> Block:
+        return self._block_idx[block_id]  # type: ignore[attr-defined]
+
+    def group(self, group_id: str) -> ChannelGroup:
+        return self._group_idx[group_id]  # type: ignore[attr-defined]
+
+    def has_layer(self, layer_id: str) -> bool:
+        return layer_id in self._layer_idx  # type: ignore[attr-defined]
+
+    def has_block(self, block_id: str) -> bool:
+        return block_id in self._block_idx  # type: ignore[attr-defined]
+
+    def has_group(self, group_id: str) -> bool:
+        return group_id in self._group_idx  # type: ignore[attr-defined]
+
+    def producer_of(self, tensor: str) -> Node | None:
+        for n in self.nodes:
+            if tensor in n.outputs:
+                return n
+        return None
+
+    def consumers_of(self, tensor: str) -> list[Node]:
+        return [n for n in self.nodes if tensor in n.inputs]
+
+    @property
+    def input_hw(self) -> HW | None:
+        for name, shape in self.inputs:
+            if len(shape) == 4:
+                return (shape[2], shape[3])
+        return None
+
+    # ---------------------------------------------------------------- totals
+    @property
+    def macs(self) -> int:
+        return sum(l.macs for l in self.layers)
+
+    @property
+    def params(self) -> int:
+        return sum(l.params for l in self.layers)
+
+    def totals(self) -> dict:
+        return {
+            "layers": len(self.layers),
+            "blocks": len(self.blocks),
+            "stages": len(self.stages),
+            "channel_groups": len(self.groups),
+            "adjustable_groups": sum(1 for g in self.groups if g.adjustable),
+            "macs": self.macs,
+            "params": self.params,
+            "nodes": len(self.nodes),
+        }
+
+    def to_json(self) -> dict:
+        return {
+            "inputs": [{"name": n, "shape": list(s)} for n, s in self.inputs],
+            "outputs": [{"name": n, "shape": list(s)} for n, s in self.outputs],
+            "layers": [l.to_json() for l in self.layers],
+            "blocks": [b.to_json() for b in self.blocks],
+            "stages": [s.to_json() for s in self.stages],
+            "channel_groups": [g.to_json() for g in self.groups],
+            "unsupported_ops": list(self.unsupported),
+            "notes": list(self.notes),
+            "totals": self.totals(),
+        }
+
+    # ---------------------------------------------------------------- shape-only rewrites
+    def with_group_channels(self, sizes: Mapping[str, int]) -> "Structure":
+        """A copy in which the given channel groups have new sizes; every tensor and
+        layer that carries them is resized.  Fast: no ONNX, no weights."""
+        if not sizes:
+            return self
+        gsize = {g.id: g.channels for g in self.groups}
+        gsize.update(sizes)
+        groups = tuple(replace(g, channels=gsize[g.id]) if g.id in sizes else g for g in self.groups)
+        tensors = dict(self.tensors)
+        changed = set(sizes)
+        for name, t in self.tensors.items():
+            if t.channel_axis is not None and t.segments and changed.intersection(t.segments):
+                shape = list(t.shape)
+                shape[t.channel_axis] = sum(gsize[s] for s in t.segments)
+                tensors[name] = replace(t, shape=tuple(shape))
+        layers = []
+        for l in self.layers:
+            if changed.intersection(l.in_groups) or l.out_group in changed:
+                cin = sum(gsize[g] for g in l.in_groups) if l.in_groups else l.cin
+                cout = gsize[l.out_group] if l.out_group else l.cout
+                groups_ = l.groups
+                if l.depthwise:
+                    groups_ = cin
+                layers.append(replace(l, cin=cin, cout=cout, groups=groups_))
+            else:
+                layers.append(l)
+        outputs = tuple((n, tensors[n].shape if n in tensors else s) for n, s in self.outputs)
+        return replace(self, layers=tuple(layers), groups=groups, tensors=tensors, outputs=outputs)
+
+    def with_input_hw(self, hw: HW) -> "Structure":
+        """A copy at a new input resolution: spatial sizes are recomputed along the nodes."""
+        from archpass.spatial import propagate_hw  # local: keeps this module dependency-free
+
+        return propagate_hw(self, hw)
+
+
+def index_by_id(items: Iterable) -> dict:
+    return {i.id: i for i in items}

@@ -1,0 +1,45 @@
+"""Shared plumbing for the command modules: error handling, output streams, common options."""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from contextlib import contextmanager
+from typing import Annotated, Iterator
+
+import typer
+from rich.console import Console
+
+from archpass.errors import ArchpassError
+
+stdout = Console(soft_wrap=False)
+stderr = Console(stderr=True)
+
+InputShapeOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--input-shape",
+        help="Pin an input's dynamic dims: NAME:D0,D1,... (repeatable), e.g. input:1,3,224,224.",
+        show_default=False,
+    ),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print a JSON document on stdout instead of tables.")]
+DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")]
+
+
+@contextmanager
+def handled(debug: bool = False) -> Iterator[None]:
+    """Turn ArchpassError into one line on stderr and its exit code (2 for bad input)."""
+    try:
+        yield
+    except ArchpassError as exc:
+        if debug:
+            traceback.print_exc()
+        print(f"error: {exc.line()}", file=sys.stderr)
+        raise typer.Exit(exc.exit_code)
+
+
+def print_json(doc) -> None:
+    sys.stdout.write(json.dumps(doc, indent=2, default=str) + "\n")
+    sys.stdout.flush()

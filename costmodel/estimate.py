@@ -1,0 +1,108 @@
+"""Estimate a model's latency and memory on a target from its shapes alone."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from archpass.costmodel.features import feature_rows
+from archpass.costmodel.kernels import LAYER_KINDS, Kernel, decompose
+from archpass.costmodel.memory import memory
+from archpass.costmodel.target import Target, load_target
+from archpass.structure import Structure
+
+GENERIC_OP = "op"  # predictor fitted on every standalone op: used for kinds never measured
+
+
+@dataclass(frozen=True)
+class KernelEstimate:
+    kernel: Kernel
+    latency_ms: float
+    predictor: str | None
+
+    def to_json(self) -> dict:
+        d = self.kernel.to_json()
+        d["latency_ms"] = self.latency_ms
+        d["predictor"] = self.predictor
+        return d
+
+
+@dataclass(frozen=True)
+class Estimate:
+    target: str
+    latency_ms: float
+    params_bytes: int
+    peak_activation_bytes: int
+    best_order_peak_activation_bytes: int | None
+    macs: int
+    kernels: tuple[KernelEstimate, ...]
+    notes: tuple[str, ...] = ()
+
+    def to_json(self) -> dict:
+        return {
+            "target": self.target,
+            "latency_ms": self.latency_ms,
+            "params_bytes": self.params_bytes,
+            "peak_activation_bytes": self.peak_activation_bytes,
+            "best_order_peak_activation_bytes": self.best_order_peak_activation_bytes,
+            "macs": self.macs,
+            "kernels": [k.to_json() for k in self.kernels],
+            "notes": list(self.notes),
+        }
+
+
+def predictor_for(kind: str, target: Target) -> str | None:
+    if kind in target.predictors:
+        return kind
+    if kind in LAYER_KINDS:
+        return "conv" if "conv" in target.predictors else None
+    return GENERIC_OP if GENERIC_OP in target.predictors else None
+
+
+def predict_kernels(kernels: list[Kernel], target: Target) -> tuple[np.ndarray, list[str | None]]:
+    """Predicted latency (ms) of each kernel, and the predictor that scored it."""
+    out = np.zeros(len(kernels))
+    used: list[str | None] = [None] * len(kernels)
+    groups: dict[str, list[int]] = {}
+    for i, k in enumerate(kernels):
+        p = predictor_for(k.kind, target)
+        used[i] = p
+        if p is not None:
+            groups.setdefault(p, []).append(i)
+    for p, idx in groups.items():
+        ks = [kernels[i] for i in idx]
+        x, base = feature_rows(ks, target)
+        pred = target.predictors[p]
+        if pred.layer != (ks[0].kind in LAYER_KINDS):
+            continue
+        out[idx] = pred.predict(x, base)
+    return out, used
+
+
+def estimate(structure: Structure, target: Target | str, *, best_order: bool = True) -> Estimate:
+    """Latency (sum of predicted kernel latencies), parameter and peak activation memory.
+
+    ``best_order`` also searches execution orders for a lower activation peak (a few ms
+    on large graphs; the search can turn it off)."""
+    t = load_target(target) if not isinstance(target, Target) else target
+    kernels = decompose(structure, t.fusion)
+    lat, used = predict_kernels(kernels, t)
+    notes = []
+    missing = sorted({k.kind for k, u in zip(kernels, used) if u is None})
+    if missing:
+        notes.append(f"no predictor for kernel kinds {', '.join(missing)} on target {t.name}: counted as 0 ms")
+    fallback = sorted({k.kind for k, u in zip(kernels, used) if u is not None and u != k.kind})
+    if fallback:
+        notes.append(f"kernel kinds {', '.join(fallback)} were never measured on {t.name}; scored by a generic predictor")
+    mem = memory(structure, t.bytes_per_element, best_order=best_order)
+    return Estimate(
+        target=t.name,
+        latency_ms=float(lat.sum()),
+        params_bytes=mem.params_bytes,
+        peak_activation_bytes=mem.peak_activation_bytes,
+        best_order_peak_activation_bytes=mem.best_order_peak_bytes,
+        macs=int(sum(l.macs for l in structure.layers)),
+        kernels=tuple(KernelEstimate(k, float(v), u) for k, v, u in zip(kernels, lat, used)),
+        notes=tuple(notes),
+    )

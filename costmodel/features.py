@@ -1,0 +1,146 @@
+"""Analytic features of a kernel on a target.
+
+The predictors learn the ratio between a measured latency and an analytic baseline built
+from these features (compute steps on the target's parallel array, bytes moved), so a
+prediction stays sensible outside the sampled shapes: a tree model cannot extrapolate,
+but the baseline does.
+
+``unroll`` maps loop dimensions (``K`` output channels, ``C`` input channels per group,
+``G`` groups, ``OX``/``OY`` output columns/rows) to how many the hardware computes in
+parallel; ``ideal`` is the number of array steps with every dimension rounded up to its
+unroll, the utilization is ``macs / (ideal * prod(unroll))``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from archpass.costmodel.kernels import LAYER_KINDS, Kernel
+
+ACT_CODES = {None: 0, "relu": 1, "relu6": 2, "clip": 2, "hardswish": 3, "sigmoid": 4, "swish": 5, "hardsigmoid": 6, "gelu": 7}
+OP_CODES = {
+    op: i + 1
+    for i, op in enumerate(
+        ["Add", "Mul", "Sub", "Div", "Relu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish", "MaxPool", "AveragePool",
+         "GlobalAveragePool", "GlobalMaxPool", "ReduceMean", "Concat", "Resize", "Reshape", "Flatten", "Transpose",
+         "Softmax", "Split", "Slice", "Squeeze", "Unsqueeze", "Identity", "Tanh", "Gelu", "LayerNormalization"]
+    )
+}
+
+LAYER_FEATURES = (
+    "macs", "ideal", "mem", "util", "cin", "cout", "cin_mod", "cout_mod", "cin_pad_ratio", "cout_pad_ratio",
+    "k", "stride", "groups", "cin_per_group", "in_hw", "out_hw", "in_elems", "out_elems", "w_elems",
+    "act", "fused_add", "post_act",
+)
+LAYER_BASE = ("one", "ideal", "mem")
+OP_FEATURES = ("in_elems", "out_elems", "cin", "cout", "cin_mod", "in_hw", "out_hw", "k", "stride", "n_inputs", "op")
+OP_BASE = ("one", "elems")
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def loop_sizes(k: Kernel) -> dict[str, int]:
+    """ZigZag-style loop dimensions of a layer kernel."""
+    g = max(k.groups, 1)
+    if k.kind == "gemm":
+        return {"G": 1, "K": k.cout, "C": k.cin, "OX": 1, "OY": 1, "FX": 1, "FY": 1}
+    return {
+        "G": g,
+        "K": max(k.cout // g, 1),
+        "C": max(k.cin // g, 1),
+        "OX": k.out_hw[1],
+        "OY": k.out_hw[0],
+        "FX": k.kernel[1],
+        "FY": k.kernel[0],
+    }
+
+
+def layer_features(k: Kernel, parallelism: int, unroll: dict[str, int], elem_bits: int, mem_bits_per_step: float):
+    loops = loop_sizes(k)
+    ideal = 1
+    lanes = 1
+    for dim, size in loops.items():
+        u = int(unroll.get(dim, 1))
+        ideal *= _ceil_div(size, u)
+        lanes *= u
+    macs = max(k.macs, 1)
+    in_elems = k.cin * k.in_hw[0] * k.in_hw[1]
+    out_elems = k.cout * k.out_hw[0] * k.out_hw[1]
+    w_elems = k.weight_elems
+    mem = (in_elems + out_elems * (2 if k.fused_add else 1) + w_elems) * elem_bits / max(mem_bits_per_step, 1e-9)
+    p = max(parallelism, 1)
+    f = {
+        "macs": macs,
+        "ideal": ideal,
+        "mem": mem,
+        "util": macs / (ideal * lanes),
+        "cin": k.cin,
+        "cout": k.cout,
+        "cin_mod": k.cin % p,
+        "cout_mod": k.cout % p,
+        "cin_pad_ratio": _ceil_div(k.cin, p) * p / max(k.cin, 1),
+        "cout_pad_ratio": _ceil_div(k.cout, p) * p / max(k.cout, 1),
+        "k": k.kernel[0] * k.kernel[1],
+        "stride": k.stride[0],
+        "groups": k.groups,
+        "cin_per_group": k.cin // max(k.groups, 1),
+        "in_hw": k.in_hw[0] * k.in_hw[1],
+        "out_hw": k.out_hw[0] * k.out_hw[1],
+        "in_elems": in_elems,
+        "out_elems": out_elems,
+        "w_elems": w_elems,
+        "act": ACT_CODES.get(k.act, 8),
+        "fused_add": int(k.fused_add),
+        "post_act": ACT_CODES.get(k.post_act, 8),
+    }
+    base = {"one": 1.0, "ideal": float(ideal), "mem": float(mem)}
+    return f, base
+
+
+def op_features(k: Kernel, parallelism: int):
+    p = max(parallelism, 1)
+    f = {
+        "in_elems": k.in_elems,
+        "out_elems": k.out_elems,
+        "cin": k.cin,
+        "cout": k.cout,
+        "cin_mod": k.cin % p,
+        "in_hw": k.in_hw[0] * k.in_hw[1],
+        "out_hw": k.out_hw[0] * k.out_hw[1],
+        "k": k.kernel[0] * k.kernel[1],
+        "stride": k.stride[0],
+        "n_inputs": k.n_inputs,
+        "op": OP_CODES.get(k.op, 0),
+    }
+    base = {"one": 1.0, "elems": float(k.in_elems + k.out_elems)}
+    return f, base
+
+
+def feature_rows(kernels: list[Kernel], target) -> tuple[np.ndarray, np.ndarray]:
+    """Feature matrix and baseline matrix for kernels of one group (all layer or all op kinds)."""
+    if not kernels:
+        return np.zeros((0, 0)), np.zeros((0, 0))
+    layer = kernels[0].kind in LAYER_KINDS
+    rows, bases = [], []
+    for k in kernels:
+        if layer:
+            f, b = layer_features(k, target.parallelism, target.unroll, target.elem_bits, target.mem_bits_per_step)
+            rows.append([f[n] for n in LAYER_FEATURES])
+            bases.append([b[n] for n in LAYER_BASE])
+        else:
+            f, b = op_features(k, target.parallelism)
+            rows.append([f[n] for n in OP_FEATURES])
+            bases.append([b[n] for n in OP_BASE])
+    return np.asarray(rows, dtype=np.float64), np.asarray(bases, dtype=np.float64)
+
+
+def log_safe(x: np.ndarray) -> np.ndarray:
+    return np.log(np.maximum(x, 1e-9))
+
+
+__all__ = ["LAYER_FEATURES", "OP_FEATURES", "LAYER_BASE", "OP_BASE", "feature_rows", "layer_features", "op_features",
+           "loop_sizes", "math"]

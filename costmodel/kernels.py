@@ -1,0 +1,342 @@
+"""Kernel decomposition: which parts of a model run as one kernel on a target.
+
+A :class:`Kernel` is what a latency predictor scores: a conv/gemm layer together with the
+ops the target fuses into it (bias, activation, a residual Add and the activation after
+it), or one standalone op (pooling, elementwise, concat, resize...).  The decomposition
+works on a :class:`~archpass.structure.Structure` alone (shapes, no weights, no ONNX),
+so the search can score thousands of candidates.
+
+What counts as a kernel follows the target's measurement source:
+
+* ``layers_only`` targets (ZigZag) evaluate Conv, Gemm and MatMul nodes only; every other
+  op is a zero-cost dummy node in ZigZag's ONNX parser, so it is not a kernel here either.
+* runtime targets (onnxruntime) run every op; conv + activation and conv + residual Add
+  + activation are fused as the target's :class:`FusionRules` say.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from archpass.structure import Layer, Node, Structure
+
+# Standalone-op kinds.  Layer kinds are "conv", "dwconv" and "gemm".
+LAYER_KINDS = ("conv", "dwconv", "gemm")
+OP_KINDS = {
+    "Add": "eltwise",
+    "Sub": "eltwise",
+    "Mul": "eltwise",
+    "Div": "eltwise",
+    "Relu": "act",
+    "Clip": "act",
+    "Sigmoid": "act",
+    "HardSigmoid": "act",
+    "HardSwish": "act",
+    "Tanh": "act",
+    "LeakyRelu": "act",
+    "Gelu": "act",
+    "Erf": "act",
+    "Pow": "act",
+    "Sqrt": "act",
+    "MaxPool": "pool",
+    "AveragePool": "pool",
+    "GlobalAveragePool": "gpool",
+    "GlobalMaxPool": "gpool",
+    "ReduceMean": "gpool",
+    "Concat": "concat",
+    "Split": "concat",
+    "Slice": "concat",
+    "Resize": "resize",
+    "Upsample": "resize",
+    "Reshape": "shape",
+    "Flatten": "shape",
+    "Squeeze": "shape",
+    "Unsqueeze": "shape",
+    "Identity": "shape",
+    "Transpose": "transpose",
+    "Softmax": "softmax",
+    "LayerNormalization": "norm",
+    "BatchNormalization": "norm",
+    "InstanceNormalization": "norm",
+}
+ACTIVATIONS = ("relu", "relu6", "hardswish", "sigmoid", "swish", "hardsigmoid", "gelu", "clip")
+
+
+@dataclass(frozen=True)
+class FusionRules:
+    """Which op chains a target runs as one kernel.
+
+    ``activations``: activations fused into the conv/gemm before them.  ``residual_add``:
+    a conv whose output feeds only an Add (the residual) runs the Add in the same kernel,
+    followed by one of ``post_add_activations``.  ``layers_only``: only conv/gemm layers
+    are kernels (every other op costs nothing at the source).
+    """
+
+    activations: tuple[str, ...] = ACTIVATIONS
+    residual_add: bool = False
+    post_add_activations: tuple[str, ...] = ("relu", "relu6", "clip")
+    layers_only: bool = False
+
+    def to_json(self) -> dict:
+        return {
+            "activations": list(self.activations),
+            "residual_add": self.residual_add,
+            "post_add_activations": list(self.post_add_activations),
+            "layers_only": self.layers_only,
+        }
+
+    @classmethod
+    def from_json(cls, d: dict) -> "FusionRules":
+        unknown = set(d) - {"activations", "residual_add", "post_add_activations", "layers_only"}
+        if unknown:
+            raise ValueError(f"unknown fusion rule keys {sorted(unknown)}")
+        return cls(
+            activations=tuple(d.get("activations", ACTIVATIONS)),
+            residual_add=bool(d.get("residual_add", False)),
+            post_add_activations=tuple(d.get("post_add_activations", ("relu", "relu6", "clip"))),
+            layers_only=bool(d.get("layers_only", False)),
+        )
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """One unit of work on the target, with the geometry its predictor needs.
+
+    ``nodes`` are the ONNX node names it covers (for attributing measured per-node times),
+    ``layers`` the layer ids.  For layer kernels the geometry is the layer's; for
+    standalone ops ``cin``/``cout`` are the channels of the (first) input and output,
+    ``in_elems``/``out_elems`` the element counts of all inputs / outputs.
+    """
+
+    id: str
+    kind: str
+    op: str
+    nodes: tuple[str, ...]
+    layers: tuple[str, ...] = ()
+    cin: int = 0
+    cout: int = 0
+    kernel: tuple[int, int] = (1, 1)
+    stride: tuple[int, int] = (1, 1)
+    groups: int = 1
+    in_hw: tuple[int, int] = (1, 1)
+    out_hw: tuple[int, int] = (1, 1)
+    act: str | None = None
+    fused_add: bool = False
+    post_act: str | None = None
+    in_elems: int = 0
+    out_elems: int = 0
+    n_inputs: int = 1
+
+    @property
+    def macs(self) -> int:
+        if self.kind not in LAYER_KINDS:
+            return 0
+        return self.cout * self.out_hw[0] * self.out_hw[1] * (self.cin // max(self.groups, 1)) * self.kernel[0] * self.kernel[1]
+
+    @property
+    def weight_elems(self) -> int:
+        if self.kind not in LAYER_KINDS:
+            return 0
+        return self.cout * (self.cin // max(self.groups, 1)) * self.kernel[0] * self.kernel[1]
+
+    def to_json(self) -> dict:
+        d = {
+            "id": self.id,
+            "kind": self.kind,
+            "op": self.op,
+            "layers": list(self.layers),
+            "nodes": list(self.nodes),
+        }
+        if self.kind in LAYER_KINDS:
+            d.update(
+                cin=self.cin,
+                cout=self.cout,
+                kernel=list(self.kernel),
+                stride=list(self.stride),
+                groups=self.groups,
+                in_hw=list(self.in_hw),
+                out_hw=list(self.out_hw),
+                act=self.act,
+                fused_add=self.fused_add,
+                post_act=self.post_act,
+                macs=self.macs,
+            )
+        else:
+            d.update(cin=self.cin, cout=self.cout, in_hw=list(self.in_hw), out_hw=list(self.out_hw),
+                     in_elems=self.in_elems, out_elems=self.out_elems, n_inputs=self.n_inputs)
+        return d
+
+    def spec(self) -> dict:
+        """Geometry only (no names): the key of a measured point."""
+        d = self.to_json()
+        for k in ("id", "layers", "nodes", "macs"):
+            d.pop(k, None)
+        return d
+
+    @classmethod
+    def from_spec(cls, d: dict, id: str = "k", nodes: tuple[str, ...] = ()) -> "Kernel":
+        kw = dict(d)
+        for k in ("kernel", "stride", "in_hw", "out_hw"):
+            if k in kw:
+                kw[k] = tuple(kw[k])
+        for k in ("id", "layers", "nodes", "macs"):
+            kw.pop(k, None)
+        return cls(id=id, nodes=nodes, **kw)
+
+
+def layer_kind(layer: Layer) -> str:
+    if layer.op == "Conv":
+        return "dwconv" if layer.depthwise else "conv"
+    return "gemm"
+
+
+def _act_nodes(structure: Structure, layer: Layer, producer: dict[str, Node]) -> list[Node]:
+    """The nodes between a layer's output and its act_output (the recognized activation)."""
+    if not layer.act_output or layer.act_output == layer.output:
+        return []
+    found: dict[str, Node] = {}
+    stack = [layer.act_output]
+    while stack:
+        t = stack.pop()
+        if t == layer.output:
+            continue
+        n = producer.get(t)
+        if n is None or n.name in found or n.layer is not None:
+            continue
+        found[n.name] = n
+        stack.extend(i for i in n.inputs if not _is_const(structure, i))
+    order = {n.name: i for i, n in enumerate(structure.nodes)}
+    return sorted(found.values(), key=lambda n: order[n.name])
+
+
+def _is_const(structure: Structure, tensor: str) -> bool:
+    t = structure.tensors.get(tensor)
+    return t is None or t.const
+
+
+def _shape(structure: Structure, tensor: str) -> tuple[int, ...]:
+    t = structure.tensors.get(tensor)
+    return tuple(t.shape) if t is not None else ()
+
+
+def _act_of(n: Node) -> str | None:
+    return {"Relu": "relu", "Clip": "clip", "Sigmoid": "sigmoid", "HardSigmoid": "hardsigmoid",
+            "HardSwish": "hardswish", "Gelu": "gelu"}.get(n.op)
+
+
+def _chw(shape: tuple[int, ...]) -> tuple[int, tuple[int, int]]:
+    if len(shape) == 4:
+        return shape[1], (shape[2], shape[3])
+    if len(shape) == 3:
+        return shape[1], (shape[2], 1)
+    if len(shape) == 2:
+        return shape[1], (1, 1)
+    if len(shape) == 1:
+        return shape[0], (1, 1)
+    return 1, (1, 1)
+
+
+def decompose(structure: Structure, rules: FusionRules) -> list[Kernel]:
+    """Split a model into the kernels the target runs, in execution order."""
+    producer: dict[str, Node] = {}
+    consumers: dict[str, list[Node]] = {}
+    for n in structure.nodes:
+        for o in n.outputs:
+            producer[o] = n
+        for i in n.inputs:
+            consumers.setdefault(i, []).append(n)
+    outputs = {name for name, _ in structure.outputs}
+    order = {n.name: i for i, n in enumerate(structure.nodes)}
+
+    claimed: set[str] = set()
+    layer_kernels: dict[str, Kernel] = {}
+    for layer in structure.layers:
+        node = next((n for n in structure.nodes if n.layer == layer.id), None)
+        names = [node.name] if node is not None else [layer.id]
+        act = layer.activation
+        act_nodes = _act_nodes(structure, layer, producer)
+        if act is not None and act not in rules.activations:
+            act = None
+            act_nodes = []
+        names += [n.name for n in act_nodes]
+        end = layer.act_output if act is not None and layer.act_output else layer.output
+        fused_add, post_act = False, None
+        if rules.residual_add and not rules.layers_only and act is None and end and end not in outputs:
+            cons = consumers.get(end, [])
+            if len(cons) == 1 and cons[0].op == "Add" and len(cons[0].inputs) == 2:
+                add = cons[0]
+                other = add.inputs[1] if add.inputs[0] == end else add.inputs[0]
+                other_prod = producer.get(other)
+                same_shape = _shape(structure, other) == _shape(structure, end)
+                # the add runs with the conv that finishes last
+                end_prod = producer.get(end)
+                finishes_last = other_prod is None or (
+                    end_prod is not None and order[other_prod.name] < order[end_prod.name]
+                )
+                if same_shape and not _is_const(structure, other) and finishes_last:
+                    fused_add = True
+                    names.append(add.name)
+                    nxt = consumers.get(add.outputs[0], [])
+                    if add.outputs[0] not in outputs and len(nxt) == 1:
+                        pa = _act_of(nxt[0])
+                        if pa == "clip":
+                            pa = "relu6"
+                        if pa in rules.post_add_activations:
+                            post_act = pa
+                            names.append(nxt[0].name)
+        claimed.update(names)
+        layer_kernels[names[0]] = Kernel(
+            id=layer.id,
+            kind=layer_kind(layer),
+            op=layer.op,
+            nodes=tuple(names),
+            layers=(layer.id,),
+            cin=layer.cin,
+            cout=layer.cout,
+            kernel=tuple(layer.kernel),
+            stride=tuple(layer.stride),
+            groups=layer.groups,
+            in_hw=tuple(layer.in_hw),
+            out_hw=tuple(layer.out_hw),
+            act=act,
+            fused_add=fused_add,
+            post_act=post_act,
+        )
+
+    kernels: list[Kernel] = []
+    for n in structure.nodes:
+        if n.name in layer_kernels:
+            kernels.append(layer_kernels[n.name])
+            continue
+        if n.name in claimed or rules.layers_only or n.layer is not None:
+            continue
+        ins = [i for i in n.inputs if i and not _is_const(structure, i)]
+        in_shapes = [_shape(structure, i) for i in ins]
+        out_shapes = [_shape(structure, o) for o in n.outputs if o]
+        cin, in_hw = _chw(in_shapes[0]) if in_shapes else (1, (1, 1))
+        cout, out_hw = _chw(out_shapes[0]) if out_shapes else (1, (1, 1))
+        kind = OP_KINDS.get(n.op, "other")
+        k = n.attr("kernel") or n.attr("kernel_shape") or (1, 1)
+        s = n.attr("stride") or n.attr("strides") or (1, 1)
+        kernels.append(
+            Kernel(
+                id=n.name,
+                kind=kind,
+                op=n.op,
+                nodes=(n.name,),
+                cin=int(cin),
+                cout=int(cout),
+                kernel=tuple(int(x) for x in k)[:2] if isinstance(k, (tuple, list)) else (int(k), int(k)),
+                stride=tuple(int(x) for x in s)[:2] if isinstance(s, (tuple, list)) else (int(s), int(s)),
+                in_hw=tuple(int(x) for x in in_hw),
+                out_hw=tuple(int(x) for x in out_hw),
+                in_elems=int(sum(math.prod(s_) if s_ else 1 for s_ in in_shapes)),
+                out_elems=int(sum(math.prod(s_) if s_ else 1 for s_ in out_shapes)),
+                n_inputs=len(ins),
+            )
+        )
+    # layers without a node in Structure.nodes (should not happen) still count
+    seen = {k.id for k in kernels}
+    kernels.extend(k for k in layer_kernels.values() if k.id not in seen)
+    return kernels

@@ -1,0 +1,137 @@
+"""Latency predictors: an analytic baseline times a learned correction.
+
+For each kernel kind, latency ≈ baseline · exp(r(features)):
+
+* the baseline is a non-negative linear fit on analytic terms (a constant, array steps,
+  memory traffic for layers; a constant and element counts for other ops), so it scales
+  to shapes outside the training range;
+* r is a LightGBM regressor on the log ratio measured / baseline, over the analytic
+  features (MACs, bytes, channels rounded up to the parallelism factor, utilization...).
+
+Stored as JSON (the baseline, feature names, fit statistics) plus a LightGBM text model:
+both version-stable text, never pickles.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from archpass.costmodel.features import LAYER_BASE, LAYER_FEATURES, OP_BASE, OP_FEATURES, log_safe
+
+LGB_PARAMS = {
+    "objective": "regression",
+    "learning_rate": 0.05,
+    "num_leaves": 15,
+    "min_data_in_leaf": 4,
+    "feature_fraction": 0.9,
+    "bagging_fraction": 0.9,
+    "bagging_freq": 1,
+    "lambda_l2": 1.0,
+    "verbose": -1,
+    "num_threads": 1,
+    "seed": 0,
+    "deterministic": True,
+}
+MIN_POINTS_FOR_TREES = 30
+
+
+def nnls(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Non-negative least squares (Lawson-Hanson via scipy if present, else projected)."""
+    try:
+        from scipy.optimize import nnls as _nnls
+
+        return _nnls(a, b, maxiter=50 * a.shape[1])[0]
+    except ImportError:  # pragma: no cover - scipy ships with lightgbm's deps
+        x = np.maximum(np.linalg.lstsq(a, b, rcond=None)[0], 0)
+        return x
+
+
+@dataclass
+class Predictor:
+    kind: str
+    features: tuple[str, ...]
+    base_terms: tuple[str, ...]
+    coef: tuple[float, ...]
+    booster: object | None = None  # lightgbm.Booster
+    n_train: int = 0
+    model_file: str | None = None
+    stats: dict = field(default_factory=dict)
+
+    @property
+    def layer(self) -> bool:
+        return self.features == LAYER_FEATURES
+
+    def baseline(self, base: np.ndarray) -> np.ndarray:
+        return np.maximum(base @ np.asarray(self.coef), 1e-9)
+
+    def predict(self, x: np.ndarray, base: np.ndarray) -> np.ndarray:
+        b = self.baseline(base)
+        if self.booster is None or len(x) == 0:
+            return b
+        r = self.booster.predict(x, num_threads=1)
+        return b * np.exp(r)
+
+    # ------------------------------------------------------------------ fitting
+    @classmethod
+    def fit(cls, kind: str, layer: bool, x: np.ndarray, base: np.ndarray, y_ms: np.ndarray, rounds: int = 400) -> "Predictor":
+        features = LAYER_FEATURES if layer else OP_FEATURES
+        terms = LAYER_BASE if layer else OP_BASE
+        y = np.asarray(y_ms, dtype=np.float64)
+        # relative least squares: weight rows by 1/y so small kernels count as much as big ones
+        w = 1.0 / np.maximum(y, 1e-9)
+        coef = nnls(base * w[:, None], y * w)
+        if not np.any(coef > 0):
+            coef = np.zeros(base.shape[1])
+            coef[0] = float(np.median(y))
+        p = cls(kind, features, terms, tuple(float(c) for c in coef), None, len(y))
+        if len(y) >= MIN_POINTS_FOR_TREES:
+            import lightgbm as lgb
+
+            r = log_safe(y) - log_safe(p.baseline(base))
+            ds = lgb.Dataset(x, label=r, feature_name=list(features), free_raw_data=True,
+                             params={"verbose": -1, "min_data_in_bin": 1})
+            p.booster = lgb.train(LGB_PARAMS, ds, num_boost_round=rounds)
+        return p
+
+    # ------------------------------------------------------------------ storage
+    def to_json(self) -> dict:
+        return {
+            "kind": self.kind,
+            "features": list(self.features),
+            "baseline_terms": list(self.base_terms),
+            "baseline_coef": list(self.coef),
+            "n_train": self.n_train,
+            "model_file": self.model_file,
+            "stats": self.stats,
+        }
+
+    def model_text(self) -> str | None:
+        return None if self.booster is None else self.booster.model_to_string()
+
+    @classmethod
+    def from_json(cls, d: dict, model_text: str | None) -> "Predictor":
+        features = tuple(d["features"])
+        terms = tuple(d["baseline_terms"])
+        if features not in (LAYER_FEATURES, OP_FEATURES):
+            raise ValueError(f"predictor '{d.get('kind')}' has features {list(features)} this version does not compute")
+        if terms not in (LAYER_BASE, OP_BASE) or len(d["baseline_coef"]) != len(terms):
+            raise ValueError(f"predictor '{d.get('kind')}' has an unknown baseline {list(terms)}")
+        booster = None
+        if model_text is not None:
+            import lightgbm as lgb
+
+            booster = lgb.Booster(model_str=model_text)
+            if booster.num_feature() != len(features):
+                raise ValueError(f"predictor '{d['kind']}' model has {booster.num_feature()} features, expected {len(features)}")
+        return cls(
+            kind=d["kind"],
+            features=features,
+            base_terms=terms,
+            coef=tuple(float(c) for c in d["baseline_coef"]),
+            booster=booster,
+            n_train=int(d.get("n_train", 0)),
+            model_file=d.get("model_file"),
+            stats=dict(d.get("stats", {})),
+        )

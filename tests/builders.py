@@ -1,0 +1,441 @@
+"""Small ONNX models built in code for tests (opset 17, seeded random float32 weights).
+
+:class:`NetBuilder` chains layers and blocks onto a running NCHW tensor::
+
+    model = (
+        NetBuilder((1, 3, 32, 32))
+        .conv(16, k=3, stride=2, act="relu6")
+        .ibn(16, expand=4, se="hardsigmoid", act="hardswish")
+        .head(10)
+        .build()
+    )
+
+Every model ``build()`` returns has passed ``onnx.checker.check_model(full_check=True)``.
+Activations can be written in each form exporters produce (see :data:`ACTIVATIONS`), weights
+as initializers or as Constant nodes, BatchNormalization left unfused. :func:`messy_model`
+combines all of those with dynamic input dims. :func:`run_ort` runs a model in onnxruntime
+with graph optimizations disabled, for numeric comparisons.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+OPSET = 17
+
+#: Activation forms: name -> what the builder emits after a layer.
+ACTIVATIONS = {
+    "relu": "Relu",
+    "relu6": "Clip(min=0, max=6) with min/max as initializers",
+    "relu6_constant": "Clip(min=0, max=6) with min/max from Constant nodes",
+    "hardswish": "HardSwish op",
+    "hardswish_mul": "x * HardSigmoid(x) (Mul)",
+    "sigmoid": "Sigmoid",
+    "silu": "x * Sigmoid(x) (Mul)",
+    "hardsigmoid": "HardSigmoid (alpha=1/6, beta=0.5, as torch exports it)",
+}
+
+Dim = int | str | None
+
+
+class NetBuilder:
+    """Build a single-input, single-output NCHW network one layer/block at a time.
+
+    ``input_shape`` may contain strings for symbolic dims (``("N", 3, "H", "W")``).
+    ``weights`` is the default storage of conv/BN/Gemm parameters: ``"initializer"`` or
+    ``"constant"`` (Constant nodes). Node names are readable and deterministic
+    (``conv0``, ``conv0_bn``, ``conv0_act``...), so tests can refer to them.
+    """
+
+    def __init__(
+        self,
+        input_shape: Sequence[Dim] = (1, 3, 32, 32),
+        *,
+        seed: int = 0,
+        input_name: str = "input",
+        output_name: str = "output",
+        weights: str = "initializer",
+        name: str = "net",
+    ):
+        if len(input_shape) != 4:
+            raise ValueError(f"input_shape must be NCHW, got {input_shape}")
+        if weights not in ("initializer", "constant"):
+            raise ValueError(f"weights must be 'initializer' or 'constant', got {weights!r}")
+        self.rng = np.random.default_rng(seed)
+        self.name = name
+        self.input_name = input_name
+        self.output_name = output_name
+        self.default_weights = weights
+        self.input_shape = list(input_shape)
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[onnx.TensorProto] = []
+        self._counts: dict[str, int] = {}
+        self._used: set[str] = set()
+        # the running tensor and its shape (None = unknown extent)
+        self.x = input_name
+        self.shape: list[Dim] = list(input_shape)
+
+    # ----------------------------------------------------------------- plumbing
+    @property
+    def channels(self) -> int:
+        c = self.shape[1]
+        if not isinstance(c, int):
+            raise ValueError(f"channel dim of {self.x} is not static: {c!r}")
+        return c
+
+    def fresh(self, prefix: str) -> str:
+        """A new unique name ``prefix<N>``."""
+        n = self._counts.get(prefix, 0)
+        while f"{prefix}{n}" in self._used:
+            n += 1
+        self._counts[prefix] = n + 1
+        self._used.add(f"{prefix}{n}")
+        return f"{prefix}{n}"
+
+    def node(self, op: str, inputs: Sequence[str], name: str, n_out: int = 1, **attrs) -> str | list[str]:
+        outs = [name] if n_out == 1 else [f"{name}_{i}" for i in range(n_out)]
+        self.nodes.append(helper.make_node(op, list(inputs), outs, name=name, **attrs))
+        return outs[0] if n_out == 1 else outs
+
+    def tensor(self, name: str, value: np.ndarray, weights: str | None = None) -> str:
+        """Add ``value`` as an initializer or a Constant node; returns the tensor name."""
+        storage = weights or self.default_weights
+        t = numpy_helper.from_array(np.asarray(value), name)
+        if storage == "constant":
+            self.nodes.append(helper.make_node("Constant", [], [name], name=f"{name}_const", value=t))
+        else:
+            self.initializers.append(t)
+        return name
+
+    def _rand(self, shape: Sequence[int], fan_in: int) -> np.ndarray:
+        return (self.rng.standard_normal(shape) * np.sqrt(2.0 / max(fan_in, 1))).astype(np.float32)
+
+    # ----------------------------------------------------------------- layers
+    def activation(self, act: str | None, name: str | None = None) -> "NetBuilder":
+        """Apply ``act`` (a key of :data:`ACTIVATIONS`, or None) to the running tensor."""
+        if act is None:
+            return self
+        x = self.x
+        name = name or self.fresh(f"{x}_act")
+        if act == "relu":
+            self.x = self.node("Relu", [x], name)
+        elif act in ("relu6", "relu6_constant"):
+            storage = "constant" if act == "relu6_constant" else "initializer"
+            lo = self.tensor(f"{name}_min", np.array(0.0, np.float32), storage)
+            hi = self.tensor(f"{name}_max", np.array(6.0, np.float32), storage)
+            self.x = self.node("Clip", [x, lo, hi], name)
+        elif act == "hardswish":
+            self.x = self.node("HardSwish", [x], name)
+        elif act == "hardsigmoid":
+            self.x = self.node("HardSigmoid", [x], name, alpha=1.0 / 6, beta=0.5)
+        elif act == "hardswish_mul":
+            gate = self.node("HardSigmoid", [x], f"{name}_hsig", alpha=1.0 / 6, beta=0.5)
+            self.x = self.node("Mul", [x, gate], name)
+        elif act == "sigmoid":
+            self.x = self.node("Sigmoid", [x], name)
+        elif act == "silu":
+            gate = self.node("Sigmoid", [x], f"{name}_sig")
+            self.x = self.node("Mul", [x, gate], name)
+        else:
+            raise ValueError(f"unknown activation {act!r}; known: {', '.join(ACTIVATIONS)}")
+        return self
+
+    def conv(
+        self,
+        cout: int,
+        k: int = 3,
+        stride: int = 1,
+        groups: int = 1,
+        act: str | None = "relu",
+        *,
+        bn: bool = False,
+        bias: bool | None = None,
+        weights: str | None = None,
+        name: str | None = None,
+    ) -> "NetBuilder":
+        """KxK conv (pads k//2) -> optional unfused BatchNormalization -> optional activation.
+
+        ``groups=channels`` with ``cout=channels`` is a depthwise conv. ``bias`` defaults
+        to ``not bn`` (as exporters do). ``weights`` overrides the builder default storage.
+        """
+        cin = self.channels
+        if cin % groups or cout % groups:
+            raise ValueError(f"groups={groups} must divide cin={cin} and cout={cout}")
+        name = name or self.fresh("conv")
+        bias = (not bn) if bias is None else bias
+        w = self.tensor(f"{name}_w", self._rand((cout, cin // groups, k, k), cin // groups * k * k), weights)
+        inputs = [self.x, w]
+        if bias:
+            inputs.append(self.tensor(f"{name}_b", (self.rng.standard_normal(cout) * 0.1).astype(np.float32), weights))
+        p = k // 2
+        self.x = self.node(
+            "Conv", inputs, name, kernel_shape=[k, k], strides=[stride, stride], pads=[p, p, p, p], group=groups
+        )
+        self.shape = [self.shape[0], cout, *(_conv_dim(d, k, stride, p) for d in self.shape[2:])]
+        if bn:
+            self.batchnorm(name=f"{name}_bn", weights=weights)
+        return self.activation(act, f"{name}_act")
+
+    def batchnorm(self, *, name: str | None = None, weights: str | None = None) -> "NetBuilder":
+        """Unfused BatchNormalization (inference form) with random positive variances."""
+        c = self.channels
+        name = name or self.fresh("bn")
+        r = self.rng
+        scale = self.tensor(f"{name}_scale", (1.0 + 0.1 * r.standard_normal(c)).astype(np.float32), weights)
+        shift = self.tensor(f"{name}_shift", (0.1 * r.standard_normal(c)).astype(np.float32), weights)
+        mean = self.tensor(f"{name}_mean", (0.1 * r.standard_normal(c)).astype(np.float32), weights)
+        var = self.tensor(f"{name}_var", r.uniform(0.5, 1.5, c).astype(np.float32), weights)
+        self.x = self.node("BatchNormalization", [self.x, scale, shift, mean, var], name, epsilon=1e-5)
+        return self
+
+    def dw(self, k: int = 3, stride: int = 1, act: str | None = "relu", **kw) -> "NetBuilder":
+        """Depthwise KxK conv (groups = cin = cout)."""
+        c = self.channels
+        return self.conv(c, k, stride, groups=c, act=act, **kw)
+
+    # ----------------------------------------------------------------- blocks
+    def se(self, gate: str = "hardsigmoid", ratio: float = 0.25, *, name: str | None = None) -> "NetBuilder":
+        """Squeeze-excite: GlobalAveragePool -> 1x1 conv -> Relu -> 1x1 conv -> gate -> Mul."""
+        if gate not in ("hardsigmoid", "sigmoid"):
+            raise ValueError(f"SE gate must be 'hardsigmoid' or 'sigmoid', got {gate!r}")
+        c = self.channels
+        name = name or self.fresh("se")
+        x, shape = self.x, self.shape
+        self.x = self.node("GlobalAveragePool", [x], f"{name}_pool")
+        self.shape = [shape[0], c, 1, 1]
+        self.conv(max(1, int(c * ratio)), 1, act="relu", name=f"{name}_reduce")
+        self.conv(c, 1, act=gate, name=f"{name}_expand")
+        self.x = self.node("Mul", [x, self.x], f"{name}_mul")
+        self.shape = shape
+        return self
+
+    def ibn(
+        self,
+        cout: int,
+        expand: float = 6,
+        k: int = 3,
+        stride: int = 1,
+        act: str | None = "relu6",
+        *,
+        se: str | None = None,
+        residual: bool | None = None,
+        bn: bool = False,
+        name: str | None = None,
+    ) -> "NetBuilder":
+        """Inverted bottleneck: 1x1 expand -> act -> KxK dw -> act -> [SE] -> 1x1 project -> [+x].
+
+        ``se`` is the SE gate (``"hardsigmoid"``/``"sigmoid"``) or None. ``residual``
+        defaults to stride 1 and cin == cout.
+        """
+        cin, x_in, shape_in = self.channels, self.x, self.shape
+        name = name or self.fresh("ibn")
+        hidden = int(round(cin * expand))
+        self.conv(hidden, 1, act=act, bn=bn, name=f"{name}_expand")
+        self.conv(hidden, k, stride, groups=hidden, act=act, bn=bn, name=f"{name}_dw")
+        if se:
+            self.se(se, name=f"{name}_se")
+        self.conv(cout, 1, act=None, bn=bn, name=f"{name}_project")
+        return self._residual(residual, stride == 1 and cin == cout, x_in, shape_in, name)
+
+    def fused_ibn(
+        self,
+        cout: int,
+        expand: float = 4,
+        k: int = 3,
+        stride: int = 1,
+        act: str | None = "relu",
+        *,
+        residual: bool | None = None,
+        bn: bool = False,
+        name: str | None = None,
+    ) -> "NetBuilder":
+        """Fused inverted bottleneck: KxK dense expand -> act -> 1x1 project -> [+x]."""
+        cin, x_in, shape_in = self.channels, self.x, self.shape
+        name = name or self.fresh("fused")
+        self.conv(int(round(cin * expand)), k, stride, act=act, bn=bn, name=f"{name}_expand")
+        self.conv(cout, 1, act=None, bn=bn, name=f"{name}_project")
+        return self._residual(residual, stride == 1 and cin == cout, x_in, shape_in, name)
+
+    def dw_separable(
+        self, cout: int, k: int = 3, stride: int = 1, act: str | None = "relu", *, bn: bool = False,
+        name: str | None = None,
+    ) -> "NetBuilder":
+        """Depthwise-separable: KxK depthwise -> act -> 1x1 pointwise -> act."""
+        name = name or self.fresh("dws")
+        self.dw(k, stride, act=act, bn=bn, name=f"{name}_dw")
+        return self.conv(cout, 1, act=act, bn=bn, name=f"{name}_pw")
+
+    def _residual(self, residual: bool | None, possible: bool, x_in: str, shape_in: list, name: str) -> "NetBuilder":
+        if residual is None:
+            residual = possible
+        if residual:
+            if not possible:
+                raise ValueError(f"{name}: residual needs stride 1 and cin == cout")
+            self.x = self.node("Add", [x_in, self.x], f"{name}_add")
+            self.shape = shape_in
+        return self
+
+    def add(self, *branches: Callable[["NetBuilder"], object], name: str | None = None) -> "NetBuilder":
+        """Elementwise Add of the outputs of ``branches`` (a branch returning None = identity)."""
+        return self._merge("Add", branches, name or self.fresh("add"))
+
+    def concat(self, *branches: Callable[["NetBuilder"], object], name: str | None = None) -> "NetBuilder":
+        """Concat (axis 1) of branches, each a callable chaining ops from the current tensor::
+
+            b.concat(lambda b: b.conv(8, 1), lambda b: b.conv(8, 3))
+        """
+        return self._merge("Concat", branches, name or self.fresh("concat"))
+
+    def _merge(self, op: str, branches, name: str) -> "NetBuilder":
+        if len(branches) < 2:
+            raise ValueError(f"{op} needs at least two branches")
+        x0, shape0 = self.x, self.shape
+        outs, shapes = [], []
+        for branch in branches:
+            self.x, self.shape = x0, list(shape0)
+            branch(self)
+            outs.append(self.x)
+            shapes.append(self.shape)
+        if any(s[2:] != shapes[0][2:] for s in shapes):
+            raise ValueError(f"{name}: branch spatial shapes differ: {shapes}")
+        if op == "Concat":
+            self.x = self.node("Concat", outs, name, axis=1)
+            chans = [s[1] for s in shapes]
+            c = sum(chans) if all(isinstance(v, int) for v in chans) else None
+            self.shape = [shapes[0][0], c, *shapes[0][2:]]
+        else:
+            if any(s[1] != shapes[0][1] for s in shapes):
+                raise ValueError(f"{name}: Add branches have different channels: {shapes}")
+            self.x = self.node(op, outs, name)
+            self.shape = shapes[0]
+        return self
+
+    def channel_shuffle(self, groups: int = 2, *, name: str | None = None) -> "NetBuilder":
+        """ShuffleNet channel shuffle: Reshape(N,g,C/g,H,W) -> Transpose -> Reshape(N,C,H,W).
+
+        The shapes are literal constants (as torchvision exports fold them), so spatial dims
+        must be static; the batch dim is copied (0).
+        """
+        c = self.channels
+        h, w = self.shape[2:]
+        if not (isinstance(h, int) and isinstance(w, int)):
+            raise ValueError("channel_shuffle needs static H and W")
+        if c % groups:
+            raise ValueError(f"groups={groups} must divide channels={c}")
+        name = name or self.fresh("shuffle")
+        s1 = self.tensor(f"{name}_shape5", np.array([0, groups, c // groups, h, w], np.int64), "initializer")
+        s2 = self.tensor(f"{name}_shape4", np.array([0, c, h, w], np.int64), "initializer")
+        y = self.node("Reshape", [self.x, s1], f"{name}_split")
+        y = self.node("Transpose", [y], f"{name}_transpose", perm=[0, 2, 1, 3, 4])
+        self.x = self.node("Reshape", [y, s2], f"{name}_merge")
+        return self
+
+    def reshape(self, shape: Sequence[int], out_shape: Sequence[Dim] | None = None, *, name: str | None = None) -> "NetBuilder":
+        """Reshape to a literal ``shape`` (0 copies, -1 infers); ``out_shape`` is the tracked result."""
+        name = name or self.fresh("reshape")
+        s = self.tensor(f"{name}_shape", np.array(list(shape), np.int64), "initializer")
+        self.x = self.node("Reshape", [self.x, s], name)
+        self.shape = list(out_shape) if out_shape is not None else [d if d > 0 else None for d in shape]
+        return self
+
+    def head(
+        self,
+        num_classes: int = 10,
+        *,
+        flatten: str = "flatten",
+        weights: str | None = None,
+        name: str = "head",
+    ) -> "NetBuilder":
+        """GlobalAveragePool -> Flatten -> Gemm (transB=1, as torch exports Linear).
+
+        ``flatten="reshape"`` flattens with ``Reshape(x, [-1, C])`` instead: a Reshape whose
+        literal shape fixes the channel count (torch's ``x.view(-1, C)``).
+        """
+        c = self.channels
+        self.x = self.node("GlobalAveragePool", [self.x], f"{name}_pool")
+        if flatten == "flatten":
+            self.x = self.node("Flatten", [self.x], f"{name}_flatten", axis=1)
+            self.shape = [self.shape[0], c]
+        elif flatten == "reshape":
+            self.reshape([-1, c], [self.shape[0], c], name=f"{name}_reshape")
+        else:
+            raise ValueError(f"flatten must be 'flatten' or 'reshape', got {flatten!r}")
+        w = self.tensor(f"{name}_fc_w", self._rand((num_classes, c), c), weights)
+        b = self.tensor(f"{name}_fc_b", (0.1 * self.rng.standard_normal(num_classes)).astype(np.float32), weights)
+        self.x = self.node("Gemm", [self.x, w, b], f"{name}_fc", transB=1)
+        self.shape = [self.shape[0], num_classes]
+        return self
+
+    # ----------------------------------------------------------------- output
+    def build(self, *, check: bool = True) -> onnx.ModelProto:
+        """The model (single output named ``output_name``), checked with ``full_check=True``."""
+        nodes = [onnx.NodeProto.FromString(n.SerializeToString()) for n in self.nodes]
+        out = self.x
+        if out == self.input_name:
+            raise ValueError("empty network: add at least one layer")
+        # rename the last tensor to the requested output name in its producer
+        for n in nodes:
+            n.output[:] = [self.output_name if o == out else o for o in n.output]
+            n.input[:] = [self.output_name if i == out else i for i in n.input]
+        graph = helper.make_graph(
+            nodes,
+            self.name,
+            [helper.make_tensor_value_info(self.input_name, TensorProto.FLOAT, self.input_shape)],
+            [helper.make_tensor_value_info(self.output_name, TensorProto.FLOAT, self.shape)],
+            initializer=[onnx.TensorProto.FromString(t.SerializeToString()) for t in self.initializers],
+        )
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="archpass-tests")
+        model.ir_version = 8  # opset 17 era; loadable by every onnxruntime >= 1.14
+        if check:
+            onnx.checker.check_model(model, full_check=True)
+        return model
+
+
+def _conv_dim(d: Dim, k: int, s: int, p: int) -> Dim:
+    if isinstance(d, int):
+        return (d + 2 * p - k) // s + 1
+    if isinstance(d, str) and k == 1 and s == 1 and p == 0:
+        return d
+    return None
+
+
+# --------------------------------------------------------------------- ready-made models
+def messy_model(seed: int = 0) -> onnx.ModelProto:
+    """A model the way careless exporters write it.
+
+    Input ``input`` of shape ``("N", 3, "H", "W")`` (dynamic batch and spatial dims); some
+    conv weights fed through Constant nodes; unfused BatchNormalization after convs;
+    ReLU6 as Clip with Constant-node min/max; HardSwish as x*HardSigmoid(x); an SE block;
+    a residual IBN. Needs ``--input-shape input:1,3,H,W`` (H, W multiples of 8) to analyze.
+    """
+    b = NetBuilder(("N", 3, "H", "W"), seed=seed, name="messy")
+    b.conv(16, 3, 2, act="relu6_constant", bn=True, weights="constant")  # stem
+    b.ibn(16, expand=1, act="relu6_constant", bn=True)  # residual IBN (expand 1x1 still present)
+    b.ibn(24, expand=4, stride=2, act="hardswish_mul", se="hardsigmoid", bn=True)  # SE, no residual
+    b.ibn(24, expand=3, act="hardswish_mul", bn=True, name="ibn_res")  # residual IBN
+    b.dw_separable(32, stride=2, act="relu6_constant", bn=True)
+    b.conv(64, 1, act="hardswish_mul", bn=True, weights="constant")
+    b.head(10, weights="constant")
+    return b.build()
+
+
+def random_input(shape: Sequence[int], seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal(tuple(shape)).astype(np.float32)
+
+
+def run_ort(model: onnx.ModelProto | str, feeds: dict[str, np.ndarray], *, optimize: bool = False) -> list[np.ndarray]:
+    """Run ``model`` on CPU; graph optimizations disabled unless ``optimize`` (numeric comparisons)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
+    opts.log_severity_level = 3
+    src = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    sess = ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
+    return sess.run(None, feeds)

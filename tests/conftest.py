@@ -1,0 +1,27 @@
+"""Shared fixtures: real exported architectures (tests/zoo.py) and in-code models (tests/builders.py)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+# Make `import zoo` / `import builders` work from any test subfolder (tests/passes/...).
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import zoo  # noqa: E402
+
+
+@pytest.fixture
+def zoo_model():
+    """Factory: ``zoo_model("resnet18")`` -> Path to the cached ONNX export.
+
+    ``zoo_model("mobilenet_v2", dynamic_batch=True)`` gives the variant whose input dim 0 is
+    the symbolic ``"N"``. Skips the test when torch/torchvision are not importable.
+    """
+
+    def get(name: str, *, dynamic_batch: bool = False) -> Path:
+        return zoo.export_model(name, dynamic_batch=dynamic_batch)
+
+    return get

@@ -1,0 +1,163 @@
+"""Real torchvision architectures exported to ONNX for tests and benchmarks.
+
+Exports are cached in ``$ARCHPASS_TEST_CACHE`` (default ``~/.cache/archpass-tests/onnx``),
+keyed by model name, variant and the torch/torchvision versions, so a rerun is a file lookup.
+Weights are random (``weights=None``) but seeded, so the same version always exports the
+same model. Files are written atomically (temp file in the cache folder + ``os.replace``),
+so an interrupted export never leaves a truncated model behind.
+
+Usage from a test: the ``zoo_model`` fixture in ``tests/conftest.py``, or
+``zoo.export_model("resnet18")`` directly. Both skip the test when torch/torchvision are
+not importable. ``python tests/zoo.py [NAME ...]`` exports and times models from the shell.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+SEED = 0
+INPUT_SHAPE = (1, 3, 224, 224)
+OPSET = 17
+
+# name -> extra torchvision constructor kwargs
+MODELS: dict[str, dict] = {
+    "mobilenet_v2": {},
+    "mobilenet_v3_small": {},
+    "mobilenet_v3_large": {},
+    "efficientnet_b0": {},
+    "mnasnet1_0": {},
+    "resnet18": {},
+    "resnet50": {},
+    "regnet_y_400mf": {},
+    "shufflenet_v2_x1_0": {},
+    "squeezenet1_0": {},
+    "googlenet": {"aux_logits": False, "init_weights": True},
+    "densenet121": {},
+    "convnext_tiny": {},
+}
+
+# Models also available with a dynamic batch dimension (input dim 0 named "N").
+DYNAMIC_BATCH = ("mobilenet_v2",)
+
+
+def cache_dir() -> Path:
+    env = os.environ.get("ARCHPASS_TEST_CACHE")
+    root = Path(env) if env else Path.home() / ".cache" / "archpass-tests" / "onnx"
+    return root.expanduser()
+
+
+def _require_torch():
+    """Import torch and torchvision, or skip the calling test."""
+    try:
+        import torch
+        import torchvision
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        import pytest
+
+        pytest.skip(f"torch/torchvision not importable ({exc}); install with: pip install -e '.[test]'")
+    return torch, torchvision
+
+
+def _file_name(name: str, dynamic_batch: bool, torch, torchvision) -> str:
+    variant = "dynbatch" if dynamic_batch else "static"
+    tv = torchvision.__version__.replace("+", "_")
+    tv_torch = torch.__version__.replace("+", "_")
+    return f"{name}-{variant}-opset{OPSET}-torch{tv_torch}-tv{tv}.onnx"
+
+
+def cached_path(name: str, *, dynamic_batch: bool = False) -> Path | None:
+    """Path of the cached export if it already exists (None otherwise); never exports."""
+    try:
+        import torch
+        import torchvision
+    except ImportError:
+        return None
+    path = cache_dir() / _file_name(name, dynamic_batch, torch, torchvision)
+    return path if path.exists() else None
+
+
+def export_model(name: str, *, dynamic_batch: bool = False) -> Path:
+    """Export torchvision model ``name`` (random seeded weights, eval mode) and return its path.
+
+    The input is ``input`` of shape 1x3x224x224 (dim 0 is ``"N"`` when ``dynamic_batch``),
+    the output ``output``; opset 17, TorchScript exporter (``dynamo=False``).
+    """
+    if name not in MODELS:
+        raise KeyError(f"unknown zoo model {name!r}; known: {', '.join(MODELS)}")
+    if dynamic_batch and name not in DYNAMIC_BATCH:
+        raise KeyError(f"no dynamic-batch variant for {name!r}; available: {', '.join(DYNAMIC_BATCH)}")
+    torch, torchvision = _require_torch()
+
+    out_dir = cache_dir()
+    path = out_dir / _file_name(name, dynamic_batch, torch, torchvision)
+    if path.exists():
+        return path
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    torch.manual_seed(SEED)
+    model = getattr(torchvision.models, name)(weights=None, **MODELS[name])
+    return export_onnx(model, path, dynamic_batch=dynamic_batch)
+
+
+def export_onnx(model, path: Path, *, dynamic_batch: bool = False) -> Path:
+    """Export torch ``model`` (put in eval mode) to ``path`` atomically; the zoo's export settings.
+
+    Input ``input`` 1x3x224x224 (dim 0 ``"N"`` when ``dynamic_batch``), output ``output``,
+    opset 17, TorchScript exporter. The dummy input is drawn from torch's global RNG after
+    the model is built; it does not affect the exported graph.
+    """
+    torch, _ = _require_torch()
+    path = Path(path)
+    dynamic_axes = {"input": {0: "N"}, "output": {0: "N"}} if dynamic_batch else None
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file normal permissions
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            # the TorchScript exporter (dynamo=False) is deprecated but is what the brief asks for
+            warnings.simplefilter("ignore", DeprecationWarning)
+            torch.onnx.export(
+                model.eval(),
+                (torch.randn(*INPUT_SHAPE),),
+                tmp,
+                opset_version=OPSET,
+                dynamo=False,
+                input_names=["input"],
+                output_names=["output"],
+                dynamic_axes=dynamic_axes,
+            )
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Export (or find cached) models and print the time each took."""
+    import sys
+
+    names = (argv if argv is not None else sys.argv[1:]) or list(MODELS)
+    total = 0.0
+    for name in names:
+        for dyn in (False, True) if name in DYNAMIC_BATCH else (False,):
+            was_cached = cached_path(name, dynamic_batch=dyn) is not None
+            t0 = time.perf_counter()
+            path = export_model(name, dynamic_batch=dyn)
+            dt = time.perf_counter() - t0
+            total += dt
+            label = name + (" (dynamic batch)" if dyn else "")
+            state = "cached" if was_cached else "exported"
+            print(f"{label:34s} {state:8s} {dt:7.2f} s  {path.stat().st_size / 1e6:7.1f} MB  {path}")
+    print(f"{'total':34s} {'':8s} {total:7.2f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
