@@ -328,9 +328,12 @@ def save_model(proto: ModelProto, dest: str | os.PathLike) -> Path:
         tmp_model = tmpdir / dest.name
         if proto.ByteSize() > TWO_GB - (64 << 20):
             data_name = dest.name + ".data"
-            onnx.save_model(proto, str(tmp_model), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=data_name, size_threshold=1024)
-            os.replace(tmpdir / data_name, dest.parent / data_name)
+            copy = ModelProto()
+            copy.CopyFrom(proto)  # save_model converts tensors in place: keep the caller's proto intact
+            onnx.save_model(copy, str(tmp_model), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=data_name, size_threshold=0)
+            if (tmpdir / data_name).exists():
+                os.replace(tmpdir / data_name, dest.parent / data_name)
         else:
             onnx.save_model(proto, str(tmp_model))
         os.replace(tmp_model, dest)

@@ -13,7 +13,8 @@ from rich.console import Console
 
 from archpass.errors import ArchpassError
 
-stdout = Console(soft_wrap=False)
+# Wide tables when piped (a pipeline log is not an 80-column terminal).
+stdout = Console(soft_wrap=False, width=None if sys.stdout.isatty() else 200)
 stderr = Console(stderr=True)
 
 InputShapeOpt = Annotated[

@@ -13,8 +13,6 @@ unroll, the utilization is ``macs / (ideal * prod(unroll))``.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from archpass.costmodel.kernels import LAYER_KINDS, Kernel
@@ -32,9 +30,9 @@ OP_CODES = {
 LAYER_FEATURES = (
     "macs", "ideal", "mem", "util", "cin", "cout", "cin_mod", "cout_mod", "cin_pad_ratio", "cout_pad_ratio",
     "k", "stride", "groups", "cin_per_group", "in_hw", "out_hw", "in_elems", "out_elems", "w_elems",
-    "act", "fused_add", "post_act",
+    "act", "fused_add", "post_act", "compute_over_mem",
 )
-LAYER_BASE = ("one", "ideal", "mem")
+LAYER_BASE = ("one", "ideal", "mem", "bound")
 OP_FEATURES = ("in_elems", "out_elems", "cin", "cout", "cin_mod", "in_hw", "out_hw", "k", "stride", "n_inputs", "op")
 OP_BASE = ("one", "elems")
 
@@ -69,9 +67,13 @@ def layer_features(k: Kernel, parallelism: int, unroll: dict[str, int], elem_bit
         lanes *= u
     macs = max(k.macs, 1)
     in_elems = k.cin * k.in_hw[0] * k.in_hw[1]
+    # a strided kernel smaller than its stride never reads part of its input
+    read_h = min(k.in_hw[0], k.out_hw[0] * min(k.kernel[0], k.stride[0]) + max(k.kernel[0] - k.stride[0], 0))
+    read_w = min(k.in_hw[1], k.out_hw[1] * min(k.kernel[1], k.stride[1]) + max(k.kernel[1] - k.stride[1], 0))
+    in_read = k.cin * read_h * read_w
     out_elems = k.cout * k.out_hw[0] * k.out_hw[1]
     w_elems = k.weight_elems
-    mem = (in_elems + out_elems * (2 if k.fused_add else 1) + w_elems) * elem_bits / max(mem_bits_per_step, 1e-9)
+    mem = (in_read + out_elems * (2 if k.fused_add else 1) + w_elems) * elem_bits / max(mem_bits_per_step, 1e-9)
     p = max(parallelism, 1)
     f = {
         "macs": macs,
@@ -96,8 +98,9 @@ def layer_features(k: Kernel, parallelism: int, unroll: dict[str, int], elem_bit
         "act": ACT_CODES.get(k.act, 8),
         "fused_add": int(k.fused_add),
         "post_act": ACT_CODES.get(k.post_act, 8),
+        "compute_over_mem": ideal / max(mem, 1e-9),
     }
-    base = {"one": 1.0, "ideal": float(ideal), "mem": float(mem)}
+    base = {"one": 1.0, "ideal": float(ideal), "mem": float(mem), "bound": float(max(ideal, mem))}
     return f, base
 
 
@@ -143,4 +146,4 @@ def log_safe(x: np.ndarray) -> np.ndarray:
 
 
 __all__ = ["LAYER_FEATURES", "OP_FEATURES", "LAYER_BASE", "OP_BASE", "feature_rows", "layer_features", "op_features",
-           "loop_sizes", "math"]
+           "loop_sizes"]

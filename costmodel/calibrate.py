@@ -1,0 +1,268 @@
+"""Calibration: sample kernels, measure them, fit the predictors, write a target.
+
+Every measured point is appended to ``DIR/dataset.jsonl`` as soon as it arrives, so an
+interrupted calibration resumes where it stopped (samples are a pure function of the
+seed).  Points a backend cannot measure are recorded with their error and skipped.
+A deterministic fifth of the points (by hash) is held out to measure accuracy; the
+predictors written to the target are then refitted on all points.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+
+from archpass.costmodel.features import feature_rows
+from archpass.costmodel.kernels import LAYER_KINDS, FusionRules, Kernel
+from archpass.costmodel.predictor import Predictor
+from archpass.costmodel.target import Target, save_target
+from archpass.errors import TargetError
+
+Progress = Callable[[int, int, str], None]
+DATASET = "dataset.jsonl"
+GENERIC_OP = "op"
+HOLDOUT = 0.2
+
+
+def point_key(obj) -> str:
+    return hashlib.sha1(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def held_out(key: str, fraction: float = HOLDOUT) -> bool:
+    return int(key[:8], 16) / 0xFFFFFFFF < fraction
+
+
+# ---------------------------------------------------------------------- the cache
+class Dataset:
+    """Append-only JSON-lines file of measured points ``{"key", "group", "points": [...], "error"}``.
+
+    A record is one measurement job: one layer (ZigZag) or one generated chain with the
+    times of its kernels (onnxruntime)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.records: dict[str, dict] = {}
+        if self.path.exists():
+            with self.path.open() as f:
+                for line in f:
+                    line = line.strip()
+                    if not line:
+                        continue
+                    try:
+                        rec = json.loads(line)
+                    except json.JSONDecodeError:
+                        continue  # a line cut by an interruption
+                    self.records[rec["key"]] = rec
+
+    def add(self, rec: dict) -> None:
+        self.records[rec["key"]] = rec
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a") as f:
+            f.write(json.dumps(rec, sort_keys=True) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def points(self) -> list[tuple[str, dict, float]]:
+        """(record key, kernel spec, latency ms) of every successful point."""
+        out = []
+        for key, rec in self.records.items():
+            for p in rec.get("points", []):
+                if p.get("ms") is not None and math.isfinite(p["ms"]) and p["ms"] > 0:
+                    out.append((key, p["spec"], float(p["ms"])))
+        return out
+
+    @property
+    def failed(self) -> list[dict]:
+        return [r for r in self.records.values() if r.get("error")]
+
+
+# ---------------------------------------------------------------------- fitting
+def _group_points(points, target: Target) -> dict[str, list[tuple[Kernel, float, str]]]:
+    by_kind: dict[str, list] = {}
+    for key, spec, ms in points:
+        k = Kernel.from_spec(spec)
+        by_kind.setdefault(k.kind, []).append((k, ms, key))
+        if k.kind not in LAYER_KINDS and not target.fusion.layers_only:
+            by_kind.setdefault(GENERIC_OP, []).append((k, ms, key))
+    return by_kind
+
+
+def accuracy_stats(pred: np.ndarray, meas: np.ndarray) -> dict:
+    if len(meas) == 0:
+        return {"n": 0}
+    err = pred / meas - 1.0
+    return {
+        "n": int(len(meas)),
+        "mape_pct": float(np.mean(np.abs(err)) * 100),
+        "within_10pct": float(np.mean(np.abs(err) <= 0.10) * 100),
+        "within_20pct": float(np.mean(np.abs(err) <= 0.20) * 100),
+        "rmspe_pct": float(np.sqrt(np.mean(err**2)) * 100),
+    }
+
+
+def fit_predictors(target: Target, points, rounds: int = 400) -> tuple[dict[str, Predictor], dict]:
+    """Fit one predictor per kind on the training split, measure it on the held-out split,
+    then refit on every point.  Returns (predictors, accuracy summary)."""
+    by_kind = _group_points(points, target)
+    preds: dict[str, Predictor] = {}
+    summary: dict = {"kernels": {}, "holdout_fraction": HOLDOUT}
+    all_pred, all_meas = [], []
+    for kind, items in sorted(by_kind.items()):
+        ks = [k for k, _, _ in items]
+        y = np.array([ms for _, ms, _ in items])
+        hold = np.array([held_out(key) for _, _, key in items])
+        x, base = feature_rows(ks, target)
+        layer = ks[0].kind in LAYER_KINDS
+        stats = {"n_points": int(len(y))}
+        if hold.sum() >= 3 and (~hold).sum() >= 5:
+            p = Predictor.fit(kind, layer, x[~hold], base[~hold], y[~hold], rounds)
+            py = p.predict(x[hold], base[hold])
+            stats.update(accuracy_stats(py, y[hold]))
+            if kind != GENERIC_OP:
+                all_pred.append(py)
+                all_meas.append(y[hold])
+        p = Predictor.fit(kind, layer, x, base, y, rounds)
+        p.stats = stats
+        preds[kind] = p
+        summary["kernels"][kind] = stats
+    if all_meas:
+        summary["all_kernels"] = accuracy_stats(np.concatenate(all_pred), np.concatenate(all_meas))
+    return preds, summary
+
+
+# ---------------------------------------------------------------------- running jobs
+@dataclass
+class Job:
+    key: str
+    payload: dict
+
+
+def run_jobs(jobs: list[Job], work: Callable[[dict], dict], dataset: Dataset, workers: int,
+             progress: Progress | None = None) -> None:
+    """Measure jobs not yet in the dataset, ``workers`` processes at a time."""
+    todo = [j for j in jobs if j.key not in dataset.records]
+    done = len(jobs) - len(todo)
+    if progress:
+        progress(done, len(jobs), "cached" if done else "")
+    if not todo:
+        return
+    if workers <= 1:
+        for j in todo:
+            rec = work(j.payload)
+            rec["key"] = j.key
+            dataset.add(rec)
+            done += 1
+            if progress:
+                progress(done, len(jobs), rec.get("error", ""))
+        return
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    with ctx.Pool(workers, maxtasksperchild=50) as pool:
+        for key, rec in pool.imap_unordered(_call, [(work, j.key, j.payload) for j in todo]):
+            rec["key"] = key
+            dataset.add(rec)
+            done += 1
+            if progress:
+                progress(done, len(jobs), rec.get("error", ""))
+
+
+def _call(args):
+    work, key, payload = args
+    return key, work(payload)
+
+
+# ---------------------------------------------------------------------- zigzag
+def _zigzag_work(payload: dict) -> dict:
+    from archpass.costmodel.backends.zigzag import measure_layer
+
+    res = measure_layer(payload["spec"], payload["hardware"], payload["mapping"], payload["clock_hz"], payload["lpf_limit"])
+    rec = {"group": "layer", "payload": {"spec": payload["spec"]}}
+    if "error" in res:
+        rec["error"] = res["error"]
+        rec["points"] = []
+    else:
+        rec["points"] = [{"spec": payload["spec"], "ms": res["ms"], "cycles": res["cycles"]}]
+    return rec
+
+
+def calibrate_zigzag(*, name: str, out_dir: str | Path, hardware: str | Path, mapping: str | Path,
+                     clock_hz: float, samples: int = 600, workers: int = 2, seed: int = 0,
+                     lpf_limit: int = 4, description: str = "", progress: Progress | None = None,
+                     copy_yaml: bool = True) -> Target:
+    import shutil
+
+    from archpass.costmodel.backends import zigzag as zz
+    from archpass.costmodel.sampling import sample_layers
+
+    if clock_hz <= 0:
+        raise TargetError(f"clock {clock_hz} Hz is not positive", "pass --clock-hz with the accelerator clock")
+    zz.check_inputs(hardware, mapping)
+    facts = zz.hardware_facts(hardware, mapping)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    hw_name, map_name = Path(hardware).name, Path(mapping).name
+    if copy_yaml:
+        for src, dst in ((hardware, out / hw_name), (mapping, out / map_name)):
+            if Path(src).resolve() != dst.resolve():
+                shutil.copyfile(src, dst)
+    dataset = Dataset(out / DATASET)
+    specs = sample_layers(samples, seed)
+    payload = {"hardware": str(hardware), "mapping": str(mapping), "clock_hz": clock_hz, "lpf_limit": lpf_limit}
+    jobs = [Job(point_key({"spec": s, "lpf": lpf_limit}), {"spec": s, **payload}) for s in specs]
+    t0 = time.time()
+    run_jobs(jobs, _zigzag_work, dataset, workers, progress)
+    target = Target(
+        name=name,
+        description=description or f"ZigZag model of {facts.get('name') or hw_name}",
+        parallelism=int(facts["parallelism"]),
+        dtype="int8",
+        bytes_per_element=1,
+        clock_hz=float(clock_hz),
+        unroll=facts["unroll"],
+        mem_bits_per_step=facts["mem_bits_per_step"],
+        fusion=FusionRules(layers_only=True),
+        source={"backend": "zigzag", "hardware": hw_name, "mapping": map_name, "lpf_limit": lpf_limit,
+                "zigzag_version": _version("zigzag-dse")},
+    )
+    return _finish(target, dataset, out, [j.key for j in jobs], t0)
+
+
+def _version(dist: str) -> str | None:
+    try:
+        from importlib.metadata import version
+
+        return version(dist)
+    except Exception:
+        return None
+
+
+def _finish(target: Target, dataset: Dataset, out: Path, keys: Iterable[str], t0: float) -> Target:
+    keys = set(keys)
+    points = [p for p in dataset.points() if p[0] in keys]
+    if len(points) < 10:
+        raise TargetError(f"only {len(points)} points could be measured ({len(dataset.failed)} failed)",
+                          "check the backend set-up or raise --samples")
+    preds, summary = fit_predictors(target, points)
+    failed = [r for r in dataset.failed if r["key"] in keys]
+    summary.update({
+        "measured_points": len(points),
+        "failed_jobs": len(failed),
+        "failure_examples": sorted({r["error"] for r in failed})[:5],
+        "jobs": len(keys),
+        "calibration_seconds": round(time.time() - t0, 1),
+        "note": "held-out accuracy of predictors fitted on the other points; the stored predictors are refitted on all points",
+    })
+    target.predictors = preds
+    target.accuracy = summary
+    save_target(target, out)
+    target.path = out
+    return target

@@ -1,0 +1,91 @@
+"""`archpass inspect` through typer's CliRunner, and once as a real subprocess."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import onnx
+import pytest
+from typer.testing import CliRunner
+
+from archpass.cli.main import app
+from builders import NetBuilder, messy_model
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "mobilenet_v2.onnx"
+runner = CliRunner()
+
+
+@pytest.fixture
+def messy(tmp_path):
+    p = tmp_path / "messy.onnx"
+    onnx.save(messy_model(), str(p))
+    return p
+
+
+def test_table_output(messy):
+    r = runner.invoke(app, ["inspect", str(messy), "--input-shape", "input:1,3,64,64"])
+    assert r.exit_code == 0, r.output
+    for word in ("Blocks", "Layers", "Channel groups", "ibn", "totals:"):
+        assert word in r.stdout
+
+
+def test_json_document(messy):
+    r = runner.invoke(app, ["inspect", str(messy), "--input-shape", "input:1,3,64,64", "--json"])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    for key in ("inputs", "layers", "blocks", "channel_groups", "totals", "rewrites"):
+        assert key in doc
+    assert doc["inputs"] == [{"name": "input", "shape": [1, 3, 64, 64]}]
+    for key in ("id", "op", "cin", "cout", "kernel", "stride", "groups", "in_hw", "out_hw", "macs", "params"):
+        assert key in doc["layers"][0]
+    for key in ("id", "kind", "layers", "residual", "stage"):
+        assert key in doc["blocks"][0]
+    for key in ("id", "channels", "adjustable", "members"):
+        assert key in doc["channel_groups"][0]
+    assert doc["totals"]["macs"] == sum(l["macs"] for l in doc["layers"])
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["missing.onnx"], "model file not found"),
+    (["{messy}"], "dynamic input dimensions"),
+    (["{messy}", "--input-shape", "image:1,3,64,64"], "unknown input 'image'"),
+    (["{messy}", "--input-shape", "input=1,3,64,64"], "malformed --input-shape"),
+])
+def test_bad_input_one_line_exit_2(messy, tmp_path, args, needle):
+    args = [a.replace("{messy}", str(messy)) if a != "missing.onnx" else str(tmp_path / a) for a in args]
+    r = runner.invoke(app, ["inspect", *args])
+    assert r.exit_code == 2
+    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0]
+    assert "Traceback" not in r.output
+
+
+def test_debug_shows_traceback(tmp_path):
+    r = runner.invoke(app, ["inspect", str(tmp_path / "missing.onnx"), "--debug"])
+    assert r.exit_code == 2 and "Traceback" in r.stderr
+
+
+def test_model_with_unsupported_ops_still_inspects(tmp_path):
+    b = NetBuilder((1, 3, 8, 8)).conv(8, 3, name="c")
+    b.x = b.node("LpNormalization", [b.x], "norm", axis=1)
+    p = tmp_path / "u.onnx"
+    onnx.save(b.conv(4, 1).build(), str(p))
+    r = runner.invoke(app, ["inspect", str(p), "--json"])
+    assert r.exit_code == 0
+    doc = json.loads(r.stdout)
+    assert doc["unsupported_ops"] == ["LpNormalization"]
+    assert any(not g["adjustable"] and "LpNormalization" in (g["reason"] or "") for g in doc["channel_groups"])
+
+
+def test_subprocess_console_script_and_module():
+    out = subprocess.run([sys.executable, "-m", "archpass", "inspect", str(EXAMPLE), "--json"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    doc = json.loads(out.stdout)
+    assert [b["kind"] for b in doc["blocks"]].count("ibn") == 16
+    bad = subprocess.run([sys.executable, "-m", "archpass", "inspect", "does-not-exist.onnx"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and bad.stdout == ""

@@ -1,0 +1,171 @@
+"""Loading, pinning and canonicalization; every bad input gives one clear ModelLoadError."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import archpass.model as am
+from archpass.errors import ModelLoadError
+from archpass.model import load_model, parse_input_shapes, save_model
+from builders import NetBuilder, messy_model, random_input, run_ort
+
+
+def small(shape=(1, 3, 16, 16)):
+    return NetBuilder(shape).conv(8, 3).ibn(8, expand=2).head(4).build()
+
+
+def write(tmp_path, proto, name="m.onnx"):
+    p = tmp_path / name
+    onnx.save(proto, str(p))
+    return p
+
+
+def test_load_pins_dynamic_dims_and_keeps_function(tmp_path):
+    p = write(tmp_path, messy_model())
+    before = p.read_bytes()
+    m = load_model(p, ["input:1,3,64,64"])
+    assert m.inputs == {"input": (1, 3, 64, 64)}
+    assert p.read_bytes() == before  # the input file is never modified
+    onnx.checker.check_model(m.proto, full_check=True)
+    x = random_input((1, 3, 64, 64))
+    ref = run_ort(messy_model(), {"input": x})[0]
+    out = run_ort(m.proto, {"input": x})[0]
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5)
+    assert len(m.sha256) == 64
+
+
+def test_parse_input_shapes():
+    assert parse_input_shapes(["x:1,3,8,8", "a:b:2"]) == {"x": (1, 3, 8, 8), "a:b": (2,)}
+
+
+@pytest.mark.parametrize("spec", ["input", "input:", "input:1,x,3", "input:1,,3", ":1,2"])
+def test_malformed_input_shape(spec):
+    with pytest.raises(ModelLoadError, match="malformed --input-shape"):
+        parse_input_shapes([spec])
+
+
+def test_zero_dim_in_input_shape():
+    with pytest.raises(ModelLoadError, match="non-positive"):
+        parse_input_shapes(["input:0,3,8,8"])
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ModelLoadError, match="model file not found.*check the path"):
+        load_model(tmp_path / "nope.onnx")
+
+
+def test_not_onnx(tmp_path):
+    p = tmp_path / "x.onnx"
+    p.write_text("this is not a protobuf, just some text\n" * 3)
+    with pytest.raises(ModelLoadError, match="not an ONNX model"):
+        load_model(p)
+
+
+def test_truncated_protobuf(tmp_path):
+    data = small().SerializeToString()
+    p = tmp_path / "t.onnx"
+    p.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelLoadError, match="not an ONNX model or is truncated"):
+        load_model(p)
+
+
+def test_checker_failure(tmp_path):
+    proto = small()
+    proto.graph.node[0].input[0] = "undefined_tensor"
+    p = write(tmp_path, proto)
+    with pytest.raises(ModelLoadError, match="fails the ONNX checker"):
+        load_model(p)
+
+
+def test_dynamic_dims_need_input_shape(tmp_path):
+    p = write(tmp_path, messy_model())
+    with pytest.raises(ModelLoadError) as e:
+        load_model(p)
+    msg = e.value.line()
+    assert "dynamic input dimensions: input has dims [N, 3, H, W]" in msg
+    assert "--input-shape input:1,3,224,224" in msg
+
+
+def test_unknown_input_name(tmp_path):
+    p = write(tmp_path, messy_model())
+    with pytest.raises(ModelLoadError, match="unknown input 'image'.*inputs are: input"):
+        load_model(p, ["image:1,3,64,64"])
+
+
+def test_rank_mismatch_and_contradiction(tmp_path):
+    p = write(tmp_path, messy_model())
+    with pytest.raises(ModelLoadError, match="has 3 dims but the input has rank 4"):
+        load_model(p, ["input:1,3,64"])
+    with pytest.raises(ModelLoadError, match="contradicts the model's static shape"):
+        load_model(p, ["input:1,4,64,64"])
+
+
+def test_custom_domain_op_is_refused(tmp_path):
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 8, 8])
+    node = helper.make_node("MyOp", ["x"], ["y"], name="mine", domain="com.example")
+    proto = helper.make_model(helper.make_graph([node], "g", [x], [y]),
+                              opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.example", 1)])
+    p = write(tmp_path, proto)
+    with pytest.raises(ModelLoadError, match="custom-domain op MyOp \\(domain 'com.example'\\) at node 'mine'"):
+        load_model(p)
+
+
+def _with_external(tmp_path, location):
+    proto = small()
+    d = tmp_path / "model"
+    d.mkdir()
+    onnx.save_model(proto, str(d / "m.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="w.data", size_threshold=0)
+    if location != "w.data":
+        m = onnx.load(str(d / "m.onnx"), load_external_data=False)
+        for t in m.graph.initializer:
+            for e in t.external_data:
+                if e.key == "location":
+                    e.value = location
+        onnx.save(m, str(d / "m.onnx"))
+    return d / "m.onnx"
+
+
+def test_external_data_loads(tmp_path):
+    m = load_model(_with_external(tmp_path, "w.data"))
+    assert len(m.proto.graph.initializer) > 0
+
+
+@pytest.mark.parametrize("loc", ["../secret.bin", "/etc/passwd", "sub/../../secret.bin"])
+def test_external_data_outside_folder_is_refused(tmp_path, loc):
+    (tmp_path / "secret.bin").write_bytes(b"\0" * 4096)
+    with pytest.raises(ModelLoadError, match="points outside the model's folder"):
+        load_model(_with_external(tmp_path, loc))
+
+
+def test_external_data_missing(tmp_path):
+    with pytest.raises(ModelLoadError, match="is missing"):
+        load_model(_with_external(tmp_path, "gone.data"))
+
+
+def test_external_data_symlink_escape_is_refused(tmp_path):
+    (tmp_path / "secret.bin").write_bytes(b"\0" * 4096)
+    p = _with_external(tmp_path, "link.data")
+    os.symlink(tmp_path / "secret.bin", p.parent / "link.data")
+    with pytest.raises(ModelLoadError, match="points outside the model's folder"):
+        load_model(p)
+
+
+def test_save_is_atomic_and_large_models_use_external_data(tmp_path, monkeypatch):
+    proto = load_model(write(tmp_path, small())).proto
+    out = save_model(proto, tmp_path / "out" / "a.onnx")
+    assert out.exists() and not [f for f in out.parent.iterdir() if f.name.startswith(".")]
+    # pretend the protobuf limit is tiny: the model is written with external data beside it
+    monkeypatch.setattr(am, "TWO_GB", 1000 + (64 << 20))
+    out2 = save_model(proto, tmp_path / "out" / "b.onnx")
+    assert (tmp_path / "out" / "b.onnx.data").exists()
+    assert len(proto.graph.initializer[0].external_data) == 0  # the caller's proto is untouched
+    reloaded = load_model(out2)
+    x = random_input((1, 3, 16, 16))
+    np.testing.assert_allclose(run_ort(reloaded.proto, {"input": x})[0], run_ort(proto, {"input": x})[0], rtol=1e-6)
