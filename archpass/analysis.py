@@ -288,6 +288,17 @@ class _Analyzer:
                 spatial.append(("scales", tuple(float(s) for s in scales)))
             if sizes is not None and sizes.size:
                 spatial.append(("sizes", tuple(int(s) for s in sizes)))
+        elif n.op_type == "Transpose":
+            spatial.append(("perm", tuple(int(p) for p in _attr(n, "perm", list(range(len(self.shape(n.input[0]))))[::-1]))))
+        elif n.op_type in ("Flatten", "Concat"):
+            spatial.append(("axis", int(_attr(n, "axis", 1))))
+        elif n.op_type in ("Squeeze", "Unsqueeze") or n.op_type.startswith("Reduce"):
+            # what archpass.spatial needs to recompute shapes at another input resolution
+            rank = len(self.shape(n.output[0] if n.op_type == "Unsqueeze" else n.input[0]))
+            axes = self._axes(n, rank) if rank else None
+            spatial.append(("axes", None if axes is None else tuple(axes)))
+            spatial.append(("keepdims", int(_attr(n, "keepdims", 1))))
+            spatial.append(("noop_with_empty_axes", int(_attr(n, "noop_with_empty_axes", 0))))
         layer = n.name if n.name in self.layers else None
         return Node(n.name, n.op_type, tuple(n.input), tuple(n.output), layer, tuple(spatial))
 

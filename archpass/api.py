@@ -30,6 +30,7 @@ def inspect_document(model: Model, structure: Structure, target: str | None = No
         "model": {"path": str(model.path) if model.path else None, "sha256": model.sha256},
         **structure.to_json(),
     }
+    doc["notes"] = list(model.notes) + doc["notes"]
     record = read_record(model.proto)
     doc["rewrites"] = record["rewrites"] if record else []
     if record:

@@ -117,10 +117,47 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def weight_bytes(proto: ModelProto) -> int:
+    """Bytes of tensor data the model holds (initializers and Constant nodes), computed
+    without serializing: protobuf cannot serialize a message above 2 GB."""
+    from onnx.external_data_helper import _get_all_tensors
+
+    total = 0
+    for t in _get_all_tensors(proto):
+        total += len(t.raw_data) + 4 * (len(t.float_data) + len(t.int32_data)) + 8 * (
+            len(t.int64_data) + len(t.double_data) + len(t.uint64_data)) + sum(len(b) for b in t.string_data)
+    return total
+
+
+def is_large(proto: ModelProto) -> bool:
+    """Above the protobuf limit (with a margin for the graph itself)."""
+    return weight_bytes(proto) > TWO_GB - (64 << 20)
+
+
+def _skeleton(proto: ModelProto) -> ModelProto:
+    """A copy whose large tensors keep only dims and type (marked external): enough for
+    shape inference, small enough to serialize."""
+    from onnx.external_data_helper import _get_all_tensors
+
+    skel = ModelProto()
+    skel.CopyFrom(proto)
+    for t in _get_all_tensors(skel):
+        if len(t.raw_data) > 1024:
+            t.ClearField("raw_data")
+            t.data_location = onnx.TensorProto.EXTERNAL
+            del t.external_data[:]
+            e = t.external_data.add()
+            e.key, e.value = "location", "archpass-skeleton"
+    return skel
+
+
 def _check(proto: ModelProto, path: Path | None) -> None:
     try:
-        if proto.ByteSize() > TWO_GB and path is not None:
-            onnx.checker.check_model(str(path))
+        if is_large(proto):
+            if path is not None:
+                onnx.checker.check_model(str(path))
+            else:
+                onnx.checker.check_model(_skeleton(proto))
         else:
             onnx.checker.check_model(proto)
     except (onnx.checker.ValidationError, ValueError) as exc:
@@ -210,6 +247,16 @@ def _custom_ops(proto: ModelProto) -> list[onnx.NodeProto]:
 
 def _infer(proto: ModelProto) -> ModelProto:
     try:
+        if is_large(proto):
+            inferred = onnx.shape_inference.infer_shapes(_skeleton(proto), check_type=True, strict_mode=True,
+                                                         data_prop=True)
+            out = ModelProto()
+            out.CopyFrom(proto)
+            del out.graph.value_info[:]
+            out.graph.value_info.extend(inferred.graph.value_info)
+            del out.graph.output[:]
+            out.graph.output.extend(inferred.graph.output)
+            return out
         return onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True, data_prop=True)
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -305,7 +352,14 @@ def model_from_proto(
         )
     pinned = _pin_inputs(work, {k: tuple(v) for k, v in (input_shapes or {}).items()})
     if sha256 is None:
-        sha256 = hashlib.sha256(proto.SerializeToString()).hexdigest()
+        sha256 = hashlib.sha256(_skeleton(proto).SerializeToString() if is_large(proto)
+                                else proto.SerializeToString()).hexdigest()
+    notes: list[str] = []
+    if canonical and is_large(work):
+        # onnxslim serializes the model; above 2 GB it cannot.  The analysis handles
+        # Constant nodes and unfused BatchNorm itself, so only folding is lost.
+        notes.append("model above 2 GB: canonicalization (constant and BatchNorm folding) skipped")
+        canonical = False
     work = canonicalize(work) if canonical else _infer(work)
     missing = _unshaped(work)
     if missing:
@@ -314,7 +368,7 @@ def model_from_proto(
             f"cannot infer a static shape for tensor '{tensor}' (output of node '{node}')",
             "pin every dynamic input with --input-shape or re-export with static shapes",
         )
-    return Model(proto=work, path=path, sha256=sha256, input_shapes=pinned)
+    return Model(proto=work, path=path, sha256=sha256, input_shapes=pinned, notes=tuple(notes))
 
 
 # --------------------------------------------------------------------------- saving
@@ -326,7 +380,7 @@ def save_model(proto: ModelProto, dest: str | os.PathLike) -> Path:
     tmpdir = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
     try:
         tmp_model = tmpdir / dest.name
-        if proto.ByteSize() > TWO_GB - (64 << 20):
+        if is_large(proto):
             data_name = dest.name + ".data"
             copy = ModelProto()
             copy.CopyFrom(proto)  # save_model converts tensors in place: keep the caller's proto intact

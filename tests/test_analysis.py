@@ -236,3 +236,44 @@ def test_matmul_layer_after_transpose_tracks_channel_axis():
     fc = s.layer("fc")
     assert (fc.op, fc.cin, fc.cout, fc.in_hw, fc.activation) == ("MatMul", 8, 16, (4, 4), "relu")
     assert s.tensors["y"].channel_axis == 1 and s.tensors["y"].segments == (fc.out_group,)
+
+
+def _model(nodes, inputs, outputs, inits=()):
+    proto = helper.make_model(helper.make_graph(nodes, "g", inputs, outputs, list(inits)),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(proto, full_check=True)
+    return proto
+
+
+def test_attention_still_inspects_and_is_fixed():
+    rng = np.random.default_rng(0)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16, 32])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16, 32])
+    inits = [numpy_helper.from_array(rng.standard_normal((32, 32)).astype(np.float32), n) for n in ("wq", "wk", "wv")]
+    nodes = [
+        helper.make_node("MatMul", ["x", "wq"], ["q"], name="q"),
+        helper.make_node("MatMul", ["x", "wk"], ["k"], name="k"),
+        helper.make_node("MatMul", ["x", "wv"], ["v"], name="v"),
+        helper.make_node("Transpose", ["k"], ["kt"], name="kt", perm=[0, 2, 1]),
+        helper.make_node("MatMul", ["q", "kt"], ["att"], name="scores"),
+        helper.make_node("Softmax", ["att"], ["p"], name="softmax", axis=-1),
+        helper.make_node("MatMul", ["p", "v"], ["y"], name="mix"),
+    ]
+    s = structure_of(_model(nodes, [x], [y], inits))
+    assert {l.id for l in s.layers} == {"q", "k", "v"}
+    assert "MatMul" in s.unsupported
+    for lid in ("q", "k", "v"):
+        g = s.group(s.layer(lid).out_group)
+        assert not g.adjustable and ("MatMul node 'scores'" in g.reason or "MatMul node 'mix'" in g.reason)
+
+
+def test_rnn_still_inspects():
+    rng = np.random.default_rng(0)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [5, 1, 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [5, 1, 1, 16])
+    w = numpy_helper.from_array(rng.standard_normal((1, 64, 8)).astype(np.float32), "w")
+    r = numpy_helper.from_array(rng.standard_normal((1, 64, 16)).astype(np.float32), "r")
+    nodes = [helper.make_node("LSTM", ["x", "w", "r"], ["y"], name="lstm", hidden_size=16)]
+    s = structure_of(_model(nodes, [x], [y], [w, r]))
+    assert s.unsupported == ("LSTM",) and s.layers == ()
+    assert all(not g.adjustable for g in s.groups)
