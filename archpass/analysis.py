@@ -807,4 +807,27 @@ def _find_blocks(layers: list[Layer], an: _Analyzer) -> tuple[list[Block], list[
 def analyze(model: Model | onnx.ModelProto) -> Structure:
     """Analyze a loaded (canonical, statically shaped) model."""
     proto = model.proto if isinstance(model, Model) else model
-    return _Analyzer(proto).run()
+    structure = _Analyzer(proto).run()
+    prov = _provenance(proto)
+    if prov:  # layers a pass rewrote carry its tag (see archpass.passes.base.tag)
+        from dataclasses import replace
+
+        structure = replace(structure, layers=tuple(
+            replace(l, provenance=", ".join(prov[l.id])) if prov.get(l.id) else l for l in structure.layers))
+    return structure
+
+
+def _provenance(proto: onnx.ModelProto) -> dict[str, list[str]]:
+    """The ``archpass.provenance`` metadata map (node name -> pass tags) of a rewritten model."""
+    import json
+
+    from archpass.record import PROVENANCE_KEY
+
+    for p in proto.metadata_props:
+        if p.key == PROVENANCE_KEY:
+            try:
+                doc = json.loads(p.value)
+            except json.JSONDecodeError:
+                return {}
+            return {str(k): [str(x) for x in v] for k, v in doc.items() if isinstance(v, list)} if isinstance(doc, dict) else {}
+    return {}

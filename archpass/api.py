@@ -41,3 +41,52 @@ def inspect_document(model: Model, structure: Structure, target: str | None = No
         doc["estimate"] = estimate(structure, load_target(target)).to_json()
         doc["target"] = target
     return doc
+
+
+def apply(
+    path: str | os.PathLike,
+    recipe,
+    output: str | os.PathLike,
+    input_shapes: InputShapes = None,
+) -> dict:
+    """Apply ``recipe`` (a Recipe, a path to a JSON/YAML file, or its JSON form) to the model
+    at ``path`` and write the result atomically to ``output``.  The input is never
+    modified; nothing is written when the recipe is invalid.  Returns the summary
+    ``archpass apply --json`` prints."""
+    from pathlib import Path
+
+    from archpass.errors import RecipeError
+    from archpass.model import save_model
+    from archpass.passes.engine import apply_recipe
+    from archpass.recipe import Recipe
+
+    if isinstance(recipe, Recipe):
+        rec = recipe
+    elif isinstance(recipe, (str, os.PathLike)):
+        rec = Recipe.load(recipe)
+    else:
+        rec = Recipe.from_json(recipe)
+    src, dest = Path(path), Path(output)
+    if dest.exists() and src.exists() and dest.resolve() == src.resolve():
+        raise RecipeError(f"output {dest} is the input model", "write the rewritten model to another file")
+    model = load_model(src, input_shapes)
+    structure = analyze(model)
+    applied = apply_recipe(model, rec, structure=structure)
+    save_model(applied.proto, dest)
+    after = applied.structure
+    return {
+        "input": str(src),
+        "output": str(dest),
+        "source_sha256": model.sha256,
+        "rewrites": list(applied.rewrites),
+        "exact": all(r["exact"] for r in applied.rewrites),
+        "before": {"macs": structure.macs, "params": structure.params},
+        "after": {"macs": after.macs, "params": after.params},
+    }
+
+
+def passes() -> list[dict]:
+    """The registered rewrite passes, as ``archpass passes --json`` lists them."""
+    from archpass.passes.engine import describe_passes
+
+    return describe_passes()

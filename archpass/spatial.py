@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
-from archpass.structure import HW, Layer, Node, Stage, Structure, Tensor, conv_out
+from archpass.structure import HW, Layer, Node, Structure, Tensor, conv_out
 
 BROADCAST = {
     "Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean", "PRelu", "Where", "Equal", "Greater", "Less",
@@ -50,13 +50,14 @@ def _broadcast(shapes: list[tuple[int, ...]], node: Node) -> tuple[int, ...]:
 
 
 def _windowed(node: Node, x: tuple[int, ...], old_out: tuple[int, ...]) -> tuple[int, ...]:
-    k = node.attr("kernel")
+    a = dict(node.spatial)
+    k = a["kernel"]
     nd = len(k)
-    strides = node.attr("strides") or (1,) * nd
-    pads = node.attr("pads") or (0,) * (2 * nd)
-    dil = node.attr("dilations") or (1,) * nd
-    ceil = bool(node.attr("ceil_mode", 0))
-    auto = node.attr("auto_pad", "NOTSET") or "NOTSET"
+    strides = a.get("strides") or (1,) * nd
+    pads = a.get("pads") or (0,) * (2 * nd)
+    dil = a.get("dilations") or (1,) * nd
+    ceil = bool(a.get("ceil_mode", 0))
+    auto = a.get("auto_pad") or "NOTSET"
     spatial = []
     for i in range(nd):
         size = x[2 + i]
@@ -155,6 +156,15 @@ def _out_shapes(node: Node, s: Structure, get, changed: set[str]) -> list[tuple[
     raise SpatialError(f"{where} depends on the size of its input, which archpass cannot recompute")
 
 
+def _with(obj, **changes):
+    """``dataclasses.replace`` for frozen dataclasses without ``__post_init__`` (Layer, Tensor),
+    ten times faster: this runs for every tensor of every candidate the search scores."""
+    new = object.__new__(type(obj))
+    new.__dict__.update(obj.__dict__)
+    new.__dict__.update(changes)
+    return new
+
+
 def _linear_hw(shape: tuple[int, ...]) -> HW:
     hw = tuple(int(d) for d in shape[1:-1]) if len(shape) > 2 else (1,)
     return (hw[0], int(math.prod(hw[1:])) if len(hw) > 1 else 1)
@@ -177,22 +187,25 @@ def propagate_hw(s: Structure, hw: HW) -> Structure:
         return got if got is not None else tensors[t].shape
 
     for node in s.nodes:
-        if not any(i in new for i in node.inputs if i):
+        for i in node.inputs:
+            if i in new:
+                break
+        else:
             continue
         for o, shp in zip(node.outputs, _out_shapes(node, s, get, set(new))):
             if o and tuple(shp) != (tensors[o].shape if o in tensors else None):
                 new[o] = tuple(int(d) for d in shp)
     new_tensors = dict(tensors)
     for t, shp in new.items():
-        new_tensors[t] = replace(tensors[t], shape=shp) if t in tensors else Tensor(t, shp)
+        new_tensors[t] = _with(tensors[t], shape=shp) if t in tensors else Tensor(t, shp)
     layers: list[Layer] = []
     for l in s.layers:
         if l.input in new or l.output in new:
             xs, ys = get(l.input), get(l.output)
             if l.op == "Conv":
-                layers.append(replace(l, in_hw=(xs[2], xs[3]), out_hw=(ys[2], ys[3])))
+                layers.append(_with(l, in_hw=(xs[2], xs[3]), out_hw=(ys[2], ys[3])))
             else:
-                layers.append(replace(l, in_hw=_linear_hw(xs), out_hw=_linear_hw(xs)))
+                layers.append(_with(l, in_hw=_linear_hw(xs), out_hw=_linear_hw(xs)))
         else:
             layers.append(l)
     by_id = {l.id: l for l in layers}

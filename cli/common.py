@@ -44,3 +44,8 @@ def handled(debug: bool = False) -> Iterator[None]:
 def print_json(doc) -> None:
     sys.stdout.write(json.dumps(doc, indent=2, default=str) + "\n")
     sys.stdout.flush()
+
+
+def format_shapes(d) -> str:
+    """A rewrite's before/after shape summary (a dict in the record) as one cell of a table."""
+    return ", ".join(f"{k}: {v}" for k, v in d.items()) if isinstance(d, dict) else str(d or "")

@@ -53,10 +53,14 @@ class Estimate:
 
 
 def predictor_for(kind: str, target: Target) -> str | None:
+    """Layer kinds have their own predictor (a missing one falls back to ``conv``);
+    standalone ops share one (their op type is a feature)."""
+    if kind in LAYER_KINDS:
+        if kind in target.predictors:
+            return kind
+        return "conv" if "conv" in target.predictors else None
     if kind in target.predictors:
         return kind
-    if kind in LAYER_KINDS:
-        return "conv" if "conv" in target.predictors else None
     return GENERIC_OP if GENERIC_OP in target.predictors else None
 
 
@@ -92,7 +96,7 @@ def estimate(structure: Structure, target: Target | str, *, best_order: bool = T
     missing = sorted({k.kind for k, u in zip(kernels, used) if u is None})
     if missing:
         notes.append(f"no predictor for kernel kinds {', '.join(missing)} on target {t.name}: counted as 0 ms")
-    fallback = sorted({k.kind for k, u in zip(kernels, used) if u is not None and u != k.kind})
+    fallback = sorted({k.kind for k, u in zip(kernels, used) if k.kind in LAYER_KINDS and u is not None and u != k.kind})
     if fallback:
         notes.append(f"kernel kinds {', '.join(fallback)} were never measured on {t.name}; scored by a generic predictor")
     mem = memory(structure, t.bytes_per_element, best_order=best_order)

@@ -45,7 +45,8 @@ def loop_sizes(k: Kernel) -> dict[str, int]:
     """ZigZag-style loop dimensions of a layer kernel."""
     g = max(k.groups, 1)
     if k.kind == "gemm":
-        return {"G": 1, "K": k.cout, "C": k.cin, "OX": 1, "OY": 1, "FX": 1, "FY": 1}
+        # rows (tokens of a MatMul over N x H x W x C) form ZigZag's D loop, never unrolled spatially
+        return {"G": 1, "K": k.cout, "C": k.cin, "D": k.out_hw[0] * k.out_hw[1], "FX": 1, "FY": 1}
     return {
         "G": g,
         "K": max(k.cout // g, 1),

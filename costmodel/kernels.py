@@ -191,7 +191,7 @@ def layer_kind(layer: Layer) -> str:
     return "gemm"
 
 
-def _act_nodes(structure: Structure, layer: Layer, producer: dict[str, Node]) -> list[Node]:
+def _act_nodes(structure: Structure, layer: Layer, producer: dict[str, Node], order: dict[str, int]) -> list[Node]:
     """The nodes between a layer's output and its act_output (the recognized activation)."""
     if not layer.act_output or layer.act_output == layer.output:
         return []
@@ -206,7 +206,6 @@ def _act_nodes(structure: Structure, layer: Layer, producer: dict[str, Node]) ->
             continue
         found[n.name] = n
         stack.extend(i for i in n.inputs if not _is_const(structure, i))
-    order = {n.name: i for i, n in enumerate(structure.nodes)}
     return sorted(found.values(), key=lambda n: order[n.name])
 
 
@@ -251,11 +250,12 @@ def decompose(structure: Structure, rules: FusionRules) -> list[Kernel]:
 
     claimed: set[str] = set()
     layer_kernels: dict[str, Kernel] = {}
+    layer_node = {n.layer: n for n in structure.nodes if n.layer is not None}
     for layer in structure.layers:
-        node = next((n for n in structure.nodes if n.layer == layer.id), None)
+        node = layer_node.get(layer.id)
         names = [node.name] if node is not None else [layer.id]
         act = layer.activation
-        act_nodes = _act_nodes(structure, layer, producer)
+        act_nodes = _act_nodes(structure, layer, producer, order)
         if act is not None and act not in rules.activations:
             act = None
             act_nodes = []

@@ -70,8 +70,7 @@ class Predictor:
         b = self.baseline(base)
         if self.booster is None or len(x) == 0:
             return b
-        r = self.booster.predict(x, num_threads=1)
-        return b * np.exp(r)
+        return b * np.exp(self.booster.predict(x, num_threads=1))
 
     # ------------------------------------------------------------------ fitting
     @classmethod

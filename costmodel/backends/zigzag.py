@@ -65,19 +65,25 @@ def layer_model(k: Kernel) -> onnx.ModelProto:
 
 @contextlib.contextmanager
 def _quiet():
+    # ZigZag's API calls logging.basicConfig(level=INFO): undo that afterwards too
     previous = logging.root.manager.disable
+    handlers, level = list(logging.root.handlers), logging.root.level
     logging.disable(logging.CRITICAL)
     try:
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             yield
     finally:
         logging.disable(previous)
+        logging.root.handlers[:] = handlers
+        logging.root.setLevel(level)
 
 
 def evaluate_cycles(model: onnx.ModelProto | str, hardware: str | Path, mapping: str | Path,
                     lpf_limit: int = DEFAULT_LPF_LIMIT) -> float:
     """ZigZag's latency (cycles) for a model (one layer or a whole network)."""
     run = _import_zigzag()
+    if isinstance(model, onnx.ModelProto):
+        model = onnx.shape_inference.infer_shapes(model)  # ZigZag reads every tensor's shape from value_info
     dump = tempfile.mkdtemp(prefix="archpass-zigzag-")
     try:
         with _quiet():

@@ -1,0 +1,144 @@
+"""``fuse_ibn``: an inverted bottleneck's 1x1 expand + KxK depthwise become one KxK dense conv.
+
+The fused conv maps the block input (cin) to the expanded channels with the depthwise
+conv's kernel, stride, padding, dilation and activation.  Its initial weights are the
+composition of the two convs::
+
+    W[o, i, kh, kw] = Wdw[o, 0, kh, kw] * Wexp[o, i]
+    b[o]            = bdw[o] + bexp[o] * sum(Wdw[o, 0])
+
+The composition is the same function only when nothing sits between the two convs
+(no activation) and the expand bias cannot leak through the depthwise conv's zero
+padding (no expand bias, or no padding); every IBN archpass recognizes has an
+activation there, so in practice the rewrite is **lossy**: the weights are a starting
+point to recover or fine-tune.
+
+Ids: the fused layer keeps the **depthwise layer's id** (and ONNX node name), the
+expand layer disappears, the block keeps its id and becomes ``fused_ibn`` with roles
+``fused``/``project`` (and ``se_reduce``/``se_expand``).  Channel group ids do not
+change: the expanded group now has the fused conv as its producer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any, Mapping
+
+import numpy as np
+
+from archpass.passes.base import GraphResult, Pass, ShapeResult, Site, register, tag
+from archpass.passes.graphutil import const_value, fresh_const, node_named
+from archpass.passes.structedit import chain_between, drop_unused_consts, edit_members
+from archpass.structure import Layer, Member, Structure, Tensor
+
+
+def _summary(l: Layer) -> str:
+    return (f"{l.cin}->{l.cout} k{l.kernel[0]}x{l.kernel[1]} s{l.stride[0]} g{l.groups} "
+            f"{l.in_hw[0]}x{l.in_hw[1]}->{l.out_hw[0]}x{l.out_hw[1]}")
+
+
+@register
+class FuseIBN(Pass):
+    name = "fuse_ibn"
+    summary = "merge an inverted bottleneck's 1x1 expand and KxK depthwise conv into one KxK dense conv"
+    exactness = "lossy (exact only without an activation between the two convs)"
+    site_kind = "block"
+    choice_keys = ()
+
+    def sites(self, structure: Structure) -> list[Site]:
+        return [Site(self.name, b.id, {}, f"{b.role('expand')} + {b.role('depthwise')}")
+                for b in structure.blocks if b.kind == "ibn" and self.check(structure, b.id, {}) is None]
+
+    def _parts(self, s: Structure, site: str):
+        b = s.block(site)
+        e, d = s.layer(b.role("expand")), s.layer(b.role("depthwise"))
+        return b, e, d
+
+    def check(self, structure: Structure, site: str | None, choice: Mapping[str, Any]) -> str | None:
+        if site is None or not structure.has_block(site):
+            return f"'{site}' is not a block of this model"
+        b = structure.block(site)
+        if b.kind == "fused_ibn":
+            return f"{site} is already a fused inverted bottleneck (fused_ibn)"
+        if b.kind != "ibn":
+            return f"{site} is a {b.kind} block, not an inverted bottleneck with an expand conv (ibn)"
+        if choice:
+            return f"fuse_ibn takes no choice, got {', '.join(choice)}"
+        _, e, d = self._parts(structure, site)
+        if not (e.pointwise and e.stride == (1, 1) and e.pads == (0, 0, 0, 0)):
+            return f"the expand conv of {site} is not a plain 1x1 stride-1 conv"
+        if not (d.depthwise and d.cout == d.cin == e.cout):
+            return f"the depthwise conv of {site} has a channel multiplier"
+        if chain_between(structure, e.output, d.input) is None:
+            return f"the expand conv's output of {site} is used outside the block"
+        return None
+
+    @staticmethod
+    def _exact(s: Structure, e: Layer, d: Layer) -> bool:
+        return e.output == d.input and (not e.bias or d.pads == (0, 0, 0, 0))
+
+    def apply_shapes(self, structure: Structure, site: str | None, choice: Mapping[str, Any]) -> ShapeResult:
+        s = structure
+        b, e, d = self._parts(s, site)
+        chain_nodes, chain_tensors = chain_between(s, e.output, d.input)
+        exact = self._exact(s, e, d)
+        w_name, b_name = f"{d.id}.fused_weight", f"{d.id}.fused_bias"
+        has_bias = e.bias or d.bias
+        fused = replace(d, cin=e.cin, groups=1, in_hw=e.in_hw, input=e.input, weight=w_name, bias=has_bias,
+                        in_groups=e.in_groups, provenance=f"{self.name}:{site}")
+        removed = {e.id} | {n.name for n in chain_nodes}
+        layers = tuple(fused if l.id == d.id else l for l in s.layers if l.id != e.id)
+        nodes = []
+        for n in s.nodes:
+            if n.name in removed:
+                continue
+            if n.name == d.id:
+                n = replace(n, inputs=(e.input, w_name) + ((b_name,) if has_bias else ()))
+            nodes.append(n)
+        exp_group = d.out_group
+
+        def members(gid: str, m: Member) -> Member | None:
+            if m.node in removed and not (m.node == e.id and m.role == "consumer"):
+                return None
+            if m.node == e.id:  # expand consumed the block input: the fused conv does now
+                return replace(m, node=d.id)
+            if m.node == d.id and m.role == "depthwise" and gid == exp_group:
+                return replace(m, role="producer")
+            return m
+
+        groups = edit_members(s.groups, members)
+        tensors = dict(s.tensors)
+        for t in chain_tensors | {e.output}:
+            tensors.pop(t, None)
+        old_w = [n.inputs[1:] for n in s.nodes if n.name in (e.id, d.id)]
+        tensors[w_name] = Tensor(w_name, (d.cout, e.cin, *d.kernel), tensors[d.weight].elem_bytes if d.weight in tensors else 4, const=True)
+        if has_bias:
+            tensors[b_name] = Tensor(b_name, (d.cout,), 4, const=True)
+        drop_unused_consts(tensors, nodes, [t for ins in old_w for t in ins])
+        roles = tuple(("fused", d.id) if r == "depthwise" else (r, lid) for r, lid in b.roles if r != "expand")
+        block = replace(b, kind="fused_ibn", layers=tuple(l for l in b.layers if l != e.id), roles=roles)
+        blocks = tuple(block if x.id == b.id else x for x in s.blocks)
+        out = replace(s, layers=layers, nodes=tuple(nodes), groups=groups, tensors=tensors, blocks=blocks)
+        return ShapeResult(out, True, exact,
+                           before={"expand": _summary(e), "depthwise": _summary(d)},
+                           after={"fused": _summary(fused)})
+
+    def apply_graph(self, graph, structure: Structure, site: str | None, choice: Mapping[str, Any]) -> GraphResult:
+        _, e, d = self._parts(structure, site)
+        en, dn = node_named(graph, e.id), node_named(graph, d.id)
+        we = const_value(en.inputs[1]).astype(np.float64)[:, :, 0, 0]  # [C, cin]
+        wd = const_value(dn.inputs[1]).astype(np.float64)  # [C, 1, kh, kw]
+        be = const_value(en.inputs[2]).astype(np.float64) if len(en.inputs) > 2 else np.zeros(we.shape[0])
+        bd = const_value(dn.inputs[2]).astype(np.float64) if len(dn.inputs) > 2 else np.zeros(we.shape[0])
+        dtype = np.asarray(en.inputs[1].values).dtype
+        w = wd[:, 0][:, None, :, :] * we[:, :, None, None]  # [C, cin, kh, kw]
+        inputs = [en.inputs[0], fresh_const(f"{d.id}.fused_weight", w.astype(dtype))]
+        if e.bias or d.bias:
+            bias = bd + be * wd[:, 0].sum(axis=(1, 2))
+            inputs.append(fresh_const(f"{d.id}.fused_bias", bias.astype(dtype)))
+        dn.inputs.clear()
+        dn.inputs.extend(inputs)
+        dn.attrs["group"] = 1
+        # the expand conv and its activation are now dead; the engine's cleanup() removes them
+        tag(dn, self.name, site)
+        return GraphResult(True, self._exact(structure, e, d))

@@ -1,0 +1,84 @@
+"""Estimates from shapes with the built-in targets."""
+
+from __future__ import annotations
+
+import pytest
+from builders import NetBuilder
+
+from archpass.analysis import analyze
+from archpass.costmodel import builtin_names, decompose, estimate, load_target
+from archpass.model import model_from_proto
+
+pytestmark = pytest.mark.skipif(not {"edgetpu", "tpu", "cpu"} <= set(builtin_names()),
+                                reason="built-in targets not generated (python -m archpass.costmodel.build_targets)")
+
+
+def _net(width: int = 32, res: int = 64):
+    return analyze(model_from_proto(
+        NetBuilder((1, 3, res, res))
+        .conv(width, 3, stride=2, act="relu6")
+        .ibn(width, expand=4, act="relu6")
+        .ibn(width * 2, expand=6, stride=2, act="hardswish", se="hardsigmoid")
+        .ibn(width * 2, expand=6, act="hardswish")
+        .head(100)
+        .build(), canonical=False))
+
+
+@pytest.mark.parametrize("name", ["edgetpu", "tpu", "cpu"])
+def test_estimate_document(name):
+    t = load_target(name)
+    s = _net()
+    e = estimate(s, t)
+    doc = e.to_json()
+    for key in ("latency_ms", "params_bytes", "peak_activation_bytes", "macs", "kernels"):
+        assert key in doc
+    assert e.latency_ms > 0 and e.macs == s.macs
+    assert e.params_bytes == s.params * t.bytes_per_element
+    assert e.latency_ms == pytest.approx(sum(k["latency_ms"] for k in doc["kernels"]))
+    layers = [l for k in doc["kernels"] for l in k["layers"]]
+    assert sorted(layers) == sorted(l.id for l in s.layers)
+    assert all(k["latency_ms"] > 0 for k in doc["kernels"])
+    assert not e.notes
+
+
+@pytest.mark.parametrize("name", ["edgetpu", "tpu", "cpu"])
+def test_wider_and_larger_models_are_slower(name):
+    t = load_target(name)
+    base = estimate(_net(32, 64), t).latency_ms
+    assert estimate(_net(64, 64), t).latency_ms > 1.3 * base
+    assert estimate(_net(32, 128), t).latency_ms > 2 * base
+
+
+def test_tpu_depthwise_uses_a_thin_slice_of_the_array():
+    # on the 32x32 systolic array a depthwise conv gets one MAC column per channel: it costs
+    # about as much as a dense conv 32x wider in MACs; on the 8x8 edge TPU the gap is smaller
+    s = _net(64, 64)
+    ratio = {}
+    for name in ("edgetpu", "tpu"):
+        e = estimate(s, load_target(name))
+        dw = sum(k.latency_ms for k in e.kernels if k.kernel.kind == "dwconv")
+        ratio[name] = dw / e.latency_ms
+    assert ratio["tpu"] > ratio["edgetpu"]
+
+
+def test_cpu_sees_channel_counts_off_the_multiple_of_8():
+    # onnxruntime's blocked NCHWc kernels need channels in multiples of 8: 60 -> 64 should not get slower
+    t = load_target("cpu")
+    s60 = _net(60, 64)
+    s64 = _net(64, 64)
+    assert estimate(s64, t).latency_ms < estimate(s60, t).latency_ms * 1.05
+
+
+def test_zigzag_targets_count_only_layers():
+    s = _net()
+    for name in ("edgetpu", "tpu"):
+        ks = decompose(s, load_target(name).fusion)
+        assert len(ks) == len(s.layers)
+
+
+def test_shape_only_rewrite_changes_the_estimate():
+    s = _net(32, 64)
+    t = load_target("edgetpu")
+    g = next(g for g in s.groups if g.adjustable and g.channels == 128)
+    narrower = s.with_group_channels({g.id: 64})
+    assert estimate(narrower, t).latency_ms < estimate(s, t).latency_ms

@@ -1,0 +1,91 @@
+"""Kernel decomposition and fusion rules on small models built in code."""
+
+from __future__ import annotations
+
+from builders import NetBuilder
+
+from archpass.analysis import analyze as _analyze
+from archpass.costmodel.kernels import FusionRules, Kernel, decompose
+from archpass.model import model_from_proto
+
+
+def analyze(proto):
+    return _analyze(model_from_proto(proto, canonical=False))
+
+RUNTIME = FusionRules(residual_add=True)
+LAYERS_ONLY = FusionRules(layers_only=True)
+
+
+def _mbv2_like():
+    return (
+        NetBuilder((1, 3, 32, 32))
+        .conv(16, k=3, stride=2, act="relu6")
+        .ibn(16, expand=4, act="relu6")
+        .ibn(24, expand=4, stride=2, act="hardswish", se="hardsigmoid")
+        .head(10)
+        .build()
+    )
+
+
+def test_layers_only_target_has_one_kernel_per_layer():
+    s = analyze(_mbv2_like())
+    ks = decompose(s, LAYERS_ONLY)
+    assert [k.layers[0] for k in ks] == [l.id for l in s.layers]
+    assert {k.kind for k in ks} == {"conv", "dwconv", "gemm"}
+    # activations ride with their layer, no standalone op becomes a kernel
+    dw = next(k for k in ks if k.kind == "dwconv")
+    assert dw.act == "relu6" and len(dw.nodes) == 2
+
+
+def test_runtime_fusion_conv_act_and_residual_add():
+    s = analyze(_mbv2_like())
+    ks = decompose(s, RUNTIME)
+    by_layer = {k.layers[0]: k for k in ks if k.layers}
+    # the first IBN is residual: its project conv runs the Add
+    proj = by_layer["ibn0_project"]
+    assert proj.fused_add and "ibn0_add" in proj.nodes and proj.act is None
+    # the second is strided: no add anywhere, SE ops are standalone kernels
+    assert not by_layer["ibn1_project"].fused_add
+    kinds = [k.kind for k in ks if not k.layers]
+    assert "gpool" in kinds and "eltwise" in kinds  # SE pool and SE multiply
+    # hardswish (one op) and relu6 (Clip) are part of their conv's kernel
+    assert by_layer["ibn1_expand"].act == "hardswish" and len(by_layer["ibn1_expand"].nodes) == 2
+    # every node is in exactly one kernel
+    covered = [n for k in ks for n in k.nodes]
+    assert len(covered) == len(set(covered)) == len(s.nodes)
+
+
+def test_post_add_activation_is_fused_resnet_style():
+    b = NetBuilder((1, 8, 16, 16)).conv(8, 3, act="relu")
+    b.add(lambda b: b.conv(8, 3, act="relu").conv(8, 3, act=None), lambda b: None)
+    b.activation("relu")
+    s = analyze(b.build())
+    ks = decompose(s, RUNTIME)
+    last = [k for k in ks if k.layers][-1]
+    assert last.fused_add and last.post_act == "relu"
+    assert len(ks) == 3
+
+
+def test_swish_as_mul_sigmoid_fuses_when_allowed_and_not_otherwise():
+    s = analyze(NetBuilder((1, 8, 16, 16)).conv(16, 3, act="silu").build())
+    (k,) = decompose(s, RUNTIME)
+    assert k.act == "swish" and len(k.nodes) == 3
+    ks = decompose(s, FusionRules(activations=("relu",), residual_add=True))
+    assert ks[0].act is None and len(ks) == 3  # Sigmoid and Mul now run alone
+
+
+def test_kernel_spec_round_trip():
+    s = analyze(_mbv2_like())
+    for k in decompose(s, RUNTIME):
+        again = Kernel.from_spec(k.spec(), id=k.id, nodes=k.nodes)
+        assert again.spec() == k.spec() and again.macs == k.macs
+
+
+def test_channel_change_reaches_kernels():
+    s = analyze(_mbv2_like())
+    g = next(g for g in s.groups if g.adjustable and g.channels == 64)
+    wider = s.with_group_channels({g.id: 80})
+    before = {k.id: k for k in decompose(s, LAYERS_ONLY)}
+    after = {k.id: k for k in decompose(wider, LAYERS_ONLY)}
+    changed = [i for i in before if before[i].spec() != after[i].spec()]
+    assert changed and all(after[i].cout == 80 or after[i].cin == 80 for i in changed)

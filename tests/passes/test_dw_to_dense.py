@@ -1,0 +1,91 @@
+"""dw_to_dense: depthwise conv -> dense conv with block-diagonal weights (exact)."""
+
+from __future__ import annotations
+
+import pytest
+
+from apply_helpers import apply_checked, assert_exact, built, loaded
+from archpass.errors import RecipeError
+from archpass.passes.engine import apply_recipe_shapes
+from builders import NetBuilder
+
+
+def _net():
+    b = NetBuilder((1, 3, 20, 20), seed=2).conv(8, 3, stride=2, act="relu")
+    b.dw_separable(16, act="relu6")
+    b.ibn(16, expand=3, act="hardswish", se="hardsigmoid")
+    return b.head(5).build()
+
+
+def test_block_diagonal_weights_exact_and_new_group():
+    model, s = built(_net())
+    dws = [l for l in s.layers if l.depthwise]
+    assert len(dws) == 2
+    for d in dws:
+        applied = apply_checked(model, s, [{"pass": "dw_to_dense", "site": d.id}])
+        assert applied.rewrites[0]["exact"] is True
+        assert_exact(model, applied)
+        t = applied.structure
+        dense = t.layer(d.id)
+        assert dense.groups == 1 and (dense.cin, dense.cout) == (d.cin, d.cout)
+        new = f"group{max(int(g.id[5:]) for g in s.groups) + 1}"
+        assert dense.in_groups == d.in_groups and dense.out_group == new
+        g_in, g_out = t.group(d.in_groups[0]), t.group(new)
+        blk = next(b for b in s.blocks if d.id in b.layers)
+        se = {blk.role("se_expand")} - {None}  # an SE gate produces the same channels
+        assert {m.node for m in g_out.producers} == {d.id} | se and d.id in {m.node for m in g_in.consumers}
+        assert g_out.channels == d.cout and g_out.adjustable
+        # downstream members (SE, project input) moved with the output; the input side stayed
+        proj = blk.role("project")
+        assert t.layer(proj).in_groups == (new,)
+        assert not any(d.id in b.layers for b in t.blocks)
+        w = [i for i in applied.proto.graph.initializer if i.name == f"{d.id}.dense_weight"]
+        assert len(w) == 1 and tuple(w[0].dims) == (d.cout, d.cin, *d.kernel)
+
+
+def test_new_group_can_be_resized_by_channels():
+    model, s = built(_net())
+    d = next(l for l in s.layers if l.depthwise and l.cin == 48)
+    new = f"group{max(int(g.id[5:]) for g in s.groups) + 1}"
+    recipe = [{"pass": "dw_to_dense", "site": d.id}, {"pass": "channels", "site": new, "channels": 56}]
+    applied = apply_checked(model, s, recipe)
+    assert applied.structure.layer(d.id).cout == 56 and applied.structure.layer(d.id).cin == 48
+    assert_exact(model, applied)  # rounding up pads zero channels
+
+
+def test_residual_around_depthwise_keeps_one_group():
+    b = NetBuilder((1, 8, 10, 10), seed=4).conv(8, 1, act="relu")
+    b.add(lambda b: b.dw(3, act=None, name="dwres"), lambda b: None)
+    model, s = built(b.head(3).build())
+    applied = apply_checked(model, s, [{"pass": "dw_to_dense", "site": "dwres"}])
+    assert_exact(model, applied)
+    t = applied.structure
+    assert len(t.groups) == len(s.groups)
+    assert t.layer("dwres").out_group == t.layer("dwres").in_groups[0]
+
+
+def test_channel_multiplier():
+    b = NetBuilder((1, 4, 10, 10), seed=5).conv(8, 3, groups=4, act="relu", name="dwm").conv(6, 1, act=None)
+    model, s = built(b.build())
+    assert s.layer("dwm").depthwise and s.layer("dwm").cout == 2 * s.layer("dwm").cin
+    applied = apply_checked(model, s, [{"pass": "dw_to_dense", "site": "dwm"}])
+    assert_exact(model, applied)
+
+
+def test_refusals():
+    model, s = built(_net())
+    dense = next(l for l in s.layers if l.groups == 1 and l.op == "Conv")
+    with pytest.raises(RecipeError, match="not a depthwise conv"):
+        apply_recipe_shapes(s, [{"pass": "dw_to_dense", "site": dense.id}])
+    with pytest.raises(RecipeError, match="expected a layer id"):
+        apply_recipe_shapes(s, [{"pass": "dw_to_dense", "site": "block0"}])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["mobilenet_v2", "mobilenet_v3_large", "efficientnet_b0", "mnasnet1_0"])
+def test_real_architectures_exact(name):
+    model, s = loaded(name)
+    dws = sorted((l for l in s.layers if l.depthwise), key=lambda l: l.params * l.cin)[:2]
+    applied = apply_checked(model, s, [{"pass": "dw_to_dense", "site": l.id} for l in dws])
+    assert all(r["exact"] for r in applied.rewrites)
+    assert_exact(model, applied)

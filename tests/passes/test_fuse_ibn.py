@@ -1,0 +1,120 @@
+"""fuse_ibn: 1x1 expand + KxK depthwise -> one KxK dense conv."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+from onnx import numpy_helper
+
+from apply_helpers import apply_checked, assert_exact, built, loaded, rel_err, run
+from archpass.errors import RecipeError
+from archpass.passes.engine import apply_recipe, apply_recipe_shapes
+from archpass.recipe import Recipe
+from archpass.structure import Block
+from builders import NetBuilder
+
+
+def _inits(proto) -> dict:
+    return {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
+
+
+def _ibn_net(se=None, act="relu6"):
+    b = NetBuilder((1, 3, 24, 24), seed=1).conv(16, 3, stride=2, act="relu")
+    b.ibn(16, expand=4, act=act, se=se).ibn(24, expand=6, k=5, stride=2, act=act, se=se)
+    return b.head(10).build()
+
+
+def test_structure_after_fusion_and_emitted_weights_are_the_composition():
+    model, s = built(_ibn_net())
+    b = s.block("block0")
+    assert b.kind == "ibn" and b.residual
+    e, d, p = (s.layer(b.role(r)) for r in ("expand", "depthwise", "project"))
+    applied = apply_checked(model, s, [{"pass": "fuse_ibn", "site": "block0"}])
+    assert applied.rewrites[0]["exact"] is False  # relu6 sits between expand and depthwise
+    t = applied.structure
+    fb = t.block("block0")
+    assert fb.kind == "fused_ibn" and fb.residual and fb.role("fused") == d.id and fb.role("project") == p.id
+    assert not t.has_layer(e.id)
+    f = t.layer(d.id)
+    assert (f.cin, f.cout, f.kernel, f.stride, f.groups, f.activation) == (e.cin, d.cout, d.kernel, d.stride, 1, d.activation)
+    assert f.in_groups == e.in_groups and f.out_group == d.out_group
+    expanded = t.group(d.out_group)
+    assert {m.node for m in expanded.producers} == {d.id}
+    assert e.id not in {m.node for g in t.groups for m in g.members}
+    # the emitted weights are exactly the composition of the original convs
+    src, out = _inits(model.proto), _inits(applied.proto)
+    node = next(n for n in applied.proto.graph.node if n.name == d.id)
+    we, be = src[e.weight][:, :, 0, 0].astype(np.float64), src[next(n for n in model.proto.graph.node if n.name == e.id).input[2]]
+    wd = src[d.weight].astype(np.float64)
+    bd = src[next(n for n in model.proto.graph.node if n.name == d.id).input[2]]
+    np.testing.assert_allclose(out[node.input[1]], wd[:, 0][:, None] * we[:, :, None, None], rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(out[node.input[2]], bd + be * wd[:, 0].sum(axis=(1, 2)), rtol=1e-6, atol=1e-7)
+    assert "fuse_ibn:block0" in node.doc_string
+    # untouched block keeps its ids and kind
+    assert t.block("block1") == s.block("block1")
+
+
+def test_se_block_fuses_and_reanalyzes_as_fused_ibn():
+    model, s = built(_ibn_net(se="hardsigmoid", act="hardswish"))
+    recipe = [{"pass": "fuse_ibn", "site": b.id} for b in s.blocks if b.kind == "ibn"]
+    assert len(recipe) == 2
+    applied = apply_checked(model, s, recipe)
+    from archpass.analysis import analyze
+
+    again = analyze(applied.proto)
+    assert [(b.id, b.kind, b.role("fused"), b.role("se_reduce")) for b in again.blocks] == [
+        (b.id, b.kind, b.role("fused"), b.role("se_reduce")) for b in applied.structure.blocks]
+    assert all(b.kind == "fused_ibn" for b in again.blocks)
+
+
+def _no_act_ibn(expand_bias: bool):
+    """1x1 expand (no activation) -> 3x3 depthwise -> 1x1 project: the composition is exact
+    unless the expand bias leaks through the depthwise zero padding."""
+    b = NetBuilder((1, 8, 12, 12), seed=3)
+    b.conv(32, 1, act=None, bias=expand_bias, name="exp").dw(3, act="relu", name="dw").conv(8, 1, act=None, name="proj")
+    model, s = built(b.build())
+    # the analysis (rightly) needs an activation after the expand conv to call it an IBN; declare the block by hand
+    blk = Block("block0", "ibn", ("exp", "dw", "proj"), False, 0,
+                (("expand", "exp"), ("depthwise", "dw"), ("project", "proj")))
+    return model, replace(s, blocks=(blk,))
+
+
+def test_exact_without_activation_between():
+    model, s = _no_act_ibn(expand_bias=False)
+    applied = apply_recipe(model, Recipe.of([{"pass": "fuse_ibn", "site": "block0"}]), structure=s)
+    assert applied.rewrites[0]["exact"] is True
+    assert assert_exact(model, applied) <= 1e-5
+
+
+def test_expand_bias_with_padding_is_lossy_only_at_the_border():
+    model, s = _no_act_ibn(expand_bias=True)
+    applied = apply_recipe(model, Recipe.of([{"pass": "fuse_ibn", "site": "block0"}]), structure=s)
+    assert applied.rewrites[0]["exact"] is False
+    a, b = run(applied.proto)[0], run(model.proto)[0]
+    assert rel_err(a[:, :, 1:-1, 1:-1], b[:, :, 1:-1, 1:-1]) <= 1e-5  # interior: same function
+    assert rel_err(a, b) > 1e-4  # border: the expand bias no longer passes through zero padding
+
+
+def test_refusals():
+    model, s = built(NetBuilder((1, 3, 16, 16)).conv(8, 3).dw_separable(16).fused_ibn(16).head(4).build())
+    kinds = {b.id: b.kind for b in s.blocks}
+    assert kinds == {"block0": "depthwise", "block1": "fused_ibn"}
+    with pytest.raises(RecipeError, match="depthwise block, not an inverted bottleneck"):
+        apply_recipe_shapes(s, [{"pass": "fuse_ibn", "site": "block0"}])
+    with pytest.raises(RecipeError, match="already a fused"):
+        apply_recipe_shapes(s, [{"pass": "fuse_ibn", "site": "block1"}])
+    with pytest.raises(RecipeError, match="takes no choice|unknown key"):
+        apply_recipe_shapes(s, [{"pass": "fuse_ibn", "site": "block1", "kernel": 3}])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["mobilenet_v2", "mobilenet_v3_large", "efficientnet_b0", "mnasnet1_0"])
+def test_real_architectures_fuse_every_ibn(name):
+    model, s = loaded(name)
+    recipe = [{"pass": "fuse_ibn", "site": b.id} for b in s.blocks if b.kind == "ibn"]
+    assert len(recipe) >= 10
+    applied = apply_checked(model, s, recipe)
+    assert all(b.kind in ("fused_ibn", "depthwise") for b in applied.structure.blocks)
+    assert len(applied.structure.layers) == len(s.layers) - len(recipe)

@@ -1,0 +1,101 @@
+"""resolution: change the static input H/W where the net is fully convolutional up to a global pooling."""
+
+from __future__ import annotations
+
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from apply_helpers import apply_checked, built, loaded
+from archpass.errors import RecipeError
+from archpass.passes.engine import apply_recipe_shapes
+from archpass.spatial import SpatialError, propagate_hw
+from builders import NetBuilder
+
+
+def _net(flatten="flatten"):
+    b = NetBuilder((1, 3, 32, 32), seed=6).conv(8, 3, stride=2, act="relu")
+    b.ibn(8, expand=4, act="relu6", se="sigmoid").ibn(16, expand=4, k=5, stride=2, act="hardswish")
+    b.concat(lambda b: b.conv(8, 1), lambda b: b.conv(8, 3, stride=1))
+    return b.head(7, flatten=flatten).build()
+
+
+@pytest.mark.parametrize("hw", [(48, 48), (33, 21), (8, 8)])
+def test_built_net_any_resolution(hw):
+    model, s = built(_net())
+    applied = apply_checked(model, s, [{"pass": "resolution", "height": hw[0], "width": hw[1]}])
+    t = applied.structure
+    assert t.input_hw == hw and t.outputs == s.outputs
+    assert applied.rewrites[0]["exact"] is False
+    assert applied.rewrites[0]["after"] == {"input_hw": list(hw)}
+    assert t.layers[0].in_hw == hw
+    # MACs scale with the pixels; params do not change
+    assert t.params == s.params and (t.macs > s.macs) == (hw[0] * hw[1] > 32 * 32)
+
+
+def test_reshape_after_global_pool_is_fine():
+    model, s = built(_net(flatten="reshape"))
+    apply_checked(model, s, [{"pass": "resolution", "height": 40, "width": 40}])
+
+
+def _flatten_model() -> onnx.ModelProto:
+    """Conv -> Flatten of the 6x6 map -> Gemm: the Gemm fixes the spatial size."""
+    import numpy as np
+
+    w = helper.make_tensor("w", TensorProto.FLOAT, (4, 3, 3, 3), np.ones(108, np.float32).tolist())
+    fc = helper.make_tensor("fc", TensorProto.FLOAT, (144, 2), np.ones(288, np.float32).tolist())
+    g = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+         helper.make_node("Flatten", ["c"], ["f"], name="flat", axis=1),
+         helper.make_node("Gemm", ["f", "fc"], ["y"], name="fc")],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 6, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])], [w, fc])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_refuses_flatten_of_spatial_map():
+    _, s = built(_flatten_model())
+    with pytest.raises(RecipeError, match="Flatten 'flat'.*not fully convolutional"):
+        apply_recipe_shapes(s, [{"pass": "resolution", "height": 8, "width": 8}])
+
+
+def test_refuses_window_larger_than_input():
+    b = NetBuilder((1, 3, 16, 16)).conv(8, 3, stride=2).conv(8, 3, stride=2).conv(8, 3, stride=2)
+    model, s = built(b.build())
+    with pytest.raises(SpatialError):
+        propagate_hw(s, (0, 4))
+    t = propagate_hw(s, (1, 1))
+    assert t.layers[-1].out_hw == (1, 1)
+
+
+def test_bad_choices():
+    _, s = built(_net())
+    for choice, msg in [({"height": 0, "width": 8}, "positive integer"), ({"height": 8}, "needs width"),
+                        ({"height": 8.5, "width": 8}, "positive integer")]:
+        with pytest.raises(RecipeError, match=msg):
+            apply_recipe_shapes(s, [{"pass": "resolution", **choice}])
+    with pytest.raises(RecipeError, match="whole model"):
+        apply_recipe_shapes(s, [{"pass": "resolution", "site": "block0", "height": 8, "width": 8}])
+
+
+def test_same_resolution_is_a_noop():
+    _, s = built(_net())
+    assert apply_recipe_shapes(s, [{"pass": "resolution", "height": 32, "width": 32}]) is s
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,hw", [("mobilenet_v2", (160, 192)), ("resnet18", (256, 256)),
+                                     ("mnasnet1_0", (192, 192)), ("efficientnet_b0", (200, 200)),
+                                     ("mobilenet_v3_large", (128, 160)), ("googlenet", (193, 193))])
+def test_real_architectures(name, hw):
+    model, s = loaded(name)
+    applied = apply_checked(model, s, [{"pass": "resolution", "height": hw[0], "width": hw[1]}])
+    assert applied.structure.input_hw == hw
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,why", [("shufflenet_v2_x1_0", "Reshape"), ("convnext_tiny", "Reshape")])
+def test_real_architectures_refused(name, why):
+    _, s = loaded(name)
+    with pytest.raises(RecipeError, match=f"cannot run at 160x160: {why} '.*' fixes the spatial size"):
+        apply_recipe_shapes(s, [{"pass": "resolution", "height": 160, "width": 160}])

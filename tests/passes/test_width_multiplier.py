@@ -1,0 +1,155 @@
+"""The `width_multiplier` pass: snapping, validation, stage sites, built and real models."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # apply_helpers, resize_helpers
+
+from builders import NetBuilder  # noqa: E402
+from resize_helpers import (  # noqa: E402
+    assert_same_function,
+    assert_shapes_agree,
+    built,
+    loaded,
+    outputs,
+    rewrite_one,
+)
+
+from archpass.errors import RecipeError  # noqa: E402
+from archpass.passes.base import get_pass  # noqa: E402
+from archpass.passes.width_multiplier import snap  # noqa: E402
+
+WIDTH = get_pass("width_multiplier")
+
+
+def net():
+    b = NetBuilder((1, 3, 32, 32), seed=4)
+    b.conv(12, 3, 2, act="relu6")
+    b.ibn(12, expand=3, se="hardsigmoid", act="hardswish")  # residual
+    b.ibn(20, expand=4, stride=2, act="relu6")
+    b.ibn(20, expand=5, act="relu6")  # residual
+    b.concat(lambda b: b.conv(12, 1), lambda b: b.conv(20, 3))
+    b.conv(40, 1).head(10)
+    return b.build()
+
+
+@pytest.fixture(scope="module")
+def small():
+    return built(net())
+
+
+def adjustable(s):
+    return {g.id: g.channels for g in s.groups if g.adjustable}
+
+
+@pytest.mark.parametrize("c, m, p, want", [
+    (24, 0.75, 8, 16),   # 18 -> nearest multiple of 8
+    (32, 0.75, 8, 24),
+    (20, 1.0, 8, 24),    # 2.5 multiples: halves round up
+    (12, 1.0, 8, 16),
+    (16, 0.25, 8, 8),    # never below the parallelism factor
+    (3, 0.1, 16, 16),
+    (960, 1.25, 16, 1200),  # multipliers above 1 grow
+    (40, 1.0, 1, 40),
+])
+def test_snap(c, m, p, want):
+    assert snap(c, m, p) == want
+
+
+def test_check_refuses_bad_choices(small):
+    _, s = small
+    assert WIDTH.check(s, None, {"multiplier": 0.75}) is None  # parallelism defaults to 8
+    assert WIDTH.check(s, None, {"multiplier": 2, "parallelism": 16}) is None
+    for bad in ({"multiplier": 0}, {"multiplier": -1.0}, {"multiplier": "big"}, {"multiplier": math.nan},
+                {"multiplier": math.inf}, {"multiplier": True}, {"multiplier": 0.5, "parallelism": 0},
+                {"multiplier": 0.5, "parallelism": 2.5}, {}, {"multiplier": 0.5, "channels": 8}):
+        assert WIDTH.check(s, None, bad), bad
+    assert "unknown stage" in WIDTH.check(s, "stage99", {"multiplier": 0.5})
+    assert "unknown stage" in WIDTH.check(s, "group1", {"multiplier": 0.5})
+    with pytest.raises(RecipeError):
+        WIDTH.apply_shapes(s, None, {"multiplier": -2})
+
+
+def test_sites(small):
+    _, s = small
+    sites = WIDTH.sites(s)
+    assert sites[0].id is None and sites[0].allows["parallelism"]["default"] == 8
+    assert {x.id for x in sites[1:]} <= {st.id for st in s.stages}
+    assert len(sites) >= 2
+
+
+@pytest.mark.parametrize("multiplier, parallelism", [(0.75, 8), (0.5, 4), (1.5, 8), (2.0, 16)])
+def test_whole_model(small, multiplier, parallelism):
+    """Every adjustable group scaled and snapped; exact exactly when every group grows."""
+    m, s = small
+    r = rewrite_one(m, s, "width_multiplier", None, {"multiplier": multiplier, "parallelism": parallelism})
+    new = r.shapes.structure
+    before = adjustable(s)
+    for gid, c in before.items():
+        got = new.group(gid).channels
+        assert got == snap(c, multiplier, parallelism)
+        assert got % parallelism == 0 and got >= parallelism
+    for g in s.groups:
+        if not g.adjustable:
+            assert new.group(g.id).channels == g.channels
+    grows = all(new.group(gid).channels >= c for gid, c in before.items())
+    assert r.exact == r.shapes.exact == grows
+    if multiplier >= 1.5:
+        assert grows
+    if grows:
+        assert_same_function(m.proto, r.proto, s)
+    else:
+        outputs(r.proto, s)
+    assert_shapes_agree(new, r.proto)
+    assert r.shapes.before["channels"] == before
+    assert r.shapes.after["channels"] == {gid: new.group(gid).channels for gid in before}
+
+
+def test_stage_site_scales_only_that_stage(small):
+    m, s = small
+    stage = next(st for st in s.stages if len(st.blocks) >= 2)
+    layers = {lid for b in stage.blocks for lid in s.block(b).layers}
+    inside = {g.id for g in s.groups if g.adjustable and any(p.node in layers for p in g.producers)}
+    assert inside and inside != set(adjustable(s))
+    r = rewrite_one(m, s, "width_multiplier", stage.id, {"multiplier": 2.0, "parallelism": 8})
+    new = r.shapes.structure
+    for g in s.groups:
+        want = snap(g.channels, 2.0, 8) if g.id in inside else g.channels
+        assert new.group(g.id).channels == want, g.id
+    assert r.exact
+    assert_same_function(m.proto, r.proto, s)
+    assert_shapes_agree(new, r.proto)
+
+
+ZOO = ["mobilenet_v2", "mobilenet_v3_large", "efficientnet_b0", "mnasnet1_0", "resnet18"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ZOO)
+def test_real_model_width_075(name):
+    """Width 0.75 at parallelism 8: a valid model whose shapes agree with the shape path."""
+    m, s = loaded(name)
+    r = rewrite_one(m, s, "width_multiplier", None, {"multiplier": 0.75, "parallelism": 8})
+    assert not r.exact
+    new = r.shapes.structure
+    for gid, c in adjustable(s).items():
+        assert new.group(gid).channels == snap(c, 0.75, 8)
+    assert new.macs < s.macs
+    outputs(r.proto, s)
+    assert_shapes_agree(new, r.proto)
+
+
+@pytest.mark.slow
+def test_real_model_stage_widening_is_exact():
+    m, s = loaded("mobilenet_v3_large")
+    stage = s.stages[len(s.stages) // 2]
+    r = rewrite_one(m, s, "width_multiplier", stage.id, {"multiplier": 1.25, "parallelism": 8})
+    assert r.exact
+    assert r.shapes.structure.macs > s.macs
+    assert_same_function(m.proto, r.proto, s)
+    assert_shapes_agree(r.shapes.structure, r.proto)
