@@ -759,7 +759,7 @@ def _find_blocks(layers: list[Layer], an: _Analyzer) -> tuple[list[Block], list[
         if l.op == "Conv" and l.groups == 1 and l.kernel != (1, 1) and l.activation and l.cout > l.cin:
             se, gated = se_after(l.act_output)
             p = sole_layer_after(gated)
-            if p and p.pointwise and p.cout < l.cout and p.id not in used:
+            if p and p.pointwise and p.activation is None and p.id not in used:  # a linear bottleneck
                 roles = [("fused", l.id)]
                 if se:
                     roles += [("se_reduce", se[0]), ("se_expand", se[1])]
@@ -785,6 +785,42 @@ def _find_blocks(layers: list[Layer], an: _Analyzer) -> tuple[list[Block], list[
             add = residual_add(l.input, out)
             used.update(ids)
             raw.append((order[l.id], "depthwise", ids, add is not None, roles, add))
+    # --- residual: any other residual Add fed by a chain of layers from the block input, with an
+    #     identity or a projection shortcut (ResNet basic and bottleneck blocks)
+    taken_adds = {r[5] for r in raw if r[5]}
+    by_act_out = {l.act_output: l for l in layers}
+    for node in an.g.node:
+        if node.op_type != "Add" or node.name in taken_adds or len(node.input) != 2:
+            continue
+        for skip, main in (node.input, node.input[::-1]):
+            chain: list[Layer] = []
+            cur = main
+            found = None
+            while cur in by_act_out and len(chain) < 4:
+                lay = by_act_out[cur]
+                if lay.id in used or len(an.consumers.get(lay.act_output, [])) != 1:
+                    break
+                chain.insert(0, lay)
+                start = lay.input
+                if skip == start and len(chain) >= 1:
+                    found = (chain[:], None)
+                    break
+                sc = by_act_out.get(skip)
+                if sc is not None and sc.input == start and sc.id not in used and sc not in chain:
+                    found = (chain[:], sc)
+                    break
+                cur = start
+            if found and len(found[0]) >= 2 - (found[1] is not None):
+                main_layers, shortcut = found
+                roles = [(f"conv{i}", x.id) for i, x in enumerate(main_layers)]
+                ids = [x.id for x in main_layers]
+                if shortcut is not None:
+                    roles.append(("shortcut", shortcut.id))
+                    ids.append(shortcut.id)
+                used.update(ids)
+                first = min(order[i] for i in ids)
+                raw.append((first, "residual", ids, True, roles, node.name))
+                break
     raw.sort(key=lambda r: r[0])
     blocks: list[Block] = []
     stages: list[Stage] = []
@@ -792,7 +828,8 @@ def _find_blocks(layers: list[Layer], an: _Analyzer) -> tuple[list[Block], list[
     stage_blocks: list[str] = []
     for i, (_, kind, ids, res, roles, add) in enumerate(raw):
         bid = f"block{i}"
-        hw = by_id[ids[-1]].out_hw
+        # the block's resolution is its main path's output (not an SE or shortcut layer)
+        hw = by_id[[lid for r, lid in roles if r not in ("shortcut", "se_reduce", "se_expand")][-1]].out_hw
         if hw != cur_hw:
             if stage_blocks:
                 stages.append(Stage(f"stage{len(stages)}", len(stages), tuple(stage_blocks), cur_hw))

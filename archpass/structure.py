@@ -111,9 +111,11 @@ class Block:
     """A recognized building block.
 
     ``kind`` is ``ibn`` (1x1 expand, KxK depthwise, optional SE, 1x1 project),
-    ``fused_ibn`` (KxK dense, 1x1 project) or ``depthwise`` (KxK depthwise, optional SE,
-    1x1 pointwise, no expansion).  ``roles`` maps a role (``expand``, ``depthwise``,
-    ``fused``, ``se_reduce``, ``se_expand``, ``project``) to a layer id.
+    ``fused_ibn`` (expanding KxK dense, linear 1x1 project), ``depthwise`` (KxK
+    depthwise, optional SE, 1x1 pointwise, no expansion) or ``residual`` (any other chain
+    of layers around a residual Add, with an identity or projection shortcut: ResNet
+    blocks).  ``roles`` maps a role (``expand``, ``depthwise``, ``fused``, ``se_reduce``,
+    ``se_expand``, ``project``, ``conv<i>``, ``shortcut``) to a layer id.
     """
 
     id: str

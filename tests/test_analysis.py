@@ -277,3 +277,17 @@ def test_rnn_still_inspects():
     s = structure_of(_model(nodes, [x], [y], [w, r]))
     assert s.unsupported == ("LSTM",) and s.layers == ()
     assert all(not g.adjustable for g in s.groups)
+
+
+def test_residual_blocks_with_identity_and_projection_shortcuts():
+    b = NetBuilder((1, 3, 16, 16))
+    b.conv(8, 3, name="stem")
+    b.add(lambda n: n.conv(8, 3, name="b0c0").conv(8, 3, act=None, name="b0c1"), lambda n: None, name="b0add")
+    b.activation("relu", "b0relu")
+    b.add(lambda n: n.conv(16, 1, name="b1c0").conv(16, 3, stride=2, name="b1c1").conv(32, 1, act=None, name="b1c2"),
+          lambda n: n.conv(32, 1, stride=2, act=None, name="b1sc"), name="b1add")
+    s = structure_of(b.head().build())
+    assert [(blk.kind, blk.layers) for blk in s.blocks] == [
+        ("residual", ("b0c0", "b0c1")), ("residual", ("b1c0", "b1c1", "b1c2", "b1sc"))]
+    assert s.blocks[1].role("shortcut") == "b1sc" and s.blocks[1].residual_add == "b1add"
+    assert [st.hw for st in s.stages] == [(16, 16), (8, 8)]

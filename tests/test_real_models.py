@@ -51,6 +51,14 @@ def test_mobilenet_v3_large_se_blocks(zoo_model):
 
 
 @pytest.mark.slow
+def test_resnet_residual_blocks_and_stages(zoo_model):
+    s = analyze(load_model(zoo_model("resnet50")))
+    assert [b.kind for b in s.blocks] == ["residual"] * 16
+    assert [len(st.blocks) for st in s.stages] == [3, 4, 6, 3]
+    assert sum(1 for b in s.blocks if b.role("shortcut")) == 4
+
+
+@pytest.mark.slow
 def test_shufflenet_groups_report_why_not_adjustable(zoo_model):
     s = analyze(load_model(zoo_model("shufflenet_v2_x1_0")))
     fixed = [g for g in s.groups if not g.adjustable]
