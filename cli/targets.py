@@ -41,8 +41,10 @@ def targets(
         print_json({"targets": docs})
         return
     table = Table(title="Targets", title_justify="left")
-    for c in ("name", "parallelism", "source", "clock", "dtype", "points", "kernels ±10%", "kernels MAPE", "description"):
-        table.add_column(c, justify="right" if c in ("parallelism", "points", "kernels ±10%", "kernels MAPE") else "left")
+    numeric = ("parallelism", "points", "kernels ±10%", "kernels MAPE", "chains ±10%")
+    for c in ("name", "parallelism", "source", "clock", "dtype", "points", "kernels ±10%", "kernels MAPE", "chains ±10%",
+              "description"):
+        table.add_column(c, justify="right" if c in numeric else "left")
     for d in docs:
         k = d["heldout_accuracy"]["kernels"] or {}
         detail = d["source_detail"]
@@ -50,7 +52,8 @@ def targets(
         table.add_row(d["name"], str(d["parallelism"]), src,
                       f"{d['clock_hz'] / 1e6:.0f} MHz" if d["clock_hz"] else "-", d["dtype"],
                       str(d["heldout_accuracy"]["measured_points"] or "-"), _fmt_pct(k.get("within_10pct")),
-                      _fmt_pct(k.get("mape_pct")), d["description"])
+                      _fmt_pct(k.get("mape_pct")), _fmt_pct((d["heldout_accuracy"]["chains"] or {}).get("within_10pct")),
+                      d["description"])
     stdout.print(table)
 
 

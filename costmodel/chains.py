@@ -29,6 +29,15 @@ class ChainBuilder:
         self.nodes: list[onnx.NodeProto] = []
         self.inits: list[onnx.TensorProto] = []
         self.n = 0
+        self.aligned = False
+
+    def ch(self, lo: int, hi: int) -> int:
+        """A channel count (a multiple of 8 in aligned chains)."""
+        c = channels(self.rng, lo, hi)
+        return max(8, -(-c // 8) * 8) if self.aligned else c
+
+    def align(self, c: int) -> int:
+        return max(8, -(-c // 8) * 8) if self.aligned else c
 
     def fresh(self, prefix: str) -> str:
         self.n += 1
@@ -75,7 +84,7 @@ class ChainBuilder:
     # ------------------------------------------------------------------ blocks
     def ibn(self, x, shape, cout, expand, k, s, act, se):
         c = shape[0]
-        y, sh = (self.conv(x, shape, c * expand if expand > 1 else c, 1, 1, 1, act) if expand > 1 else (x, shape))
+        y, sh = self.conv(x, shape, self.align(c * expand), 1, 1, 1, act) if expand > 1 else (x, shape)
         mid = sh[0]
         y, sh = self.conv(y, sh, mid, k, s, mid, act)
         if se:
@@ -86,18 +95,24 @@ class ChainBuilder:
         return y, sh
 
     def se(self, x, c, gate):
-        r = max(8, (c // 4) // 8 * 8) if self.rng.random() < 0.7 else max(1, c // 4)
+        r = max(8, (c // 4) // 8 * 8) if self.aligned or self.rng.random() < 0.7 else max(1, c // 4)
         p = self.op("GlobalAveragePool", [x], "gap")
         y, sh = self.conv(p, (c, 1, 1), r, 1, 1, 1, "relu" if gate == "hardsigmoid" else "swish")
         y, sh = self.conv(y, sh, c, 1, 1, 1, gate)
         return self.op("Mul", [x, y], "semul")
 
-    def basic(self, x, shape, cout, s, act, bottleneck, groups=1):
+    def basic(self, x, shape, cout, s, act, bottleneck, group_width=0):
+        """ResNet basic/bottleneck block; a bottleneck with ``group_width`` has a grouped 3x3
+        (ResNeXt/RegNet: groups = mid channels / group width)."""
         c = shape[0]
+        groups = 1
         if bottleneck:
-            mid = max(groups, cout // 4 // groups * groups) if groups > 1 else max(8, cout // 4)
+            mid = self.align(max(8, cout // self.rng.choice([1, 2, 4])))
+            if group_width:
+                mid = max(group_width, mid // group_width * group_width)
+                groups = mid // group_width
             y, sh = self.conv(x, shape, mid, 1, 1, 1, act)
-            y, sh = self.conv(y, sh, mid, 3, s, groups if mid % groups == 0 else 1, act)
+            y, sh = self.conv(y, sh, mid, 3, s, groups, act)
             y, sh = self.conv(y, sh, cout, 1, 1, 1, None)
         else:
             y, sh = self.conv(x, shape, cout, 3, s, 1, act)
@@ -110,7 +125,7 @@ class ChainBuilder:
 
     def fused(self, x, shape, cout, expand, k, s, act):
         c = shape[0]
-        y, sh = self.conv(x, shape, max(8, c * expand), k, s, 1, act)
+        y, sh = self.conv(x, shape, self.align(max(8, c * expand)), k, s, 1, act)
         y, sh = self.conv(y, sh, cout, 1, 1, 1, None)
         if s == 1 and c == cout:
             y = self.op("Add", [y, x], "add")
@@ -126,8 +141,8 @@ class ChainBuilder:
 
     def branches(self, x, shape, act):
         c = shape[0]
-        a, sa = self.conv(x, shape, channels(self.rng, 8, max(16, c)), 1, 1, 1, act)
-        b, sb = self.conv(x, shape, channels(self.rng, 8, max(16, c)), 3, 1, 1, act)
+        a, sa = self.conv(x, shape, self.ch(8, max(16, c)), 1, 1, 1, act)
+        b, sb = self.conv(x, shape, self.ch(8, max(16, c)), 3, 1, 1, act)
         parts = [a, b]
         if self.rng.random() < 0.5:
             parts.append(x)
@@ -161,9 +176,13 @@ class ChainBuilder:
     # ------------------------------------------------------------------ chains
     def build(self) -> onnx.ModelProto:
         rng = self.rng
+        # half the chains keep every channel count a multiple of 8, as channel rounding and
+        # most exported architectures do: on runtimes with blocked layouts (onnxruntime's
+        # NCHWc) that context has no layout reorders, and kernels are timed in both contexts
+        self.aligned = rng.random() < 0.5
         hw = spatial(rng)
         cap = channel_cap(hw)
-        c = 3 if hw >= 96 and rng.random() < 0.2 else channels(rng, 8, cap)
+        c = 3 if hw >= 96 and rng.random() < 0.2 else self.ch(8, cap)
         shape = (c, hw, hw)
         x = "input"
         inp = helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, *shape])
@@ -173,21 +192,21 @@ class ChainBuilder:
             act = rng.choice(ACTS)
             kind = rng.random()
             s = 2 if rng.random() < 0.25 and h >= 4 else 1
-            cout = c if rng.random() < 0.4 else channels(rng, 8, cap)
+            cout = c if rng.random() < 0.4 and c % 8 == 0 else self.ch(8, cap)
             if kind < 0.40:
                 x, shape = self.ibn(x, shape, cout, rng.choice([1, 3, 4, 6, 6]), rng.choice([3, 3, 5, 7]), s,
                                     rng.choice(["relu", "relu6", "hardswish", "swish"]),
                                     rng.choice([None, None, "hardsigmoid", "sigmoid"]))
             elif kind < 0.62:
                 x, shape = self.basic(x, shape, cout, s, rng.choice(["relu", "relu", "relu6", None]),
-                                      rng.random() < 0.5, rng.choice([1, 1, 1, 8, 16]))
+                                      rng.random() < 0.5, rng.choice([0, 0, 8, 16, 24, 32, 48, 64]))
             elif kind < 0.72:
                 x, shape = self.fused(x, shape, cout, rng.choice([1, 2, 4]), 3, s, act)
             elif kind < 0.84:
                 x, shape = self.conv(x, shape, cout, rng.choice([1, 3, 3, 5, 7]), s, 1, act)
             elif kind < 0.90 and h >= 4:
                 x, shape = self.pool(x, shape)
-            elif kind < 0.95 and c % 2 == 0 and c >= 16:
+            elif kind < 0.95 and c % (16 if self.aligned else 2) == 0 and c >= 16:
                 x, shape = self.shuffle_unit(x, shape, rng.choice(["relu", "relu"]))
             else:
                 x, shape = self.branches(x, shape, act)

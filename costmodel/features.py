@@ -64,6 +64,8 @@ def layer_features(k: Kernel, parallelism: int, unroll: dict[str, int], elem_bit
     lanes = 1
     for dim, size in loops.items():
         u = int(unroll.get(dim, 1))
+        if dim == "G" and k.kind != "dwconv":
+            u = 1  # a G unroll (vectorized depthwise channels) does not parallelize grouped dense convs
         ideal *= _ceil_div(size, u)
         lanes *= u
     macs = max(k.macs, 1)

@@ -178,14 +178,16 @@ def _candidates(name: str) -> list[str]:
 
 
 def attribute(per_node: dict[str, list[float]], optimized: onnx.ModelProto | None, owner: dict[str, str],
-              tensor_owner: dict[str, str]) -> tuple[dict[str, list[float]], list[str]]:
+              tensor_owner: dict[str, str]) -> tuple[dict[str, list[float]], list[str], dict[str, int]]:
     """Charge each optimized node's times to a kernel.
 
     ``owner`` maps original node names to kernel ids, ``tensor_owner`` original tensor
     names to the kernel that produces them.  An optimized node is matched by its name
     (onnxruntime keeps or suffixes the fused node's name), then by an output tensor it
     shares with the original graph, then through its consumers (layout reorders are
-    charged to the kernel that needs them), then its producer."""
+    charged to the kernel that needs them), then its producer.  Returns the per-run times
+    of each kernel, the optimized nodes no rule matched (charged to the kernel that ran
+    before them) and how many optimized nodes each kernel ran."""
     by_name: dict[str, str] = {}
     consumers: dict[str, list] = {}
     producer: dict[str, object] = {}
@@ -243,6 +245,7 @@ def attribute(per_node: dict[str, list[float]], optimized: onnx.ModelProto | Non
             if k is not None:
                 by_name[n.name] = k
     kernel_times: dict[str, list[float]] = {}
+    counts: dict[str, int] = {}
     unmatched = []
     previous = None
     for name, durs in per_node.items():  # profiler order = execution order
@@ -253,7 +256,8 @@ def attribute(per_node: dict[str, list[float]], optimized: onnx.ModelProto | Non
             if k is None:
                 continue
         previous = k
+        counts[k] = counts.get(k, 0) + 1
         acc = kernel_times.setdefault(k, [0.0] * len(durs))
         n = min(len(acc), len(durs))
         kernel_times[k] = [acc[i] + durs[i] for i in range(n)]
-    return kernel_times, unmatched
+    return kernel_times, unmatched, counts

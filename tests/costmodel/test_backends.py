@@ -8,7 +8,7 @@ import pytest
 from builders import NetBuilder
 
 from archpass.costmodel.backends import onnxruntime as ortb
-from archpass.costmodel.calibrate import Dataset, _ort_work, _zigzag_work
+from archpass.costmodel.calibrate import Dataset, _ort_work, _zigzag_work, corrected_points, profiler_overhead_ms
 from archpass.costmodel.kernels import FusionRules, Kernel
 from archpass.errors import TargetError
 
@@ -72,8 +72,22 @@ def test_onnxruntime_kernels_in_context_cover_every_node():
     assert rec["points"] and all(p["ms"] > 0 for p in rec["points"])
     kinds = {Kernel.from_spec(p["spec"]).kind for p in rec["points"]}
     assert kinds & {"conv", "dwconv"}
-    # per-node profiler times account for most of a run (the rest is executor overhead)
+    # per-node profiler times account for most of a profiled run (the rest is executor overhead)
     assert 0.5 * rec["run_ms"] <= sum(p["ms"] for p in rec["points"]) <= 1.2 * rec["run_ms"]
+    assert rec["plain_ms"] > 0 and all(p["nodes"] >= 1 for p in rec["points"])
+
+
+def test_profiler_overhead_is_taken_out_per_node(tmp_path):
+    ds = Dataset(tmp_path / "d.jsonl")
+    # two chains whose profiled node sums exceed the plain run by 2 us per node
+    ds.add({"key": "a", "plain_ms": 1.0, "points": [{"spec": CONV, "ms": 0.508, "nodes": 4},
+                                                     {"spec": PW, "ms": 0.512, "nodes": 6}]})
+    ds.add({"key": "b", "plain_ms": 2.0, "points": [{"spec": CONV, "ms": 2.01, "nodes": 5}]})
+    overhead = profiler_overhead_ms(ds, ["a", "b"])
+    assert overhead == pytest.approx(0.002)
+    pts = {(k, p["cin"] * 100 + p["cout"]): ms for k, p, ms in corrected_points(ds, ["a", "b"], overhead)}
+    assert pts[("a", 1616)] == pytest.approx(0.5) and pts[("a", 1624)] == pytest.approx(0.5)
+    assert pts[("b", 1616)] == pytest.approx(2.0)
 
 
 def test_onnxruntime_whole_model_median():

@@ -62,11 +62,12 @@ def test_tpu_depthwise_uses_a_thin_slice_of_the_array():
 
 
 def test_cpu_sees_channel_counts_off_the_multiple_of_8():
-    # onnxruntime's blocked NCHWc kernels need channels in multiples of 8: 60 -> 64 should not get slower
+    # onnxruntime's blocked NCHWc kernels want channels in multiples of 8.  Measured here
+    # (median of the whole net): width 62 (62 and 124 channels off the multiple) 3.55 ms,
+    # width 64 3.28 ms although it has more MACs; the estimate must rank them the same way
     t = load_target("cpu")
-    s60 = _net(60, 64)
-    s64 = _net(64, 64)
-    assert estimate(s64, t).latency_ms < estimate(s60, t).latency_ms * 1.05
+    assert estimate(_net(64, 64), t).latency_ms < estimate(_net(62, 64), t).latency_ms
+    assert _net(64, 64).macs > _net(62, 64).macs
 
 
 def test_zigzag_targets_count_only_layers():
