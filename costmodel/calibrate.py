@@ -337,9 +337,10 @@ def profiler_overhead_ms(dataset: Dataset, keys) -> float:
 def corrected_points(dataset: Dataset, keys, overhead_ms: float) -> list[tuple[str, dict, float]]:
     """Kernel points with the profiler's per-node overhead taken out (floored at 20%).
 
-    The first and last kernel of a chain are left out: they pay the conversions into and
-    out of the runtime's blocked layout and the cold input, which a whole model pays once,
-    not at every kernel of their kind."""
+    The first kernel of a chain is left out, and the last one when it is a convolution:
+    they pay the conversions into and out of the runtime's blocked layout and the cold
+    input, which a whole model pays once, not at every kernel of their kind.  (A chain
+    ending in a classifier gemm keeps it: its output is not in a blocked layout.)"""
     keys = set(keys)
     out = []
     for key, rec in dataset.records.items():
@@ -347,7 +348,7 @@ def corrected_points(dataset: Dataset, keys, overhead_ms: float) -> list[tuple[s
             continue
         pts = rec.get("points", [])
         if len(pts) >= 4:
-            pts = pts[1:-1]
+            pts = pts[1:-1] if pts[-1]["spec"].get("kind") in ("conv", "dwconv") else pts[1:]
         for p in pts:
             ms = p.get("ms")
             if ms is not None and math.isfinite(ms) and ms > 0:
