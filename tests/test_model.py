@@ -175,3 +175,9 @@ def test_save_is_atomic_and_large_models_use_external_data(tmp_path, monkeypatch
     from archpass.analysis import analyze
 
     assert [b.kind for b in analyze(reloaded).blocks] == ["ibn"]
+
+
+def test_graphs_with_work_to_do_go_through_onnxslim():
+    # unfused BatchNorm and Constant-fed convs (messy model) need folding; a clean conv net does not
+    assert am._trivially_canonical(messy_model()) is None
+    assert am._trivially_canonical(small()) is not None

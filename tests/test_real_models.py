@@ -73,3 +73,18 @@ def test_dynamic_batch_export_needs_and_takes_input_shape(zoo_model):
     r = CliRunner().invoke(app, ["inspect", str(path), "--input-shape", "input:4,3,224,224", "--json"])
     assert r.exit_code == 0
     assert json.loads(r.stdout)["inputs"][0]["shape"] == [4, 3, 224, 224]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["resnet18", "googlenet", "mobilenet_v3_large"])
+def test_fast_canonical_path_matches_onnxslim(zoo_model, name, monkeypatch):
+    """Clean exports skip onnxslim; the structure (and so every id) is the one onnxslim gives."""
+    import onnx
+
+    import archpass.model as am
+
+    path = zoo_model(name)
+    assert am._trivially_canonical(onnx.load(str(path))) is not None
+    fast = analyze(load_model(path)).to_json()
+    monkeypatch.setattr(am, "_trivially_canonical", lambda proto: None)
+    assert analyze(load_model(path)).to_json() == fast
