@@ -79,11 +79,8 @@ def find_activation(
     if len(users) == 1:
         n = users[0]
         if n.op_type in UNARY and n.input[0] == x:
-            kind = UNARY[n.op_type]
-            if kind == "hardsigmoid":
-                # x * HardSigmoid(x) is handled below; a lone HardSigmoid stays hardsigmoid
-                pass
-            return Activation(kind, (n.name,), n.output[0])
+            # a lone HardSigmoid stays hardsigmoid; x * HardSigmoid(x) (two users) is hardswish below
+            return Activation(UNARY[n.op_type], (n.name,), n.output[0])
         if n.op_type == "Clip" and n.input[0] == x:
             lo, hi = clip_bounds(n, const)
             kind = "relu6" if lo == 0.0 and hi == 6.0 else ("relu" if lo == 0.0 and hi is None else "clip")

@@ -468,11 +468,8 @@ class _Analyzer:
             if ti.axis is not None and shp[ti.axis] > 1:
                 full.append((i, ti, shift))
         if not full:
-            # nothing tracked: maybe a gate of size 1 or constants only
+            # nothing carries full channels (a size-1 gate, or constants only): nothing to couple
             self.fresh(out, None)
-            for i in n.input:
-                if i in self.t and self.t[i].segs:
-                    pass
             return
         base_name, base, shift = full[0]
         ax = base.axis + shift
