@@ -469,12 +469,17 @@ def save_model(proto: ModelProto, dest: str | os.PathLike) -> Path:
 
 
 def atomic_write_text(dest: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` through a temporary file in the destination folder, renamed into
+    place, with the permissions a plain ``open`` would give (mkstemp makes 0600)."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, dest)
     except BaseException:
         if os.path.exists(tmp):

@@ -1,8 +1,10 @@
 """Whole-model accuracy of the built-in targets' latency predictors.
 
-For each held-out model (torchvision architectures and rewritten variants: other width
-multipliers and input resolutions, none of them in the calibration data, which is random
-layers / random block chains) and each target, compares ``archpass.costmodel.estimate``
+For each held-out model (torchvision architectures, their width-multiplier and
+resolution variants, and variants rewritten by archpass's own passes: IBN fusion of the
+early or of all blocks, depthwise to dense, channel counts off the parallelism factor;
+none of them in the calibration data, which is random layers / generated networks) and
+each target, compares ``archpass.costmodel.estimate``
 (shapes only) with the measurement source on the whole model:
 
 * ``edgetpu`` / ``tpu``: ZigZag's evaluation of the whole ONNX model (same hardware,
@@ -68,6 +70,38 @@ MODELS: dict[str, tuple[str, dict, int, str]] = {
     "shufflenet_v2_x1_0": ("shufflenet_v2_x1_0", {}, 224, "shufflenet"),
 }
 
+# name -> (base model, rewrite kind); a variant joins its base's family, so the Spearman
+# figure ranks what the search ranks: rewrites of one architecture
+VARIANTS: dict[str, tuple[str, str]] = {
+    "mobilenet_v2+fuse_early": ("mobilenet_v2", "fuse_early"),
+    "mobilenet_v2+fuse_all": ("mobilenet_v2", "fuse_all"),
+    "mobilenet_v2+dense_early": ("mobilenet_v2", "dense_early"),
+    "mobilenet_v2+odd_channels": ("mobilenet_v2", "odd_channels"),
+    "mobilenet_v3_large+fuse_early": ("mobilenet_v3_large", "fuse_early"),
+    "efficientnet_b0+fuse_early": ("efficientnet_b0", "fuse_early"),
+    "mnasnet1_0+fuse_early": ("mnasnet1_0", "fuse_early"),
+    "resnet18+odd_channels": ("resnet18", "odd_channels"),
+}
+
+
+def variant_recipe(structure, kind: str):
+    """The rewrites of a benchmark variant, chosen from the base model's structure."""
+    from archpass.recipe import Recipe
+
+    early = [b for b in structure.blocks if b.kind == "ibn" and structure.layer(b.role("depthwise")).in_hw[0] >= 28]
+    if kind == "fuse_early":
+        rw = [{"pass": "fuse_ibn", "site": b.id} for b in early]
+    elif kind == "fuse_all":
+        rw = [{"pass": "fuse_ibn", "site": b.id} for b in structure.blocks if b.kind == "ibn"]
+    elif kind == "dense_early":
+        rw = [{"pass": "dw_to_dense", "site": b.role("depthwise")} for b in early]
+    elif kind == "odd_channels":  # every adjustable group 3 channels narrower: none a multiple of 8
+        rw = [{"pass": "channels", "site": g.id, "channels": g.channels - 3}
+              for g in structure.groups if g.adjustable and g.channels >= 16]
+    else:
+        raise ValueError(kind)
+    return Recipe.from_json({"rewrites": rw})
+
 
 def cache_dir() -> Path:
     d = Path(os.environ.get("ARCHPASS_BENCH_CACHE", Path.home() / ".cache" / "archpass-bench")).expanduser()
@@ -75,10 +109,16 @@ def cache_dir() -> Path:
     return d
 
 
+def family(name: str) -> str:
+    return MODELS[VARIANTS[name][0]][3] if name in VARIANTS else MODELS[name][3]
+
+
 def export(name: str) -> Path:
     import torch
     import torchvision
 
+    if name in VARIANTS:
+        return rewrite_variant(name)
     ctor, kwargs, res, _ = MODELS[name]
     path = cache_dir() / f"{name}-opset17-torch{torch.__version__}-tv{torchvision.__version__}.onnx".replace("+", "_")
     if path.exists():
@@ -96,6 +136,22 @@ def export(name: str) -> Path:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+    return path
+
+
+def rewrite_variant(name: str) -> Path:
+    """Apply the variant's rewrites to its (exported) base model with archpass's engine."""
+    from archpass.analysis import analyze
+    from archpass.model import load_model, save_model
+    from archpass.passes.engine import apply_recipe
+
+    base, kind = VARIANTS[name]
+    src = export(base)
+    path = cache_dir() / f"{name}-{src.stem}.onnx"
+    if not path.exists():
+        model = load_model(src)
+        structure = analyze(model)
+        save_model(apply_recipe(model, variant_recipe(structure, kind), structure=structure).proto, path)
     return path
 
 
@@ -143,7 +199,7 @@ def _zigzag_truth(args):
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--targets", default="edgetpu,tpu,cpu")
-    ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--models", default=",".join([*MODELS, *VARIANTS]))
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--reuse-cpu", action="store_true", help="reuse cached onnxruntime measurements")
     ap.add_argument("--out", default=str(RESULTS))
@@ -247,8 +303,10 @@ def main(argv: list[str] | None = None) -> int:
     # predictions and figures
     report = {"generated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "models": {}, "targets": {}}
     for name in names:
-        _, ctor_kwargs, res, fam = MODELS[name][0], MODELS[name][1], MODELS[name][2], MODELS[name][3]
-        report["models"][name] = {"torchvision": MODELS[name][0], "kwargs": ctor_kwargs, "resolution": res, "family": fam,
+        base = VARIANTS[name][0] if name in VARIANTS else name
+        ctor, ctor_kwargs, res, _ = MODELS[base]
+        report["models"][name] = {"torchvision": ctor, "kwargs": ctor_kwargs, "resolution": res, "family": family(name),
+                                  "rewrites": VARIANTS[name][1] if name in VARIANTS else None,
                                   "layers": len(models[name][1].layers), "macs": models[name][1].macs}
     for t in targets:
         rows = []
@@ -260,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
                 key = f"ort:{t.name}:{t.source.get('provider', 'CPUExecutionProvider')}:{int(t.source.get('threads', 1))}:{model.sha256}"
             truth = truth_cache.get(key, {"error": "not measured"})
             est = estimate(structure, t)
-            row = {"model": name, "family": MODELS[name][3], "predicted_ms": est.latency_ms}
+            row = {"model": name, "family": family(name), "predicted_ms": est.latency_ms}
             if "ms" in truth:
                 row.update(measured_ms=truth["ms"], error_pct=(est.latency_ms / truth["ms"] - 1) * 100)
                 if "window_medians_ms" in truth:

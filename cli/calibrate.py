@@ -30,7 +30,7 @@ def calibrate(
     lpf_limit: Annotated[int, typer.Option("--lpf-limit", help="ZigZag temporal-mapping search size per layer.")] = 4,
     provider: Annotated[str, typer.Option("--provider", help="onnxruntime execution provider (onnxruntime backend).")] = "CPUExecutionProvider",
     threads: Annotated[int, typer.Option("--threads", help="onnxruntime intra-op threads.")] = 1,
-    samples: Annotated[int, typer.Option("--samples", help="Layers (zigzag) or generated block chains (onnxruntime) to measure.")] = 400,
+    samples: Annotated[int, typer.Option("--samples", help="Layers (zigzag) or generated networks (onnxruntime) to measure.")] = 400,
     workers: Annotated[int | None, typer.Option("--workers", help="Parallel measurement processes (default: 2 for zigzag, 1 for onnxruntime, whose timings would disturb each other).", show_default=False)] = None,
     seed: Annotated[int, typer.Option("--seed", help="Sampling seed (keep it to resume).")] = 0,
     max_wait: Annotated[float, typer.Option("--max-wait", help="onnxruntime: wait up to this many seconds per chain for a core no other process uses.")] = 3.0,

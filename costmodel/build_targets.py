@@ -43,7 +43,7 @@ BUILTINS = {
         "backend": "onnxruntime",
         "provider": "CPUExecutionProvider",
         "threads": 1,
-        "samples": 300,
+        "samples": 1000,
         "description": "onnxruntime CPU execution provider on the build machine, 1 thread, float32",
     },
 }

@@ -20,7 +20,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from archpass.costmodel.features import feature_rows
+from archpass.costmodel.features import feature_rows, network_context
 from archpass.costmodel.kernels import LAYER_KINDS, FusionRules, Kernel
 from archpass.costmodel.predictor import Predictor
 from archpass.costmodel.target import Target, save_target
@@ -70,6 +70,12 @@ class Dataset:
             f.flush()
             os.fsync(f.fileno())
 
+    def rewrite(self) -> None:
+        """Write every record again (atomically), e.g. after their specs were refreshed."""
+        from archpass.model import atomic_write_text
+
+        atomic_write_text(self.path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in self.records.values()))
+
     def points(self) -> list[tuple[str, dict, float]]:
         """(record key, kernel spec, latency ms) of every successful point."""
         out = []
@@ -108,9 +114,12 @@ def accuracy_stats(pred: np.ndarray, meas: np.ndarray) -> dict:
     }
 
 
-def fit_predictors(target: Target, points, rounds: int = 400) -> tuple[dict[str, Predictor], dict]:
+def fit_predictors(target: Target, points, rounds: int = 400,
+                   contexts: dict[str, tuple[float, ...]] | None = None) -> tuple[dict[str, Predictor], dict]:
     """Fit one predictor per kind on the training split, measure it on the held-out split,
-    then refit on every point.  Returns (predictors, accuracy summary)."""
+    then refit on every point.  ``contexts`` (record key -> :func:`network_context` of the
+    network the record's kernels ran in) makes the predictors read the network context.
+    Returns (predictors, accuracy summary)."""
     by_kind = _group_points(points, target)
     preds: dict[str, Predictor] = {}
     summary: dict = {"kernels": {}, "holdout_fraction": HOLDOUT}
@@ -119,16 +128,18 @@ def fit_predictors(target: Target, points, rounds: int = 400) -> tuple[dict[str,
         ks = [k for k, _, _ in items]
         y = np.array([ms for _, ms, _ in items])
         hold = np.array([held_out(key) for _, _, key in items])
-        x, base = feature_rows(ks, target)
+        ctx = [contexts[key] for _, _, key in items] if contexts is not None else None
+        x, base = feature_rows(ks, target, ctx)
         layer = ks[0].kind in LAYER_KINDS
+        use_ctx = contexts is not None
         stats = {"n_points": int(len(y))}
         if hold.sum() >= 3 and (~hold).sum() >= 5:
-            p = Predictor.fit(kind, layer, x[~hold], base[~hold], y[~hold], rounds)
+            p = Predictor.fit(kind, layer, x[~hold], base[~hold], y[~hold], rounds, use_ctx)
             py = p.predict(x[hold], base[hold])
             stats.update(accuracy_stats(py, y[hold]))
             all_pred.append(py)
             all_meas.append(y[hold])
-        p = Predictor.fit(kind, layer, x, base, y, rounds)
+        p = Predictor.fit(kind, layer, x, base, y, rounds, use_ctx)
         p.stats = stats
         preds[kind] = p
         summary["kernels"][kind] = stats
@@ -245,14 +256,14 @@ def _version(dist: str) -> str | None:
 
 
 def _finish(target: Target, dataset: Dataset, out: Path, keys: Iterable[str], t0: float,
-            points: list | None = None) -> Target:
+            points: list | None = None, contexts: dict | None = None) -> Target:
     keys = set(keys)
     if points is None:
         points = [p for p in dataset.points() if p[0] in keys]
     if len(points) < 10:
         raise TargetError(f"only {len(points)} points could be measured ({len(dataset.failed)} failed)",
                           "check the backend set-up or raise --samples")
-    preds, summary = fit_predictors(target, points)
+    preds, summary = fit_predictors(target, points, contexts=contexts)
     failed = [r for r in dataset.failed if r["key"] in keys]
     summary.update({
         "measured_points": len(points),
@@ -278,15 +289,16 @@ def robust_ms(samples) -> float:
 
 
 def _ort_work(payload: dict) -> dict:
-    """Build chain ``seed``, time its kernels in context, return the points."""
+    """Build generated network (or chain) ``seed``, time its kernels in context, return the points."""
     from archpass.analysis import analyze
     from archpass.costmodel.backends.onnxruntime import attribute, measure_model, profile_nodes
-    from archpass.costmodel.chains import build_chain
+    from archpass.costmodel.chains import BUILDERS
     from archpass.costmodel.kernels import decompose
 
-    rec: dict = {"group": "chain", "payload": {"seed": payload["seed"]}, "points": []}
+    style = payload.get("style", "chain")
+    rec: dict = {"group": "chain", "payload": {"seed": payload["seed"], "style": style}, "points": []}
     try:
-        model = build_chain(payload["seed"])
+        model = BUILDERS[style](payload["seed"])
         structure = analyze(model)
         kernels = decompose(structure, FusionRules.from_json(payload["fusion"]))
         nodes = {n.name: n for n in structure.nodes}
@@ -337,17 +349,19 @@ def profiler_overhead_ms(dataset: Dataset, keys) -> float:
 def corrected_points(dataset: Dataset, keys, overhead_ms: float) -> list[tuple[str, dict, float]]:
     """Kernel points with the profiler's per-node overhead taken out (floored at 20%).
 
-    The first kernel of a chain is left out, and the last one when it is a convolution:
-    they pay the conversions into and out of the runtime's blocked layout and the cold
-    input, which a whole model pays once, not at every kernel of their kind.  (A chain
-    ending in a classifier gemm keeps it: its output is not in a blocked layout.)"""
+    Generated networks keep every kernel: their stem and last kernel pay the conversions
+    into and out of the runtime's blocked layout and the cold input exactly as a real
+    network's do.  Of a short chain (the older context), the first kernel is left out, and
+    the last one when it is a convolution: they would charge those conversions to kernels
+    of their kind that a whole model runs in its middle.  (A chain ending in a classifier
+    gemm keeps it: its output is not in a blocked layout.)"""
     keys = set(keys)
     out = []
     for key, rec in dataset.records.items():
         if key not in keys:
             continue
         pts = rec.get("points", [])
-        if len(pts) >= 4:
+        if (rec.get("payload") or {}).get("style", "chain") == "chain" and len(pts) >= 4:
             pts = pts[1:-1] if pts[-1]["spec"].get("kind") in ("conv", "dwconv") else pts[1:]
         for p in pts:
             ms = p.get("ms")
@@ -359,8 +373,12 @@ def corrected_points(dataset: Dataset, keys, overhead_ms: float) -> list[tuple[s
 def calibrate_onnxruntime(*, name: str, out_dir: str | Path, provider: str = "CPUExecutionProvider", threads: int = 1,
                           samples: int = 300, workers: int = 1, seed: int = 0, warmup: int = 5, repeats: int = 21,
                           parallelism: int = 8, description: str = "", progress: Progress | None = None,
-                          max_wait: float = 3.0) -> Target:
-    """Calibrate a runtime target: ``samples`` generated chains, each timed with the profiler."""
+                          max_wait: float = 3.0, style: str = "network", template_share: float = 0.5) -> Target:
+    """Calibrate a runtime target: ``samples`` generated networks, each timed with the
+    profiler.  A ``template_share`` of them follow known architecture families' stage plans
+    (:meth:`ChainBuilder.build_template`), the rest are freely drawn
+    (:meth:`ChainBuilder.build_network`).  ``style="chain"`` measures short fragments
+    instead (the older context)."""
     from archpass.costmodel.backends.onnxruntime import check_provider
 
     check_provider(provider)
@@ -371,8 +389,16 @@ def calibrate_onnxruntime(*, name: str, out_dir: str | Path, provider: str = "CP
     out.mkdir(parents=True, exist_ok=True)
     dataset = Dataset(out / DATASET)
     payload = {"provider": provider, "threads": threads, "warmup": warmup, "repeats": repeats, "fusion": fusion.to_json()}
-    jobs = [Job(point_key({"chain": seed * 100003 + i, **payload}),
-                {"seed": seed * 100003 + i, "max_wait": max_wait, **payload}) for i in range(samples)]
+    if style == "chain":
+        plan = [("chain", samples)]
+    else:
+        templates = int(round(samples * template_share))
+        plan = [("network", samples - templates), ("template", templates)]
+    jobs = []
+    for st, count in plan:
+        extra = {} if st == "chain" else {"style": st}  # chain jobs keep the keys they were measured under
+        jobs += [Job(point_key({"chain": seed * 100003 + i, **payload, **extra}),
+                     {"seed": seed * 100003 + i, "max_wait": max_wait, **payload, **extra}) for i in range(count)]
     t0 = time.time()
     run_jobs(jobs, _ort_work, dataset, workers, progress)
     target = Target(
@@ -391,10 +417,45 @@ def calibrate_onnxruntime(*, name: str, out_dir: str | Path, provider: str = "CP
     return _finish_runtime(target, dataset, out, [j.key for j in jobs], t0)
 
 
+def network_contexts(dataset: Dataset, target: Target) -> dict[str, tuple[float, ...]]:
+    """The :func:`network_context` of every record's network (from all its kernels)."""
+    return {key: network_context([Kernel.from_spec(p["spec"]) for p in rec.get("points", [])], target.bytes_per_element,
+                                 target.parallelism)
+            for key, rec in dataset.records.items()}
+
+
+def refresh_specs(dataset: Dataset, fusion: FusionRules, keys=None) -> int:
+    """Re-derive the kernel specs of generated-network records from their seeds (networks
+    are pure functions of their seed), for datasets measured before a spec field was
+    added.  Rewrites the dataset when anything changed; returns the records updated."""
+    from archpass.analysis import analyze
+    from archpass.costmodel.chains import BUILDERS
+    from archpass.costmodel.kernels import decompose
+
+    fresh = 0
+    for key, rec in dataset.records.items():
+        pts = rec.get("points") or []
+        style = (rec.get("payload") or {}).get("style", "chain")
+        if (keys is not None and key not in keys) or not pts or style not in BUILDERS:
+            continue
+        if all("in_from_op" in p["spec"] for p in pts):
+            continue
+        specs = {k.id: k.spec() for k in decompose(analyze(BUILDERS[style](rec["payload"]["seed"])), fusion)}
+        for p in pts:
+            if p.get("id") in specs:
+                p["spec"] = specs[p["id"]]
+        fresh += 1
+    if fresh:
+        dataset.rewrite()
+    return fresh
+
+
 def _finish_runtime(target: Target, dataset: Dataset, out: Path, keys, t0: float) -> Target:
+    refresh_specs(dataset, target.fusion, set(keys))
     overhead = profiler_overhead_ms(dataset, keys)
     target.source["profiler_overhead_ms_per_node"] = overhead
-    target = _finish(target, dataset, out, keys, t0, points=corrected_points(dataset, keys, overhead))
+    target = _finish(target, dataset, out, keys, t0, points=corrected_points(dataset, keys, overhead),
+                     contexts=network_contexts(dataset, target))
     target.accuracy["chains"] = chain_accuracy(target, dataset, keys, overhead)
     save_target(target, out)
     return target
@@ -409,7 +470,7 @@ def chain_accuracy(target: Target, dataset: Dataset, keys, overhead_ms: float = 
     train = [p for p in corrected_points(dataset, keys, overhead_ms) if not held_out(p[0])]
     if len(train) < 10:
         return {"n": 0}
-    preds, _ = fit_predictors(target, train)
+    preds, _ = fit_predictors(target, train, contexts=network_contexts(dataset, target))
     probe = Target(**{**target.__dict__, "predictors": preds})
     pred, meas = [], []
     for key, rec in dataset.records.items():

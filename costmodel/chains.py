@@ -1,11 +1,21 @@
-"""Generated block chains: the contexts in which runtime targets time their kernels.
+"""Generated networks: the contexts in which runtime targets time their kernels.
 
-A chain is a small random network fragment built the way CNNs are (inverted residuals
-with optional squeeze-excitation, ResNet basic and bottleneck blocks, fused-IBN,
-plain convs, pooling, two-branch concats, classifier heads), in the ONNX forms exporters
-write after canonicalization (BatchNorm folded, Clip(0,6), HardSwish, x*Sigmoid(x)...).
-Node names equal their output tensor names, so optimized-graph nodes map back.  A chain
-is a pure function of its seed.
+A kernel's time on a CPU depends on its context: a kernel at the start of a short
+fragment pays the cold input and the conversion into the runtime's blocked layout, and
+every kernel of a short fragment runs slower than the same kernel deep inside a whole
+network (measured on MobileNetV2 x0.35: the blocks 8-11 cut out as a four-block
+fragment take 14% longer than inside the network; cut with a few blocks either side they
+take the same).  Predictions are for whole networks, so calibration times kernels inside
+whole generated networks (:func:`build_network`): a stem reading an image, stages of
+repeated blocks whose widths grow as the resolution falls, and usually a classifier head.
+
+Blocks are built the way CNNs are (inverted residuals with optional squeeze-excitation,
+ResNet basic and bottleneck blocks, grouped bottlenecks, fused-IBN, plain convs, pooling,
+two-branch concats, ShuffleNet units, classifier heads), in the ONNX forms exporters write
+after canonicalization (BatchNorm folded, Clip(0,6), HardSwish, x*Sigmoid(x)...).  Node
+names equal their output tensor names, so optimized-graph nodes map back.  A network is a
+pure function of its seed.  :func:`build_chain` (short random fragments) is kept for
+datasets measured with it.
 """
 
 from __future__ import annotations
@@ -16,10 +26,19 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from archpass.costmodel.sampling import channel_cap, channels, spatial
+from archpass.costmodel.sampling import _loguniform, channel_cap, channels, spatial
 from archpass.structure import conv_out
 
 ACTS = ["relu", "relu6", "hardswish", "swish", None]
+
+#: Stage plans (expansion, base width, blocks, stride) of inverted-residual families the
+#: templates scale: MobileNetV2-, MnasNet-, EfficientNet- and MobileNetV3-like.
+IBN_PLANS = {
+    "mobilenet_v2": [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)],
+    "mnasnet": [(1, 16, 1, 1), (3, 24, 3, 2), (3, 40, 3, 2), (6, 80, 3, 2), (6, 96, 2, 1), (6, 192, 4, 2), (6, 320, 1, 1)],
+    "efficientnet": [(1, 16, 1, 1), (6, 24, 2, 2), (6, 40, 2, 2), (6, 80, 3, 2), (6, 112, 3, 1), (6, 192, 4, 2), (6, 320, 1, 1)],
+    "mobilenet_v3": [(1, 16, 1, 1), (4, 24, 2, 2), (3, 40, 3, 2), (6, 80, 4, 2), (6, 112, 2, 1), (6, 160, 3, 2)],
+}
 
 
 class ChainBuilder:
@@ -30,6 +49,7 @@ class ChainBuilder:
         self.inits: list[onnx.TensorProto] = []
         self.n = 0
         self.aligned = False
+        self.macs = 0
 
     def ch(self, lo: int, hi: int) -> int:
         """A channel count (a multiple of 8 in aligned chains)."""
@@ -79,6 +99,7 @@ class ChainBuilder:
         p = k // 2
         y = self.op("Conv", [x, wt, b], "conv", kernel_shape=[k, k], strides=[s, s], pads=[p] * 4, group=g)
         shape = (cout, conv_out(h, k, s, p, p), conv_out(w, k, s, p, p))
+        self.macs += cout * (c // g) * k * k * shape[1] * shape[2]
         return self.act(y, act), shape
 
     # ------------------------------------------------------------------ blocks
@@ -173,6 +194,133 @@ class ChainBuilder:
         y = self.op("Gemm", [f, w, b], "gemm", transB=1)
         return y, (classes,)
 
+    # ------------------------------------------------------------------ networks
+    def build_network(self, max_macs: float = 2.0e9) -> onnx.ModelProto:
+        """A whole CNN: stem, 3-6 stages of 1-4 repeated blocks (the first strided), an
+        optional wide 1x1 conv and classifier head.  Widths are any integer (as width
+        multipliers give) or, in aligned networks, multiples of 8; stages stop before the
+        network passes ``max_macs``."""
+        rng = self.rng
+        self.aligned = rng.random() < 0.5
+        res = rng.choice([96, 128, 128, 160, 160, 192, 224, 224, 256])
+        shape = (3, res, res)
+        x = "input"
+        inp = helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, *shape])
+
+        def grow(c: int, lo: float, hi: float) -> int:
+            return self.align(max(8, int(round(c * rng.uniform(lo, hi)))))
+
+        c0 = self.ch(8, 64)
+        x, shape = self.conv(x, shape, c0, rng.choice([3, 3, 3, 5, 7]), 2, 1, rng.choice(["relu", "relu6", "hardswish", "swish"]))
+        if rng.random() < 0.2:
+            x, shape = self.pool(x, shape)
+        family = rng.random()
+        for stage in range(rng.randint(3, 6)):
+            c, h, _w = shape
+            if h < 3:
+                break
+            kind = rng.random() if rng.random() < 0.3 else family  # networks mostly keep one block family
+            act = rng.choice(["relu", "relu6", "hardswish", "swish"])
+            cout = grow(c, 1.0, 2.2)
+            repeats = rng.choice([1, 2, 2, 3, 3, 4])
+            expand = rng.choice([1, 3, 4, 6, 6])
+            k = rng.choice([3, 3, 5, 7])
+            se = rng.choice([None, None, "hardsigmoid", "sigmoid"])
+            gw = rng.choice([0, 0, 8, 16, 24, 32, 48])
+            bottleneck = rng.random() < 0.5
+            for i in range(repeats):
+                if self.macs > max_macs:
+                    break
+                s = 2 if i == 0 and (stage > 0 or rng.random() < 0.5) and shape[1] >= 4 else 1
+                if kind < 0.45:
+                    x, shape = self.ibn(x, shape, cout, expand if (i > 0 or expand > 1 or shape[0] == cout) else 6, k, s,
+                                        act, se)
+                elif kind < 0.70:
+                    x, shape = self.basic(x, shape, cout, s, rng.choice(["relu", "relu", "relu6"]), bottleneck, gw)
+                elif kind < 0.82:
+                    x, shape = self.fused(x, shape, cout, rng.choice([1, 2, 4]), 3, s, act)
+                elif kind < 0.90:
+                    x, shape = self.conv(x, shape, cout, rng.choice([1, 3, 3, 5]), s, 1, act)
+                elif kind < 0.95 and shape[0] % 2 == 0 and shape[0] >= 16 and s == 1:
+                    x, shape = self.shuffle_unit(x, shape, "relu")
+                else:
+                    x, shape = self.branches(x, shape, act) if s == 1 else self.conv(x, shape, cout, 3, s, 1, act)
+        if rng.random() < 0.5:
+            wide = self.align(int(rng.choice([1.0, 2.0, 4.0, 6.0]) * shape[0]))
+            x, shape = self.conv(x, shape, min(wide, 2048), 1, 1, 1, rng.choice(["relu", "relu6", "hardswish"]))
+        if rng.random() < 0.7:
+            x, shape = self.head(x, shape, rng.choice([10, 100, 1000, 1000, 1000]))
+        return self._model(x, inp, shape, "network")
+
+    def build_template(self) -> onnx.ModelProto:
+        """A network on the stage plan of a known architecture family, as the passes rewrite
+        them: MobileNetV2/MnasNet/EfficientNet/MobileNetV3-like inverted-residual nets (any
+        width multiplier, expansion, kernel sizes, SE, activations, early blocks fused) or
+        ResNet/ResNeXt/RegNet-like nets (basic, bottleneck or grouped blocks), at input
+        resolutions 96-256, with their classifier heads."""
+        rng = self.rng
+        self.aligned = rng.random() < 0.6
+        res = rng.choice([96, 128, 160, 160, 192, 224, 224, 256])
+        shape = (3, res, res)
+        inp = helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, *shape])
+        mult = _loguniform(rng, 0.25, 1.5)
+
+        def width(c: float) -> int:
+            w = max(4, int(round(c * mult)))
+            return max(8, int(w + 4) // 8 * 8) if self.aligned else w
+
+        if rng.random() < 0.65:
+            act = rng.choice(["relu6", "relu6", "relu", "hardswish", "swish"])
+            x, shape = self.conv("input", shape, width(rng.choice([16, 24, 32])), 3, 2, 1, act)
+            plan = rng.choice(list(IBN_PLANS.values()))
+            # real networks often keep one expansion, kernel size and activation throughout
+            uniform = rng.random() < 0.45
+            t_all, k_all = rng.choice([4, 6, 6]), rng.choice([3, 3, 5])
+            fused_upto = rng.choice([0, 0, 0, 1, 2, 3])  # EfficientNetV2-style fused early stages
+            se_from = rng.choice([99, 99, 2, 3, 1])  # SE from this stage on (MobileNetV3/EfficientNet)
+            gate = rng.choice(["hardsigmoid", "sigmoid"])
+            for i, (t, c, n, s) in enumerate(plan):
+                n = max(1, n + rng.choice([-1, 0, 0, 1]))
+                t = t if t == 1 else (t_all if uniform else rng.choice([3, 4, 6, 6, 6]))
+                k = k_all if uniform else rng.choice([3, 3, 5])
+                stage_act = act if uniform or rng.random() < 0.7 else rng.choice(["relu", "hardswish", "swish"])
+                cout = width(c)
+                for j in range(n):
+                    stride = s if j == 0 else 1
+                    if t == 1:
+                        y, sh = self.conv(x, shape, shape[0], 3, stride, shape[0], stage_act)
+                        x, shape = self.conv(y, sh, cout, 1, 1, 1, None)
+                    elif i <= fused_upto:
+                        x, shape = self.fused(x, shape, cout, rng.choice([1, 4]), 3, stride, stage_act)
+                    else:
+                        x, shape = self.ibn(x, shape, cout, t, k, stride, stage_act, gate if i >= se_from else None)
+            last = rng.choice([960, 1024, 1280, 1280, int(1280 * max(1.0, mult))])
+            x, shape = self.conv(x, shape, self.align(last), 1, 1, 1, act)
+        else:
+            act = rng.choice(["relu", "relu", "relu6"])
+            x, shape = self.conv("input", shape, width(rng.choice([32, 64])), rng.choice([3, 7]), 2, 1, act)
+            pooled = rng.random() < 0.6  # ResNet: max-pool after the stem; RegNet: a strided first block
+            if pooled:
+                y = self.op("MaxPool", [x], "pool", kernel_shape=[3, 3], strides=[2, 2], pads=[1] * 4)
+                x, shape = y, (shape[0], conv_out(shape[1], 3, 2, 1, 1), conv_out(shape[2], 3, 2, 1, 1))
+            bottleneck = rng.random() < 0.5
+            gw = rng.choice([0, 0, 8, 16, 24, 32])
+            for i, c in enumerate([64, 128, 256, 512]):
+                cout = width(c * (4 if bottleneck and not gw else 1))
+                for j in range(rng.choice([1, 2, 2, 3, 4, 6])):
+                    if self.macs > 3e9:
+                        break
+                    x, shape = self.basic(x, shape, cout, 2 if j == 0 and (i > 0 or not pooled) else 1, act, bottleneck, gw)
+        x, shape = self.head(x, shape, rng.choice([1000, 1000, 1000, 100, 10]))
+        return self._model(x, inp, shape, "template")
+
+    def _model(self, x: str, inp, shape, name: str) -> onnx.ModelProto:
+        out = helper.make_tensor_value_info(x, TensorProto.FLOAT, [1, *shape])
+        graph = helper.make_graph(self.nodes, name, [inp], [out], self.inits)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        model.ir_version = 8
+        return onnx.shape_inference.infer_shapes(model, strict_mode=True)
+
     # ------------------------------------------------------------------ chains
     def build(self) -> onnx.ModelProto:
         rng = self.rng
@@ -212,12 +360,22 @@ class ChainBuilder:
                 x, shape = self.branches(x, shape, act)
         if rng.random() < 0.25:
             x, shape = self.head(x, shape, rng.choice([10, 100, 1000]))
-        out = helper.make_tensor_value_info(x, TensorProto.FLOAT, [1, *shape])
-        graph = helper.make_graph(self.nodes, "chain", [inp], [out], self.inits)
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-        model.ir_version = 8
-        return onnx.shape_inference.infer_shapes(model, strict_mode=True)
+        return self._model(x, inp, shape, "chain")
 
 
 def build_chain(seed: int) -> onnx.ModelProto:
+    """A short random fragment of 2-5 blocks (the older calibration context)."""
     return ChainBuilder(seed).build()
+
+
+def build_network(seed: int) -> onnx.ModelProto:
+    """A whole generated network (the calibration context of runtime targets)."""
+    return ChainBuilder(seed).build_network()
+
+
+def build_template(seed: int) -> onnx.ModelProto:
+    """A generated network on a known architecture family's stage plan."""
+    return ChainBuilder(seed).build_template()
+
+
+BUILDERS = {"chain": build_chain, "network": build_network, "template": build_template}

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from archpass.costmodel.features import feature_rows
+from archpass.costmodel.features import feature_rows, network_context
 from archpass.costmodel.kernels import LAYER_KINDS, Kernel, decompose
 from archpass.costmodel.memory import memory
 from archpass.costmodel.target import Target, load_target
@@ -65,8 +65,11 @@ def predictor_for(kind: str, target: Target) -> str | None:
 
 
 def predict_kernels(kernels: list[Kernel], target: Target) -> tuple[np.ndarray, list[str | None]]:
-    """Predicted latency (ms) of each kernel, and the predictor that scored it."""
+    """Predicted latency (ms) of each kernel, and the predictor that scored it.
+
+    ``kernels`` is a whole network: predictors of runtime targets read its size."""
     out = np.zeros(len(kernels))
+    context = None
     used: list[str | None] = [None] * len(kernels)
     groups: dict[str, list[int]] = {}
     for i, k in enumerate(kernels):
@@ -76,10 +79,12 @@ def predict_kernels(kernels: list[Kernel], target: Target) -> tuple[np.ndarray, 
             groups.setdefault(p, []).append(i)
     for p, idx in groups.items():
         ks = [kernels[i] for i in idx]
-        x, base = feature_rows(ks, target)
         pred = target.predictors[p]
         if pred.layer != (ks[0].kind in LAYER_KINDS):
             continue
+        if pred.context and context is None:
+            context = network_context(kernels, target.bytes_per_element, target.parallelism)
+        x, base = feature_rows(ks, target, context if pred.context else None)
         out[idx] = pred.predict(x, base)
     return out, used
 

@@ -35,6 +35,16 @@ LAYER_FEATURES = (
 LAYER_BASE = ("one", "ideal", "mem", "bound")
 OP_FEATURES = ("in_elems", "out_elems", "cin", "cout", "cin_mod", "in_hw", "out_hw", "k", "stride", "n_inputs", "op")
 OP_BASE = ("one", "elems")
+#: Context features, used by runtime targets (whose kernels are timed inside whole
+#: networks): the network the kernel runs in (on a CPU a network whose weights fit in the
+#: last-level cache keeps them there from one inference to the next: a 1000-class gemm
+#: reads its weights at ~30 us/MB in networks under ~12 MB of weights and ~50-55 us/MB in
+#: larger ones here) and the kernel's neighbours (at the edge of a run of convolutions
+#: onnxruntime converts out of and into its blocked NCHWc layout, and the conversion is
+#: timed with the kernel: a depthwise conv feeding a squeeze-excitation block runs ~25%
+#: longer than one feeding a conv).
+NETWORK_FEATURES = ("net_weight_mb", "net_act_mb", "net_aligned", "net_footprint_mb")
+CONTEXT_FEATURES = NETWORK_FEATURES + ("in_from_op", "out_to_op")
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -126,8 +136,29 @@ def op_features(k: Kernel, parallelism: int):
     return f, base
 
 
-def feature_rows(kernels: list[Kernel], target) -> tuple[np.ndarray, np.ndarray]:
-    """Feature matrix and baseline matrix for kernels of one group (all layer or all op kinds)."""
+def network_context(kernels: list[Kernel], bytes_per_element: int, parallelism: int = 8) -> tuple[float, ...]:
+    """The network the kernels make up, as :data:`NETWORK_FEATURES`: its weight MB, the MB
+    of all kernel outputs, the share of conv/gemm MACs whose input and output channels are
+    multiples of the parallelism factor (a runtime with blocked layouts runs an aligned
+    network without layout conversions), and its cache footprint (weights plus the
+    largest kernel's input and output)."""
+    layers = [k for k in kernels if k.kind in LAYER_KINDS]
+    w = sum(k.weight_elems for k in layers)
+    outs = [k.cout * k.out_hw[0] * k.out_hw[1] if k.kind in LAYER_KINDS else k.out_elems for k in kernels]
+    ins = [k.cin * k.in_hw[0] * k.in_hw[1] if k.kind in LAYER_KINDS else k.in_elems for k in kernels]
+    live = max((i + o for i, o in zip(ins, outs)), default=0)
+    p = max(parallelism, 1)
+    total = sum(max(k.macs, 1) for k in layers)
+    aligned = sum(max(k.macs, 1) for k in layers if k.cin % p == 0 and k.cout % p == 0)
+    mb = bytes_per_element / 2**20
+    return w * mb, sum(outs) * mb, aligned / total if total else 1.0, (w + live) * mb
+
+
+def feature_rows(kernels: list[Kernel], target, context=None) -> tuple[np.ndarray, np.ndarray]:
+    """Feature matrix and baseline matrix for kernels of one group (all layer or all op kinds).
+
+    ``context`` (one :func:`network_context` tuple, or one per kernel) appends the
+    :data:`CONTEXT_FEATURES` columns: the network's, then each kernel's boundary flags."""
     if not kernels:
         return np.zeros((0, 0)), np.zeros((0, 0))
     layer = kernels[0].kind in LAYER_KINDS
@@ -141,12 +172,17 @@ def feature_rows(kernels: list[Kernel], target) -> tuple[np.ndarray, np.ndarray]
             f, b = op_features(k, target.parallelism)
             rows.append([f[n] for n in OP_FEATURES])
             bases.append([b[n] for n in OP_BASE])
-    return np.asarray(rows, dtype=np.float64), np.asarray(bases, dtype=np.float64)
+    x = np.asarray(rows, dtype=np.float64)
+    if context is not None:
+        c = np.broadcast_to(np.asarray(context, dtype=np.float64), (len(kernels), len(NETWORK_FEATURES)))
+        edges = np.array([[k.in_from_op, k.out_to_op] for k in kernels], dtype=np.float64)
+        x = np.hstack([x, c, edges])
+    return x, np.asarray(bases, dtype=np.float64)
 
 
 def log_safe(x: np.ndarray) -> np.ndarray:
     return np.log(np.maximum(x, 1e-9))
 
 
-__all__ = ["LAYER_FEATURES", "OP_FEATURES", "LAYER_BASE", "OP_BASE", "feature_rows", "layer_features", "op_features",
-           "loop_sizes"]
+__all__ = ["LAYER_FEATURES", "OP_FEATURES", "LAYER_BASE", "OP_BASE", "CONTEXT_FEATURES", "NETWORK_FEATURES", "feature_rows",
+           "layer_features", "op_features", "loop_sizes", "network_context"]

@@ -17,7 +17,7 @@ What counts as a kernel follows the target's measurement source:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from archpass.structure import Layer, Node, Structure
 
@@ -107,6 +107,12 @@ class Kernel:
     ``layers`` the layer ids.  For layer kernels the geometry is the layer's; for
     standalone ops ``cin``/``cout`` are the channels of the (first) input and output,
     ``in_elems``/``out_elems`` the element counts of all inputs / outputs.
+
+    ``in_from_op`` / ``out_to_op`` say whether the kernel sits at a boundary of a run of
+    convolutions: an input made by something else than a conv kernel (a standalone op or
+    the model input), an output read by something else (or a model output).  Runtimes
+    with blocked layouts (onnxruntime's NCHWc) convert layouts there, and the conversion
+    is timed with the kernel.
     """
 
     id: str
@@ -127,6 +133,8 @@ class Kernel:
     in_elems: int = 0
     out_elems: int = 0
     n_inputs: int = 1
+    in_from_op: bool = False
+    out_to_op: bool = False
 
     @property
     def macs(self) -> int:
@@ -165,6 +173,7 @@ class Kernel:
         else:
             d.update(cin=self.cin, cout=self.cout, in_hw=list(self.in_hw), out_hw=list(self.out_hw),
                      in_elems=self.in_elems, out_elems=self.out_elems, n_inputs=self.n_inputs)
+        d.update(in_from_op=self.in_from_op, out_to_op=self.out_to_op)
         return d
 
     def spec(self) -> dict:
@@ -339,4 +348,38 @@ def decompose(structure: Structure, rules: FusionRules) -> list[Kernel]:
     # layers without a node in Structure.nodes (should not happen) still count
     seen = {k.id for k in kernels}
     kernels.extend(k for k in layer_kernels.values() if k.id not in seen)
-    return kernels
+    return _mark_boundaries(structure, kernels, producer, consumers, outputs)
+
+
+CONV_KINDS = ("conv", "dwconv")
+
+
+def _mark_boundaries(structure: Structure, kernels: list[Kernel], producer: dict[str, Node],
+                     consumers: dict[str, list[Node]], outputs: set[str]) -> list[Kernel]:
+    """Set ``in_from_op`` / ``out_to_op`` of every kernel from its neighbours' kinds (one
+    pass over the graph's edges)."""
+    del consumers  # the edges are walked from the consumer side
+    owner = {n: i for i, k in enumerate(kernels) for n in k.nodes}
+    conv = [k.kind in CONV_KINDS for k in kernels]
+    from_op = [False] * len(kernels)
+    to_op = [False] * len(kernels)
+    tensors = structure.tensors
+    for n in structure.nodes:
+        me = owner.get(n.name)
+        for i in n.inputs:
+            t = tensors.get(i)
+            if t is None or t.const:
+                continue
+            src = producer.get(i)
+            them = owner.get(src.name) if src is not None else None
+            if them is not None and them == me:
+                continue  # an edge inside one kernel
+            if me is not None and (them is None or not conv[them]):
+                from_op[me] = True
+            if them is not None and (me is None or not conv[me]):
+                to_op[them] = True
+    for o in outputs:
+        src = producer.get(o)
+        if src is not None and owner.get(src.name) is not None:
+            to_op[owner[src.name]] = True
+    return [replace(k, in_from_op=f, out_to_op=t) if (f or t) else k for k, f, t in zip(kernels, from_op, to_op)]

@@ -6,7 +6,8 @@ For each kernel kind, latency ≈ baseline · exp(r(features)):
   memory traffic for layers; a constant and element counts for other ops), so it scales
   to shapes outside the training range;
 * r is a LightGBM regressor on the log ratio measured / baseline, over the analytic
-  features (MACs, bytes, channels rounded up to the parallelism factor, utilization...).
+  features (MACs, bytes, channels rounded up to the parallelism factor, utilization...)
+  and, for runtime targets, the size of the network the kernel runs in.
 
 Stored as JSON (the baseline, feature names, fit statistics) plus a LightGBM text model:
 both version-stable text, never pickles.
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from archpass.costmodel.features import LAYER_BASE, LAYER_FEATURES, OP_BASE, OP_FEATURES, log_safe
+from archpass.costmodel.features import CONTEXT_FEATURES, LAYER_BASE, LAYER_FEATURES, OP_BASE, OP_FEATURES, log_safe
 
 LGB_PARAMS = {
     "objective": "regression",
@@ -35,6 +36,7 @@ LGB_PARAMS = {
     "deterministic": True,
 }
 MIN_POINTS_FOR_TREES = 30
+FEATURE_SETS = (LAYER_FEATURES, OP_FEATURES, LAYER_FEATURES + CONTEXT_FEATURES, OP_FEATURES + CONTEXT_FEATURES)
 
 
 def nnls(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -61,7 +63,12 @@ class Predictor:
 
     @property
     def layer(self) -> bool:
-        return self.features == LAYER_FEATURES
+        return self.features[: len(LAYER_FEATURES)] == LAYER_FEATURES
+
+    @property
+    def context(self) -> bool:
+        """Whether the predictor reads the network context (:data:`CONTEXT_FEATURES`)."""
+        return self.features[-len(CONTEXT_FEATURES):] == CONTEXT_FEATURES
 
     def baseline(self, base: np.ndarray) -> np.ndarray:
         return np.maximum(base @ np.asarray(self.coef), 1e-9)
@@ -74,8 +81,9 @@ class Predictor:
 
     # ------------------------------------------------------------------ fitting
     @classmethod
-    def fit(cls, kind: str, layer: bool, x: np.ndarray, base: np.ndarray, y_ms: np.ndarray, rounds: int = 400) -> "Predictor":
-        features = LAYER_FEATURES if layer else OP_FEATURES
+    def fit(cls, kind: str, layer: bool, x: np.ndarray, base: np.ndarray, y_ms: np.ndarray, rounds: int = 400,
+            context: bool = False) -> "Predictor":
+        features = (LAYER_FEATURES if layer else OP_FEATURES) + (CONTEXT_FEATURES if context else ())
         terms = LAYER_BASE if layer else OP_BASE
         y = np.asarray(y_ms, dtype=np.float64)
         # relative least squares: weight rows by 1/y so small kernels count as much as big ones
@@ -113,7 +121,7 @@ class Predictor:
     def from_json(cls, d: dict, model_text: str | None) -> "Predictor":
         features = tuple(d["features"])
         terms = tuple(d["baseline_terms"])
-        if features not in (LAYER_FEATURES, OP_FEATURES):
+        if features not in FEATURE_SETS:
             raise ValueError(f"predictor '{d.get('kind')}' has features {list(features)} this version does not compute")
         if terms not in (LAYER_BASE, OP_BASE) or len(d["baseline_coef"]) != len(terms):
             raise ValueError(f"predictor '{d.get('kind')}' has an unknown baseline {list(terms)}")

@@ -181,3 +181,18 @@ def test_graphs_with_work_to_do_go_through_onnxslim():
     # unfused BatchNorm and Constant-fed convs (messy model) need folding; a clean conv net does not
     assert am._trivially_canonical(messy_model()) is None
     assert am._trivially_canonical(small()) is not None
+
+
+def test_atomic_text_writes_get_normal_permissions(tmp_path):
+    import os
+    import stat
+
+    from archpass.model import atomic_write_text
+
+    umask = os.umask(0o022)
+    try:
+        out = atomic_write_text(tmp_path / "a.json", "{}")
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o644 and out.read_text() == "{}"
+    assert [p.name for p in tmp_path.iterdir()] == ["a.json"]

@@ -89,3 +89,23 @@ def test_channel_change_reaches_kernels():
     after = {k.id: k for k in decompose(wider, LAYERS_ONLY)}
     changed = [i for i in before if before[i].spec() != after[i].spec()]
     assert changed and all(after[i].cout == 80 or after[i].cin == 80 for i in changed)
+
+
+def test_kernels_know_when_they_sit_at_the_edge_of_a_conv_run():
+    s = analyze(_mbv2_like())
+    ks = decompose(s, RUNTIME)
+    by_layer = {k.layers[0]: k for k in ks if k.layers}
+    stem = ks[0]
+    assert stem.in_from_op and not stem.out_to_op  # reads the model input, feeds a conv
+    # a plain inverted residual stays inside the run of convolutions
+    assert not by_layer["ibn0_dw"].in_from_op and not by_layer["ibn0_dw"].out_to_op
+    # the SE block's pool and multiply are standalone ops: the depthwise conv feeds them and
+    # the project conv reads the multiply's output
+    assert by_layer["ibn1_dw"].out_to_op and by_layer["ibn1_project"].in_from_op
+    # the last conv feeds the classifier's pooling; the gemm reads a flatten
+    assert by_layer["ibn1_project"].out_to_op
+    gemm = next(k for k in ks if k.kind == "gemm")
+    assert gemm.in_from_op and gemm.out_to_op  # the model output
+    # flags survive the spec round trip (what calibration datasets store)
+    assert all(Kernel.from_spec(k.spec()).spec() == k.spec() for k in ks)
+    assert Kernel.from_spec({k: v for k, v in stem.spec().items() if k not in ("in_from_op", "out_to_op")}).in_from_op is False

@@ -87,3 +87,37 @@ def _edit(d, fn):
 def test_directory_without_target_json(tmp_path):
     with pytest.raises(TargetError, match="has no target.json"):
         load_target(tmp_path)
+
+
+def test_context_predictors_read_the_network_size_and_round_trip(tmp_path):
+    """Runtime targets learn how a kernel's time depends on the network around it: here a
+    made-up law where kernels run twice as fast in networks under 8 MB of weights."""
+    from archpass.costmodel.features import CONTEXT_FEATURES, network_context
+
+    t = Target(name="ctx", parallelism=8, bytes_per_element=4, clock_hz=None, unroll={"K": 8, "C": 8, "G": 8},
+               fusion=FusionRules(residual_add=True), source={"backend": "test"})
+    specs = sample_layers(600, seed=5)
+    rng = random.Random(2)
+    points, contexts = [], {}
+    for i in range(0, len(specs), 6):  # "networks" of six layers, weights scaled up to vary their size
+        key = point_key({"net": i})
+        ks = [Kernel.from_spec(s) for s in specs[i:i + 6]]
+        w_mb = network_context(ks, 4)[0] * rng.choice([0.5, 1, 4, 16])
+        contexts[key] = (w_mb, *network_context(ks, 4)[1:])
+        for s, k in zip(specs[i:i + 6], ks):
+            ms = 1e-7 * k.macs * (0.5 if w_mb < 8 else 1.0) + 1e-3
+            points.append((key, s, ms))
+    t.predictors, t.accuracy = fit_predictors(t, points, rounds=80, contexts=contexts)
+    assert all(p.context and p.features[-len(CONTEXT_FEATURES):] == CONTEXT_FEATURES for p in t.predictors.values())
+    back = load_target(save_target(t, tmp_path / "ctx"))
+    assert all(p.context for p in back.predictors.values())
+    big = Kernel.from_spec(dict(kind="conv", op="Conv", cin=64, cout=64, kernel=[3, 3], stride=[1, 1], groups=1,
+                                in_hw=[28, 28], out_hw=[28, 28]))
+    small_net = [big]
+    heavy = Kernel.from_spec(dict(kind="conv", op="Conv", cin=1024, cout=2048, kernel=[3, 3], stride=[1, 1], groups=1,
+                                  in_hw=[7, 7], out_hw=[7, 7]))  # 72 MB of weights around it
+    alone, _ = predict_kernels(small_net, back)
+    crowded, _ = predict_kernels([big, heavy], back)
+    assert crowded[0] > 1.4 * alone[0]
+    a, _ = predict_kernels([big, heavy], t)
+    np.testing.assert_allclose(a, crowded, rtol=1e-12)

@@ -1,0 +1,84 @@
+"""Generated calibration contexts: whole networks and short chains."""
+
+from __future__ import annotations
+
+import onnx
+import pytest
+
+from archpass.analysis import analyze
+from archpass.costmodel.calibrate import Dataset, corrected_points
+from archpass.costmodel.chains import BUILDERS, ChainBuilder, build_network, build_template
+from archpass.costmodel.kernels import FusionRules, decompose
+
+
+@pytest.mark.parametrize("seed", [0, 1, 5, 8, 21])
+def test_networks_are_valid_whole_cnns(seed):
+    model = build_network(seed)
+    onnx.checker.check_model(model, full_check=True)
+    structure = analyze(model)
+    stem = structure.layers[0]
+    assert stem.cin == 3 and stem.stride[0] == 2  # a stem reads the image
+    assert len(structure.layers) >= 5
+    kernels = decompose(structure, FusionRules(residual_add=True))
+    covered = {n for k in kernels for n in k.nodes}
+    assert {l.id for l in structure.layers} <= covered
+
+
+def test_networks_are_a_pure_function_of_the_seed():
+    a, b = build_network(3), build_network(3)
+    assert a.SerializeToString() == b.SerializeToString()
+    assert build_network(4).SerializeToString() != a.SerializeToString()
+
+
+def test_network_size_is_capped():
+    for seed in range(12):
+        builder = ChainBuilder(seed)
+        builder.build_network(max_macs=3e8)
+        # the cap is checked before every block: at most one block past it
+        assert builder.macs < 3e8 + 4e8, seed
+
+
+def test_aligned_templates_keep_widths_at_multiples_of_8():
+    seen = 0
+    for seed in range(20):
+        builder = ChainBuilder(seed)
+        model = builder.build_template()
+        if not builder.aligned:
+            continue
+        seen += 1
+        for layer in analyze(model).layers[1:]:  # the stem reads 3 channels
+            if layer.op == "Conv" and layer.groups == 1:
+                assert layer.cout % 8 == 0, (seed, layer.id, layer.cout)
+    assert seen >= 3
+
+
+def test_network_points_keep_stem_and_last_kernel_chain_points_do_not(tmp_path):
+    ds = Dataset(tmp_path / "d.jsonl")
+    spec = dict(kind="conv", op="Conv", cin=8, cout=8, kernel=[1, 1], stride=[1, 1], groups=1, in_hw=[4, 4], out_hw=[4, 4])
+    pts = [{"spec": spec, "ms": 0.1 * (i + 1), "nodes": 1} for i in range(5)]
+    ds.add({"key": "net", "payload": {"seed": 0, "style": "network"}, "plain_ms": 1.5, "points": pts})
+    ds.add({"key": "old", "payload": {"seed": 0}, "plain_ms": 1.5, "points": pts})
+    got = corrected_points(ds, ["net", "old"], 0.0)
+    assert [ms for k, _, ms in got if k == "net"] == pytest.approx([0.1, 0.2, 0.3, 0.4, 0.5])
+    assert [ms for k, _, ms in got if k == "old"] == pytest.approx([0.2, 0.3, 0.4])
+
+
+def test_every_style_is_registered():
+    assert set(BUILDERS) == {"network", "template", "chain"}
+    onnx.checker.check_model(BUILDERS["chain"](2), full_check=True)
+
+
+def test_templates_follow_architecture_families():
+    kinds = set()
+    for seed in range(12):
+        builder = ChainBuilder(seed)
+        model = builder.build_template()
+        assert model.SerializeToString() == build_template(seed).SerializeToString()
+        onnx.checker.check_model(model, full_check=True)
+        s = analyze(model)
+        assert s.layers[0].cin == 3 and s.layers[-1].op == "Gemm"  # stem to classifier
+        blocks = {b.kind for b in s.blocks}
+        kinds |= blocks
+        assert blocks & {"ibn", "fused_ibn", "depthwise", "residual"}, seed
+        assert len(s.stages) >= 3 or builder.macs > 3e9, seed  # ResNet-like plans stop at 3 GMACs
+    assert {"ibn", "residual"} <= kinds
