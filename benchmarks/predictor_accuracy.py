@@ -155,6 +155,26 @@ def rewrite_variant(name: str) -> Path:
     return path
 
 
+def reference_networks(target, n: int = 8):
+    """(key, network, calibration-time latency) of ``n`` held-out calibration networks of a
+    runtime target (deterministic: the first held-out keys in sorted order)."""
+    from archpass.costmodel.calibrate import DATASET, Dataset, held_out
+    from archpass.costmodel.chains import BUILDERS
+
+    if target.path is None or not (Path(target.path) / DATASET).exists():
+        return []
+    ds = Dataset(Path(target.path) / DATASET)
+    out = []
+    for key in sorted(ds.records):
+        rec = ds.records[key]
+        style = (rec.get("payload") or {}).get("style", "chain")
+        if held_out(key) and rec.get("plain_ms") and style in BUILDERS:
+            out.append((key, BUILDERS[style](rec["payload"]["seed"]), rec["plain_ms"]))
+        if len(out) == n:
+            break
+    return out
+
+
 def spearman(a: list[float], b: list[float]) -> float | None:
     if len(a) < 3:
         return None
@@ -276,6 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.truths_only:
         return 0
 
+    drift: dict[str, dict] = {}
     # onnxruntime whole-model medians (after ZigZag: nothing else of ours running).  Each model
     # is timed in five 1-second windows, one per pass over all models, so the windows are
     # minutes apart; the median of the window medians is the figure (on a shared machine a
@@ -287,10 +308,22 @@ def main(argv: list[str] | None = None) -> int:
         keys = {name: f"ort:{t.name}:{provider}:{threads}:{models[name][0].sha256}" for name in names}
         todo = [n for n in names if not (args.reuse_cpu and keys[n] in truth_cache)]
         windows: dict[str, list] = {n: [] for n in todo}
+        # the machine's speed against calibration time: held-out calibration networks timed
+        # again in every window (a shared machine drifts by a few % over an hour)
+        refs = reference_networks(t) if todo else []
+        ref_times: dict[str, list] = {key: [] for key, _, _ in refs}
         for _ in range(WINDOWS):
             for name in todo:
                 windows[name].append(measure_model(models[name][0].proto, provider, threads, warmup=10, repeats=40,
                                                    min_seconds=1.0))
+            for key, net, _ in refs:
+                ref_times[key].append(measure_model(net, provider, threads, warmup=3, repeats=15)["ms"])
+        if refs:
+            ratios = [statistics.median(ref_times[key]) / then for key, _, then in refs]
+            drift[t.name] = {"networks": len(refs), "median_now_over_calibration": statistics.median(ratios),
+                             "ratios": ratios}
+            print(f"ort {t.name}: calibration networks now run at {statistics.median(ratios):.3f}x their "
+                  f"calibration-time latency", file=sys.stderr)
         for name in todo:
             ordered = sorted(windows[name], key=lambda r: r["ms"])
             res = dict(ordered[len(ordered) // 2])
@@ -345,6 +378,7 @@ def main(argv: list[str] | None = None) -> int:
             times_nomem.append((time.perf_counter() - t0) * 1e3)
         summary = {
             "source": t.backend,
+            "machine_drift": drift.get(t.name),
             "models_measured": len(ok),
             "models_failed": [r["model"] for r in rows if "measured_ms" not in r],
             "within_10pct": float(np.mean(errs <= 10) * 100) if len(errs) else None,

@@ -28,7 +28,7 @@ BUILTINS = {
         "hardware": HARDWARE / "edge_tpu_like.hardware.yaml",
         "mapping": HARDWARE / "edge_tpu_like.mapping.yaml",
         "clock_hz": 500e6,
-        "samples": 420,
+        "samples": 560,
         "description": "Edge-TPU-like accelerator (ZigZag edge_tpu_like: 8x8 MACs over K x C, 4x4 over OX x OY), int8, 500 MHz",
     },
     "tpu": {
@@ -36,7 +36,7 @@ BUILTINS = {
         "hardware": HARDWARE / "tpu_like.hardware.yaml",
         "mapping": HARDWARE / "tpu_like.mapping.yaml",
         "clock_hz": 700e6,
-        "samples": 400,
+        "samples": 533,
         "description": "TPU-like accelerator (ZigZag tpu_like: 32x32 weight-stationary systolic array over K x C), int8, 700 MHz",
     },
     "cpu": {

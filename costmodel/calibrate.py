@@ -14,7 +14,7 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -206,6 +206,7 @@ def _zigzag_work(payload: dict) -> dict:
 
 def calibrate_zigzag(*, name: str, out_dir: str | Path, hardware: str | Path, mapping: str | Path,
                      clock_hz: float, samples: int = 600, workers: int = 2, seed: int = 0,
+                     any_size_share: float = 0.25,
                      lpf_limit: int = 4, description: str = "", progress: Progress | None = None,
                      copy_yaml: bool = True) -> Target:
     import shutil
@@ -225,7 +226,10 @@ def calibrate_zigzag(*, name: str, out_dir: str | Path, hardware: str | Path, ma
             if Path(src).resolve() != dst.resolve():
                 shutil.copyfile(src, dst)
     dataset = Dataset(out / DATASET)
-    specs = sample_layers(samples, seed)
+    # most layers at the spatial sizes standard resolutions give, a share at any size
+    # (other resolutions, unpadded strided layers: 111, 55, 27, 13...)
+    odd = int(round(samples * any_size_share))
+    specs = sample_layers(samples - odd, seed) + sample_layers(odd, seed, any_size=True)
     payload = {"hardware": str(hardware), "mapping": str(mapping), "clock_hz": clock_hz, "lpf_limit": lpf_limit}
     jobs = [Job(point_key({"spec": s, "lpf": lpf_limit}), {"spec": s, **payload}) for s in specs]
     t0 = time.time()
@@ -384,6 +388,9 @@ def calibrate_onnxruntime(*, name: str, out_dir: str | Path, provider: str = "CP
     check_provider(provider)
     if threads < 1:
         raise TargetError(f"--threads {threads} is not positive", "pass 1 or more")
+    # jobs keep the fusion they were measured under in their keys; generated networks write
+    # channel splits as Split, so the runtime's Slice->Split fusion (on in the target) does
+    # not change how they decompose
     fusion = FusionRules(residual_add=True)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -410,7 +417,7 @@ def calibrate_onnxruntime(*, name: str, out_dir: str | Path, provider: str = "CP
         clock_hz=None,
         unroll={"K": parallelism, "C": parallelism, "G": parallelism},
         mem_bits_per_step=64.0,
-        fusion=fusion,
+        fusion=replace(fusion, split_slices=True),
         source={"backend": "onnxruntime", "provider": provider, "threads": threads, "warmup": warmup,
                 "repeats": repeats, "onnxruntime_version": _version("onnxruntime")},
     )

@@ -30,7 +30,7 @@ OP_CODES = {
 LAYER_FEATURES = (
     "macs", "ideal", "mem", "util", "cin", "cout", "cin_mod", "cout_mod", "cin_pad_ratio", "cout_pad_ratio",
     "k", "stride", "groups", "cin_per_group", "in_hw", "out_hw", "in_elems", "out_elems", "w_elems",
-    "act", "fused_add", "post_act", "compute_over_mem",
+    "act", "fused_add", "post_act", "compute_over_mem", "spatial_pad_ratio",
 )
 LAYER_BASE = ("one", "ideal", "mem", "bound")
 OP_FEATURES = ("in_elems", "out_elems", "cin", "cout", "cin_mod", "in_hw", "out_hw", "k", "stride", "n_inputs", "op")
@@ -112,6 +112,11 @@ def layer_features(k: Kernel, parallelism: int, unroll: dict[str, int], elem_bit
         "fused_add": int(k.fused_add),
         "post_act": ACT_CODES.get(k.post_act, 8),
         "compute_over_mem": ideal / max(mem, 1e-9),
+        # output rows/columns rounded up to the array's spatial unroll (ZigZag's mappings
+        # change when they do not divide: on edge_tpu_like a 1x1 conv at 55x55 takes 56%
+        # of the time it takes at 56x56)
+        "spatial_pad_ratio": _ceil_div(k.out_hw[1], int(unroll.get("OX", 1))) * int(unroll.get("OX", 1))
+        * _ceil_div(k.out_hw[0], int(unroll.get("OY", 1))) * int(unroll.get("OY", 1)) / max(k.out_hw[0] * k.out_hw[1], 1),
     }
     base = {"one": 1.0, "ideal": float(ideal), "mem": float(mem), "bound": float(max(ideal, mem))}
     return f, base

@@ -70,13 +70,16 @@ class FusionRules:
     ``activations``: activations fused into the conv/gemm before them.  ``residual_add``:
     a conv whose output feeds only an Add (the residual) runs the Add in the same kernel,
     followed by one of ``post_add_activations``.  ``layers_only``: only conv/gemm layers
-    are kernels (every other op costs nothing at the source).
+    are kernels (every other op costs nothing at the source).  ``split_slices``: Slices
+    that together partition one tensor run as one Split (onnxruntime's
+    GatherSliceToSplitFusion; exporters write a channel split as two Slices).
     """
 
     activations: tuple[str, ...] = ACTIVATIONS
     residual_add: bool = False
     post_add_activations: tuple[str, ...] = ("relu", "relu6", "clip")
     layers_only: bool = False
+    split_slices: bool = False
 
     def to_json(self) -> dict:
         return {
@@ -84,11 +87,12 @@ class FusionRules:
             "residual_add": self.residual_add,
             "post_add_activations": list(self.post_add_activations),
             "layers_only": self.layers_only,
+            "split_slices": self.split_slices,
         }
 
     @classmethod
     def from_json(cls, d: dict) -> "FusionRules":
-        unknown = set(d) - {"activations", "residual_add", "post_add_activations", "layers_only"}
+        unknown = set(d) - {"activations", "residual_add", "post_add_activations", "layers_only", "split_slices"}
         if unknown:
             raise ValueError(f"unknown fusion rule keys {sorted(unknown)}")
         return cls(
@@ -96,6 +100,7 @@ class FusionRules:
             residual_add=bool(d.get("residual_add", False)),
             post_add_activations=tuple(d.get("post_add_activations", ("relu", "relu6", "clip"))),
             layers_only=bool(d.get("layers_only", False)),
+            split_slices=bool(d.get("split_slices", False)),
         )
 
 
@@ -313,6 +318,7 @@ def decompose(structure: Structure, rules: FusionRules) -> list[Kernel]:
             post_act=post_act,
         )
 
+    slice_partition = _slice_partitions(structure, consumers) if rules.split_slices else {}
     kernels: list[Kernel] = []
     for n in structure.nodes:
         if n.name in layer_kernels:
@@ -323,6 +329,14 @@ def decompose(structure: Structure, rules: FusionRules) -> list[Kernel]:
         ins = [i for i in n.inputs if i and not _is_const(structure, i)]
         in_shapes = [_shape(structure, i) for i in ins]
         out_shapes = [_shape(structure, o) for o in n.outputs if o]
+        names = (n.name,)
+        if rules.split_slices and n.op == "Slice" and ins:
+            split = slice_partition.get(n.name)
+            if split is None:
+                continue  # a later sibling carries the split
+            names, out_shapes = split
+            if len(names) > 1:
+                n = replace(n, op="Split")
         cin, in_hw = _chw(in_shapes[0]) if in_shapes else (1, (1, 1))
         cout, out_hw = _chw(out_shapes[0]) if out_shapes else (1, (1, 1))
         kind = OP_KINDS.get(n.op, "other")
@@ -333,7 +347,7 @@ def decompose(structure: Structure, rules: FusionRules) -> list[Kernel]:
                 id=n.name,
                 kind=kind,
                 op=n.op,
-                nodes=(n.name,),
+                nodes=names,
                 cin=int(cin),
                 cout=int(cout),
                 kernel=tuple(int(x) for x in k)[:2] if isinstance(k, (tuple, list)) else (int(k), int(k)),
@@ -352,6 +366,27 @@ def decompose(structure: Structure, rules: FusionRules) -> list[Kernel]:
 
 
 CONV_KINDS = ("conv", "dwconv")
+
+
+def _slice_partitions(structure: Structure, consumers: dict[str, list[Node]]) -> dict[str, tuple]:
+    """Sibling Slices that partition one tensor (their outputs add up to it), keyed by the
+    last of them in execution order: (their node names, their output shapes).  A Slice
+    without such siblings maps to itself."""
+    out: dict[str, tuple] = {}
+    seen: set[str] = set()
+    for n in structure.nodes:
+        if n.op != "Slice" or n.name in seen or not n.inputs:
+            continue
+        src = n.inputs[0]
+        sibs = [c for c in consumers.get(src, []) if c.op == "Slice" and c.inputs and c.inputs[0] == src]
+        total = math.prod(_shape(structure, src) or (1,))
+        parts = sum(math.prod(_shape(structure, c.outputs[0]) or (1,)) for c in sibs)
+        if len(sibs) < 2 or parts != total:
+            sibs = [n]
+        seen.update(c.name for c in sibs)
+        last = sibs[-1]
+        out[last.name] = (tuple(c.name for c in sibs), [_shape(structure, c.outputs[0]) for c in sibs])
+    return out
 
 
 def _mark_boundaries(structure: Structure, kernels: list[Kernel], producer: dict[str, Node],

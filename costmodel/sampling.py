@@ -39,20 +39,31 @@ def spatial(rng: random.Random) -> int:
     return hw
 
 
+def spatial_any(rng: random.Random) -> int:
+    """A spatial size from any input resolution (the resolution pass takes any), halved
+    the ways strided layers do: with padding (ceil), without (floor), or by a 3x3 kernel
+    without padding (SqueezeNet/Inception-style odd sizes such as 111, 55, 27, 13)."""
+    hw = rng.randint(64, 320)
+    for _ in range(rng.choice([1, 1, 2, 2, 3, 3, 4, 4, 5])):
+        hw = rng.choice([-(-hw // 2), hw // 2, (hw - 1) // 2])
+    return max(hw, 1)
+
+
 def channel_cap(hw: int) -> int:
     """A plausible widest tensor at a spatial size (MobileNet/ResNet-like growth)."""
     return int(min(2560, max(48, 64 * 112 / hw * 2.5)))
 
 
-def sample_layer(rng: random.Random) -> dict:
-    """One conv/dwconv/gemm layer spec (:meth:`Kernel.spec` form)."""
+def sample_layer(rng: random.Random, any_size: bool = False) -> dict:
+    """One conv/dwconv/gemm layer spec (:meth:`Kernel.spec` form); ``any_size`` draws
+    spatial sizes from any resolution (:func:`spatial_any`)."""
     r = rng.random()
     if r < 0.06:
         cin = channels(rng, 64, 2560)
         cout = rng.choice([10, 100, 1000, 1000, 1001, channels(rng, 16, 2048)])
         return {"kind": "gemm", "op": "Gemm", "cin": cin, "cout": cout, "kernel": [1, 1], "stride": [1, 1],
                 "groups": 1, "in_hw": [1, 1], "out_hw": [1, 1], "act": None, "fused_add": False, "post_act": None}
-    hw = spatial(rng)
+    hw = spatial_any(rng) if any_size else spatial(rng)
     cap = channel_cap(hw)
     if r < 0.36:  # depthwise
         c = channels(rng, 8, int(cap * 1.5))
@@ -82,6 +93,6 @@ def sample_layer(rng: random.Random) -> dict:
             "act": rng.choice(["relu", "relu6", "hardswish", "swish", None]), "fused_add": False, "post_act": None}
 
 
-def sample_layers(n: int, seed: int = 0) -> list[dict]:
-    rng = random.Random(seed)
-    return [sample_layer(rng) for _ in range(n)]
+def sample_layers(n: int, seed: int = 0, any_size: bool = False) -> list[dict]:
+    rng = random.Random(seed if not any_size else seed + 7919)
+    return [sample_layer(rng, any_size) for _ in range(n)]

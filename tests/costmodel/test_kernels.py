@@ -109,3 +109,38 @@ def test_kernels_know_when_they_sit_at_the_edge_of_a_conv_run():
     # flags survive the spec round trip (what calibration datasets store)
     assert all(Kernel.from_spec(k.spec()).spec() == k.spec() for k in ks)
     assert Kernel.from_spec({k: v for k, v in stem.spec().items() if k not in ("in_from_op", "out_to_op")}).in_from_op is False
+
+
+def test_sibling_slices_that_partition_a_tensor_run_as_one_split():
+    """Exporters write ShuffleNet's channel split as two Slices; onnxruntime fuses them
+    into one Split (GatherSliceToSplitFusion).  A lone Slice stays a Slice."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    def const(name, v):
+        return numpy_helper.from_array(np.array(v, dtype=np.int64), name)
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16, 8, 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16, 8, 8])
+    z = helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, 4, 8, 8])
+    w = numpy_helper.from_array(np.ones((8, 8, 1, 1), np.float32), "w")
+    nodes = [
+        helper.make_node("Slice", ["x", "s0", "e0", "ax"], ["a"], name="sl_a"),
+        helper.make_node("Slice", ["x", "s1", "e1", "ax"], ["b"], name="sl_b"),
+        helper.make_node("Conv", ["b", "w"], ["bc"], name="conv"),
+        helper.make_node("Concat", ["a", "bc"], ["y"], name="cat", axis=1),
+        helper.make_node("Slice", ["y", "s0", "e2", "ax"], ["z"], name="lone"),
+    ]
+    g = helper.make_graph(nodes, "g", [x], [y, z], [w, const("s0", [0]), const("e0", [8]), const("s1", [8]),
+                                                   const("e1", [16]), const("e2", [4]), const("ax", [1])])
+    proto = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    s = analyze(proto)
+    plain = decompose(s, RUNTIME)
+    fused = decompose(s, FusionRules(residual_add=True, split_slices=True))
+    assert [k.op for k in plain].count("Slice") == 3
+    split = next(k for k in fused if k.op == "Split")
+    assert set(split.nodes) == {"sl_a", "sl_b"} and split.out_elems == 16 * 64 and split.in_elems == 16 * 64
+    assert [k.op for k in fused].count("Slice") == 1  # the lone slice
+    assert sorted(n for k in fused for n in k.nodes) == sorted(n.name for n in s.nodes)
+    assert FusionRules.from_json(FusionRules(split_slices=True).to_json()).split_slices
+    assert not FusionRules.from_json({}).split_slices  # targets written before the rule
