@@ -33,7 +33,7 @@ def calibrate(
     samples: Annotated[int, typer.Option("--samples", help="Layers (zigzag) or generated networks (onnxruntime) to measure.")] = 400,
     workers: Annotated[int | None, typer.Option("--workers", help="Parallel measurement processes (default: 2 for zigzag, 1 for onnxruntime, whose timings would disturb each other).", show_default=False)] = None,
     seed: Annotated[int, typer.Option("--seed", help="Sampling seed (keep it to resume).")] = 0,
-    max_wait: Annotated[float, typer.Option("--max-wait", help="onnxruntime: wait up to this many seconds per chain for a core no other process uses.")] = 3.0,
+    max_wait: Annotated[float, typer.Option("--max-wait", help="onnxruntime: wait up to this many seconds per network for a core no other process uses.")] = 3.0,
     json_out: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -80,7 +80,7 @@ def calibrate(
     if acc.get("all_kernels"):
         rows["all"] = {**acc["all_kernels"], "n_points": acc.get("measured_points")}
     if acc.get("chains", {}).get("n"):
-        rows["whole chains"] = {**acc["chains"], "n_points": acc.get("jobs")}
+        rows["whole networks"] = {**acc["chains"], "n_points": acc.get("jobs")}
     for kind, s in rows.items():
         has = "within_10pct" in s
         table.add_row(kind, str(s.get("n_points", "")), str(s.get("n", "-")),

@@ -41,8 +41,8 @@ def targets(
         print_json({"targets": docs})
         return
     table = Table(title="Targets", title_justify="left")
-    numeric = ("parallelism", "points", "kernels ±10%", "kernels MAPE", "chains ±10%")
-    for c in ("name", "parallelism", "source", "clock", "dtype", "points", "kernels ±10%", "kernels MAPE", "chains ±10%",
+    numeric = ("parallelism", "points", "kernels ±10%", "kernels MAPE", "networks ±10%")
+    for c in ("name", "parallelism", "source", "clock", "dtype", "points", "kernels ±10%", "kernels MAPE", "networks ±10%",
               "description"):
         table.add_column(c, justify="right" if c in numeric else "left")
     for d in docs:
