@@ -442,9 +442,10 @@ def refresh_specs(dataset: Dataset, fusion: FusionRules, keys=None) -> int:
     fresh = 0
     for key, rec in dataset.records.items():
         pts = rec.get("points") or []
-        style = (rec.get("payload") or {}).get("style", "chain")
-        if (keys is not None and key not in keys) or not pts or style not in BUILDERS:
-            continue
+        payload = rec.get("payload") or {}
+        style = payload.get("style", "chain")
+        if (keys is not None and key not in keys) or not pts or style not in BUILDERS or "seed" not in payload:
+            continue  # not a generated network (a ZigZag layer, say)
         if all("in_from_op" in p["spec"] for p in pts):
             continue
         specs = {k.id: k.spec() for k in decompose(analyze(BUILDERS[style](rec["payload"]["seed"])), fusion)}

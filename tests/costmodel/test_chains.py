@@ -82,3 +82,21 @@ def test_templates_follow_architecture_families():
         assert blocks & {"ibn", "fused_ibn", "depthwise", "residual"}, seed
         assert len(s.stages) >= 3 or builder.macs > 3e9, seed  # ResNet-like plans stop at 3 GMACs
     assert {"ibn", "residual"} <= kinds
+
+
+def test_refresh_specs_rederives_kernel_specs_from_the_seed(tmp_path):
+    """A dataset measured before a spec field existed gets it from the regenerated network."""
+    from archpass.costmodel.calibrate import refresh_specs
+
+    rules = FusionRules(residual_add=True)
+    kernels = decompose(analyze(build_network(4)), rules)
+    old = [{"id": k.id, "ms": 0.1, "nodes": 1,
+            "spec": {f: v for f, v in k.spec().items() if f not in ("in_from_op", "out_to_op")}} for k in kernels]
+    ds = Dataset(tmp_path / "d.jsonl")
+    ds.add({"key": "n4", "payload": {"seed": 4, "style": "network"}, "plain_ms": 1.0, "points": old})
+    ds.add({"key": "z", "payload": {"spec": {}}, "points": [{"spec": {"kind": "conv"}, "ms": 1.0}]})  # a ZigZag layer
+    assert refresh_specs(ds, rules) == 1
+    again = Dataset(tmp_path / "d.jsonl")
+    assert [p["spec"] for p in again.records["n4"]["points"]] == [k.spec() for k in kernels]
+    assert again.records["z"]["points"][0]["spec"] == {"kind": "conv"}
+    assert refresh_specs(again, rules) == 0  # nothing left to refresh
