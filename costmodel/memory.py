@@ -95,6 +95,21 @@ def peak_for_order(sizes: dict[str, int], nodes, order: list[int], inputs: list[
     return peak, peak_i
 
 
+def _single_order(preds, succs) -> bool:
+    """Whether the graph has exactly one topological order."""
+    indeg = [len(p) for p in preds]
+    ready = [i for i, d in enumerate(indeg) if d == 0]
+    while ready:
+        if len(ready) > 1:
+            return False
+        n = ready.pop()
+        for s in succs[n]:
+            indeg[s] -= 1
+            if indeg[s] == 0:
+                ready.append(s)
+    return True
+
+
 def _greedy_orders(sizes, nodes):
     """Topological orders from list scheduling with a few memory-aware priorities."""
     producers = {}
@@ -113,6 +128,8 @@ def _greedy_orders(sizes, nodes):
     for _, ins, _ in nodes:
         for i in set(ins):
             readers[i] = readers.get(i, 0) + 1
+    if _single_order(preds, succs):
+        return  # a chain (no two nodes ever ready together) has no other order
 
     def schedule(priority):
         indeg = [len(p) for p in preds]

@@ -57,3 +57,12 @@ def test_params_bytes_of_a_built_model():
     m = memory(s, 1)
     assert (m.peak_activation_bytes, m.peak_step) == (8 * 256 + 16 * 256, "conv1")
     assert m.best_order_peak_bytes == m.peak_activation_bytes  # a chain has one order
+
+
+def test_order_search_is_skipped_only_when_one_order_exists():
+    from archpass.costmodel.memory import _single_order
+
+    # a -> b -> c: one order; a -> (b, c): two
+    assert _single_order([set(), {0}, {1}], [{1}, {2}, set()])
+    assert not _single_order([set(), {0}, {0}], [{1, 2}, set(), set()])
+    assert not _single_order([set(), set()], [set(), set()])  # two independent sources
