@@ -10,8 +10,11 @@ each target, compares ``archpass.costmodel.estimate``
 * ``edgetpu`` / ``tpu``: ZigZag's evaluation of the whole ONNX model (same hardware,
   mapping, lpf_limit and clock as the target);
 * ``cpu``: onnxruntime CPU EP, 1 thread, median latency of the whole model (five
-  1-second windows minutes apart; the median of the window medians counts, since the
-  machine is shared; the spread between windows is recorded).
+  1-second windows spread over ``--spread-minutes``, 20 by default; the median of the
+  window medians counts, since the machine is shared and its speed drifts: small models
+  measured 9-11% apart in runs 40 minutes apart while ResNet-50 moved 0.6%; the spread
+  between windows and the reference networks' drift against calibration time are
+  recorded).
 
 Prints the figures and writes ``benchmarks/results/predictor_accuracy.json``: per target
 the % of models within ±10%, MAPE, Spearman rank correlation across the variants of each
@@ -222,6 +225,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", default=",".join([*MODELS, *VARIANTS]))
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--reuse-cpu", action="store_true", help="reuse cached onnxruntime measurements")
+    ap.add_argument("--spread-minutes", type=float, default=20.0,
+                    help="spread the onnxruntime timing windows over this many minutes (the shared machine's speed "
+                         "drifts by up to ~10%% for small models over tens of minutes; the median over a longer span is "
+                         "the machine's typical latency)")
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--truths-only", action="store_true", help="only run the (cached) ZigZag whole-model evaluations")
     args = ap.parse_args(argv)
@@ -312,7 +319,13 @@ def main(argv: list[str] | None = None) -> int:
         # again in every window (a shared machine drifts by a few % over an hour)
         refs = reference_networks(t) if todo else []
         ref_times: dict[str, list] = {key: [] for key, _, _ in refs}
-        for _ in range(WINDOWS):
+        t_start = time.time()
+        for w in range(WINDOWS):
+            if w and args.spread_minutes > 0:  # windows evenly spread over the span, idle in between
+                wait = t_start + w * args.spread_minutes * 60 / (WINDOWS - 1) - time.time()
+                if wait > 0:
+                    print(f"ort {t.name}: window {w + 1}/{WINDOWS} in {wait / 60:.1f} min", file=sys.stderr, flush=True)
+                    time.sleep(wait)
             for name in todo:
                 windows[name].append(measure_model(models[name][0].proto, provider, threads, warmup=10, repeats=40,
                                                    min_seconds=1.0))
