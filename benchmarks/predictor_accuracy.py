@@ -12,7 +12,7 @@ each target, compares ``archpass.costmodel.estimate``
 * ``cpu``: onnxruntime CPU EP, 1 thread, median latency of the whole model (five
   1-second windows spread over ``--spread-minutes``, 20 by default; the median of the
   window medians counts, since the machine is shared and its speed drifts: small models
-  measured 9-11% apart in runs 40 minutes apart while ResNet-50 moved 0.6%; the spread
+  measured 9-11% apart in runs 13 minutes apart while ResNet-50 moved 0.7%; the spread
   between windows and the reference networks' drift against calibration time are
   recorded).
 
