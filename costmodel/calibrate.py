@@ -314,8 +314,8 @@ def _ort_work(payload: dict) -> dict:
         per_node, optimized, runs = profile_nodes(model, payload["provider"], payload["threads"],
                                                   payload["warmup"], payload["repeats"])
         times, unmatched, counts = attribute(per_node, optimized, owner, tensor_owner)
-        # the same chain without the profiler: its per-node bookkeeping (about a microsecond
-        # a node here) is inside the node times and must be taken out again (see fit)
+        # the same network without the profiler: its per-node bookkeeping (about 2 us a node
+        # here) is inside the node times and is taken out again (profiler_overhead_ms)
         plain = measure_model(model, payload["provider"], payload["threads"], warmup=3, repeats=15)
     except TargetError:
         raise
@@ -462,23 +462,25 @@ def _finish_runtime(target: Target, dataset: Dataset, out: Path, keys, t0: float
     refresh_specs(dataset, target.fusion, set(keys))
     overhead = profiler_overhead_ms(dataset, keys)
     target.source["profiler_overhead_ms_per_node"] = overhead
-    target = _finish(target, dataset, out, keys, t0, points=corrected_points(dataset, keys, overhead),
-                     contexts=network_contexts(dataset, target))
-    target.accuracy["chains"] = chain_accuracy(target, dataset, keys, overhead)
+    contexts = network_contexts(dataset, target)
+    target = _finish(target, dataset, out, keys, t0, points=corrected_points(dataset, keys, overhead), contexts=contexts)
+    target.accuracy["chains"] = chain_accuracy(target, dataset, keys, overhead, contexts)
     save_target(target, out)
     return target
 
 
-def chain_accuracy(target: Target, dataset: Dataset, keys, overhead_ms: float = 0.0) -> dict:
-    """Held-out chains: predicted sum of kernels vs the chain's median latency measured
-    without the profiler (predictors fitted without those chains' points)."""
+def chain_accuracy(target: Target, dataset: Dataset, keys, overhead_ms: float = 0.0,
+                   contexts: dict[str, tuple[float, ...]] | None = None) -> dict:
+    """Held-out networks (or chains): predicted sum of kernels vs the network's median
+    latency measured without the profiler (predictors fitted without those networks'
+    points).  ``contexts``: :func:`network_contexts`, computed here when not given."""
     from archpass.costmodel.estimate import predict_kernels
 
     keys = set(keys)
     train = [p for p in corrected_points(dataset, keys, overhead_ms) if not held_out(p[0])]
     if len(train) < 10:
         return {"n": 0}
-    preds, _ = fit_predictors(target, train, contexts=network_contexts(dataset, target))
+    preds, _ = fit_predictors(target, train, contexts=contexts if contexts is not None else network_contexts(dataset, target))
     probe = Target(**{**target.__dict__, "predictors": preds})
     pred, meas = [], []
     for key, rec in dataset.records.items():

@@ -26,7 +26,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from archpass.costmodel.sampling import _loguniform, channel_cap, channels, spatial
+from archpass.costmodel.sampling import channel_cap, channels, loguniform, spatial
 from archpass.structure import conv_out
 
 ACTS = ["relu", "relu6", "hardswish", "swish", None]
@@ -53,8 +53,7 @@ class ChainBuilder:
 
     def ch(self, lo: int, hi: int) -> int:
         """A channel count (a multiple of 8 in aligned chains)."""
-        c = channels(self.rng, lo, hi)
-        return max(8, -(-c // 8) * 8) if self.aligned else c
+        return self.align(channels(self.rng, lo, hi))
 
     def align(self, c: int) -> int:
         return max(8, -(-c // 8) * 8) if self.aligned else c
@@ -263,7 +262,7 @@ class ChainBuilder:
         res = rng.choice([96, 128, 160, 160, 192, 224, 224, 256])
         shape = (3, res, res)
         inp = helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, *shape])
-        mult = _loguniform(rng, 0.25, 1.5)
+        mult = loguniform(rng, 0.25, 1.5)
 
         def width(c: float) -> int:
             w = max(4, int(round(c * mult)))

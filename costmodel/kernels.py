@@ -362,7 +362,7 @@ def decompose(structure: Structure, rules: FusionRules) -> list[Kernel]:
     # layers without a node in Structure.nodes (should not happen) still count
     seen = {k.id for k in kernels}
     kernels.extend(k for k in layer_kernels.values() if k.id not in seen)
-    return _mark_boundaries(structure, kernels, producer, consumers, outputs)
+    return _mark_boundaries(structure, kernels, producer, outputs)
 
 
 CONV_KINDS = ("conv", "dwconv")
@@ -390,10 +390,9 @@ def _slice_partitions(structure: Structure, consumers: dict[str, list[Node]]) ->
 
 
 def _mark_boundaries(structure: Structure, kernels: list[Kernel], producer: dict[str, Node],
-                     consumers: dict[str, list[Node]], outputs: set[str]) -> list[Kernel]:
+                     outputs: set[str]) -> list[Kernel]:
     """Set ``in_from_op`` / ``out_to_op`` of every kernel from its neighbours' kinds (one
-    pass over the graph's edges)."""
-    del consumers  # the edges are walked from the consumer side
+    pass over the graph's edges, from the consumer side)."""
     owner = {n: i for i, k in enumerate(kernels) for n in k.nodes}
     conv = [k.kind in CONV_KINDS for k in kernels]
     from_op = [False] * len(kernels)

@@ -16,12 +16,12 @@ import random
 from archpass.structure import conv_out
 
 
-def _loguniform(rng: random.Random, lo: float, hi: float) -> float:
+def loguniform(rng: random.Random, lo: float, hi: float) -> float:
     return math.exp(rng.uniform(math.log(lo), math.log(hi)))
 
 
 def channels(rng: random.Random, lo: int, hi: int) -> int:
-    c = int(round(_loguniform(rng, lo, max(hi, lo + 1))))
+    c = int(round(loguniform(rng, lo, max(hi, lo + 1))))
     r = rng.random()
     if r < 0.45 and c >= 8:
         c = max(8, int(round(c / 8)) * 8)
@@ -72,7 +72,7 @@ def sample_layer(rng: random.Random, any_size: bool = False) -> dict:
         cin, cout, g = c, c, c
     elif r < 0.44:  # grouped (ResNeXt/RegNet)
         gw = rng.choice([8, 16, 24, 32, 48, 64])
-        g = max(1, int(_loguniform(rng, 1, max(2, cap / gw))))
+        g = max(1, int(loguniform(rng, 1, max(2, cap / gw))))
         cin = cout = gw * g
         k, s = 3, rng.choice([1, 1, 2])
     else:
