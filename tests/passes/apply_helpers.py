@@ -27,7 +27,7 @@ RTOL = 1e-5
 def loaded(name: str) -> tuple[Model, Structure]:
     import zoo
 
-    model = load_model(zoo.export_model(name))
+    model = load_model(zoo.model_path(name))
     return model, analyze(model)
 
 
