@@ -21,6 +21,7 @@ from onnx import numpy_helper
 
 from archpass.activations import UNARY, find_activation
 from archpass.model import Model
+from archpass.record import read_provenance
 from archpass.structure import Block, ChannelGroup, Layer, Member, Node, Stage, Structure, Tensor
 
 ELEMENTWISE_UNARY = {
@@ -842,26 +843,10 @@ def analyze(model: Model | onnx.ModelProto) -> Structure:
     """Analyze a loaded (canonical, statically shaped) model."""
     proto = model.proto if isinstance(model, Model) else model
     structure = _Analyzer(proto).run()
-    prov = _provenance(proto)
+    prov = read_provenance(proto)
     if prov:  # layers a pass rewrote carry its tag (see archpass.passes.base.tag)
         from dataclasses import replace
 
         structure = replace(structure, layers=tuple(
             replace(l, provenance=", ".join(prov[l.id])) if prov.get(l.id) else l for l in structure.layers))
     return structure
-
-
-def _provenance(proto: onnx.ModelProto) -> dict[str, list[str]]:
-    """The ``archpass.provenance`` metadata map (node name -> pass tags) of a rewritten model."""
-    import json
-
-    from archpass.record import PROVENANCE_KEY
-
-    for p in proto.metadata_props:
-        if p.key == PROVENANCE_KEY:
-            try:
-                doc = json.loads(p.value)
-            except json.JSONDecodeError:
-                return {}
-            return {str(k): [str(x) for x in v] for k, v in doc.items() if isinstance(v, list)} if isinstance(doc, dict) else {}
-    return {}
