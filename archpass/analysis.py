@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from archpass.activations import UNARY, find_activation
+from archpass.activations import UNARY, attr, find_activation
 from archpass.model import Model
 from archpass.record import read_provenance
 from archpass.structure import Block, ChannelGroup, Layer, Member, Node, Stage, Structure, Tensor
@@ -36,13 +36,6 @@ CHANNEL_PRESERVING = {
 }
 NORMS = {"BatchNormalization", "InstanceNormalization"}
 ELEM_BYTES = {1: 4, 2: 1, 3: 1, 4: 2, 5: 2, 6: 4, 7: 8, 9: 1, 10: 2, 11: 8, 12: 4, 13: 8, 16: 2}
-
-
-def _attr(node: onnx.NodeProto, name: str, default=None):
-    for a in node.attribute:
-        if a.name == name:
-            return onnx.helper.get_attribute_value(a)
-    return default
 
 
 class _UnionFind:
@@ -270,15 +263,15 @@ class _Analyzer:
         spatial: list[tuple[str, object]] = []
         if n.op_type in ("Conv", "MaxPool", "AveragePool", "LpPool", "ConvTranspose"):
             w = self.shape(n.input[1]) if n.op_type in ("Conv", "ConvTranspose") else None
-            k = tuple(_attr(n, "kernel_shape", w[2:] if w else ()))
+            k = tuple(attr(n, "kernel_shape", w[2:] if w else ()))
             nd = len(k)
             spatial += [
                 ("kernel", k),
-                ("strides", tuple(_attr(n, "strides", [1] * nd))),
-                ("pads", tuple(_attr(n, "pads", [0] * (2 * nd)))),
-                ("dilations", tuple(_attr(n, "dilations", [1] * nd))),
-                ("ceil_mode", int(_attr(n, "ceil_mode", 0))),
-                ("auto_pad", _attr(n, "auto_pad", b"NOTSET").decode() if isinstance(_attr(n, "auto_pad", b""), bytes) else "NOTSET"),
+                ("strides", tuple(attr(n, "strides", [1] * nd))),
+                ("pads", tuple(attr(n, "pads", [0] * (2 * nd)))),
+                ("dilations", tuple(attr(n, "dilations", [1] * nd))),
+                ("ceil_mode", int(attr(n, "ceil_mode", 0))),
+                ("auto_pad", attr(n, "auto_pad", b"NOTSET").decode() if isinstance(attr(n, "auto_pad", b""), bytes) else "NOTSET"),
             ]
         elif n.op_type in ("Resize", "Upsample"):
             scales = self.const(n.input[2]) if len(n.input) > 2 and n.input[2] else None
@@ -290,16 +283,16 @@ class _Analyzer:
             if sizes is not None and sizes.size:
                 spatial.append(("sizes", tuple(int(s) for s in sizes)))
         elif n.op_type == "Transpose":
-            spatial.append(("perm", tuple(int(p) for p in _attr(n, "perm", list(range(len(self.shape(n.input[0]))))[::-1]))))
+            spatial.append(("perm", tuple(int(p) for p in attr(n, "perm", list(range(len(self.shape(n.input[0]))))[::-1]))))
         elif n.op_type in ("Flatten", "Concat"):
-            spatial.append(("axis", int(_attr(n, "axis", 1))))
+            spatial.append(("axis", int(attr(n, "axis", 1))))
         elif n.op_type in ("Squeeze", "Unsqueeze") or n.op_type.startswith("Reduce"):
             # what archpass.spatial needs to recompute shapes at another input resolution
             rank = len(self.shape(n.output[0] if n.op_type == "Unsqueeze" else n.input[0]))
             axes = self._axes(n, rank) if rank else None
             spatial.append(("axes", None if axes is None else tuple(axes)))
-            spatial.append(("keepdims", int(_attr(n, "keepdims", 1))))
-            spatial.append(("noop_with_empty_axes", int(_attr(n, "noop_with_empty_axes", 0))))
+            spatial.append(("keepdims", int(attr(n, "keepdims", 1))))
+            spatial.append(("noop_with_empty_axes", int(attr(n, "noop_with_empty_axes", 0))))
         layer = n.name if n.name in self.layers else None
         return Node(n.name, n.op_type, tuple(n.input), tuple(n.output), layer, tuple(spatial))
 
@@ -321,12 +314,12 @@ class _Analyzer:
         elif op in CHANNEL_PRESERVING:
             x = self.info(ins[0])
             if op == "Pad" and x.axis is not None:
-                pads = self.const(ins[1]) if len(ins) > 1 and ins[1] else np.array(_attr(n, "pads", []))
+                pads = self.const(ins[1]) if len(ins) > 1 and ins[1] else np.array(attr(n, "pads", []))
                 r = len(x.shape)
                 if pads is not None and pads.size == 2 * r and (pads[x.axis] or pads[x.axis + r]):
                     self.fix_tensor(ins[0], f"Pad node '{n.name}' pads the channel axis")
             if op in ("Softmax", "LogSoftmax") and x.axis is not None:
-                ax = _attr(n, "axis", -1) % max(len(x.shape), 1)
+                ax = attr(n, "axis", -1) % max(len(x.shape), 1)
                 if ax == x.axis:
                     for s in x.segs:
                         self.uf.add(s, Member(n.name, op, "elementwise"))
@@ -379,12 +372,12 @@ class _Analyzer:
         xs, ys = self.shape(x), self.shape(y)
         if len(ws) != 4 or len(xs) != 4:
             return self.visit_unknown(n, f"{len(ws) - 2}-D convolution '{n.name}' is not rewritten")
-        groups = int(_attr(n, "group", 1))
+        groups = int(attr(n, "group", 1))
         cout, cin_g, kh, kw = ws
         cin = cin_g * groups
-        strides = tuple(_attr(n, "strides", [1, 1]))
-        dil = tuple(_attr(n, "dilations", [1, 1]))
-        pads = tuple(_attr(n, "pads", [0, 0, 0, 0]))
+        strides = tuple(attr(n, "strides", [1, 1]))
+        dil = tuple(attr(n, "dilations", [1, 1]))
+        pads = tuple(attr(n, "pads", [0, 0, 0, 0]))
         pads = (pads[0], pads[1], pads[2], pads[3])
         xi = self.info(x)
         bias = len(n.input) > 2 and bool(n.input[2])
@@ -434,8 +427,8 @@ class _Analyzer:
     def visit_gemm(self, n: onnx.NodeProto) -> None:
         x, w, y = n.input[0], n.input[1], n.output[0]
         ws = self.shape(w)
-        tb = int(_attr(n, "transB", 0))
-        ta = int(_attr(n, "transA", 0))
+        tb = int(attr(n, "transB", 0))
+        ta = int(attr(n, "transA", 0))
         cout, cin = (ws[0], ws[1]) if tb else (ws[1], ws[0])
         xi = self.info(x)
         ok = ta == 0 and xi.axis == 1 and len(self.shape(x)) == 2
@@ -494,7 +487,7 @@ class _Analyzer:
     def visit_concat(self, n: onnx.NodeProto) -> None:
         out = n.output[0]
         oshape = self.shape(out)
-        axis = _attr(n, "axis", 0) % max(len(oshape), 1)
+        axis = attr(n, "axis", 0) % max(len(oshape), 1)
         infos = [(i, self.info(i)) for i in n.input if i]
         tracked = [ti for _, ti in infos if ti.axis is not None]
         if len(tracked) != len(infos):
@@ -526,7 +519,7 @@ class _Analyzer:
         x, out = n.input[0], n.output[0]
         xi = self.info(x)
         xs = self.shape(x)
-        axis = _attr(n, "axis", 1) % max(len(xs), 1) if xs else 1
+        axis = attr(n, "axis", 1) % max(len(xs), 1) if xs else 1
         if xi.axis is None:
             return self.fresh(out, None)
         rest = [d for i, d in enumerate(xs) if i >= axis and i != xi.axis]
@@ -565,14 +558,14 @@ class _Analyzer:
     def visit_transpose(self, n: onnx.NodeProto) -> None:
         x, out = n.input[0], n.output[0]
         xi = self.info(x)
-        perm = list(_attr(n, "perm", list(range(len(xi.shape)))[::-1]))
+        perm = list(attr(n, "perm", list(range(len(xi.shape)))[::-1]))
         if xi.axis is None:
             return self.fresh(out, None)
         self.t[out] = _TInfo(self.shape(out), perm.index(xi.axis), list(xi.segs),
                              tuple(perm.index(a) for a in xi.spatial if a in perm))
 
     def _axes(self, n: onnx.NodeProto, rank: int) -> list[int] | None:
-        axes = _attr(n, "axes")
+        axes = attr(n, "axes")
         if axes is None and len(n.input) > 1 and n.input[1]:
             v = self.const(n.input[1])
             axes = None if v is None else v.tolist()
@@ -609,8 +602,8 @@ class _Analyzer:
             return self.fresh(out, None)
         axes = self._axes(n, len(xs))
         if axes is None:
-            axes = [] if _attr(n, "noop_with_empty_axes", 0) else list(range(len(xs)))
-        keep = int(_attr(n, "keepdims", 1))
+            axes = [] if attr(n, "noop_with_empty_axes", 0) else list(range(len(xs)))
+        keep = int(attr(n, "keepdims", 1))
         if xi.axis in axes:
             for s in xi.segs:
                 self.uf.add(s, Member(n.name, n.op_type, "reduce"))
@@ -622,7 +615,7 @@ class _Analyzer:
         x, out = n.input[0], n.output[0]
         xi = self.info(x)
         xs = self.shape(x)
-        axis = _attr(n, "axis", -1) % len(xs)
+        axis = attr(n, "axis", -1) % len(xs)
         self.same_layout(out, x)
         if xi.axis is not None and xi.axis >= axis:
             for s in xi.segs:
@@ -640,7 +633,7 @@ class _Analyzer:
                 self.fresh(o, None)
             return
         if n.op_type == "Split":
-            axis = _attr(n, "axis", 0) % len(xs)
+            axis = attr(n, "axis", 0) % len(xs)
         else:
             axes = self.const(n.input[3]) if len(n.input) > 3 and n.input[3] else None
             axis = None if axes is None else [int(a) % len(xs) for a in axes.tolist()]

@@ -21,14 +21,13 @@ from typing import Callable, Iterable
 import numpy as np
 
 from archpass.costmodel.features import feature_rows, network_context
-from archpass.costmodel.kernels import LAYER_KINDS, FusionRules, Kernel
+from archpass.costmodel.kernels import GENERIC_OP, LAYER_KINDS, FusionRules, Kernel
 from archpass.costmodel.predictor import Predictor
 from archpass.costmodel.target import Target, save_target
 from archpass.errors import TargetError
 
 Progress = Callable[[int, int, str], None]
 DATASET = "dataset.jsonl"
-GENERIC_OP = "op"
 HOLDOUT = 0.2
 
 

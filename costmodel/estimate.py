@@ -7,12 +7,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from archpass.costmodel.features import feature_rows, network_context
-from archpass.costmodel.kernels import LAYER_KINDS, Kernel, decompose
+from archpass.costmodel.kernels import GENERIC_OP, LAYER_KINDS, Kernel, decompose
 from archpass.costmodel.memory import memory
 from archpass.costmodel.target import Target, load_target
 from archpass.structure import Structure
-
-GENERIC_OP = "op"  # predictor fitted on every standalone op: used for kinds never measured
 
 
 @dataclass(frozen=True)
