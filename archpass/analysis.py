@@ -19,10 +19,11 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from archpass.activations import UNARY, attr, find_activation
+from archpass.activations import attr, find_activation
+from archpass.blocks import find_blocks
 from archpass.model import Model
 from archpass.record import read_provenance
-from archpass.structure import Block, ChannelGroup, Layer, Member, Node, Stage, Structure, Tensor
+from archpass.structure import ChannelGroup, Layer, Member, Node, Structure, Tensor
 
 ELEMENTWISE_UNARY = {
     "Relu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "LeakyRelu", "Elu", "Selu", "Gelu", "Erf",
@@ -250,7 +251,7 @@ class _Analyzer:
             layers.append(Layer(**{**l.__dict__,
                                    "in_groups": tuple(gname(s) for s in ti_in.segs),
                                    "out_group": gname(ti_out.segs[0]) if ti_out.segs else ""}))
-        blocks, stages = _find_blocks(layers, self)
+        blocks, stages = find_blocks(layers, g.node, self.consumers)
         inputs = tuple((vi.name, self.shape(vi.name)) for vi in graph_inputs)
         outputs = tuple((vi.name, self.shape(vi.name)) for vi in g.output)
         return Structure(
@@ -674,162 +675,6 @@ class _Analyzer:
                 self.fix_tensor(x, why)
                 self.fresh(o, axis, reason=why)
             start = end
-
-
-# ---------------------------------------------------------------------------- blocks
-def _find_blocks(layers: list[Layer], an: _Analyzer) -> tuple[list[Block], list[Stage]]:
-    by_id = {l.id: l for l in layers}
-    by_input: dict[str, list[Layer]] = defaultdict(list)
-    for l in layers:
-        by_input[l.input].append(l)
-    order = {l.id: i for i, l in enumerate(layers)}
-    used: set[str] = set()
-
-    def sole_layer_after(tensor: str) -> Layer | None:
-        cons = an.consumers.get(tensor, [])
-        if len(cons) == 1 and cons[0].name in by_id and cons[0].input[0] == tensor:
-            return by_id[cons[0].name]
-        return None
-
-    def se_after(tensor: str) -> tuple[list[str], str]:
-        """Squeeze-and-excitation after ``tensor``: (its layer ids, the gated tensor) or ([], tensor)."""
-        cons = an.consumers.get(tensor, [])
-        if len(cons) != 2:
-            return [], tensor
-        pool = [c for c in cons if c.op_type in ("GlobalAveragePool", "ReduceMean")]
-        mul = [c for c in cons if c.op_type == "Mul"]
-        if len(pool) != 1 or len(mul) != 1:
-            return [], tensor
-        se_layers: list[str] = []
-        cur = pool[0].output[0]
-        for _ in range(4):
-            nxt = an.consumers.get(cur, [])
-            if len(nxt) != 1:
-                return [], tensor
-            node = nxt[0]
-            if node.name in by_id:
-                se_layers.append(node.name)
-                cur = by_id[node.name].act_output
-            elif node.op_type in UNARY or node.op_type in ("Clip", "Flatten", "Reshape", "Unsqueeze", "Squeeze", "Add", "Div", "Mul"):
-                if node is mul[0]:
-                    break
-                cur = node.output[0]
-            if cur in mul[0].input:
-                break
-        if cur in mul[0].input and len(se_layers) == 2:
-            return se_layers, mul[0].output[0]
-        return [], tensor
-
-    def residual_add(block_in: str, out: str) -> str | None:
-        cons = an.consumers.get(out, [])
-        if len(cons) == 1 and cons[0].op_type == "Add" and block_in in cons[0].input and out in cons[0].input:
-            return cons[0].name
-        return None
-
-    raw: list[tuple[int, str, list[str], bool, list[tuple[str, str]], str | None]] = []
-    for l in layers:
-        if l.id in used:
-            continue
-        # --- ibn: 1x1 expand -> act -> KxK depthwise -> act -> [SE] -> 1x1 project -> [Add]
-        if l.pointwise and l.activation:
-            d = sole_layer_after(l.act_output)
-            if d and d.depthwise and d.activation and d.cin == l.cout:
-                se, gated = se_after(d.act_output)
-                p = sole_layer_after(gated)
-                if p and p.pointwise and p.id not in used:
-                    roles = [("expand", l.id), ("depthwise", d.id)]
-                    if se:
-                        roles += [("se_reduce", se[0]), ("se_expand", se[1])]
-                    roles.append(("project", p.id))
-                    add = residual_add(l.input, p.act_output)
-                    ids = [l.id, d.id, *se, p.id]
-                    used.update(ids)
-                    raw.append((order[l.id], "ibn", ids, add is not None, roles, add))
-                    continue
-        # --- fused_ibn: KxK dense (expanding) -> act -> [SE] -> 1x1 project -> [Add]
-        if l.op == "Conv" and l.groups == 1 and l.kernel != (1, 1) and l.activation and l.cout > l.cin:
-            se, gated = se_after(l.act_output)
-            p = sole_layer_after(gated)
-            if p and p.pointwise and p.activation is None and p.id not in used:  # a linear bottleneck
-                roles = [("fused", l.id)]
-                if se:
-                    roles += [("se_reduce", se[0]), ("se_expand", se[1])]
-                roles.append(("project", p.id))
-                add = residual_add(l.input, p.act_output)
-                ids = [l.id, *se, p.id]
-                used.update(ids)
-                raw.append((order[l.id], "fused_ibn", ids, add is not None, roles, add))
-                continue
-        # --- depthwise: KxK depthwise -> act -> [SE] -> [1x1 pointwise] (no expansion before it)
-        if l.depthwise:
-            roles = [("depthwise", l.id)]
-            ids = [l.id]
-            se, gated = se_after(l.act_output) if l.activation else ([], l.act_output)
-            if se:
-                roles += [("se_reduce", se[0]), ("se_expand", se[1])]
-                ids += se
-            p = sole_layer_after(gated)
-            if p and p.pointwise and p.id not in used:
-                roles.append(("project", p.id))
-                ids.append(p.id)
-            out = by_id[ids[-1]].act_output
-            add = residual_add(l.input, out)
-            used.update(ids)
-            raw.append((order[l.id], "depthwise", ids, add is not None, roles, add))
-    # --- residual: any other residual Add fed by a chain of layers from the block input, with an
-    #     identity or a projection shortcut (ResNet basic and bottleneck blocks)
-    taken_adds = {r[5] for r in raw if r[5]}
-    by_act_out = {l.act_output: l for l in layers}
-    for node in an.g.node:
-        if node.op_type != "Add" or node.name in taken_adds or len(node.input) != 2:
-            continue
-        for skip, main in (node.input, node.input[::-1]):
-            chain: list[Layer] = []
-            cur = main
-            found = None
-            while cur in by_act_out and len(chain) < 4:
-                lay = by_act_out[cur]
-                if lay.id in used or len(an.consumers.get(lay.act_output, [])) != 1:
-                    break
-                chain.insert(0, lay)
-                start = lay.input
-                if skip == start and len(chain) >= 1:
-                    found = (chain[:], None)
-                    break
-                sc = by_act_out.get(skip)
-                if sc is not None and sc.input == start and sc.id not in used and sc not in chain:
-                    found = (chain[:], sc)
-                    break
-                cur = start
-            if found and len(found[0]) >= 2 - (found[1] is not None):
-                main_layers, shortcut = found
-                roles = [(f"conv{i}", x.id) for i, x in enumerate(main_layers)]
-                ids = [x.id for x in main_layers]
-                if shortcut is not None:
-                    roles.append(("shortcut", shortcut.id))
-                    ids.append(shortcut.id)
-                used.update(ids)
-                first = min(order[i] for i in ids)
-                raw.append((first, "residual", ids, True, roles, node.name))
-                break
-    raw.sort(key=lambda r: r[0])
-    blocks: list[Block] = []
-    stages: list[Stage] = []
-    cur_hw = None
-    stage_blocks: list[str] = []
-    for i, (_, kind, ids, res, roles, add) in enumerate(raw):
-        bid = f"block{i}"
-        # the block's resolution is its main path's output (not an SE or shortcut layer)
-        hw = by_id[[lid for r, lid in roles if r not in ("shortcut", "se_reduce", "se_expand")][-1]].out_hw
-        if hw != cur_hw:
-            if stage_blocks:
-                stages.append(Stage(f"stage{len(stages)}", len(stages), tuple(stage_blocks), cur_hw))
-            stage_blocks, cur_hw = [], hw
-        stage_blocks.append(bid)
-        blocks.append(Block(bid, kind, tuple(ids), res, len(stages), tuple(roles), add))
-    if stage_blocks:
-        stages.append(Stage(f"stage{len(stages)}", len(stages), tuple(stage_blocks), cur_hw))
-    return blocks, stages
 
 
 def analyze(model: Model | onnx.ModelProto) -> Structure:
