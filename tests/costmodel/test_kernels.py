@@ -66,6 +66,22 @@ def test_post_add_activation_is_fused_resnet_style():
     assert len(ks) == 3
 
 
+def test_residual_add_is_not_fused_into_a_conv_that_has_an_activation():
+    """A conv -> act -> Add runs the Add on its own: the runtime fuses an Add only right after the conv."""
+    b = NetBuilder((1, 8, 16, 16)).conv(8, 3, act="relu", name="stem")
+    b.add(lambda b: b.conv(8, 3, act="relu", name="c"), lambda b: None, name="join")
+    s = analyze(b.build())
+    ks = decompose(s, RUNTIME)
+    conv = next(k for k in ks if k.layers == ("c",))
+    assert conv.act == "relu" and not conv.fused_add and "join" not in conv.nodes
+    assert [k.kind for k in ks if "join" in k.nodes] == ["eltwise"]
+    # the same block with a linear conv does fuse it, so the rule is what decides
+    b = NetBuilder((1, 8, 16, 16)).conv(8, 3, act="relu", name="stem")
+    b.add(lambda b: b.conv(8, 3, act=None, name="c"), lambda b: None, name="join")
+    conv = next(k for k in decompose(analyze(b.build()), RUNTIME) if k.layers == ("c",))
+    assert conv.fused_add and "join" in conv.nodes
+
+
 def test_swish_as_mul_sigmoid_fuses_when_allowed_and_not_otherwise():
     s = analyze(NetBuilder((1, 8, 16, 16)).conv(16, 3, act="silu").build())
     (k,) = decompose(s, RUNTIME)

@@ -3,6 +3,8 @@ architecture, applying twice, and random valid recipes (hypothesis)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -51,6 +53,23 @@ def test_invalid_recipes(net, rewrites, msg):
     with pytest.raises(RecipeError, match=msg) as exc:
         apply_recipe_shapes(s, rewrites)
     assert "\n" not in exc.value.line()
+
+
+def test_engine_refuses_a_graph_rewrite_its_shape_path_did_not_predict(net, monkeypatch):
+    """The engine's own check, not the tests' helper: a pass whose shape-only path disagrees
+    with the ONNX it emits makes apply_recipe raise."""
+    model, s = net
+    pass_ = registry()["channels"]
+    real = pass_.apply_shapes
+    group = next(g.id for g in s.groups if g.adjustable)
+    recipe = [{"pass": "channels", "site": group, "channels": 4}]
+    # the shape-only path "forgets" the rewrite; the graph path still makes it
+    monkeypatch.setattr(pass_, "apply_shapes", lambda st, site, choice: dataclasses.replace(
+        real(st, site, choice), structure=st))
+    with pytest.raises(AssertionError, match="emitted ONNX"):
+        apply_recipe(model, Recipe.of(recipe), structure=s)
+    applied = apply_recipe(model, Recipe.of(recipe), structure=s, verify=False)  # the check is what refuses it
+    assert applied.structure is s
 
 
 def test_site_rewritten_away_by_an_earlier_rewrite(net):
