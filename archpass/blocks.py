@@ -188,28 +188,21 @@ LAYER_RULES: tuple[Callable[[Layer, BlockGraph], Match | None], ...] = (match_ib
 ADD_RULES: tuple[Callable[[onnx.NodeProto, BlockGraph], Match | None], ...] = (match_residual,)
 
 
+def _claim_first(anchor, rules, g: BlockGraph) -> Match | None:
+    """The first rule's match on ``anchor``; its layers are claimed."""
+    for rule in rules:
+        m = rule(anchor, g)
+        if m is not None:
+            g.used.update(m.ids)
+            return m
+    return None
+
+
 def find_matches(g: BlockGraph) -> list[Match]:
     """Every block, in execution order of its first layer."""
-    found: list[Match] = []
-    for l in g.layers:
-        if l.id in g.used:
-            continue
-        for rule in LAYER_RULES:
-            m = rule(l, g)
-            if m is not None:
-                g.used.update(m.ids)
-                found.append(m)
-                break
+    found = [m for l in g.layers if l.id not in g.used and (m := _claim_first(l, LAYER_RULES, g))]
     taken_adds = {m.add for m in found if m.add}
-    for node in g.nodes:
-        if node.name in taken_adds:
-            continue
-        for rule in ADD_RULES:
-            m = rule(node, g)
-            if m is not None:
-                g.used.update(m.ids)
-                found.append(m)
-                break
+    found += [m for n in g.nodes if n.name not in taken_adds and (m := _claim_first(n, ADD_RULES, g))]
     return sorted(found, key=lambda m: min(g.order[i] for i in m.ids))
 
 
