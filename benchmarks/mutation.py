@@ -31,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from _common import ROOT, write_results
@@ -161,6 +162,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("modules", nargs="*", default=list(MODULES))
     ap.add_argument("--minutes", type=float, default=20.0, help="bound on each module's run")
+    ap.add_argument("--jobs", type=int, default=1, help="modules run at once, each in its own clone")
     ap.add_argument("--merge", action="store_true", help="keep other modules' results already in mutation.json")
     opts = ap.parse_args()
     unknown = [m for m in opts.modules if m not in MODULES]
@@ -171,16 +173,22 @@ def main() -> int:
     old = ROOT / "benchmarks" / "results" / "mutation.json"
     if opts.merge and old.exists():
         results = json.loads(old.read_text()).get("modules", {})
-    with tempfile.TemporaryDirectory(prefix="archpass-mutation-") as d:
-        clone = Path(d) / "repo"
-        subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
-        subprocess.run(["git", "checkout", "-q", commit], cwd=clone, check=True)
-        env = {**os.environ, "PYTHONPATH": str(_shim(clone)), "PYTHONDONTWRITEBYTECODE": "1"}
-        for module in opts.modules:
+
+    def one(module: str) -> tuple[str, dict]:
+        with tempfile.TemporaryDirectory(prefix="archpass-mutation-") as d:
+            clone = Path(d) / "repo"
+            subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
+            subprocess.run(["git", "checkout", "-q", commit], cwd=clone, check=True)
+            env = {**os.environ, "PYTHONPATH": str(_shim(clone)), "PYTHONDONTWRITEBYTECODE": "1"}
             r = run_module(module, clone, env, opts.minutes)
+        print(f"{module:28s} {r['kill_ratio']} killed of {r['tested']} tested ({r['counts']}) "
+              f"{'' if r['finished'] else 'NOT FINISHED '}{r['seconds']} s", flush=True)
+        return module, r
+
+    # each module in its own clone; --jobs of them at once (a nice'd run gets little CPU on a busy machine)
+    with ThreadPoolExecutor(max_workers=opts.jobs) as pool:
+        for module, r in pool.map(one, opts.modules):
             results[module] = r
-            print(f"{module:28s} {r['kill_ratio']} killed of {r['tested']} tested ({r['counts']}) "
-                  f"{'' if r['finished'] else 'NOT FINISHED '}{r['seconds']} s", flush=True)
     total_tested = sum(r["tested"] for r in results.values())
     total_killed = sum(r["counts"].get("ok_killed", 0) + r["counts"].get("bad_timeout", 0) for r in results.values())
     out = write_results("mutation", {"tool": "mutmut 2.5.1", "commit": commit, "string_mutations": False,
