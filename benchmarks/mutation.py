@@ -7,7 +7,7 @@ the kill ratio per module, with every surviving mutant's diff, to
 benchmarks/results/mutation.json.  Where ``functions`` is given only those functions are
 mutated (the fusion rules of kernels.py, the loading checks of model.py).
 
-String mutations are off (they rewrite error-message text, which is checked by the
+String and f-string mutations are off (they rewrite error-message text, which is checked by the
 tests that matter and otherwise only measures wording).  Each run is bounded by
 ``--minutes`` (default 20 per module) and mutmut's own per-mutant timeout.  Run it alone
 and nice'd::
@@ -116,7 +116,7 @@ def run_module(module: str, clone: Path, env: dict, minutes: float) -> dict:
     if cache.exists():
         cache.unlink()
     args = [sys.executable, "-m", "mutmut", "run", "--paths-to-mutate", module, "--tests-dir", "tests",
-            "--runner", f"{sys.executable} -m pytest {FAST} {tests}", "--disable-mutation-types", "string",
+            "--runner", f"{sys.executable} -m pytest {FAST} {tests}", "--disable-mutation-types", "string,fstring",
             "--simple-output", "--no-progress"]
     if functions:
         patch = clone.parent / (module.replace("/", "_") + ".patch")
