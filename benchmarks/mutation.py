@@ -105,9 +105,10 @@ def _patch_for(path: Path, functions: tuple[str, ...]) -> str:
 def _statuses(cache: Path) -> list[dict]:
     con = sqlite3.connect(cache)
     rows = con.execute(
-        "SELECT m.id, m.status, l.line, l.line_number FROM Mutant m JOIN Line l ON m.line = l.id ORDER BY m.id").fetchall()
+        "SELECT m.id, m.status, m.'index', l.line, l.line_number FROM Mutant m JOIN Line l ON m.line = l.id "
+        "ORDER BY m.id").fetchall()
     con.close()
-    return [{"id": i, "status": s, "line": line, "line_number": n + 1} for i, s, line, n in rows]
+    return [{"id": i, "status": s, "index": k, "line": line, "line_number": n + 1} for i, s, k, line, n in rows]
 
 
 def run_module(module: str, clone: Path, env: dict, minutes: float) -> dict:
@@ -144,8 +145,8 @@ def run_module(module: str, clone: Path, env: dict, minutes: float) -> dict:
         minus = [l[1:].strip() for l in diff.splitlines() if l.startswith("-") and not l.startswith("---")]
         plus = [l[1:].strip() for l in diff.splitlines() if l.startswith("+") and not l.startswith("+++")]
         key = (module, minus[0] if minus else "", plus[0] if plus else "")
-        survivors.append({"id": r["id"], "status": r["status"], "line_number": r["line_number"],
-                          "from": key[1], "to": key[2], "explained": EXPLAINED.get(key)})
+        survivors.append({"id": r["id"], "status": r["status"], "line_number": r["line_number"], "index": r["index"],
+                          "line": r["line"], "from": key[1], "to": key[2], "explained": EXPLAINED.get(key)})
     tested = sum(v for k, v in counts.items() if k != "untested" and k != "skipped")
     killed = counts.get("ok_killed", 0) + counts.get("bad_timeout", 0)  # a hang is caught, if slowly
     explained = sum(1 for s in survivors if s["explained"] and s["status"] == "bad_survived")
@@ -158,11 +159,66 @@ def run_module(module: str, clone: Path, env: dict, minutes: float) -> dict:
     }
 
 
+def _mutant_source(module: str, src: str, survivor: dict) -> str | None:
+    """``src`` with ``survivor``'s mutation applied (found by its line's text), or None if that line is gone."""
+    from types import SimpleNamespace
+
+    from mutmut import Context, RelativeMutationID, mutate, mutations_by_type
+
+    lines = src.splitlines()
+    at = survivor["line_number"] - 1
+    if not (0 <= at < len(lines) and lines[at] == survivor["line"]):
+        same = [i for i, line in enumerate(lines) if line == survivor["line"]]
+        if len(same) != 1:
+            return None
+        at = same[0]
+    config = SimpleNamespace(mutation_types_to_apply=set(mutations_by_type) - {"string", "fstring"},
+                             covered_lines_by_filename=None)
+    mid = RelativeMutationID(line=survivor["line"], index=survivor["index"], line_number=at)
+    new, n = mutate(Context(source=src, mutation_id=mid, filename=module, config=config))
+    return new if n else None
+
+
+def recheck_module(module: str, r: dict, clone: Path, env: dict) -> dict:
+    """Run the current tests against each survivor of an earlier run: killed (any test failure or
+    collection error), survived, or gone (its line was removed or rewritten)."""
+    tests, _ = MODULES[module]
+    path = clone / module
+    src = path.read_text()
+    for s in r["survivors"]:
+        new = _mutant_source(module, src, s)
+        if new is None:
+            s["recheck"] = "gone"
+            continue
+        path.write_text(new)
+        try:
+            rc = subprocess.run(f"{sys.executable} -m pytest {FAST} {tests}", shell=True, cwd=clone, env=env,
+                                capture_output=True, timeout=600).returncode
+        except subprocess.TimeoutExpired:
+            rc = -1
+        finally:
+            path.write_text(src)
+        s["recheck"] = "survived" if rc == 0 else "killed"
+    left = [s for s in r["survivors"] if s.get("recheck") == "survived"]
+    r["after_recheck"] = {
+        "killed_by_new_tests": sum(s.get("recheck") == "killed" for s in r["survivors"]),
+        "code_removed": sum(s.get("recheck") == "gone" for s in r["survivors"]),
+        "still_surviving": len(left),
+        "explained": sum(bool(s["explained"]) for s in left),
+        "unexplained": [f"{s['line_number']}: {s['from']} -> {s['to']}" for s in left if not s["explained"]],
+    }
+    tested = r["tested"] - r["after_recheck"]["code_removed"]
+    r["kill_ratio_after_recheck"] = round((tested - len(left)) / tested, 3) if tested else None
+    return r
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("modules", nargs="*", default=list(MODULES))
     ap.add_argument("--minutes", type=float, default=20.0, help="bound on each module's run")
     ap.add_argument("--jobs", type=int, default=1, help="modules run at once, each in its own clone")
+    ap.add_argument("--recheck", action="store_true",
+                    help="rerun the current tests against the survivors recorded in mutation.json (implies --merge)")
     ap.add_argument("--merge", action="store_true", help="keep other modules' results already in mutation.json")
     opts = ap.parse_args()
     unknown = [m for m in opts.modules if m not in MODULES]
@@ -171,7 +227,7 @@ def main() -> int:
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     results: dict = {}
     old = ROOT / "benchmarks" / "results" / "mutation.json"
-    if opts.merge and old.exists():
+    if (opts.merge or opts.recheck) and old.exists():
         results = json.loads(old.read_text()).get("modules", {})
 
     def one(module: str) -> tuple[str, dict]:
@@ -180,7 +236,12 @@ def main() -> int:
             subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
             subprocess.run(["git", "checkout", "-q", commit], cwd=clone, check=True)
             env = {**os.environ, "PYTHONPATH": str(_shim(clone)), "PYTHONDONTWRITEBYTECODE": "1"}
-            r = run_module(module, clone, env, opts.minutes)
+            if opts.recheck:
+                if module not in results:
+                    raise SystemExit(f"no earlier results for {module} to recheck")
+                r = {**recheck_module(module, results[module], clone, env), "recheck_commit": commit}
+            else:
+                r = {**run_module(module, clone, env, opts.minutes), "commit": commit}
         print(f"{module:28s} {r['kill_ratio']} killed of {r['tested']} tested ({r['counts']}) "
               f"{'' if r['finished'] else 'NOT FINISHED '}{r['seconds']} s", flush=True)
         return module, r
@@ -191,7 +252,11 @@ def main() -> int:
             results[module] = r
     total_tested = sum(r["tested"] for r in results.values())
     total_killed = sum(r["counts"].get("ok_killed", 0) + r["counts"].get("bad_timeout", 0) for r in results.values())
-    out = write_results("mutation", {"tool": "mutmut 2.5.1", "commit": commit, "string_mutations": False,
+    out = write_results("mutation", {"tool": "mutmut 2.5.1", "string_mutations": False,
+                                     "note": "kill_ratio: mutmut's own count (it counts a pytest collection error, "
+                                             "exit 2, as survived); kill_ratio_after_recheck: survivors rerun "
+                                             "against the tests at 'recheck_commit' (any failing exit counts as killed), "
+                                             "survivors whose code was removed left out",
                                      "overall_kill_ratio": round(total_killed / total_tested, 3) if total_tested else None,
                                      "modules": results})
     print(f"overall {total_killed}/{total_tested}; results: {out}")
