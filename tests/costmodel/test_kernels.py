@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from builders import NetBuilder
 
 from archpass.analysis import analyze as _analyze
@@ -160,3 +161,15 @@ def test_sibling_slices_that_partition_a_tensor_run_as_one_split():
     assert sorted(n for k in fused for n in k.nodes) == sorted(n.name for n in s.nodes)
     assert FusionRules.from_json(FusionRules(split_slices=True).to_json()).split_slices
     assert not FusionRules.from_json({}).split_slices  # targets written before the rule
+
+
+def test_fusion_rules_defaults_and_json_round_trip():
+    d = FusionRules()
+    assert (d.residual_add, d.layers_only, d.split_slices) == (False, False, False)
+    assert d.post_add_activations == ("relu", "relu6", "clip") and "relu" in d.activations
+    assert FusionRules.from_json({}) == d
+    r = FusionRules(activations=("relu",), residual_add=True, post_add_activations=("relu",), layers_only=True,
+                    split_slices=True)
+    assert FusionRules.from_json(r.to_json()) == r
+    with pytest.raises(ValueError, match=r"unknown fusion rule keys \['residual'\]"):
+        FusionRules.from_json({"residual": True})
