@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+
+import numpy as np
 import pytest
 from builders import NetBuilder
 
@@ -111,3 +114,28 @@ def test_find_blocks_ids_stages_and_claims():
     assert [(s.id, s.blocks) for s in stages] == [("stage0", ("block0",)), ("stage1", ("block1", "block2"))]
     # the depthwise of an IBN belongs to the IBN, not to a depthwise block of its own
     assert all(bl.kind != "depthwise" for bl in blocks)
+
+
+def test_se_through_flatten_gemm_and_reshape():
+    """SE written with fully connected layers (Flatten -> Gemm -> Relu -> Gemm -> Sigmoid -> Reshape -> Mul)."""
+    rng = np.random.default_rng(0)
+    b = NetBuilder((1, 16, 8, 8)).dw(3, act="relu", name="d")
+    x = b.x
+    t = b.node("Flatten", [b.node("GlobalAveragePool", [x], "se_pool")], "se_flat", axis=1)
+    for name, (cout, cin) in (("se_fc1", (4, 16)), ("se_fc2", (16, 4))):
+        w = b.tensor(f"{name}_w", rng.standard_normal((cout, cin)).astype(np.float32))
+        bias = b.tensor(f"{name}_b", np.zeros(cout, np.float32))
+        t = b.node("Gemm", [t, w, bias], name, transB=1)
+        t = b.node("Relu" if name == "se_fc1" else "Sigmoid", [t], f"{name}_act")
+    t = b.node("Reshape", [t, b.tensor("se_shape", np.array([1, 16, 1, 1], np.int64))], "se_reshape")
+    b.x = b.node("Mul", [x, t], "se_mul")
+    g = graph(b.conv(16, 1, act=None, name="p"))
+    m = match_depthwise(layer(g, "d"), g)
+    assert m.roles == (("depthwise", "d"), ("se_reduce", "se_fc1"), ("se_expand", "se_fc2"), ("project", "p"))
+
+
+def test_matches_are_immutable():
+    g = graph(NetBuilder((1, 16, 16, 16)).dw_separable(16, name="d"))
+    m = match_depthwise(layer(g, "d_dw"), g)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        m.kind = "ibn"
