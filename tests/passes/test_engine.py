@@ -64,8 +64,7 @@ def test_engine_refuses_a_graph_rewrite_its_shape_path_did_not_predict(net, monk
     group = next(g.id for g in s.groups if g.adjustable)
     recipe = [{"pass": "channels", "site": group, "channels": 4}]
     # the shape-only path "forgets" the rewrite; the graph path still makes it
-    monkeypatch.setattr(pass_, "apply_shapes", lambda st, site, choice: dataclasses.replace(
-        real(st, site, choice), structure=st))
+    monkeypatch.setattr(pass_, "apply_shapes", lambda st, match: dataclasses.replace(real(st, match), structure=st))
     with pytest.raises(AssertionError, match="emitted ONNX"):
         apply_recipe(model, Recipe.of(recipe), structure=s)
     applied = apply_recipe(model, Recipe.of(recipe), structure=s, verify=False)  # the check is what refuses it
