@@ -1,18 +1,23 @@
 """Mutation testing: how many small planted bugs the tests catch, per module (not in CI).
 
-Runs mutmut 2 (``pip install -e '.[bench]'``) on a fresh clone of the committed tree
-(HEAD), one module at a time, each against a targeted, fast test selection (the tests
-that exercise it, without the real-architecture sweeps that take minutes), and writes
-the kill ratio per module, with every surviving mutant's diff, to
-benchmarks/results/mutation.json.  Where ``functions`` is given only those functions are
-mutated (the fusion rules of kernels.py, the loading checks of model.py).
+Uses mutmut 2's mutation operators (``pip install -e '.[bench]'``) on a fresh clone of the
+committed tree (HEAD): each mutant in turn is written into the module, the module's
+targeted, fast test selection runs (the tests that exercise it, without the
+real-architecture sweeps that take minutes), and the file is restored.  A mutant is killed
+when pytest exits non-zero (failures, errors, a collection error) or hangs past its
+timeout.  (mutmut's own runner is not used: on this shared machine it deadlocked in its
+worker queue, and it counts a collection error as a survivor.)  Writes the kill ratio
+per module, with every survivor's line, to benchmarks/results/mutation.json.  Where
+``functions`` is given only those functions are mutated (the fusion rules of kernels.py,
+the loading checks of model.py); ``--most N`` tests an evenly spread sample of N mutants.
 
-String and f-string mutations are off (they rewrite error-message text, which is checked by the
-tests that matter and otherwise only measures wording).  Each run is bounded by
-``--minutes`` (default 20 per module) and mutmut's own per-mutant timeout.  Run it alone
-and nice'd::
+String and f-string mutations are off (they rewrite error-message text, which is checked
+by the tests that matter and otherwise only measures wording).  Each module's run is
+bounded by ``--minutes``; each mutant by 10x the baseline test time (at least 2 min).
+Run it nice'd under the shared lock::
 
-    flock -s /tmp/archpass-quiet.lock nice -n 19 python benchmarks/mutation.py [MODULE ...]
+    flock -s /tmp/archpass-quiet.lock nice -n 19 python benchmarks/mutation.py [MODULE ...] --jobs 4
+    ... python benchmarks/mutation.py MODULE ... --recheck   # survivors against today's tests
 
 The clone's tests import the clone's own (mutated) code: a ``sitecustomize`` on PYTHONPATH
 maps the package names onto its folders as pyproject's package-dir does.
@@ -26,7 +31,6 @@ import argparse
 import ast
 import json
 import os
-import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -90,81 +94,109 @@ sys.meta_path[:] = [_CloneFinder] + [f for f in sys.meta_path if "archpass" not 
     return shim
 
 
-def _patch_for(path: Path, functions: tuple[str, ...]) -> str:
-    """A unified diff that marks the lines of ``functions`` (top-level defs/classes) as added."""
-    src = path.read_text()
-    lines = src.splitlines()
-    out = [f"--- a/{path.name}", f"+++ b/{path}"]
+def _config():
+    from types import SimpleNamespace
+
+    from mutmut import mutations_by_type
+
+    return SimpleNamespace(mutation_types_to_apply=set(mutations_by_type) - {"string", "fstring"},
+                           covered_lines_by_filename=None)
+
+
+def _function_lines(src: str, functions: tuple[str, ...]) -> set[int]:
+    """0-based line numbers of the top-level defs/classes named ``functions``."""
+    out: set[int] = set()
     for node in ast.parse(src).body:
         if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and node.name in functions:
-            start, end = node.lineno, node.end_lineno
-            out.append(f"@@ -0,0 +{start},{end - start + 1} @@")
-            out += ["+" + lines[i - 1] for i in range(start, end + 1)]
-    return "\n".join(out) + "\n"
+            out.update(range(node.lineno - 1, node.end_lineno))
+    return out
 
 
-def _statuses(cache: Path) -> list[dict]:
-    con = sqlite3.connect(cache)
-    rows = con.execute(
-        "SELECT m.id, m.status, m.'index', l.line, l.line_number FROM Mutant m JOIN Line l ON m.line = l.id "
-        "ORDER BY m.id").fetchall()
-    con.close()
-    return [{"id": i, "status": s, "index": k, "line": line, "line_number": n + 1} for i, s, k, line, n in rows]
+def list_mutants(module: str, src: str, functions: tuple[str, ...] | None) -> list:
+    from mutmut import Context, list_mutations
 
-
-def run_module(module: str, clone: Path, env: dict, minutes: float) -> dict:
-    tests, functions = MODULES[module]
-    cache = clone / ".mutmut-cache"
-    if cache.exists():
-        cache.unlink()
-    args = [sys.executable, "-m", "mutmut", "run", "--paths-to-mutate", module, "--tests-dir", "tests",
-            "--runner", f"{sys.executable} -m pytest {FAST} {tests}", "--disable-mutation-types", "string,fstring",
-            "--simple-output", "--no-progress"]
+    ids = list_mutations(Context(source=src, filename=module, config=_config()))
     if functions:
-        patch = clone.parent / (module.replace("/", "_") + ".patch")
-        patch.write_text(_patch_for(clone / module, functions).replace(f"+++ b/{clone / module}", f"+++ b/{module}"))
-        args += ["--use-patch-file", str(patch)]
-    t0 = time.time()
+        keep = _function_lines(src, functions)
+        ids = [m for m in ids if m.line_number in keep]
+    return ids
+
+
+def _apply(module: str, src: str, mid) -> str | None:
+    from mutmut import Context, mutate
+
+    new, n = mutate(Context(source=src, mutation_id=mid, filename=module, config=_config()))
+    return new if n else None
+
+
+def _run_tests(clone: Path, env: dict, tests: str, timeout: float) -> str:
+    """'passed', 'failed' (any non-zero exit: failures, errors, collection errors) or 'timeout'."""
     try:
-        proc = subprocess.run(args, cwd=clone, env=env, capture_output=True, text=True, timeout=minutes * 60)
-        finished = True
-        tail = proc.stdout[-400:]
+        rc = subprocess.run(f"{sys.executable} -m pytest {FAST} {tests}", shell=True, cwd=clone, env=env,
+                            capture_output=True, timeout=timeout).returncode
     except subprocess.TimeoutExpired:
-        finished = False
-        tail = "timed out"
-    subprocess.run(["git", "checkout", "--", module], cwd=clone, check=True)  # a killed run may leave a mutant
-    rows = _statuses(cache) if cache.exists() else []
-    counts: dict[str, int] = {}
-    for r in rows:
-        counts[r["status"]] = counts.get(r["status"], 0) + 1
+        return "timeout"
+    return "passed" if rc == 0 else "failed"
+
+
+def _changed_line(src: str, new: str) -> tuple[str, str]:
+    for x, y in zip(src.splitlines(), new.splitlines()):
+        if x != y:
+            return x.strip(), y.strip()
+    return "", ""
+
+
+def run_module(module: str, clone: Path, env: dict, minutes: float, most: int | None) -> dict:
+    """Apply each mutant (mutmut's operators) in turn, run the module's tests, restore the file."""
+    tests, functions = MODULES[module]
+    path = clone / module
+    src = path.read_text()
+    mutants = list_mutants(module, src, functions)
+    total = len(mutants)
+    if most and total > most:  # an evenly spread, deterministic sample
+        mutants = [mutants[i * total // most] for i in range(most)]
+    t0 = time.time()
+    base = _run_tests(clone, env, tests, 1800)
+    baseline_s = time.time() - t0
+    if base != "passed":
+        return {"tests": tests, "error": f"baseline tests {base}"}
+    counts = {"killed": 0, "timeout": 0, "survived": 0}
     survivors = []
-    for r in rows:
-        if r["status"] not in ("bad_survived", "bad_timeout", "ok_suspicious"):
+    finished = True
+    for mid in mutants:
+        if time.time() - t0 > minutes * 60:
+            finished = False
+            break
+        new = _apply(module, src, mid)
+        if new is None:
             continue
-        diff = subprocess.run([sys.executable, "-m", "mutmut", "show", str(r["id"])], cwd=clone, env=env,
-                              capture_output=True, text=True).stdout
-        minus = [l[1:].strip() for l in diff.splitlines() if l.startswith("-") and not l.startswith("---")]
-        plus = [l[1:].strip() for l in diff.splitlines() if l.startswith("+") and not l.startswith("+++")]
-        key = (module, minus[0] if minus else "", plus[0] if plus else "")
-        survivors.append({"id": r["id"], "status": r["status"], "line_number": r["line_number"], "index": r["index"],
-                          "line": r["line"], "from": key[1], "to": key[2], "explained": EXPLAINED.get(key)})
-    tested = sum(v for k, v in counts.items() if k != "untested" and k != "skipped")
-    killed = counts.get("ok_killed", 0) + counts.get("bad_timeout", 0)  # a hang is caught, if slowly
-    explained = sum(1 for s in survivors if s["explained"] and s["status"] == "bad_survived")
+        path.write_text(new)
+        try:
+            outcome = _run_tests(clone, env, tests, max(120.0, 10 * baseline_s))
+        finally:
+            path.write_text(src)
+        status = {"failed": "killed", "timeout": "timeout", "passed": "survived"}[outcome]
+        counts[status] += 1
+        if status == "survived":
+            before, after = _changed_line(src, new)
+            survivors.append({"line_number": mid.line_number + 1, "index": mid.index, "line": mid.line,
+                              "from": before, "to": after, "explained": EXPLAINED.get((module, before, after))})
+    tested = sum(counts.values())
+    killed = counts["killed"] + counts["timeout"]  # a hang is caught, if slowly
+    explained = sum(1 for s in survivors if s["explained"])
     return {
         "tests": tests, "functions": list(functions) if functions else "all",
-        "mutants": len(rows), "tested": tested, "counts": counts,
+        "mutants": total, "sampled": len(mutants), "tested": tested, "counts": counts,
         "kill_ratio": round(killed / tested, 3) if tested else None,
         "kill_ratio_excluding_explained": round(killed / (tested - explained), 3) if tested > explained else None,
-        "finished": finished, "seconds": round(time.time() - t0, 1), "mutmut_tail": tail, "survivors": survivors,
+        "finished": finished, "seconds": round(time.time() - t0, 1), "baseline_s": round(baseline_s, 1),
+        "survivors": survivors,
     }
 
 
 def _mutant_source(module: str, src: str, survivor: dict) -> str | None:
     """``src`` with ``survivor``'s mutation applied (found by its line's text), or None if that line is gone."""
-    from types import SimpleNamespace
-
-    from mutmut import Context, RelativeMutationID, mutate, mutations_by_type
+    from mutmut import RelativeMutationID
 
     lines = src.splitlines()
     at = survivor["line_number"] - 1
@@ -173,11 +205,7 @@ def _mutant_source(module: str, src: str, survivor: dict) -> str | None:
         if len(same) != 1:
             return None
         at = same[0]
-    config = SimpleNamespace(mutation_types_to_apply=set(mutations_by_type) - {"string", "fstring"},
-                             covered_lines_by_filename=None)
-    mid = RelativeMutationID(line=survivor["line"], index=survivor["index"], line_number=at)
-    new, n = mutate(Context(source=src, mutation_id=mid, filename=module, config=config))
-    return new if n else None
+    return _apply(module, src, RelativeMutationID(line=survivor["line"], index=survivor["index"], line_number=at))
 
 
 def recheck_module(module: str, r: dict, clone: Path, env: dict) -> dict:
@@ -193,13 +221,11 @@ def recheck_module(module: str, r: dict, clone: Path, env: dict) -> dict:
             continue
         path.write_text(new)
         try:
-            rc = subprocess.run(f"{sys.executable} -m pytest {FAST} {tests}", shell=True, cwd=clone, env=env,
-                                capture_output=True, timeout=600).returncode
-        except subprocess.TimeoutExpired:
-            rc = -1
+            outcome = _run_tests(clone, env, tests, 600)
         finally:
             path.write_text(src)
-        s["recheck"] = "survived" if rc == 0 else "killed"
+        s["recheck"] = "survived" if outcome == "passed" else "killed"
+        s["explained"] = EXPLAINED.get((module, s["from"], s["to"]))
     left = [s for s in r["survivors"] if s.get("recheck") == "survived"]
     r["after_recheck"] = {
         "killed_by_new_tests": sum(s.get("recheck") == "killed" for s in r["survivors"]),
@@ -217,6 +243,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("modules", nargs="*", default=list(MODULES))
     ap.add_argument("--minutes", type=float, default=20.0, help="bound on each module's run")
+    ap.add_argument("--most", type=int, default=None, help="test at most this many mutants per module "
+                    "(an evenly spread sample)")
     ap.add_argument("--jobs", type=int, default=1, help="modules run at once, each in its own clone")
     ap.add_argument("--recheck", action="store_true",
                     help="rerun the current tests against the survivors recorded in mutation.json (implies --merge)")
@@ -245,9 +273,10 @@ def main() -> int:
                     raise SystemExit(f"no earlier results for {module} to recheck")
                 r = {**recheck_module(module, previous[module], clone, env), "recheck_commit": commit}
             else:
-                r = {**run_module(module, clone, env, opts.minutes), "commit": commit}
-        print(f"{module:28s} {r['kill_ratio']} killed of {r['tested']} tested ({r['counts']}) "
-              f"{'' if r['finished'] else 'NOT FINISHED '}{r['seconds']} s", flush=True)
+                r = {**run_module(module, clone, env, opts.minutes, opts.most), "commit": commit}
+        print(f"{module:28s} {r.get('kill_ratio')} killed of {r.get('tested')} tested ({r.get('counts')}) "
+              f"{'' if r.get('finished', True) else 'NOT FINISHED '}{r.get('seconds')} s {r.get('error', '')}",
+              flush=True)
         return module, r
 
     # each module in its own clone; --jobs of them at once (a nice'd run gets little CPU on a busy machine)
@@ -256,13 +285,13 @@ def main() -> int:
             results[module] = r
     if opts.merge or opts.recheck:  # read again now: another run may have written meanwhile
         results = {**earlier(), **results}
-    total_tested = sum(r["tested"] for r in results.values())
-    total_killed = sum(r["counts"].get("ok_killed", 0) + r["counts"].get("bad_timeout", 0) for r in results.values())
-    out = write_results("mutation", {"tool": "mutmut 2.5.1", "string_mutations": False,
-                                     "note": "kill_ratio: mutmut's own count (it counts a pytest collection error, "
-                                             "exit 2, as survived); kill_ratio_after_recheck: survivors rerun "
-                                             "against the tests at 'recheck_commit' (any failing exit counts as killed), "
-                                             "survivors whose code was removed left out",
+    total_tested = sum(r.get("tested", 0) for r in results.values())
+    total_killed = sum(r["counts"]["killed"] + r["counts"]["timeout"] for r in results.values() if "counts" in r)
+    out = write_results("mutation", {"tool": "mutmut 2.5.1 mutation operators, driven by this script", "string_mutations": False,
+                                     "note": "killed = any non-zero pytest exit (failures, errors, collection "
+                                             "errors) or a hang; kill_ratio_after_recheck: survivors rerun "
+                                             "against the tests at 'recheck_commit', survivors whose code was "
+                                             "removed left out",
                                      "overall_kill_ratio": round(total_killed / total_tested, 3) if total_tested else None,
                                      "modules": results})
     print(f"overall {total_killed}/{total_tested}; results: {out}")
