@@ -12,7 +12,6 @@ import hashlib
 import logging
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -21,6 +20,7 @@ import onnx
 from onnx import ModelProto
 
 from archpass.errors import ModelLoadError
+from archpass.io import atomic_write_text  # noqa: F401  (re-exported: older callers import it from here)
 
 STANDARD_DOMAINS = {"", "ai.onnx", "ai.onnx.ml", "ai.onnx.preview.training"}
 TWO_GB = 2**31 - 1
@@ -441,48 +441,20 @@ def model_from_proto(
 
 
 # --------------------------------------------------------------------------- saving
-def save_model(proto: ModelProto, dest: str | os.PathLike) -> Path:
-    """Write atomically: a temporary file in the destination folder, renamed into place.
+def save_model(proto: ModelProto, dest: str | os.PathLike) -> Path | None:
+    """Write atomically through :func:`archpass.io.write_atomically` (which refuses
+    directories, devices and unwritable folders; the null device validates only).
     Models over 2 GB are saved with external data (``<name>.data`` beside the model)."""
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmpdir = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    try:
-        tmp_model = tmpdir / dest.name
+    from archpass.io import write_atomically
+
+    def write(tmp: Path) -> None:
         if is_large(proto):
-            data_name = dest.name + ".data"
             copy = ModelProto()
             copy.CopyFrom(proto)  # save_model converts tensors in place: keep the caller's proto intact
-            onnx.save_model(copy, str(tmp_model), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=data_name, size_threshold=0)
-            if (tmpdir / data_name).exists():
-                os.replace(tmpdir / data_name, dest.parent / data_name)
+            onnx.save_model(copy, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=Path(dest).name + ".data", size_threshold=0)
         else:
-            onnx.save_model(proto, str(tmp_model))
-        os.replace(tmp_model, dest)
-    finally:
-        for p in tmpdir.iterdir() if tmpdir.exists() else ():
-            p.unlink()
-        if tmpdir.exists():
-            tmpdir.rmdir()
-    return dest
+            onnx.save_model(proto, str(tmp))
 
+    return write_atomically(dest, write)
 
-def atomic_write_text(dest: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` through a temporary file in the destination folder, renamed into
-    place, with the permissions a plain ``open`` would give (mkstemp makes 0600)."""
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, dest)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return dest

@@ -10,6 +10,7 @@ from typing import Annotated, Iterator
 
 import typer
 from rich.console import Console
+from rich.table import Table
 
 from archpass.errors import ArchpassError
 
@@ -49,3 +50,16 @@ def print_json(doc) -> None:
 def format_shapes(d) -> str:
     """A rewrite's before/after shape summary (a dict in the record) as one cell of a table."""
     return ", ".join(f"{k}: {v}" for k, v in d.items()) if isinstance(d, dict) else str(d or "")
+
+
+def rewrites_table(rewrites: list[dict], title: str) -> Table:
+    """The applied rewrites (record entries) as a table: `apply` prints the ones it just
+    applied, `inspect` the ones a model carries.  Sites are ids users copy: never cut."""
+    t = Table(title=title, title_justify="left")
+    for c in ("#", "pass", "site", "choice", "exact", "before", "after"):
+        t.add_column(c, overflow="fold", no_wrap=False)
+    for i, r in enumerate(rewrites):
+        choice = ", ".join(f"{k}={v}" for k, v in (r.get("choice") or {}).items())
+        t.add_row(str(i), r["pass"], str(r.get("site") or ""), choice, "exact" if r.get("exact") else "lossy",
+                  format_shapes(r.get("before")), format_shapes(r.get("after")))
+    return t

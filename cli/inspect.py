@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from archpass.cli.common import DebugOpt, InputShapeOpt, JsonOpt, format_shapes, handled, print_json, stdout
+from archpass.cli.common import DebugOpt, InputShapeOpt, JsonOpt, handled, rewrites_table, print_json, stdout
 
 
 def _fmt_hw(hw) -> str:
@@ -49,14 +49,7 @@ def render(doc: dict, all_layers: bool = True) -> None:
                    str(len(g["consumers"])), g["reason"] or "")
     stdout.print(gt)
     if doc.get("rewrites"):
-        rt = Table(title="Applied rewrites", title_justify="left")
-        for c in ("#", "pass", "site", "choice", "exact", "before", "after"):
-            rt.add_column(c)
-        for i, r in enumerate(doc["rewrites"]):
-            choice = ", ".join(f"{k}={v}" for k, v in (r.get("choice") or {}).items())
-            rt.add_row(str(i), r["pass"], str(r.get("site") or ""), choice, "exact" if r.get("exact") else "lossy",
-                       format_shapes(r.get("before")), format_shapes(r.get("after")))
-        stdout.print(rt)
+        stdout.print(rewrites_table(doc["rewrites"], "Applied rewrites"))
         rec = doc.get("record") or {}
         stdout.print(f"source sha256 {str(rec.get('source_sha256'))[:12]}  archpass {rec.get('version')}")
     if "estimate" in doc:

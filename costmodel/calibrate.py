@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -25,6 +24,7 @@ from archpass.costmodel.kernels import LAYER_KINDS, FusionRules, Kernel
 from archpass.costmodel.predictor import Predictor
 from archpass.costmodel.target import Target, save_target
 from archpass.errors import TargetError
+from archpass.io import check_output_dir
 
 Progress = Callable[[int, int, str], None]
 DATASET = "dataset.jsonl"
@@ -64,15 +64,13 @@ class Dataset:
 
     def add(self, rec: dict) -> None:
         self.records[rec["key"]] = rec
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a") as f:
-            f.write(json.dumps(rec, sort_keys=True) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        from archpass.io import append_line
+
+        append_line(self.path, json.dumps(rec, sort_keys=True))
 
     def rewrite(self) -> None:
         """Write every record again (atomically), e.g. after their specs were refreshed."""
-        from archpass.model import atomic_write_text
+        from archpass.io import atomic_write_text
 
         atomic_write_text(self.path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in self.records.values()))
 
@@ -218,7 +216,7 @@ def calibrate_zigzag(*, name: str, out_dir: str | Path, hardware: str | Path, ma
         raise TargetError(f"clock {clock_hz} Hz is not positive", "pass --clock-hz with the accelerator clock")
     zz.check_inputs(hardware, mapping)
     facts = zz.hardware_facts(hardware, mapping)
-    out = Path(out_dir)
+    out = check_output_dir(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     hw_name, map_name = Path(hardware).name, Path(mapping).name
     if copy_yaml:
@@ -392,7 +390,7 @@ def calibrate_onnxruntime(*, name: str, out_dir: str | Path, provider: str = "CP
     # channel splits as Split, so the runtime's Slice->Split fusion (on in the target) does
     # not change how they decompose
     fusion = FusionRules(residual_add=True)
-    out = Path(out_dir)
+    out = check_output_dir(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     dataset = Dataset(out / DATASET)
     payload = {"provider": provider, "threads": threads, "warmup": warmup, "repeats": repeats, "fusion": fusion.to_json()}

@@ -238,14 +238,21 @@ def _check_full(proto: onnx.ModelProto) -> None:
         onnx.checker.check_model(str(path), full_check=True)
 
 
-def apply_recipe(model: Model, recipe: Recipe, *, structure: Structure | None = None, verify: bool = True) -> Applied:
-    """Rewrite ``model`` (never modified) by ``recipe``; returns the checked output proto."""
+def apply_recipe(model: Model, recipe: Recipe, *, structure: Structure | None = None, verify: bool = True,
+                 allow_growth: bool = False) -> Applied:
+    """Rewrite ``model`` (never modified) by ``recipe``; returns the checked output proto.
+    An output out of proportion with the input is refused before anything is allocated
+    (:mod:`archpass.limits`; ``allow_growth`` lifts the growth and 2 GB limits)."""
     import onnx_graphsurgeon as gs
+
+    from archpass.limits import check_output_size, predict_output_size
+    from archpass.model import weight_bytes
 
     if structure is None:
         structure = analyze(model)
     previous = read_record(model.proto)
     pl = plan(structure, recipe, previous=previous["rewrites"] if previous else None)
+    check_output_size(predict_output_size(weight_bytes(model.proto), structure, pl.structure), allow_growth=allow_growth)
     graph = gs.import_onnx(model.proto)
     entries = []
     for st in pl.steps:
