@@ -81,7 +81,21 @@ def _read_proto(path: Path) -> ModelProto:
             f"{path} is not an ONNX model (no graph or no nodes)",
             "pass an .onnx file written by an exporter",
         )
+    _check_names(proto, path)
     return proto
+
+
+def _check_names(proto: ModelProto, path: Path) -> None:
+    """Refuse names that are not valid UTF-8 (protobuf hands them over as bytes): a
+    corrupted file, which would otherwise fail deep inside analysis."""
+    g = proto.graph
+    names = [n.name for n in g.node] + [n.op_type for n in g.node] + [n.domain for n in g.node]
+    names += [x for n in g.node for x in list(n.input) + list(n.output)]
+    names += [v.name for v in list(g.input) + list(g.output) + list(g.value_info) + list(g.initializer)]
+    bad = next((x for x in names if not isinstance(x, str)), None)
+    if bad is not None:
+        raise ModelLoadError(f"{path} holds a name that is not valid UTF-8 ({bytes(bad)[:40]!r}): the file is corrupted",
+                             "re-export the model or check that the download finished")
 
 
 def _external_tensors(proto: ModelProto):
