@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from archpass.cli.common import DebugOpt, InputShapeOpt, JsonOpt, handled, print_json, rewrites_table, stdout
+from archpass.cli.common import DebugOpt, InputShapeOpt, JsonOpt, handled, print_json, print_table, rewrites_table, stdout
 from archpass.limits import GROWTH_LIMIT
 
 
@@ -22,7 +22,7 @@ def _estimate_line(doc: dict) -> str | None:
 
 
 def render(doc: dict) -> None:
-    stdout.print(rewrites_table(doc["rewrites"], f"Applied to {doc['input']}"))
+    print_table(rewrites_table(doc["rewrites"], f"Applied to {doc['input']}"))
     b, a = doc["before"], doc["after"]
     stdout.print(f"MACs {b['macs'] / 1e6:.1f} M -> {a['macs'] / 1e6:.1f} M   params {b['params'] / 1e6:.3f} M -> "
                  f"{a['params'] / 1e6:.3f} M   {'exact' if doc['exact'] else 'lossy: recover or fine-tune the weights'}")
