@@ -19,6 +19,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
+from archpass.costmodel.extrapolation import kernel_range
 from archpass.costmodel.features import feature_rows, network_context
 from archpass.costmodel.kernels import LAYER_KINDS, FusionRules, Kernel
 from archpass.costmodel.predictor import Predictor
@@ -138,12 +139,29 @@ def fit_predictors(target: Target, points, rounds: int = 400,
             all_pred.append(py)
             all_meas.append(y[hold])
         p = Predictor.fit(kind, layer, x, base, y, rounds, use_ctx)
-        p.stats = stats
+        p.stats = {**stats, "range": kernel_range(ks)}  # where the estimate stops extrapolating
         preds[kind] = p
         summary["kernels"][kind] = stats
     if all_meas:
         summary["all_kernels"] = accuracy_stats(np.concatenate(all_pred), np.concatenate(all_meas))
     return preds, summary
+
+
+def record_ranges(directory: str | Path) -> dict[str, dict]:
+    """Add the calibrated range (:func:`~archpass.costmodel.extrapolation.kernel_range`) of
+    every predictor to an existing target's ``target.json``, from its measured dataset,
+    without refitting anything.  Returns the ranges by predictor kind."""
+    from archpass.io import atomic_write_text
+
+    d = Path(directory)
+    doc = json.loads((d / "target.json").read_text())
+    by_kind = _group_points(Dataset(d / DATASET).points(), None)
+    ranges = {kind: kernel_range([k for k, _, _ in items]) for kind, items in by_kind.items()}
+    for kind, pd in doc["predictors"].items():
+        if kind in ranges:
+            pd.setdefault("stats", {})["range"] = ranges[kind]
+    atomic_write_text(d / "target.json", json.dumps(doc, indent=1) + "\n")
+    return ranges
 
 
 # ---------------------------------------------------------------------- running jobs
