@@ -85,7 +85,12 @@ def apply(
     model = load_model(src, input_shapes)
     structure = analyze(model)
     applied = apply_recipe(model, rec, structure=structure, allow_growth=allow_growth)
-    written = save_model(applied.proto, dest)
+    proto, notes = applied.proto, []
+    if model.symbolic:  # keep what --input-shape pinned only for the analysis dynamic (archpass.dynamic)
+        from archpass.dynamic import restore_dynamic_dims
+
+        proto, notes = restore_dynamic_dims(proto, model.symbolic, model.inputs)
+    written = save_model(proto, dest)
     after = applied.structure
     doc = {
         "input": str(src),
@@ -96,6 +101,7 @@ def apply(
         "exact": all(r["exact"] for r in applied.rewrites),
         "before": {"macs": structure.macs, "params": structure.params},
         "after": {"macs": after.macs, "params": after.params},
+        "notes": notes,
     }
     if tgt is not None:
         from archpass.costmodel import estimate

@@ -36,6 +36,8 @@ class Model:
     sha256: str
     input_shapes: tuple[tuple[str, tuple[int, ...]], ...]
     notes: tuple[str, ...] = ()
+    #: the source's inputs/outputs with symbolic dims, as declared (see archpass.dynamic)
+    symbolic: tuple[tuple[str, tuple[int | str | None, ...]], ...] = ()
 
     @property
     def inputs(self) -> dict[str, tuple[int, ...]]:
@@ -433,6 +435,9 @@ def model_from_proto(
             f"cannot infer shapes through custom-domain op {n.op_type} (domain '{n.domain}') at node '{n.name or n.op_type}'",
             "export it with standard ONNX ops or replace the custom op before optimizing",
         )
+    from archpass.dynamic import symbolic_dims
+
+    symbolic = symbolic_dims(work)
     pinned = _pin_inputs(work, {k: tuple(v) for k, v in (input_shapes or {}).items()})
     if sha256 is None:
         sha256 = hashlib.sha256(_skeleton(proto).SerializeToString() if is_large(proto)
@@ -451,7 +456,7 @@ def model_from_proto(
             f"cannot infer a static shape for tensor '{tensor}' (output of node '{node}')",
             "pin every dynamic input with --input-shape or re-export with static shapes",
         )
-    return Model(proto=work, path=path, sha256=sha256, input_shapes=pinned, notes=tuple(notes))
+    return Model(proto=work, path=path, sha256=sha256, input_shapes=pinned, notes=tuple(notes), symbolic=symbolic)
 
 
 # --------------------------------------------------------------------------- saving

@@ -31,6 +31,8 @@ def render(doc: dict) -> None:
         stdout.print(line)
         for note in dict.fromkeys(doc["estimate"]["before"]["notes"] + doc["estimate"]["after"]["notes"]):
             stdout.print(f"note: {note}")
+    for note in doc.get("notes", []):
+        stdout.print(f"note: {note}")
     if doc.get("written", True):
         stdout.print(f"wrote {doc['output']}")
     else:
