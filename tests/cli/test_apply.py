@@ -99,8 +99,9 @@ def test_apply_with_input_shape(tmp_path):
     out = tmp_path / "o.onnx"
     r = runner.invoke(app, ["apply", str(p), str(recipe), "-o", str(out), "--input-shape", "input:1,3,64,64", "--json"])
     assert r.exit_code == 0, r.output
-    shape = [d.dim_value for d in onnx.load(str(out)).graph.input[0].type.tensor_type.shape.dim]
-    assert shape == [1, 3, 48, 48]
+    shape = [d.dim_param or d.dim_value for d in onnx.load(str(out)).graph.input[0].type.tensor_type.shape.dim]
+    assert shape == ["N", 3, 48, 48]  # the batch the user pinned only for the analysis stays dynamic
+    assert any("dynamic" in n for n in json.loads(r.stdout)["notes"])
 
 
 def test_passes_command():
