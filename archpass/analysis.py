@@ -358,12 +358,16 @@ class _Analyzer:
 
     def visit_unknown(self, n: onnx.NodeProto, why: str | None = None) -> None:
         self.unsupported.append(n.op_type)
+        custom = n.domain not in ("", "ai.onnx")
+        op = f"custom-domain op {n.domain}.{n.op_type}" if custom else n.op_type
+        opaque = " (opaque: archpass keeps its declared shapes)" if custom else ""
         for i in n.input:
             if i and i in self.t:
-                self.fix_tensor(i, why or f"consumed by {n.op_type} node '{n.name}', which archpass cannot rewrite through")
+                self.fix_tensor(i, why or f"consumed by {op} node '{n.name}', which archpass cannot rewrite through{opaque}")
         for o in n.output:
             shp = self.shape(o)
-            self.fresh(o, 1 if len(shp) >= 2 else None, reason=f"produced by {n.op_type} node '{n.name}', which archpass cannot rewrite")
+            self.fresh(o, 1 if len(shp) >= 2 else None,
+                       reason=f"produced by {op} node '{n.name}', which archpass cannot rewrite{opaque}")
 
     # ------------------------------------------------------------ layers
     def _register_layer(self, n, op, cin, cout, k, s, groups, in_hw, out_hw, pads, dil, bias, x, y, w):

@@ -261,6 +261,65 @@ def _custom_ops(proto: ModelProto) -> list[onnx.NodeProto]:
     return [n for n in proto.graph.node if n.domain not in STANDARD_DOMAINS and (n.domain, n.op_type) not in local_funcs]
 
 
+def _custom_op_shapes(proto: ModelProto) -> dict[str, onnx.ValueInfoProto]:
+    """The declared value_info of every custom-domain op's outputs (shape inference cannot
+    see through such an op: it is accepted only when the graph declares what it makes)."""
+    custom = _custom_ops(proto)
+    if not custom:
+        return {}
+    known = {v.name: v for v in list(proto.graph.value_info) + list(proto.graph.output)
+             if v.type.HasField("tensor_type") and v.type.tensor_type.HasField("shape")}
+    out = {}
+    for n in custom:
+        for o in n.output:
+            if o and o not in known:
+                raise ModelLoadError(
+                    f"cannot infer shapes through custom-domain op {n.op_type} (domain '{n.domain}') at node "
+                    f"'{n.name or n.op_type}': the graph does not declare the shape of its output '{o}'",
+                    "declare its output shapes in graph.value_info, or export it with standard ONNX ops",
+                )
+            if o:
+                out[o] = known[o]
+    return out
+
+
+def declared_custom_shapes(proto: ModelProto) -> list[onnx.ValueInfoProto]:
+    """The value_info entries of custom-domain ops' outputs: shape inference cannot recompute
+    them, so whoever clears value_info to re-infer must put these back first."""
+    outs = {o for n in _custom_ops(proto) for o in n.output if o}
+    return [v for v in proto.graph.value_info if v.name in outs]
+
+
+def _declare(proto: ModelProto, declared: dict[str, onnx.ValueInfoProto], symbolic, pinned: dict) -> None:
+    """Put the custom ops' declared output shapes back (pinning removed them), with the
+    symbolic dims the inputs were pinned to (``N`` -> 1)."""
+    value: dict[str, int] = {}
+    for name, dims in symbolic:
+        for d, v in zip(dims, pinned.get(name, ())):
+            if isinstance(d, str):
+                value[d] = v
+    outputs = {o.name: o for o in proto.graph.output}
+    for name, vi in declared.items():
+        new = onnx.ValueInfoProto()
+        new.CopyFrom(vi)
+        for d in new.type.tensor_type.shape.dim:
+            if not (d.HasField("dim_value") and d.dim_value > 0):
+                if d.dim_param in value:
+                    v = value[d.dim_param]
+                    d.Clear()
+                    d.dim_value = v
+                else:
+                    raise ModelLoadError(
+                        f"the declared shape of '{name}' (output of a custom-domain op) has a dynamic dim "
+                        f"'{d.dim_param or '?'}' no input pins",
+                        "declare static dims for it, or name the input dim it follows",
+                    )
+        if name in outputs:
+            outputs[name].CopyFrom(new)
+        else:
+            proto.graph.value_info.append(new)
+
+
 def _infer(proto: ModelProto) -> ModelProto:
     try:
         if is_large(proto):
@@ -376,6 +435,12 @@ def canonicalize(proto: ModelProto) -> ModelProto:
     if slim is None or len(slim.graph.node) == 0:
         # onnxslim could not process the graph; keep the model and let inference judge it
         slim = proto
+    elif slim is not proto and fast is None:
+        # onnxslim's value_info can be stale or duplicated (it re-adds shapes it could not
+        # infer, e.g. after custom-domain ops, as rank-less entries): keep only the declared
+        # shapes the caller passed in (the outputs of custom-domain ops); inference does the rest
+        del slim.graph.value_info[:]
+        slim.graph.value_info.extend(proto.graph.value_info)
     # onnxslim leaves names empty on nodes it creates; name them deterministically
     seen: set[str] = set()
     for i, n in enumerate(slim.graph.node):
@@ -428,21 +493,20 @@ def model_from_proto(
     work = ModelProto()
     work.CopyFrom(proto)
     _check(work, path)
-    custom = _custom_ops(work)
-    if custom:
-        n = custom[0]
-        raise ModelLoadError(
-            f"cannot infer shapes through custom-domain op {n.op_type} (domain '{n.domain}') at node '{n.name or n.op_type}'",
-            "export it with standard ONNX ops or replace the custom op before optimizing",
-        )
+    declared = _custom_op_shapes(work)
     from archpass.dynamic import symbolic_dims
 
     symbolic = symbolic_dims(work)
     pinned = _pin_inputs(work, {k: tuple(v) for k, v in (input_shapes or {}).items()})
+    notes: list[str] = []
+    if declared:
+        _declare(work, declared, symbolic, dict(pinned))
+        ops = sorted({f"{n.domain}.{n.op_type}" for n in _custom_ops(work)})
+        notes.append(f"custom-domain ops {', '.join(ops)} are opaque: archpass keeps their declared output shapes "
+                     "and rewrites nothing through them")
     if sha256 is None:
         sha256 = hashlib.sha256(_skeleton(proto).SerializeToString() if is_large(proto)
                                 else proto.SerializeToString()).hexdigest()
-    notes: list[str] = []
     if canonical and is_large(work):
         # onnxslim serializes the model; above 2 GB it cannot.  The analysis handles
         # Constant nodes and unfused BatchNorm itself, so only folding is lost.

@@ -90,6 +90,8 @@ def render(doc: dict, wide: bool = False) -> None:
                      f"peak activations {e['peak_activation_bytes'] / 1e6:.2f} MB   MACs {e['macs'] / 1e6:.1f} M")
         for note in e.get("notes", []):
             stdout.print(f"note: {note}")
+    for note in doc.get("notes", []):
+        stdout.print(f"note: {note}")
     unsup = doc.get("unsupported_ops") or []
     stdout.print(
         f"totals: {t['layers']} layers, {t['blocks']} blocks, {t['stages']} stages, {t['channel_groups']} channel groups "

@@ -195,13 +195,16 @@ def _reinfer(proto: onnx.ModelProto) -> onnx.ModelProto:
 
     Inference runs on a weightless skeleton (large initializers keep only dims and type),
     which gives the same shapes without serializing the weights one more time."""
-    from archpass.model import _skeleton
+    from archpass.model import _skeleton, declared_custom_shapes
 
+    declared = declared_custom_shapes(proto)  # opaque custom ops: their declared shapes stay
     del proto.graph.value_info[:]
+    proto.graph.value_info.extend(declared)
     for vi in proto.graph.output:
         for d in vi.type.tensor_type.shape.dim:
             d.Clear()
     inferred = onnx.shape_inference.infer_shapes(_skeleton(proto), check_type=True, strict_mode=True, data_prop=True)
+    del proto.graph.value_info[:]
     proto.graph.value_info.extend(inferred.graph.value_info)
     del proto.graph.output[:]
     proto.graph.output.extend(inferred.graph.output)
