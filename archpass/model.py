@@ -320,6 +320,56 @@ def _declare(proto: ModelProto, declared: dict[str, onnx.ValueInfoProto], symbol
             proto.graph.value_info.append(new)
 
 
+def _folded_sizes(proto: ModelProto):
+    """(node, bytes) of the tensors constant folding would build from constant inputs
+    (ConstantOfShape, Expand, Tile, Range): a corrupted or hostile shape constant must not
+    make canonicalization allocate more memory than the machine has."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    consts = {i.name: i for i in proto.graph.initializer}
+    for n in proto.graph.node:
+        if n.op_type == "Constant" and n.output and n.attribute and n.attribute[0].name == "value":
+            consts[n.output[0]] = n.attribute[0].t
+
+    def value(name):
+        t = consts.get(name)
+        if t is None:
+            return None
+        if t.data_type not in (onnx.TensorProto.INT64, onnx.TensorProto.INT32) or len(t.dims) > 1 or (
+                t.dims and t.dims[0] > 64):
+            return None
+        return numpy_helper.to_array(t).reshape(-1).astype(np.float64)  # floats: no overflow
+
+    for n in proto.graph.node:
+        elems = None
+        if n.op_type == "ConstantOfShape" and n.input:
+            v = value(n.input[0])
+            elems = None if v is None else float(np.prod(np.maximum(v, 0)))
+        elif n.op_type in ("Expand", "Tile") and len(n.input) > 1 and n.input[0] in consts:
+            v = value(n.input[1])
+            src = float(np.prod(consts[n.input[0]].dims)) if consts[n.input[0]].dims else 1.0
+            if v is not None:
+                elems = float(np.prod(np.maximum(v, 1))) * (src if n.op_type == "Tile" else 1.0)
+        if elems is not None:
+            yield n, elems * 8  # up to 8 bytes an element
+
+
+def _check_folding(proto: ModelProto) -> None:
+    from archpass.limits import available_memory
+
+    avail = available_memory()
+    if avail is None:
+        return
+    for n, nbytes in _folded_sizes(proto):
+        if nbytes > avail / 2:
+            raise ModelLoadError(
+                f"{n.op_type} node '{n.name or n.op_type}' would build a constant of about {nbytes / 1e9:,.0f} GB, "
+                f"more than this machine can hold",
+                "check the model: its shape constants look corrupted",
+            )
+
+
 def _infer(proto: ModelProto) -> ModelProto:
     try:
         if is_large(proto):
@@ -435,12 +485,14 @@ def canonicalize(proto: ModelProto) -> ModelProto:
     if slim is None or len(slim.graph.node) == 0:
         # onnxslim could not process the graph; keep the model and let inference judge it
         slim = proto
-    elif slim is not proto and fast is None:
-        # onnxslim's value_info can be stale or duplicated (it re-adds shapes it could not
-        # infer, e.g. after custom-domain ops, as rank-less entries): keep only the declared
-        # shapes the caller passed in (the outputs of custom-domain ops); inference does the rest
+    elif slim is not proto and fast is None and len(proto.graph.value_info):
+        # the declared shapes of custom-domain ops' outputs (the only value_info left after
+        # pinning): onnxslim re-adds them as rank-less duplicates, which inference would
+        # take; put the declared ones back in their place
+        declared = {v.name for v in proto.graph.value_info}
+        kept = [v for v in slim.graph.value_info if v.name not in declared]
         del slim.graph.value_info[:]
-        slim.graph.value_info.extend(proto.graph.value_info)
+        slim.graph.value_info.extend(kept + list(proto.graph.value_info))
     # onnxslim leaves names empty on nodes it creates; name them deterministically
     seen: set[str] = set()
     for i, n in enumerate(slim.graph.node):
@@ -512,6 +564,8 @@ def model_from_proto(
         # Constant nodes and unfused BatchNorm itself, so only folding is lost.
         notes.append("model above 2 GB: canonicalization (constant and BatchNorm folding) skipped")
         canonical = False
+    if canonical:
+        _check_folding(work)
     work = canonicalize(work) if canonical else _infer(work)
     missing = _unshaped(work)
     if missing:

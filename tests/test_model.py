@@ -281,3 +281,19 @@ def test_atomic_text_writes_get_normal_permissions(tmp_path):
         os.umask(umask)
     assert stat.S_IMODE(out.stat().st_mode) == 0o644 and out.read_text() == "{}"
     assert [p.name for p in tmp_path.iterdir()] == ["a.json"]
+
+
+def test_constant_folding_that_would_exhaust_memory_is_refused(tmp_path, monkeypatch):
+    # a (corrupted) shape constant: ConstantOfShape would build 1M elements; pretend the machine has 2 MB free
+    import archpass.limits as lim
+
+    shape = numpy_helper.from_array(np.array([1, 1000, 1000], dtype=np.int64), "shape")
+    nodes = [helper.make_node("ConstantOfShape", ["shape"], ["big"], name="cos"),
+             helper.make_node("Add", ["x", "big"], ["y"], name="add")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1000, 1000])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1000, 1000])], [shape])
+    p = write(tmp_path, helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]))
+    load_model(p)  # fine with the real machine's memory
+    monkeypatch.setattr(lim, "available_memory", lambda: 2 << 20)
+    with pytest.raises(ModelLoadError, match="ConstantOfShape node 'cos' would build a constant of about"):
+        load_model(p)
