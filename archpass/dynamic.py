@@ -96,6 +96,10 @@ def restore_dynamic_dims(proto: ModelProto, source: Dims, pinned: dict[str, tupl
                       if n in {i.name for i in proto.graph.input})
     if is_large(proto):
         return proto, [f"kept the pinned dims {names} static: models above 2 GB are not re-checked at other sizes"]
+    custom = sorted({f"{n.domain}.{n.op_type}" for n in proto.graph.node if n.domain not in ("", "ai.onnx")})
+    if custom:
+        return proto, [f"kept the pinned dims {names} static: onnxruntime cannot run the custom-domain ops "
+                       f"{', '.join(custom)} here to check other sizes"]
     out = ModelProto()
     out.CopyFrom(proto)
     for vi in list(out.graph.input) + list(out.graph.output):

@@ -174,6 +174,10 @@ def test_custom_domain_op_with_a_symbolic_batch(tmp_path):
     m = load_model(p, ["input:2,3,8,8"])
     b = next(v for v in m.proto.graph.value_info if v.name == "b")
     assert [d.dim_value for d in b.type.tensor_type.shape.dim] == [2, 16, 8, 8]
+    from archpass.api import apply
+
+    doc = apply(p, {"rewrites": []}, tmp_path / "o.onnx", ["input:2,3,8,8"])
+    assert any("cannot run the custom-domain ops com.example.MyAct" in n for n in doc["notes"])
 
 
 def _with_external(tmp_path, location):
