@@ -65,7 +65,9 @@ def _restorable(proto: ModelProto, source: Dims, pinned: dict[str, tuple[int, ..
     return restore
 
 
-def _feeds(proto: ModelProto, scale: dict[str, dict[int, int]], seed: int) -> dict[str, np.ndarray]:
+def random_feeds(proto: ModelProto, seed: int = 0, scale: dict[str, dict[int, int]] | None = None) -> dict[str, np.ndarray]:
+    """Random inputs for every graph input at its declared (static, else 1) shape, with
+    ``scale[name][axis]`` multiplying a dim; floats are normal, other types zeros."""
     from onnx import helper
 
     rng = np.random.default_rng(seed)
@@ -76,7 +78,7 @@ def _feeds(proto: ModelProto, scale: dict[str, dict[int, int]], seed: int) -> di
             continue
         tt = vi.type.tensor_type
         shape = [d.dim_value or 1 for d in tt.shape.dim]
-        for axis, factor in scale.get(vi.name, {}).items():
+        for axis, factor in (scale or {}).get(vi.name, {}).items():
             shape[axis] *= factor
         dtype = helper.tensor_dtype_to_np_dtype(tt.elem_type)
         feeds[vi.name] = rng.standard_normal(shape).astype(dtype) if np.issubdtype(dtype, np.floating) else (
@@ -126,14 +128,14 @@ def _runs_at_other_sizes(static: ModelProto, dynamic: ModelProto, restore: dict[
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     opts.log_severity_level = 3
     sess = ort.InferenceSession(dynamic.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    base = _feeds(static, {}, 0)
+    base = random_feeds(static, 0)
     ref = sess.run(None, base)
     static_ref = ort.InferenceSession(static.SerializeToString(), opts, providers=["CPUExecutionProvider"]).run(None, base)
     for a, b in zip(ref, static_ref):
         if a.shape != b.shape or not np.allclose(a, b, rtol=1e-5, atol=1e-6):
             return "it computes something else at the pinned size"
     inputs = {vi.name for vi in static.graph.input}
-    big = _feeds(static, {n: {a: 2 for a in ax} for n, ax in restore.items() if n in inputs}, 1)
+    big = random_feeds(static, 1, {n: {a: 2 for a in ax} for n, ax in restore.items() if n in inputs})
     batch_only = all(set(ax) == {0} for ax in restore.values())
     if batch_only:  # the first items of the doubled batch are the pinned-size input
         for n in base:
