@@ -9,6 +9,8 @@ with one line naming the limit and the flag that lifts it,
 * a parameter count more than :data:`GROWTH_LIMIT` times the input's (a typo such as
   ``"channels": 1000000000`` instead of ``100``);
 * an output above the 2 GB protobuf limit (written with external data when allowed);
+* an activation tensor above 2^31 elements (``"height": 100000000``: runtimes index
+  tensors with 32 bits, and it would need 8 GB of float32);
 * an output that would not fit in this machine's available memory (no flag lifts that:
   materializing it would only get the process killed).
 
@@ -25,6 +27,8 @@ from archpass.structure import Structure
 
 #: Largest parameter growth (output / input) applied without --allow-growth.
 GROWTH_LIMIT = 16
+#: Largest activation tensor (elements) written without --allow-growth: 32-bit indexing.
+MAX_ELEMENTS = 2**31 - 1
 FLAG = "--allow-growth (allow_growth=True in Python)"
 
 
@@ -34,6 +38,9 @@ class OutputSize:
     params_after: int
     bytes_before: int  # tensor data of the input model
     bytes_after: int  # predicted tensor data of the output
+    largest_before: int = 0  # elements of the largest activation tensor
+    largest_after: int = 0
+    largest_name: str = ""
 
     @property
     def growth(self) -> float:
@@ -53,7 +60,10 @@ def predict_output_size(weight_bytes: int, before: Structure, after: Structure) 
     (Per-channel constants such as norm parameters follow the channels too; they are a
     few bytes per channel, negligible next to the weights.)"""
     grown = weight_bytes + _layer_bytes(after) - _layer_bytes(before)
-    return OutputSize(before.params, after.params, weight_bytes, max(grown, 0))
+    big = max((t for t in after.tensors.values() if not t.const), key=lambda t: t.numel, default=None)
+    return OutputSize(before.params, after.params, weight_bytes, max(grown, 0),
+                      max((t.numel for t in before.tensors.values() if not t.const), default=0),
+                      big.numel if big else 0, big.name if big else "")
 
 
 def available_memory() -> int | None:
@@ -79,11 +89,11 @@ def _count(n: float) -> str:
     return str(int(n))
 
 
-def check_output_size(size: OutputSize, *, allow_growth: bool = False, two_gb: int | None = None) -> None:
+def check_output_size(size: OutputSize, *, allow_growth: bool = False) -> None:
     """Raise RecipeError when the predicted output is out of proportion (see the module)."""
     from archpass.model import TWO_GB
 
-    limit = TWO_GB if two_gb is None else two_gb
+    limit = TWO_GB
     what = (f"the recipe grows the model from {_count(size.params_before)} to {_count(size.params_after)} "
             f"parameters (about {_gb(size.bytes_after)})")
     if not allow_growth:
@@ -93,6 +103,10 @@ def check_output_size(size: OutputSize, *, allow_growth: bool = False, two_gb: i
         if size.bytes_after > limit >= size.bytes_before:
             raise RecipeError(f"{what}, above the 2 GB protobuf limit of a single ONNX file",
                               f"pass {FLAG} to write it with its weights in external data (<output>.data beside it)")
+        if size.largest_after > MAX_ELEMENTS >= size.largest_before:
+            raise RecipeError(f"the recipe makes tensor '{size.largest_name}' {_count(size.largest_after)} elements, "
+                              f"above the {_count(MAX_ELEMENTS)} a runtime indexes with 32 bits",
+                              f"check the recipe's values, or pass {FLAG} to write it anyway")
     avail = available_memory()
     if avail is not None and size.bytes_after > avail:
         raise RecipeError(f"{what}, more than the {_gb(avail)} of memory available to build it",

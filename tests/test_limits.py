@@ -104,3 +104,12 @@ def test_check_output_size_rules(monkeypatch):
         check_output_size(OutputSize(100, 110, 400, 4400), allow_growth=True)
     monkeypatch.setattr(lim, "available_memory", lambda: None)  # unknown: not checked
     check_output_size(OutputSize(100, 110, 400, 4400))
+
+
+def test_an_absurd_resolution_is_refused_unless_allowed(net, tmp_path):
+    recipe = {"rewrites": [{"pass": "resolution", "height": 100_000, "width": 100_000}]}
+    with pytest.raises(RecipeError, match="elements, above the 2.1 G a runtime indexes with 32 bits.*--allow-growth"):
+        api.apply(net, recipe, tmp_path / "o.onnx")
+    assert not (tmp_path / "o.onnx").exists()
+    doc = api.apply(net, recipe, tmp_path / "o.onnx", allow_growth=True)  # weights do not grow: it can be written
+    assert doc["written"] and doc["after"]["params"] == doc["before"]["params"]
