@@ -33,6 +33,7 @@ def inspect_document(model: Model, structure: Structure, target: str | None = No
     doc["notes"] = list(model.notes) + doc["notes"]
     record = read_record(model.proto)
     doc["rewrites"] = record["rewrites"] if record else []
+    doc["sites"] = sites(structure)
     if record:
         doc["record"] = {k: v for k, v in record.items() if k != "rewrites"}
     if target is not None:
@@ -109,6 +110,15 @@ def apply(
         doc["target"] = tgt.name
         doc["estimate"] = {"before": estimate(structure, tgt).to_json(), "after": estimate(after, tgt).to_json()}
     return doc
+
+
+def sites(structure: Structure) -> list[dict]:
+    """Where every registered pass applies in ``structure`` and what it may choose there:
+    ``{"pass", "kind", "site", "domains": {key: typed domain}, "note"}`` per site (the
+    ``sites`` list of ``archpass inspect --json``)."""
+    from archpass.passes.base import registry
+
+    return [site.to_json() for p in registry().values() for site in p.sites(structure)]
 
 
 def passes() -> list[dict]:

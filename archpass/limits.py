@@ -6,11 +6,12 @@ output with its parameter count, so the size of the model a recipe would write i
 before onnx-graphsurgeon allocates a single array.  :func:`check_output_size` refuses,
 with one line naming the limit and the flag that lifts it,
 
-* a parameter count more than :data:`GROWTH_LIMIT` times the input's (a typo such as
-  ``"channels": 1000000000`` instead of ``100``);
+* a parameter count more than :data:`GROWTH_LIMIT` times the input's (each pass bounds
+  its own choices, e.g. channels at most 4x; several rewrites together can still grow a
+  model out of proportion, and this is the backstop for every path that materializes);
 * an output above the 2 GB protobuf limit (written with external data when allowed);
-* an activation tensor above 2^31 elements (``"height": 100000000``: runtimes index
-  tensors with 32 bits, and it would need 8 GB of float32);
+* an activation tensor above 2^31 elements (runtimes index tensors with 32 bits, and it
+  would need 8 GB of float32);
 * an output that would not fit in this machine's available memory (no flag lifts that:
   materializing it would only get the process killed).
 

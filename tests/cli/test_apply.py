@@ -112,6 +112,9 @@ def test_passes_command():
     assert names[:1] == ["fuse_ibn"] and {"dw_to_dense", "resolution", "channels", "width_multiplier"} <= set(names)
     by = {p["name"]: p for p in doc}
     assert by["dw_to_dense"]["exactness"] == "exact" and by["fuse_ibn"]["site_kind"] == "block"
+    kinds = {"fuse_ibn": "block", "dw_to_dense": "layer", "channels": "group", "width_multiplier": "stage",
+             "resolution": "model"}
+    assert {n: by[n]["site_kind"] for n in kinds} == kinds
     assert all(p["summary"] and p["exactness"] for p in doc)
     r = runner.invoke(app, ["passes"])
     assert r.exit_code == 0 and "dw_to_dense" in r.stdout
@@ -179,16 +182,20 @@ def test_null_device_validates_without_writing(model, tmp_path, monkeypatch):
     _one_line_exit_2(runner.invoke(app, ["apply", str(model), str(bad), "-o", str(null)]), "unknown site")
 
 
-def test_absurd_channels_one_line_and_allow_growth(model, tmp_path):
+def test_absurd_channels_one_line_and_allow_growth(model, tmp_path, monkeypatch):
+    import archpass.limits as lim
+
     big = _recipe(tmp_path, {"rewrites": [{"pass": "channels", "site": "group1", "channels": 1_000_000_000}]})
     out = tmp_path / "o.onnx"
-    _one_line_exit_2(runner.invoke(app, ["apply", str(model), str(big), "-o", str(out)]), "--allow-growth")
-    grow = _recipe(tmp_path, {"rewrites": [{"pass": "channels", "site": "group1", "channels": 2048}]}, "grow.json")
-    _one_line_exit_2(runner.invoke(app, ["apply", str(model), str(grow), "-o", str(out)]), "above the 16x limit")
+    _one_line_exit_2(runner.invoke(app, ["apply", str(model), str(big), "-o", str(out)]), "channels must be at most")
+    # within each pass's bounds a recipe can still grow the model out of proportion (a lower limit shows it)
+    monkeypatch.setattr(lim, "GROWTH_LIMIT", 1.2)
+    grow = _recipe(tmp_path, {"rewrites": [{"pass": "channels", "site": "group1", "channels": 64}]}, "grow.json")
+    _one_line_exit_2(runner.invoke(app, ["apply", str(model), str(grow), "-o", str(out)]), "above the 1.2x limit")
     assert not out.exists()
     r = runner.invoke(app, ["apply", str(model), str(grow), "-o", str(out), "--allow-growth", "--json"])
     assert r.exit_code == 0, r.output
-    assert json.loads(r.stdout)["after"]["params"] > 16 * json.loads(r.stdout)["before"]["params"] and out.exists()
+    assert json.loads(r.stdout)["after"]["params"] > 1.2 * json.loads(r.stdout)["before"]["params"] and out.exists()
 
 
 def test_apply_with_target_prints_before_and_after(model, tmp_path):
