@@ -194,10 +194,13 @@ def verify_shapes(proto: onnx.ModelProto, expected: Structure) -> None:
 
 
 def _reinfer(proto: onnx.ModelProto) -> onnx.ModelProto:
-    """Drop every stale intermediate/output shape and infer them again (strict)."""
-    from archpass.model import infer_shapes
+    """Drop every stale intermediate/output shape and infer them again (strict); the declared
+    shapes of opaque custom ops stay."""
+    from archpass.model import declared_custom_shapes, infer_shapes
 
+    declared = declared_custom_shapes(proto)
     del proto.graph.value_info[:]
+    proto.graph.value_info.extend(declared)
     for vi in proto.graph.output:
         for d in vi.type.tensor_type.shape.dim:
             d.Clear()
@@ -224,14 +227,21 @@ def _check_full(proto: onnx.ModelProto) -> None:
         onnx.checker.check_model(str(path), full_check=True)
 
 
-def apply_recipe(model: Model, recipe: Recipe, *, structure: Structure | None = None, verify: bool = True) -> Applied:
-    """Rewrite ``model`` (never modified) by ``recipe``; returns the checked output proto."""
+def apply_recipe(model: Model, recipe: Recipe, *, structure: Structure | None = None, verify: bool = True,
+                 allow_growth: bool = False) -> Applied:
+    """Rewrite ``model`` (never modified) by ``recipe``; returns the checked output proto.
+    An output out of proportion with the input is refused before anything is allocated
+    (:mod:`archpass.limits`; ``allow_growth`` lifts the growth and 2 GB limits)."""
     import onnx_graphsurgeon as gs
+
+    from archpass.limits import check_output_size, predict_output_size
+    from archpass.model import weight_bytes
 
     if structure is None:
         structure = analyze(model)
     previous = read_record(model.proto)
     pl = plan(structure, recipe, previous=previous["rewrites"] if previous else None)
+    check_output_size(predict_output_size(weight_bytes(model.proto), structure, pl.structure), allow_growth=allow_growth)
     graph = gs.import_onnx(model.proto)
     entries = []
     for st in pl.steps:
