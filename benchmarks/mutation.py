@@ -62,7 +62,68 @@ MODULES: dict[str, tuple[str, tuple[str, ...] | None]] = {
 }
 
 # (module, stripped source line, stripped mutated line) -> why the survivor is not a test gap
-EXPLAINED: dict[tuple[str, str, str], str] = {}
+EXPLAINED: dict[tuple[str, str, str], str] = {
+    ('archpass/blocks.py',
+     'break',
+     'continue'):
+        'equivalent: the SE walk meets the gate Mul only when the walked tensor already feeds it (it stops there first) or when the pool feeds the Mul directly, where both versions find no SE layers',
+    ('archpass/blocks.py',
+     'found = None',
+     'found = ""'):
+        "equivalent: found is only tested for truth; None and '' are both false",
+    ('archpass/blocks.py',
+     'ADD_RULES: tuple[Callable[[onnx.NodeProto, BlockGraph], Match | None], ...] = (match_residual,)',
+     'ADD_RULES: tuple[Callable[[onnx.NodeProto, BlockGraph], Match & None], ...] = (match_residual,)'):
+        'equivalent: a module-level annotation, never evaluated (from __future__ import annotations)',
+    ('passes/engine.py',
+     '"exact": self.result.exact if exact is None else exact,',
+     '"exact": self.result.exact if exact is not None else exact,'):
+        "equivalent: record() is only called with the graph path's exactness, which apply_recipe asserts equals the shape path's",
+    ('passes/engine.py',
+     'near = difflib.get_close_matches(rw.pass_name, list(reg), n=1)',
+     'near = difflib.get_close_matches(rw.pass_name, list(reg), n=2)'):
+        'equivalent: only the first suggestion is shown',
+    ('passes/engine.py',
+     'onnx.save_model(copy, str(path), save_as_external_data=True, all_tensors_to_one_file=True,',
+     'onnx.save_model(copy, str(path), save_as_external_data=True, all_tensors_to_one_file=False,'):
+        'equivalent: the checker reads a temporary external-data copy in one file or many alike',
+    ('passes/engine.py',
+     'out = gs.export_onnx(graph, do_type_check=True)',
+     'out = gs.export_onnx(graph, do_type_check=False)'):
+        "equivalent for the graphs passes emit: graphsurgeon's type check only raises on untyped tensors, and check_model(full_check=True) runs right after on every output",
+    ('costmodel/kernels.py',
+     'cin, in_hw = _chw(in_shapes[0]) if in_shapes else (1, (1, 1))',
+     'cin, in_hw = _chw(in_shapes[0]) if in_shapes else (1, (1, 2))'):
+        'unreachable: every standalone op of a canonical, statically shaped model has a shaped non-constant input (ops on constants alone are folded at load)',
+    ('costmodel/kernels.py',
+     'cout, out_hw = _chw(out_shapes[0]) if out_shapes else (1, (1, 1))',
+     'cout, out_hw = _chw(out_shapes[0]) if out_shapes else (1, (1, 2))'):
+        'unreachable: every standalone op of a canonical, statically shaped model has a shaped output',
+    ('archpass/model.py',
+     'if path is not None:',
+     'if path is  None:'):
+        'equivalent below 2 GB (the branch is only taken for models above it, which no test can load); both check the same graph, by path or as a weightless copy',
+    ('archpass/model.py',
+     'if not (d.HasField("dim_value") and d.dim_value > 0):',
+     'if  (d.HasField("dim_value") and d.dim_value > 0):'):
+        'equivalent: output dims are cleared only to be re-inferred right after; clearing static ones too gives the same inferred shapes',
+    ('archpass/model.py',
+     'if not (d.HasField("dim_value") and d.dim_value > 0):',
+     'if not (d.HasField("dim_value") and d.dim_value > 1):'):
+        'equivalent: output dims are cleared only to be re-inferred right after; clearing static ones too gives the same inferred shapes',
+    ('archpass/model.py',
+     'known[vi.name] = True',
+     'known[vi.name] = None'):
+        "equivalent: 'known' is only used for membership",
+    ('archpass/model.py',
+     'known[init.name] = True',
+     'known[init.name] = None'):
+        "equivalent: 'known' is only used for membership",
+    ('passes/dw_to_dense.py',
+     'split = None',
+     'split = ""'):
+        "equivalent: split is only tested for truth; None and '' are both false",
+}
 
 
 def _shim(clone: Path) -> Path:

@@ -139,3 +139,23 @@ def test_matches_are_immutable():
     m = match_depthwise(layer(g, "d_dw"), g)
     with pytest.raises(dataclasses.FrozenInstanceError):
         m.kind = "ibn"
+
+
+def test_a_concat_join_is_not_a_residual():
+    b = NetBuilder((1, 16, 16, 16)).conv(16, 3, act="relu", name="stem")
+    b.concat(lambda b: b.conv(16, 3, act="relu", name="c0").conv(16, 3, act=None, name="c1"), lambda b: None,
+             name="join")
+    g = graph(b)
+    assert match_residual(add_node(g, "join"), g) is None
+
+
+def test_a_gate_through_an_unknown_op_is_not_an_se():
+    b = NetBuilder((1, 16, 8, 8)).dw(3, act="relu", name="d")
+    x, shape = b.x, b.shape
+    b.x, b.shape = b.node("GlobalAveragePool", [x], "pool"), [1, 16, 1, 1]
+    b.conv(4, 1, act="relu", name="r").conv(16, 1, act="sigmoid", name="e")
+    b.x = b.node("Mul", [x, b.node("Softmax", [b.x], "sm", axis=1)], "gate")
+    b.shape = shape
+    g = graph(b.conv(16, 1, act=None, name="p"))
+    m = match_depthwise(layer(g, "d"), g)
+    assert m.roles == (("depthwise", "d"),)  # the Mul is not an SE gate, so nothing follows the dw alone

@@ -82,6 +82,20 @@ def test_residual_add_is_not_fused_into_a_conv_that_has_an_activation():
     b.add(lambda b: b.conv(8, 3, act=None, name="c"), lambda b: None, name="join")
     conv = next(k for k in decompose(analyze(b.build()), RUNTIME) if k.layers == ("c",))
     assert conv.fused_add and "join" in conv.nodes
+    # an activation the target does not fuse runs alone, and so does the Add after it
+    b = NetBuilder((1, 8, 16, 16)).conv(8, 3, act="relu", name="stem")
+    b.add(lambda b: b.conv(8, 3, act="relu", name="c"), lambda b: None, name="join")
+    ks = decompose(analyze(b.build()), FusionRules(residual_add=True, activations=()))
+    conv = next(k for k in ks if k.layers == ("c",))
+    assert conv.act is None and not conv.fused_add and conv.nodes == ("c",)
+
+
+def test_standalone_pool_kernel_keeps_its_kernel_and_stride():
+    b = NetBuilder((1, 8, 16, 16)).conv(8, 3, act="relu", name="c")
+    b.x = b.node("MaxPool", [b.x], "pool", kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])
+    b.shape = [1, 8, 8, 8]
+    pool = next(k for k in decompose(analyze(b.build()), RUNTIME) if "pool" in k.nodes)
+    assert pool.kernel == (3, 3) and pool.stride == (2, 2) and pool.in_hw == (16, 16) and pool.out_hw == (8, 8)
 
 
 def test_swish_as_mul_sigmoid_fuses_when_allowed_and_not_otherwise():

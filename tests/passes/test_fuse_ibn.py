@@ -118,3 +118,13 @@ def test_real_architectures_fuse_every_ibn(name):
     applied = apply_checked(model, s, recipe)
     assert all(b.kind in ("fused_ibn", "depthwise") for b in applied.structure.blocks)
     assert len(applied.structure.layers) == len(s.layers) - len(recipe)
+
+
+def test_sites_are_the_ibn_blocks_and_check_names_unknown_sites():
+    from archpass.passes.base import registry
+
+    _, s = built(NetBuilder((1, 3, 24, 24)).conv(16, 3, stride=2).dw_separable(16).ibn(16, expand=4).head(4).build())
+    p = registry()["fuse_ibn"]
+    assert [x.id for x in p.sites(s)] == [b.id for b in s.blocks if b.kind == "ibn"] == ["block1"]
+    assert p.check(s, "block9", {}) == "'block9' is not a block of this model"
+    assert "depthwise block" in p.check(s, "block0", {})
