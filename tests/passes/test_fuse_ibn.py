@@ -128,3 +128,12 @@ def test_sites_are_the_ibn_blocks_and_check_names_unknown_sites():
     assert [x.id for x in p.sites(s)] == [b.id for b in s.blocks if b.kind == "ibn"] == ["block1"]
     assert p.check(s, "block9", {}) == "'block9' is not a block of this model"
     assert "depthwise block" in p.check(s, "block0", {})
+
+
+def test_record_shapes_on_a_rectangular_input():
+    b = NetBuilder((1, 3, 24, 32), seed=1).conv(16, 3, stride=2, act="relu").ibn(16, expand=4, k=5)
+    model, s = built(b.head(4).build())
+    applied = apply_recipe(model, Recipe.of([{"pass": "fuse_ibn", "site": "block0"}]), structure=s)
+    assert applied.rewrites[0]["before"] == {"expand": "16->64 k1x1 s1 g1 12x16->12x16",
+                                             "depthwise": "64->64 k5x5 s1 g64 12x16->12x16"}
+    assert applied.rewrites[0]["after"] == {"fused": "16->64 k5x5 s1 g1 12x16->12x16"}
