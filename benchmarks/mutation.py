@@ -42,6 +42,7 @@ from _common import ROOT, write_results
 
 FAST = "-x -q -p no:cacheprovider --import-mode=importlib"
 # module -> (test selection, functions to mutate or None for the whole file)
+DESCRIBE = "tests/passes/test_engine.py::test_every_pass_describes_itself"  # every pass has a summary and an exactness
 MODULES: dict[str, tuple[str, tuple[str, ...] | None]] = {
     "archpass/blocks.py": ("tests/test_blocks.py tests/test_analysis.py", None),
     "passes/engine.py": ("tests/passes/test_engine.py -k 'not every_architecture and not random_valid'", None),
@@ -50,13 +51,13 @@ MODULES: dict[str, tuple[str, tuple[str, ...] | None]] = {
     "archpass/model.py": ("tests/test_model.py", ("parse_input_shapes", "_read_proto", "_external_tensors",
                                                   "_check_external_data", "_check", "_pin_inputs", "_custom_ops",
                                                   "_unshaped", "load_model")),
-    "passes/fuse_ibn.py": ("tests/passes/test_fuse_ibn.py -k 'not real'", None),
-    "passes/dw_to_dense.py": ("tests/passes/test_dw_to_dense.py -k 'not real'", None),
+    "passes/fuse_ibn.py": (f"tests/passes/test_fuse_ibn.py {DESCRIBE} -k 'not real'", None),
+    "passes/dw_to_dense.py": (f"tests/passes/test_dw_to_dense.py {DESCRIBE} -k 'not real'", None),
     "passes/resize.py": ("tests/passes/test_resize.py tests/passes/test_channels.py -k 'not real'", None),
     "passes/structedit.py": ("tests/passes/test_channels.py tests/passes/test_width_multiplier.py -k 'not real'", None),
-    "passes/width_multiplier.py": ("tests/passes/test_width_multiplier.py -k 'not real'", None),
-    "passes/resolution.py": ("tests/passes/test_resolution.py -k 'not real'", None),
-    "passes/channels.py": ("tests/passes/test_channels.py -k 'not real'", None),
+    "passes/width_multiplier.py": (f"tests/passes/test_width_multiplier.py {DESCRIBE} -k 'not real'", None),
+    "passes/resolution.py": (f"tests/passes/test_resolution.py {DESCRIBE} -k 'not real'", None),
+    "passes/channels.py": (f"tests/passes/test_channels.py {DESCRIBE} -k 'not real'", None),
     "passes/base.py": ("tests/passes/test_base.py tests/passes/test_engine.py -k 'not every_architecture and not random'",
                        None),
 }
@@ -287,6 +288,7 @@ def recheck_module(module: str, r: dict, clone: Path, env: dict) -> dict:
             path.write_text(src)
         s["recheck"] = "survived" if outcome == "passed" else "killed"
         s["explained"] = EXPLAINED.get((module, s["from"], s["to"]))
+    r["recheck_tests"] = tests
     left = [s for s in r["survivors"] if s.get("recheck") == "survived"]
     r["after_recheck"] = {
         "killed_by_new_tests": sum(s.get("recheck") == "killed" for s in r["survivors"]),
