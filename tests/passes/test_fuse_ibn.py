@@ -137,3 +137,12 @@ def test_record_shapes_on_a_rectangular_input():
     assert applied.rewrites[0]["before"] == {"expand": "16->64 k1x1 s1 g1 12x16->12x16",
                                              "depthwise": "64->64 k5x5 s1 g64 12x16->12x16"}
     assert applied.rewrites[0]["after"] == {"fused": "16->64 k5x5 s1 g1 12x16->12x16"}
+
+
+@pytest.mark.parametrize("site", ["block0", "block1"])
+def test_shape_path_groups_match_a_reanalysis(site):
+    from apply_helpers import groups_as_analyzed
+
+    model, s = built(_ibn_net(se="hardsigmoid"))
+    ours, reanalyzed = groups_as_analyzed(apply_checked(model, s, [{"pass": "fuse_ibn", "site": site}]))
+    assert ours == reanalyzed
