@@ -7,8 +7,8 @@ another onnxruntime setting, another host), so adaptation keeps a known target a
 
 1. **Choose the measurements that tell the most** (:func:`select_layers`,
    :func:`select_networks`): the kernels that dominate the models the user cares about
-   (``--models``), then a spread over the shapes the passes produce (greedy farthest-point
-   in a log-feature space on the new hardware), within ``--samples`` (ZigZag) or
+   (``--models``), then a spread over the shapes the passes produce (the representatives
+   of a k-means partition of a large sample in a log-feature space on the new hardware), within ``--samples`` (ZigZag) or
    ``--budget-s`` seconds of measurement (onnxruntime).
 2. **Measure robustly** (onnxruntime, :func:`measure_networks`): every network is timed in
    several interleaved windows (all networks once, then again...), the median over windows
@@ -250,23 +250,42 @@ def descriptor(kernels: list[Kernel], target: Target) -> np.ndarray:
     return (x - x.mean(axis=0)) / np.where(sd > 0, sd, 1.0)
 
 
-def farthest_points(x: np.ndarray, k: int, chosen: list[int] | None = None) -> list[int]:
-    """Greedy k-center: start from the given indices (or the point nearest the mean), add
-    the point farthest from everything chosen so far."""
-    chosen = list(chosen or [])
-    if len(x) == 0 or k <= 0:
-        return chosen
-    if not chosen:
-        chosen = [int(np.argmin(np.linalg.norm(x, axis=1)))]
-        k -= 1
+def representatives(x: np.ndarray, k: int, fixed: int = 0, iters: int = 25) -> list[int]:
+    """``k`` indices of rows of ``x`` that spread over it like a k-means partition: the
+    first ``fixed`` rows are kept as centres, the others are seeded farthest-first and moved
+    to their cluster's mean; each free centre is then the member nearest its mean (typical
+    shapes, not the extremes a pure farthest-point choice would pick)."""
+    n = len(x)
+    if n == 0 or k <= 0:
+        return []
+    k = min(k, n)
+    chosen = list(range(min(fixed, k))) or [int(np.argmin(np.linalg.norm(x, axis=1)))]
     d = np.min(np.linalg.norm(x[:, None, :] - x[chosen][None, :, :], axis=2), axis=1)
-    for _ in range(max(k, 0)):
+    while len(chosen) < k:
         i = int(np.argmax(d))
         if d[i] <= 0:
             break
         chosen.append(i)
         d = np.minimum(d, np.linalg.norm(x - x[i], axis=1))
-    return chosen
+    centres = x[chosen].copy()
+    nfix = min(fixed, k)
+    for _ in range(iters):
+        assign = np.argmin(np.linalg.norm(x[:, None, :] - centres[None, :, :], axis=2), axis=1)
+        moved = centres.copy()
+        for c in range(nfix, len(centres)):
+            members = x[assign == c]
+            if len(members):
+                moved[c] = members.mean(axis=0)
+        if np.allclose(moved, centres):
+            break
+        centres = moved
+    assign = np.argmin(np.linalg.norm(x[:, None, :] - centres[None, :, :], axis=2), axis=1)
+    out = chosen[:nfix]
+    for c in range(nfix, len(centres)):
+        members = np.flatnonzero(assign == c)
+        if len(members):
+            out.append(int(members[np.argmin(np.linalg.norm(x[members] - centres[c], axis=1))]))
+    return list(dict.fromkeys(out))
 
 
 def model_kernels(paths, fusion: FusionRules) -> list[list[Kernel]]:
@@ -292,9 +311,9 @@ def dominant(kernels: list[Kernel], base: Target, share: float = 0.8) -> list[Ke
 
 
 def select_layers(target: Target, base: Target, samples: int, seed: int = 0, models=()) -> list[dict]:
-    """``samples`` layer specs: up to half from the layers that dominate ``models``, the rest a
-    spread (farthest points on ``target``'s hardware) over a large sample of the shapes
-    passes produce."""
+    """``samples`` layer specs: up to half from the layers that dominate ``models``, the rest
+    representatives (:func:`representatives` on ``target``'s hardware) of a large sample
+    of the shapes passes produce."""
     from archpass.costmodel.sampling import sample_layers
 
     picked: dict[str, dict] = {}
@@ -305,12 +324,11 @@ def select_layers(target: Target, base: Target, samples: int, seed: int = 0, mod
     mine = list(picked.values())
     if len(mine) > samples // 2:  # spread the user's layers too
         x = descriptor([Kernel.from_spec(s) for s in mine], target)
-        mine = [mine[i] for i in farthest_points(x, samples // 2)]
-    pool = sample_layers(1200, seed + 104729) + sample_layers(400, seed + 104729, any_size=True)
+        mine = [mine[i] for i in representatives(x, samples // 2)]
+    pool = sample_layers(900, seed + 104729) + sample_layers(300, seed + 104729, any_size=True)
     everything = mine + pool
     x = descriptor([Kernel.from_spec(s) for s in everything], target)
-    idx = farthest_points(x, samples - len(mine), list(range(len(mine))))
-    return [everything[i] for i in idx][:samples]
+    return [everything[i] for i in representatives(x, samples, fixed=len(mine))][:samples]
 
 
 # ====================================================================== ZigZag
