@@ -39,6 +39,7 @@ def inspect_document(model: Model, structure: Structure, target: str | None = No
         from archpass.costmodel import estimate, load_target
 
         doc["estimate"] = estimate(structure, load_target(target)).to_json()
+        doc["notes"] += [n for n in doc["estimate"]["notes"] if n not in doc["notes"]]  # e.g. the host note
         doc["target"] = target
     return doc
 

@@ -70,6 +70,8 @@ def render(doc: dict, all_layers: bool = True) -> None:
         stdout.print(kt)
         stdout.print(f"latency {e['latency_ms']:.3f} ms   params {e['params_bytes'] / 1e6:.2f} MB   "
                      f"peak activations {e['peak_activation_bytes'] / 1e6:.2f} MB   MACs {e['macs'] / 1e6:.1f} M")
+        for note in e.get("notes", []):
+            stdout.print(f"note: {note}", soft_wrap=True, highlight=False)
     unsup = doc.get("unsupported_ops") or []
     stdout.print(
         f"totals: {t['layers']} layers, {t['blocks']} blocks, {t['stages']} stages, {t['channel_groups']} channel groups "

@@ -52,6 +52,7 @@ METHODS = ("scale", "class_scale", "loglinear_strong", "loglinear", "loglinear_w
 RIDGE = {"loglinear_strong": 30.0, "loglinear": 5.0, "loglinear_weak": 1.0}
 MIN_POINTS_LOGLINEAR = 6
 FOLDS = 5
+MIN_NETWORK_S = 0.5  # building two sessions and timing the smallest network in three windows
 
 
 def load_base(base: str | Path | Target, backend: str) -> Target:
@@ -365,24 +366,36 @@ def adapt_zigzag(*, base: str | Path | Target, name: str, out_dir: str | Path, h
                 "zigzag_version": _version("zigzag-dse"), "adapted_from": prior.name},
         prior=prior,
     )
+    return adapt_layers(shell, out, _zigzag_work, samples, workers, seed, models, method, progress,
+                        {"hardware": str(hardware), "mapping": str(mapping), "clock_hz": clock, "lpf_limit": lpf})
+
+
+def adapt_layers(shell: Target, out: Path, work: Callable[[dict], dict], samples: int, workers: int = 1, seed: int = 0,
+                 models=(), method: str | None = None, progress: Progress | None = None, payload: dict | None = None) -> Target:
+    """Measure ``samples`` chosen layers with ``work`` (a calibration job function: payload
+    with ``spec`` -> record with ``points``), fit the corrections of ``shell.prior`` and
+    write the adapted target to ``out``."""
     t0 = time.time()
+    prior = shell.prior
     specs = select_layers(shell, prior, samples, seed, models)
-    dataset = Dataset(out / DATASET)
-    payload = {"hardware": str(hardware), "mapping": str(mapping), "clock_hz": clock, "lpf_limit": lpf}
+    dataset = Dataset(Path(out) / DATASET)
+    payload = payload or {}
+    lpf = payload.get("lpf_limit")
     jobs = [Job(point_key({"spec": s, "lpf": lpf, "adapt": True}), {"spec": s, **payload}) for s in specs]
-    run_jobs(jobs, _zigzag_work, dataset, workers, progress)
+    run_jobs(jobs, work, dataset, workers, progress)
     keys = {j.key for j in jobs}
     pts = [(key, spec, ms) for key, spec, ms in dataset.points() if key in keys]
     if len(pts) < 5:
-        raise TargetError(f"only {len(pts)} of {len(jobs)} layers could be evaluated ({len(dataset.failed)} failed)",
+        raise TargetError(f"only {len(pts)} of {len(jobs)} layers could be measured ({len(dataset.failed)} failed)",
                           "check the hardware/mapping YAMLs or raise --samples")
     kernels = [Kernel.from_spec(s) for _, s, _ in pts]
     points = Points(tuple(kernels), predict_kernels(kernels, prior)[0], np.array([ms for *_, ms in pts]),
                     tuple(key for key, _, _ in pts))
     failed = [r for r in dataset.failed if r["key"] in keys]
-    measurement = {"layers_evaluated": len(jobs), "failed": len(failed),
-                   "failure_examples": sorted({r["error"] for r in failed})[:3], "seconds": round(time.time() - t0, 1)}
-    return _write(shell, points, out, measurement, method)
+    measurement = {"layers_measured": len(jobs), "failed": len(failed),
+                   "failure_examples": sorted({r["error"] for r in failed})[:3], "seconds": round(time.time() - t0, 1),
+                   "models": [Path(p).name for p in models]}
+    return _write(shell, points, Path(out), measurement, method)
 
 
 def _write(shell: Target, points: Points, out: Path, measurement: dict, method: str | None) -> Target:
@@ -628,7 +641,7 @@ def network_points(n: Network, profile_path: str, optimized_path: str, overhead_
 def adapt_onnxruntime(*, base: str | Path | Target, name: str, out_dir: str | Path,
                       provider: str = "CPUExecutionProvider", threads: int = 1, graph_opt: str = "all",
                       budget_s: float = 60.0, seed: int = 0, models=(), windows: int = 3, runs: int = 5,
-                      description: str = "", method: str | None = None,
+                      description: str = "", method: str | None = None, pool: int = 24,
                       progress: Callable[[str], None] | None = None) -> Target:
     """Adapt an onnxruntime target to this host / provider / threads / graph optimization
     level from at most ``budget_s`` seconds of measurement."""
@@ -643,11 +656,12 @@ def adapt_onnxruntime(*, base: str | Path | Target, name: str, out_dir: str | Pa
     check_graph_opt(graph_opt)
     if threads < 1:
         raise TargetError(f"--threads {threads} is not positive", "pass 1 or more")
-    if budget_s <= 0:
-        raise TargetError(f"--budget-s {budget_s:g} is too small to measure anything", "raise --budget-s (60 s is the default)")
+    if budget_s < MIN_NETWORK_S:
+        raise TargetError(f"--budget-s {budget_s:g} is too small to measure anything (one network takes at least "
+                          f"{MIN_NETWORK_S:g} s: two sessions and {windows} timing windows)", "raise --budget-s (60 s is the default)")
     out = Path(out_dir)
     t_all = time.time()
-    nets = select_networks(prior, budget_s, windows, runs, threads, seed, models, progress=progress)
+    nets = select_networks(prior, budget_s, windows, runs, threads, seed, models, pool, progress=progress)
     got = measure_networks(nets, provider, threads, graph_opt, budget_s, windows, runs, progress=progress)
     seen = got["seen"]
     overhead = float(prior.source.get("profiler_overhead_ms_per_node", 0.0))
