@@ -121,12 +121,196 @@ def phase_truths(args) -> None:
             print(f"zigzag ascend_like {name}: {res}", file=sys.stderr, flush=True)
 
 
+# ------------------------------------------------------------------ scoring
+def score(rows: list[dict]) -> dict:
+    import numpy as np
+
+    ok = [r for r in rows if "measured_ms" in r]
+    errs = np.array([abs(r["error_pct"]) for r in ok])
+    if not len(errs):
+        return {"models": 0}
+    return {"models": len(ok), "within_10pct": float(np.mean(errs <= 10) * 100),
+            "within_20pct": float(np.mean(errs <= 20) * 100), "mape_pct": float(errs.mean()),
+            "max_abs_error_pct": float(errs.max())}
+
+
+def rows_for(target, models, truths: dict) -> list[dict]:
+    from archpass.costmodel import estimate
+
+    rows = []
+    for name, (_, structure, _) in models.items():
+        est = estimate(structure, target, best_order=False)
+        row = {"model": name, "predicted_ms": est.latency_ms}
+        t = truths.get(name) or {}
+        if "ms" in t:
+            row.update(measured_ms=t["ms"], error_pct=(est.latency_ms / t["ms"] - 1) * 100)
+        rows.append(row)
+    return rows
+
+
+# ------------------------------------------------------------------ phase: ZigZag comparison
+def phase_zigzag(args) -> dict:
+    """Adapted (50 layers), from scratch on the same 50, full calibration, the base as is."""
+    from dataclasses import replace
+
+    from archpass.costmodel import load_target
+    from archpass.costmodel.adapt import METHODS, refit
+    from archpass.costmodel.calibrate import DATASET, Dataset, fit_predictors
+
+    truths = _json(work_dir() / "zigzag_truths.json", {})
+    names = [n for n in ZIGZAG_MODELS if "ms" in truths.get(n, {})]
+    models = load_models(names)
+    adapted = load_target(work_dir() / "ascend_adapted")
+    shell = replace(adapted, prior=None, corrections={}, accuracy={}, path=None)
+    ds = Dataset(work_dir() / "ascend_adapted" / DATASET)
+    same = ds.points()
+    scratch = replace(shell, predictors=fit_predictors(shell, same)[0])
+    full_ds = Dataset(work_dir() / "ascend_full" / DATASET)
+    full_pts = full_ds.points()
+    full = replace(shell, predictors=fit_predictors(shell, full_pts)[0])
+    base = load_target("edgetpu")
+    variants = {"adapted": adapted, "from_scratch_same_50": scratch, "full_calibration": full, "base_edgetpu_as_is": base}
+    for m in METHODS:
+        variants[f"adapted[{m}]"] = refit(work_dir() / "ascend_adapted", m)
+    out = {"held_out_models": names, "truth": "ZigZag whole-model evaluation, ascend_like (16x16 K x C, 2x2 OX x OY), "
+           f"lpf_limit 4, {CLOCK_HZ / 1e6:.0f} MHz",
+           "layer_evaluations": {"adapted": len(ds.records), "from_scratch_same_50": len(ds.records),
+                                 "full_calibration": len(full_ds.records),
+                                 "full_calibration_failed": len(full_ds.failed)},
+           "adapted_method": adapted.accuracy.get("method"),
+           "adapted_cross_validation": adapted.accuracy.get("cross_validation"),
+           "targets": {}}
+    for label, t in variants.items():
+        rows = rows_for(t, models, truths)
+        out["targets"][label] = {**score(rows), "rows": rows}
+        s = out["targets"][label]
+        print(f"zigzag {label:28s} within ±10%: {s.get('within_10pct', 0):5.1f}% of {s['models']}  "
+              f"MAPE {s.get('mape_pct', float('nan')):5.1f}%  max {s.get('max_abs_error_pct', float('nan')):5.1f}%")
+    _save(work_dir() / "zigzag_report.json", out)
+    return out
+
+
+# ------------------------------------------------------------------ phase: onnxruntime (run under flock -x)
+SCENARIOS = {"2threads": {"threads": 2, "graph_opt": "all"}, "basic": {"threads": 1, "graph_opt": "basic"}}
+
+
+def adapt_runs(tag: str) -> dict:
+    from archpass.costmodel.adapt import adapt_onnxruntime
+
+    out = {}
+    for sc, kw in SCENARIOS.items():
+        d = work_dir() / f"ort_{sc}_{tag}"
+        t0 = time.time()
+        t = adapt_onnxruntime(base="cpu", name=f"cpu_{sc}", out_dir=d, budget_s=60, seed=0,
+                              progress=lambda m, sc=sc: print(f"adapt {sc}: {m}", file=sys.stderr, flush=True), **kw)
+        out[sc] = {"dir": str(d), "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                   "wall_seconds": round(time.time() - t0, 1), "measurement": t.accuracy["measurement"],
+                   "method": t.accuracy["method"], "cross_validation": t.accuracy["cross_validation"]}
+        print(f"adapted {sc} ({tag}): {t.accuracy['measurement']['seconds']} s of measurement, "
+              f"{t.accuracy['measurement']['networks']} networks, method {t.accuracy['method']}", file=sys.stderr)
+    return out
+
+
+def ort_truths(models, windows: int = 3) -> dict:
+    """Whole-model latency per scenario: ``windows`` interleaved windows (every model and
+    scenario once per window), each the median of >= 15 runs and >= 0.3 s; a window taken
+    while other processes kept a needed core busy is taken again (up to twice)."""
+    import numpy as np
+
+    from archpass.costmodel.adapt import OtherLoad
+    from archpass.costmodel.backends.onnxruntime import measure_model
+
+    res = {sc: {n: {"windows": [], "other_cores": []} for n in models} for sc in SCENARIOS}
+    for w in range(windows):
+        for name, (model, _, _) in models.items():
+            for sc, kw in SCENARIOS.items():
+                allowed = max((os.cpu_count() or 1) - kw["threads"], 0) + 0.3
+                for attempt in range(3):
+                    with OtherLoad() as load:
+                        r = measure_model(model.proto, threads=kw["threads"], graph_opt=kw["graph_opt"], warmup=5,
+                                          repeats=15, min_seconds=0.3)
+                    if (load.cores or 0) <= allowed:
+                        break
+                res[sc][name]["windows"].append(r["ms"])
+                res[sc][name]["other_cores"].append(load.cores)
+        print(f"truth window {w + 1}/{windows} done", file=sys.stderr, flush=True)
+    for sc in res:
+        for name, d in res[sc].items():
+            d["ms"] = float(np.median(d["windows"]))
+            d["window_spread_pct"] = (max(d["windows"]) / min(d["windows"]) - 1) * 100
+    return res
+
+
+def phase_ort(args) -> None:
+    models = load_models(ORT_MODELS)
+    runs = {"first": adapt_runs("first")}
+    t0 = time.time()
+    truths = ort_truths(models)
+    doc = {"adaptations": runs, "truths": truths, "truth_seconds": round(time.time() - t0, 1)}
+    _save(work_dir() / "ort_runs.json", doc)
+
+
+def phase_drift(args) -> None:
+    doc = _json(work_dir() / "ort_runs.json", {})
+    doc.setdefault("adaptations", {})["second"] = adapt_runs("second")
+    _save(work_dir() / "ort_runs.json", doc)
+
+
+# ------------------------------------------------------------------ report
+def phase_report(args) -> None:
+    import numpy as np
+
+    from archpass.costmodel import load_target
+    from archpass.costmodel.adapt import METHODS, refit
+
+    sys.path.insert(0, str(ROOT))
+    from _common import write_results
+
+    figures: dict = {"zigzag": phase_zigzag(args)}
+    doc = _json(work_dir() / "ort_runs.json", {})
+    if doc:
+        models = load_models(ORT_MODELS)
+        ort: dict = {"held_out_models": ORT_MODELS, "truth": "whole-model median latency: median of 3 interleaved "
+                     "window medians (>= 15 runs, >= 0.3 s each), under flock -x", "scenarios": {}}
+        base = load_target("cpu")
+        for sc in SCENARIOS:
+            truths = doc["truths"][sc]
+            entry = {"truth_window_spread_pct_median": float(np.median([t["window_spread_pct"] for t in truths.values()])),
+                     "targets": {}}
+            variants = {"cpu_as_is": base}
+            for tag, runs in doc["adaptations"].items():
+                if sc in runs:
+                    variants[f"adapted_{tag}"] = load_target(runs[sc]["dir"])
+                    entry[f"adaptation_{tag}"] = {k: v for k, v in runs[sc].items() if k != "cross_validation"}
+            if "first" in doc["adaptations"]:
+                for m in METHODS:
+                    variants[f"adapted_first[{m}]"] = refit(doc["adaptations"]["first"][sc]["dir"], m)
+            for label, t in variants.items():
+                rows = rows_for(t, models, truths)
+                entry["targets"][label] = {**score(rows), "rows": rows}
+                s = entry["targets"][label]
+                print(f"ort {sc} {label:32s} within ±10%: {s.get('within_10pct', 0):5.1f}% of {s['models']}  "
+                      f"MAPE {s.get('mape_pct', float('nan')):5.1f}%  max {s.get('max_abs_error_pct', float('nan')):5.1f}%")
+            if "adapted_first" in entry["targets"] and "adapted_second" in entry["targets"]:
+                a = np.array([r["predicted_ms"] for r in entry["targets"]["adapted_first"]["rows"]])
+                b = np.array([r["predicted_ms"] for r in entry["targets"]["adapted_second"]["rows"]])
+                moves = np.abs(b / a - 1) * 100
+                entry["drift"] = {"median_abs_move_pct": float(np.median(moves)), "max_abs_move_pct": float(moves.max()),
+                                  "first": entry["adaptation_first"]["when"], "second": entry["adaptation_second"]["when"]}
+                print(f"ort {sc} drift between the two adaptations: median {np.median(moves):.1f}%, max {moves.max():.1f}%")
+            ort["scenarios"][sc] = entry
+        figures["onnxruntime"] = ort
+    path = write_results("adapt", figures)
+    print(f"wrote {path}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--phase", required=True, choices=["truths", "zigzag", "ort", "drift", "report"])
     ap.add_argument("--workers", type=int, default=2)
     args = ap.parse_args(argv)
-    {"truths": phase_truths}[args.phase](args)
+    {"truths": phase_truths, "zigzag": phase_zigzag, "ort": phase_ort, "drift": phase_drift,
+     "report": phase_report}[args.phase](args)
     return 0
 
 

@@ -384,18 +384,45 @@ def adapt_layers(shell: Target, out: Path, work: Callable[[dict], dict], samples
     jobs = [Job(point_key({"spec": s, "lpf": lpf, "adapt": True}), {"spec": s, **payload}) for s in specs]
     run_jobs(jobs, work, dataset, workers, progress)
     keys = {j.key for j in jobs}
-    pts = [(key, spec, ms) for key, spec, ms in dataset.points() if key in keys]
-    if len(pts) < 5:
-        raise TargetError(f"only {len(pts)} of {len(jobs)} layers could be measured ({len(dataset.failed)} failed)",
+    points = dataset_points(dataset, prior, keys)
+    if len(points) < 5:
+        raise TargetError(f"only {len(points)} of {len(jobs)} layers could be measured ({len(dataset.failed)} failed)",
                           "check the hardware/mapping YAMLs or raise --samples")
-    kernels = [Kernel.from_spec(s) for _, s, _ in pts]
-    points = Points(tuple(kernels), predict_kernels(kernels, prior)[0], np.array([ms for *_, ms in pts]),
-                    tuple(key for key, _, _ in pts))
     failed = [r for r in dataset.failed if r["key"] in keys]
     measurement = {"layers_measured": len(jobs), "failed": len(failed),
                    "failure_examples": sorted({r["error"] for r in failed})[:3], "seconds": round(time.time() - t0, 1),
                    "models": [Path(p).name for p in models]}
     return _write(shell, points, Path(out), measurement, method)
+
+
+def dataset_points(dataset: Dataset, prior: Target, keys=None) -> Points:
+    """The adaptation points of a dataset's records (all, or ``keys``): each record's
+    kernels predicted by the prior together (runtime predictors read the whole network),
+    grouped by record, with the record's latency without the profiler when it has one."""
+    kernels, ms, groups, prior_ms, net = [], [], [], [], {}
+    for key, rec in dataset.records.items():
+        pts = [p for p in rec.get("points") or [] if p.get("ms") and math.isfinite(p["ms"]) and p["ms"] > 0]
+        if (keys is not None and key not in keys) or not pts:
+            continue
+        ks = [Kernel.from_spec(p["spec"]) for p in pts]
+        prior_ms.append(predict_kernels(ks, prior)[0])
+        kernels += ks
+        ms += [float(p["ms"]) for p in pts]
+        groups += [key] * len(ks)
+        if rec.get("plain_ms"):
+            net[key] = float(rec["plain_ms"])
+    return Points(tuple(kernels), np.concatenate(prior_ms) if prior_ms else np.zeros(0), np.array(ms), tuple(groups), net)
+
+
+def refit(directory: str | Path, method: str | None = None) -> Target:
+    """An adapted target's corrections fitted again from its stored measurements (no new
+    measurement), by ``method`` or the best cross-validated one.  Not written."""
+    t = load_target(directory)
+    if t.prior is None:
+        raise TargetError(f"target {directory} is not an adapted target", "pass the directory 'calibrate --adapt' wrote")
+    points = dataset_points(Dataset(Path(t.path) / DATASET), t.prior)
+    corr, summary = fit_corrections(points, t, method)
+    return replace(t, corrections=corr, accuracy={**t.accuracy, **summary})
 
 
 def _write(shell: Target, points: Points, out: Path, measurement: dict, method: str | None) -> Target:
@@ -678,19 +705,10 @@ def adapt_onnxruntime(*, base: str | Path | Target, name: str, out_dir: str | Pa
     finally:
         shutil.rmtree(got["tmp"], ignore_errors=True)
     keys = [n.key for n in nets if n.key in got["profiles"]]
-    kernels, ms, groups = [], [], []
-    for key in keys:
-        for p in dataset.records[key]["points"]:
-            kernels.append(Kernel.from_spec(p["spec"]))
-            ms.append(p["ms"])
-            groups.append(key)
-    if len(kernels) < 5 or len(keys) < 2:
+    points = dataset_points(dataset, prior, set(keys))
+    if len(points) < 5 or len(keys) < 2:
         raise TargetError(f"--budget-s {budget_s:g} measured only {len(keys)} network(s)",
                           "raise --budget-s (60 s is the default)")
-    prior_ms = np.concatenate([predict_kernels([kernels[i] for i, g in enumerate(groups) if g == key], prior)[0]
-                               for key in keys])  # per network: context features read the whole network
-    points = Points(tuple(kernels), prior_ms, np.array(ms), tuple(groups),
-                    {key: dataset.records[key]["plain_ms"] for key in keys})
     oc = seen.pop("other_cores")
     measurement = {**seen, "networks": len(keys), "other_cores_median": float(np.median(oc)) if oc else None,
                    "other_cores_max": float(np.max(oc)) if oc else None, "total_seconds": round(time.time() - t_all, 1),
@@ -709,5 +727,5 @@ def adapt_onnxruntime(*, base: str | Path | Target, name: str, out_dir: str | Pa
     return _write(shell, points, out, measurement, method)
 
 
-__all__ = ["adapt_zigzag", "adapt_onnxruntime", "fit_corrections", "Points", "select_layers", "select_networks",
+__all__ = ["adapt_zigzag", "adapt_onnxruntime", "adapt_layers", "dataset_points", "refit", "fit_corrections", "Points", "select_layers", "select_networks",
            "measure_networks", "load_base", "METHODS"]
