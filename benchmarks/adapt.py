@@ -134,6 +134,17 @@ def score(rows: list[dict]) -> dict:
             "max_abs_error_pct": float(errs.max())}
 
 
+def score_variants(prefix: str, variants: dict, models, truths: dict) -> dict:
+    """Rows and figures of every target in ``variants`` against ``truths``, printed."""
+    out = {}
+    for label, t in variants.items():
+        rows = rows_for(t, models, truths)
+        s = out[label] = {**score(rows), "rows": rows}
+        print(f"{prefix} {label:32s} within ±10%: {s.get('within_10pct', 0):5.1f}% of {s['models']}  "
+              f"MAPE {s.get('mape_pct', float('nan')):5.1f}%  max {s.get('max_abs_error_pct', float('nan')):5.1f}%")
+    return out
+
+
 def rows_for(target, models, truths: dict) -> list[dict]:
     from archpass.costmodel import estimate
 
@@ -179,13 +190,7 @@ def phase_zigzag(args) -> dict:
                                  "full_calibration_failed": len(full_ds.failed)},
            "adapted_method": adapted.accuracy.get("method"),
            "adapted_cross_validation": adapted.accuracy.get("cross_validation"),
-           "targets": {}}
-    for label, t in variants.items():
-        rows = rows_for(t, models, truths)
-        out["targets"][label] = {**score(rows), "rows": rows}
-        s = out["targets"][label]
-        print(f"zigzag {label:28s} within ±10%: {s.get('within_10pct', 0):5.1f}% of {s['models']}  "
-              f"MAPE {s.get('mape_pct', float('nan')):5.1f}%  max {s.get('max_abs_error_pct', float('nan')):5.1f}%")
+           "targets": score_variants("zigzag", variants, models, truths)}
     _save(work_dir() / "zigzag_report.json", out)
     return out
 
@@ -285,12 +290,7 @@ def phase_report(args) -> None:
             if "first" in doc["adaptations"]:
                 for m in METHODS:
                     variants[f"adapted_first[{m}]"] = refit(doc["adaptations"]["first"][sc]["dir"], m)
-            for label, t in variants.items():
-                rows = rows_for(t, models, truths)
-                entry["targets"][label] = {**score(rows), "rows": rows}
-                s = entry["targets"][label]
-                print(f"ort {sc} {label:32s} within ±10%: {s.get('within_10pct', 0):5.1f}% of {s['models']}  "
-                      f"MAPE {s.get('mape_pct', float('nan')):5.1f}%  max {s.get('max_abs_error_pct', float('nan')):5.1f}%")
+            entry["targets"] = score_variants(f"ort {sc}", variants, models, truths)
             if "adapted_first" in entry["targets"] and "adapted_second" in entry["targets"]:
                 a = np.array([r["predicted_ms"] for r in entry["targets"]["adapted_first"]["rows"]])
                 b = np.array([r["predicted_ms"] for r in entry["targets"]["adapted_second"]["rows"]])

@@ -341,7 +341,8 @@ def adapt_zigzag(*, base: str | Path | Target, name: str, out_dir: str | Path, h
     import shutil
 
     from archpass.costmodel.backends import zigzag as zz
-    from archpass.costmodel.calibrate import _version, _zigzag_work
+    from archpass.costmodel.calibrate import zigzag_work
+    from archpass.costmodel.host import package_version
 
     prior = load_base(base, "zigzag")
     if samples < 5:
@@ -363,10 +364,10 @@ def adapt_zigzag(*, base: str | Path | Target, name: str, out_dir: str | Path, h
         parallelism=int(facts["parallelism"]), dtype=prior.dtype, bytes_per_element=prior.bytes_per_element,
         clock_hz=clock, unroll=facts["unroll"], mem_bits_per_step=facts["mem_bits_per_step"], fusion=prior.fusion,
         source={"backend": "zigzag", "hardware": hw_name, "mapping": map_name, "lpf_limit": lpf,
-                "zigzag_version": _version("zigzag-dse"), "adapted_from": prior.name},
+                "zigzag_version": package_version("zigzag-dse"), "adapted_from": prior.name},
         prior=prior,
     )
-    return adapt_layers(shell, out, _zigzag_work, samples, workers, seed, models, method, progress,
+    return adapt_layers(shell, out, zigzag_work, samples, workers, seed, models, method, progress,
                         {"hardware": str(hardware), "mapping": str(mapping), "clock_hz": clock, "lpf_limit": lpf})
 
 
@@ -436,25 +437,19 @@ def _write(shell: Target, points: Points, out: Path, measurement: dict, method: 
 
 
 # ====================================================================== onnxruntime
-def _stat() -> tuple[float, float] | None:
-    try:
-        with open("/proc/stat") as f:
-            parts = [float(v) for v in f.readline().split()[1:]]
-    except (OSError, ValueError):
-        return None
-    return sum(parts), parts[3] + (parts[4] if len(parts) > 4 else 0.0)
-
-
 class OtherLoad:
     """Cores other processes kept busy while a measurement ran: the machine's busy time
     from ``/proc/stat`` minus this process's own CPU time, over the wall time."""
 
     def __enter__(self):
-        self.s0, self.c0, self.t0 = _stat(), time.process_time(), time.perf_counter()
+        from archpass.costmodel.backends.onnxruntime import cpu_times
+
+        self._stat = cpu_times
+        self.s0, self.c0, self.t0 = cpu_times(), time.process_time(), time.perf_counter()
         return self
 
     def __exit__(self, *exc):
-        s1, c1, t1 = _stat(), time.process_time(), time.perf_counter()
+        s1, c1, t1 = self._stat(), time.process_time(), time.perf_counter()
         self.cores = None
         if self.s0 is not None and s1 is not None and s1[0] > self.s0[0] and t1 > self.t0:
             ncpu = os.cpu_count() or 1
@@ -675,8 +670,7 @@ def adapt_onnxruntime(*, base: str | Path | Target, name: str, out_dir: str | Pa
     import shutil
 
     from archpass.costmodel.backends.onnxruntime import check_graph_opt, check_provider
-    from archpass.costmodel.calibrate import _version
-    from archpass.costmodel.host import fingerprint
+    from archpass.costmodel.host import fingerprint, package_version
 
     prior = load_base(base, "onnxruntime")
     check_provider(provider)
@@ -720,7 +714,7 @@ def adapt_onnxruntime(*, base: str | Path | Target, name: str, out_dir: str | Pa
         parallelism=prior.parallelism, dtype=prior.dtype, bytes_per_element=prior.bytes_per_element, clock_hz=None,
         unroll=prior.unroll, mem_bits_per_step=prior.mem_bits_per_step, fusion=prior.fusion,
         source={"backend": "onnxruntime", "provider": provider, "threads": threads, "graph_optimization": graph_opt,
-                "onnxruntime_version": _version("onnxruntime"), "host": fingerprint(provider, threads, graph_opt),
+                "onnxruntime_version": package_version("onnxruntime"), "host": fingerprint(provider, threads, graph_opt),
                 "profiler_overhead_ms_per_node": overhead, "adapted_from": prior.name, "budget_s": budget_s},
         prior=prior,
     )

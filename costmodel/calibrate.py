@@ -21,6 +21,7 @@ from typing import Callable, Iterable
 import numpy as np
 
 from archpass.costmodel.features import feature_rows, network_context
+from archpass.costmodel.host import package_version
 from archpass.costmodel.kernels import LAYER_KINDS, FusionRules, Kernel
 from archpass.costmodel.predictor import Predictor
 from archpass.costmodel.target import Target, save_target
@@ -189,7 +190,7 @@ def _call(args):
 
 
 # ---------------------------------------------------------------------- zigzag
-def _zigzag_work(payload: dict) -> dict:
+def zigzag_work(payload: dict) -> dict:
     from archpass.costmodel.backends.zigzag import measure_layer
 
     res = measure_layer(payload["spec"], payload["hardware"], payload["mapping"], payload["clock_hz"], payload["lpf_limit"])
@@ -231,7 +232,7 @@ def calibrate_zigzag(*, name: str, out_dir: str | Path, hardware: str | Path, ma
     payload = {"hardware": str(hardware), "mapping": str(mapping), "clock_hz": clock_hz, "lpf_limit": lpf_limit}
     jobs = [Job(point_key({"spec": s, "lpf": lpf_limit}), {"spec": s, **payload}) for s in specs]
     t0 = time.time()
-    run_jobs(jobs, _zigzag_work, dataset, workers, progress)
+    run_jobs(jobs, zigzag_work, dataset, workers, progress)
     target = Target(
         name=name,
         description=description or f"ZigZag model of {facts.get('name') or hw_name}",
@@ -243,18 +244,9 @@ def calibrate_zigzag(*, name: str, out_dir: str | Path, hardware: str | Path, ma
         mem_bits_per_step=facts["mem_bits_per_step"],
         fusion=FusionRules(layers_only=True),
         source={"backend": "zigzag", "hardware": hw_name, "mapping": map_name, "lpf_limit": lpf_limit,
-                "zigzag_version": _version("zigzag-dse")},
+                "zigzag_version": package_version("zigzag-dse")},
     )
     return _finish(target, dataset, out, [j.key for j in jobs], t0)
-
-
-def _version(dist: str) -> str | None:
-    try:
-        from importlib.metadata import version
-
-        return version(dist)
-    except Exception:
-        return None
 
 
 def _finish(target: Target, dataset: Dataset, out: Path, keys: Iterable[str], t0: float,
@@ -421,7 +413,7 @@ def calibrate_onnxruntime(*, name: str, out_dir: str | Path, provider: str = "CP
         mem_bits_per_step=64.0,
         fusion=replace(fusion, split_slices=True),
         source={"backend": "onnxruntime", "provider": provider, "threads": threads, "warmup": warmup,
-                "repeats": repeats, "onnxruntime_version": _version("onnxruntime"), "graph_optimization": graph_opt,
+                "repeats": repeats, "onnxruntime_version": package_version("onnxruntime"), "graph_optimization": graph_opt,
                 "host": fingerprint(provider, threads, graph_opt)},
     )
     return _finish_runtime(target, dataset, out, [j.key for j in jobs], t0)

@@ -36,18 +36,19 @@ def _cpu_model() -> str | None:
     return platform.processor() or platform.machine() or None
 
 
-def _ort_version() -> str | None:
+def package_version(dist: str) -> str | None:
+    """An installed distribution's version (None when it is not installed)."""
     try:
         from importlib.metadata import version
 
-        return version("onnxruntime")
+        return version(dist)
     except Exception:
         return None
 
 
 @functools.lru_cache(maxsize=1)
 def _machine() -> tuple:
-    return _cpu_model(), os.cpu_count(), _ort_version()
+    return _cpu_model(), os.cpu_count(), package_version("onnxruntime")
 
 
 def machine() -> dict:

@@ -34,7 +34,8 @@ def _ort():
     return ort
 
 
-def _cpu_times() -> tuple[float, float] | None:
+def cpu_times() -> tuple[float, float] | None:
+    """(all, idle) CPU time of the machine so far, in clock ticks (Linux; None elsewhere)."""
     try:
         with open("/proc/stat") as f:
             parts = [float(x) for x in f.readline().split()[1:]]
@@ -46,9 +47,9 @@ def _cpu_times() -> tuple[float, float] | None:
 
 def busy_cores(window: float = 0.2) -> float | None:
     """Cores kept busy by other processes over ``window`` seconds (Linux; None elsewhere)."""
-    a = _cpu_times()
+    a = cpu_times()
     time.sleep(window)
-    b = _cpu_times()
+    b = cpu_times()
     if a is None or b is None or b[0] <= a[0]:
         return None
     ncpu = os.cpu_count() or 1
