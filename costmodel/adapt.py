@@ -48,8 +48,12 @@ from archpass.costmodel.predictor import LAYER_TERMS, OP_TERMS, Correction
 from archpass.costmodel.target import Target, load_target, save_target
 from archpass.errors import TargetError
 
-METHODS = ("scale", "class_scale", "loglinear_strong", "loglinear", "loglinear_weak")
-RIDGE = {"loglinear_strong": 30.0, "loglinear": 5.0, "loglinear_weak": 1.0}
+METHODS = ("scale", "class_scale", "loglinear_strong", "loglinear", "loglinear_weak", "rebaseline",
+           "rebaseline_loglinear")
+RIDGE = {"loglinear_strong": 30.0, "loglinear": 5.0, "loglinear_weak": 1.0, "rebaseline_loglinear": 5.0}
+#: methods whose reference is a new analytic baseline fitted on the adaptation points
+REBASELINE = ("rebaseline", "rebaseline_loglinear")
+MIN_POINTS_BASELINE = 4
 MIN_POINTS_LOGLINEAR = 6
 FOLDS = 5
 MIN_NETWORK_S = 0.5  # building two sessions and timing the smallest network in three windows
@@ -90,48 +94,74 @@ def _shrink_points(y: np.ndarray, kinds: np.ndarray) -> float:
     return float(np.clip(within / between, 0.0, 20.0))
 
 
-def _fit(method: str, kernels: list[Kernel], z: np.ndarray, y: np.ndarray) -> dict[str, Correction]:
-    """Corrections of one method from points (kernels, their correction terms ``z`` and
-    log ratios ``y`` = log(measured / prior))."""
+def _baseline(bt: np.ndarray, ms: np.ndarray) -> np.ndarray:
+    """Non-negative relative least squares of latencies on analytic terms (as :meth:`Predictor.fit`)."""
+    from archpass.costmodel.predictor import nnls
+
+    w = 1.0 / np.maximum(ms, 1e-12)
+    coef = nnls(bt * w[:, None], ms * w)
+    if not np.any(coef > 0):
+        coef = np.zeros(bt.shape[1])
+        coef[0] = float(np.median(ms))
+    return coef
+
+
+def _fit(method: str, kernels: list[Kernel], z: np.ndarray, y: np.ndarray, bt: np.ndarray,
+         lp: np.ndarray) -> dict[str, Correction]:
+    """Corrections of one method from points: kernels, their correction terms ``z``, log
+    ratios ``y`` = log(measured / prior), analytic base terms ``bt`` on the new hardware
+    and log prior predictions ``lp``."""
     kinds = np.array([_kind_key(k) for k in kernels])
     layer = np.array([k.kind in LAYER_KINDS for k in kernels])
     out: dict[str, Correction] = {}
     g_all = _scale(y)
+    ms = np.exp(y + lp)
     for pool, mask in (("layer", layer), (GENERIC_OP, ~layer)):
         if not mask.any():
             continue
         terms = LAYER_TERMS if pool == "layer" else OP_TERMS
-        zz = z[mask][:, : len(terms)]
+        nb = 4 if pool == "layer" else 2
+        zz, bb, mp = z[mask][:, : len(terms)], bt[mask][:, :nb], ms[mask]
         yp, kp = y[mask], kinds[mask]
         g = g_all if method == "scale" else _scale(yp)
         m_shrink = _shrink_points(yp, kp)
-        entries = {"layer": (np.ones(mask.sum(), bool), g)} if pool == "layer" else {}
-        for kd in sorted(set(kp)):
-            m = kp == kd
-            s = g if method == "scale" else float((yp[m].sum() + m_shrink * g) / (m.sum() + m_shrink))
-            entries[str(kd)] = (m, s)
-        for kd, (m, s) in entries.items():
-            zk, yk = zz[m], yp[m]
+        entries = {"layer": np.ones(mask.sum(), bool)} if pool == "layer" else {}
+        entries.update({str(kd): kp == kd for kd in sorted(set(kp))})
+        pooled_base = _baseline(bb, mp) if method in REBASELINE else None
+        for kd, m in entries.items():
+            zk = zz[m]
+            baseline: tuple[float, ...] = ()
+            if method in REBASELINE:
+                coef_b = _baseline(bb[m], mp[m]) if m.sum() >= MIN_POINTS_BASELINE else pooled_base
+                baseline = tuple(float(c) for c in coef_b)
+                yk = np.log(mp[m]) - np.log(np.maximum(bb[m] @ coef_b, 1e-9))
+                s = float(np.mean(yk))
+            else:
+                yk = yp[m]
+                s = g if method == "scale" else float((yk.sum() + m_shrink * g) / (m.sum() + m_shrink))
             center = np.r_[0.0, zk[:, 1:].mean(axis=0)]
             coef = np.zeros(len(terms))
             coef[0] = s
             if method in RIDGE and len(yk) >= MIN_POINTS_LOGLINEAR:
                 x = zk - center
                 lam = np.full(len(terms), RIDGE[method] * len(yk) / 50)
-                lam[0] = m_shrink
-                coef = np.linalg.solve(x.T @ x + np.diag(lam), x.T @ yk + lam * coef)
+                lam[0] = m_shrink if method not in REBASELINE else 0.0
+                coef = np.linalg.solve(x.T @ x + np.diag(lam) + 1e-9 * np.eye(len(terms)), x.T @ yk + lam * coef)
             out[kd] = Correction(kind=kd, method=method, terms=terms, center=tuple(float(c) for c in center),
-                                 coef=tuple(float(c) for c in coef), n=int(len(yk)))
+                                 coef=tuple(float(c) for c in coef), n=int(len(yk)), baseline=baseline)
     return out
 
 
-def _apply(corr: dict[str, Correction], kernels: list[Kernel], z: np.ndarray) -> np.ndarray:
-    """Log corrections for kernels (the rule of :func:`~archpass.costmodel.estimate.correction_for`)."""
+def _apply(corr: dict[str, Correction], kernels: list[Kernel], z: np.ndarray, bt: np.ndarray,
+           lp: np.ndarray) -> np.ndarray:
+    """Log of predicted / prior for kernels (the rule of :func:`~archpass.costmodel.estimate.correction_for`)."""
     out = np.zeros(len(kernels))
     for i, k in enumerate(kernels):
-        c = corr.get(k.kind) or corr.get("layer") if k.kind in LAYER_KINDS else corr.get(GENERIC_OP)
+        c = (corr.get(k.kind) or corr.get("layer")) if k.kind in LAYER_KINDS else corr.get(GENERIC_OP)
         if c is not None:
-            out[i] = float(np.log(c.factor(z[i: i + 1, : len(c.terms)])[0]))
+            nb = len(c.baseline) or (4 if k.kind in LAYER_KINDS else 2)
+            ref = c.reference(np.exp(lp[i: i + 1]), bt[i: i + 1, :nb])
+            out[i] = float(np.log(ref[0]) - lp[i] + np.log(c.factor(z[i: i + 1, : len(c.terms)])[0]))
     return out
 
 
@@ -150,15 +180,22 @@ class Points:
         return len(self.kernels)
 
 
-def _terms(points: Points, target: Target) -> np.ndarray:
-    """Correction terms of every point, padded to the layer width."""
+def _terms(points: Points, target: Target) -> tuple[np.ndarray, np.ndarray]:
+    """Correction terms and analytic base terms (on ``target``'s hardware) of every point,
+    padded to the layer width."""
+    from archpass.costmodel.features import feature_rows
+
     z = np.zeros((len(points), len(LAYER_TERMS)))
+    bt = np.zeros((len(points), 4))
     for layer in (True, False):
         idx = [i for i, k in enumerate(points.kernels) if (k.kind in LAYER_KINDS) == layer]
         if idx:
-            rows = correction_rows([points.kernels[i] for i in idx], target, points.prior_ms[idx])
+            ks = [points.kernels[i] for i in idx]
+            rows = correction_rows(ks, target, points.prior_ms[idx])
             z[np.ix_(idx, range(rows.shape[1]))] = rows
-    return z
+            base = feature_rows(ks, target)[1]
+            bt[np.ix_(idx, range(base.shape[1]))] = base
+    return z, bt
 
 
 def _network_scale(points: Points, log_corr: np.ndarray, mask: np.ndarray) -> float:
@@ -182,8 +219,9 @@ def _with_network_scale(corr: dict[str, Correction], scale: float) -> dict[str, 
 def fit_corrections(points: Points, target: Target, method: str | None = None) -> tuple[dict[str, Correction], dict]:
     """Corrections of ``target``'s prior from ``points``, by the method with the lowest
     cross-validated error (or ``method``), and the held-out summary of every method."""
-    z = _terms(points, target)
-    y = np.log(points.ms) - np.log(np.maximum(points.prior_ms, 1e-12))
+    z, bt = _terms(points, target)
+    lp = np.log(np.maximum(points.prior_ms, 1e-12))
+    y = np.log(points.ms) - lp
     kernels = list(points.kernels)
     folds = np.array([_fold(g) for g in points.groups])
     runtime = bool(points.network_ms)
@@ -195,8 +233,8 @@ def fit_corrections(points: Points, target: Target, method: str | None = None) -
             test = folds == f
             if not test.any() or test.all():
                 continue
-            corr = _fit(m, [kernels[i] for i in np.flatnonzero(~test)], z[~test], y[~test])
-            all_log = _apply(corr, kernels, z)
+            corr = _fit(m, [kernels[i] for i in np.flatnonzero(~test)], z[~test], y[~test], bt[~test], lp[~test])
+            all_log = _apply(corr, kernels, z, bt, lp)
             scale = _network_scale(points, all_log, ~test) if runtime else 1.0
             pred_log[test] = all_log[test] + math.log(scale)
             for g in sorted({points.groups[i] for i in np.flatnonzero(test)}):
@@ -217,8 +255,8 @@ def fit_corrections(points: Points, target: Target, method: str | None = None) -
     chosen = method or min(METHODS, key=score)
     if chosen not in METHODS:
         raise TargetError(f"unknown correction method '{chosen}'", f"use one of {', '.join(METHODS)}")
-    corr = _fit(chosen, kernels, z, y)
-    scale = _network_scale(points, _apply(corr, kernels, z), np.ones(len(points), bool)) if runtime else 1.0
+    corr = _fit(chosen, kernels, z, y, bt, lp)
+    scale = _network_scale(points, _apply(corr, kernels, z, bt, lp), np.ones(len(points), bool)) if runtime else 1.0
     corr = _with_network_scale(corr, scale)
     summary = {
         "method": chosen,

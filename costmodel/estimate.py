@@ -85,8 +85,10 @@ def corrected(kernels: list[Kernel], target: Target, prior_ms: np.ndarray) -> np
         if c is not None:
             groups.setdefault(id(c), (c, []))[1].append(i)
     for c, idx in groups.values():
-        z = correction_rows([kernels[i] for i in idx], target, out[idx])
-        out[idx] = out[idx] * c.factor(z)
+        ks = [kernels[i] for i in idx]
+        z = correction_rows(ks, target, out[idx])
+        ref = c.reference(out[idx], feature_rows(ks, target)[1] if c.baseline else None)
+        out[idx] = ref * c.factor(z)
     return out
 
 

@@ -155,9 +155,10 @@ MAX_LOG_CORRECTION = 3.0
 @dataclass(frozen=True)
 class Correction:
     """An adapted target's correction of its prior's prediction for one kernel kind:
-    ``latency = prior · exp(coef · (z - center))`` with ``z`` the log terms of
-    :data:`LAYER_TERMS` / :data:`OP_TERMS` (``one`` is not centred).  ``method`` says how it
-    was fitted (``scale``, ``class_scale``, ``loglinear``)."""
+    ``latency = reference · exp(coef · (z - center))`` with ``z`` the log terms of
+    :data:`LAYER_TERMS` / :data:`OP_TERMS` (``one`` is not centred) and the reference the
+    prior's prediction, or with ``baseline`` a new analytic baseline (the prior's
+    prediction then enters through ``log_prior``).  ``method`` says how it was fitted."""
 
     kind: str
     method: str
@@ -165,6 +166,14 @@ class Correction:
     center: tuple[float, ...]
     coef: tuple[float, ...]
     n: int = 0
+    #: when set, the reference is a new analytic baseline (coefficients over ``LAYER_BASE``
+    #: or ``OP_BASE`` terms on the adapted target's hardware) instead of the prior's prediction
+    baseline: tuple[float, ...] = ()
+
+    def reference(self, prior_ms: np.ndarray, base_terms: np.ndarray) -> np.ndarray:
+        if not self.baseline:
+            return np.asarray(prior_ms, dtype=np.float64)
+        return np.maximum(np.asarray(base_terms, dtype=np.float64) @ np.asarray(self.baseline), 1e-9)
 
     def factor(self, z: np.ndarray) -> np.ndarray:
         if len(z) == 0:
@@ -174,7 +183,7 @@ class Correction:
 
     def to_json(self) -> dict:
         return {"kind": self.kind, "method": self.method, "terms": list(self.terms), "center": list(self.center),
-                "coef": list(self.coef), "n": self.n}
+                "coef": list(self.coef), "n": self.n, "baseline": list(self.baseline)}
 
     @classmethod
     def from_json(cls, d: dict) -> "Correction":
@@ -183,4 +192,4 @@ class Correction:
             raise ValueError(f"correction '{d.get('kind')}' has unknown terms {list(terms)}")
         return cls(kind=str(d["kind"]), method=str(d.get("method", "?")), terms=terms,
                    center=tuple(float(c) for c in d["center"]), coef=tuple(float(c) for c in d["coef"]),
-                   n=int(d.get("n", 0)))
+                   n=int(d.get("n", 0)), baseline=tuple(float(c) for c in d.get("baseline") or ()))
