@@ -253,6 +253,9 @@ def phase_ort(args) -> None:
     truths = ort_truths(models)
     doc = {"adaptations": runs, "truths": truths, "truth_seconds": round(time.time() - t0, 1)}
     _save(work_dir() / "ort_runs.json", doc)
+    # drift: the same adaptations again, after the ground truth (minutes later)
+    doc["adaptations"]["second"] = adapt_runs("second")
+    _save(work_dir() / "ort_runs.json", doc)
 
 
 def phase_drift(args) -> None:
