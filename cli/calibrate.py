@@ -160,6 +160,11 @@ def _report(target, output, json_out: bool) -> None:
                       f"{s['within_10pct']:.1f}%" if has else "-", f"{s['within_20pct']:.1f}%" if has else "-",
                       f"{s['mape_pct']:.1f}%" if has else "-")
     stdout.print(table)
+    if acc.get("method"):
+        chosen = (acc.get("cross_validation") or {}).get(acc["method"], {})
+        weighted = (chosen.get("kernels") or {}).get("latency_weighted_mape_pct")
+        stderr.print(f"correction: {acc['method']}, {acc.get('selected_by')}"
+                     + (f" (latency-weighted kernel MAPE {weighted:.1f}%)" if weighted is not None else ""))
     m = acc.get("measurement") or {}
     if "other_cores_median" in m:
         stderr.print(f"measured {m.get('networks')} networks in {m.get('seconds')} s ({m.get('windows')} windows); other "
