@@ -82,3 +82,25 @@ def test_user_target_becomes_the_default_on_this_host(tiny, tmp_path, monkeypatc
     assert r.exit_code == 0 and load_target("cpu").name == "cpu"
     r = runner.invoke(app, ["targets", "--set-default", "cpu=nope"])
     assert r.exit_code == 2 and "no user target 'nope'" in r.stderr
+
+
+def test_adapt_install_makes_the_adapted_target_the_default_here(tiny, tmp_path, monkeypatch):
+    """End to end: a (small) onnxruntime adaptation of cpu, installed: 'cpu' now means it on this
+    host and its estimates carry no host note."""
+    import functools
+
+    from archpass.costmodel import adapt as ad
+
+    user = tmp_path / "user"
+    monkeypatch.setenv("ARCHPASS_TARGETS", str(user))
+    monkeypatch.setattr(ad, "adapt_onnxruntime", functools.partial(ad.adapt_onnxruntime, pool=3, windows=2, runs=3))
+    r = runner.invoke(app, ["calibrate", "--adapt", "cpu", "--backend", "onnxruntime", "--budget-s", "3",
+                            "--name", "cpu-here", "--install", "--json"])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert doc["target"]["adapted_from"] == "cpu" and doc["accuracy"]["measurement"]["networks"] >= 2
+    assert (user / "cpu-here" / "target.json").is_file() and (user / "cpu-here" / "prior" / "target.json").is_file()
+    t = load_target("cpu")
+    assert t.name == "cpu-here" and t.origin == "user"
+    r = runner.invoke(app, ["inspect", str(tiny), "--target", "cpu", "--json"])
+    assert r.exit_code == 0 and not [n for n in json.loads(r.stdout)["notes"] if "not on this host" in n]
