@@ -15,7 +15,8 @@ archpass's passes; the set of ``predictor_accuracy.py``):
   of window medians, windows interleaved over models), all timing under the exclusive lock.
   The same adaptation run twice at different times gives the drift.
 
-    python benchmarks/adapt.py --phase truths|zigzag|ort|drift|report
+    python benchmarks/adapt.py --phase truths|zigzag|report
+    python benchmarks/adapt.py --phase ort --lock    # takes flock -x /tmp/archpass-quiet.lock itself
 
 Phases write into the benchmark cache (``$ARCHPASS_BENCH_CACHE``/adapt) and
 ``report`` writes ``benchmarks/results/adapt.json``.
@@ -248,6 +249,13 @@ def ort_truths(models, windows: int = 3) -> dict:
 
 def phase_ort(args) -> None:
     models = load_models(ORT_MODELS)
+    if args.lock:  # models loaded (minutes of CPU on a busy machine): now wait for the quiet machine
+        import fcntl
+
+        fd = os.open(LOCK, os.O_RDONLY | os.O_CREAT)
+        print("waiting for the exclusive lock", file=sys.stderr, flush=True)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        print("exclusive lock taken", file=sys.stderr, flush=True)
     runs = {"first": adapt_runs("first")}
     t0 = time.time()
     truths = ort_truths(models)
@@ -311,6 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--phase", required=True, choices=["truths", "zigzag", "ort", "drift", "report"])
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--lock", action="store_true", help="ort phase: take the exclusive lock after loading the models")
     args = ap.parse_args(argv)
     {"truths": phase_truths, "zigzag": phase_zigzag, "ort": phase_ort, "drift": phase_drift,
      "report": phase_report}[args.phase](args)
