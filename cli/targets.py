@@ -42,7 +42,10 @@ def targets(
         if unset_default is not None:
             path = _set_default(unset_default.strip(), None)
             stderr.print(f"'{unset_default.strip()}' means the built-in target again on this host ({path})")
-        found = list_targets() + [load_target(t) for t in target or []]
+        broken: list[str] = []
+        found = list_targets(broken) + [load_target(t) for t in target or []]
+        for line in broken:
+            stderr.print(f"warning: {line}", soft_wrap=True)
         defaults = defaults_here()
     stands_for = {}
     for name, user_target in defaults.items():

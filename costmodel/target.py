@@ -335,11 +335,17 @@ def _load_dir(d: Path, origin: str, given: Path | None = None, depth: int = 0) -
     return target
 
 
-def list_targets() -> list[Target]:
-    """The built-in targets, then the per-user folder's (a broken user target is skipped
-    by :func:`list_targets` callers that catch :class:`TargetError` per name)."""
-    return [_load_dir(BUILTIN_DIR / n, "builtin") for n in builtin_names()] + \
-        [_load_dir(user_dir() / n, "user") for n in user_names()]
+def list_targets(broken: list[str] | None = None) -> list[Target]:
+    """The built-in targets, then the per-user folder's.  A user target that does not load
+    is left out, and its one-line error appended to ``broken`` when given."""
+    out = [_load_dir(BUILTIN_DIR / n, "builtin") for n in builtin_names()]
+    for n in user_names():
+        try:
+            out.append(_load_dir(user_dir() / n, "user"))
+        except TargetError as exc:
+            if broken is not None:
+                broken.append(f"user target {n}: {exc.line()}")
+    return out
 
 
 __all__ = ["Target", "load_target", "save_target", "list_targets", "builtin_names", "user_names", "user_dir",

@@ -82,6 +82,11 @@ def test_user_target_becomes_the_default_on_this_host(tiny, tmp_path, monkeypatc
     assert r.exit_code == 0 and load_target("cpu").name == "cpu"
     r = runner.invoke(app, ["targets", "--set-default", "cpu=nope"])
     assert r.exit_code == 2 and "no user target 'nope'" in r.stderr
+    (user / "broken").mkdir()
+    (user / "broken" / "target.json").write_text("{oops")
+    r = runner.invoke(app, ["targets", "--json"])  # a broken user target does not hide the others
+    assert r.exit_code == 0 and "warning: user target broken" in r.stderr
+    assert "cpu-here" in {t["name"] for t in json.loads(r.stdout)["targets"]}
 
 
 def test_adapt_install_makes_the_adapted_target_the_default_here(tiny, tmp_path, monkeypatch):
@@ -94,11 +99,12 @@ def test_adapt_install_makes_the_adapted_target_the_default_here(tiny, tmp_path,
     user = tmp_path / "user"
     monkeypatch.setenv("ARCHPASS_TARGETS", str(user))
     monkeypatch.setattr(ad, "adapt_onnxruntime", functools.partial(ad.adapt_onnxruntime, pool=3, windows=2, runs=3))
-    r = runner.invoke(app, ["calibrate", "--adapt", "cpu", "--backend", "onnxruntime", "--budget-s", "3",
-                            "--name", "cpu-here", "--install", "--json"])
+    r = runner.invoke(app, ["calibrate", "--adapt", "cpu", "--backend", "onnxruntime", "--budget-s", "4",
+                            "--models", str(tiny), "--name", "cpu-here", "--install", "--json"])
     assert r.exit_code == 0, r.output
     doc = json.loads(r.stdout)
-    assert doc["target"]["adapted_from"] == "cpu" and doc["accuracy"]["measurement"]["networks"] >= 2
+    m = doc["accuracy"]["measurement"]
+    assert doc["target"]["adapted_from"] == "cpu" and m["networks"] >= 2 and m["models"] == ["m.onnx"]
     assert (user / "cpu-here" / "target.json").is_file() and (user / "cpu-here" / "prior" / "target.json").is_file()
     t = load_target("cpu")
     assert t.name == "cpu-here" and t.origin == "user"
