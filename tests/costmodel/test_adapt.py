@@ -82,7 +82,7 @@ def test_onnxruntime_adaptation_on_this_host(tmp_path):
     assert back.source["host"] == fingerprint("CPUExecutionProvider", 1, "all")
     assert host_notes(back) == [] and host_notes(load_target("cpu"))  # the built-in's host is unrecorded
     m = back.accuracy["measurement"]
-    assert m["networks"] >= 2 and m["seconds"] <= 4 + 2  # the budget is kept (one window may overrun a little)
+    assert m["networks"] >= 2 and m["seconds"] <= 4 + 4  # the budget is kept (the last network may overrun it)
     for key in ("remeasured", "kept_busy", "other_cores_median", "allowed_other_cores", "windows"):
         assert key in m
     assert back.accuracy["chains"]["n"] >= 1
