@@ -83,7 +83,7 @@ def _json(path: Path, default):
 
 
 def _save(path: Path, doc) -> None:
-    from archpass.model import atomic_write_text
+    from archpass.io import atomic_write_text
 
     atomic_write_text(path, json.dumps(doc, indent=1) + "\n")
 

@@ -6,9 +6,8 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
-from rich.table import Table
-
-from archpass.cli.common import DebugOpt, JsonOpt, handled, print_json, stderr, stdout
+from archpass.cli.common import DebugOpt, JsonOpt, handled, id_column, print_json, stderr, stdout
+from archpass.cli.common import table as make_table
 
 
 def _fmt_pct(v) -> str:
@@ -67,11 +66,12 @@ def targets(
     if json_out:
         print_json({"targets": docs, "user_dir": str(user_dir()), "defaults_here": defaults})
         return
-    table = Table(title="Targets", title_justify="left")
+    table = make_table("Targets")
     numeric = ("parallelism", "points", "kernels ±10%", "kernels MAPE", "networks ±10%")
-    for c in ("name", "origin", "parallelism", "source", "clock", "dtype", "points", "kernels ±10%", "kernels MAPE",
+    id_column(table, "name", [d["name"] for d in docs])  # names users pass to --target: never cut
+    for c in ("origin", "parallelism", "source", "clock", "dtype", "points", "kernels ±10%", "kernels MAPE",
               "networks ±10%", "host", "description"):
-        table.add_column(c, justify="right" if c in numeric else "left")
+        table.add_column(c, justify="right" if c in numeric else "left", overflow="fold")
     for d in docs:
         k = d["heldout_accuracy"]["kernels"] or {}
         detail = d["source_detail"]

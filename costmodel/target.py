@@ -137,7 +137,7 @@ def model_file(kind: str, p: Predictor) -> str | None:
 
 # ---------------------------------------------------------------------- writing
 def _atomic_write(path: Path, text: str) -> None:
-    from archpass.model import atomic_write_text
+    from archpass.io import atomic_write_text
 
     atomic_write_text(path, text)
 
@@ -147,7 +147,9 @@ def save_target(target: Target, directory: str | Path) -> Path:
     target is not changed: ``load_target(save_target(t, d))`` is ``t`` with its path set.
     An adapted target's prior is written to ``directory/prior``; the ZigZag YAMLs a
     source names are copied along when they are not there yet."""
-    d = Path(directory)
+    from archpass.io import check_output_dir
+
+    d = check_output_dir(directory)
     (d / "predictors").mkdir(parents=True, exist_ok=True)
     for kind, p in target.predictors.items():
         text = p.model_text()
