@@ -110,6 +110,8 @@ def apply(
 
         doc["target"] = tgt.name
         doc["estimate"] = {"before": estimate(structure, tgt).to_json(), "after": estimate(after, tgt).to_json()}
+        est_notes = doc["estimate"]["before"]["notes"] + doc["estimate"]["after"]["notes"]
+        doc["notes"] += [n for n in dict.fromkeys(est_notes) if n not in doc["notes"]]  # e.g. the host note
     return doc
 
 

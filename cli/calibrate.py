@@ -108,7 +108,9 @@ def _adapt(base, backend, name, output, hardware, mapping, clock_hz, lpf_limit, 
             raise TargetError(f"--models file not found: {m}", "pass existing ONNX files, separated by commas")
     if output is None and not install:
         raise TargetError("no output directory", "pass -o DIR, or --install to write into the user target folder")
-    out = output if output is not None else user_dir() / name
+    from archpass.io import check_output_dir
+
+    out = check_output_dir(output if output is not None else user_dir() / name)
     if backend is Backend.zigzag:
         if hardware is None or mapping is None:
             raise TargetError("adapting to ZigZag hardware needs --hardware and --mapping", "pass both YAML files")

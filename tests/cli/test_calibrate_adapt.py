@@ -61,6 +61,17 @@ def test_inspect_notes_the_estimate_is_for_another_host(tiny):
     assert not [n for n in json.loads(r.stdout)["notes"] if "host" in n]
 
 
+def test_apply_notes_the_estimate_is_for_another_host(tiny, tmp_path):
+    recipe = tmp_path / "r.json"
+    recipe.write_text(json.dumps({"rewrites": []}))
+    r = runner.invoke(app, ["apply", str(tiny), str(recipe), "-o", str(tmp_path / "o.onnx"), "--target", "cpu", "--json"])
+    assert r.exit_code == 0, r.output
+    notes = [n for n in json.loads(r.stdout)["notes"] if "not on this host" in n]
+    assert len(notes) == 1 and "archpass calibrate --adapt cpu" in notes[0]
+    r = runner.invoke(app, ["apply", str(tiny), str(recipe), "-o", str(tmp_path / "o.onnx"), "--target", "cpu"])
+    assert r.exit_code == 0 and r.stdout.count("not on this host") == 1
+
+
 def test_user_target_becomes_the_default_on_this_host(tiny, tmp_path, monkeypatch):
     user = tmp_path / "user"
     monkeypatch.setenv("ARCHPASS_TARGETS", str(user))
