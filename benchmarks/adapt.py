@@ -312,6 +312,9 @@ def phase_report(args) -> None:
                 print(f"ort {sc} drift between the two adaptations: median {np.median(moves):.1f}%, max {moves.max():.1f}%")
             ort["scenarios"][sc] = entry
         figures["onnxruntime"] = ort
+    else:
+        figures["onnxruntime"] = {"not_measured": "the exclusive lock (flock -x /tmp/archpass-quiet.lock) that every "
+                                  "onnxruntime timing for a reported figure needs was not obtained before the deadline"}
     path = write_results("adapt", figures)
     print(f"wrote {path}", file=sys.stderr)
 
