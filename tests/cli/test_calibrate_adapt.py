@@ -33,6 +33,7 @@ def tiny(tmp_path):
     (["--adapt", "cpu", "--backend", "onnxruntime", "--budget-s", "0.05"], "too small to measure anything"),
     (["--adapt", "cpu", "--backend", "onnxruntime", "--models", "missing.onnx"], "--models file not found"),
     (["--adapt", "edgetpu", "--backend", "zigzag"], "needs --hardware and --mapping"),
+    (["--adapt", "cpu", "--backend", "onnxruntime", "--correction", "magic"], "unknown --correction 'magic'"),
 ])
 def test_adapt_bad_input_is_one_line_exit_2(tmp_path, args, expect):
     r = runner.invoke(app, ["calibrate", *args, "--name", "x", "-o", str(tmp_path / "x")])
