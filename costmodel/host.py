@@ -103,8 +103,8 @@ def host_notes(target) -> list[str]:
     recorded = target.source.get("host")
     if same_machine(recorded):
         return []
-    return [f"target {target.name} was measured on {_describe(recorded)}, not on this host ({_describe(machine())}): "
-            f"its latencies may be tens of % off here; adapt it to this host with about {ADAPT_BUDGET_S} s of "
+    return [f"the estimate is for another host: target {target.name} was measured on {_describe(recorded)}, "
+            f"not on this host ({_describe(machine())}), and its latencies may be tens of % off here; adapt it to this host with about {ADAPT_BUDGET_S} s of "
             f"measurement (about 2 minutes in all): {adapt_command(target)}"]
 
 

@@ -57,7 +57,7 @@ def test_inspect_notes_the_estimate_is_for_another_host(tiny):
     assert len(notes) == 1 and "archpass calibrate --adapt cpu" in notes[0]
     assert notes[0] in doc["estimate"]["notes"]
     r = runner.invoke(app, ["inspect", str(tiny), "--target", "cpu"])
-    assert r.exit_code == 0 and "note: target cpu was measured on" in r.stdout and "--adapt cpu" in r.stdout
+    assert r.exit_code == 0 and "note: the estimate is for another host: target cpu was measured on" in r.stdout and "--adapt cpu" in r.stdout
     r = runner.invoke(app, ["inspect", str(tiny), "--target", "edgetpu", "--json"])
     assert not [n for n in json.loads(r.stdout)["notes"] if "host" in n]
 
