@@ -106,3 +106,44 @@ def test_budget_too_small(tmp_path):
     with pytest.raises(TargetError, match="too small to measure anything"):
         adapt_onnxruntime(base="cpu", name="x", out_dir=tmp_path / "x", budget_s=0.1)
     assert not (tmp_path / "x").exists()
+
+
+def test_runtime_corrections_scale_kernels_to_the_measured_network():
+    """Profiled kernels of a network sum to less than its latency without the profiler (here
+    0.8x, uniformly 1.5x the prior): the correction recovers 1.5 per kernel and the network
+    factor 1.25, and the held-out networks are then exact."""
+    from archpass.costmodel.adapt import Points, fit_corrections
+    from archpass.costmodel.sampling import sample_layers
+
+    cpu = load_target("cpu")
+    kernels, prior, groups, net = [], [], [], {}
+    specs = sample_layers(60, seed=11)
+    for g in range(10):
+        ks = [Kernel.from_spec(s) for s in specs[g * 6:(g + 1) * 6]]
+        p, _ = predict_kernels(ks, cpu)
+        kernels += ks
+        prior.append(p)
+        groups += [f"net{g}"] * len(ks)
+        net[f"net{g}"] = float(p.sum() * 1.5 / 0.8)
+    prior = np.concatenate(prior)
+    shell = replace(cpu, prior=cpu, predictors={})
+    pts = Points(tuple(kernels), prior, prior * 1.5, tuple(groups), net)
+    corr, summary = fit_corrections(pts, shell)
+    assert summary["network_scale"] == pytest.approx(1.25, rel=1e-6)
+    assert summary["chains"]["n"] == 10 and summary["chains"]["mape_pct"] < 1e-6
+    adapted = replace(shell, corrections=corr)
+    got, _ = predict_kernels(kernels[:6], adapted)
+    np.testing.assert_allclose(got, prior[:6] * 1.5 * 1.25, rtol=1e-6)
+
+
+def test_graph_optimization_level_is_applied():
+    from archpass.costmodel.backends.onnxruntime import GRAPH_OPT, measure_model, session_options
+
+    import onnxruntime as ort
+
+    for level, name in GRAPH_OPT.items():
+        assert session_options(1, graph_opt=level).graph_optimization_level == getattr(ort.GraphOptimizationLevel, name)
+    with pytest.raises(TargetError, match="unknown graph optimization level 'fast'"):
+        session_options(1, graph_opt="fast")
+    model = NetBuilder((1, 3, 16, 16)).conv(8, 3, act="relu").build()
+    assert measure_model(model, graph_opt="basic", warmup=1, repeats=3)["ms"] > 0
