@@ -7,7 +7,8 @@ archpass's passes; the set of ``predictor_accuracy.py``):
 * **ZigZag, new hardware**: ``edgetpu`` (8x8 K x C, 4x4 OX x OY) adapted to ZigZag's
   ``ascend_like`` hardware (16x16 K x C, 2x2 OX x OY) from at most 50 layer evaluations,
   against ZigZag's whole-model evaluation.  Compared with a from-scratch target fitted on
-  the same 50 measurements and a full calibration (420 sampled layers).  Every correction
+  the same 50 measurements and a full calibration (420 sampled layers planned; the
+  results file gives how many were measured).  Every correction
   the adaptation can choose is also reported.
 * **onnxruntime, new host** (simulated: the machines here are all one kind): ``cpu``
   (1 thread) adapted to 2 threads, and to onnxruntime with basic graph optimizations only,
