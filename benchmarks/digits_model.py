@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 SEED = 0
-EPOCHS = 60
+EPOCHS = 20
 CALIB_BASE, CALIB_SAMPLES = 128, 512
 SIZE = 32
 
@@ -113,8 +113,8 @@ def _train(x: np.ndarray, y: np.ndarray, log) -> object:
             loss.backward()
             opt.step()
             sched.step()
-            total += float(loss) * len(idx)
-        if epoch % 10 == 9 or epoch == EPOCHS - 1:
+            total += float(loss.detach()) * len(idx)
+        if epoch % 5 == 4 or epoch == EPOCHS - 1:
             log(f"digits: epoch {epoch + 1}/{EPOCHS} loss {total / len(x):.4f}")
     return model.eval()
 

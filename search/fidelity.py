@@ -188,6 +188,7 @@ class Evaluation:
     proto: onnx.ModelProto = field(repr=False)  # the (recovered) candidate, with the archpass record
     fits: tuple[LayerFit, ...] = ()
     seconds: float = 0.0
+    applied: object = field(default=None, repr=False, compare=False)  # the engine's Applied (plan, record entries)
 
     @property
     def fidelity(self) -> Fidelity:
@@ -236,17 +237,20 @@ class FidelityEvaluator:
             self._rows[key] = ReferenceRows(proto, feeds_for(proto, self.data.arrays), dynamic=self.dynamic)
         return self._rows[key]
 
-    def evaluate(self, recipe: Recipe, *, recover: bool = True) -> Evaluation:
+    def evaluate(self, recipe: Recipe, *, recover: bool = True, verify: bool = False) -> Evaluation:
+        """Materialize ``recipe`` once, score it, recover the layers it touched (lossy
+        rewrites only) and score again.  ``verify`` re-checks the emitted shapes (the
+        engine's post-condition; ``apply`` keeps it, the search skips it)."""
         from archpass.passes.engine import apply_recipe
 
         t0 = time.perf_counter()
         if not isinstance(recipe, Recipe):
             recipe = Recipe.from_json(recipe) if isinstance(recipe, dict) else Recipe.of(recipe)
-        applied = apply_recipe(self.model, recipe, structure=self.structure, verify=False)
+        applied = apply_recipe(self.model, recipe, structure=self.structure, verify=verify)
         before = self.score(applied.proto)
         lossy = not all(r["exact"] for r in applied.rewrites)
         if not (recover and lossy):
-            return Evaluation(recipe, before, None, applied.proto, (), time.perf_counter() - t0)
+            return Evaluation(recipe, before, None, applied.proto, (), time.perf_counter() - t0, applied)
         with _one_blas_thread():
             rec = _recover(applied, self._reference_rows(recipe), feeds_for(applied.proto, self.data.arrays),
                            source=self.structure, seed=self.seed, dynamic=self.dynamic)
@@ -258,7 +262,7 @@ class FidelityEvaluator:
             "calibration": self.data.source, "samples": self.data.samples, "random_data": self.data.random,
             "fidelity_before": before.score, "fidelity_after": after.score,
             "layers": [f.to_json() for f in rec.fits]}, separators=(",", ":"), default=_json_default)
-        return Evaluation(recipe, before, after, proto, rec.fits, time.perf_counter() - t0)
+        return Evaluation(recipe, before, after if refit else None, proto, rec.fits, time.perf_counter() - t0, applied)
 
 
 def _one_blas_thread():

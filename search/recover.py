@@ -111,7 +111,7 @@ def refits(applied: Applied) -> list[Refit]:
                     out.setdefault(lid, label)
             continue
         for gid, (old, new) in _groups_changed(entry).items():
-            if new >= old or not final.has_group(gid):
+            if new == old or not final.has_group(gid):
                 continue
             for m in final.group(gid).members:
                 if m.role == "consumer" and final.has_layer(m.node) and _dense(final.layer(m.node)):
