@@ -25,8 +25,11 @@ measurably help (``benchmarks/fidelity.py``):
 * the ridge strength is chosen per layer on a held-out fifth of the rows, among four
   values relative to the mean diagonal of the normal matrix; the naive weights are kept
   when they do better on those rows;
-* output positions are subsampled (at most ``max_rows`` rows), and the normal equations
-  are solved in float64.
+* output positions are subsampled (:func:`row_budget`: up to 32768 rows for narrow
+  layers, fewer for wide ones), and the normal equations are solved in float64;
+* the dense layers reading a fused block's output are refitted too, to their original
+  outputs: they absorb part of what the fused conv cannot reproduce (a linear KxK conv
+  cannot represent the activation between the expand and the depthwise conv).
 
 Recovery runs onnxruntime (:mod:`archpass.search.runner`), which is why it lives with
 the measuring code rather than in ``passes/`` (pure graph rewrites, no runtime).
@@ -46,7 +49,8 @@ from archpass.passes.engine import Applied
 from archpass.search.runner import Stepper
 from archpass.structure import Layer, Structure
 
-MAX_ROWS = 8192
+MAX_ROWS = 32768
+GRAM_FLOPS = 4e9  # rows * dim^2 budget per layer (the normal equations dominate the cost)
 ALPHAS = (1e-5, 1e-4, 1e-3, 1e-2)
 _CENSOR = {"relu": (0.0, None), "relu6": (0.0, 6.0)}
 
@@ -96,6 +100,23 @@ def _dense(l: Layer) -> bool:
     return (l.op == "Conv" and l.groups == 1) or l.op in ("Gemm", "MatMul")
 
 
+DOWNSTREAM = True
+
+
+def _block_consumers(s: Structure, b) -> list[str]:
+    """Dense layers reading a block's output (after its residual Add, if any)."""
+    pid = b.role("project")
+    if not pid or not s.has_layer(pid):
+        return []
+    out_t = s.layer(pid).act_output or s.layer(pid).output
+    if b.residual:
+        cons = s.consumers_of(out_t)
+        if len(cons) == 1 and cons[0].op == "Add":
+            out_t = cons[0].outputs[0]
+    layers = [n.layer for n in s.consumers_of(out_t) if n.layer]
+    return [lid for lid in layers if s.has_layer(lid) and _dense(s.layer(lid))]
+
+
 def refits(applied: Applied) -> list[Refit]:
     """The layers of ``applied`` to refit, in execution order (see the module doc)."""
     final = applied.plan.structure
@@ -109,6 +130,9 @@ def refits(applied: Applied) -> list[Refit]:
             for lid in (b.role("depthwise"), b.role("project")):
                 if lid and final.has_layer(lid) and _dense(final.layer(lid)):
                     out.setdefault(lid, label)
+            if DOWNSTREAM:
+                for lid in _block_consumers(final, b):
+                    out.setdefault(lid, label + " (next layer)")
             continue
         for gid, (old, new) in _groups_changed(entry).items():
             if new == old or not final.has_group(gid):
@@ -231,6 +255,12 @@ def ridge_fit(a: np.ndarray, y: np.ndarray, *, intercept: bool = True, activatio
             return w0, b0, info
     w = w.astype(np.float32)
     return (w[:-1], w[-1], info) if intercept else (w, None, info)
+
+
+def row_budget(dim: int, max_rows: int = MAX_ROWS) -> int:
+    """Output positions to sample for a layer with ``dim`` inputs per position: all up to
+    ``max_rows`` for small layers, fewer for wide ones (``GRAM_FLOPS``), never below 4 * dim."""
+    return int(max(4 * dim, min(max_rows, GRAM_FLOPS // max(dim, 1) ** 2)))
 
 
 def _positions(n: int, h: int, w: int, rows: int, key: str, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -370,7 +400,7 @@ def recover(applied: Applied, reference: ReferenceRows, feeds: Mapping[str, np.n
         if l.op == "Conv":
             ho, wo = l.out_hw
             dim = w0[0].size
-            rows = min(n * ho * wo, max(max_rows, 0))
+            rows = min(n * ho * wo, row_budget(dim, max_rows))
             ni, hi, wi = _positions(n, ho, wo, rows, l.id, seed)
             a = _patches(x, l, ni, hi, wi)
 
