@@ -22,9 +22,11 @@ measurably help (``benchmarks/fidelity.py``):
 * a layer followed by ReLU/ReLU6 is fitted with the activation in mind: targets the
   activation clips anyway only need the prediction on the clipped side (two re-solves
   with the same normal equations);
-* the ridge strength is chosen per layer on a held-out fifth of the rows, among four
-  values relative to the mean diagonal of the normal matrix; the naive weights are kept
-  when they do better on those rows;
+* the ridge term pulls towards the naive weights (``|w - w_naive|^2``), not towards zero:
+  a wide consumer fitted on few samples (a classifier after a width cut) stays close to
+  its sliced weights instead of overfitting; its strength is chosen per layer on a
+  held-out fifth of the rows, among seven values relative to the mean diagonal of the
+  normal matrix; the naive weights are kept when they do better on those rows;
 * output positions are subsampled (:func:`row_budget`: up to 32768 rows for narrow
   layers, fewer for wide ones), and the normal equations are solved in float64;
 * the dense layers reading a fused block's output are refitted too, to their original
@@ -51,7 +53,7 @@ from archpass.structure import Layer, Structure
 
 MAX_ROWS = 32768
 GRAM_FLOPS = 4e9  # rows * dim^2 budget per layer (the normal equations dominate the cost)
-ALPHAS = (1e-5, 1e-4, 1e-3, 1e-2)
+ALPHAS = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
 _CENSOR = {"relu": (0.0, None), "relu6": (0.0, 6.0)}
 
 
@@ -171,7 +173,8 @@ def channel_index(t: str, final: Structure, source: Structure, maps: Mapping[str
 def ridge_fit(a: np.ndarray, y: np.ndarray, *, intercept: bool = True, activation: str | None = None,
               naive: tuple[np.ndarray, np.ndarray | None] | None = None, seed: int = 0,
               alphas=ALPHAS) -> tuple[np.ndarray, np.ndarray | None, dict]:
-    """Weights ``w`` (d, k) and bias (k,) minimizing ``|act(a w + b) - act(y)|^2 + lam |w|^2``.
+    """Weights ``w`` (d, k) and bias (k,) minimizing ``|act(a w + b) - act(y)|^2 + lam |w - w0|^2``
+    (``w0`` the naive weights when given, else 0).
 
     ``y`` holds pre-activation targets; with ``activation`` relu/relu6 the clipped targets
     only need the prediction on the clipped side (re-solved twice).  ``lam`` is picked on
@@ -207,9 +210,17 @@ def ridge_fit(a: np.ndarray, y: np.ndarray, *, intercept: bool = True, activatio
     if intercept:
         reg[-1] = 0.0
     scale = float(np.mean(np.diag(g_tr)[:d])) or 1.0
+    prior = None  # ridge pulls towards the naive weights (a good start: slices, compositions)
+    if naive is not None:
+        w0, b0 = naive
+        prior = np.asarray(w0, np.float64)
+        if intercept:
+            prior = np.concatenate([prior, np.zeros((1, prior.shape[1]))], axis=0)
 
     def solve(g, rhs, lam):
         m = g + lam * scale * np.diag(reg)
+        if prior is not None:
+            rhs = rhs + lam * scale * reg[:, None] * prior
         try:
             return sla.cho_solve(sla.cho_factor(m, check_finite=False), rhs, check_finite=False)
         except (np.linalg.LinAlgError, ValueError):

@@ -98,7 +98,7 @@ def test_exact_rewrite_with_spoilt_weights_is_recovered_to_float_error():
     spoilt = compare(Runner(m.proto).run(data.arrays), Runner(applied.proto).run(data.arrays)).score
     score, rec = _recovered_score(m, s, applied, data)
     assert spoilt < 0.9
-    assert score > 1 - 1e-9
+    assert score > 1 - 1e-7  # SNR above 70 dB
     assert [f.kept for f in rec.fits] == ["refit"]
 
 
