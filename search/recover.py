@@ -28,7 +28,8 @@ measurably help (``benchmarks/fidelity.py``):
   held-out fifth of the rows, among seven values relative to the mean diagonal of the
   normal matrix; the naive weights are kept when they do better on those rows;
 * output positions are subsampled (:func:`row_budget`: up to 32768 rows for narrow
-  layers, fewer for wide ones), and the normal equations are solved in float64;
+  layers, fewer for wide ones), and the normal equations are solved in float64; layers
+  with more than ``MAX_DIM`` inputs per output keep their naive weights (reported);
 * the dense layers reading a fused block's output are refitted too, to their original
   outputs: they absorb part of what the fused conv cannot reproduce (a linear KxK conv
   cannot represent the activation between the expand and the depthwise conv).
@@ -53,6 +54,7 @@ from archpass.structure import Layer, Structure
 
 MAX_ROWS = 32768
 GRAM_FLOPS = 4e9  # rows * dim^2 budget per layer (the normal equations dominate the cost)
+MAX_DIM = 1600  # wider layers (e.g. ResNet's 3x3 convs over 256+ channels) keep their naive weights
 ALPHAS = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
 _CENSOR = {"relu": (0.0, None), "relu6": (0.0, 6.0)}
 
@@ -393,6 +395,8 @@ def recover(applied: Applied, reference: ReferenceRows, feeds: Mapping[str, np.n
         node = weights.nodes.get(l.id)
         skip = _unsupported(l, node)
         idx = channel_index(l.output, final, source, applied.channel_maps)
+        if skip is None and _fan_in(l) > MAX_DIM:
+            skip = f"{_fan_in(l)} inputs per output, above {MAX_DIM} (too slow to refit)"
         if skip is None and (idx is None or l.output not in reference.has):
             skip = "its output cannot be lined up with the reference model"
         if skip:
@@ -451,6 +455,10 @@ def recover(applied: Applied, reference: ReferenceRows, feeds: Mapping[str, np.n
                              info["kept"]))
         del dim
     return Recovered(proto, tuple(fits))
+
+
+def _fan_in(l: Layer) -> int:
+    return l.cin // max(l.groups, 1) * l.kernel[0] * l.kernel[1]
 
 
 def _attr(node: onnx.NodeProto, name: str, default):
