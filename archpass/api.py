@@ -33,6 +33,7 @@ def inspect_document(model: Model, structure: Structure, target: str | None = No
     doc["notes"] = list(model.notes) + doc["notes"]
     record = read_record(model.proto)
     doc["rewrites"] = record["rewrites"] if record else []
+    doc["sites"] = sites(structure)
     if record:
         doc["record"] = {k: v for k, v in record.items() if k != "rewrites"}
     if target is not None:
@@ -49,14 +50,19 @@ def apply(
     output: str | os.PathLike,
     input_shapes: InputShapes = None,
     *,
+    allow_growth: bool = False,
+    target: str | None = None,
     calib: str | os.PathLike | None = None,
     recover: bool = True,
     calib_options: Mapping | None = None,
 ) -> dict:
     """Apply ``recipe`` (a Recipe, a path to a JSON/YAML file, or its JSON form) to the model
-    at ``path`` and write the result atomically to ``output``.  The input is never
-    modified; nothing is written when the recipe or the calibration data is invalid.
-    Returns the summary ``archpass apply --json`` prints.
+    at ``path`` and write the result atomically to ``output`` (the null device validates
+    without writing).  The input is never modified; nothing is written when the recipe or
+    the calibration data is invalid or the output out of proportion (``allow_growth``
+    lifts the growth and 2 GB limits, see :mod:`archpass.limits`).  With ``target``, the
+    summary gets an ``estimate`` {before, after} on that target.  Returns the summary
+    ``archpass apply --json`` prints.
 
     With ``calib`` (a path, or ``"random"`` for seeded random inputs) the fidelity to the
     original is measured on that data, and lossy rewrites get their weights recovered
@@ -67,19 +73,26 @@ def apply(
     from pathlib import Path
 
     from archpass.errors import RecipeError
+    from archpass.io import check_output
     from archpass.model import save_model
     from archpass.passes.engine import apply_recipe
     from archpass.recipe import Recipe
 
+    src, dest = Path(path), Path(output)
+    if dest.exists() and src.exists() and dest.resolve() == src.resolve():
+        raise RecipeError(f"output {dest} is the input model", "write the rewritten model to another file")
+    check_output(dest)  # before any work: a directory, a device or an unwritable folder is refused now
     if isinstance(recipe, Recipe):
         rec = recipe
     elif isinstance(recipe, (str, os.PathLike)):
         rec = Recipe.load(recipe)
     else:
         rec = Recipe.from_json(recipe)
-    src, dest = Path(path), Path(output)
-    if dest.exists() and src.exists() and dest.resolve() == src.resolve():
-        raise RecipeError(f"output {dest} is the input model", "write the rewritten model to another file")
+    tgt = None
+    if target is not None:
+        from archpass.costmodel import load_target
+
+        tgt = load_target(target)
     model = load_model(src, input_shapes)
     structure = analyze(model)
     fid = None
@@ -87,26 +100,40 @@ def apply(
         from archpass.search.fidelity import FidelityEvaluator, load_calibration
 
         data = load_calibration(None if str(calib) == "random" else calib, model, **dict(calib_options or {}))
-        evaluation = FidelityEvaluator(model, data, structure=structure).evaluate(rec, recover=recover, verify=True)
-        proto, after = evaluation.proto, evaluation.applied.structure
-        applied_rewrites = evaluation.applied.rewrites
+        evaluation = FidelityEvaluator(model, data, structure=structure).evaluate(
+            rec, recover=recover, verify=True, allow_growth=allow_growth)
+        applied = evaluation.applied
+        proto = evaluation.proto
         fid = fidelity_document(evaluation, data, recover)
     else:
-        applied = apply_recipe(model, rec, structure=structure)
-        proto, after, applied_rewrites = applied.proto, applied.structure, applied.rewrites
-    save_model(proto, dest)
+        applied = apply_recipe(model, rec, structure=structure, allow_growth=allow_growth)
+        proto = applied.proto
+    notes = []
+    if model.symbolic:  # keep what --input-shape pinned only for the analysis dynamic (archpass.dynamic)
+        from archpass.dynamic import restore_dynamic_dims
+
+        proto, notes = restore_dynamic_dims(proto, model.symbolic, model.inputs)
+    written = save_model(proto, dest)
+    after = applied.structure
     doc = {
         "input": str(src),
         "output": str(dest),
+        "written": written is not None,
         "source_sha256": model.sha256,
-        "rewrites": list(applied_rewrites),
-        "exact": all(r["exact"] for r in applied_rewrites),
+        "rewrites": list(applied.rewrites),
+        "exact": all(r["exact"] for r in applied.rewrites),
         "before": {"macs": structure.macs, "params": structure.params},
         "after": {"macs": after.macs, "params": after.params},
+        "notes": notes,
     }
+    if tgt is not None:
+        from archpass.costmodel import estimate
+
+        doc["target"] = tgt.name
+        doc["estimate"] = {"before": estimate(structure, tgt).to_json(), "after": estimate(after, tgt).to_json()}
     if fid is not None:
         doc["fidelity"] = fid
-        doc["notes"] = fid.pop("notes")
+        doc["notes"] = notes + fid.pop("notes")
     return doc
 
 
@@ -168,6 +195,15 @@ def verify(
         "notes": [RANDOM_DATA_NOTE] if data.random else [],
     }
     return doc
+
+
+def sites(structure: Structure) -> list[dict]:
+    """Where every registered pass applies in ``structure`` and what it may choose there:
+    ``{"pass", "kind", "site", "domains": {key: typed domain}, "note"}`` per site (the
+    ``sites`` list of ``archpass inspect --json``)."""
+    from archpass.passes.base import registry
+
+    return [site.to_json() for p in registry().values() for site in p.sites(structure)]
 
 
 def passes() -> list[dict]:

@@ -237,7 +237,8 @@ class FidelityEvaluator:
             self._rows[key] = ReferenceRows(proto, feeds_for(proto, self.data.arrays), dynamic=self.dynamic)
         return self._rows[key]
 
-    def evaluate(self, recipe: Recipe, *, recover: bool = True, verify: bool = False) -> Evaluation:
+    def evaluate(self, recipe: Recipe, *, recover: bool = True, verify: bool = False,
+                 allow_growth: bool = False) -> Evaluation:
         """Materialize ``recipe`` once, score it, recover the layers it touched (lossy
         rewrites only) and score again.  ``verify`` re-checks the emitted shapes (the
         engine's post-condition; ``apply`` keeps it, the search skips it)."""
@@ -246,7 +247,7 @@ class FidelityEvaluator:
         t0 = time.perf_counter()
         if not isinstance(recipe, Recipe):
             recipe = Recipe.from_json(recipe) if isinstance(recipe, dict) else Recipe.of(recipe)
-        applied = apply_recipe(self.model, recipe, structure=self.structure, verify=verify)
+        applied = apply_recipe(self.model, recipe, structure=self.structure, verify=verify, allow_growth=allow_growth)
         before = self.score(applied.proto)
         lossy = not all(r["exact"] for r in applied.rewrites)
         if not (recover and lossy):
