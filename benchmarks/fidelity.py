@@ -261,9 +261,6 @@ def main() -> int:
 
     only = set(sys.argv[1:]) or {"digits", "kinds", "speed"}
     figures: dict = {}
-    prev = Path(__file__).parent / "results" / "fidelity.json"
-    if prev.exists():  # keep sections not re-run
-        figures = {k: v for k, v in json.loads(prev.read_text()).items() if k in ("digits", "speed", "kinds")}
     if "digits" in only:
         log("digits accuracy:")
         figures["digits"], ev, target_recipe = digits_section(log)
@@ -275,6 +272,10 @@ def main() -> int:
     if "speed" in only:
         log("speed (run this under the exclusive lock):")
         figures["speed"] = speed_section(ev, target_recipe, log)
+    prev = Path(__file__).parent / "results" / "fidelity.json"
+    if prev.exists():  # keep the sections not re-run (read now: another section may have finished meanwhile)
+        kept = {k: v for k, v in json.loads(prev.read_text()).items() if k in ("digits", "speed", "kinds")}
+        figures = {**kept, **figures}
     path = write_results("fidelity", figures)
     dg, sp = figures.get("digits"), figures.get("speed")
     ok = True
