@@ -172,7 +172,9 @@ def speed_section(ev, target_recipe, log) -> dict:
     doc = recipe_for(s)
     g = max((g for g in s.groups if g.adjustable and g.channels >= 64), key=lambda g: g.channels)
     doc["rewrites"].append({"pass": "channels", "site": g.id, "channels": g.channels * 3 // 4 // 8 * 8})
-    warm, cold, apply_runs = [], [], []
+    import resource
+
+    warm, cold, apply_runs, warm_cpu, apply_cpu = [], [], [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         rp = Path(tmp) / "recipe.json"
         rp.write_text(json.dumps(doc))
@@ -183,23 +185,31 @@ def speed_section(ev, target_recipe, log) -> dict:
             fresh = FidelityEvaluator(ev.model, ev.data, structure=ev.structure)
             fresh.evaluate(target_recipe)
             cold.append(time.perf_counter() - t)
-            win = []
+            win, win_cpu = [], []
             for _ in range(3):
-                t = time.perf_counter()
+                t, c = time.perf_counter(), time.process_time()
                 fresh.evaluate(target_recipe)
                 win.append(time.perf_counter() - t)
+                win_cpu.append(time.process_time() - c)
             warm.append(statistics.median(win))
+            warm_cpu.append(statistics.median(win_cpu))
+            r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
             t = time.perf_counter()
             p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
             apply_runs.append(time.perf_counter() - t)
+            r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+            apply_cpu.append((r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime))
             if p.returncode:
                 raise RuntimeError(p.stderr)
             last = json.loads(p.stdout)
             log(f"  window {w}: evaluate warm {warm[-1]:.2f} s, cold {cold[-1]:.2f} s; apply --calib {apply_runs[-1]:.1f} s")
     fid = last["fidelity"]
     return {"evaluate_target_512": {"warm_median_s": statistics.median(warm), "cold_median_s": statistics.median(cold),
-                                    "windows": warm, "cold_windows": cold, "target_s": TARGET_EVAL_S},
+                                    "windows": warm, "cold_windows": cold, "target_s": TARGET_EVAL_S,
+                                    "warm_cpu_median_s": statistics.median(warm_cpu)},
             "apply_calib_mobilenet_v2": {"median_s": statistics.median(apply_runs), "runs": apply_runs,
+                                         "cpu_s": apply_cpu, "cpu_median_s": statistics.median(apply_cpu),
+                                         "exclusive_lock": os.environ.get("ARCHPASS_BENCH_UNLOCKED") is None,
                                          "target_s": TARGET_APPLY_S, "rewrites": len(doc["rewrites"]), "recipe": doc,
                                          "fidelity_before": fid["before"]["score"],
                                          "fidelity_after": fid["after"]["score"] if fid["after"] else None,
