@@ -25,7 +25,8 @@ measurably help (``benchmarks/fidelity.py``):
 * the ridge term pulls towards the naive weights (``|w - w_naive|^2``), not towards zero:
   a wide consumer fitted on few samples (a classifier after a width cut) stays close to
   its sliced weights instead of overfitting; its strength is chosen per layer on a
-  held-out fifth of the rows, among seven values relative to the mean diagonal of the
+  held-out fifth of the calibration samples (whole samples: rows of one image are
+  correlated), among seven values relative to the mean diagonal of the
   normal matrix; the naive weights are kept when they do better on those rows;
 * output positions are subsampled (:func:`row_budget`: up to 32768 rows for narrow
   layers, fewer for wide ones), and the normal equations are solved in float64; layers
@@ -174,13 +175,13 @@ def channel_index(t: str, final: Structure, source: Structure, maps: Mapping[str
 # ---------------------------------------------------------------------------- least squares
 def ridge_fit(a: np.ndarray, y: np.ndarray, *, intercept: bool = True, activation: str | None = None,
               naive: tuple[np.ndarray, np.ndarray | None] | None = None, seed: int = 0,
-              alphas=ALPHAS) -> tuple[np.ndarray, np.ndarray | None, dict]:
+              alphas=ALPHAS, samples: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None, dict]:
     """Weights ``w`` (d, k) and bias (k,) minimizing ``|act(a w + b) - act(y)|^2 + lam |w - w0|^2``
     (``w0`` the naive weights when given, else 0).
 
     ``y`` holds pre-activation targets; with ``activation`` relu/relu6 the clipped targets
     only need the prediction on the clipped side (re-solved twice).  ``lam`` is picked on
-    a held-out fifth of the rows.  ``naive`` (w, b) are returned instead when they do
+    a held-out fifth of the rows (of the ``samples`` the rows come from, when given).  ``naive`` (w, b) are returned instead when they do
     better on those rows (``info["kept"] == "naive"``)."""
     import scipy.linalg as sla
 
@@ -204,7 +205,15 @@ def ridge_fit(a: np.ndarray, y: np.ndarray, *, intercept: bool = True, activatio
         return t if hi is None else np.where(z >= hi, np.maximum(p, hi), t)
 
     rng = np.random.default_rng(seed)
-    hold = rng.random(r) < 0.2 if r >= 50 else np.zeros(r, bool)
+    if samples is not None and len(np.unique(samples)) >= 5:
+        # hold out whole samples: rows of one image are correlated, so a row-level split
+        # would judge the ridge strength on what it was fitted to
+        ids = np.unique(samples)
+        hold = np.isin(samples, ids[rng.random(len(ids)) < 0.2])
+        if hold.all():
+            hold[:] = False
+    else:
+        hold = rng.random(r) < 0.2 if r >= 50 else np.zeros(r, bool)
     fit = ~hold if hold.any() else np.ones(r, bool)
     a_tr, y_tr = a[fit], y[fit].astype(np.float32, copy=False)
     g_tr = (a_tr.T @ a_tr).astype(np.float64)
@@ -442,7 +451,7 @@ def recover(applied: Applied, reference: ReferenceRows, feeds: Mapping[str, np.n
         bias_naive = b0.reshape(-1) if b0 is not None else None
         intercept = l.op != "MatMul"
         w, b, info = ridge_fit(a, target, intercept=intercept, activation=l.activation if not partner else None,
-                               naive=(w_naive, bias_naive), seed=seed)
+                               naive=(w_naive, bias_naive), seed=seed, samples=ni)
         if info["kept"] == "refit":
             if l.op == "Conv":
                 weights.set(node, 1, w.T.reshape(w0.shape), w0.dtype)
