@@ -96,7 +96,7 @@ def digits_section(log) -> tuple[dict, object, object]:
                "macs": cand.macs}
         log(f"  {name:38s} naive {100 * naive:5.1f}%  recovered {100 * rec:5.1f}%  fidelity "
             f"{e.before.score:.4f} -> {row['fidelity_after'] if row['fidelity_after'] is None else round(row['fidelity_after'], 4)}"
-            f"  edgetpu -{100 * row['edgetpu_cut']:.1f}%  ({e.seconds:.2f} s)")
+            f"  edgetpu latency {-100 * row['edgetpu_cut']:+.1f}%  ({e.seconds:.2f} s)")
         return row
 
     log(f"digits: original test accuracy {100 * base:.2f}% ({len(d.test_y)} test images), {len(ibn)} IBN blocks, "
