@@ -254,9 +254,9 @@ class FidelityEvaluator:
             return Evaluation(recipe, before, None, applied.proto, (), time.perf_counter() - t0, applied)
         with _one_blas_thread():
             rec = _recover(applied, self._reference_rows(recipe), feeds_for(applied.proto, self.data.arrays),
-                           source=self.structure, seed=self.seed, dynamic=self.dynamic)
+                           source=self.structure, seed=self.seed, dynamic=self.dynamic, with_outputs=True)
         refit = any(f.kept == "refit" for f in rec.fits)
-        after = self.score(rec.proto) if refit else before
+        after = compare(self.reference, list(rec.outputs), self.names, random_data=self.data.random) if refit else before
         proto = rec.proto
         entry = proto.metadata_props.add()
         entry.key, entry.value = RECOVERY_KEY, json.dumps({

@@ -88,6 +88,9 @@ class LayerFit:
 class Recovered:
     proto: onnx.ModelProto
     fits: tuple[LayerFit, ...] = field(default_factory=tuple)
+    #: the recovered model's outputs on the calibration inputs (computed from where the
+    #: last refit left off, so scoring it needs no other full run); None when nothing ran
+    outputs: tuple[np.ndarray, ...] | None = None
 
 
 # ---------------------------------------------------------------------------- what to refit
@@ -388,7 +391,8 @@ class ReferenceRows:
 
 
 def recover(applied: Applied, reference: ReferenceRows, feeds: Mapping[str, np.ndarray], *, source: Structure,
-            seed: int = 0, max_rows: int = MAX_ROWS, dynamic: bool | None = None) -> Recovered:
+            seed: int = 0, max_rows: int = MAX_ROWS, dynamic: bool | None = None,
+            with_outputs: bool = False) -> Recovered:
     """Refit the layers :func:`refits` lists (see the module doc); returns a new proto."""
     plan = refits(applied)
     proto = onnx.ModelProto()
@@ -463,7 +467,8 @@ def recover(applied: Applied, reference: ReferenceRows, feeds: Mapping[str, np.n
         fits.append(LayerFit(l.id, rf.reason, int(a.shape[0]), info["alpha"], info["err_naive"], info["err_fit"],
                              info["kept"]))
         del dim
-    return Recovered(proto, tuple(fits))
+    outputs = tuple(stepper.get([o.name for o in proto.graph.output])) if with_outputs else None
+    return Recovered(proto, tuple(fits), outputs)
 
 
 def _fan_in(l: Layer) -> int:
