@@ -151,6 +151,6 @@ def test_recovery_raises_fidelity_on_mobilenet_v2(zoo_model):
 
     m = load_model(zoo_model("mobilenet_v2"))
     s = analyze(m)
-    ev = FidelityEvaluator(m, load_calibration(None, m, samples=8), structure=s)
+    ev = FidelityEvaluator(m, load_calibration(None, m, samples=4), structure=s)
     e = ev.evaluate(Recipe.of([{"pass": "fuse_ibn", "site": "block3"}]))
     assert e.after is not None and e.after.score > e.before.score
