@@ -240,8 +240,8 @@ def ridge_fit(a: np.ndarray, y: np.ndarray, *, intercept: bool = True, activatio
         except (np.linalg.LinAlgError, ValueError):
             return np.linalg.lstsq(m, rhs, rcond=None)[0]
 
-    def fitted(g, a_, z, lam, censor=True):
-        w = solve(g, (a_.T @ z).astype(np.float64), lam)
+    def fitted(g, a_, z, lam, censor=True, rhs=None):
+        w = solve(g, rhs if rhs is not None else (a_.T @ z).astype(np.float64), lam)
         for _ in range(2 if lo is not None and censor else 0):
             w = solve(g, (a_.T @ effective(z, a_ @ w.astype(np.float32)).astype(np.float32)).astype(np.float64), lam)
         return w
@@ -253,9 +253,10 @@ def ridge_fit(a: np.ndarray, y: np.ndarray, *, intercept: bool = True, activatio
     def err(w):
         return float(np.sum((act(a_te @ w.astype(np.float32)).astype(np.float64) - target_te) ** 2)) / denom
 
+    rhs_tr = (a_tr.T @ y_tr).astype(np.float64)  # the same for every ridge strength
     best = None
     for lam in alphas:
-        w = fitted(g_tr, a_tr, y_tr, lam, censor=False)
+        w = fitted(g_tr, a_tr, y_tr, lam, censor=False, rhs=rhs_tr)
         e = err(w)
         if best is None or e < best[0]:
             best = (e, lam)
@@ -264,10 +265,11 @@ def ridge_fit(a: np.ndarray, y: np.ndarray, *, intercept: bool = True, activatio
     g = g_tr + (a_te.T @ a_te).astype(np.float64) if hold.any() else g_tr
     censor = False
     if lo is not None:  # the activation-aware fit, kept when it does better on the held-out rows
-        e_c = err(fitted(g_tr, a_tr, y_tr, lam))
+        e_c = err(fitted(g_tr, a_tr, y_tr, lam, rhs=rhs_tr))
         if e_c < best[0]:
             best, censor = (e_c, lam), True
-    w = fitted(g, a_all, y_all, lam, censor=censor)
+    rhs_all = rhs_tr + (a_te.T @ y_te.astype(np.float32)).astype(np.float64) if hold.any() else rhs_tr
+    w = fitted(g, a_all, y_all, lam, censor=censor, rhs=rhs_all)
     e_fit = best[0]
     info = {"alpha": lam, "err_fit": e_fit, "rows": r, "kept": "refit", "err_naive": float("nan"), "censored": censor}
     if naive is not None:
