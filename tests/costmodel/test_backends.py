@@ -13,7 +13,7 @@ from builders import NetBuilder
 from archpass.costmodel.backends import onnxruntime as ortb
 from archpass.costmodel.backends import zigzag as zz
 from archpass.costmodel.build_targets import HARDWARE
-from archpass.costmodel.calibrate import Dataset, _ort_work, _zigzag_work, corrected_points, profiler_overhead_ms
+from archpass.costmodel.calibrate import Dataset, _ort_work, corrected_points, profiler_overhead_ms, zigzag_work
 from archpass.costmodel.kernels import FusionRules, Kernel
 from archpass.errors import TargetError
 
@@ -41,7 +41,7 @@ def test_zigzag_failure_is_recorded_not_raised(monkeypatch):
         raise ZeroDivisionError("division by zero")
 
     monkeypatch.setattr(zz, "evaluate_cycles", boom)
-    rec = _zigzag_work({"spec": CONV, "hardware": str(HW), "mapping": str(MAP), "clock_hz": 1e9, "lpf_limit": 4})
+    rec = zigzag_work({"spec": CONV, "hardware": str(HW), "mapping": str(MAP), "clock_hz": 1e9, "lpf_limit": 4})
     assert rec["error"].startswith("ZeroDivisionError") and rec["points"] == []
 
 
