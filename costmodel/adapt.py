@@ -41,9 +41,9 @@ from typing import Callable
 import numpy as np
 
 from archpass.costmodel.calibrate import DATASET, Dataset, Job, Progress, accuracy_stats, point_key, run_jobs
-from archpass.costmodel.estimate import GENERIC_OP, predict_kernels
+from archpass.costmodel.estimate import predict_kernels
 from archpass.costmodel.features import correction_rows, layer_features
-from archpass.costmodel.kernels import LAYER_KINDS, FusionRules, Kernel, decompose
+from archpass.costmodel.kernels import GENERIC_OP, LAYER_KINDS, FusionRules, Kernel, decompose
 from archpass.costmodel.predictor import LAYER_TERMS, OP_TERMS, Correction
 from archpass.costmodel.target import Target, load_target, save_target
 from archpass.errors import TargetError

@@ -21,12 +21,8 @@ import numpy as np
 
 from archpass.costmodel.extrapolation import kernel_range
 from archpass.costmodel.features import feature_rows, network_context
-<<<<<<< HEAD
-from archpass.costmodel.kernels import GENERIC_OP, LAYER_KINDS, FusionRules, Kernel
-=======
 from archpass.costmodel.host import package_version
-from archpass.costmodel.kernels import LAYER_KINDS, FusionRules, Kernel
->>>>>>> main
+from archpass.costmodel.kernels import GENERIC_OP, LAYER_KINDS, FusionRules, Kernel
 from archpass.costmodel.predictor import Predictor
 from archpass.costmodel.target import Target, save_target
 from archpass.errors import TargetError

@@ -7,14 +7,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from archpass.costmodel.extrapolation import extrapolation_notes
-<<<<<<< HEAD
-from archpass.costmodel.features import feature_rows, network_context
-from archpass.costmodel.kernels import GENERIC_OP, LAYER_KINDS, Kernel, decompose
-=======
 from archpass.costmodel.features import correction_rows, feature_rows, network_context
 from archpass.costmodel.host import host_notes
-from archpass.costmodel.kernels import LAYER_KINDS, Kernel, decompose
->>>>>>> main
+from archpass.costmodel.kernels import GENERIC_OP, LAYER_KINDS, Kernel, decompose
 from archpass.costmodel.memory import memory
 from archpass.costmodel.target import Target, load_target
 from archpass.structure import Structure
