@@ -1,0 +1,327 @@
+"""One optimization run: a :class:`Job` (plain JSON, stored in the study so workers and
+``--resume`` rebuild exactly the same search), the Optuna loop, and the choice of the
+result.
+
+The choice keeps the promises of ``archpass optimize``:
+
+* **never slower**: the unchanged model is always a candidate (the study's first
+  trial, and the fallback); the result is a trial strictly better than it on the first
+  objective (and no worse on the others), or the unchanged model with a message;
+* **budgets**: only trials within every budget; when none is, and the unchanged model
+  is not either, the run fails naming the best reachable value;
+* **guard**: a finalist must pass the guard; finalists are checked best first, only
+  while they can beat the incumbent, each recipe once.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import optuna
+
+from archpass.errors import ArchpassError
+from archpass.search import study as st
+from archpass.search.objective import MB, Budgets, Objective, Score, constraints, objective_value, parse_objectives
+from archpass.search.space import Space, recipe_key
+
+#: Job fields that define a study: a resumed run must agree on all of them.
+STUDY_FIELDS = ("model_sha256", "target", "objectives", "budgets", "passes", "freeze", "resolutions", "granularity",
+                "mode", "guard",
+                "min_fidelity", "min_proxy", "calib", "sampler", "seed")
+MAX_FINALISTS = 25  # guard evaluations spent on choosing the result, at most
+
+
+class BudgetError(ArchpassError):
+    """No candidate meets a budget."""
+
+
+@dataclass(frozen=True)
+class Job:
+    """Everything that defines an optimization run, as JSON."""
+
+    model: str
+    target: str
+    model_sha256: str = ""
+    input_shapes: tuple[str, ...] = ()
+    objectives: tuple[str, ...] = ("latency",)
+    budgets: Mapping[str, float] = field(default_factory=dict)
+    passes: tuple[str, ...] | None = None
+    freeze: tuple[str, ...] = ()
+    resolutions: tuple[int, ...] = ()
+    granularity: str = "group"
+    mode: str = "retrain"
+    guard: bool = True
+    calib: str | None = None
+    calib_options: Mapping[str, Any] = field(default_factory=dict)
+    min_fidelity: float = 0.99
+    min_proxy: float | None = None
+    sampler: str = "auto"
+    seed: int | None = 0
+    trials: int = 300
+    workers: int = 1
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        for k, v in d.items():
+            if isinstance(v, tuple):
+                d[k] = list(v)
+        return d
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> "Job":
+        kw = dict(d)
+        for k in ("input_shapes", "objectives", "freeze", "resolutions"):
+            kw[k] = tuple(kw.get(k) or ())
+        if kw.get("passes") is not None:
+            kw["passes"] = tuple(kw["passes"])
+        return cls(**{k: v for k, v in kw.items() if k in cls.__dataclass_fields__})
+
+    @property
+    def sampler_name(self) -> str:
+        if self.sampler == "auto":
+            return "tpe" if len(self.objectives) == 1 else "nsga2"
+        return self.sampler
+
+    def study_key(self) -> dict:
+        d = self.to_json()
+        return {k: d[k] for k in STUDY_FIELDS}
+
+
+@dataclass
+class Prepared:
+    """A job's loaded model, structure, target, space, guard and objective."""
+
+    job: Job
+    model: Any
+    structure: Any
+    target: Any
+    space: Space
+    objective: Objective
+    guard: Any = None
+
+
+def prepare(job: Job, *, model=None, structure=None, target=None, guard_factory: Callable | None = None) -> Prepared:
+    """Load and validate everything a job names (bad input raises ArchpassError)."""
+    from archpass.analysis import analyze
+    from archpass.costmodel import load_target
+    from archpass.model import load_model, parse_input_shapes
+
+    if job.mode not in ("retrain", "post-training"):
+        raise ArchpassError(f"unknown --mode '{job.mode}'", "use post-training (needs --calib) or retrain")
+    if job.mode == "post-training" and job.guard and not job.calib:
+        raise ArchpassError("post-training mode needs calibration data", "add --calib DATA, or use --mode retrain")
+    if job.sampler not in ("auto",) + st.SAMPLERS:
+        raise ArchpassError(f"unknown sampler '{job.sampler}'", f"use one of {', '.join(st.SAMPLERS)}")
+    if job.trials < 1:
+        raise ArchpassError(f"--trials must be at least 1, got {job.trials}", "e.g. --trials 300")
+    if job.workers < 1:
+        raise ArchpassError(f"--workers must be at least 1, got {job.workers}", "e.g. --workers 2")
+    objectives = parse_objectives(job.objectives)
+    budgets = Budgets(**job.budgets)
+    target = target or load_target(job.target)
+    model = model or load_model(job.model, parse_input_shapes(list(job.input_shapes)) if job.input_shapes else None)
+    structure = structure or analyze(model)
+    space = Space.build(structure, parallelism=int(getattr(target, "parallelism", 8) or 8), passes=job.passes,
+                        freeze=job.freeze, resolutions=job.resolutions, granularity=job.granularity)
+    guard = None
+    if job.guard:
+        if guard_factory is not None:
+            guard = guard_factory(job, model, structure)
+        else:
+            guard = default_guard(job, model, structure)
+    objective = Objective(space, target, objectives, budgets, guard if len(objectives) == 1 else None)
+    return Prepared(job, model, structure, target, space, objective, guard)
+
+
+def default_guard(job: Job, model, structure):
+    from archpass.search import guard as g
+
+    if job.mode == "post-training":
+        from archpass.search.fidelity import load_calibration
+
+        data = load_calibration(job.calib, model, **dict(job.calib_options))
+        return g.fidelity_guard(model, structure, data, min_fidelity=job.min_fidelity)
+    return g.proxy_guard(model, structure, min_proxy=job.min_proxy, seed=job.seed or 0)
+
+
+# ---------------------------------------------------------------------------- the loop
+def _sampler(job: Job, worker: int = 0):
+    return st.make_sampler(job.sampler_name, seed=job.seed, n_objectives=len(job.objectives),
+                           constraints_func=constraints, worker=worker, workers=job.workers)
+
+
+def _optimize(study: optuna.Study, prep: Prepared, callbacks: Sequence = ()) -> None:
+    total = prep.job.trials
+    if st.n_complete(study) >= total:
+        return
+    cb = optuna.study.MaxTrialsCallback(total, states=(optuna.trial.TrialState.COMPLETE,))
+    study.optimize(prep.objective, n_trials=None if prep.job.workers > 1 else total - st.n_complete(study),
+                   callbacks=[cb, *callbacks], catch=())
+
+
+def worker_main(path: str, index: int) -> None:
+    """Entry point of an extra local worker process (``--workers N``)."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    job = Job.from_json(st.study_job(st.load_study(Path(path), sampler=None)))
+    prep = prepare(job)
+    study = st.load_study(Path(path), sampler=_sampler(job, index))
+    try:
+        _optimize(study, prep)
+    except KeyboardInterrupt:
+        pass
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a run found."""
+
+    baseline: Score
+    best: Score
+    best_trial: int | None
+    guard: Mapping[str, Any] | None  # the chosen candidate's guard result
+    guard_info: Mapping[str, Any] | None  # the guard's kind, threshold, baseline score
+    front: tuple[Mapping[str, Any], ...]  # Pareto front (several objectives), with guard results
+    trials: int
+    interrupted: bool
+    message: str | None
+    storage: Path
+    records: tuple[st.TrialRecord, ...] = ()
+
+    @property
+    def improved(self) -> bool:
+        return self.best_trial is not None
+
+
+def search(prep: Prepared, storage: Path, *, resume: bool = False, progress: Callable | None = None) -> Outcome:
+    """Run (or resume) the study for ``prep``'s job and choose the result."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    job = prep.job
+    directions = ["minimize"] * len(job.objectives)
+    if resume:
+        study = st.load_study(storage, sampler=_sampler(job))
+        old = st.study_job(study)
+        new = job.study_key()
+        diff = [k for k in STUDY_FIELDS if old.get(k) != new.get(k)]
+        if diff:
+            raise st.StudyError(f"--resume: this command differs from the interrupted run in {', '.join(diff)}",
+                                "repeat the first command exactly, plus --resume (or drop --resume to start over)")
+        st.fail_stale(study)
+    else:
+        study = st.create_study(storage, directions=directions, sampler=_sampler(job), job=job.to_json())
+        study.enqueue_trial(prep.space.neutral_params(), skip_if_exists=True)
+
+    empty = prep.space.empty_reason()
+    interrupted = False
+    procs = []
+    if empty is None:
+        if job.workers > 1:
+            ctx = multiprocessing.get_context("spawn")
+            procs = [ctx.Process(target=worker_main, args=(str(storage), i), daemon=True) for i in range(1, job.workers)]
+            for p in procs:
+                p.start()
+        cbs = [progress] if progress else []
+        try:
+            _optimize(study, prep, cbs)
+        except KeyboardInterrupt:
+            interrupted = True
+        finally:
+            for p in procs:
+                p.join(timeout=None if not interrupted else 10)
+                if p.is_alive():
+                    p.terminate()
+    recs = st.records(study)
+    return choose(prep, recs, storage=storage, interrupted=interrupted, empty=empty)
+
+
+def _dominates_or_equal(a: Sequence[float], b: Sequence[float]) -> bool:
+    return all(x <= y for x, y in zip(a, b))
+
+
+def pareto(recs: Sequence[st.TrialRecord]) -> list[st.TrialRecord]:
+    """Non-dominated records (by values), one per distinct value vector, sorted by the first objective."""
+    out: dict[tuple, st.TrialRecord] = {}
+    for r in recs:
+        if any(_dominates_or_equal(o.values, r.values) and tuple(o.values) != tuple(r.values) for o in recs):
+            continue
+        out.setdefault(tuple(r.values), r)
+    return sorted(out.values(), key=lambda r: r.values)
+
+
+def _best_reachable(prep: Prepared, recs: Sequence[st.TrialRecord]) -> str:
+    """The lowest value of each violated budget any candidate reached."""
+    b = prep.objective.budgets
+    cands = [dict(r.metrics) for r in recs if r.metrics] + [dict(prep.objective.baseline.metrics)]
+    parts = []
+    have = {"max_latency_ms": ("latency_ms", 1.0, "ms", "--max-latency-ms"),
+            "max_params_mb": ("params_bytes", 1 / MB, "MB", "--max-params-mb"),
+            "max_peak_mb": ("peak_activation_bytes", 1 / MB, "MB", "--max-peak-mb")}
+    for k, v in b.items():
+        if v is None:
+            continue
+        key, scale, unit, flag = have[k]
+        lo = min(c[key] * scale for c in cands)
+        if lo > v:
+            parts.append(f"{flag} {v:g} (best reachable {lo:.4g} {unit})")
+    return "; ".join(parts) or "the budgets together"
+
+
+def choose(prep: Prepared, recs: Sequence[st.TrialRecord], *, storage: Path, interrupted: bool = False,
+           empty: str | None = None) -> Outcome:
+    obj = prep.objective
+    base = obj.baseline
+    guard = prep.guard
+    n = len(recs)
+    common = dict(trials=n, interrupted=interrupted, storage=storage, records=tuple(recs),
+                  guard_info=guard.describe() if guard else None)
+    if empty is not None:
+        return Outcome(base, base, None, None, front=(), message=f"nothing to optimize: {empty}; wrote the original model",
+                       **common)
+    ok = [r for r in recs if r.within_budget and r.invalid is None]
+    if not ok and not base.within_budget:
+        raise BudgetError(f"no candidate meets {_best_reachable(prep, recs)}",
+                          "raise the budget, or widen the search (--trials, --passes, --resolutions)")
+    better = [r for r in ok if r.values[0] < base.values[0] and _dominates_or_equal(r.values, base.values)]
+    front_recs = pareto([r for r in ok if r.constraints[-1] <= 0]) if len(obj.objectives) > 1 else []
+    if len(obj.objectives) > 1:
+        better = [r for r in front_recs if r in better]
+    else:
+        better.sort(key=lambda r: (r.values[0], r.number))
+    chosen, chosen_guard, checked = None, None, 0
+    seen: set = set()
+    for r in better:
+        key = recipe_key(r.recipe)
+        if key in seen:
+            continue
+        seen.add(key)
+        if guard is None:
+            chosen = r
+            break
+        if r.guard is not None and not r.guard.get("ok"):
+            continue
+        if checked >= MAX_FINALISTS:
+            break
+        res = guard.check(r.recipe)
+        checked += 1
+        if res.ok:
+            chosen, chosen_guard = r, res.to_json()
+            break
+    front = []
+    for r in front_recs:
+        d = r.to_json()
+        if guard is not None:
+            d["guard"] = guard.check(r.recipe).to_json() if len(front) < MAX_FINALISTS else None
+        front.append(d)
+    if chosen is None:
+        if not base.within_budget:
+            raise BudgetError(f"no candidate that passes the guard meets {_best_reachable(prep, recs)}",
+                              "raise the budget or lower the guard's threshold")
+        why = ("no candidate beat the original model" if not better else
+               f"every candidate better than the original failed the {guard.kind} guard")
+        g = {"kind": guard.kind, "score": guard.baseline, "threshold": guard.threshold, "ok": True} if guard else None
+        return Outcome(base, base, None, g, front=tuple(front), message=f"{why}; wrote the original model", **common)
+    best = Score(chosen.recipe, chosen.metrics, tuple(objective_value(o, chosen.metrics) for o in obj.objectives),
+                 obj.budgets.violations(chosen.metrics))
+    return Outcome(base, best, chosen.number, chosen_guard, front=tuple(front), message=None, **common)
