@@ -111,6 +111,7 @@ class Objective:
     objectives: tuple[str, ...] = ("latency",)
     budgets: Budgets = field(default_factory=Budgets)
     guard: Any = None
+    worker: int | None = None  # with several workers, each trial records which one ran it
     baseline: Score = field(init=False)
     incumbent: float = field(init=False)
 
@@ -147,6 +148,8 @@ class Objective:
             sc = Score(recipe, None, None, reason=exc.line())
         guard_c = 0.0
         trial.set_user_attr("recipe", recipe.to_json())
+        if self.worker is not None:
+            trial.set_user_attr("worker", self.worker)
         if not sc.valid:
             trial.set_user_attr("invalid", sc.reason)
             values = self.baseline.values

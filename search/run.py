@@ -167,6 +167,7 @@ def worker_main(path: str, index: int) -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     job = Job.from_json(st.study_job(st.load_study(Path(path), sampler=None)))
     prep = prepare(job)
+    prep.objective.worker = index
     study = st.load_study(Path(path), sampler=_sampler(job, index))
     try:
         _optimize(study, prep)
@@ -218,6 +219,7 @@ def search(prep: Prepared, storage: Path, *, resume: bool = False, progress: Cal
     procs = []
     if empty is None:
         if job.workers > 1:
+            prep.objective.worker = 0
             ctx = multiprocessing.get_context("spawn")
             procs = [ctx.Process(target=worker_main, args=(str(storage), i), daemon=True) for i in range(1, job.workers)]
             for p in procs:

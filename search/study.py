@@ -97,13 +97,18 @@ def make_sampler(name: str, *, seed: int | None, n_objectives: int, constraints_
                  workers: int = 1) -> optuna.samplers.BaseSampler:
     """TPE (multivariate, grouped for the define-by-run space; constant liar with several
     workers), NSGA-II or random.  Worker ``i`` of a seeded run uses ``seed + i``."""
+    import warnings
+
     s = None if seed is None else int(seed) + worker
     if name == "tpe":
-        return optuna.samplers.TPESampler(seed=s, n_startup_trials=20, multivariate=True, group=True,
-                                          constant_liar=workers > 1, constraints_func=constraints_func,
-                                          warn_independent_sampling=False)
+        with warnings.catch_warnings():  # `group` is experimental, `constraints_func` deprecated in 5.0 for
+            warnings.simplefilter("ignore")  # Trial.set_constraint, which costs one storage write per value
+            return optuna.samplers.TPESampler(seed=s, n_startup_trials=20, multivariate=True, group=True,
+                                              constant_liar=workers > 1, constraints_func=constraints_func)
     if name == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=s, population_size=24, constraints_func=constraints_func)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return optuna.samplers.NSGAIISampler(seed=s, population_size=24, constraints_func=constraints_func)
     if name == "random":
         return optuna.samplers.RandomSampler(seed=s)
     raise StudyError(f"unknown sampler '{name}'", f"use one of {', '.join(SAMPLERS)}")
