@@ -113,6 +113,7 @@ def optimize(
     min_fidelity: float = 0.99,
     min_proxy: float | None = None,
     guard: bool = True,
+    finalists: int = 12,
     sampler: str = "auto",
     seed: int | None = 0,
     workers: int = 1,
@@ -152,7 +153,7 @@ def optimize(
         resolutions=tuple(int(r) for r in resolutions), granularity=granularity, mode=mode or ("post-training" if calib else "retrain"),
         guard=guard, calib=str(Path(calib).resolve()) if calib is not None and Path(calib).exists() else
         (str(calib) if calib is not None else None), calib_options=dict(calib_options or {}),
-        min_fidelity=float(min_fidelity), min_proxy=min_proxy, sampler=sampler, seed=seed, trials=int(trials),
+        min_fidelity=float(min_fidelity), min_proxy=min_proxy, finalists=int(finalists), sampler=sampler, seed=seed, trials=int(trials),
         workers=int(workers))
     prep = run.prepare(job, model=model, guard_factory=guard_factory)
     store = Path(storage) if storage is not None else st.storage_path(dest)
@@ -186,6 +187,7 @@ def optimize(
         g["baseline"] = out.guard_info["baseline"]
         g["evaluations"] = out.guard_info["evaluations"]
         doc["fidelity" if out.guard_info["kind"] == "fidelity" else "proxy"] = g
+        doc["finalists"] = list(out.checked)
     if out.front:
         doc["pareto_front"] = list(out.front)
     return doc

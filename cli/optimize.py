@@ -98,6 +98,7 @@ def optimize(
     calib: Annotated[Optional[str], typer.Option("--calib", help="Calibration data for post-training mode (see README).", show_default=False)] = None,
     min_fidelity: Annotated[float, typer.Option("--min-fidelity", help="Post-training guard: lowest fidelity to the original.")] = 0.99,
     min_proxy: Annotated[Optional[float], typer.Option("--min-proxy", help="Retrain guard: lowest zero-shot score (default: the original's).", show_default=False)] = None,
+    finalists: Annotated[int, typer.Option("--finalists", help="Guard evaluations spent choosing the result, at most.")] = 12,
     no_guard: Annotated[bool, typer.Option("--no-guard", help="Search cost only, without an accuracy guard.")] = False,
     sampler: Annotated[str, typer.Option("--sampler", help="auto (TPE, or NSGA-II for several objectives), tpe, nsga2 or random.")] = "auto",
     seed: Annotated[int, typer.Option("--seed", help="Makes a run repeatable.")] = 0,
@@ -119,7 +120,7 @@ def optimize(
                 passes=_csv(passes) if passes else None, freeze=_csv(freeze),
                 resolutions=_ints(resolutions, "--resolutions"), granularity=granularity,
                 max_latency_ms=max_latency_ms, max_params_mb=max_params_mb, max_peak_mb=max_peak_mb, mode=mode,
-                calib=calib, min_fidelity=min_fidelity, min_proxy=min_proxy, guard=not no_guard, sampler=sampler,
+                calib=calib, min_fidelity=min_fidelity, min_proxy=min_proxy, guard=not no_guard, finalists=finalists, sampler=sampler,
                 seed=seed, workers=workers, resume=resume, progress=bar)
     if doc.get("interrupted"):
         stderr.print(f"interrupted after {doc['trials']} trials: wrote the best model found so far "

@@ -9,7 +9,7 @@ are Optuna constraints (positive = violated), so constrained samplers learn them
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Mapping, Sequence
 
 from archpass.costmodel import Estimate, Target, estimate
 from archpass.errors import ArchpassError
@@ -102,22 +102,19 @@ class Score:
 class Objective:
     """The Optuna objective: a trial's recipe from ``space``, scored on ``target``.
 
-    ``guard`` (see :mod:`archpass.search.guard`), for a single objective, is evaluated
-    in the loop, only for a valid in-budget trial that beats the incumbent (the best
-    guarded value so far, at first the unchanged model); its outcome is a constraint."""
+    Constraint values (positive = violated): one per budget, then one for a recipe the
+    passes refused.  The accuracy guard is not part of it: it costs seconds per
+    candidate and runs on finalists only (:func:`archpass.search.run.choose`)."""
 
     space: Space
     target: Target
     objectives: tuple[str, ...] = ("latency",)
     budgets: Budgets = field(default_factory=Budgets)
-    guard: Any = None
     worker: int | None = None  # with several workers, each trial records which one ran it
     baseline: Score = field(init=False)
-    incumbent: float = field(init=False)
 
     def __post_init__(self):
         self.baseline = self.score_structure(Recipe(), self.space.structure)
-        self.incumbent = self.baseline.values[0]
 
     @property
     def structure(self) -> Structure:
@@ -135,9 +132,6 @@ class Objective:
             return Score(recipe, None, None, reason=exc.line())
         return self.score_structure(recipe, s)
 
-    def n_constraints(self) -> int:
-        return len(self.budgets.describe()) + 2  # budgets, invalid recipe, guard
-
     def __call__(self, trial) -> float | tuple[float, ...]:
         try:
             recipe, structure = self.space.suggest(trial)
@@ -146,25 +140,17 @@ class Objective:
             # the passes refused a pick: infeasible, scored as the unchanged model
             recipe = Recipe()
             sc = Score(recipe, None, None, reason=exc.line())
-        guard_c = 0.0
         trial.set_user_attr("recipe", recipe.to_json())
         if self.worker is not None:
             trial.set_user_attr("worker", self.worker)
         if not sc.valid:
             trial.set_user_attr("invalid", sc.reason)
             values = self.baseline.values
-            cons = [0.0] * len(self.budgets.describe()) + [1.0, 0.0]
+            cons = [0.0] * len(self.budgets.describe()) + [1.0]
         else:
             trial.set_user_attr("estimate", dict(sc.metrics))
             values = sc.values
-            if self.guard is not None and len(values) == 1 and sc.within_budget and values[0] < self.incumbent:
-                g = self.guard.check(recipe)
-                trial.set_user_attr("guard", g.to_json())
-                if g.ok:
-                    self.incumbent = values[0]
-                else:
-                    guard_c = max(self.guard.shortfall(g.score), 1e-9)
-            cons = list(sc.violations) + [0.0, guard_c]
+            cons = list(sc.violations) + [0.0]
         trial.set_user_attr("constraints", cons)
         return values[0] if len(values) == 1 else tuple(values)
 

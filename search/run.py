@@ -9,8 +9,8 @@ The choice keeps the promises of ``archpass optimize``:
   objective (and no worse on the others), or the unchanged model with a message;
 * **budgets**: only trials within every budget; when none is, and the unchanged model
   is not either, the run fails naming the best reachable value;
-* **guard**: a finalist must pass the guard; finalists are checked best first, only
-  while they can beat the incumbent, each recipe once.
+* **guard**: the result must pass the accuracy guard; finalists are checked best first,
+  only while they can beat the incumbent, each recipe once (:func:`finalists`).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from archpass.search.space import Space, recipe_key
 STUDY_FIELDS = ("model_sha256", "target", "objectives", "budgets", "passes", "freeze", "resolutions", "granularity",
                 "mode", "guard",
                 "min_fidelity", "min_proxy", "calib", "sampler", "seed")
-MAX_FINALISTS = 25  # guard evaluations spent on choosing the result, at most
+FINALISTS = 12  # guard evaluations spent on choosing the result, at most (--finalists)
 
 
 class BudgetError(ArchpassError):
@@ -58,6 +58,7 @@ class Job:
     calib_options: Mapping[str, Any] = field(default_factory=dict)
     min_fidelity: float = 0.99
     min_proxy: float | None = None
+    finalists: int = FINALISTS
     sampler: str = "auto"
     seed: int | None = 0
     trials: int = 300
@@ -103,8 +104,10 @@ class Prepared:
     guard: Any = None
 
 
-def prepare(job: Job, *, model=None, structure=None, target=None, guard_factory: Callable | None = None) -> Prepared:
-    """Load and validate everything a job names (bad input raises ArchpassError)."""
+def prepare(job: Job, *, model=None, structure=None, target=None, guard_factory: Callable | None = None,
+            with_guard: bool = True) -> Prepared:
+    """Load and validate everything a job names (bad input raises ArchpassError).
+    Extra workers only score trials: they skip the guard (``with_guard=False``)."""
     from archpass.analysis import analyze
     from archpass.costmodel import load_target
     from archpass.model import load_model, parse_input_shapes
@@ -117,6 +120,8 @@ def prepare(job: Job, *, model=None, structure=None, target=None, guard_factory:
         raise ArchpassError(f"unknown sampler '{job.sampler}'", f"use one of {', '.join(st.SAMPLERS)}")
     if job.trials < 1:
         raise ArchpassError(f"--trials must be at least 1, got {job.trials}", "e.g. --trials 300")
+    if job.finalists < 1:
+        raise ArchpassError(f"--finalists must be at least 1, got {job.finalists}", "e.g. --finalists 12")
     if job.workers < 1:
         raise ArchpassError(f"--workers must be at least 1, got {job.workers}", "e.g. --workers 2")
     objectives = parse_objectives(job.objectives)
@@ -127,12 +132,12 @@ def prepare(job: Job, *, model=None, structure=None, target=None, guard_factory:
     space = Space.build(structure, parallelism=int(getattr(target, "parallelism", 8) or 8), passes=job.passes,
                         freeze=job.freeze, resolutions=job.resolutions, granularity=job.granularity)
     guard = None
-    if job.guard:
+    if job.guard and with_guard:
         if guard_factory is not None:
             guard = guard_factory(job, model, structure)
         else:
             guard = default_guard(job, model, structure)
-    objective = Objective(space, target, objectives, budgets, guard if len(objectives) == 1 else None)
+    objective = Objective(space, target, objectives, budgets)
     return Prepared(job, model, structure, target, space, objective, guard)
 
 
@@ -166,7 +171,7 @@ def worker_main(path: str, index: int) -> None:
     """Entry point of an extra local worker process (``--workers N``)."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     job = Job.from_json(st.study_job(st.load_study(Path(path), sampler=None)))
-    prep = prepare(job)
+    prep = prepare(job, with_guard=False)
     prep.objective.worker = index
     study = st.load_study(Path(path), sampler=_sampler(job, index))
     try:
@@ -185,6 +190,7 @@ class Outcome:
     guard: Mapping[str, Any] | None  # the chosen candidate's guard result
     guard_info: Mapping[str, Any] | None  # the guard's kind, threshold, baseline score
     front: tuple[Mapping[str, Any], ...]  # Pareto front (several objectives), with guard results
+    checked: tuple[Mapping[str, Any], ...]  # finalists the guard evaluated, best first
     trials: int
     interrupted: bool
     message: str | None
@@ -270,60 +276,91 @@ def _best_reachable(prep: Prepared, recs: Sequence[st.TrialRecord]) -> str:
     return "; ".join(parts) or "the budgets together"
 
 
+def finalists(guard, cands: Sequence[st.TrialRecord], budget: int) -> tuple[st.TrialRecord | None, list[dict]]:
+    """The best candidate (``cands`` sorted best first) that passes ``guard``, with at most
+    ``budget`` evaluations, and the evaluations made (best first).
+
+    A guard costs seconds per candidate, so not every candidate is checked: the best one
+    first; if it fails, a binary search along the sorted list for the best that passes
+    (candidates further from the best are milder, so more likely to pass); then the
+    evaluations left go to the unchecked candidates better than that incumbent, closest
+    first.  Only candidates that can beat the incumbent are ever evaluated."""
+    results: dict[int, Any] = {}
+
+    def ok(i: int) -> bool:
+        if i not in results:
+            results[i] = guard.check(cands[i].recipe)
+        return results[i].ok
+
+    best = None
+    if cands and budget > 0:
+        if ok(0):
+            best = 0
+        else:
+            lo, hi = 1, len(cands) - 1
+            while lo <= hi and len(results) < budget:
+                mid = (lo + hi) // 2
+                if ok(mid):
+                    best, hi = mid, mid - 1
+                else:
+                    lo = mid + 1
+            for i in range((best if best is not None else len(cands)) - 1, 0, -1):
+                if len(results) >= budget:
+                    break
+                if i not in results and ok(i):
+                    best = i
+    evaluated = [{"number": cands[i].number, "values": list(cands[i].values), **results[i].to_json()}
+                 for i in sorted(results)]
+    return (cands[best] if best is not None else None), evaluated
+
+
 def choose(prep: Prepared, recs: Sequence[st.TrialRecord], *, storage: Path, interrupted: bool = False,
            empty: str | None = None) -> Outcome:
     obj = prep.objective
     base = obj.baseline
     guard = prep.guard
-    n = len(recs)
-    common = dict(trials=n, interrupted=interrupted, storage=storage, records=tuple(recs),
+    common = dict(trials=len(recs), interrupted=interrupted, storage=storage, records=tuple(recs),
                   guard_info=guard.describe() if guard else None)
     if empty is not None:
-        return Outcome(base, base, None, None, front=(), message=f"nothing to optimize: {empty}; wrote the original model",
-                       **common)
-    ok = [r for r in recs if r.within_budget and r.invalid is None]
+        return Outcome(base, base, None, None, front=(), checked=(),
+                       message=f"nothing to optimize: {empty}; wrote the original model", **common)
+    ok = [r for r in recs if r.feasible]
     if not ok and not base.within_budget:
         raise BudgetError(f"no candidate meets {_best_reachable(prep, recs)}",
                           "raise the budget, or widen the search (--trials, --passes, --resolutions)")
     better = [r for r in ok if r.values[0] < base.values[0] and _dominates_or_equal(r.values, base.values)]
-    front_recs = pareto([r for r in ok if r.constraints[-1] <= 0]) if len(obj.objectives) > 1 else []
-    if len(obj.objectives) > 1:
-        better = [r for r in front_recs if r in better]
-    else:
-        better.sort(key=lambda r: (r.values[0], r.number))
-    chosen, chosen_guard, checked = None, None, 0
-    seen: set = set()
+    several = len(obj.objectives) > 1
+    if several:
+        better = [r for r in pareto(ok) if r in better]
+    better.sort(key=lambda r: (r.values, r.number))
+    unique, seen = [], set()
     for r in better:
         key = recipe_key(r.recipe)
-        if key in seen:
-            continue
-        seen.add(key)
-        if guard is None:
-            chosen = r
-            break
-        if r.guard is not None and not r.guard.get("ok"):
-            continue
-        if checked >= MAX_FINALISTS:
-            break
-        res = guard.check(r.recipe)
-        checked += 1
-        if res.ok:
-            chosen, chosen_guard = r, res.to_json()
-            break
-    front = []
-    for r in front_recs:
-        d = r.to_json()
-        if guard is not None:
-            d["guard"] = guard.check(r.recipe).to_json() if len(front) < MAX_FINALISTS else None
-        front.append(d)
+        if key not in seen:
+            seen.add(key)
+            unique.append(r)
+    checked: list[dict] = []
+    if guard is None:
+        chosen = unique[0] if unique else None
+    else:
+        chosen, checked = finalists(guard, unique, prep.job.finalists)
+    front = [r.to_json() for r in pareto(ok)] if several else []
+    if several and guard is not None:
+        by_number = {c["number"]: c for c in checked}
+        for d in front:
+            if d["number"] in by_number:
+                d["guard"] = {k: by_number[d["number"]][k] for k in ("score", "threshold", "ok")}
     if chosen is None:
         if not base.within_budget:
             raise BudgetError(f"no candidate that passes the guard meets {_best_reachable(prep, recs)}",
                               "raise the budget or lower the guard's threshold")
-        why = ("no candidate beat the original model" if not better else
-               f"every candidate better than the original failed the {guard.kind} guard")
+        why = ("no candidate beat the original model" if not unique else
+               f"no candidate better than the original passed the {guard.kind} guard "
+               f"({len(checked)} checked, threshold {guard.threshold:.4g})")
         g = {"kind": guard.kind, "score": guard.baseline, "threshold": guard.threshold, "ok": True} if guard else None
-        return Outcome(base, base, None, g, front=tuple(front), message=f"{why}; wrote the original model", **common)
+        return Outcome(base, base, None, g, front=tuple(front), checked=tuple(checked),
+                       message=f"{why}; wrote the original model", **common)
     best = Score(chosen.recipe, chosen.metrics, tuple(objective_value(o, chosen.metrics) for o in obj.objectives),
                  obj.budgets.violations(chosen.metrics))
-    return Outcome(base, best, chosen.number, chosen_guard, front=tuple(front), message=None, **common)
+    g = guard.check(chosen.recipe).to_json() if guard is not None else None
+    return Outcome(base, best, chosen.number, g, front=tuple(front), checked=tuple(checked), message=None, **common)

@@ -167,24 +167,17 @@ class TrialRecord:
     metrics: Mapping[str, float] | None
     constraints: tuple[float, ...]
     invalid: str | None
-    guard: Mapping[str, Any] | None
 
     @property
     def feasible(self) -> bool:
-        """Valid, within every budget, and not refused by the guard."""
+        """Valid and within every budget."""
         return self.metrics is not None and all(c <= 0 for c in self.constraints)
-
-    @property
-    def within_budget(self) -> bool:
-        return self.metrics is not None and all(c <= 0 for c in self.constraints[:-2])
 
     def to_json(self) -> dict:
         d = {"number": self.number, "values": list(self.values), "recipe": self.recipe.to_json(),
              "estimate": dict(self.metrics) if self.metrics else None}
         if self.invalid:
             d["invalid"] = self.invalid
-        if self.guard:
-            d["guard"] = dict(self.guard)
         return d
 
 
@@ -193,5 +186,5 @@ def records(study: optuna.Study) -> tuple[TrialRecord, ...]:
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
         a = t.user_attrs
         out.append(TrialRecord(t.number, tuple(t.values), Recipe.from_json(a.get("recipe", {"rewrites": []})),
-                               a.get("estimate"), tuple(a.get("constraints", (1.0,))), a.get("invalid"), a.get("guard")))
+                               a.get("estimate"), tuple(a.get("constraints", (1.0,))), a.get("invalid")))
     return tuple(out)

@@ -6,7 +6,6 @@ from archpass.costmodel import estimate, load_target
 from archpass.errors import RecipeError
 from archpass.model import model_from_proto
 from archpass.recipe import Recipe, Rewrite
-from archpass.search.guard import Guard
 from archpass.search.objective import Budgets, Objective, ObjectiveError, objective_value, parse_objectives
 from archpass.search.space import Space
 from search_helpers import ibn_net
@@ -42,7 +41,7 @@ def test_trial_carries_recipe_estimate_and_constraints(setup):
     assert len(recipe) > 0 and value == attrs["estimate"]["latency_ms"]
     assert value == pytest.approx(obj.score(recipe).values[0])
     assert value < obj.baseline.values[0]
-    assert attrs["constraints"] == [0.0, 0.0]
+    assert attrs["constraints"] == [0.0]
 
 
 def test_budgets_are_constraints(setup):
@@ -51,8 +50,8 @@ def test_budgets_are_constraints(setup):
     obj = Objective(space, t, budgets=Budgets(max_latency_ms=base["latency_ms"] / 100, max_params_mb=1000.0))
     trial = FixedTrial(space.neutral_params())
     obj(trial)
-    lat, params, invalid, guard = trial.user_attrs["constraints"]
-    assert lat == pytest.approx(99.0) and params < 0 and invalid == 0 and guard == 0
+    lat, params, invalid = trial.user_attrs["constraints"]
+    assert lat == pytest.approx(99.0) and params < 0 and invalid == 0
 
 
 def test_a_refused_recipe_is_an_infeasible_trial_not_an_exception(setup):
@@ -66,28 +65,9 @@ def test_a_refused_recipe_is_an_infeasible_trial_not_an_exception(setup):
     trial = FixedTrial({})
     assert obj(trial) == obj.baseline.values[0]
     assert "block0 is a depthwise block" in trial.user_attrs["invalid"]
-    assert trial.user_attrs["constraints"][-2] > 0
+    assert trial.user_attrs["constraints"][-1] > 0
     sc = obj.score(Recipe((Rewrite("fuse_ibn", "block77"),)))
     assert not sc.valid and "block77" in sc.reason
-
-
-def test_guard_runs_only_for_trials_that_beat_the_incumbent(setup):
-    s, t, space = setup
-    calls = []
-    guard = Guard("proxy", 0.5, lambda r: calls.append(r) or 1.0, baseline=1.0)
-    obj = Objective(space, t, guard=guard)
-    obj(FixedTrial(space.neutral_params()))  # the unchanged model: not better, not evaluated
-    assert calls == []
-    trial = FixedTrial(_all_fused(space))
-    obj(trial)
-    assert len(calls) == 1 and trial.user_attrs["guard"]["ok"]
-    obj(FixedTrial(_all_fused(space)))  # same value: cannot beat the incumbent it set
-    assert len(calls) == 1
-    failing = Guard("proxy", 2.0, lambda r: 1.5, baseline=2.0)
-    obj2 = Objective(space, t, guard=failing)
-    trial = FixedTrial(_all_fused(space))
-    obj2(trial)
-    assert trial.user_attrs["constraints"][-1] == pytest.approx(0.5)
 
 
 def test_objective_values_and_names():
