@@ -38,6 +38,10 @@ class TargetError(ArchpassError):
     """A target is unknown, broken, or its measurement source is unusable."""
 
 
+class CalibrationError(ArchpassError):
+    """Calibration data cannot be read or does not fit the model's inputs."""
+
+
 class CheckFailed(ArchpassError):
     """A check the user asked for did not pass: exit code 1."""
 
