@@ -245,7 +245,8 @@ def optimize(
     out = run.search(prep, store, resume=resume, progress=progress)
     recipe = out.best.recipe
     applied = apply_recipe(model, recipe, structure=prep.structure)
-    save_model(applied.proto, dest)
+    recovered = prep.guard.model_for(recipe) if prep.guard is not None and len(recipe) else None
+    save_model(recovered if recovered is not None else applied.proto, dest)  # post-training: recovered weights
     recipe_path = dest.with_name(dest.stem + ".recipe.json")
     atomic_write_text(recipe_path, recipe.dumps())
     doc = {
@@ -265,6 +266,9 @@ def optimize(
         "improved": out.improved,
         "message": out.message,
         "budgets": prep.objective.budgets.describe(),
+        "weights": "recovered on the calibration data" if recovered is not None else
+                   ("unchanged (exact rewrites only)" if all(r["exact"] for r in applied.rewrites) else
+                    "initialized from the original by the passes: retrain or recover them"),
     }
     if out.guard_info is not None:
         g = dict(out.guard or {})

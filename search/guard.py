@@ -54,6 +54,12 @@ class Guard:
     scorer: Callable[[Recipe], float]
     baseline: float | None = None  # the original model's score, when known
     cache: dict[str, GuardResult] = field(default_factory=dict)
+    models: dict[str, object] = field(default_factory=dict)  # recipe key -> the candidate the guard scored, when it
+    # is what should be emitted (post-training: the recovered weights)
+
+    def model_for(self, recipe: Recipe):
+        """The ONNX proto the guard evaluated for ``recipe`` (recovered weights), or None."""
+        return self.models.get(recipe_key(recipe))
 
     @property
     def evaluations(self) -> int:
@@ -90,9 +96,12 @@ def fidelity_guard(model, structure, data, *, min_fidelity: float = DEFAULT_MIN_
     def score(recipe: Recipe) -> float:
         ev = evaluator.evaluate(recipe, recover=True)
         f = ev.after if ev.after is not None else ev.before
+        if f.score >= guard.threshold:
+            guard.models[recipe_key(recipe)] = ev.proto  # emitted with its recovered weights
         return f.score
 
-    return Guard("fidelity", float(min_fidelity), score, baseline=1.0)
+    guard = Guard("fidelity", float(min_fidelity), score, baseline=1.0)
+    return guard
 
 
 def proxy_guard(model, structure, *, min_proxy: float | None = None, seed: int = 0, scorer=None) -> Guard:

@@ -80,3 +80,44 @@ def test_retrain_output_converts_to_pytorch(model, tmp_path):
     loss.backward()
     opt.step()
     assert all(p.grad is not None for p in net.parameters() if p.requires_grad)
+
+
+def test_unreadable_calibration_data_is_exit_2(model, tmp_path):
+    bad = tmp_path / "calib.npy"
+    bad.write_bytes(b"not numpy at all")
+    r = runner.invoke(app, ["optimize", str(model), "-o", str(tmp_path / "out.onnx"), "--trials", "5", "--calib", str(bad)])
+    assert r.exit_code == 2, r.output
+    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and "cannot read calibration file" in lines[0], r.stderr
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def test_default_retrain_guard_reports_the_proxy(model, tmp_path):
+    r = runner.invoke(app, ["optimize", str(model), "-o", str(tmp_path / "out.onnx"), "--trials", "15", "--finalists", "3",
+                            "--json"])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    p = doc["proxy"]
+    assert doc["mode"] == "retrain" and p["threshold"] == p["baseline"] and 1 <= len(doc["finalists"]) <= 3
+    # never slower, and the emitted model passes the guard (or is the original)
+    assert doc["optimized"]["latency_ms"] <= doc["baseline"]["latency_ms"]
+    assert p["ok"] and (p["score"] >= p["threshold"] or not doc["improved"])
+
+
+def test_post_training_with_calibration_data(model, tmp_path):
+    from archpass.model import load_model
+
+    x = np.random.default_rng(0).standard_normal((16, 3, 32, 32)).astype(np.float32)
+    np.save(tmp_path / "calib.npy", x)
+    r = runner.invoke(app, ["optimize", str(model), "-o", str(tmp_path / "out.onnx"), "--trials", "15", "--finalists", "3",
+                            "--calib", str(tmp_path / "calib.npy"), "--min-fidelity", "0.5", "--json"])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    f = doc["fidelity"]
+    assert doc["mode"] == "post-training" and f["threshold"] == 0.5 and f["ok"]
+    out = load_model(tmp_path / "out.onnx")
+    assert doc["improved"]  # emitted with the recovered weights the guard scored, and the record
+    from archpass.record import read_record
+
+    assert doc["weights"] == "recovered on the calibration data"
+    assert len(read_record(out.proto)["rewrites"]) == len(doc["recipe"]["rewrites"])
