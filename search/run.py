@@ -169,7 +169,7 @@ def _optimize(study: optuna.Study, prep: Prepared, callbacks: Sequence = ()) -> 
 
 def worker_main(path: str, index: int) -> None:
     """Entry point of an extra local worker process (``--workers N``)."""
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     job = Job.from_json(st.study_job(st.load_study(Path(path), sampler=None)))
     prep = prepare(job, with_guard=False)
     prep.objective.worker = index
@@ -204,7 +204,7 @@ class Outcome:
 
 def search(prep: Prepared, storage: Path, *, resume: bool = False, progress: Callable | None = None) -> Outcome:
     """Run (or resume) the study for ``prep``'s job and choose the result."""
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # a Ctrl-C'ed trial is reported by the caller, not logged
     job = prep.job
     directions = ["minimize"] * len(job.objectives)
     if resume:

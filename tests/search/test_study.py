@@ -67,3 +67,26 @@ def test_two_local_workers_share_one_study(small_model, tmp_path):
     assert workers == {0, 1}
     assert len(done) >= 150 and doc["trials"] == len(done)
     assert len({t.number for t in done}) == len(done)
+
+
+def test_ctrl_c_stops_cleanly_and_writes_the_best_so_far(small_model, tmp_path):
+    out = tmp_path / "out.onnx"
+    store = st.storage_path(out)
+    cmd = ARCHPASS + ["optimize", str(small_model), "-o", str(out), "--trials", "100000", "--no-guard", "--json"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not (store.is_file() and len(_complete(store)) >= 8):
+            time.sleep(0.3)
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, stderr
+    import json
+
+    doc = json.loads(stdout)
+    assert doc["interrupted"] and doc["trials"] >= 8 and out.is_file()
+    assert "Traceback" not in stderr and "--resume" in stderr
