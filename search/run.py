@@ -16,6 +16,7 @@ The choice keeps the promises of ``archpass optimize``:
 from __future__ import annotations
 
 import multiprocessing
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -31,6 +32,7 @@ from archpass.search.space import Space, recipe_key
 STUDY_FIELDS = ("model_sha256", "target", "objectives", "budgets", "passes", "freeze", "resolutions", "granularity",
                 "mode", "guard",
                 "min_fidelity", "min_proxy", "calib", "sampler", "seed")
+WORKER_START_TIMEOUT = 120.0  # seconds the main process waits for the extra workers to load the model
 FINALISTS = 12  # guard evaluations spent on choosing the result, at most (--finalists)
 
 
@@ -167,14 +169,17 @@ def _optimize(study: optuna.Study, prep: Prepared, callbacks: Sequence = ()) -> 
                    callbacks=[cb, *callbacks], catch=())
 
 
-def worker_main(path: str, index: int) -> None:
-    """Entry point of an extra local worker process (``--workers N``)."""
+def worker_main(path: str, index: int, ready=None) -> None:
+    """Entry point of an extra local worker process (``--workers N``); sets ``ready`` once
+    it can run trials."""
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    job = Job.from_json(st.study_job(st.load_study(Path(path), sampler=None)))
-    prep = prepare(job, with_guard=False)
-    prep.objective.worker = index
-    study = st.load_study(Path(path), sampler=_sampler(job, index))
     try:
+        job = Job.from_json(st.study_job(st.load_study(Path(path), sampler=None)))
+        prep = prepare(job, with_guard=False)
+        prep.objective.worker = index
+        study = st.load_study(Path(path), sampler=_sampler(job, index))
+        if ready is not None:
+            ready.set()
         _optimize(study, prep)
     except KeyboardInterrupt:
         pass
@@ -227,9 +232,16 @@ def search(prep: Prepared, storage: Path, *, resume: bool = False, progress: Cal
         if job.workers > 1:
             prep.objective.worker = 0
             ctx = multiprocessing.get_context("spawn")
-            procs = [ctx.Process(target=worker_main, args=(str(storage), i), daemon=True) for i in range(1, job.workers)]
+            ready = [ctx.Event() for _ in range(1, job.workers)]
+            procs = [ctx.Process(target=worker_main, args=(str(storage), i, ev), daemon=True)
+                     for i, ev in zip(range(1, job.workers), ready)]
             for p in procs:
                 p.start()
+            # start together, so N processes share the trials (a worker that died is not waited for)
+            deadline = time.monotonic() + WORKER_START_TIMEOUT
+            for p, ev in zip(procs, ready):
+                while not ev.wait(0.2) and p.is_alive() and time.monotonic() < deadline:
+                    pass
         cbs = [progress] if progress else []
         try:
             _optimize(study, prep, cbs)

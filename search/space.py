@@ -44,11 +44,16 @@ class SpaceError(ArchpassError):
 
 @dataclass(frozen=True)
 class SiteRef:
-    """One site as the search sees it: pass, kind, id (None: whole model)."""
+    """One site as the search sees it: pass, kind, id (None: whole model), typed choice domains."""
 
     pass_name: str
     kind: str
     id: str | None
+    domains: Mapping[str, Any] = field(default_factory=dict, compare=False)
+
+    def allows(self, key: str, value: Any) -> bool:
+        d = self.domains.get(key)
+        return d is None or d.contains(value)
 
     @property
     def key(self) -> str:
@@ -56,17 +61,10 @@ class SiteRef:
 
 
 def pass_sites(pass_name: str, structure: Structure) -> list[SiteRef]:
-    """The sites of a registered pass on ``structure`` (adapter over the pass contract)."""
+    """The sites of a registered pass on ``structure`` (the one reader of the pass contract's sites)."""
     from archpass.passes.base import get_pass
 
-    p = get_pass(pass_name)
-    out = []
-    for s in p.sites(structure):
-        kind = getattr(s, "kind", None) or p.site_kind
-        if pass_name == "width_multiplier" and s.id is not None:
-            kind = "stage"
-        out.append(SiteRef(pass_name, kind, s.id))
-    return out
+    return [SiteRef(pass_name, s.kind, s.id, s.domains) for s in get_pass(pass_name).sites(structure)]
 
 
 def snap(channels: float, parallelism: int) -> int:
@@ -122,6 +120,17 @@ class Space:
                 raise SpaceError(f"--freeze names a site this model does not have: '{f}'",
                                  f"nearest: {', '.join(near)}" if near else
                                  "use block, group, layer or stage ids from `archpass inspect --json`, or a pass name")
+        for p in ("width_multiplier", "resolution"):
+            site = next((x for x in pass_sites(p, structure) if x.id is None), None) if p in chosen else None
+            if site is None:
+                continue
+            key, values, flag = (("multiplier", list(multipliers) + list(factors), "multiplier") if p == "width_multiplier"
+                                 else ("height", list(resolutions), "--resolutions"))
+            bad = [v for v in values if not site.allows(key, v)]
+            if bad:
+                d = site.domains[key]
+                raise SpaceError(f"{flag} {bad[0]} is outside what this model allows ({d.describe()})",
+                                 f"use values within {d.describe().split(' in ')[-1]}")
         if granularity not in ("group", "stage"):
             raise SpaceError(f"unknown channel granularity '{granularity}'", "use group or stage")
         ordered = tuple(p for p in SEARCHABLE if p in chosen)
@@ -188,7 +197,7 @@ class Space:
                     f = trial.suggest_categorical(f"channels:{x.id}", list(self.factors))
                     cur = s.group(x.id).channels
                     new = cur if f == 1.0 else snap(cur * f, self.parallelism)
-                    if new != cur:
+                    if new != cur and x.allows("channels", new):
                         batch.append(Rewrite("channels", x.id, {"channels": new}))
                 add(*batch)
         return Recipe(tuple(rewrites)), s

@@ -83,6 +83,7 @@ def test_resolutions(structure):
     ({"passes": ["fuse_ibn", "fuse_everything"]}, "unknown pass 'fuse_everything'"),
     ({"freeze": ["block99"]}, "--freeze names a site this model does not have: 'block99'"),
     ({"passes": ["resolution"]}, "--resolutions"),
+    ({"resolutions": [32, 4096]}, "--resolutions 4096 is outside what this model allows"),
 ])
 def test_bad_restrictions(structure, kw, words):
     with pytest.raises(SpaceError, match=words.replace("(", r"\(")):
