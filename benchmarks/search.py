@@ -329,7 +329,9 @@ def main(argv: list[str] | None = None) -> int:
         res = zigzag(results) if sec == "zigzag" else globals()[sec]()
         res["section_seconds"] = round(time.perf_counter() - t0, 1)
         results[sec] = res
-        write_results(NAME, results)
+        # merge into the file as it is now (another run may have written other sections meanwhile)
+        now = json.loads(path.read_text()) if path.exists() else {}
+        write_results(NAME, {**{k: v for k, v in now.items() if k in SECTIONS}, sec: res})
     print(json.dumps(results, indent=2, default=str)[:4000])
     return 0
 
