@@ -38,8 +38,8 @@ from _common import RESULTS, ROOT, write_results, zoo_path  # noqa: E402
 
 NAME = "search"
 WORK = ROOT / "benchmarks" / "work" / "search"  # emitted models (not committed)
-SECTIONS = ("edgetpu", "zigzag", "cpu", "cpu_time", "objectives", "fusion", "memory", "post_training", "efficiency", "speed",
-            "zoo")
+SECTIONS = ("edgetpu", "zigzag", "cpu", "cpu_time", "objectives", "fusion", "memory", "post_training", "efficiency",
+            "efficiency_stage", "speed", "zoo")
 TRIALS = 300
 
 
@@ -268,13 +268,18 @@ def post_training() -> dict:
                             "accuracy_loss_le_0.5_points": (d.accuracy - after) * 100 <= 0.5}}
 
 
-def efficiency() -> dict:
+def efficiency_stage() -> dict:
+    return efficiency("stage")
+
+
+def efficiency(granularity: str = "group") -> dict:
     m = mobilenet()
-    short = optimize("mbv2_eff_300", m, "edgetpu", trials=300, guard=False, seed=1)
-    long = optimize("mbv2_eff_3000", m, "edgetpu", trials=3000, guard=False, seed=1)
+    tag = "" if granularity == "group" else f"_{granularity}"
+    short = optimize(f"mbv2_eff_300{tag}", m, "edgetpu", trials=300, guard=False, seed=1, granularity=granularity)
+    long = optimize(f"mbv2_eff_3000{tag}", m, "edgetpu", trials=3000, guard=False, seed=1, granularity=granularity)
     b = short["baseline"]["latency_ms"]
     gain_short, gain_long = b - short["optimized"]["latency_ms"], b - long["optimized"]["latency_ms"]
-    return {"trials_300": brief(short), "trials_3000": brief(long),
+    return {"granularity": granularity, "trials_300": brief(short), "trials_3000": brief(long),
             "best_ms": {"300": short["optimized"]["latency_ms"], "3000": long["optimized"]["latency_ms"]},
             "ratio_of_best_objective": long["optimized"]["latency_ms"] / short["optimized"]["latency_ms"],
             "ratio_of_improvement": gain_short / gain_long,
