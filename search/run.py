@@ -331,10 +331,9 @@ def choose(prep: Prepared, recs: Sequence[st.TrialRecord], *, storage: Path, int
     obj = prep.objective
     base = obj.baseline
     guard = prep.guard
-    common = dict(trials=len(recs), interrupted=interrupted, storage=storage, records=tuple(recs),
-                  guard_info=guard.describe() if guard else None)
+    common = dict(trials=len(recs), interrupted=interrupted, storage=storage, records=tuple(recs))
     if empty is not None:
-        return Outcome(base, base, None, None, front=(), checked=(),
+        return Outcome(base, base, None, None, front=(), checked=(), guard_info=guard.describe() if guard else None,
                        message=f"nothing to optimize: {empty}; wrote the original model", **common)
     ok = [r for r in recs if r.feasible]
     if not ok and not base.within_budget:
@@ -371,8 +370,9 @@ def choose(prep: Prepared, recs: Sequence[st.TrialRecord], *, storage: Path, int
                f"({len(checked)} checked, threshold {guard.threshold:.4g})")
         g = {"kind": guard.kind, "score": guard.baseline, "threshold": guard.threshold, "ok": True} if guard else None
         return Outcome(base, base, None, g, front=tuple(front), checked=tuple(checked),
-                       message=f"{why}; wrote the original model", **common)
+                       guard_info=guard.describe() if guard else None, message=f"{why}; wrote the original model", **common)
     best = Score(chosen.recipe, chosen.metrics, tuple(objective_value(o, chosen.metrics) for o in obj.objectives),
                  obj.budgets.violations(chosen.metrics))
     g = guard.check(chosen.recipe).to_json() if guard is not None else None
-    return Outcome(base, best, chosen.number, g, front=tuple(front), checked=tuple(checked), message=None, **common)
+    return Outcome(base, best, chosen.number, g, front=tuple(front), checked=tuple(checked),
+                   guard_info=guard.describe() if guard else None, message=None, **common)

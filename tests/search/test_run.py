@@ -73,7 +73,7 @@ def test_the_guard_picks_the_best_candidate_that_passes_and_caches(small_model, 
     assert doc["fidelity"]["ok"] and doc["fidelity"]["score"] >= 0.9
     keys = [json.dumps(r.to_json(), sort_keys=True) for r in fake.calls]
     assert len(keys) == len(set(keys)), "a recipe was evaluated twice"
-    assert 1 <= len(doc["finalists"]) <= 8
+    assert 1 <= len(doc["finalists"]) <= 8 and doc["fidelity"]["evaluations"] == len(doc["finalists"])
     # every finalist checked could beat the one chosen
     chosen = doc["optimized"]["latency_ms"]
     assert all(f["values"][0] <= chosen for f in doc["finalists"])
