@@ -40,6 +40,7 @@ def inspect_document(model: Model, structure: Structure, target: str | None = No
         from archpass.costmodel import estimate, load_target
 
         doc["estimate"] = estimate(structure, load_target(target)).to_json()
+        doc["notes"] += [n for n in doc["estimate"]["notes"] if n not in doc["notes"]]  # e.g. the host note
         doc["target"] = target
     return doc
 
@@ -50,18 +51,18 @@ def apply(
     output: str | os.PathLike,
     input_shapes: InputShapes = None,
     *,
+    allow_growth: bool = False,
+    target: str | None = None,
     calib: str | os.PathLike | None = None,
     recover: bool = True,
     calib_options: Mapping | None = None,
-    allow_growth: bool = False,
-    target: str | None = None,
 ) -> dict:
     """Apply ``recipe`` (a Recipe, a path to a JSON/YAML file, or its JSON form) to the model
     at ``path`` and write the result atomically to ``output`` (the null device validates
     without writing).  The input is never modified; nothing is written when the recipe or
-    the calibration data is invalid or its output out of proportion (``allow_growth`` lifts
-    the growth and 2 GB limits, see :mod:`archpass.limits`).  With ``target``, the summary
-    gets an ``estimate`` {before, after} on that target.  Returns the summary
+    the calibration data is invalid or the output out of proportion (``allow_growth``
+    lifts the growth and 2 GB limits, see :mod:`archpass.limits`).  With ``target``, the
+    summary gets an ``estimate`` {before, after} on that target.  Returns the summary
     ``archpass apply --json`` prints.
 
     With ``calib`` (a path, or ``"random"`` for seeded random inputs) the fidelity to the
@@ -100,26 +101,28 @@ def apply(
         from archpass.search.fidelity import FidelityEvaluator, load_calibration
 
         data = load_calibration(None if str(calib) == "random" else calib, model, **dict(calib_options or {}))
-        evaluation = FidelityEvaluator(model, data, structure=structure).evaluate(rec, recover=recover, verify=True)
-        proto, after = evaluation.proto, evaluation.applied.structure
-        applied_rewrites = evaluation.applied.rewrites
+        evaluation = FidelityEvaluator(model, data, structure=structure).evaluate(
+            rec, recover=recover, verify=True, allow_growth=allow_growth)
+        applied = evaluation.applied
+        proto = evaluation.proto
         fid = fidelity_document(evaluation, data, recover)
     else:
         applied = apply_recipe(model, rec, structure=structure, allow_growth=allow_growth)
-        proto, after, applied_rewrites = applied.proto, applied.structure, applied.rewrites
+        proto = applied.proto
     notes = []
     if model.symbolic:  # keep what --input-shape pinned only for the analysis dynamic (archpass.dynamic)
         from archpass.dynamic import restore_dynamic_dims
 
         proto, notes = restore_dynamic_dims(proto, model.symbolic, model.inputs)
     written = save_model(proto, dest)
+    after = applied.structure
     doc = {
         "input": str(src),
         "output": str(dest),
         "written": written is not None,
         "source_sha256": model.sha256,
-        "rewrites": list(applied_rewrites),
-        "exact": all(r["exact"] for r in applied_rewrites),
+        "rewrites": list(applied.rewrites),
+        "exact": all(r["exact"] for r in applied.rewrites),
         "before": {"macs": structure.macs, "params": structure.params},
         "after": {"macs": after.macs, "params": after.params},
         "notes": notes,
@@ -129,9 +132,11 @@ def apply(
 
         doc["target"] = tgt.name
         doc["estimate"] = {"before": estimate(structure, tgt).to_json(), "after": estimate(after, tgt).to_json()}
+        est_notes = doc["estimate"]["before"]["notes"] + doc["estimate"]["after"]["notes"]
+        doc["notes"] += [n for n in dict.fromkeys(est_notes) if n not in doc["notes"]]  # e.g. the host note
     if fid is not None:
         doc["fidelity"] = fid
-        doc["notes"] = notes + fid.pop("notes")
+        doc["notes"] = doc["notes"] + fid.pop("notes")
     return doc
 
 

@@ -38,16 +38,16 @@ class TargetError(ArchpassError):
     """A target is unknown, broken, or its measurement source is unusable."""
 
 
-class CalibrationError(ArchpassError):
-    """Calibration data cannot be read or does not fit the model's inputs."""
-
-
 class AnalysisError(ArchpassError):
     """Structural analysis met a graph no rule expected (a bug to report, never a traceback)."""
 
 
 class OutputError(ArchpassError):
     """An output path cannot receive a file: a directory, a device, an unwritable folder, a read-only filesystem."""
+
+
+class CalibrationError(ArchpassError):
+    """Calibration data cannot be read or does not fit the model's inputs."""
 
 
 class CheckFailed(ArchpassError):

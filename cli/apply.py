@@ -28,11 +28,6 @@ def render(doc: dict) -> None:
     b, a = doc["before"], doc["after"]
     stdout.print(f"MACs {b['macs'] / 1e6:.1f} M -> {a['macs'] / 1e6:.1f} M   params {b['params'] / 1e6:.3f} M -> "
                  f"{a['params'] / 1e6:.3f} M   {'exact' if doc['exact'] else 'lossy: recover or fine-tune the weights'}")
-    line = _estimate_line(doc)
-    if line:
-        stdout.print(line)
-        for note in dict.fromkeys(doc["estimate"]["before"]["notes"] + doc["estimate"]["after"]["notes"]):
-            stdout.print(f"note: {note}")
     fid = doc.get("fidelity")
     if fid:
         cal = fid["calibration"]
@@ -40,6 +35,12 @@ def render(doc: dict) -> None:
         if fid["after"]:
             n = sum(1 for f in fid["recovered_layers"] if f["kept"] == "refit")
             stdout.print(f"  after recovery ({n} layers refitted): {fidelity_line(fid['after'])}")
+    line = _estimate_line(doc)
+    if line:
+        stdout.print(line)
+        for note in dict.fromkeys(doc["estimate"]["before"]["notes"] + doc["estimate"]["after"]["notes"]):
+            if note not in doc.get("notes", []):  # printed below
+                stdout.print(f"note: {note}")
     for note in doc.get("notes", []):
         stdout.print(f"note: {note}")
     if doc.get("written", True):
@@ -53,6 +54,8 @@ def apply(
     recipe: Annotated[Path, typer.Argument(help="Recipe file, JSON or YAML: {\"rewrites\": [...]}.", show_default=False)],
     output: Annotated[Path, typer.Option("-o", "--output", help="Where to write the rewritten model: a regular file or a new path (/dev/null validates the recipe without writing).", show_default=False)],
     input_shape: InputShapeOpt = None,
+    target: Annotated[str | None, typer.Option("--target", help="Also estimate latency and memory before and after on this target (see `archpass targets`).")] = None,
+    allow_growth: Annotated[bool, typer.Option("--allow-growth", help=f"Write outputs with more than {GROWTH_LIMIT}x the input's parameters, or above the 2 GB protobuf limit (then with external data).")] = False,
     calib: CalibOpt = None,
     no_recover: Annotated[bool, typer.Option(
         "--no-recover", help="With --calib: measure fidelity but keep the naive weights of lossy rewrites.")] = False,
@@ -62,8 +65,6 @@ def apply(
     std: StdOpt = None,
     channel_order: ChannelOrderOpt = "rgb",
     layout: LayoutOpt = "nchw",
-    target: Annotated[str | None, typer.Option("--target", help="Also estimate latency and memory before and after on this target (see `archpass targets`).")] = None,
-    allow_growth: Annotated[bool, typer.Option("--allow-growth", help=f"Write outputs with more than {GROWTH_LIMIT}x the input's parameters, or above the 2 GB protobuf limit (then with external data).")] = False,
     json_out: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -74,8 +75,8 @@ def apply(
 
     with handled(debug):
         opts = calib_options(samples, image_size, mean, std, channel_order, layout)
-        doc = api.apply(model, recipe, output, input_shape, calib=calib, recover=not no_recover, calib_options=opts,
-                        allow_growth=allow_growth, target=target)
+        doc = api.apply(model, recipe, output, input_shape, allow_growth=allow_growth, target=target,
+                        calib=calib, recover=not no_recover, calib_options=opts)
     if json_out:
         print_json(doc)
     else:

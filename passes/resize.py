@@ -493,7 +493,7 @@ def record_channel_maps(graph, maps: Mapping[str, np.ndarray]) -> None:
     """Remember, on ``graph``, which source channel each new channel of a resized group
     holds (-1 = a padded channel), composed over several resizes of the same group.
     The engine hands them out as ``Applied.channel_maps``; weight recovery reads them to
-    compare a resized tensor with the original one."""
+    line a resized tensor up with the original one."""
     have = dict(vars(graph).get(CHANNEL_MAPS_ATTR, {}))  # getattr would hit graphsurgeon's op registry
     for gid, m in maps.items():
         prev = have.get(gid)

@@ -237,7 +237,8 @@ class FidelityEvaluator:
             self._rows[key] = ReferenceRows(proto, feeds_for(proto, self.data.arrays), dynamic=self.dynamic)
         return self._rows[key]
 
-    def evaluate(self, recipe: Recipe, *, recover: bool = True, verify: bool = False) -> Evaluation:
+    def evaluate(self, recipe: Recipe, *, recover: bool = True, verify: bool = False,
+                 allow_growth: bool = False) -> Evaluation:
         """Materialize ``recipe`` once, score it, recover the layers it touched (lossy
         rewrites only) and score again.  ``verify`` re-checks the emitted shapes (the
         engine's post-condition; ``apply`` keeps it, the search skips it)."""
@@ -246,16 +247,16 @@ class FidelityEvaluator:
         t0 = time.perf_counter()
         if not isinstance(recipe, Recipe):
             recipe = Recipe.from_json(recipe) if isinstance(recipe, dict) else Recipe.of(recipe)
-        applied = apply_recipe(self.model, recipe, structure=self.structure, verify=verify)
+        applied = apply_recipe(self.model, recipe, structure=self.structure, verify=verify, allow_growth=allow_growth)
         before = self.score(applied.proto)
         lossy = not all(r["exact"] for r in applied.rewrites)
         if not (recover and lossy):
             return Evaluation(recipe, before, None, applied.proto, (), time.perf_counter() - t0, applied)
         with _one_blas_thread():
             rec = _recover(applied, self._reference_rows(recipe), feeds_for(applied.proto, self.data.arrays),
-                           source=self.structure, seed=self.seed, dynamic=self.dynamic)
+                           source=self.structure, seed=self.seed, dynamic=self.dynamic, with_outputs=True)
         refit = any(f.kept == "refit" for f in rec.fits)
-        after = self.score(rec.proto) if refit else before
+        after = compare(self.reference, list(rec.outputs), self.names, random_data=self.data.random) if refit else before
         proto = rec.proto
         entry = proto.metadata_props.add()
         entry.key, entry.value = RECOVERY_KEY, json.dumps({

@@ -22,11 +22,18 @@ measurably help (``benchmarks/fidelity.py``):
 * a layer followed by ReLU/ReLU6 is fitted with the activation in mind: targets the
   activation clips anyway only need the prediction on the clipped side (two re-solves
   with the same normal equations);
-* the ridge strength is chosen per layer on a held-out fifth of the rows, among four
-  values relative to the mean diagonal of the normal matrix; the naive weights are kept
-  when they do better on those rows;
-* output positions are subsampled (at most ``max_rows`` rows), and the normal equations
-  are solved in float64.
+* the ridge term pulls towards the naive weights (``|w - w_naive|^2``), not towards zero:
+  a wide consumer fitted on few samples (a classifier after a width cut) stays close to
+  its sliced weights instead of overfitting; its strength is chosen per layer on a
+  held-out fifth of the calibration samples (whole samples: rows of one image are
+  correlated), among seven values relative to the mean diagonal of the
+  normal matrix; the naive weights are kept when they do better on those rows;
+* output positions are subsampled (:func:`row_budget`: up to 32768 rows for narrow
+  layers, fewer for wide ones), and the normal equations are solved in float64; layers
+  with more than ``MAX_DIM`` inputs per output keep their naive weights (reported);
+* the dense layers reading a fused block's output are refitted too, to their original
+  outputs: they absorb part of what the fused conv cannot reproduce (a linear KxK conv
+  cannot represent the activation between the expand and the depthwise conv).
 
 Recovery runs onnxruntime (:mod:`archpass.search.runner`), which is why it lives with
 the measuring code rather than in ``passes/`` (pure graph rewrites, no runtime).
@@ -46,8 +53,10 @@ from archpass.passes.engine import Applied
 from archpass.search.runner import Stepper
 from archpass.structure import Layer, Structure
 
-MAX_ROWS = 8192
-ALPHAS = (1e-5, 1e-4, 1e-3, 1e-2)
+MAX_ROWS = 32768
+GRAM_FLOPS = 4e9  # rows * dim^2 budget per layer (the normal equations dominate the cost)
+MAX_DIM = 1600  # wider layers (e.g. ResNet's 3x3 convs over 256+ channels) keep their naive weights
+ALPHAS = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
 _CENSOR = {"relu": (0.0, None), "relu6": (0.0, 6.0)}
 
 
@@ -79,6 +88,9 @@ class LayerFit:
 class Recovered:
     proto: onnx.ModelProto
     fits: tuple[LayerFit, ...] = field(default_factory=tuple)
+    #: the recovered model's outputs on the calibration inputs (computed from where the
+    #: last refit left off, so scoring it needs no other full run); None when nothing ran
+    outputs: tuple[np.ndarray, ...] | None = None
 
 
 # ---------------------------------------------------------------------------- what to refit
@@ -96,6 +108,23 @@ def _dense(l: Layer) -> bool:
     return (l.op == "Conv" and l.groups == 1) or l.op in ("Gemm", "MatMul")
 
 
+DOWNSTREAM = True
+
+
+def _block_consumers(s: Structure, b) -> list[str]:
+    """Dense layers reading a block's output (after its residual Add, if any)."""
+    pid = b.role("project")
+    if not pid or not s.has_layer(pid):
+        return []
+    out_t = s.layer(pid).act_output or s.layer(pid).output
+    if b.residual:
+        cons = s.consumers_of(out_t)
+        if len(cons) == 1 and cons[0].op == "Add":
+            out_t = cons[0].outputs[0]
+    layers = [n.layer for n in s.consumers_of(out_t) if n.layer]
+    return [lid for lid in layers if s.has_layer(lid) and _dense(s.layer(lid))]
+
+
 def refits(applied: Applied) -> list[Refit]:
     """The layers of ``applied`` to refit, in execution order (see the module doc)."""
     final = applied.plan.structure
@@ -109,6 +138,9 @@ def refits(applied: Applied) -> list[Refit]:
             for lid in (b.role("depthwise"), b.role("project")):
                 if lid and final.has_layer(lid) and _dense(final.layer(lid)):
                     out.setdefault(lid, label)
+            if DOWNSTREAM:
+                for lid in _block_consumers(final, b):
+                    out.setdefault(lid, label + " (next layer)")
             continue
         for gid, (old, new) in _groups_changed(entry).items():
             if new == old or not final.has_group(gid):
@@ -146,12 +178,13 @@ def channel_index(t: str, final: Structure, source: Structure, maps: Mapping[str
 # ---------------------------------------------------------------------------- least squares
 def ridge_fit(a: np.ndarray, y: np.ndarray, *, intercept: bool = True, activation: str | None = None,
               naive: tuple[np.ndarray, np.ndarray | None] | None = None, seed: int = 0,
-              alphas=ALPHAS) -> tuple[np.ndarray, np.ndarray | None, dict]:
-    """Weights ``w`` (d, k) and bias (k,) minimizing ``|act(a w + b) - act(y)|^2 + lam |w|^2``.
+              alphas=ALPHAS, samples: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None, dict]:
+    """Weights ``w`` (d, k) and bias (k,) minimizing ``|act(a w + b) - act(y)|^2 + lam |w - w0|^2``
+    (``w0`` the naive weights when given, else 0).
 
     ``y`` holds pre-activation targets; with ``activation`` relu/relu6 the clipped targets
     only need the prediction on the clipped side (re-solved twice).  ``lam`` is picked on
-    a held-out fifth of the rows.  ``naive`` (w, b) are returned instead when they do
+    a held-out fifth of the rows (of the ``samples`` the rows come from, when given).  ``naive`` (w, b) are returned instead when they do
     better on those rows (``info["kept"] == "naive"``)."""
     import scipy.linalg as sla
 
@@ -175,7 +208,15 @@ def ridge_fit(a: np.ndarray, y: np.ndarray, *, intercept: bool = True, activatio
         return t if hi is None else np.where(z >= hi, np.maximum(p, hi), t)
 
     rng = np.random.default_rng(seed)
-    hold = rng.random(r) < 0.2 if r >= 50 else np.zeros(r, bool)
+    if samples is not None and len(np.unique(samples)) >= 5:
+        # hold out whole samples: rows of one image are correlated, so a row-level split
+        # would judge the ridge strength on what it was fitted to
+        ids = np.unique(samples)
+        hold = np.isin(samples, ids[rng.random(len(ids)) < 0.2])
+        if hold.all():
+            hold[:] = False
+    else:
+        hold = rng.random(r) < 0.2 if r >= 50 else np.zeros(r, bool)
     fit = ~hold if hold.any() else np.ones(r, bool)
     a_tr, y_tr = a[fit], y[fit].astype(np.float32, copy=False)
     g_tr = (a_tr.T @ a_tr).astype(np.float64)
@@ -183,16 +224,24 @@ def ridge_fit(a: np.ndarray, y: np.ndarray, *, intercept: bool = True, activatio
     if intercept:
         reg[-1] = 0.0
     scale = float(np.mean(np.diag(g_tr)[:d])) or 1.0
+    prior = None  # ridge pulls towards the naive weights (a good start: slices, compositions)
+    if naive is not None:
+        w0, b0 = naive
+        prior = np.asarray(w0, np.float64)
+        if intercept:
+            prior = np.concatenate([prior, np.zeros((1, prior.shape[1]))], axis=0)
 
     def solve(g, rhs, lam):
         m = g + lam * scale * np.diag(reg)
+        if prior is not None:
+            rhs = rhs + lam * scale * reg[:, None] * prior
         try:
             return sla.cho_solve(sla.cho_factor(m, check_finite=False), rhs, check_finite=False)
         except (np.linalg.LinAlgError, ValueError):
             return np.linalg.lstsq(m, rhs, rcond=None)[0]
 
-    def fitted(g, a_, z, lam, censor=True):
-        w = solve(g, (a_.T @ z).astype(np.float64), lam)
+    def fitted(g, a_, z, lam, censor=True, rhs=None):
+        w = solve(g, rhs if rhs is not None else (a_.T @ z).astype(np.float64), lam)
         for _ in range(2 if lo is not None and censor else 0):
             w = solve(g, (a_.T @ effective(z, a_ @ w.astype(np.float32)).astype(np.float32)).astype(np.float64), lam)
         return w
@@ -204,9 +253,10 @@ def ridge_fit(a: np.ndarray, y: np.ndarray, *, intercept: bool = True, activatio
     def err(w):
         return float(np.sum((act(a_te @ w.astype(np.float32)).astype(np.float64) - target_te) ** 2)) / denom
 
+    rhs_tr = (a_tr.T @ y_tr).astype(np.float64)  # the same for every ridge strength
     best = None
     for lam in alphas:
-        w = fitted(g_tr, a_tr, y_tr, lam, censor=False)
+        w = fitted(g_tr, a_tr, y_tr, lam, censor=False, rhs=rhs_tr)
         e = err(w)
         if best is None or e < best[0]:
             best = (e, lam)
@@ -215,10 +265,11 @@ def ridge_fit(a: np.ndarray, y: np.ndarray, *, intercept: bool = True, activatio
     g = g_tr + (a_te.T @ a_te).astype(np.float64) if hold.any() else g_tr
     censor = False
     if lo is not None:  # the activation-aware fit, kept when it does better on the held-out rows
-        e_c = err(fitted(g_tr, a_tr, y_tr, lam))
+        e_c = err(fitted(g_tr, a_tr, y_tr, lam, rhs=rhs_tr))
         if e_c < best[0]:
             best, censor = (e_c, lam), True
-    w = fitted(g, a_all, y_all, lam, censor=censor)
+    rhs_all = rhs_tr + (a_te.T @ y_te.astype(np.float32)).astype(np.float64) if hold.any() else rhs_tr
+    w = fitted(g, a_all, y_all, lam, censor=censor, rhs=rhs_all)
     e_fit = best[0]
     info = {"alpha": lam, "err_fit": e_fit, "rows": r, "kept": "refit", "err_naive": float("nan"), "censored": censor}
     if naive is not None:
@@ -231,6 +282,12 @@ def ridge_fit(a: np.ndarray, y: np.ndarray, *, intercept: bool = True, activatio
             return w0, b0, info
     w = w.astype(np.float32)
     return (w[:-1], w[-1], info) if intercept else (w, None, info)
+
+
+def row_budget(dim: int, max_rows: int = MAX_ROWS) -> int:
+    """Output positions to sample for a layer with ``dim`` inputs per position: all up to
+    ``max_rows`` for small layers, fewer for wide ones (``GRAM_FLOPS``), never below 4 * dim."""
+    return int(max(4 * dim, min(max_rows, GRAM_FLOPS // max(dim, 1) ** 2)))
 
 
 def _positions(n: int, h: int, w: int, rows: int, key: str, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -336,7 +393,8 @@ class ReferenceRows:
 
 
 def recover(applied: Applied, reference: ReferenceRows, feeds: Mapping[str, np.ndarray], *, source: Structure,
-            seed: int = 0, max_rows: int = MAX_ROWS, dynamic: bool | None = None) -> Recovered:
+            seed: int = 0, max_rows: int = MAX_ROWS, dynamic: bool | None = None,
+            with_outputs: bool = False) -> Recovered:
     """Refit the layers :func:`refits` lists (see the module doc); returns a new proto."""
     plan = refits(applied)
     proto = onnx.ModelProto()
@@ -352,6 +410,8 @@ def recover(applied: Applied, reference: ReferenceRows, feeds: Mapping[str, np.n
         node = weights.nodes.get(l.id)
         skip = _unsupported(l, node)
         idx = channel_index(l.output, final, source, applied.channel_maps)
+        if skip is None and _fan_in(l) > MAX_DIM:
+            skip = f"{_fan_in(l)} inputs per output, above {MAX_DIM} (too slow to refit)"
         if skip is None and (idx is None or l.output not in reference.has):
             skip = "its output cannot be lined up with the reference model"
         if skip:
@@ -370,7 +430,7 @@ def recover(applied: Applied, reference: ReferenceRows, feeds: Mapping[str, np.n
         if l.op == "Conv":
             ho, wo = l.out_hw
             dim = w0[0].size
-            rows = min(n * ho * wo, max(max_rows, 0))
+            rows = min(n * ho * wo, row_budget(dim, max_rows))
             ni, hi, wi = _positions(n, ho, wo, rows, l.id, seed)
             a = _patches(x, l, ni, hi, wi)
 
@@ -397,7 +457,7 @@ def recover(applied: Applied, reference: ReferenceRows, feeds: Mapping[str, np.n
         bias_naive = b0.reshape(-1) if b0 is not None else None
         intercept = l.op != "MatMul"
         w, b, info = ridge_fit(a, target, intercept=intercept, activation=l.activation if not partner else None,
-                               naive=(w_naive, bias_naive), seed=seed)
+                               naive=(w_naive, bias_naive), seed=seed, samples=ni)
         if info["kept"] == "refit":
             if l.op == "Conv":
                 weights.set(node, 1, w.T.reshape(w0.shape), w0.dtype)
@@ -409,7 +469,12 @@ def recover(applied: Applied, reference: ReferenceRows, feeds: Mapping[str, np.n
         fits.append(LayerFit(l.id, rf.reason, int(a.shape[0]), info["alpha"], info["err_naive"], info["err_fit"],
                              info["kept"]))
         del dim
-    return Recovered(proto, tuple(fits))
+    outputs = tuple(stepper.get([o.name for o in proto.graph.output])) if with_outputs else None
+    return Recovered(proto, tuple(fits), outputs)
+
+
+def _fan_in(l: Layer) -> int:
+    return l.cin // max(l.groups, 1) * l.kernel[0] * l.kernel[1]
 
 
 def _attr(node: onnx.NodeProto, name: str, default):

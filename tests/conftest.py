@@ -25,3 +25,9 @@ def zoo_model():
         return zoo.export_model(name, dynamic_batch=dynamic_batch)
 
     return get
+
+
+@pytest.fixture(autouse=True)
+def _user_targets(tmp_path_factory, monkeypatch):
+    """Every test gets an empty per-user target folder (never the developer's own)."""
+    monkeypatch.setenv("ARCHPASS_TARGETS", str(tmp_path_factory.mktemp("user-targets")))

@@ -8,7 +8,7 @@ import pytest
 from builders import NetBuilder
 
 from archpass.costmodel.backends import onnxruntime as ortb
-from archpass.costmodel.calibrate import Dataset, _ort_work, _zigzag_work, corrected_points, profiler_overhead_ms
+from archpass.costmodel.calibrate import Dataset, _ort_work, zigzag_work, corrected_points, profiler_overhead_ms
 from archpass.costmodel.kernels import FusionRules, Kernel
 from archpass.errors import TargetError
 
@@ -39,7 +39,7 @@ def test_zigzag_failure_is_recorded_not_raised(monkeypatch):
         raise ZeroDivisionError("division by zero")
 
     monkeypatch.setattr(zz, "evaluate_cycles", boom)
-    rec = _zigzag_work({"spec": CONV, "hardware": str(HW), "mapping": str(MAP), "clock_hz": 1e9, "lpf_limit": 4})
+    rec = zigzag_work({"spec": CONV, "hardware": str(HW), "mapping": str(MAP), "clock_hz": 1e9, "lpf_limit": 4})
     assert rec["error"].startswith("ZeroDivisionError") and rec["points"] == []
 
 
