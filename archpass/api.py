@@ -214,3 +214,108 @@ def passes() -> list[dict]:
     from archpass.passes.engine import describe_passes
 
     return describe_passes()
+
+
+def optimize(
+    path: str | os.PathLike,
+    output: str | os.PathLike,
+    target: str = "edgetpu",
+    *,
+    objective: str | Sequence[str] = "latency",
+    trials: int = 300,
+    input_shapes: InputShapes = None,
+    passes: Sequence[str] | None = None,
+    freeze: Sequence[str] = (),
+    resolutions: Sequence[int] = (),
+    granularity: str = "group",
+    max_latency_ms: float | None = None,
+    max_params_mb: float | None = None,
+    max_peak_mb: float | None = None,
+    mode: str | None = None,
+    calib: str | os.PathLike | None = None,
+    calib_options: Mapping | None = None,
+    min_fidelity: float = 0.99,
+    min_proxy: float | None = None,
+    guard: bool = True,
+    finalists: int = 12,
+    sampler: str = "auto",
+    seed: int | None = 0,
+    workers: int = 1,
+    resume: bool = False,
+    storage: str | os.PathLike | None = None,
+    progress=None,
+    guard_factory=None,
+) -> dict:
+    """Search the rewrites that make the model at ``path`` fastest (or smallest) on
+    ``target`` and write the result to ``output`` (atomically, with its record) and its
+    recipe to ``<output stem>.recipe.json``.  Returns the document ``archpass optimize
+    --json`` prints.  ``progress(study, trial)`` is called after each trial."""
+    from pathlib import Path
+
+    from archpass.errors import ArchpassError
+    from archpass.model import atomic_write_text, parse_input_shapes, save_model
+    from archpass.passes.engine import apply_recipe
+    from archpass.search import run, study as st
+    from archpass.search.objective import parse_objectives
+
+    src, dest = Path(path), Path(output)
+    if dest.suffix.lower() != ".onnx":
+        raise ArchpassError(f"output {dest} does not end in .onnx", "name the optimized model OUT.onnx")
+    if dest.exists() and src.exists() and dest.resolve() == src.resolve():
+        raise ArchpassError(f"output {dest} is the input model", "write the optimized model to another file")
+    if isinstance(input_shapes, Mapping):
+        shapes = tuple(f"{k}:{','.join(str(d) for d in v)}" for k, v in input_shapes.items())
+    else:
+        shapes = tuple(input_shapes or ())
+    model = load_model(src, parse_input_shapes(list(shapes)) if shapes else None)
+    job = run.Job(
+        model=str(src.resolve()), target=str(target), model_sha256=model.sha256, input_shapes=shapes,
+        objectives=parse_objectives(objective),
+        budgets={k: v for k, v in (("max_latency_ms", max_latency_ms), ("max_params_mb", max_params_mb),
+                                   ("max_peak_mb", max_peak_mb)) if v is not None},
+        passes=tuple(passes) if passes is not None else None, freeze=tuple(freeze),
+        resolutions=tuple(int(r) for r in resolutions), granularity=granularity, mode=mode or ("post-training" if calib else "retrain"),
+        guard=guard, calib=str(Path(calib).resolve()) if calib is not None and Path(calib).exists() else
+        (str(calib) if calib is not None else None), calib_options=dict(calib_options or {}),
+        min_fidelity=float(min_fidelity), min_proxy=min_proxy, finalists=int(finalists), sampler=sampler, seed=seed, trials=int(trials),
+        workers=int(workers))
+    prep = run.prepare(job, model=model, guard_factory=guard_factory)
+    store = Path(storage) if storage is not None else st.storage_path(dest)
+    out = run.search(prep, store, resume=resume, progress=progress)
+    recipe = out.best.recipe
+    applied = apply_recipe(model, recipe, structure=prep.structure)
+    recovered = prep.guard.model_for(recipe) if prep.guard is not None and len(recipe) else None
+    save_model(recovered if recovered is not None else applied.proto, dest)  # post-training: recovered weights
+    recipe_path = dest.with_name(dest.stem + ".recipe.json")
+    atomic_write_text(recipe_path, recipe.dumps())
+    doc = {
+        "input": str(src),
+        "output": str(dest),
+        "recipe_file": str(recipe_path),
+        "storage": str(store),
+        "target": prep.target.name,
+        "objectives": list(job.objectives),
+        "mode": job.mode,
+        "baseline": dict(out.baseline.metrics),
+        "optimized": dict(out.best.metrics),
+        "recipe": recipe.to_json(),
+        "rewrites": list(applied.rewrites),
+        "trials": out.trials,
+        "interrupted": out.interrupted,
+        "improved": out.improved,
+        "message": out.message,
+        "budgets": prep.objective.budgets.describe(),
+        "weights": "recovered on the calibration data" if recovered is not None else
+                   ("unchanged (exact rewrites only)" if all(r["exact"] for r in applied.rewrites) else
+                    "initialized from the original by the passes: retrain or recover them"),
+    }
+    if out.guard_info is not None:
+        g = dict(out.guard or {})
+        g.setdefault("threshold", out.guard_info["threshold"])
+        g["baseline"] = out.guard_info["baseline"]
+        g["evaluations"] = out.guard_info["evaluations"]
+        doc["fidelity" if out.guard_info["kind"] == "fidelity" else "proxy"] = g
+        doc["finalists"] = list(out.checked)
+    if out.front:
+        doc["pareto_front"] = list(out.front)
+    return doc

@@ -1,0 +1,137 @@
+"""``archpass optimize``: search the rewrites that make a model fastest (or smallest) on a target."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from archpass.cli.common import DebugOpt, InputShapeOpt, JsonOpt, handled, print_json, stderr, stdout
+
+_UNITS = {"latency_ms": ("latency", 1.0, "ms", ".3f"), "params_bytes": ("params", 1e-6, "MB", ".3f"),
+          "peak_activation_bytes": ("peak activation", 1e-6, "MB", ".3f"), "macs": ("MACs", 1e-6, "M", ".1f")}
+
+
+def _csv(values: list[str] | None) -> list[str]:
+    return [x.strip() for v in values or [] for x in v.split(",") if x.strip()]
+
+
+def _ints(values: list[str] | None, flag: str) -> list[int]:
+    from archpass.errors import ArchpassError
+
+    out = []
+    for x in _csv(values):
+        try:
+            out.append(int(x))
+        except ValueError:
+            raise ArchpassError(f"{flag} takes integers, got '{x}'", f"e.g. {flag} 160,192,224") from None
+    return out
+
+
+def _rewrites(recipe: dict) -> str:
+    counts: dict[str, int] = {}
+    for r in recipe["rewrites"]:
+        counts[r["pass"]] = counts.get(r["pass"], 0) + 1
+    return ", ".join(f"{p} ×{n}" if n > 1 else p for p, n in counts.items()) or "none"
+
+
+def render(doc: dict) -> None:
+    t = Table(title=f"{doc['input']} on {doc['target']} ({', '.join(doc['objectives'])}, {doc['trials']} trials)",
+              title_justify="left")
+    for c in ("", "before", "after", "change"):
+        t.add_column(c, justify="right" if c else "left")
+    for key, (label, scale, unit, fmt) in _UNITS.items():
+        b, a = doc["baseline"][key], doc["optimized"][key]
+        t.add_row(f"{label} ({unit})", format(b * scale, fmt), format(a * scale, fmt),
+                  f"{(a - b) / b * 100:+.1f}%" if b else "")
+    for kind in ("fidelity", "proxy"):
+        g = doc.get(kind)
+        if g:
+            base = g.get("baseline")
+            t.add_row(f"{kind} (≥ {g['threshold']:.4g})", "" if base is None else f"{base:.4g}",
+                      "" if g.get("score") is None else f"{g['score']:.4g}", "")
+    stdout.print(t)
+    stdout.print(f"rewrites: {_rewrites(doc['recipe'])}")
+    stdout.print(f"wrote {doc['output']} and {doc['recipe_file']} (study: {doc['storage']})")
+
+
+class _Progress:
+    """A rich progress bar on stderr with the best value so far (an Optuna callback)."""
+
+    def __init__(self, total: int, unit: str):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.progress = Progress(TextColumn("[bold]optimize"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("{task.fields[best]}"), TimeRemainingColumn(), console=stderr,
+                                 transient=True)
+        self.task = self.progress.add_task("optimize", total=total, best="")
+        self.best: float | None = None
+        self.unit = unit
+
+    def __call__(self, study, trial) -> None:
+        from optuna.trial import TrialState
+
+        if trial.state == TrialState.COMPLETE and trial.values and all(c <= 0 for c in trial.user_attrs.get("constraints", ())):
+            v = trial.values[0]
+            if self.best is None or v < self.best:
+                self.best = v
+        n = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+        self.progress.update(self.task, completed=n, best=f"best {self.best:.4g} {self.unit}" if self.best is not None else "")
+
+
+def optimize(
+    model: Annotated[Path, typer.Argument(help="The ONNX model to optimize (never modified).", show_default=False)],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Where to write the optimized model (.onnx); its recipe goes to OUT.recipe.json, the study to OUT.study.jsonl.", show_default=False)],
+    target: Annotated[str, typer.Option("--target", "-t", help="Target name (`archpass targets`) or target folder.")] = "edgetpu",
+    objective: Annotated[str, typer.Option("--objective", help="latency, memory (params + peak activation) or macs; several comma-separated for a Pareto front (NSGA-II).")] = "latency",
+    trials: Annotated[int, typer.Option("--trials", "-n", help="Finished trials to reach (counted across --resume and --workers).")] = 300,
+    passes: Annotated[Optional[list[str]], typer.Option("--passes", help="Restrict the search to these passes (comma-separated): fuse_ibn, channels, width_multiplier, dw_to_dense, resolution.", show_default=False)] = None,
+    freeze: Annotated[Optional[list[str]], typer.Option("--freeze", help="Sites to leave alone (comma-separated block/group/layer/stage ids, PASS:SITE, or a pass name).", show_default=False)] = None,
+    resolutions: Annotated[Optional[list[str]], typer.Option("--resolutions", help="Input sizes to try, e.g. 160,192,224.", show_default=False)] = None,
+    granularity: Annotated[str, typer.Option("--granularity", help="Channel counts chosen per adjustable channel 'group' or per 'stage'.")] = "group",
+    max_latency_ms: Annotated[Optional[float], typer.Option("--max-latency-ms", help="Latency budget.", show_default=False)] = None,
+    max_params_mb: Annotated[Optional[float], typer.Option("--max-params-mb", help="Parameter memory budget (MB = 1e6 bytes).", show_default=False)] = None,
+    max_peak_mb: Annotated[Optional[float], typer.Option("--max-peak-mb", help="Peak activation memory budget (MB).", show_default=False)] = None,
+    mode: Annotated[Optional[str], typer.Option("--mode", help="post-training (default with --calib: recovered candidates keep --min-fidelity) or retrain (default without: zero-shot trainability no lower than the original's).", show_default=False)] = None,
+    calib: Annotated[Optional[str], typer.Option("--calib", help="Calibration data for post-training mode (see README).", show_default=False)] = None,
+    min_fidelity: Annotated[float, typer.Option("--min-fidelity", help="Post-training guard: lowest fidelity to the original.")] = 0.99,
+    min_proxy: Annotated[Optional[float], typer.Option("--min-proxy", help="Retrain guard: lowest zero-shot score (default: the original's).", show_default=False)] = None,
+    finalists: Annotated[int, typer.Option("--finalists", help="Guard evaluations spent choosing the result, at most.")] = 12,
+    no_guard: Annotated[bool, typer.Option("--no-guard", help="Search cost only, without an accuracy guard.")] = False,
+    sampler: Annotated[str, typer.Option("--sampler", help="auto (TPE, or NSGA-II for several objectives), tpe, nsga2 or random.")] = "auto",
+    seed: Annotated[int, typer.Option("--seed", help="Makes a run repeatable.")] = 0,
+    workers: Annotated[int, typer.Option("--workers", "-j", help="Local processes sharing the study.")] = 1,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the interrupted run of this same command.")] = False,
+    input_shape: InputShapeOpt = None,
+    json_out: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Search the rewrites that make MODEL fastest (or smallest) on a target within budgets, and write the optimized model."""
+    from archpass import api
+
+    with handled(debug):
+        objectives = objective
+        bar = _Progress(trials, "ms" if objective.split(",")[0].strip() == "latency" else "")
+        with bar.progress:
+            doc = api.optimize(
+                model, output, target, objective=objectives, trials=trials, input_shapes=input_shape,
+                passes=_csv(passes) if passes else None, freeze=_csv(freeze),
+                resolutions=_ints(resolutions, "--resolutions"), granularity=granularity,
+                max_latency_ms=max_latency_ms, max_params_mb=max_params_mb, max_peak_mb=max_peak_mb, mode=mode,
+                calib=calib, min_fidelity=min_fidelity, min_proxy=min_proxy, guard=not no_guard, finalists=finalists, sampler=sampler,
+                seed=seed, workers=workers, resume=resume, progress=bar)
+    if doc.get("interrupted"):
+        stderr.print(f"interrupted after {doc['trials']} trials: wrote the best model found so far "
+                     "(repeat the command with --resume to continue)")
+    if doc.get("message"):
+        stderr.print(doc["message"])
+    if json_out:
+        print_json(doc)
+    else:
+        render(doc)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("optimize")(optimize)

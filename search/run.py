@@ -1,0 +1,378 @@
+"""One optimization run: a :class:`Job` (plain JSON, stored in the study so workers and
+``--resume`` rebuild exactly the same search), the Optuna loop, and the choice of the
+result.
+
+The choice keeps the promises of ``archpass optimize``:
+
+* **never slower**: the unchanged model is always a candidate (the study's first
+  trial, and the fallback); the result is a trial strictly better than it on the first
+  objective (and no worse on the others), or the unchanged model with a message;
+* **budgets**: only trials within every budget; when none is, and the unchanged model
+  is not either, the run fails naming the best reachable value;
+* **guard**: the result must pass the accuracy guard; finalists are checked best first,
+  only while they can beat the incumbent, each recipe once (:func:`finalists`).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import optuna
+
+from archpass.errors import ArchpassError
+from archpass.search import study as st
+from archpass.search.objective import MB, Budgets, Objective, Score, constraints, objective_value, parse_objectives
+from archpass.search.space import Space, recipe_key
+
+#: Job fields that define a study: a resumed run must agree on all of them.
+STUDY_FIELDS = ("model_sha256", "target", "objectives", "budgets", "passes", "freeze", "resolutions", "granularity",
+                "mode", "guard",
+                "min_fidelity", "min_proxy", "calib", "sampler", "seed")
+WORKER_START_TIMEOUT = 120.0  # seconds the main process waits for the extra workers to load the model
+FINALISTS = 12  # guard evaluations spent on choosing the result, at most (--finalists)
+
+
+class BudgetError(ArchpassError):
+    """No candidate meets a budget."""
+
+
+@dataclass(frozen=True)
+class Job:
+    """Everything that defines an optimization run, as JSON."""
+
+    model: str
+    target: str
+    model_sha256: str = ""
+    input_shapes: tuple[str, ...] = ()
+    objectives: tuple[str, ...] = ("latency",)
+    budgets: Mapping[str, float] = field(default_factory=dict)
+    passes: tuple[str, ...] | None = None
+    freeze: tuple[str, ...] = ()
+    resolutions: tuple[int, ...] = ()
+    granularity: str = "group"
+    mode: str = "retrain"
+    guard: bool = True
+    calib: str | None = None
+    calib_options: Mapping[str, Any] = field(default_factory=dict)
+    min_fidelity: float = 0.99
+    min_proxy: float | None = None
+    finalists: int = FINALISTS
+    sampler: str = "auto"
+    seed: int | None = 0
+    trials: int = 300
+    workers: int = 1
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        for k, v in d.items():
+            if isinstance(v, tuple):
+                d[k] = list(v)
+        return d
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> "Job":
+        kw = dict(d)
+        for k in ("input_shapes", "objectives", "freeze", "resolutions"):
+            kw[k] = tuple(kw.get(k) or ())
+        if kw.get("passes") is not None:
+            kw["passes"] = tuple(kw["passes"])
+        return cls(**{k: v for k, v in kw.items() if k in cls.__dataclass_fields__})
+
+    @property
+    def sampler_name(self) -> str:
+        if self.sampler == "auto":
+            return "tpe" if len(self.objectives) == 1 else "nsga2"
+        return self.sampler
+
+    def study_key(self) -> dict:
+        d = self.to_json()
+        return {k: d[k] for k in STUDY_FIELDS}
+
+
+@dataclass
+class Prepared:
+    """A job's loaded model, structure, target, space, guard and objective."""
+
+    job: Job
+    model: Any
+    structure: Any
+    target: Any
+    space: Space
+    objective: Objective
+    guard: Any = None
+
+
+def prepare(job: Job, *, model=None, structure=None, target=None, guard_factory: Callable | None = None,
+            with_guard: bool = True) -> Prepared:
+    """Load and validate everything a job names (bad input raises ArchpassError).
+    Extra workers only score trials: they skip the guard (``with_guard=False``)."""
+    from archpass.analysis import analyze
+    from archpass.costmodel import load_target
+    from archpass.model import load_model, parse_input_shapes
+
+    if job.mode not in ("retrain", "post-training"):
+        raise ArchpassError(f"unknown --mode '{job.mode}'", "use post-training (needs --calib) or retrain")
+    if job.mode == "post-training" and job.guard and not job.calib:
+        raise ArchpassError("post-training mode needs calibration data", "add --calib DATA, or use --mode retrain")
+    if job.sampler not in ("auto",) + st.SAMPLERS:
+        raise ArchpassError(f"unknown sampler '{job.sampler}'", f"use one of {', '.join(st.SAMPLERS)}")
+    if job.trials < 1:
+        raise ArchpassError(f"--trials must be at least 1, got {job.trials}", "e.g. --trials 300")
+    if job.finalists < 1:
+        raise ArchpassError(f"--finalists must be at least 1, got {job.finalists}", "e.g. --finalists 12")
+    if job.workers < 1:
+        raise ArchpassError(f"--workers must be at least 1, got {job.workers}", "e.g. --workers 2")
+    objectives = parse_objectives(job.objectives)
+    budgets = Budgets(**job.budgets)
+    target = target or load_target(job.target)
+    model = model or load_model(job.model, parse_input_shapes(list(job.input_shapes)) if job.input_shapes else None)
+    structure = structure or analyze(model)
+    space = Space.build(structure, parallelism=int(getattr(target, "parallelism", 8) or 8), passes=job.passes,
+                        freeze=job.freeze, resolutions=job.resolutions, granularity=job.granularity)
+    guard = None
+    if job.guard and with_guard:
+        if guard_factory is not None:
+            guard = guard_factory(job, model, structure)
+        else:
+            guard = default_guard(job, model, structure)
+    objective = Objective(space, target, objectives, budgets)
+    return Prepared(job, model, structure, target, space, objective, guard)
+
+
+def default_guard(job: Job, model, structure):
+    from archpass.search import guard as g
+
+    if job.mode == "post-training":
+        from archpass.search.fidelity import load_calibration
+
+        data = load_calibration(job.calib, model, **dict(job.calib_options))
+        return g.fidelity_guard(model, structure, data, min_fidelity=job.min_fidelity)
+    return g.proxy_guard(model, structure, min_proxy=job.min_proxy, seed=job.seed or 0)
+
+
+# ---------------------------------------------------------------------------- the loop
+def _sampler(job: Job, worker: int = 0):
+    return st.make_sampler(job.sampler_name, seed=job.seed, n_objectives=len(job.objectives),
+                           constraints_func=constraints, worker=worker, workers=job.workers)
+
+
+def _optimize(study: optuna.Study, prep: Prepared, callbacks: Sequence = ()) -> None:
+    total = prep.job.trials
+    if st.n_complete(study) >= total:
+        return
+    cb = optuna.study.MaxTrialsCallback(total, states=(optuna.trial.TrialState.COMPLETE,))
+    study.optimize(prep.objective, n_trials=None if prep.job.workers > 1 else total - st.n_complete(study),
+                   callbacks=[cb, *callbacks], catch=())
+
+
+def worker_main(path: str, index: int, ready=None) -> None:
+    """Entry point of an extra local worker process (``--workers N``); sets ``ready`` once
+    it can run trials."""
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    try:
+        job = Job.from_json(st.study_job(st.load_study(Path(path), sampler=None)))
+        prep = prepare(job, with_guard=False)
+        prep.objective.worker = index
+        study = st.load_study(Path(path), sampler=_sampler(job, index))
+        if ready is not None:
+            ready.set()
+        _optimize(study, prep)
+    except KeyboardInterrupt:
+        pass
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a run found."""
+
+    baseline: Score
+    best: Score
+    best_trial: int | None
+    guard: Mapping[str, Any] | None  # the chosen candidate's guard result
+    guard_info: Mapping[str, Any] | None  # the guard's kind, threshold, baseline score
+    front: tuple[Mapping[str, Any], ...]  # Pareto front (several objectives), with guard results
+    checked: tuple[Mapping[str, Any], ...]  # finalists the guard evaluated, best first
+    trials: int
+    interrupted: bool
+    message: str | None
+    storage: Path
+    records: tuple[st.TrialRecord, ...] = ()
+
+    @property
+    def improved(self) -> bool:
+        return self.best_trial is not None
+
+
+def search(prep: Prepared, storage: Path, *, resume: bool = False, progress: Callable | None = None) -> Outcome:
+    """Run (or resume) the study for ``prep``'s job and choose the result."""
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # a Ctrl-C'ed trial is reported by the caller, not logged
+    job = prep.job
+    directions = ["minimize"] * len(job.objectives)
+    if resume:
+        study = st.load_study(storage, sampler=_sampler(job))
+        old = st.study_job(study)
+        new = job.study_key()
+        diff = [k for k in STUDY_FIELDS if old.get(k) != new.get(k)]
+        if diff:
+            raise st.StudyError(f"--resume: this command differs from the interrupted run in {', '.join(diff)}",
+                                "repeat the first command exactly, plus --resume (or drop --resume to start over)")
+        st.fail_stale(study)
+    else:
+        study = st.create_study(storage, directions=directions, sampler=_sampler(job), job=job.to_json())
+        study.enqueue_trial(prep.space.neutral_params(), skip_if_exists=True)
+
+    empty = prep.space.empty_reason()
+    interrupted = False
+    procs = []
+    if empty is None:
+        if job.workers > 1:
+            prep.objective.worker = 0
+            ctx = multiprocessing.get_context("spawn")
+            ready = [ctx.Event() for _ in range(1, job.workers)]
+            procs = [ctx.Process(target=worker_main, args=(str(storage), i, ev), daemon=True)
+                     for i, ev in zip(range(1, job.workers), ready)]
+            for p in procs:
+                p.start()
+            # start together, so N processes share the trials (a worker that died is not waited for)
+            deadline = time.monotonic() + WORKER_START_TIMEOUT
+            for p, ev in zip(procs, ready):
+                while not ev.wait(0.2) and p.is_alive() and time.monotonic() < deadline:
+                    pass
+        cbs = [progress] if progress else []
+        try:
+            _optimize(study, prep, cbs)
+        except KeyboardInterrupt:
+            interrupted = True
+        finally:
+            for p in procs:
+                p.join(timeout=None if not interrupted else 10)
+                if p.is_alive():
+                    p.terminate()
+    recs = st.records(study)
+    return choose(prep, recs, storage=storage, interrupted=interrupted, empty=empty)
+
+
+def _dominates_or_equal(a: Sequence[float], b: Sequence[float]) -> bool:
+    return all(x <= y for x, y in zip(a, b))
+
+
+def pareto(recs: Sequence[st.TrialRecord]) -> list[st.TrialRecord]:
+    """Non-dominated records (by values), one per distinct value vector, sorted by the first objective."""
+    out: dict[tuple, st.TrialRecord] = {}
+    for r in recs:
+        if any(_dominates_or_equal(o.values, r.values) and tuple(o.values) != tuple(r.values) for o in recs):
+            continue
+        out.setdefault(tuple(r.values), r)
+    return sorted(out.values(), key=lambda r: r.values)
+
+
+def _best_reachable(prep: Prepared, recs: Sequence[st.TrialRecord]) -> str:
+    """The lowest value of each violated budget any candidate reached."""
+    b = prep.objective.budgets
+    cands = [dict(r.metrics) for r in recs if r.metrics] + [dict(prep.objective.baseline.metrics)]
+    parts = []
+    have = {"max_latency_ms": ("latency_ms", 1.0, "ms", "--max-latency-ms"),
+            "max_params_mb": ("params_bytes", 1 / MB, "MB", "--max-params-mb"),
+            "max_peak_mb": ("peak_activation_bytes", 1 / MB, "MB", "--max-peak-mb")}
+    for k, v in b.items():
+        if v is None:
+            continue
+        key, scale, unit, flag = have[k]
+        lo = min(c[key] * scale for c in cands)
+        if lo > v:
+            parts.append(f"{flag} {v:g} (best reachable {lo:.4g} {unit})")
+    return "; ".join(parts) or "the budgets together"
+
+
+def finalists(guard, cands: Sequence[st.TrialRecord], budget: int) -> tuple[st.TrialRecord | None, list[dict]]:
+    """The best candidate (``cands`` sorted best first) that passes ``guard``, with at most
+    ``budget`` evaluations, and the evaluations made (best first).
+
+    A guard costs seconds per candidate, so not every candidate is checked: the best one
+    first; if it fails, a binary search along the sorted list for the best that passes
+    (candidates further from the best are milder, so more likely to pass); then the
+    evaluations left go to the unchecked candidates better than that incumbent, closest
+    first.  Only candidates that can beat the incumbent are ever evaluated."""
+    results: dict[int, Any] = {}
+
+    def ok(i: int) -> bool:
+        if i not in results:
+            results[i] = guard.check(cands[i].recipe)
+        return results[i].ok
+
+    best = None
+    if cands and budget > 0:
+        if ok(0):
+            best = 0
+        else:
+            lo, hi = 1, len(cands) - 1
+            while lo <= hi and len(results) < budget:
+                mid = (lo + hi) // 2
+                if ok(mid):
+                    best, hi = mid, mid - 1
+                else:
+                    lo = mid + 1
+            for i in range((best if best is not None else len(cands)) - 1, 0, -1):
+                if len(results) >= budget:
+                    break
+                if i not in results and ok(i):
+                    best = i
+    evaluated = [{"number": cands[i].number, "values": list(cands[i].values), **results[i].to_json()}
+                 for i in sorted(results)]
+    return (cands[best] if best is not None else None), evaluated
+
+
+def choose(prep: Prepared, recs: Sequence[st.TrialRecord], *, storage: Path, interrupted: bool = False,
+           empty: str | None = None) -> Outcome:
+    obj = prep.objective
+    base = obj.baseline
+    guard = prep.guard
+    common = dict(trials=len(recs), interrupted=interrupted, storage=storage, records=tuple(recs))
+    if empty is not None:
+        return Outcome(base, base, None, None, front=(), checked=(), guard_info=guard.describe() if guard else None,
+                       message=f"nothing to optimize: {empty}; wrote the original model", **common)
+    ok = [r for r in recs if r.feasible]
+    if not ok and not base.within_budget:
+        raise BudgetError(f"no candidate meets {_best_reachable(prep, recs)}",
+                          "raise the budget, or widen the search (--trials, --passes, --resolutions)")
+    better = [r for r in ok if r.values[0] < base.values[0] and _dominates_or_equal(r.values, base.values)]
+    several = len(obj.objectives) > 1
+    if several:
+        better = [r for r in pareto(ok) if r in better]
+    better.sort(key=lambda r: (r.values, r.number))
+    unique, seen = [], set()
+    for r in better:
+        key = recipe_key(r.recipe)
+        if key not in seen:
+            seen.add(key)
+            unique.append(r)
+    checked: list[dict] = []
+    if guard is None:
+        chosen = unique[0] if unique else None
+    else:
+        chosen, checked = finalists(guard, unique, prep.job.finalists)
+    front = [r.to_json() for r in pareto(ok)] if several else []
+    if several and guard is not None:
+        by_number = {c["number"]: c for c in checked}
+        for d in front:
+            if d["number"] in by_number:
+                d["guard"] = {k: by_number[d["number"]][k] for k in ("score", "threshold", "ok")}
+    if chosen is None:
+        if not base.within_budget:
+            raise BudgetError(f"no candidate that passes the guard meets {_best_reachable(prep, recs)}",
+                              "raise the budget or lower the guard's threshold")
+        why = ("no candidate beat the original model" if not unique else
+               f"no candidate better than the original passed the {guard.kind} guard "
+               f"({len(checked)} checked, threshold {guard.threshold:.4g})")
+        g = {"kind": guard.kind, "score": guard.baseline, "threshold": guard.threshold, "ok": True} if guard else None
+        return Outcome(base, base, None, g, front=tuple(front), checked=tuple(checked),
+                       guard_info=guard.describe() if guard else None, message=f"{why}; wrote the original model", **common)
+    best = Score(chosen.recipe, chosen.metrics, tuple(objective_value(o, chosen.metrics) for o in obj.objectives),
+                 obj.budgets.violations(chosen.metrics))
+    g = guard.check(chosen.recipe).to_json() if guard is not None else None
+    return Outcome(base, best, chosen.number, g, front=tuple(front), checked=tuple(checked),
+                   guard_info=guard.describe() if guard else None, message=None, **common)

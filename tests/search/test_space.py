@@ -1,0 +1,97 @@
+import optuna
+import pytest
+from optuna.trial import FixedTrial
+
+from archpass.analysis import analyze
+from archpass.model import model_from_proto
+from archpass.passes.engine import apply_recipe_shapes
+from archpass.search.space import Space, SpaceError, pass_sites
+from builders import NetBuilder
+from search_helpers import ibn_net
+
+
+@pytest.fixture(scope="module")
+def structure():
+    return analyze(model_from_proto(ibn_net()))
+
+
+def test_neutral_params_pick_the_unchanged_model(structure):
+    space = Space.build(structure, parallelism=8)
+    recipe, s = space.suggest(FixedTrial(space.neutral_params()))
+    assert len(recipe) == 0
+    assert s is structure
+
+
+def test_fixed_trial_fuses_and_narrows_at_multiples_of_the_parallelism(structure):
+    space = Space.build(structure, parallelism=8)
+    params = space.neutral_params()
+    ibns = [b.id for b in structure.blocks if b.kind == "ibn"]
+    assert ibns and all(f"fuse_ibn:{b}" in params for b in ibns)
+    params.update({f"fuse_ibn:{b}": True for b in ibns})
+    params.update({k: 0.625 for k in params if k.startswith("channels:")})
+    params["width_multiplier"] = 0.75
+    recipe, s = space.suggest(FixedTrial(params))
+    passes = [r.pass_name for r in recipe]
+    assert passes[0] == "width_multiplier" and passes.count("fuse_ibn") == len(ibns)
+    chans = [r.choice["channels"] for r in recipe if r.pass_name == "channels"]
+    assert chans and all(c % 8 == 0 and c >= 8 for c in chans)
+    assert all(b.kind == "fused_ibn" for b in s.blocks if b.id in ibns)
+    # the piecewise structure is the one the engine gives for the whole recipe
+    assert [(l.id, l.cin, l.cout, l.groups) for l in s.layers] == \
+        [(l.id, l.cin, l.cout, l.groups) for l in apply_recipe_shapes(structure, recipe).layers]
+
+
+def test_sites_change_as_the_recipe_grows(structure):
+    """dw_to_dense makes new channel groups; later trials suggest channel counts for them."""
+    space = Space.build(structure, parallelism=8, passes=["dw_to_dense", "channels"])
+    before = {g.id for g in structure.groups}
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
+    study.optimize(lambda t: len(space.suggest(t)[0]), n_trials=15)
+    names = {k for t in study.trials for k in t.params}
+    new = {k.split(":", 1)[1] for k in names if k.startswith("channels:")} - before
+    assert new, "no channel parameter for a group made by dw_to_dense"
+
+
+def test_stage_granularity_uses_width_multiplier_stage_sites(structure):
+    space = Space.build(structure, parallelism=8, granularity="stage")
+    params = space.neutral_params()
+    stages = [k for k in params if k.startswith("width_multiplier:")]
+    assert stages and not any(k.startswith("channels:") for k in params)
+    params[stages[-1]] = 0.5
+    recipe, _ = space.suggest(FixedTrial(params))
+    assert [(r.pass_name, r.site) for r in recipe] == [("width_multiplier", stages[-1].split(":", 1)[1])]
+
+
+def test_freeze_and_passes_restrict_the_space(structure):
+    first = next(b.id for b in structure.blocks if b.kind == "ibn")
+    space = Space.build(structure, parallelism=8, passes=["fuse_ibn"], freeze=[first])
+    params = space.neutral_params()
+    assert f"fuse_ibn:{first}" not in params
+    assert params and all(k.startswith("fuse_ibn:") for k in params)
+
+
+def test_resolutions(structure):
+    space = Space.build(structure, parallelism=8, resolutions=[24, 32])
+    params = space.neutral_params()
+    assert params["resolution"] == 32
+    params["resolution"] = 24
+    recipe, s = space.suggest(FixedTrial(params))
+    assert recipe.rewrites[0].pass_name == "resolution" and s.input_hw == (24, 24)
+
+
+@pytest.mark.parametrize("kw, words", [
+    ({"passes": ["fuse_ibn", "fuse_everything"]}, "unknown pass 'fuse_everything'"),
+    ({"freeze": ["block99"]}, "--freeze names a site this model does not have: 'block99'"),
+    ({"passes": ["resolution"]}, "--resolutions"),
+    ({"resolutions": [32, 4096]}, "--resolutions 4096 is outside what this model allows"),
+])
+def test_bad_restrictions(structure, kw, words):
+    with pytest.raises(SpaceError, match=words.replace("(", r"\(")):
+        Space.build(structure, parallelism=8, **kw)
+
+
+def test_a_model_with_nothing_to_rewrite_says_why():
+    s = analyze(model_from_proto(NetBuilder((1, 3, 8, 8)).conv(8, 3).build()))
+    space = Space.build(s, parallelism=8)
+    assert "no site" in space.empty_reason()
+    assert all(not pass_sites(p, s) for p in space.passes)
