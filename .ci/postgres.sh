@@ -9,8 +9,8 @@
 #
 # The data directory, the unix socket and the log live in one temporary folder; the port
 # is a free one.  Loopback connections by `postgres` are trusted; every other role needs
-# a password (the role `archpass_pw`, password `archpass-test-pw`, exists so the tests can
-# check what a wrong password looks like).  When the machine runs this as root, the
+# a password (the role `archpass_pw`, password `archpass-test-pw`, owner of the database
+# `archpass_pw`, exists so the tests can check what a wrong password looks like).  When the machine runs this as root, the
 # server runs as the `postgres` user (initdb refuses root).  PostgreSQL is installed with
 # apt only when no server binaries are found.
 set -euo pipefail
@@ -73,7 +73,8 @@ EOF
     }
     as_server_user "$bindir/psql" -h "$dir/socket" -p "$port" -U postgres -d postgres -q -v ON_ERROR_STOP=1 \
         -c "CREATE DATABASE archpass" \
-        -c "CREATE ROLE archpass_pw LOGIN PASSWORD 'archpass-test-pw'" >&2
+        -c "CREATE ROLE archpass_pw LOGIN PASSWORD 'archpass-test-pw'" \
+        -c "CREATE DATABASE archpass_pw OWNER archpass_pw" >&2
     echo "$bindir" >"$dir/bindir"
     echo "export ARCHPASS_TEST_POSTGRES=postgresql+psycopg://postgres@127.0.0.1:$port/archpass"
     echo "export ARCHPASS_TEST_POSTGRES_DIR=$dir"

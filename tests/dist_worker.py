@@ -1,0 +1,115 @@
+"""A search worker process for the distributed-storage tests and benchmarks/distributed.py.
+
+    python tests/dist_worker.py --storage URL --study NAME --trials N --log FILE [--hang]
+
+Joins study NAME in storage URL (opened by :func:`archpass.search.storage.open_storage`,
+so with heartbeats and retry of stale trials) and runs trials until the study holds N
+complete ones (Optuna's ``MaxTrialsCallback``).  The objective is cheap but real: a
+recipe (fuse or not per IBN block of a small builder model, a global width multiplier)
+applied to the analyzed structure through the shape-only path and scored by the
+``edgetpu`` cost model.  Every finished trial is appended to ``FILE`` as
+``done NUMBER STATE`` (flushed and fsynced, after Optuna stored the result), so a test can
+compare what the workers did with what the storage holds.  ``--hang`` makes the worker
+write ``running NUMBER`` and stop inside its first trial, to be killed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+MULTIPLIERS = (0.5, 0.75, 1.0, 1.25)
+
+
+def small_model_path(folder: Path) -> Path:
+    """The small MobileNet-like builder model the workers score (written once, atomically)."""
+    from builders import NetBuilder
+
+    from archpass.model import save_model
+
+    path = folder / "dist_model.onnx"
+    if not path.exists():
+        model = (NetBuilder((1, 3, 64, 64)).conv(16, k=3, stride=2, act="relu6")
+                 .ibn(24, expand=4, stride=2).ibn(24, expand=4).ibn(32, expand=6, stride=2).ibn(32, expand=6)
+                 .ibn(64, expand=6, stride=2).head(10).build())
+        save_model(model, path)
+    return path
+
+
+def make_objective(model_path: Path, hang: bool, log):
+    from archpass.analysis import analyze
+    from archpass.costmodel import estimate, load_target
+    from archpass.model import load_model
+    from archpass.passes.engine import apply_recipe_shapes
+    from archpass.recipe import Recipe, Rewrite
+
+    structure = analyze(load_model(model_path))
+    target = load_target("edgetpu")
+    ibn = [b.id for b in structure.blocks if b.kind == "ibn"]
+
+    def objective(trial):
+        if hang:
+            log(f"running {trial.number}")
+            time.sleep(3600)
+        rewrites = [Rewrite("fuse_ibn", b) for b in ibn if trial.suggest_categorical(f"fuse:{b}", [False, True])]
+        m = trial.suggest_categorical("width", list(MULTIPLIERS))
+        if m != 1.0:
+            rewrites.append(Rewrite("width_multiplier", None, {"multiplier": m, "parallelism": 8}))
+        recipe = Recipe(tuple(rewrites))
+        est = estimate(apply_recipe_shapes(structure, recipe), target, best_order=False)
+        trial.set_user_attr("recipe", recipe.to_json())
+        trial.set_user_attr("latency_ms", est.latency_ms)
+        trial.set_user_attr("worker", os.getpid())
+        return est.latency_ms
+
+    return objective
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--storage", required=True)
+    ap.add_argument("--study", required=True)
+    ap.add_argument("--trials", type=int, required=True)
+    ap.add_argument("--log", required=True)
+    ap.add_argument("--model-dir", default=None)
+    ap.add_argument("--heartbeat", type=int, default=1)
+    ap.add_argument("--grace", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=None)
+    ap.add_argument("--hang", action="store_true")
+    args = ap.parse_args(argv)
+
+    import optuna
+    from optuna.study import MaxTrialsCallback
+    from optuna.trial import TrialState
+
+    from archpass.search.storage import open_storage
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    out = open(args.log, "a", buffering=1)
+
+    def log(line: str) -> None:
+        out.write(line + "\n")
+        out.flush()
+        os.fsync(out.fileno())
+
+    def record(study, trial) -> None:  # called after Optuna stored the trial's result
+        log(f"done {trial.number} {trial.state.name}")
+
+    model_dir = Path(args.model_dir) if args.model_dir else Path(args.log).parent
+    objective = make_objective(small_model_path(model_dir), args.hang, log)
+    storage = open_storage(args.storage, heartbeat_interval=args.heartbeat, grace_period=args.grace)
+    study = optuna.load_study(study_name=args.study, storage=storage,
+                              sampler=optuna.samplers.RandomSampler(seed=args.seed))
+    log("ready")
+    study.optimize(objective, callbacks=[MaxTrialsCallback(args.trials, states=(TrialState.COMPLETE,)), record])
+    log("exit")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
