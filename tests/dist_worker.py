@@ -4,13 +4,15 @@
 
 Joins study NAME in storage URL (opened by :func:`archpass.search.storage.open_storage`,
 so with heartbeats and retry of stale trials) and runs trials until the study holds N
-complete ones (Optuna's ``MaxTrialsCallback``).  The objective is cheap but real: a
+complete ones (as Optuna's ``MaxTrialsCallback`` does; ``--linger-after FILE --linger S``
+also waits until FILE exists and is S seconds old).  The objective is cheap but real: a
 recipe (fuse or not per IBN block of a small builder model, a global width multiplier)
 applied to the analyzed structure through the shape-only path and scored by the
 ``edgetpu`` cost model.  Every finished trial is appended to ``FILE`` as
 ``done NUMBER STATE`` (flushed and fsynced, after Optuna stored the result), so a test can
 compare what the workers did with what the storage holds.  ``--hang`` makes the worker
-write ``running NUMBER`` and stop inside its first trial, to be killed.
+write ``running NUMBER`` and stop inside its first trial, to be killed; ``--pace S``
+makes every trial take S seconds longer.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ def small_model_path(folder: Path) -> Path:
     return path
 
 
-def make_objective(model_path: Path, hang: bool, log):
+def make_objective(model_path: Path, hang: bool, log, pace: float = 0.0):
     from archpass.analysis import analyze
     from archpass.costmodel import estimate, load_target
     from archpass.model import load_model
@@ -53,11 +55,11 @@ def make_objective(model_path: Path, hang: bool, log):
     ibn = [b.id for b in structure.blocks if b.kind == "ibn"]
 
     def objective(trial):
+        rewrites = [Rewrite("fuse_ibn", b) for b in ibn if trial.suggest_categorical(f"fuse:{b}", [False, True])]
+        m = trial.suggest_categorical("width", list(MULTIPLIERS))
         if hang:
             log(f"running {trial.number}")
             time.sleep(3600)
-        rewrites = [Rewrite("fuse_ibn", b) for b in ibn if trial.suggest_categorical(f"fuse:{b}", [False, True])]
-        m = trial.suggest_categorical("width", list(MULTIPLIERS))
         if m != 1.0:
             rewrites.append(Rewrite("width_multiplier", None, {"multiplier": m, "parallelism": 8}))
         recipe = Recipe(tuple(rewrites))
@@ -65,6 +67,7 @@ def make_objective(model_path: Path, hang: bool, log):
         trial.set_user_attr("recipe", recipe.to_json())
         trial.set_user_attr("latency_ms", est.latency_ms)
         trial.set_user_attr("worker", os.getpid())
+        time.sleep(pace)
         return est.latency_ms
 
     return objective
@@ -78,13 +81,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--log", required=True)
     ap.add_argument("--model-dir", default=None)
     ap.add_argument("--heartbeat", type=int, default=1)
-    ap.add_argument("--grace", type=int, default=2)
+    ap.add_argument("--grace", type=int, default=10)
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--hang", action="store_true")
+    ap.add_argument("--pace", type=float, default=0.0, help="seconds each trial waits (a slower objective)")
+    ap.add_argument("--linger-after", default=None,
+                    help="do not stop before this file exists and --linger seconds passed since it was written")
+    ap.add_argument("--linger", type=float, default=0.0)
     args = ap.parse_args(argv)
 
     import optuna
-    from optuna.study import MaxTrialsCallback
     from optuna.trial import TrialState
 
     from archpass.search.storage import open_storage
@@ -99,14 +105,21 @@ def main(argv: list[str] | None = None) -> int:
 
     def record(study, trial) -> None:  # called after Optuna stored the trial's result
         log(f"done {trial.number} {trial.state.name}")
+        if len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))) < args.trials:
+            return
+        if args.linger_after:
+            flag = Path(args.linger_after)
+            if not flag.exists() or time.time() - flag.stat().st_mtime < args.linger:
+                return
+        study.stop()
 
     model_dir = Path(args.model_dir) if args.model_dir else Path(args.log).parent
-    objective = make_objective(small_model_path(model_dir), args.hang, log)
+    objective = make_objective(small_model_path(model_dir), args.hang, log, args.pace)
     storage = open_storage(args.storage, heartbeat_interval=args.heartbeat, grace_period=args.grace)
     study = optuna.load_study(study_name=args.study, storage=storage,
                               sampler=optuna.samplers.RandomSampler(seed=args.seed))
     log("ready")
-    study.optimize(objective, callbacks=[MaxTrialsCallback(args.trials, states=(TrialState.COMPLETE,)), record])
+    study.optimize(objective, callbacks=[record])
     log("exit")
     return 0
 

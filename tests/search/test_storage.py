@@ -55,7 +55,7 @@ def test_sqlite_storage_has_heartbeats_and_retries(tmp_path):
     study = optuna.create_study(storage=storage, study_name="s")
     trial = study.ask()  # a trial whose worker beat once, then died
     storage.record_heartbeat(trial._trial_id)
-    time.sleep(2.2)
+    time.sleep(1.5)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)
