@@ -11,7 +11,7 @@ import importlib
 import typer
 
 # Each module exposes register(app).  Keep the order: it is the order of `archpass --help`.
-COMMANDS = ["inspect", "passes", "apply", "targets", "calibrate"]
+COMMANDS = ["inspect", "passes", "apply", "targets", "calibrate", "report"]
 
 app = typer.Typer(
     name="archpass",

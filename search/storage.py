@@ -49,6 +49,7 @@ class StorageLocation:
     url: str  # SQLAlchemy URL (rdb) or file path (journal)
     display: str
     heartbeat: bool
+    path: Path | None = None  # the file of an embedded storage
 
     @property
     def is_remote(self) -> bool:
@@ -68,8 +69,8 @@ def parse_storage(location: str | os.PathLike) -> StorageLocation:
         path = Path(text).expanduser()
         if path.suffix.lower() in SQLITE_SUFFIXES:
             url = f"sqlite:///{path.resolve()}"
-            return StorageLocation("rdb", url, str(path), heartbeat=True)
-        return StorageLocation("journal", str(path), str(path), heartbeat=False)
+            return StorageLocation("rdb", url, str(path), heartbeat=True, path=path)
+        return StorageLocation("journal", str(path), str(path), heartbeat=False, path=path)
 
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError
@@ -205,3 +206,25 @@ def retried_from(trial) -> int | None:
     """The number of the trial a retried trial repeats (None for a first attempt)."""
     value = trial.system_attrs.get("failed_trial")
     return int(value) if value is not None else None
+
+
+def load_existing_study(location: str | os.PathLike, study_name: str | None = None):
+    """An existing study (never created): by name, or the only one the storage holds."""
+    import optuna
+
+    loc = parse_storage(location)
+    if loc.path is not None and not loc.path.is_file():
+        raise StorageError(f"no study file at {loc.display}", "give the storage path archpass optimize printed")
+    storage = open_storage(location)
+    names = [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]
+    if study_name is None:
+        if len(names) != 1:
+            found = ", ".join(names) if names else "none"
+            raise StorageError(f"{loc.display} holds {len(names)} studies ({found})",
+                               "name one with --study-name")
+        study_name = names[0]
+    if study_name not in names:
+        found = ", ".join(names) if names else "none"
+        raise StorageError(f"no study named '{study_name}' in {loc.display} (studies: {found})",
+                           "check --study-name")
+    return optuna.load_study(study_name=study_name, storage=storage)
