@@ -73,6 +73,37 @@ def make_objective(model_path: Path, hang: bool, log, pace: float = 0.0):
     return objective
 
 
+def finished_by(log: Path) -> list[int]:
+    """The trial numbers a worker finished as COMPLETE (after Optuna stored them)."""
+    lines = log.read_text().splitlines() if log.exists() else []
+    return [int(l.split()[1]) for l in lines if l.startswith("done") and l.endswith("COMPLETE")]
+
+
+def audit(trials, logs: list[Path]) -> dict:
+    """Compare what the workers say they finished with what the storage holds.
+
+    ``duplicated``: trials finished by more than one worker; ``lost``: trials a worker
+    finished that the storage does not hold as COMPLETE; ``unreported``: COMPLETE trials
+    no worker finished; ``numbers_ok``: trial numbers are 0..n-1, each once."""
+    from collections import Counter
+
+    from optuna.trial import TrialState
+
+    done = [n for log in logs for n in finished_by(log)]
+    complete = {t.number for t in trials if t.state == TrialState.COMPLETE}
+    states = Counter(t.state.name for t in trials)
+    return {
+        "trials_in_storage": len(trials),
+        "complete_in_storage": len(complete),
+        "finished_by_workers": len(done),
+        "duplicated": sorted(n for n, c in Counter(done).items() if c > 1),
+        "lost": sorted(set(done) - complete),
+        "unreported": sorted(complete - set(done)),
+        "numbers_ok": sorted(t.number for t in trials) == list(range(len(trials))),
+        "states": dict(states),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--storage", required=True)
@@ -88,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--linger-after", default=None,
                     help="do not stop before this file exists and --linger seconds passed since it was written")
     ap.add_argument("--linger", type=float, default=0.0)
+    ap.add_argument("--start-after", default=None, help="after 'ready', wait until this file exists")
     args = ap.parse_args(argv)
 
     import optuna
@@ -105,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def record(study, trial) -> None:  # called after Optuna stored the trial's result
         log(f"done {trial.number} {trial.state.name}")
+        if trial.number + 1 < args.trials:  # numbers are study-wide: fewer trials exist than asked for
+            return
         if len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))) < args.trials:
             return
         if args.linger_after:
@@ -119,6 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     study = optuna.load_study(study_name=args.study, storage=storage,
                               sampler=optuna.samplers.RandomSampler(seed=args.seed))
     log("ready")
+    if args.start_after:
+        while not Path(args.start_after).exists():
+            time.sleep(0.01)
     study.optimize(objective, callbacks=[record])
     log("exit")
     return 0

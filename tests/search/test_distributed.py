@@ -29,6 +29,7 @@ pytestmark = pytest.mark.skipif(not PG, reason="ARCHPASS_TEST_POSTGRES is not se
                                 "`eval \"$(bash .ci/postgres.sh start)\"` (.ci/run does)")
 WORKER = Path(__file__).resolve().parents[1] / "dist_worker.py"
 sys.path.insert(0, str(WORKER.parent))
+import dist_worker  # noqa: E402
 
 
 def _start(tmp: Path, study: str, trials: int, name: str, *extra: str) -> tuple[subprocess.Popen, Path]:
@@ -56,31 +57,26 @@ def _wait_for(log: Path, prefix: str, proc: subprocess.Popen, timeout: float = 1
 
 
 def _new_study(tmp: Path) -> str:
-    import dist_worker
-
     dist_worker.small_model_path(tmp)  # written once here, not raced by the workers
     name = f"dist-{uuid.uuid4().hex[:10]}"
     optuna.create_study(storage=open_storage(PG), study_name=name, direction="minimize")
     return name
 
 
-def _done(logs: list[Path]) -> list[list[int]]:
-    """Per worker: the trial numbers it finished as COMPLETE (after Optuna stored them)."""
-    return [[int(l.split()[1]) for l in _lines(log) if l.startswith("done") and l.endswith("COMPLETE")] for log in logs]
+def _check_nothing_lost(trials, logs: list[Path], killed: set[int] = frozenset()) -> dict:
+    import dist_worker
 
-
-def _check_nothing_lost(trials, done: list[list[int]], extra_numbers: set[int] = frozenset()) -> None:
-    numbers = [t.number for t in trials]
-    assert sorted(numbers) == list(range(len(trials))), "trial numbers must be unique and contiguous"
-    flat = [n for d in done for n in d]
-    assert len(flat) == len(set(flat)), f"a trial was finished by two workers: {Counter(flat).most_common(3)}"
-    complete = {t.number for t in trials if t.state == TrialState.COMPLETE}
+    a = dist_worker.audit(trials, logs)
+    assert a["numbers_ok"], "trial numbers must be unique and contiguous"
+    assert a["duplicated"] == [], "a trial was finished by two workers"
+    assert a["lost"] == [] and a["unreported"] == []
     # the finished count the workers saw is exactly what the storage holds
-    assert set(flat) == complete and len(flat) == len(complete)
-    assert set(numbers) == complete | set(extra_numbers)
+    assert a["finished_by_workers"] == a["complete_in_storage"]
+    assert a["trials_in_storage"] == a["complete_in_storage"] + len(killed)
     for t in trials:
         if t.state == TrialState.COMPLETE:
-            assert t.user_attrs["recipe"]["rewrites"] is not None and t.value == t.user_attrs["latency_ms"]
+            assert "rewrites" in t.user_attrs["recipe"] and t.value == t.user_attrs["latency_ms"]
+    return a
 
 
 def test_two_workers_share_one_study(tmp_path):
@@ -90,10 +86,9 @@ def test_two_workers_share_one_study(tmp_path):
     for proc, log in procs:
         assert proc.wait(timeout=180) == 0, (log.with_suffix(".err")).read_text()[-2000:]
     trials = optuna.load_study(study_name=study, storage=open_storage(PG)).get_trials(deepcopy=False)
-    done = _done([log for _, log in procs])
-    _check_nothing_lost(trials, done)
+    _check_nothing_lost(trials, [log for _, log in procs])
     assert n <= len(trials) <= n + 1  # each worker may finish the one trial it had in flight
-    assert all(done), "both workers ran trials"
+    assert all(dist_worker.finished_by(log) for _, log in procs), "both workers ran trials"
     pids = {t.user_attrs["worker"] for t in trials}
     assert pids == {p.pid for p, _ in procs}
 
@@ -124,5 +119,5 @@ def test_worker_killed_mid_trial(tmp_path):
     retries = [t for t in trials if retried_from(t) == killed_number]
     assert len(retries) == 1 and retries[0].state == TrialState.COMPLETE
     assert retries[0].params == killed.params
-    _check_nothing_lost(trials, _done([log for _, log in procs]), {killed_number})
+    _check_nothing_lost(trials, [log for _, log in procs], {killed_number})
     assert states[TrialState.COMPLETE] >= n
