@@ -576,6 +576,13 @@ def render_html(data: ReportData, images: Mapping[str, bytes]) -> str:
 # ---------------------------------------------------------------------------- writing
 def render(data: ReportData) -> dict[str, bytes]:
     """Every report file's bytes, by name (see :data:`FILES`)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        from archpass.errors import ArchpassError
+
+        raise ArchpassError("the report's plots need matplotlib, which is not installed",
+                            "pip install 'archpass[plots]'") from None
     images = {"trials.png": plot_trials(data), "blocks.png": plot_blocks(data), "history.png": plot_history(data)}
     return {"report.json": (json.dumps(data.to_json(), indent=2, default=_json_default) + "\n").encode(),
             "report.md": render_markdown(data).encode(), **images,
