@@ -50,12 +50,13 @@ def test_paths_are_embedded_storages(tmp_path):
     assert "secret" not in parse_storage("postgresql://u:secret@h/db").display
 
 
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")
 def test_sqlite_storage_has_heartbeats_and_retries(tmp_path):
     storage = open_storage(tmp_path / "s.db", heartbeat_interval=1, grace_period=1)
     study = optuna.create_study(storage=storage, study_name="s")
     trial = study.ask()  # a trial whose worker beat once, then died
     storage.record_heartbeat(trial._trial_id)
-    time.sleep(1.5)
+    time.sleep(2.5)  # SQLite timestamps have one-second resolution: wait past grace + 1 s
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)
