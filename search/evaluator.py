@@ -236,3 +236,60 @@ def _kill_group(proc: subprocess.Popen) -> None:
     except (ProcessLookupError, PermissionError):
         pass
     proc.wait()
+
+
+# ---------------------------------------------------------------------------- in the search loop
+EVALUATOR_ATTR = "evaluator"  # trial user attribute: EvaluatorResult/EvaluatorFailure.to_json()
+
+
+def _feasible_values(study) -> list[float]:
+    """First-objective values of the study's complete trials that met every constraint."""
+    from optuna.trial import TrialState
+
+    vals = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        if t.values and all(c <= 0 for c in t.user_attrs.get("constraints", ())):
+            vals.append(t.values[0])
+    return sorted(vals)
+
+
+@dataclass
+class EvaluationStep:
+    """The user's evaluator inside the search loop, for promising candidates only.
+
+    ``promising(study, value)``: the cost model already scored the trial; it is worth the
+    expensive command when its (first) objective value would rank among the ``top_k``
+    best feasible trials of the whole study so far, whichever machine ran them.  So with
+    a shared database the evaluations spread over the workers: each evaluates its own
+    promising trials.  ``__call__`` materializes the candidate's ONNX (into ``workdir``,
+    deleted afterwards), runs the evaluator, stores the outcome as the trial's
+    ``evaluator`` attribute and returns the ``--min-metric`` constraint values; a failed
+    run stores the failure (with its stderr tail) and raises :class:`EvaluatorFailure`,
+    which fails the trial and lets the study go on."""
+
+    evaluator: Evaluator
+    model: Any  # archpass.model.Model the recipes apply to
+    minimums: tuple[MinMetric, ...] = ()
+    top_k: int = 5
+    workdir: str | os.PathLike | None = None
+
+    def promising(self, study, value: float) -> bool:
+        best = _feasible_values(study)
+        return len(best) < self.top_k or value < best[self.top_k - 1]
+
+    def __call__(self, trial, recipe) -> tuple[float, ...]:
+        import tempfile
+
+        from archpass.model import save_model
+        from archpass.passes.engine import apply_recipe
+
+        with tempfile.TemporaryDirectory(prefix="archpass-candidate-", dir=self.workdir) as tmp:
+            path = Path(tmp) / f"trial{trial.number}.onnx"
+            save_model(apply_recipe(self.model, recipe).proto, path)
+            try:
+                result = self.evaluator.run(path)
+            except EvaluatorFailure as exc:
+                trial.set_user_attr(EVALUATOR_ATTR, exc.to_json())
+                raise
+        trial.set_user_attr(EVALUATOR_ATTR, result.to_json())
+        return shortfalls(result.metrics, self.minimums)

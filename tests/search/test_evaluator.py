@@ -144,3 +144,56 @@ def test_example_evaluator_measures_agreement(tmp_path):
     result = ev.run(lossy)
     assert result.metrics["agreement"] < 0.5 and result.metrics["samples"] == 16
     assert unmet(result.metrics, parse_min_metrics(["agreement=0.9"]))
+
+
+def test_evaluation_step_runs_only_on_promising_trials(tmp_path):
+    """In a real study: the evaluator runs on trials ranking in the top k so far, stores its
+    metrics, turns --min-metric into constraints; a failing run fails its trial only."""
+    import optuna
+    from optuna.trial import TrialState
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    import dist_worker
+    from archpass.analysis import analyze
+    from archpass.costmodel import estimate, load_target
+    from archpass.model import load_model
+    from archpass.passes.engine import apply_recipe_shapes
+    from archpass.recipe import Recipe, Rewrite
+    from archpass.search.evaluator import EvaluationStep
+
+    model = load_model(dist_worker.small_model_path(tmp_path))
+    s, target = analyze(model), load_target("edgetpu")
+    # a real metric of the candidate ONNX: its conv count; trial 3's run fails on purpose
+    code = ("import json, sys, onnx\nm = onnx.load(sys.argv[1])\n"
+            "if 'trial3.' in sys.argv[1]: sys.exit('cannot evaluate ' + sys.argv[1])\n"
+            "print(json.dumps({'convs': sum(n.op_type == 'Conv' for n in m.graph.node)}))")
+    step = EvaluationStep(Evaluator.parse(_py(code), timeout_s=60), model, parse_min_metrics(["convs=12"]), top_k=3,
+                          workdir=tmp_path)
+    evaluated = []
+
+    def objective(trial):
+        fuse = [b.id for b in s.blocks if b.kind == "ibn" and trial.suggest_categorical(f"f:{b.id}", [0, 1])]
+        recipe = Recipe(tuple(Rewrite("fuse_ibn", b) for b in fuse))
+        value = estimate(apply_recipe_shapes(s, recipe), target, best_order=False).latency_ms
+        cons = [0.0]
+        if step.promising(trial.study, value):
+            evaluated.append(trial.number)
+            cons = list(step(trial, recipe))
+        trial.set_user_attr("constraints", cons)
+        return value
+
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
+    study.optimize(objective, n_trials=14, catch=(EvaluatorFailure,))
+    trials = study.get_trials()
+    assert evaluated[:3] == [0, 1, 2] and len(evaluated) < 14  # the first k always; later only contenders
+    for t in trials:
+        ev = t.user_attrs.get("evaluator")
+        assert (ev is not None) == (t.number in evaluated)
+        if t.number == 3:
+            assert t.state == TrialState.FAIL and not ev["ok"] and "cannot evaluate" in ev["stderr_tail"]
+        elif ev:
+            convs = ev["metrics"]["convs"]
+            # a stem conv and 5 IBN blocks of 3 convs (the head is a Gemm): fusing removes one per block
+            assert convs == 16 - sum(t.params.values())
+            assert t.user_attrs["constraints"] == [12 - convs]
+    assert sum(t.state == TrialState.COMPLETE for t in trials) == 13
