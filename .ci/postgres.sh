@@ -28,7 +28,8 @@ find_bindir() {
 
 as_server_user() {
     if [ "$(id -u)" -eq 0 ]; then
-        runuser -u postgres -- "$@"
+        # from / : the caller's folder may not be readable by the postgres user
+        (cd / && runuser -u postgres -- "$@")
     else
         "$@"
     fi
