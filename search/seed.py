@@ -324,3 +324,25 @@ def resolve_recipe(recipe: Recipe, source: Structure, target: Structure, *, scal
             dst = dst_next
         src = src_next
     return SeedResolution(Recipe(tuple(kept)), tuple(entries))
+
+
+def load_seeds(paths, structure: Structure, source: Structure | None = None) -> list[SeedResolution]:
+    """``--seed-recipe`` files resolved against ``structure``: from ``source`` (the model
+    the recipes were found on, ``--seed-model``) by position, or, without one, checked on
+    ``structure`` itself (same ids).  Raises RecipeError for an unreadable recipe file."""
+    return [resolve_recipe(Recipe.load(p), source if source is not None else structure, structure) for p in paths]
+
+
+SEED_ATTR = "seed"  # trial user attribute of a seeded trial: its index among --seed-recipe files
+
+
+def add_seed_trial(study, values, user_attrs: Mapping[str, Any], index: int):
+    """Add a seed recipe, already scored, to ``study`` as a finished trial (so it is a
+    candidate like any other, and the sampler learns from it); returns its number."""
+    import optuna
+
+    v = list(values)
+    trial = optuna.trial.create_trial(state=optuna.trial.TrialState.COMPLETE, **({"value": v[0]} if len(v) == 1 else {"values": v}),
+                                      user_attrs={**dict(user_attrs), SEED_ATTR: index})
+    study.add_trial(trial)
+    return len(study.get_trials(deepcopy=False)) - 1

@@ -131,3 +131,25 @@ def test_mobilenet_v2_recipe_on_width_075_and_160(zoo_model, tmp_path):
     out = tmp_path / "seeded.onnx"
     summary = api.apply(narrow_path, res.recipe, out)
     assert len(summary["rewrites"]) == len(MOBILENET_RECIPE)
+
+
+def test_seed_files_and_seed_trials(tmp_path):
+    import json
+
+    import optuna
+
+    from archpass.errors import RecipeError
+    from archpass.search.seed import SEED_ATTR, add_seed_trial, load_seeds
+
+    f = tmp_path / "seed.json"
+    f.write_text(json.dumps(SOURCE_RECIPE.to_json()))
+    source, target = _net(), _net(width=0.75, hw=48, extra_block=True)
+    same, moved = load_seeds([f], source)[0], load_seeds([f], target, source)[0]
+    assert same.recipe == SOURCE_RECIPE and moved.recipe.rewrites[0].site == "block3"
+    with pytest.raises(RecipeError, match="not found"):
+        load_seeds([tmp_path / "missing.json"], target)
+    study = optuna.create_study()
+    study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=2)
+    n = add_seed_trial(study, [0.5], {"recipe": moved.recipe.to_json()}, 0)
+    t = study.trials[n]
+    assert n == 2 and t.value == 0.5 and t.user_attrs[SEED_ATTR] == 0 and t.user_attrs["recipe"]["rewrites"]
