@@ -72,9 +72,10 @@ def run_once(url: str, workers: int, trials: int, folder: Path) -> dict:
             raise SystemExit(f"workers did not start: {[p.poll() for p in procs]}")
         time.sleep(0.05)
     go.write_text("go\n")
-    for p in procs:
+    for i, p in enumerate(procs):
         if p.wait(timeout=900) != 0:
-            raise SystemExit(f"a worker failed (exit {p.returncode})")
+            err = (folder / f"{name}-{i}.err").read_text()[-3000:]
+            raise SystemExit(f"worker {i} failed (exit {p.returncode}):\n{err}")
     study = optuna.load_study(study_name=name, storage=open_storage(url))
     trials_ = study.get_trials(deepcopy=False)
     done = [t for t in trials_ if t.datetime_complete is not None and t.state.name == "COMPLETE"]
