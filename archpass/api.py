@@ -33,6 +33,7 @@ def inspect_document(model: Model, structure: Structure, target: str | None = No
     doc["notes"] = list(model.notes) + doc["notes"]
     record = read_record(model.proto)
     doc["rewrites"] = record["rewrites"] if record else []
+    doc["sites"] = sites(structure)
     if record:
         doc["record"] = {k: v for k, v in record.items() if k != "rewrites"}
     if target is not None:
@@ -83,6 +84,15 @@ def apply(
         "before": {"macs": structure.macs, "params": structure.params},
         "after": {"macs": after.macs, "params": after.params},
     }
+
+
+def sites(structure: Structure) -> list[dict]:
+    """Where every registered pass applies in ``structure`` and what it may choose there:
+    ``{"pass", "kind", "site", "domains": {key: typed domain}, "note"}`` per site (the
+    ``sites`` list of ``archpass inspect --json``)."""
+    from archpass.passes.base import registry
+
+    return [site.to_json() for p in registry().values() for site in p.sites(structure)]
 
 
 def passes() -> list[dict]:

@@ -3,9 +3,9 @@
 A :class:`Structure` is immutable.  It knows every tensor's shape, every conv/gemm
 layer's geometry, the blocks and stages those layers form, and the channel groups: the
 sets of tensor channel dimensions that must change together.  Rewrites that only change
-shapes (channel counts, input resolution) produce a new Structure through
-:meth:`Structure.with_group_channels` and :meth:`Structure.with_input_hw` without
-touching ONNX; the search scores thousands of candidates this way.
+shapes produce a new Structure without touching ONNX (channel counts through
+:mod:`archpass.passes.resize`, input resolution through :mod:`archpass.spatial`); the
+search scores thousands of candidates this way.
 
 Ids are stable for a given input model: layers are named after their ONNX node,
 blocks ``block<N>``, groups ``group<N>`` and stages ``stage<N>`` numbered in
@@ -15,7 +15,7 @@ topological order.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Iterable, Mapping
 
@@ -338,42 +338,6 @@ class Structure:
             "notes": list(self.notes),
             "totals": self.totals(),
         }
-
-    # ---------------------------------------------------------------- shape-only rewrites
-    def with_group_channels(self, sizes: Mapping[str, int]) -> "Structure":
-        """A copy in which the given channel groups have new sizes; every tensor and
-        layer that carries them is resized.  Fast: no ONNX, no weights."""
-        if not sizes:
-            return self
-        gsize = {g.id: g.channels for g in self.groups}
-        gsize.update(sizes)
-        groups = tuple(replace(g, channels=gsize[g.id]) if g.id in sizes else g for g in self.groups)
-        tensors = dict(self.tensors)
-        changed = set(sizes)
-        for name, t in self.tensors.items():
-            if t.channel_axis is not None and t.segments and changed.intersection(t.segments):
-                shape = list(t.shape)
-                shape[t.channel_axis] = sum(gsize[s] for s in t.segments)
-                tensors[name] = replace(t, shape=tuple(shape))
-        layers = []
-        for l in self.layers:
-            if changed.intersection(l.in_groups) or l.out_group in changed:
-                cin = sum(gsize[g] for g in l.in_groups) if l.in_groups else l.cin
-                cout = gsize[l.out_group] if l.out_group else l.cout
-                groups_ = l.groups
-                if l.depthwise:
-                    groups_ = cin
-                layers.append(replace(l, cin=cin, cout=cout, groups=groups_))
-            else:
-                layers.append(l)
-        outputs = tuple((n, tensors[n].shape if n in tensors else s) for n, s in self.outputs)
-        return replace(self, layers=tuple(layers), groups=groups, tensors=tensors, outputs=outputs)
-
-    def with_input_hw(self, hw: HW) -> "Structure":
-        """A copy at a new input resolution: spatial sizes are recomputed along the nodes."""
-        from archpass.spatial import propagate_hw  # local: keeps this module dependency-free
-
-        return propagate_hw(self, hw)
 
 
 def index_by_id(items: Iterable) -> dict:

@@ -21,7 +21,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from archpass.passes.base import GraphResult, Pass, ShapeResult, Site, register, tag
+from archpass.passes.base import GraphResult, Match, Pass, ShapeResult, Site, register, tag
 from archpass.passes.graphutil import const_value, fresh_const, node_named
 from archpass.passes.structedit import drop_unused_consts, edit_members, next_group_id
 from archpass.structure import ChannelGroup, Layer, Member, Structure, Tensor
@@ -62,9 +62,9 @@ class DwToDense(Pass):
     choice_keys = ()
 
     def sites(self, structure: Structure) -> list[Site]:
-        return [Site(self.name, l.id, {}, _summary(l)) for l in structure.layers if l.depthwise]
+        return [self.site(l.id, {}, _summary(l)) for l in structure.layers if l.depthwise]
 
-    def check(self, structure: Structure, site: str | None, choice: Mapping[str, Any]) -> str | None:
+    def check(self, structure: Structure, site: str | None, choice: Mapping[str, Any]) -> Match | str:
         if site is None or not structure.has_layer(site):
             return f"'{site}' is not a layer of this model"
         l = structure.layer(site)
@@ -72,11 +72,11 @@ class DwToDense(Pass):
             return f"layer '{site}' is not a depthwise conv (op {l.op}, groups={l.groups})"
         if choice:
             return f"dw_to_dense takes no choice, got {', '.join(choice)}"
-        return None
+        return self.match(site, choice, layer=l)
 
-    def apply_shapes(self, structure: Structure, site: str | None, choice: Mapping[str, Any]) -> ShapeResult:
+    def apply_shapes(self, structure: Structure, match: Match) -> ShapeResult:
         s = structure
-        d = s.layer(site)
+        site, d = match.site, match.found["layer"]
         w_name = f"{d.id}.dense_weight"
         new_groups = s.groups
         tensors = dict(s.tensors)
@@ -136,8 +136,8 @@ class DwToDense(Pass):
             after["new_group"] = split[0]
         return ShapeResult(out, True, True, before={"layer": _summary(d)}, after=after)
 
-    def apply_graph(self, graph, structure: Structure, site: str | None, choice: Mapping[str, Any]) -> GraphResult:
-        d = structure.layer(site)
+    def apply_graph(self, graph, structure: Structure, match: Match) -> GraphResult:
+        site, d = match.site, match.found["layer"]
         node = node_named(graph, d.id)
         wd = const_value(node.inputs[1])  # [cout, 1, kh, kw]
         mult = d.cout // d.cin

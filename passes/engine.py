@@ -1,13 +1,14 @@
 """Applying a recipe: validation and the shape-only path, then the ONNX path.
 
 :func:`plan` validates a recipe against an analyzed :class:`Structure` and applies
-every rewrite to the structure alone (``Pass.check`` then ``Pass.apply_shapes``), so a
-bad recipe is refused before any ONNX is touched.  Site ids are those of the input
+every rewrite to the structure alone (``Pass.check``, once per rewrite, then
+``Pass.apply_shapes`` with the :class:`Match` it returned), so a bad recipe is refused
+before any ONNX is touched.  Each :class:`Step` keeps its Match.  Site ids are those of the input
 model; passes keep ids stable, so they still resolve after earlier rewrites.
 :func:`apply_recipe_shapes` is that path for the search (no ONNX, no weights).
 
 :func:`apply_recipe` then replays the validated steps on an onnx-graphsurgeon graph
-(``Pass.apply_graph``), runs one ``cleanup().toposort()``, exports, re-infers shapes,
+(``Pass.apply_graph`` with the step's Match), runs one ``cleanup().toposort()``, exports, re-infers shapes,
 writes provenance (node ``doc_string`` and the ``archpass.provenance`` metadata map)
 and the record of applied rewrites (:mod:`archpass.record`), runs
 ``onnx.checker.check_model(full_check=True)`` and verifies that every layer of the
@@ -27,7 +28,7 @@ import archpass
 from archpass.analysis import analyze
 from archpass.errors import RecipeError
 from archpass.model import Model
-from archpass.passes.base import Pass, ShapeResult, provenance, registry
+from archpass.passes.base import Match, Pass, ShapeResult, provenance, registry
 from archpass.recipe import Recipe, Rewrite
 from archpass.record import PROVENANCE_KEY, read_record, write_record
 from archpass.structure import Layer, Structure
@@ -38,13 +39,15 @@ _KIND_IDS = {"block": "blocks", "group": "groups", "layer": "layers"}
 
 @dataclass(frozen=True)
 class Step:
-    """One validated rewrite: the structure it applies to and its shape-only result."""
+    """One validated rewrite: the structure it applies to, what ``check`` found there and
+    its shape-only result."""
 
     index: int
     rewrite: Rewrite
     pass_: Pass
     before: Structure
     result: ShapeResult
+    match: Match
 
     def record(self, exact: bool | None = None) -> dict:
         r = self.rewrite
@@ -137,11 +140,11 @@ def plan(structure: Structure, recipe: Recipe, *, previous: list[dict] | None = 
         seen[key] = i
         if p.site_kind in _KIND_LOOKUP and (rw.site is None or not getattr(s, _KIND_LOOKUP[p.site_kind])(rw.site)):
             raise _site_error(i, rw, p, s, structure, steps)
-        why = p.check(s, rw.site, rw.choice)
-        if why:
-            raise RecipeError(f"rewrite #{i} ({rw.describe()}): {why}", "change or drop this rewrite")
-        res = p.apply_shapes(s, rw.site, rw.choice)
-        steps.append(Step(i, rw, p, s, res))
+        match = p.check(s, rw.site, rw.choice)
+        if not isinstance(match, Match):
+            raise RecipeError(f"rewrite #{i} ({rw.describe()}): {match}", "change or drop this rewrite")
+        res = p.apply_shapes(s, match)
+        steps.append(Step(i, rw, p, s, res, match))
         s = res.structure
     return Plan(structure, recipe, tuple(steps))
 
@@ -249,7 +252,7 @@ def apply_recipe(model: Model, recipe: Recipe, *, structure: Structure | None = 
     graph = gs.import_onnx(model.proto)
     entries = []
     for st in pl.steps:
-        gr = st.pass_.apply_graph(graph, st.before, st.rewrite.site, st.rewrite.choice)
+        gr = st.pass_.apply_graph(graph, st.before, st.match)
         if gr.exact != st.result.exact:
             raise AssertionError(f"{st.rewrite.pass_name}: graph and shape paths disagree on exactness")
         entries.append(st.record(gr.exact))

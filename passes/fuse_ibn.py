@@ -26,7 +26,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from archpass.passes.base import GraphResult, Pass, ShapeResult, Site, register, tag
+from archpass.passes.base import GraphResult, Match, Pass, ShapeResult, Site, register, tag
 from archpass.passes.graphutil import const_value, fresh_const, node_named
 from archpass.passes.structedit import chain_between, drop_unused_consts, edit_members
 from archpass.structure import Layer, Member, Structure, Tensor
@@ -46,15 +46,10 @@ class FuseIBN(Pass):
     choice_keys = ()
 
     def sites(self, structure: Structure) -> list[Site]:
-        return [Site(self.name, b.id, {}, f"{b.role('expand')} + {b.role('depthwise')}")
-                for b in structure.blocks if b.kind == "ibn" and self.check(structure, b.id, {}) is None]
+        return [self.site(b.id, {}, f"{b.role('expand')} + {b.role('depthwise')}")
+                for b in structure.blocks if b.kind == "ibn" and isinstance(self.check(structure, b.id, {}), Match)]
 
-    def _parts(self, s: Structure, site: str):
-        b = s.block(site)
-        e, d = s.layer(b.role("expand")), s.layer(b.role("depthwise"))
-        return b, e, d
-
-    def check(self, structure: Structure, site: str | None, choice: Mapping[str, Any]) -> str | None:
+    def check(self, structure: Structure, site: str | None, choice: Mapping[str, Any]) -> Match | str:
         if site is None or not structure.has_block(site):
             return f"'{site}' is not a block of this model"
         b = structure.block(site)
@@ -64,24 +59,25 @@ class FuseIBN(Pass):
             return f"{site} is a {b.kind} block, not an inverted bottleneck with an expand conv (ibn)"
         if choice:
             return f"fuse_ibn takes no choice, got {', '.join(choice)}"
-        _, e, d = self._parts(structure, site)
+        e, d = structure.layer(b.role("expand")), structure.layer(b.role("depthwise"))
         if not (e.pointwise and e.stride == (1, 1) and e.pads == (0, 0, 0, 0)):
             return f"the expand conv of {site} is not a plain 1x1 stride-1 conv"
         if not (d.depthwise and d.cout == d.cin == e.cout):
             return f"the depthwise conv of {site} has a channel multiplier"
-        if chain_between(structure, e.output, d.input) is None:
+        chain = chain_between(structure, e.output, d.input)
+        if chain is None:
             return f"the expand conv's output of {site} is used outside the block"
-        return None
+        return self.match(site, choice, block=b, expand=e, depthwise=d, chain=chain, exact=self._exact(e, d))
 
     @staticmethod
-    def _exact(s: Structure, e: Layer, d: Layer) -> bool:
+    def _exact(e: Layer, d: Layer) -> bool:
         return e.output == d.input and (not e.bias or d.pads == (0, 0, 0, 0))
 
-    def apply_shapes(self, structure: Structure, site: str | None, choice: Mapping[str, Any]) -> ShapeResult:
+    def apply_shapes(self, structure: Structure, match: Match) -> ShapeResult:
         s = structure
-        b, e, d = self._parts(s, site)
-        chain_nodes, chain_tensors = chain_between(s, e.output, d.input)
-        exact = self._exact(s, e, d)
+        f = match.found
+        site, b, e, d, exact = match.site, f["block"], f["expand"], f["depthwise"], f["exact"]
+        chain_nodes, chain_tensors = f["chain"]
         w_name, b_name = f"{d.id}.fused_weight", f"{d.id}.fused_bias"
         has_bias = e.bias or d.bias
         fused = replace(d, cin=e.cin, groups=1, in_hw=e.in_hw, input=e.input, weight=w_name, bias=has_bias,
@@ -123,8 +119,8 @@ class FuseIBN(Pass):
                            before={"expand": _summary(e), "depthwise": _summary(d)},
                            after={"fused": _summary(fused)})
 
-    def apply_graph(self, graph, structure: Structure, site: str | None, choice: Mapping[str, Any]) -> GraphResult:
-        _, e, d = self._parts(structure, site)
+    def apply_graph(self, graph, structure: Structure, match: Match) -> GraphResult:
+        e, d = match.found["expand"], match.found["depthwise"]
         en, dn = node_named(graph, e.id), node_named(graph, d.id)
         we = const_value(en.inputs[1]).astype(np.float64)[:, :, 0, 0]  # [C, cin]
         wd = const_value(dn.inputs[1]).astype(np.float64)  # [C, 1, kh, kw]
@@ -140,5 +136,5 @@ class FuseIBN(Pass):
         dn.inputs.extend(inputs)
         dn.attrs["group"] = 1
         # the expand conv and its activation are now dead; the engine's cleanup() removes them
-        tag(dn, self.name, site)
-        return GraphResult(True, self._exact(structure, e, d))
+        tag(dn, self.name, match.site)
+        return GraphResult(True, match.found["exact"])

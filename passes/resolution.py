@@ -6,19 +6,64 @@ naming the node, where a Reshape, a Flatten of a spatial map, a Gemm fed by one,
 window larger than its input would make the model invalid.  Weights do not change; the
 function is not the same (other pixels), so the rewrite counts as **lossy** for
 accuracy even though no weight has to be recovered.
+
+Domains: ``height`` and ``width`` are integers from the smallest size the network accepts
+(found by bisection with the other side at its current size; 1 for most convolutional
+nets, whose padded convs accept any size) up to twice the current size (four times the
+pixels, beyond which the cost of a model outgrows any search for a faster one).  A size
+inside the domain can still be refused with the node that forbids it, where acceptance is
+not monotonic (branches whose rounding disagrees at a Concat or Add).  The site exists
+only when the network runs at twice its current size, i.e. does not fix its spatial size.
+The propagated Structure travels in the Match, so ``check`` then ``apply_shapes``
+propagate once and the pass keeps no state.
 """
 
 from __future__ import annotations
 
 from typing import Any, Mapping
 
-from archpass.passes.base import GraphResult, Pass, ShapeResult, Site, register, tag
+from archpass.passes.base import GraphResult, IntDomain, Match, Pass, ShapeResult, Site, register, tag
 from archpass.spatial import SpatialError, propagate_hw
 from archpass.structure import Structure
 
+#: The domain's upper bound is GROWTH times the current size (see the module doc).
+GROWTH = 2
 
-def _hw(choice: Mapping[str, Any]) -> tuple[int, int]:
-    return int(choice["height"]), int(choice["width"])
+
+def _propagate(structure: Structure, hw: tuple[int, int]) -> Structure | str:
+    try:
+        return propagate_hw(structure, hw)
+    except SpatialError as exc:
+        return str(exc)
+
+
+def _smallest(structure: Structure, axis: int, current: tuple[int, int]) -> int:
+    """The smallest size along ``axis`` (0 = height, 1 = width; the other at its current
+    value) the network accepts, by bisection between 1 and the current size."""
+    def ok(x: int) -> bool:
+        hw = (x, current[1]) if axis == 0 else (current[0], x)
+        return not isinstance(_propagate(structure, hw), str)
+
+    if ok(1):
+        return 1
+    lo, hi = 1, current[axis]  # lo refused, hi accepted
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if ok(mid):
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+def domains(structure: Structure) -> dict[str, IntDomain] | None:
+    """The height/width domains of the resolution site, or None when the network fixes its
+    spatial size (it cannot run at twice its current size)."""
+    hw = structure.input_hw
+    if hw is None or isinstance(_propagate(structure, (GROWTH * hw[0], GROWTH * hw[1])), str):
+        return None
+    return {"height": IntDomain(_smallest(structure, 0, hw), GROWTH * hw[0], 1, hw[0]),
+            "width": IntDomain(_smallest(structure, 1, hw), GROWTH * hw[1], 1, hw[1])}
 
 
 @register
@@ -30,32 +75,13 @@ class Resolution(Pass):
     choice_keys = ("height", "width")
 
     def sites(self, structure: Structure) -> list[Site]:
+        dom = domains(structure)
+        if dom is None:
+            return []
         hw = structure.input_hw
-        if hw is None:
-            return []
-        why = self._refusal(structure, (max(hw[0] // 2, 1), max(hw[1] // 2, 1)))
-        if why:
-            return []
-        return [Site(self.name, None, {"height": {"min": 1}, "width": {"min": 1}}, f"input is {hw[0]}x{hw[1]}")]
+        return [self.site(None, dom, f"input is {hw[0]}x{hw[1]}")]
 
-    _last: tuple = (None, None, None)  # (structure, hw, Structure or refusal): check then apply_shapes propagate once
-
-    def _propagate(self, structure: Structure, hw: tuple[int, int]) -> Structure | str:
-        s, h, out = self._last
-        if s is structure and h == hw:
-            return out
-        try:
-            out = propagate_hw(structure, hw)
-        except SpatialError as exc:
-            out = str(exc)
-        self._last = (structure, hw, out)
-        return out
-
-    def _refusal(self, structure: Structure, hw: tuple[int, int]) -> str | None:
-        out = self._propagate(structure, hw)
-        return out if isinstance(out, str) else None
-
-    def check(self, structure: Structure, site: str | None, choice: Mapping[str, Any]) -> str | None:
+    def check(self, structure: Structure, site: str | None, choice: Mapping[str, Any]) -> Match | str:
         if site is not None:
             return f"resolution applies to the whole model; drop \"site\": \"{site}\""
         missing = [k for k in self.choice_keys if k not in choice]
@@ -65,24 +91,26 @@ class Resolution(Pass):
             v = choice[k]
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 return f"{k} must be a positive integer, got {v!r}"
-        if structure.input_hw is None:
+        hw0 = structure.input_hw
+        if hw0 is None:
             return "the model has no NCHW image input"
-        why = self._refusal(structure, _hw(choice))
-        if why:
-            return f"cannot run at {choice['height']}x{choice['width']}: {why}"
-        return None
-
-    def apply_shapes(self, structure: Structure, site: str | None, choice: Mapping[str, Any]) -> ShapeResult:
-        before = structure.input_hw
-        out = self._propagate(structure, _hw(choice))
+        hw = (choice["height"], choice["width"])
+        for k, v, cur in zip(self.choice_keys, hw, hw0):
+            if v > GROWTH * cur:
+                return f"{k} must be at most {GROWTH * cur} ({GROWTH}x the current {cur}), got {v}"
+        out = _propagate(structure, hw)
         if isinstance(out, str):
-            raise SpatialError(out)
-        modified = out is not structure
-        return ShapeResult(out, modified, not modified, before={"input_hw": list(before)},
-                           after={"input_hw": list(_hw(choice))})
+            return f"cannot run at {hw[0]}x{hw[1]}: {out}"
+        return self.match(site, choice, hw=hw, structure=out)
 
-    def apply_graph(self, graph, structure: Structure, site: str | None, choice: Mapping[str, Any]) -> GraphResult:
-        h, w = _hw(choice)
+    def apply_shapes(self, structure: Structure, match: Match) -> ShapeResult:
+        out = match.found["structure"]
+        modified = out is not structure
+        return ShapeResult(out, modified, not modified, before={"input_hw": list(structure.input_hw)},
+                           after={"input_hw": list(match.found["hw"])})
+
+    def apply_graph(self, graph, structure: Structure, match: Match) -> GraphResult:
+        h, w = match.found["hw"]
         changed = False
         for t in graph.inputs:
             if t.shape is not None and len(t.shape) == 4:

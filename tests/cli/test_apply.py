@@ -111,6 +111,9 @@ def test_passes_command():
     assert names[:1] == ["fuse_ibn"] and {"dw_to_dense", "resolution", "channels", "width_multiplier"} <= set(names)
     by = {p["name"]: p for p in doc}
     assert by["dw_to_dense"]["exactness"] == "exact" and by["fuse_ibn"]["site_kind"] == "block"
+    kinds = {"fuse_ibn": "block", "dw_to_dense": "layer", "channels": "group", "width_multiplier": "stage",
+             "resolution": "model"}
+    assert {n: by[n]["site_kind"] for n in kinds} == kinds
     assert all(p["summary"] and p["exactness"] for p in doc)
     r = runner.invoke(app, ["passes"])
     assert r.exit_code == 0 and "dw_to_dense" in r.stdout

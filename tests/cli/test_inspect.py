@@ -46,6 +46,17 @@ def test_json_document(messy):
     for key in ("id", "channels", "adjustable", "members"):
         assert key in doc["channel_groups"][0]
     assert doc["totals"]["macs"] == sum(l["macs"] for l in doc["layers"])
+    # where each pass applies, with typed domains a sampler reads
+    by = {}
+    for site in doc["sites"]:
+        by.setdefault(site["pass"], []).append(site)
+    adjustable = {g["id"]: g["channels"] for g in doc["channel_groups"] if g["adjustable"]}
+    assert {x["site"] for x in by["channels"]} == set(adjustable)
+    for x in by["channels"]:
+        assert x["kind"] == "group" and x["domains"]["channels"]["current"] == adjustable[x["site"]]
+    assert by["width_multiplier"][0]["site"] is None and by["width_multiplier"][0]["kind"] == "stage"
+    assert by["width_multiplier"][0]["domains"]["multiplier"]["type"] == "float"
+    assert by["resolution"][0]["domains"]["height"]["current"] == 64
 
 
 @pytest.mark.parametrize("args,needle", [

@@ -8,6 +8,7 @@ from builders import NetBuilder
 from archpass.analysis import analyze
 from archpass.costmodel import builtin_names, decompose, estimate, load_target
 from archpass.model import model_from_proto
+from archpass.passes.resize import resize_shapes
 
 pytestmark = pytest.mark.skipif(not {"edgetpu", "tpu", "cpu"} <= set(builtin_names()),
                                 reason="built-in targets not generated (python -m archpass.costmodel.build_targets)")
@@ -81,5 +82,5 @@ def test_shape_only_rewrite_changes_the_estimate():
     s = _net(32, 64)
     t = load_target("edgetpu")
     g = next(g for g in s.groups if g.adjustable and g.channels == 128)
-    narrower = s.with_group_channels({g.id: 64})
+    narrower = resize_shapes(s, {g.id: 64})
     assert estimate(narrower, t).latency_ms < estimate(s, t).latency_ms

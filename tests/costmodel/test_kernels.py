@@ -7,6 +7,7 @@ from builders import NetBuilder
 from archpass.analysis import analyze as _analyze
 from archpass.costmodel.kernels import FusionRules, Kernel, decompose
 from archpass.model import model_from_proto
+from archpass.passes.resize import resize_shapes
 
 
 def analyze(proto):
@@ -84,7 +85,7 @@ def test_kernel_spec_round_trip():
 def test_channel_change_reaches_kernels():
     s = analyze(_mbv2_like())
     g = next(g for g in s.groups if g.adjustable and g.channels == 64)
-    wider = s.with_group_channels({g.id: 80})
+    wider = resize_shapes(s, {g.id: 80})
     before = {k.id: k for k in decompose(s, LAYERS_ONLY)}
     after = {k.id: k for k in decompose(wider, LAYERS_ONLY)}
     changed = [i for i in before if before[i].spec() != after[i].spec()]

@@ -24,7 +24,8 @@ from resize_helpers import (  # noqa: E402
 )
 
 from archpass.errors import RecipeError  # noqa: E402
-from archpass.passes.base import get_pass  # noqa: E402
+from archpass.passes.base import IntDomain, Match, get_pass  # noqa: E402
+from archpass.passes.engine import apply_recipe_shapes  # noqa: E402
 
 CHANNELS = get_pass("channels")
 
@@ -114,7 +115,13 @@ def up(c: int, p: int = 8) -> int:
 # ----------------------------------------------------------------------------- contract
 def test_sites_are_the_adjustable_groups(mixed, consts):
     m, s = mixed
-    assert [x.id for x in CHANNELS.sites(s)] == [g.id for g in s.groups if g.adjustable]
+    sites = CHANNELS.sites(s)
+    assert [x.id for x in sites] == [g.id for g in s.groups if g.adjustable]
+    for x in sites:
+        c = s.group(x.id).channels
+        assert x.kind == "group" and x.domains == {"channels": IntDomain(1, max(4 * c, 64), 1, c)}
+        assert x.to_json()["domains"]["channels"] == {"type": "int", "low": 1, "high": max(4 * c, 64), "step": 1,
+                                                      "current": c}
     _, s2 = consts
     ln_group = group_of(s2, "conv0")
     note = next(x.note for x in CHANNELS.sites(s2) if x.id == ln_group)
@@ -127,20 +134,36 @@ def test_check_refuses_bad_choices(mixed):
     assert fixed
     for g in fixed:
         why = CHANNELS.check(s, g.id, {"channels": 64})
-        assert why and "not adjustable" in why and g.reason in why
+        assert isinstance(why, str) and "not adjustable" in why and g.reason in why
     gid = group_of(s, "conv0")
     for bad in (0, -3, 2.5, "8", True, None):
-        assert CHANNELS.check(s, gid, {"channels": bad}), bad
+        assert isinstance(CHANNELS.check(s, gid, {"channels": bad}), str), bad
     assert "unknown channel group" in CHANNELS.check(s, "group999", {"channels": 8})
-    assert CHANNELS.check(s, None, {"channels": 8})
-    assert CHANNELS.check(s, gid, {})
-    assert CHANNELS.check(s, gid, {"channels": 8, "multiplier": 2})
-    assert CHANNELS.check(s, gid, {"channels": 8}) is None
-    assert CHANNELS.check(s, gid, {"channels": 1}) is None
-    with pytest.raises(RecipeError):
-        CHANNELS.apply_shapes(s, gid, {"channels": 0})
+    assert isinstance(CHANNELS.check(s, None, {"channels": 8}), str)
+    assert isinstance(CHANNELS.check(s, gid, {}), str)
+    assert isinstance(CHANNELS.check(s, gid, {"channels": 8, "multiplier": 2}), str)
+    match = CHANNELS.check(s, gid, {"channels": 8})
+    assert isinstance(match, Match) and match.site == gid and match.found["new"] == 8
+    assert isinstance(CHANNELS.check(s, gid, {"channels": 1}), Match)
+    assert isinstance(CHANNELS.check(s, gid, {"channels": 8.0}), Match)  # JSON may spell integers as floats
+    with pytest.raises(RecipeError, match="positive integer"):
+        apply_recipe_shapes(s, [{"pass": "channels", "site": gid, "channels": 0}])
     with pytest.raises(RecipeError, match="not adjustable"):
-        CHANNELS.apply_shapes(s, fixed[0].id, {"channels": 8})
+        apply_recipe_shapes(s, [{"pass": "channels", "site": fixed[0].id, "channels": 8}])
+
+
+def test_check_agrees_with_the_domain(mixed):
+    """check() accepts the domain's bounds and refuses one past them (an absurd count too)."""
+    _, s = mixed
+    for site in CHANNELS.sites(s):
+        dom = site.domains["channels"]
+        for v in (dom.low, dom.current, dom.high):
+            assert dom.contains(v) and isinstance(CHANNELS.check(s, site.id, {"channels": v}), Match), v
+        for v in (dom.low - 1, dom.high + 1, 1_000_000_000):
+            assert not dom.contains(v)
+            assert isinstance(CHANNELS.check(s, site.id, {"channels": v}), str), v
+    with pytest.raises(RecipeError, match="at most"):
+        apply_recipe_shapes(s, [{"pass": "channels", "site": site.id, "channels": 1_000_000_000}])
 
 
 def test_same_size_is_a_noop(mixed):

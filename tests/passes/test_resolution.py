@@ -99,3 +99,62 @@ def test_real_architectures_refused(name, why):
     _, s = loaded(name)
     with pytest.raises(RecipeError, match=f"cannot run at 160x160: {why} '.*' fixes the spatial size"):
         apply_recipe_shapes(s, [{"pass": "resolution", "height": 160, "width": 160}])
+
+
+def test_site_domains_and_check_agree():
+    """Height/width domains: from the smallest accepted size up to twice the current one;
+    check() accepts the bounds and refuses one past them."""
+    from archpass.passes.base import IntDomain, Match, get_pass
+
+    res = get_pass("resolution")
+    _, s = built(_net())
+    (site,) = res.sites(s)
+    assert site.kind == "model" and site.id is None
+    assert site.domains == {"height": IntDomain(1, 64, 1, 32), "width": IntDomain(1, 64, 1, 32)}
+    for h, w in [(1, 1), (64, 64), (1, 64), (32, 32)]:
+        assert isinstance(res.check(s, None, {"height": h, "width": w}), Match)
+    for h, w in [(65, 32), (32, 65), (0, 32), (10_000, 10_000)]:
+        assert isinstance(res.check(s, None, {"height": h, "width": w}), str), (h, w)
+    with pytest.raises(RecipeError, match="at most 64"):
+        apply_recipe_shapes(s, [{"pass": "resolution", "height": 65, "width": 32}])
+
+
+def test_smallest_size_is_found_by_bisection():
+    """Unpadded convs need a minimum input: 3 stride-2 3x3 convs accept 15 but not 14."""
+    from archpass.passes.base import Match, get_pass
+
+    res = get_pass("resolution")
+    import numpy as np
+
+    inits, nodes, x = [], [], "x"
+    for i in range(3):
+        inits.append(helper.make_tensor(f"w{i}", TensorProto.FLOAT, (4, 3 if i == 0 else 4, 3, 3),
+                                        np.ones(4 * (3 if i == 0 else 4) * 9, np.float32).tolist()))
+        nodes.append(helper.make_node("Conv", [x, f"w{i}"], [f"c{i}"], name=f"conv{i}", strides=[2, 2]))
+        x = f"c{i}"
+    nodes.append(helper.make_node("GlobalAveragePool", [x], ["y"], name="pool"))
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 24, 20])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 1, 1])], inits)
+    _, s = built(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]))
+    (site,) = res.sites(s)
+    h, w = site.domains["height"], site.domains["width"]
+    assert (h.low, h.high, h.current) == (15, 48, 24) and (w.low, w.high, w.current) == (15, 40, 20)
+    assert isinstance(res.check(s, None, {"height": 15, "width": 15}), Match)
+    assert isinstance(res.check(s, None, {"height": 14, "width": 20}), str)
+
+
+def test_no_site_when_the_spatial_size_is_fixed():
+    from archpass.passes.base import get_pass
+
+    _, s = built(_flatten_model())
+    assert get_pass("resolution").sites(s) == []
+
+
+def test_match_carries_the_propagated_structure():
+    from archpass.passes.base import get_pass
+
+    res = get_pass("resolution")
+    _, s = built(_net())
+    m = res.check(s, None, {"height": 48, "width": 40})
+    assert m.found["hw"] == (48, 40) and m.found["structure"].input_hw == (48, 40)
+    assert res.apply_shapes(s, m).structure is m.found["structure"]

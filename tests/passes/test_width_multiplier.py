@@ -21,8 +21,9 @@ from resize_helpers import (  # noqa: E402
 )
 
 from archpass.errors import RecipeError  # noqa: E402
-from archpass.passes.base import get_pass  # noqa: E402
-from archpass.passes.width_multiplier import snap  # noqa: E402
+from archpass.passes.base import FloatDomain, IntDomain, Match, get_pass  # noqa: E402
+from archpass.passes.engine import apply_recipe_shapes  # noqa: E402
+from archpass.passes.width_multiplier import layer_stages, site_groups, snap  # noqa: E402
 
 WIDTH = get_pass("width_multiplier")
 
@@ -63,24 +64,75 @@ def test_snap(c, m, p, want):
 
 def test_check_refuses_bad_choices(small):
     _, s = small
-    assert WIDTH.check(s, None, {"multiplier": 0.75}) is None  # parallelism defaults to 8
-    assert WIDTH.check(s, None, {"multiplier": 2, "parallelism": 16}) is None
+    m = WIDTH.check(s, None, {"multiplier": 0.75})  # parallelism defaults to 8
+    assert isinstance(m, Match) and m.found["sizes"] == {g: snap(c, 0.75, 8) for g, c in adjustable(s).items()}
+    assert isinstance(WIDTH.check(s, None, {"multiplier": 2, "parallelism": 16}), Match)
     for bad in ({"multiplier": 0}, {"multiplier": -1.0}, {"multiplier": "big"}, {"multiplier": math.nan},
                 {"multiplier": math.inf}, {"multiplier": True}, {"multiplier": 0.5, "parallelism": 0},
                 {"multiplier": 0.5, "parallelism": 2.5}, {}, {"multiplier": 0.5, "channels": 8}):
-        assert WIDTH.check(s, None, bad), bad
+        assert isinstance(WIDTH.check(s, None, bad), str), bad
     assert "unknown stage" in WIDTH.check(s, "stage99", {"multiplier": 0.5})
     assert "unknown stage" in WIDTH.check(s, "group1", {"multiplier": 0.5})
-    with pytest.raises(RecipeError):
-        WIDTH.apply_shapes(s, None, {"multiplier": -2})
+    with pytest.raises(RecipeError, match="positive number"):
+        apply_recipe_shapes(s, [{"pass": "width_multiplier", "multiplier": -2}])
+
+
+def test_check_agrees_with_the_domains(small):
+    _, s = small
+    for site in WIDTH.sites(s):
+        md, pd = site.domains["multiplier"], site.domains["parallelism"]
+        for m in (md.low, md.high, 1.0):
+            for p in (pd.low, pd.current, pd.high):
+                assert isinstance(WIDTH.check(s, site.id, {"multiplier": m, "parallelism": p}), Match), (m, p)
+        for m in (md.low / 2, md.high * 1.01, 100.0):
+            assert not md.contains(m) and "multiplier must be" in WIDTH.check(s, site.id, {"multiplier": m}), m
+        for p in (pd.high + 1, 4096):
+            assert not pd.contains(p) and "parallelism must be" in WIDTH.check(s, site.id, {"multiplier": 1.0,
+                                                                                       "parallelism": p}), p
 
 
 def test_sites(small):
     _, s = small
     sites = WIDTH.sites(s)
-    assert sites[0].id is None and sites[0].allows["parallelism"]["default"] == 8
-    assert {x.id for x in sites[1:]} <= {st.id for st in s.stages}
-    assert len(sites) >= 2
+    assert WIDTH.site_kind == "stage" and all(x.kind == "stage" for x in sites)
+    assert sites[0].id is None
+    assert sites[0].domains == {"multiplier": FloatDomain(0.1, 2.0, log=True, current=1.0),
+                                "parallelism": IntDomain(1, 256, 1, current=8)}
+    assert {x.id for x in sites[1:]} == {st.id for st in s.stages}
+    assert sites[0].to_json()["kind"] == "stage" and sites[0].to_json()["site"] is None
+
+
+def _assert_stages_cover_the_model(s):
+    """Every layer has a stage, the stem conv is in the first one, the head in the last one,
+    and the stage sites together cover exactly the groups of the whole-model site."""
+    stages = layer_stages(s)
+    assert set(stages) == {l.id for l in s.layers}
+    in_blocks = {lid for b in s.blocks for lid in b.layers}
+    outside = [l.id for l in s.layers if l.id not in in_blocks]
+    assert outside and s.layers[0].id in outside  # the stem
+    assert stages[s.layers[0].id] == s.stages[0].id and stages[s.layers[-1].id] == s.stages[-1].id
+    stem_group = s.layers[0].out_group
+    assert s.group(stem_group).adjustable and stem_group in site_groups(s, s.stages[0].id)
+    union = set()
+    for site in WIDTH.sites(s)[1:]:
+        union |= set(site_groups(s, site.id))
+    assert union == set(site_groups(s, None)) == set(adjustable(s))
+
+
+def test_stage_sites_cover_every_group_built(small):
+    _assert_stages_cover_the_model(small[1])
+
+
+def test_stage_sites_cover_every_group_mobilenet_v2(zoo_model):
+    from archpass.analysis import analyze
+    from archpass.model import load_model
+
+    s = analyze(load_model(zoo_model("mobilenet_v2")))
+    _assert_stages_cover_the_model(s)
+    # stage0 (the stem's stage) scales the stem conv's group
+    stem = s.layers[0]
+    m = WIDTH.check(s, "stage0", {"multiplier": 2.0, "parallelism": 8})
+    assert m.found["sizes"][stem.out_group] == snap(stem.cout, 2.0, 8)
 
 
 @pytest.mark.parametrize("multiplier, parallelism", [(0.75, 8), (0.5, 4), (1.5, 8), (2.0, 16)])
@@ -113,8 +165,8 @@ def test_whole_model(small, multiplier, parallelism):
 def test_stage_site_scales_only_that_stage(small):
     m, s = small
     stage = next(st for st in s.stages if len(st.blocks) >= 2)
-    layers = {lid for b in stage.blocks for lid in s.block(b).layers}
-    inside = {g.id for g in s.groups if g.adjustable and any(p.node in layers for p in g.producers)}
+    stages = layer_stages(s)
+    inside = {g.id for g in s.groups if g.adjustable and any(stages[p.node] == stage.id for p in g.producers)}
     assert inside and inside != set(adjustable(s))
     r = rewrite_one(m, s, "width_multiplier", stage.id, {"multiplier": 2.0, "parallelism": 8})
     new = r.shapes.structure
