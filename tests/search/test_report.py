@@ -3,13 +3,9 @@ page rendered by a real headless Chromium."""
 
 from __future__ import annotations
 
-import io
 import json
 import re
-import shutil
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -31,11 +27,11 @@ from archpass.search.report import (
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import chromium  # noqa: E402
 from report_study import FAILED_EVALUATOR_TRIAL, STDERR, make_study  # noqa: E402
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM = chromium.binary()
 
 
 @pytest.fixture(scope="module")
@@ -118,12 +114,6 @@ def test_html_is_self_contained(stored):
     assert "<script>alert(1)" not in render_html(evil, {}) and "&lt;script&gt;" in render_html(evil, {})
 
 
-def _chromium(*args: str, timeout: float = 90) -> subprocess.CompletedProcess:
-    with tempfile.TemporaryDirectory(prefix="archpass-chromium-") as profile:
-        return subprocess.run([CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args],
-                              capture_output=True, text=True, timeout=timeout)
-
-
 IMG_PROBE = ('<script>window.addEventListener("load",()=>{const im=[...document.images];'
              'const d=document.createElement("p");d.id="imgprobe";'
              'd.textContent="images "+im.length+" loaded "+im.filter(i=>i.complete&&i.naturalWidth>0).length;'
@@ -133,10 +123,7 @@ IMG_PROBE = ('<script>window.addEventListener("load",()=>{const im=[...document.
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (.ci/run installs Debian's chromium)")
 def test_html_report_in_headless_chromium(stored, tmp_path):
     _, data, out, *_ = stored
-    shot = tmp_path / "shot.png"
-    proc = _chromium("--window-size=1200,1600", "--hide-scrollbars", f"--screenshot={shot}",
-                     (out / "report.html").as_uri())
-    assert shot.is_file(), proc.stderr[-2000:]
+    shot = chromium.screenshot(out / "report.html", tmp_path / "shot.png")
     from PIL import Image
 
     pixels = np.asarray(Image.open(shot).convert("L"), dtype=float)
@@ -146,7 +133,7 @@ def test_html_report_in_headless_chromium(stored, tmp_path):
     # every image loaded: the same page plus a probe script that counts decoded images
     probe = tmp_path / "probe.html"
     probe.write_text((out / "report.html").read_text().replace("</body>", IMG_PROBE + "</body>"))
-    dom = _chromium("--virtual-time-budget=5000", "--dump-dom", probe.as_uri()).stdout
+    dom = chromium.dump_dom(probe)
     assert re.search(r'id="imgprobe">images 3 loaded 3<', dom), dom[-500:]
     text = re.sub(r"<[^>]+>", " ", dom)
     for figure in (f"{data.baseline.latency_ms:.3f} → {data.best.latency_ms:.3f} ms",
