@@ -13,13 +13,16 @@ not know) makes its whole group not adjustable, with the reason.
 from __future__ import annotations
 
 from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
 from archpass.activations import UNARY, find_activation
+from archpass.errors import AnalysisError, ArchpassError
 from archpass.model import Model
 from archpass.structure import Block, ChannelGroup, Layer, Member, Node, Stage, Structure, Tensor
 
@@ -220,8 +223,9 @@ class _Analyzer:
         for n in g.node:
             if n.op_type == "Constant":
                 continue
-            self.visit(n)
-            nodes.append(self.node_record(n))
+            with _unexpected(f"node '{n.name}' ({n.op_type})"):
+                self.visit(n)
+                nodes.append(self.node_record(n))
         for vi in g.output:
             ti = self.t.get(vi.name)
             if ti and ti.segs:
@@ -354,12 +358,16 @@ class _Analyzer:
 
     def visit_unknown(self, n: onnx.NodeProto, why: str | None = None) -> None:
         self.unsupported.append(n.op_type)
+        custom = n.domain not in ("", "ai.onnx")
+        op = f"custom-domain op {n.domain}.{n.op_type}" if custom else n.op_type
+        opaque = " (opaque: archpass keeps its declared shapes)" if custom else ""
         for i in n.input:
             if i and i in self.t:
-                self.fix_tensor(i, why or f"consumed by {n.op_type} node '{n.name}', which archpass cannot rewrite through")
+                self.fix_tensor(i, why or f"consumed by {op} node '{n.name}', which archpass cannot rewrite through{opaque}")
         for o in n.output:
             shp = self.shape(o)
-            self.fresh(o, 1 if len(shp) >= 2 else None, reason=f"produced by {n.op_type} node '{n.name}', which archpass cannot rewrite")
+            self.fresh(o, 1 if len(shp) >= 2 else None,
+                       reason=f"produced by {op} node '{n.name}', which archpass cannot rewrite{opaque}")
 
     # ------------------------------------------------------------ layers
     def _register_layer(self, n, op, cin, cout, k, s, groups, in_hw, out_hw, pads, dil, bias, x, y, w):
@@ -630,6 +638,32 @@ class _Analyzer:
             if o:
                 self.fresh(o, None)
 
+    def _slice_params(self, n: onnx.NodeProto, rank: int) -> tuple[list[int] | None, list[int] | None, list[int]]:
+        """A Slice's constant (starts, axes, steps): inputs since opset 10, attributes
+        before.  starts is None when not a constant, axes None when unknown."""
+        def ints(i: int):
+            if len(n.input) > i and n.input[i]:
+                v = self.const(n.input[i])
+                return None if v is None else [int(x) for x in v.reshape(-1).tolist()], True
+            return None, False
+
+        if len(n.input) > 1:  # opset >= 10: starts, ends[, axes[, steps]] are inputs
+            starts, _ = ints(1)
+            axes, given = ints(3)
+            if given and axes is None:
+                return starts, None, []
+            steps, _ = ints(4)
+        else:  # opset < 10: attributes
+            starts, axes, steps = _attr(n, "starts"), _attr(n, "axes"), None
+            starts = None if starts is None else [int(v) for v in starts]
+        if axes is None:
+            if starts is None:
+                return None, None, []
+            axes = list(range(len(starts)))
+        if rank == 0 or (starts is not None and len(axes) != len(starts)):
+            return None, None, []
+        return starts, [int(a) % rank for a in axes], list(steps or [])
+
     def visit_split(self, n: onnx.NodeProto) -> None:
         x = n.input[0]
         xi = self.info(x)
@@ -641,16 +675,17 @@ class _Analyzer:
         if n.op_type == "Split":
             axis = _attr(n, "axis", 0) % len(xs)
         else:
-            axes = self.const(n.input[3]) if len(n.input) > 3 and n.input[3] else None
-            axis = None if axes is None else [int(a) % len(xs) for a in axes.tolist()]
-            starts = self.const(n.input[1])
+            starts, axes, steps = self._slice_params(n, len(xs))
             if axes is None:
-                axis = list(range(starts.size)) if starts is not None else None
-            if axis is None:
                 return self.visit_unknown(n)
-            if xi.axis not in axis:
+            if xi.axis not in axes:
                 self.same_layout(n.output[0], x)
                 return
+            k = axes.index(xi.axis)
+            if len(n.input) == 1:  # opset < 10: the channel pass rewrites bounds given as inputs only
+                return self.visit_unknown(n, f"Slice '{n.name}' (opset < 10) cuts channels with attribute bounds")
+            if starts is None or (len(steps) > k and steps[k] != 1):
+                return self.visit_unknown(n, f"Slice '{n.name}' takes channels at offsets or strides archpass cannot follow")
             axis = xi.axis
         if axis != xi.axis:
             for o in n.output:
@@ -665,10 +700,8 @@ class _Analyzer:
         for o in n.output:
             size = self.shape(o)[axis]
             if n.op_type == "Slice":
-                st = self.const(n.input[1])
-                axes_v = self.const(n.input[3]) if len(n.input) > 3 and n.input[3] else None
-                idx = 0 if axes_v is None else [int(a) % len(xs) for a in axes_v.tolist()].index(axis)
-                start = int(np.clip(int(st.reshape(-1)[idx]), -xs[axis], xs[axis])) % xs[axis] if st is not None else 0
+                st = int(starts[axes.index(axis)])
+                start = int(np.clip(st, -xs[axis], xs[axis])) % xs[axis]
             end = start + size
             if start in bounds and end in bounds:
                 segs = xi.segs[bounds[start]:bounds[end]]
@@ -838,10 +871,28 @@ def _find_blocks(layers: list[Layer], an: _Analyzer) -> tuple[list[Block], list[
     return blocks, stages
 
 
+@contextmanager
+def _unexpected(where: str) -> Iterator[None]:
+    """Analysis raises only archpass's errors: anything else (a graph shape no rule
+    expected) becomes an AnalysisError naming ``where``, chained to the original
+    exception so ``--debug`` shows its traceback."""
+    try:
+        yield
+    except ArchpassError:
+        raise
+    except Exception as exc:
+        detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        raise AnalysisError(
+            f"archpass cannot analyze {where}: {type(exc).__name__}{': ' + detail if detail else ''}",
+            "this is a bug in archpass: report it with the model (--debug shows the traceback)",
+        ) from exc
+
+
 def analyze(model: Model | onnx.ModelProto) -> Structure:
     """Analyze a loaded (canonical, statically shaped) model."""
     proto = model.proto if isinstance(model, Model) else model
-    structure = _Analyzer(proto).run()
+    with _unexpected("the model"):
+        structure = _Analyzer(proto).run()
     prov = _provenance(proto)
     if prov:  # layers a pass rewrote carry its tag (see archpass.passes.base.tag)
         from dataclasses import replace

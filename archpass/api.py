@@ -49,41 +49,67 @@ def apply(
     recipe,
     output: str | os.PathLike,
     input_shapes: InputShapes = None,
+    *,
+    allow_growth: bool = False,
+    target: str | None = None,
 ) -> dict:
     """Apply ``recipe`` (a Recipe, a path to a JSON/YAML file, or its JSON form) to the model
-    at ``path`` and write the result atomically to ``output``.  The input is never
-    modified; nothing is written when the recipe is invalid.  Returns the summary
+    at ``path`` and write the result atomically to ``output`` (the null device validates
+    without writing).  The input is never modified; nothing is written when the recipe is
+    invalid or its output out of proportion (``allow_growth`` lifts the growth and 2 GB
+    limits, see :mod:`archpass.limits`).  With ``target``, the summary gets an
+    ``estimate`` {before, after} on that target.  Returns the summary
     ``archpass apply --json`` prints."""
     from pathlib import Path
 
     from archpass.errors import RecipeError
+    from archpass.io import check_output
     from archpass.model import save_model
     from archpass.passes.engine import apply_recipe
     from archpass.recipe import Recipe
 
+    src, dest = Path(path), Path(output)
+    if dest.exists() and src.exists() and dest.resolve() == src.resolve():
+        raise RecipeError(f"output {dest} is the input model", "write the rewritten model to another file")
+    check_output(dest)  # before any work: a directory, a device or an unwritable folder is refused now
     if isinstance(recipe, Recipe):
         rec = recipe
     elif isinstance(recipe, (str, os.PathLike)):
         rec = Recipe.load(recipe)
     else:
         rec = Recipe.from_json(recipe)
-    src, dest = Path(path), Path(output)
-    if dest.exists() and src.exists() and dest.resolve() == src.resolve():
-        raise RecipeError(f"output {dest} is the input model", "write the rewritten model to another file")
+    tgt = None
+    if target is not None:
+        from archpass.costmodel import load_target
+
+        tgt = load_target(target)
     model = load_model(src, input_shapes)
     structure = analyze(model)
-    applied = apply_recipe(model, rec, structure=structure)
-    save_model(applied.proto, dest)
+    applied = apply_recipe(model, rec, structure=structure, allow_growth=allow_growth)
+    proto, notes = applied.proto, []
+    if model.symbolic:  # keep what --input-shape pinned only for the analysis dynamic (archpass.dynamic)
+        from archpass.dynamic import restore_dynamic_dims
+
+        proto, notes = restore_dynamic_dims(proto, model.symbolic, model.inputs)
+    written = save_model(proto, dest)
     after = applied.structure
-    return {
+    doc = {
         "input": str(src),
         "output": str(dest),
+        "written": written is not None,
         "source_sha256": model.sha256,
         "rewrites": list(applied.rewrites),
         "exact": all(r["exact"] for r in applied.rewrites),
         "before": {"macs": structure.macs, "params": structure.params},
         "after": {"macs": after.macs, "params": after.params},
+        "notes": notes,
     }
+    if tgt is not None:
+        from archpass.costmodel import estimate
+
+        doc["target"] = tgt.name
+        doc["estimate"] = {"before": estimate(structure, tgt).to_json(), "after": estimate(after, tgt).to_json()}
+    return doc
 
 
 def sites(structure: Structure) -> list[dict]:

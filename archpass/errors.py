@@ -38,6 +38,14 @@ class TargetError(ArchpassError):
     """A target is unknown, broken, or its measurement source is unusable."""
 
 
+class AnalysisError(ArchpassError):
+    """Structural analysis met a graph no rule expected (a bug to report, never a traceback)."""
+
+
+class OutputError(ArchpassError):
+    """An output path cannot receive a file: a directory, a device, an unwritable folder, a read-only filesystem."""
+
+
 class CheckFailed(ArchpassError):
     """A check the user asked for did not pass: exit code 1."""
 

@@ -12,7 +12,6 @@ import hashlib
 import logging
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -21,6 +20,7 @@ import onnx
 from onnx import ModelProto
 
 from archpass.errors import ModelLoadError
+from archpass.io import atomic_write_text  # noqa: F401  (re-exported: older callers import it from here)
 
 STANDARD_DOMAINS = {"", "ai.onnx", "ai.onnx.ml", "ai.onnx.preview.training"}
 TWO_GB = 2**31 - 1
@@ -36,6 +36,8 @@ class Model:
     sha256: str
     input_shapes: tuple[tuple[str, tuple[int, ...]], ...]
     notes: tuple[str, ...] = ()
+    #: the source's inputs/outputs with symbolic dims, as declared (see archpass.dynamic)
+    symbolic: tuple[tuple[str, tuple[int | str | None, ...]], ...] = ()
 
     @property
     def inputs(self) -> dict[str, tuple[int, ...]]:
@@ -81,7 +83,21 @@ def _read_proto(path: Path) -> ModelProto:
             f"{path} is not an ONNX model (no graph or no nodes)",
             "pass an .onnx file written by an exporter",
         )
+    _check_names(proto, path)
     return proto
+
+
+def _check_names(proto: ModelProto, path: Path) -> None:
+    """Refuse names that are not valid UTF-8 (protobuf hands them over as bytes): a
+    corrupted file, which would otherwise fail deep inside analysis."""
+    g = proto.graph
+    names = [n.name for n in g.node] + [n.op_type for n in g.node] + [n.domain for n in g.node]
+    names += [x for n in g.node for x in list(n.input) + list(n.output)]
+    names += [v.name for v in list(g.input) + list(g.output) + list(g.value_info) + list(g.initializer)]
+    bad = next((x for x in names if not isinstance(x, str)), None)
+    if bad is not None:
+        raise ModelLoadError(f"{path} holds a name that is not valid UTF-8 ({bytes(bad)[:40]!r}): the file is corrupted",
+                             "re-export the model or check that the download finished")
 
 
 def _external_tensors(proto: ModelProto):
@@ -245,6 +261,115 @@ def _custom_ops(proto: ModelProto) -> list[onnx.NodeProto]:
     return [n for n in proto.graph.node if n.domain not in STANDARD_DOMAINS and (n.domain, n.op_type) not in local_funcs]
 
 
+def _custom_op_shapes(proto: ModelProto) -> dict[str, onnx.ValueInfoProto]:
+    """The declared value_info of every custom-domain op's outputs (shape inference cannot
+    see through such an op: it is accepted only when the graph declares what it makes)."""
+    custom = _custom_ops(proto)
+    if not custom:
+        return {}
+    known = {v.name: v for v in list(proto.graph.value_info) + list(proto.graph.output)
+             if v.type.HasField("tensor_type") and v.type.tensor_type.HasField("shape")}
+    out = {}
+    for n in custom:
+        for o in n.output:
+            if o and o not in known:
+                raise ModelLoadError(
+                    f"cannot infer shapes through custom-domain op {n.op_type} (domain '{n.domain}') at node "
+                    f"'{n.name or n.op_type}': the graph does not declare the shape of its output '{o}'",
+                    "declare its output shapes in graph.value_info, or export it with standard ONNX ops",
+                )
+            if o:
+                out[o] = known[o]
+    return out
+
+
+def declared_custom_shapes(proto: ModelProto) -> list[onnx.ValueInfoProto]:
+    """The value_info entries of custom-domain ops' outputs: shape inference cannot recompute
+    them, so whoever clears value_info to re-infer must put these back first."""
+    outs = {o for n in _custom_ops(proto) for o in n.output if o}
+    return [v for v in proto.graph.value_info if v.name in outs]
+
+
+def _declare(proto: ModelProto, declared: dict[str, onnx.ValueInfoProto], symbolic, pinned: dict) -> None:
+    """Put the custom ops' declared output shapes back (pinning removed them), with the
+    symbolic dims the inputs were pinned to (``N`` -> 1)."""
+    value: dict[str, int] = {}
+    for name, dims in symbolic:
+        for d, v in zip(dims, pinned.get(name, ())):
+            if isinstance(d, str):
+                value[d] = v
+    outputs = {o.name: o for o in proto.graph.output}
+    for name, vi in declared.items():
+        new = onnx.ValueInfoProto()
+        new.CopyFrom(vi)
+        for d in new.type.tensor_type.shape.dim:
+            if not (d.HasField("dim_value") and d.dim_value > 0):
+                if d.dim_param in value:
+                    v = value[d.dim_param]
+                    d.Clear()
+                    d.dim_value = v
+                else:
+                    raise ModelLoadError(
+                        f"the declared shape of '{name}' (output of a custom-domain op) has a dynamic dim "
+                        f"'{d.dim_param or '?'}' no input pins",
+                        "declare static dims for it, or name the input dim it follows",
+                    )
+        if name in outputs:
+            outputs[name].CopyFrom(new)
+        else:
+            proto.graph.value_info.append(new)
+
+
+def _folded_sizes(proto: ModelProto):
+    """(node, bytes) of the tensors constant folding would build from constant inputs
+    (ConstantOfShape, Expand, Tile, Range): a corrupted or hostile shape constant must not
+    make canonicalization allocate more memory than the machine has."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    consts = {i.name: i for i in proto.graph.initializer}
+    for n in proto.graph.node:
+        if n.op_type == "Constant" and n.output and n.attribute and n.attribute[0].name == "value":
+            consts[n.output[0]] = n.attribute[0].t
+
+    def value(name):
+        t = consts.get(name)
+        if t is None:
+            return None
+        if t.data_type not in (onnx.TensorProto.INT64, onnx.TensorProto.INT32) or len(t.dims) > 1 or (
+                t.dims and t.dims[0] > 64):
+            return None
+        return numpy_helper.to_array(t).reshape(-1).astype(np.float64)  # floats: no overflow
+
+    for n in proto.graph.node:
+        elems = None
+        if n.op_type == "ConstantOfShape" and n.input:
+            v = value(n.input[0])
+            elems = None if v is None else float(np.prod(np.maximum(v, 0)))
+        elif n.op_type in ("Expand", "Tile") and len(n.input) > 1 and n.input[0] in consts:
+            v = value(n.input[1])
+            src = float(np.prod(consts[n.input[0]].dims)) if consts[n.input[0]].dims else 1.0
+            if v is not None:
+                elems = float(np.prod(np.maximum(v, 1))) * (src if n.op_type == "Tile" else 1.0)
+        if elems is not None:
+            yield n, elems * 8  # up to 8 bytes an element
+
+
+def _check_folding(proto: ModelProto) -> None:
+    from archpass.limits import available_memory
+
+    avail = available_memory()
+    if avail is None:
+        return
+    for n, nbytes in _folded_sizes(proto):
+        if nbytes > avail / 2:
+            raise ModelLoadError(
+                f"{n.op_type} node '{n.name or n.op_type}' would build a constant of about {nbytes / 1e9:,.0f} GB, "
+                f"more than this machine can hold",
+                "check the model: its shape constants look corrupted",
+            )
+
+
 def _infer(proto: ModelProto) -> ModelProto:
     try:
         if is_large(proto):
@@ -360,6 +485,14 @@ def canonicalize(proto: ModelProto) -> ModelProto:
     if slim is None or len(slim.graph.node) == 0:
         # onnxslim could not process the graph; keep the model and let inference judge it
         slim = proto
+    elif slim is not proto and fast is None and len(proto.graph.value_info):
+        # the declared shapes of custom-domain ops' outputs (the only value_info left after
+        # pinning): onnxslim re-adds them as rank-less duplicates, which inference would
+        # take; put the declared ones back in their place
+        declared = {v.name for v in proto.graph.value_info}
+        kept = [v for v in slim.graph.value_info if v.name not in declared]
+        del slim.graph.value_info[:]
+        slim.graph.value_info.extend(kept + list(proto.graph.value_info))
     # onnxslim leaves names empty on nodes it creates; name them deterministically
     seen: set[str] = set()
     for i, n in enumerate(slim.graph.node):
@@ -412,23 +545,27 @@ def model_from_proto(
     work = ModelProto()
     work.CopyFrom(proto)
     _check(work, path)
-    custom = _custom_ops(work)
-    if custom:
-        n = custom[0]
-        raise ModelLoadError(
-            f"cannot infer shapes through custom-domain op {n.op_type} (domain '{n.domain}') at node '{n.name or n.op_type}'",
-            "export it with standard ONNX ops or replace the custom op before optimizing",
-        )
+    declared = _custom_op_shapes(work)
+    from archpass.dynamic import symbolic_dims
+
+    symbolic = symbolic_dims(work)
     pinned = _pin_inputs(work, {k: tuple(v) for k, v in (input_shapes or {}).items()})
+    notes: list[str] = []
+    if declared:
+        _declare(work, declared, symbolic, dict(pinned))
+        ops = sorted({f"{n.domain}.{n.op_type}" for n in _custom_ops(work)})
+        notes.append(f"custom-domain ops {', '.join(ops)} are opaque: archpass keeps their declared output shapes "
+                     "and rewrites nothing through them")
     if sha256 is None:
         sha256 = hashlib.sha256(_skeleton(proto).SerializeToString() if is_large(proto)
                                 else proto.SerializeToString()).hexdigest()
-    notes: list[str] = []
     if canonical and is_large(work):
         # onnxslim serializes the model; above 2 GB it cannot.  The analysis handles
         # Constant nodes and unfused BatchNorm itself, so only folding is lost.
         notes.append("model above 2 GB: canonicalization (constant and BatchNorm folding) skipped")
         canonical = False
+    if canonical:
+        _check_folding(work)
     work = canonicalize(work) if canonical else _infer(work)
     missing = _unshaped(work)
     if missing:
@@ -437,52 +574,24 @@ def model_from_proto(
             f"cannot infer a static shape for tensor '{tensor}' (output of node '{node}')",
             "pin every dynamic input with --input-shape or re-export with static shapes",
         )
-    return Model(proto=work, path=path, sha256=sha256, input_shapes=pinned, notes=tuple(notes))
+    return Model(proto=work, path=path, sha256=sha256, input_shapes=pinned, notes=tuple(notes), symbolic=symbolic)
 
 
 # --------------------------------------------------------------------------- saving
-def save_model(proto: ModelProto, dest: str | os.PathLike) -> Path:
-    """Write atomically: a temporary file in the destination folder, renamed into place.
+def save_model(proto: ModelProto, dest: str | os.PathLike) -> Path | None:
+    """Write atomically through :func:`archpass.io.write_atomically` (which refuses
+    directories, devices and unwritable folders; the null device validates only).
     Models over 2 GB are saved with external data (``<name>.data`` beside the model)."""
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmpdir = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    try:
-        tmp_model = tmpdir / dest.name
+    from archpass.io import write_atomically
+
+    def write(tmp: Path) -> None:
         if is_large(proto):
-            data_name = dest.name + ".data"
             copy = ModelProto()
             copy.CopyFrom(proto)  # save_model converts tensors in place: keep the caller's proto intact
-            onnx.save_model(copy, str(tmp_model), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=data_name, size_threshold=0)
-            if (tmpdir / data_name).exists():
-                os.replace(tmpdir / data_name, dest.parent / data_name)
+            onnx.save_model(copy, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=Path(dest).name + ".data", size_threshold=0)
         else:
-            onnx.save_model(proto, str(tmp_model))
-        os.replace(tmp_model, dest)
-    finally:
-        for p in tmpdir.iterdir() if tmpdir.exists() else ():
-            p.unlink()
-        if tmpdir.exists():
-            tmpdir.rmdir()
-    return dest
+            onnx.save_model(proto, str(tmp))
 
+    return write_atomically(dest, write)
 
-def atomic_write_text(dest: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` through a temporary file in the destination folder, renamed into
-    place, with the permissions a plain ``open`` would give (mkstemp makes 0600)."""
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, dest)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return dest

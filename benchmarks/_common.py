@@ -37,7 +37,7 @@ def summary(samples: list[float]) -> dict:
 
 
 def write_results(name: str, figures: dict) -> Path:
-    from archpass.model import atomic_write_text
+    from archpass.io import atomic_write_text
 
     doc = {
         "benchmark": name,

@@ -34,7 +34,6 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -128,17 +127,15 @@ def export(name: str) -> Path:
         return path
     torch.manual_seed(0)
     model = getattr(torchvision.models, ctor)(weights=None, **kwargs).eval()
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    from archpass.io import write_atomically
+
+    def write(tmp: Path) -> None:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            torch.onnx.export(model, (torch.randn(1, 3, res, res),), tmp, opset_version=17, dynamo=False,
+            torch.onnx.export(model, (torch.randn(1, 3, res, res),), str(tmp), opset_version=17, dynamo=False,
                               input_names=["input"], output_names=["output"])
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+
+    write_atomically(path, write)
     return path
 
 
@@ -238,7 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     from archpass.analysis import analyze
     from archpass.costmodel import estimate, load_target
     from archpass.costmodel.backends.onnxruntime import measure_model
-    from archpass.model import load_model
+    from archpass.io import atomic_write_text
+    from archpass.model import load_model, save_model
 
     if args.truths_only:
         # before the targets exist: ZigZag settings from the build script
@@ -259,10 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     truth_cache = json.loads(truth_cache_path.read_text()) if truth_cache_path.exists() else {}
 
     def save_cache():
-        fd, tmp = tempfile.mkstemp(dir=cache_dir(), suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(truth_cache, f, indent=1)
-        os.replace(tmp, truth_cache_path)
+        atomic_write_text(truth_cache_path, json.dumps(truth_cache, indent=1))
 
     # export, canonicalize, analyze
     models = {}
@@ -273,9 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         structure = analyze(model)
         canon = cache_dir() / f"{name}.canonical.onnx"
         if not canon.exists():
-            import onnx
-
-            onnx.save(model.proto, str(canon))
+            save_model(model.proto, canon)
         models[name] = (model, structure, canon)
         print(f"loaded {name}: {len(structure.layers)} layers ({time.time() - t0:.1f}s)", file=sys.stderr, flush=True)
 
@@ -414,11 +407,7 @@ def main(argv: list[str] | None = None) -> int:
               f"Spearman by family: { {k: round(v, 3) for k, v in rank.items() if v is not None} }   "
               f"estimate {summary['estimate_ms_mobilenet_v2']:.2f} ms (MobileNetV2)")
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(report, f, indent=1)
-    os.replace(tmp, out)
+    atomic_write_text(out, json.dumps(report, indent=1))
     print(f"\nwrote {out}", file=sys.stderr)
     return 0
 

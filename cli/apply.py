@@ -6,34 +6,46 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
-from archpass.cli.common import DebugOpt, InputShapeOpt, JsonOpt, format_shapes, handled, print_json, stdout
+from archpass.cli.common import DebugOpt, InputShapeOpt, JsonOpt, handled, print_json, print_table, rewrites_table, stdout
+from archpass.limits import GROWTH_LIMIT
 
 
-def _choice(r: dict) -> str:
-    return ", ".join(f"{k}={v}" for k, v in (r.get("choice") or {}).items())
+def _estimate_line(doc: dict) -> str | None:
+    est = doc.get("estimate")
+    if not est:
+        return None
+    b, a = est["before"], est["after"]
+    return (f"on {doc['target']}: latency {b['latency_ms']:.3f} ms -> {a['latency_ms']:.3f} ms   "
+            f"peak activations {b['peak_activation_bytes'] / 1e6:.2f} MB -> {a['peak_activation_bytes'] / 1e6:.2f} MB   "
+            f"params {b['params_bytes'] / 1e6:.2f} MB -> {a['params_bytes'] / 1e6:.2f} MB")
 
 
 def render(doc: dict) -> None:
-    t = Table(title=f"Applied to {doc['input']}", title_justify="left")
-    for c in ("#", "pass", "site", "choice", "exact", "before", "after"):
-        t.add_column(c)
-    for i, r in enumerate(doc["rewrites"]):
-        t.add_row(str(i), r["pass"], str(r.get("site") or ""), _choice(r), "exact" if r["exact"] else "lossy",
-                  format_shapes(r["before"]), format_shapes(r["after"]))
-    stdout.print(t)
+    print_table(rewrites_table(doc["rewrites"], f"Applied to {doc['input']}"))
     b, a = doc["before"], doc["after"]
     stdout.print(f"MACs {b['macs'] / 1e6:.1f} M -> {a['macs'] / 1e6:.1f} M   params {b['params'] / 1e6:.3f} M -> "
                  f"{a['params'] / 1e6:.3f} M   {'exact' if doc['exact'] else 'lossy: recover or fine-tune the weights'}")
-    stdout.print(f"wrote {doc['output']}")
+    line = _estimate_line(doc)
+    if line:
+        stdout.print(line)
+        for note in dict.fromkeys(doc["estimate"]["before"]["notes"] + doc["estimate"]["after"]["notes"]):
+            stdout.print(f"note: {note}")
+    for note in doc.get("notes", []):
+        stdout.print(f"note: {note}")
+    if doc.get("written", True):
+        stdout.print(f"wrote {doc['output']}")
+    else:
+        stdout.print(f"validated; nothing written ({doc['output']} is the null device)")
 
 
 def apply(
     model: Annotated[Path, typer.Argument(help="The ONNX model to rewrite (never modified).", show_default=False)],
     recipe: Annotated[Path, typer.Argument(help="Recipe file, JSON or YAML: {\"rewrites\": [...]}.", show_default=False)],
-    output: Annotated[Path, typer.Option("-o", "--output", help="Where to write the rewritten model.", show_default=False)],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Where to write the rewritten model: a regular file or a new path (/dev/null validates the recipe without writing).", show_default=False)],
     input_shape: InputShapeOpt = None,
+    target: Annotated[str | None, typer.Option("--target", help="Also estimate latency and memory before and after on this target (see `archpass targets`).")] = None,
+    allow_growth: Annotated[bool, typer.Option("--allow-growth", help=f"Write outputs with more than {GROWTH_LIMIT}x the input's parameters, or above the 2 GB protobuf limit (then with external data).")] = False,
     json_out: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -41,7 +53,7 @@ def apply(
     from archpass import api
 
     with handled(debug):
-        doc = api.apply(model, recipe, output, input_shape)
+        doc = api.apply(model, recipe, output, input_shape, allow_growth=allow_growth, target=target)
     if json_out:
         print_json(doc)
     else:

@@ -42,6 +42,9 @@ def calibrate(
     from archpass.costmodel import calibrate as cal
 
     with handled(debug):
+        from archpass.io import check_output_dir
+
+        check_output_dir(output)  # before the progress bar: a file, a device or an unwritable folder is refused now
         if samples < 10:
             raise TargetError(f"--samples {samples} is too few to fit predictors", "use at least 10 (hundreds for accuracy)")
         if workers is None:

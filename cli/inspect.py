@@ -8,68 +8,90 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from archpass.cli.common import DebugOpt, InputShapeOpt, JsonOpt, format_shapes, handled, print_json, stdout
+from archpass.cli.common import (DebugOpt, InputShapeOpt, JsonOpt, handled, id_column, print_json, print_table,
+                                 rewrites_table, stdout, table)
 
 
 def _fmt_hw(hw) -> str:
     return f"{hw[0]}x{hw[1]}"
 
 
-def _short(s: str, n: int = 60) -> str:
-    return s if len(s) <= n else "…" + s[-(n - 1):]
+def _kernel(l: dict) -> str:
+    """Kernel, stride and grouping in one short cell: ``3x3/2 dw``, ``1x1``, ``3x3 g4``."""
+    k = _fmt_hw(l["kernel"]) + (f"/{l['stride'][0]}" if l["stride"][0] == l["stride"][1] and l["stride"][0] != 1
+                                else "" if l["stride"] == [1, 1] else f"/{_fmt_hw(l['stride'])}")
+    if l["groups"] > 1:
+        k += " dw" if l["groups"] == l["cin"] else f" g{l['groups']}"
+    return k
 
 
-def render(doc: dict, all_layers: bool = True) -> None:
+def _layers_table(doc: dict, wide: bool) -> Table:
+    ls = doc["layers"]
+    if wide:
+        cols = {"id": [l["id"] for l in ls], "op": [l["op"] for l in ls], "cin": [str(l["cin"]) for l in ls],
+                "cout": [str(l["cout"]) for l in ls], "k": [_fmt_hw(l["kernel"]) for l in ls],
+                "s": [_fmt_hw(l["stride"]) for l in ls], "groups": [str(l["groups"]) for l in ls],
+                "in": [_fmt_hw(l["in_hw"]) for l in ls], "out": [_fmt_hw(l["out_hw"]) for l in ls],
+                "act": [l["activation"] or "" for l in ls], "MMACs": [f"{l['macs'] / 1e6:.2f}" for l in ls],
+                "params": [str(l["params"]) for l in ls], "group": [l["out_group"] for l in ls]}
+    else:
+        cols = {"id": [l["id"] for l in ls], "channels": [f"{l['cin']}→{l['cout']}" for l in ls],
+                "kernel": [_kernel(l) for l in ls], "group": [l["out_group"] for l in ls]}
+    lt = table("Layers" + ("" if wide else " (--wide for every column)"))
+    for name, values in cols.items():
+        id_column(lt, name, values, "right" if name in ("cin", "cout", "groups", "MMACs", "params", "channels") else "left")
+    for row in zip(*cols.values()):
+        lt.add_row(*row)
+    return lt
+
+
+def render(doc: dict, wide: bool = False) -> None:
     t = doc["totals"]
-    stdout.print(f"[bold]{doc['model']['path']}[/bold]  sha256 {doc['model']['sha256'][:12]}")
+    stdout.print(f"[bold]{doc['model']['path']}[/bold]  sha256 {doc['model']['sha256'][:12]}", crop=False)
     stdout.print("inputs: " + ", ".join(f"{i['name']} {tuple(i['shape'])}" for i in doc["inputs"])
-                 + "   outputs: " + ", ".join(f"{o['name']} {tuple(o['shape'])}" for o in doc["outputs"]))
+                 + "   outputs: " + ", ".join(f"{o['name']} {tuple(o['shape'])}" for o in doc["outputs"]), crop=False)
     if doc["blocks"]:
-        bt = Table(title="Blocks", title_justify="left")
-        for c in ("id", "kind", "stage", "residual", "layers"):
-            bt.add_column(c)
+        bt = table("Blocks")
+        id_column(bt, "id", [b["id"] for b in doc["blocks"]])
+        for c in ("kind", "stage", "residual", "layers"):
+            bt.add_column(c, overflow="fold")
         for b in doc["blocks"]:
             roles = b.get("roles", {})
             bt.add_row(b["id"], b["kind"], str(b["stage"]), "yes" if b["residual"] else "",
                        ", ".join(f"{r}" for r in roles) or str(len(b["layers"])))
-        stdout.print(bt)
-    lt = Table(title="Layers", title_justify="left")
-    for c in ("id", "op", "cin", "cout", "k", "s", "groups", "in", "out", "act", "MMACs", "params", "group"):
-        lt.add_column(c, justify="right" if c in ("cin", "cout", "groups", "MMACs", "params") else "left")
-    for l in doc["layers"]:
-        lt.add_row(_short(l["id"]), l["op"], str(l["cin"]), str(l["cout"]), _fmt_hw(l["kernel"]), _fmt_hw(l["stride"]),
-                   str(l["groups"]), _fmt_hw(l["in_hw"]), _fmt_hw(l["out_hw"]), l["activation"] or "",
-                   f"{l['macs'] / 1e6:.2f}", str(l["params"]), l["out_group"])
-    stdout.print(lt)
-    gt = Table(title="Channel groups", title_justify="left")
-    for c in ("id", "channels", "adjustable", "producers", "consumers", "why fixed"):
-        gt.add_column(c)
+        print_table(bt)
+    print_table(_layers_table(doc, wide))
+    gt = table("Channel groups")
+    id_column(gt, "id", [g["id"] for g in doc["channel_groups"]])
+    for c in ("channels", "adjustable", "producers", "consumers", "why fixed"):
+        gt.add_column(c, justify="right" if c in ("channels", "producers", "consumers") else "left",
+                      no_wrap=c != "why fixed", overflow="fold")
     for g in doc["channel_groups"]:
         gt.add_row(g["id"], str(g["channels"]), "yes" if g["adjustable"] else "no", str(len(g["producers"])),
                    str(len(g["consumers"])), g["reason"] or "")
-    stdout.print(gt)
+    print_table(gt)
     if doc.get("rewrites"):
-        rt = Table(title="Applied rewrites", title_justify="left")
-        for c in ("#", "pass", "site", "choice", "exact", "before", "after"):
-            rt.add_column(c)
-        for i, r in enumerate(doc["rewrites"]):
-            choice = ", ".join(f"{k}={v}" for k, v in (r.get("choice") or {}).items())
-            rt.add_row(str(i), r["pass"], str(r.get("site") or ""), choice, "exact" if r.get("exact") else "lossy",
-                       format_shapes(r.get("before")), format_shapes(r.get("after")))
-        stdout.print(rt)
+        print_table(rewrites_table(doc["rewrites"], "Applied rewrites"))
         rec = doc.get("record") or {}
         stdout.print(f"source sha256 {str(rec.get('source_sha256'))[:12]}  archpass {rec.get('version')}")
     if "estimate" in doc:
         e = doc["estimate"]
-        kt = Table(title=f"Kernels on target {doc['target']}", title_justify="left")
-        for c in ("#", "kernel", "layers", "latency ms"):
-            kt.add_column(c)
+        kt = table(f"Kernels on target {doc['target']}")
+        kt.add_column("#", justify="right", no_wrap=True)
+        kt.add_column("kernel", no_wrap=True)
+        # one layer id per line: ids are never cut
+        id_column(kt, "layers", [x for k in e.get("kernels", []) for x in k.get("layers", [])])
+        kt.add_column("latency ms", justify="right", no_wrap=True)
         for i, k in enumerate(e.get("kernels", [])):
-            kt.add_row(str(i), str(k.get("kind", k.get("op", ""))), _short(", ".join(k.get("layers", [])), 50),
+            kt.add_row(str(i), str(k.get("kind", k.get("op", ""))), "\n".join(k.get("layers", [])),
                        f"{k.get('latency_ms', 0):.4f}")
-        stdout.print(kt)
+        print_table(kt)
         stdout.print(f"latency {e['latency_ms']:.3f} ms   params {e['params_bytes'] / 1e6:.2f} MB   "
                      f"peak activations {e['peak_activation_bytes'] / 1e6:.2f} MB   MACs {e['macs'] / 1e6:.1f} M")
+        for note in e.get("notes", []):
+            stdout.print(f"note: {note}")
+    for note in doc.get("notes", []):
+        stdout.print(f"note: {note}")
     unsup = doc.get("unsupported_ops") or []
     stdout.print(
         f"totals: {t['layers']} layers, {t['blocks']} blocks, {t['stages']} stages, {t['channel_groups']} channel groups "
@@ -82,6 +104,7 @@ def inspect(
     model: Annotated[Path, typer.Argument(help="The ONNX model to analyze.", show_default=False)],
     input_shape: InputShapeOpt = None,
     target: Annotated[str | None, typer.Option("--target", help="Estimate latency and memory on this target (see `archpass targets`).")] = None,
+    wide: Annotated[bool, typer.Option("--wide", help="Every column of the Layers table (op, in/out size, activation, MACs, params).")] = False,
     json_out: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -93,7 +116,7 @@ def inspect(
     if json_out:
         print_json(doc)
     else:
-        render(doc)
+        render(doc, wide)
 
 
 def register(app: typer.Typer) -> None:

@@ -7,6 +7,7 @@ go to stderr.  Exit codes: 0 success, 1 a requested check failed, 2 bad input or
 from __future__ import annotations
 
 import importlib
+from typing import Annotated
 
 import typer
 
@@ -19,12 +20,23 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 
 
+def _version(value: bool) -> None:
+    if value:
+        import archpass
+
+        print(f"archpass {archpass.__version__}")
+        raise typer.Exit(0)
+
 
 @app.callback()
-def _root() -> None:
+def _root(
+    version: Annotated[bool, typer.Option("--version", "-V", help="Print the version and exit.", callback=_version,
+                                          is_eager=True)] = False,
+) -> None:
     """Hardware-aware model optimizer: analyze, rewrite, cost-model and search ONNX models."""
 
 

@@ -5,9 +5,8 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
-from rich.table import Table
-
-from archpass.cli.common import DebugOpt, JsonOpt, handled, print_json, stdout
+from archpass.cli.common import DebugOpt, JsonOpt, handled, id_column, print_json, stdout
+from archpass.cli.common import table as make_table
 
 
 def _fmt_pct(v) -> str:
@@ -40,11 +39,12 @@ def targets(
     if json_out:
         print_json({"targets": docs})
         return
-    table = Table(title="Targets", title_justify="left")
+    table = make_table("Targets")
     numeric = ("parallelism", "points", "kernels ±10%", "kernels MAPE", "networks ±10%")
-    for c in ("name", "parallelism", "source", "clock", "dtype", "points", "kernels ±10%", "kernels MAPE", "networks ±10%",
+    id_column(table, "name", [d["name"] for d in docs])  # names users pass to --target: never cut
+    for c in ("parallelism", "source", "clock", "dtype", "points", "kernels ±10%", "kernels MAPE", "networks ±10%",
               "description"):
-        table.add_column(c, justify="right" if c in numeric else "left")
+        table.add_column(c, justify="right" if c in numeric else "left", overflow="fold")
     for d in docs:
         k = d["heldout_accuracy"]["kernels"] or {}
         detail = d["source_detail"]

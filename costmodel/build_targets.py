@@ -84,8 +84,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", default=",".join(BUILTINS), help="comma-separated target names")
     ap.add_argument("--samples", type=int, default=None, help="override the sample count")
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--ranges-only", action="store_true",
+                    help="only record each predictor's calibrated range from the existing dataset (no measuring, no refit)")
     args = ap.parse_args(argv)
     for name in args.only.split(","):
+        if args.ranges_only:
+            from archpass.costmodel.calibrate import record_ranges
+
+            print(f"[{name}] ranges of {', '.join(record_ranges(TARGETS / name.strip()))}", file=sys.stderr)
+            continue
         t0 = time.time()
         t = build(name.strip(), args.samples, args.workers)
         acc = t.accuracy.get("all_kernels", {})

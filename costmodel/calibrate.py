@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -20,11 +19,13 @@ from typing import Callable, Iterable
 
 import numpy as np
 
+from archpass.costmodel.extrapolation import kernel_range
 from archpass.costmodel.features import feature_rows, network_context
 from archpass.costmodel.kernels import LAYER_KINDS, FusionRules, Kernel
 from archpass.costmodel.predictor import Predictor
 from archpass.costmodel.target import Target, save_target
 from archpass.errors import TargetError
+from archpass.io import check_output_dir
 
 Progress = Callable[[int, int, str], None]
 DATASET = "dataset.jsonl"
@@ -64,15 +65,13 @@ class Dataset:
 
     def add(self, rec: dict) -> None:
         self.records[rec["key"]] = rec
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a") as f:
-            f.write(json.dumps(rec, sort_keys=True) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        from archpass.io import append_line
+
+        append_line(self.path, json.dumps(rec, sort_keys=True))
 
     def rewrite(self) -> None:
         """Write every record again (atomically), e.g. after their specs were refreshed."""
-        from archpass.model import atomic_write_text
+        from archpass.io import atomic_write_text
 
         atomic_write_text(self.path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in self.records.values()))
 
@@ -140,12 +139,29 @@ def fit_predictors(target: Target, points, rounds: int = 400,
             all_pred.append(py)
             all_meas.append(y[hold])
         p = Predictor.fit(kind, layer, x, base, y, rounds, use_ctx)
-        p.stats = stats
+        p.stats = {**stats, "range": kernel_range(ks)}  # where the estimate stops extrapolating
         preds[kind] = p
         summary["kernels"][kind] = stats
     if all_meas:
         summary["all_kernels"] = accuracy_stats(np.concatenate(all_pred), np.concatenate(all_meas))
     return preds, summary
+
+
+def record_ranges(directory: str | Path) -> dict[str, dict]:
+    """Add the calibrated range (:func:`~archpass.costmodel.extrapolation.kernel_range`) of
+    every predictor to an existing target's ``target.json``, from its measured dataset,
+    without refitting anything.  Returns the ranges by predictor kind."""
+    from archpass.io import atomic_write_text
+
+    d = Path(directory)
+    doc = json.loads((d / "target.json").read_text())
+    by_kind = _group_points(Dataset(d / DATASET).points(), None)
+    ranges = {kind: kernel_range([k for k, _, _ in items]) for kind, items in by_kind.items()}
+    for kind, pd in doc["predictors"].items():
+        if kind in ranges:
+            pd.setdefault("stats", {})["range"] = ranges[kind]
+    atomic_write_text(d / "target.json", json.dumps(doc, indent=1) + "\n")
+    return ranges
 
 
 # ---------------------------------------------------------------------- running jobs
@@ -218,7 +234,7 @@ def calibrate_zigzag(*, name: str, out_dir: str | Path, hardware: str | Path, ma
         raise TargetError(f"clock {clock_hz} Hz is not positive", "pass --clock-hz with the accelerator clock")
     zz.check_inputs(hardware, mapping)
     facts = zz.hardware_facts(hardware, mapping)
-    out = Path(out_dir)
+    out = check_output_dir(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     hw_name, map_name = Path(hardware).name, Path(mapping).name
     if copy_yaml:
@@ -392,7 +408,7 @@ def calibrate_onnxruntime(*, name: str, out_dir: str | Path, provider: str = "CP
     # channel splits as Split, so the runtime's Slice->Split fusion (on in the target) does
     # not change how they decompose
     fusion = FusionRules(residual_add=True)
-    out = Path(out_dir)
+    out = check_output_dir(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     dataset = Dataset(out / DATASET)
     payload = {"provider": provider, "threads": threads, "warmup": warmup, "repeats": repeats, "fusion": fusion.to_json()}

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from archpass.costmodel.extrapolation import extrapolation_notes
 from archpass.costmodel.features import feature_rows, network_context
 from archpass.costmodel.kernels import LAYER_KINDS, Kernel, decompose
 from archpass.costmodel.memory import memory
@@ -104,6 +105,7 @@ def estimate(structure: Structure, target: Target | str, *, best_order: bool = T
     fallback = sorted({k.kind for k, u in zip(kernels, used) if k.kind in LAYER_KINDS and u is not None and u != k.kind})
     if fallback:
         notes.append(f"kernel kinds {', '.join(fallback)} were never measured on {t.name}; scored by a generic predictor")
+    notes += extrapolation_notes(kernels, used, t)
     mem = memory(structure, t.bytes_per_element, best_order=best_order)
     return Estimate(
         target=t.name,

@@ -107,14 +107,16 @@ class Target:
 
 # ---------------------------------------------------------------------- writing
 def _atomic_write(path: Path, text: str) -> None:
-    from archpass.model import atomic_write_text
+    from archpass.io import atomic_write_text
 
     atomic_write_text(path, text)
 
 
 def save_target(target: Target, directory: str | Path) -> Path:
     """Write ``target`` to ``directory`` (created if needed); every file atomically."""
-    d = Path(directory)
+    from archpass.io import check_output_dir
+
+    d = check_output_dir(directory)
     (d / "predictors").mkdir(parents=True, exist_ok=True)
     for kind, p in target.predictors.items():
         text = p.model_text()

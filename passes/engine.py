@@ -198,13 +198,16 @@ def _reinfer(proto: onnx.ModelProto) -> onnx.ModelProto:
 
     Inference runs on a weightless skeleton (large initializers keep only dims and type),
     which gives the same shapes without serializing the weights one more time."""
-    from archpass.model import _skeleton
+    from archpass.model import _skeleton, declared_custom_shapes
 
+    declared = declared_custom_shapes(proto)  # opaque custom ops: their declared shapes stay
     del proto.graph.value_info[:]
+    proto.graph.value_info.extend(declared)
     for vi in proto.graph.output:
         for d in vi.type.tensor_type.shape.dim:
             d.Clear()
     inferred = onnx.shape_inference.infer_shapes(_skeleton(proto), check_type=True, strict_mode=True, data_prop=True)
+    del proto.graph.value_info[:]
     proto.graph.value_info.extend(inferred.graph.value_info)
     del proto.graph.output[:]
     proto.graph.output.extend(inferred.graph.output)
@@ -241,14 +244,21 @@ def _check_full(proto: onnx.ModelProto) -> None:
         onnx.checker.check_model(str(path), full_check=True)
 
 
-def apply_recipe(model: Model, recipe: Recipe, *, structure: Structure | None = None, verify: bool = True) -> Applied:
-    """Rewrite ``model`` (never modified) by ``recipe``; returns the checked output proto."""
+def apply_recipe(model: Model, recipe: Recipe, *, structure: Structure | None = None, verify: bool = True,
+                 allow_growth: bool = False) -> Applied:
+    """Rewrite ``model`` (never modified) by ``recipe``; returns the checked output proto.
+    An output out of proportion with the input is refused before anything is allocated
+    (:mod:`archpass.limits`; ``allow_growth`` lifts the growth and 2 GB limits)."""
     import onnx_graphsurgeon as gs
+
+    from archpass.limits import check_output_size, predict_output_size
+    from archpass.model import weight_bytes
 
     if structure is None:
         structure = analyze(model)
     previous = read_record(model.proto)
     pl = plan(structure, recipe, previous=previous["rewrites"] if previous else None)
+    check_output_size(predict_output_size(weight_bytes(model.proto), structure, pl.structure), allow_growth=allow_growth)
     graph = gs.import_onnx(model.proto)
     entries = []
     for st in pl.steps:

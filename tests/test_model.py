@@ -105,15 +105,79 @@ def test_rank_mismatch_and_contradiction(tmp_path):
         load_model(p, ["input:1,4,64,64"])
 
 
-def test_custom_domain_op_is_refused(tmp_path):
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])
-    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 8, 8])
-    node = helper.make_node("MyOp", ["x"], ["y"], name="mine", domain="com.example")
-    proto = helper.make_model(helper.make_graph([node], "g", [x], [y]),
-                              opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.example", 1)])
-    p = write(tmp_path, proto)
-    with pytest.raises(ModelLoadError, match="custom-domain op MyOp \\(domain 'com.example'\\) at node 'mine'"):
+def _custom_model(declare: bool = True, batch: int | str = 1):
+    """conv1 -> com.example.MyAct -> conv2 -> relu -> conv3; MyAct's output shape declared in value_info."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n)
+             for n, s in (("w1", (16, 3, 3, 3)), ("w2", (32, 16, 1, 1)), ("w3", (8, 32, 1, 1)))]
+    nodes = [helper.make_node("Conv", ["input", "w1"], ["a"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("MyAct", ["a"], ["b"], name="custom", domain="com.example"),
+             helper.make_node("Conv", ["b", "w2"], ["c"], name="conv2"),
+             helper.make_node("Relu", ["c"], ["d"], name="relu"),
+             helper.make_node("Conv", ["d", "w3"], ["output"], name="conv3")]
+    vi = [helper.make_tensor_value_info("b", TensorProto.FLOAT, [batch, 16, 8, 8])] if declare else []
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [batch, 3, 8, 8])],
+                          [helper.make_tensor_value_info("output", TensorProto.FLOAT, [batch, 8, 8, 8])], inits,
+                          value_info=vi)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.example", 1)])
+
+
+def _as_relu(proto):
+    """The same model with MyAct replaced by a standard Relu, so onnxruntime can run it."""
+    m = onnx.ModelProto()
+    m.CopyFrom(proto)
+    for n in m.graph.node:
+        if n.domain == "com.example":
+            n.op_type, n.domain = "Relu", ""
+    return m
+
+
+def test_custom_domain_op_without_declared_shapes_is_refused(tmp_path):
+    p = write(tmp_path, _custom_model(declare=False))
+    with pytest.raises(ModelLoadError, match="custom-domain op MyAct \\(domain 'com.example'\\) at node 'custom'.*"
+                                             "does not declare the shape of its output 'b'.*graph.value_info"):
         load_model(p)
+
+
+def test_custom_domain_op_with_declared_shapes_is_opaque(tmp_path):
+    from archpass.analysis import analyze
+    from archpass.api import apply
+    from archpass.errors import RecipeError
+
+    p = write(tmp_path, _custom_model())
+    m = load_model(p)
+    assert any("opaque" in n for n in m.notes)
+    s = analyze(m)
+    assert [l.id for l in s.layers] == ["conv1", "conv2", "conv3"] and "MyAct" in s.unsupported
+    fixed = {g.id: g.reason for g in s.groups if not g.adjustable}
+    assert any("custom-domain op com.example.MyAct node 'custom'" in (r or "") for r in fixed.values())
+    adjustable = [g.id for g in s.groups if g.adjustable]
+    assert adjustable == [s.layer("conv2").out_group]
+    # a rewrite around the opaque op works and is checked; one through it is refused
+    out = tmp_path / "o.onnx"
+    apply(p, {"rewrites": [{"pass": "channels", "site": adjustable[0], "channels": 40}]}, out)
+    rewritten = onnx.load(str(out))
+    onnx.checker.check_model(rewritten, full_check=True)
+    assert any(n.domain == "com.example" for n in rewritten.graph.node)
+    x = random_input((1, 3, 8, 8))
+    np.testing.assert_allclose(run_ort(_as_relu(rewritten), {"input": x})[0],
+                               run_ort(_as_relu(_custom_model()), {"input": x})[0], rtol=1e-5, atol=1e-5)
+    assert [l.cout for l in analyze(load_model(out)).layers] == [16, 40, 8]
+    with pytest.raises(RecipeError, match="not adjustable: consumed by custom-domain op"):
+        apply(p, {"rewrites": [{"pass": "channels", "site": s.layer("conv1").out_group, "channels": 24}]}, out)
+    with pytest.raises(RecipeError, match="MyAct 'custom'"):
+        apply(p, {"rewrites": [{"pass": "resolution", "height": 16, "width": 16}]}, out)
+
+
+def test_custom_domain_op_with_a_symbolic_batch(tmp_path):
+    p = write(tmp_path, _custom_model(batch="N"))
+    m = load_model(p, ["input:2,3,8,8"])
+    b = next(v for v in m.proto.graph.value_info if v.name == "b")
+    assert [d.dim_value for d in b.type.tensor_type.shape.dim] == [2, 16, 8, 8]
+    from archpass.api import apply
+
+    doc = apply(p, {"rewrites": []}, tmp_path / "o.onnx", ["input:2,3,8,8"])
+    assert any("cannot run the custom-domain ops com.example.MyAct" in n for n in doc["notes"])
 
 
 def _with_external(tmp_path, location):
@@ -142,6 +206,31 @@ def test_external_data_outside_folder_is_refused(tmp_path, loc):
     (tmp_path / "secret.bin").write_bytes(b"\0" * 4096)
     with pytest.raises(ModelLoadError, match="points outside the model's folder"):
         load_model(_with_external(tmp_path, loc))
+
+
+def test_external_data_in_a_sibling_folder_with_the_same_prefix_is_refused(tmp_path):
+    # model/ and model_evil/: a string-prefix test would let "../model_evil/w.data" through
+    p = _with_external(tmp_path, "w.data")
+    (tmp_path / "model_evil").mkdir()
+    os.replace(p.parent / "w.data", tmp_path / "model_evil" / "w.data")
+    m = onnx.load(str(p), load_external_data=False)
+    for t in m.graph.initializer:
+        for e in t.external_data:
+            if e.key == "location":
+                e.value = "../model_evil/w.data"
+    onnx.save(m, str(p))
+    with pytest.raises(ModelLoadError, match="points outside the model's folder"):
+        load_model(p)
+
+
+def test_names_that_are_not_utf8_are_refused(tmp_path):
+    data = write(tmp_path, small()).read_bytes()
+    name = b"ibn0_dw"
+    assert name in data
+    p = tmp_path / "bad.onnx"
+    p.write_bytes(data.replace(name, b"ibn0_\xe3w", 1))
+    with pytest.raises(ModelLoadError, match="not valid UTF-8"):
+        load_model(p)
 
 
 def test_external_data_missing(tmp_path):
@@ -196,3 +285,19 @@ def test_atomic_text_writes_get_normal_permissions(tmp_path):
         os.umask(umask)
     assert stat.S_IMODE(out.stat().st_mode) == 0o644 and out.read_text() == "{}"
     assert [p.name for p in tmp_path.iterdir()] == ["a.json"]
+
+
+def test_constant_folding_that_would_exhaust_memory_is_refused(tmp_path, monkeypatch):
+    # a (corrupted) shape constant: ConstantOfShape would build 1M elements; pretend the machine has 2 MB free
+    import archpass.limits as lim
+
+    shape = numpy_helper.from_array(np.array([1, 1000, 1000], dtype=np.int64), "shape")
+    nodes = [helper.make_node("ConstantOfShape", ["shape"], ["big"], name="cos"),
+             helper.make_node("Add", ["x", "big"], ["y"], name="add")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1000, 1000])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1000, 1000])], [shape])
+    p = write(tmp_path, helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]))
+    load_model(p)  # fine with the real machine's memory
+    monkeypatch.setattr(lim, "available_memory", lambda: 2 << 20)
+    with pytest.raises(ModelLoadError, match="ConstantOfShape node 'cos' would build a constant of about"):
+        load_model(p)

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from archpass.dynamic import random_feeds
 from archpass.errors import TargetError
 
 _SUFFIX = re.compile(r"(_nchwc|_token_\d+|_kernel_time)$")
@@ -90,18 +91,6 @@ def session_options(threads: int, profile_prefix: str | None = None, optimized_p
     if optimized_path:
         so.optimized_model_filepath = optimized_path
     return so
-
-
-def random_feeds(model: onnx.ModelProto, seed: int = 0) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    inits = {i.name for i in model.graph.initializer}
-    feeds = {}
-    for vi in model.graph.input:
-        if vi.name in inits:
-            continue
-        shape = [d.dim_value if d.HasField("dim_value") else 1 for d in vi.type.tensor_type.shape.dim]
-        feeds[vi.name] = rng.standard_normal(shape).astype(np.float32)
-    return feeds
 
 
 def _model_bytes(model: onnx.ModelProto | str | Path) -> bytes | str:

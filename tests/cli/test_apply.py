@@ -99,8 +99,9 @@ def test_apply_with_input_shape(tmp_path):
     out = tmp_path / "o.onnx"
     r = runner.invoke(app, ["apply", str(p), str(recipe), "-o", str(out), "--input-shape", "input:1,3,64,64", "--json"])
     assert r.exit_code == 0, r.output
-    shape = [d.dim_value for d in onnx.load(str(out)).graph.input[0].type.tensor_type.shape.dim]
-    assert shape == [1, 3, 48, 48]
+    shape = [d.dim_param or d.dim_value for d in onnx.load(str(out)).graph.input[0].type.tensor_type.shape.dim]
+    assert shape == ["N", 3, 48, 48]  # the batch the user pinned only for the analysis stays dynamic
+    assert any("dynamic" in n for n in json.loads(r.stdout)["notes"])
 
 
 def test_passes_command():
@@ -131,3 +132,82 @@ def test_apply_subprocess(model, tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and p.stderr.strip().splitlines()[-1].startswith("error: rewrite #0 (fuse_ibn): unknown site 'group1'")
     assert not (tmp_path / "x.onnx").exists()
+
+
+# ---------------------------------------------------------------------------- outputs (issue 11)
+def _one_line_exit_2(r, needle):
+    assert r.exit_code == 2, r.output
+    assert needle in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "Traceback" not in r.output
+
+
+def test_output_that_is_a_directory_or_a_fifo_or_unwritable(model, tmp_path, monkeypatch):
+    import os
+    import stat
+
+    import archpass.io as aio
+
+    recipe = _recipe(tmp_path, {"rewrites": [{"pass": "fuse_ibn", "site": "block1"}]})
+    (tmp_path / "outdir").mkdir()
+    _one_line_exit_2(runner.invoke(app, ["apply", str(model), str(recipe), "-o", str(tmp_path / "outdir")]),
+                     "is a directory")
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    _one_line_exit_2(runner.invoke(app, ["apply", str(model), str(recipe), "-o", str(fifo)]), "is a FIFO")
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode)
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    real = os.access
+    monkeypatch.setattr(aio.os, "access", lambda p, m: False if os.fspath(p) == str(ro) else real(p, m))
+    _one_line_exit_2(runner.invoke(app, ["apply", str(model), str(recipe), "-o", str(ro / "o.onnx")]), "no permission")
+    assert list(ro.iterdir()) == []
+
+
+def test_null_device_validates_without_writing(model, tmp_path, monkeypatch):
+    import os
+    import stat
+
+    import archpass.io as aio
+
+    null = tmp_path / "null"  # stands in for /dev/null, which this test must never risk replacing
+    os.mkfifo(null)
+    monkeypatch.setattr(aio, "NULL_DEVICE", str(null))
+    recipe = _recipe(tmp_path, {"rewrites": [{"pass": "fuse_ibn", "site": "block1"}]})
+    r = runner.invoke(app, ["apply", str(model), str(recipe), "-o", str(null)])
+    assert r.exit_code == 0, r.output
+    assert "validated; nothing written" in r.stdout and stat.S_ISFIFO(os.stat(null).st_mode)
+    r = runner.invoke(app, ["apply", str(model), str(recipe), "-o", str(null), "--json"])
+    assert json.loads(r.stdout)["written"] is False
+    bad = _recipe(tmp_path, {"rewrites": [{"pass": "fuse_ibn", "site": "block9"}]}, "bad.json")
+    _one_line_exit_2(runner.invoke(app, ["apply", str(model), str(bad), "-o", str(null)]), "unknown site")
+
+
+def test_absurd_channels_one_line_and_allow_growth(model, tmp_path, monkeypatch):
+    import archpass.limits as lim
+
+    big = _recipe(tmp_path, {"rewrites": [{"pass": "channels", "site": "group1", "channels": 1_000_000_000}]})
+    out = tmp_path / "o.onnx"
+    _one_line_exit_2(runner.invoke(app, ["apply", str(model), str(big), "-o", str(out)]), "channels must be at most")
+    # within each pass's bounds a recipe can still grow the model out of proportion (a lower limit shows it)
+    monkeypatch.setattr(lim, "GROWTH_LIMIT", 1.2)
+    grow = _recipe(tmp_path, {"rewrites": [{"pass": "channels", "site": "group1", "channels": 64}]}, "grow.json")
+    _one_line_exit_2(runner.invoke(app, ["apply", str(model), str(grow), "-o", str(out)]), "above the 1.2x limit")
+    assert not out.exists()
+    r = runner.invoke(app, ["apply", str(model), str(grow), "-o", str(out), "--allow-growth", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["after"]["params"] > 1.2 * json.loads(r.stdout)["before"]["params"] and out.exists()
+
+
+def test_apply_with_target_prints_before_and_after(model, tmp_path):
+    recipe = _recipe(tmp_path, {"rewrites": [{"pass": "channels", "site": "group1", "channels": 64}]})
+    out = tmp_path / "o.onnx"
+    r = runner.invoke(app, ["apply", str(model), str(recipe), "-o", str(out), "--target", "edgetpu", "--json"])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    est = doc["estimate"]
+    assert doc["target"] == "edgetpu" and est["after"]["latency_ms"] > est["before"]["latency_ms"] > 0
+    assert est["after"]["params_bytes"] > est["before"]["params_bytes"]
+    r = runner.invoke(app, ["apply", str(model), str(recipe), "-o", str(out), "--target", "edgetpu"])
+    assert r.exit_code == 0 and "on edgetpu: latency" in r.stdout and "peak activations" in r.stdout
+    _one_line_exit_2(runner.invoke(app, ["apply", str(model), str(recipe), "-o", str(out), "--target", "nope"]),
+                     "unknown target 'nope'")

@@ -100,3 +100,43 @@ def test_subprocess_console_script_and_module():
     bad = subprocess.run([sys.executable, "-m", "archpass", "inspect", "does-not-exist.onnx"],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and bad.stdout == ""
+
+
+# ---------------------------------------------------------------------------- 80 columns (issue 11)
+def _ids(doc) -> list[str]:
+    return ([l["id"] for l in doc["layers"]] + [g["id"] for g in doc["channel_groups"]]
+            + [b["id"] for b in doc["blocks"]])
+
+
+@pytest.mark.parametrize("wide", [False, True])
+def test_ids_are_whole_at_80_columns(tmp_path, monkeypatch, wide):
+    from archpass.cli import common
+
+    monkeypatch.setattr(common.stdout, "width", 80)
+    doc = json.loads(runner.invoke(app, ["inspect", str(EXAMPLE), "--json"]).stdout)
+    # a recipe whose site is the longest layer id, so the Applied rewrites table holds it
+    dw = max((l for l in doc["layers"] if l["groups"] > 1), key=lambda l: len(l["id"]))["id"]
+    recipe = tmp_path / "r.json"
+    recipe.write_text(json.dumps({"rewrites": [{"pass": "dw_to_dense", "site": dw}]}))
+    out = tmp_path / "o.onnx"
+    r = runner.invoke(app, ["apply", str(EXAMPLE), str(recipe), "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    assert dw in r.stdout and "…" not in r.stdout
+    r = runner.invoke(app, ["inspect", str(out), "--target", "edgetpu"] + (["--wide"] if wide else []))
+    assert r.exit_code == 0, r.output
+    assert "…" not in r.stdout
+    for i in _ids(doc):
+        assert i in r.stdout, i
+    assert f" {dw} " in r.stdout.split("Applied rewrites")[1]  # the site, whole, in the rewrites table
+    if not wide:  # the compact view fits 80 columns for these ids
+        assert max(len(line) for line in r.stdout.split("Layers")[1].split("Channel groups")[0].splitlines()) <= 80
+    else:
+        assert "MMACs" in r.stdout and "relu6" in r.stdout
+
+
+def test_ids_are_whole_in_a_real_80_column_terminal_width():
+    p = subprocess.run([sys.executable, "-m", "archpass", "inspect", str(EXAMPLE)], capture_output=True, text=True,
+                       timeout=120, env={**__import__("os").environ, "COLUMNS": "80"})
+    assert p.returncode == 0, p.stderr
+    doc = json.loads(runner.invoke(app, ["inspect", str(EXAMPLE), "--json"]).stdout)
+    assert all(i in p.stdout for i in _ids(doc)) and "…" not in p.stdout

@@ -95,3 +95,12 @@ def test_calibrate_onnxruntime_small_and_resume(tmp_path):
     assert r.exit_code == 0 and len((out / "dataset.jsonl").read_text().splitlines()) == 12
     r = runner.invoke(app, ["targets", str(out), "--json"])
     assert "mycpu" in {t["name"] for t in json.loads(r.stdout)["targets"]}
+
+
+def test_calibrate_output_that_is_not_a_folder_exit_2(tmp_path):
+    f = tmp_path / "afile"
+    f.write_text("keep")
+    r = runner.invoke(app, ["calibrate", "--backend", "onnxruntime", "--name", "x", "-o", str(f), "--samples", "10"])
+    assert r.exit_code == 2 and r.stderr.strip().splitlines() == [
+        f"error: the output folder {f} exists and is not a folder; give a folder path."]
+    assert f.read_text() == "keep"

@@ -1,0 +1,151 @@
+"""Give an emitted model back the symbolic dims its source had.
+
+Loading pins every dynamic input dim (``--input-shape``), because analysis and the passes
+need static shapes.  The output should not lose what the user did not ask to change: a
+dynamic batch stays dynamic.  :func:`restore_dynamic_dims` sets the source's symbolic
+names (``"N"``, ``"batch"``...) back on the emitted model's inputs and outputs wherever
+the recipe left the pinned value unchanged, drops the now stale intermediate shapes, and
+keeps the result only when it demonstrably works: it passes the ONNX checker, runs in
+onnxruntime at the pinned sizes and at twice them, and (for a symbolic dim 0, a batch)
+the first item of a batch of two equals the output for that item alone.  Otherwise the
+model keeps static dims and the returned note says why.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import ModelProto
+
+#: Symbolic dims, per input/output name, as the source model declared them (ints are static).
+Dims = tuple[tuple[str, tuple[int | str | None, ...]], ...]
+
+
+def symbolic_dims(proto: ModelProto) -> Dims:
+    """The graph inputs (initializers excluded) and outputs that have a symbolic or unknown dim."""
+    inits = {i.name for i in proto.graph.initializer}
+    out = []
+    for vi in [v for v in proto.graph.input if v.name not in inits] + list(proto.graph.output):
+        if not vi.type.HasField("tensor_type") or not vi.type.tensor_type.HasField("shape"):
+            continue
+        dims = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else (d.dim_param or None)
+                     for d in vi.type.tensor_type.shape.dim)
+        if any(not isinstance(d, int) for d in dims):
+            out.append((vi.name, dims))
+    return tuple(out)
+
+
+def _restorable(proto: ModelProto, source: Dims, pinned: dict[str, tuple[int, ...]]) -> dict[str, dict[int, str]]:
+    """name -> {axis: symbol} for the dims to make symbolic again: symbolic in the source and
+    unchanged by the recipe (an input still at its pinned value; an output dim whose symbol
+    is one of the restored input symbols)."""
+    src = dict(source)
+    restore: dict[str, dict[int, str]] = {}
+    symbols: set[str] = set()
+    for vi in proto.graph.input:
+        if vi.name not in src or vi.name not in pinned:
+            continue
+        now = [d.dim_value for d in vi.type.tensor_type.shape.dim]
+        was = src[vi.name]
+        if len(now) != len(was):
+            continue
+        axes = {i: (w if isinstance(w, str) else f"{vi.name}_dim{i}") for i, w in enumerate(was)
+                if not isinstance(w, int) and now[i] == pinned[vi.name][i]}
+        if axes:
+            restore[vi.name] = axes
+            symbols.update(axes.values())
+    for vi in proto.graph.output:
+        was = src.get(vi.name)
+        dims = vi.type.tensor_type.shape.dim
+        if was is None or len(was) != len(dims):
+            continue
+        axes = {i: w for i, w in enumerate(was) if isinstance(w, str) and w in symbols}
+        if axes:
+            restore[vi.name] = axes
+    return restore
+
+
+def random_feeds(proto: ModelProto, seed: int = 0, scale: dict[str, dict[int, int]] | None = None) -> dict[str, np.ndarray]:
+    """Random inputs for every graph input at its declared (static, else 1) shape, with
+    ``scale[name][axis]`` multiplying a dim; floats are normal, other types zeros."""
+    from onnx import helper
+
+    rng = np.random.default_rng(seed)
+    inits = {i.name for i in proto.graph.initializer}
+    feeds = {}
+    for vi in proto.graph.input:
+        if vi.name in inits:
+            continue
+        tt = vi.type.tensor_type
+        shape = [d.dim_value or 1 for d in tt.shape.dim]
+        for axis, factor in (scale or {}).get(vi.name, {}).items():
+            shape[axis] *= factor
+        dtype = helper.tensor_dtype_to_np_dtype(tt.elem_type)
+        feeds[vi.name] = rng.standard_normal(shape).astype(dtype) if np.issubdtype(dtype, np.floating) else (
+            np.zeros(shape, dtype=dtype))
+    return feeds
+
+
+def restore_dynamic_dims(proto: ModelProto, source: Dims, pinned: dict[str, tuple[int, ...]]) -> tuple[ModelProto, list[str]]:
+    """``proto`` with the source's symbolic dims restored where that is safe (see the
+    module), and notes for the user.  ``proto`` itself is never modified."""
+    from archpass.model import is_large
+
+    restore = _restorable(proto, source, pinned)
+    if not restore:
+        return proto, []
+    names = ", ".join(f"{n}[{','.join(str(a) for a in sorted(ax))}]" for n, ax in restore.items()
+                      if n in {i.name for i in proto.graph.input})
+    if is_large(proto):
+        return proto, [f"kept the pinned dims {names} static: models above 2 GB are not re-checked at other sizes"]
+    custom = sorted({f"{n.domain}.{n.op_type}" for n in proto.graph.node if n.domain not in ("", "ai.onnx")})
+    if custom:
+        return proto, [f"kept the pinned dims {names} static: onnxruntime cannot run the custom-domain ops "
+                       f"{', '.join(custom)} here to check other sizes"]
+    out = ModelProto()
+    out.CopyFrom(proto)
+    for vi in list(out.graph.input) + list(out.graph.output):
+        for axis, sym in restore.get(vi.name, {}).items():
+            d = vi.type.tensor_type.shape.dim[axis]
+            d.Clear()
+            d.dim_param = sym
+    del out.graph.value_info[:]  # intermediate shapes were inferred at the pinned size
+    try:
+        out = onnx.shape_inference.infer_shapes(out, check_type=True)
+        onnx.checker.check_model(out, full_check=True)
+        why = _runs_at_other_sizes(proto, out, restore)
+    except Exception as exc:  # noqa: BLE001 - any failure means: keep the static model
+        why = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:160]}"
+    if why:
+        return proto, [f"kept the pinned dims {names} static: the rewritten model does not run with them dynamic ({why})"]
+    return out, [f"kept the source's dynamic dims {names} dynamic (checked in onnxruntime at two sizes)"]
+
+
+def _runs_at_other_sizes(static: ModelProto, dynamic: ModelProto, restore: dict[str, dict[int, str]]) -> str | None:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(dynamic.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    base = random_feeds(static, 0)
+    ref = sess.run(None, base)
+    static_ref = ort.InferenceSession(static.SerializeToString(), opts, providers=["CPUExecutionProvider"]).run(None, base)
+    for a, b in zip(ref, static_ref):
+        if a.shape != b.shape or not np.allclose(a, b, rtol=1e-5, atol=1e-6):
+            return "it computes something else at the pinned size"
+    inputs = {vi.name for vi in static.graph.input}
+    big = random_feeds(static, 1, {n: {a: 2 for a in ax} for n, ax in restore.items() if n in inputs})
+    batch_only = all(set(ax) == {0} for ax in restore.values())
+    if batch_only:  # the first items of the doubled batch are the pinned-size input
+        for n in base:
+            if n in restore:
+                big[n][: base[n].shape[0]] = base[n]
+    outs = sess.run(None, big)
+    for vi, o, r in zip(dynamic.graph.output, outs, ref):
+        for axis in restore.get(vi.name, {}):
+            if o.shape[axis] == r.shape[axis]:
+                return f"output '{vi.name}' keeps dim {axis} at {r.shape[axis]} when the input grows"
+        if batch_only and 0 in restore.get(vi.name, {}) and not np.allclose(o[: r.shape[0]], r, rtol=1e-4, atol=1e-5):
+            return f"output '{vi.name}' mixes the items of a batch"
+    return None
