@@ -139,9 +139,11 @@ def report(storage: str | os.PathLike, output: str | os.PathLike, *, study_name:
     """Write the report of the study in ``storage`` (a database URL or the embedded study
     file) into the folder ``output``; returns the headline, the files written and the
     study's name (what ``archpass report --json`` prints)."""
+    from archpass.io import check_output_dir
     from archpass.search.report import report_from_study, write_report
     from archpass.search.storage import load_existing_study, parse_storage
 
+    check_output_dir(output, what="report folder")  # before reading the study
     loc = parse_storage(storage)
     study = load_existing_study(storage, study_name)
     data = report_from_study(study, storage=loc.display)

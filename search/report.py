@@ -32,7 +32,6 @@ import io
 import json
 import math
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -596,23 +595,14 @@ def _json_default(o):
 
 
 def write_report(data: ReportData, out_dir: str | os.PathLike) -> dict[str, Path]:
-    """Write the report files into ``out_dir`` (created when missing).  Each file is
-    written to a temporary folder inside ``out_dir`` and renamed into place."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    """Write the report files into ``out_dir`` (created when missing), each atomically
+    through :mod:`archpass.io` (an unusable folder is one OutputError line)."""
+    from archpass.io import check_output_dir, write_atomically
+
+    out = check_output_dir(out_dir, what="report folder")
     files = render(data)
-    tmp = Path(tempfile.mkdtemp(prefix=".report.", dir=out))
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        written = {}
-        for name, blob in files.items():
-            (tmp / name).write_bytes(blob)
-            os.chmod(tmp / name, 0o666 & ~umask)
-            os.replace(tmp / name, out / name)
-            written[name] = out / name
-        return written
-    finally:
-        for f in tmp.iterdir():
-            f.unlink()
-        tmp.rmdir()
+    written = {}
+    for name, blob in files.items():
+        write_atomically(out / name, lambda tmp, blob=blob: tmp.write_bytes(blob))
+        written[name] = out / name
+    return written

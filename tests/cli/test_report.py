@@ -48,11 +48,12 @@ def test_report_from_an_embedded_study(journal_study, tmp_path):
     (["--storage", "{tmp}/missing.log"], "no study file"),
     (["--storage", "{storage}", "--study-name", "nope"], "no study named 'nope'"),
     (["--storage", "postgresql+psycopg://u@127.0.0.1:1/db"], "cannot reach the study database"),
+    (["--storage", "{storage}", "-o", "{storage}"], "is not a folder"),
 ])
 def test_bad_storage_is_one_line(journal_study, tmp_path, args, words):
     _, storage = journal_study
     args = [a.format(tmp=tmp_path, storage=storage) for a in args]
-    res = runner.invoke(app, ["report", *args, "-o", str(tmp_path / "r")])
+    res = runner.invoke(app, ["report", *args] + ([] if "-o" in args else ["-o", str(tmp_path / "r")]))
     assert res.exit_code == 2 and words in res.stderr
     assert len([l for l in res.stderr.splitlines() if l.startswith("error:")]) == 1
     assert not (tmp_path / "r").exists()
