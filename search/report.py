@@ -38,6 +38,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 FILES = ("report.json", "report.md", "trials.png", "blocks.png", "history.png", "report.html")
 JOB_ATTR = "archpass.job"
+SEED_ATTR = "archpass.seed"  # study attribute: the seed recipes' resolution (SeedEntry.to_json() list)
+FINALISTS_ATTR = "archpass.finalists"  # study attribute: the guard's results on finalists
 OBJECTIVE_UNITS = {"latency": ("latency", "ms"), "memory": ("memory (params + peak activation)", "MB"),
                    "macs": ("MACs", "M")}
 
@@ -207,11 +209,15 @@ def trial_row(trial) -> TrialRow:
 def build_report(*, model: str, target: str, objectives: Sequence[str], structure, baseline, best=None,
                  best_trial: int | None = None, recipe=None, trials: Iterable = (), score_kind: str | None = None,
                  baseline_score: float | None = None, best_score: float | None = None, seed: Sequence = (),
-                 storage: str | None = None, study: str | None = None, notes: Sequence[str] = ()) -> ReportData:
+                 storage: str | None = None, study: str | None = None, notes: Sequence[str] = (),
+                 checked: Sequence[Mapping[str, Any]] = ()) -> ReportData:
     """ReportData from a run's values: ``baseline``/``best`` are Estimates, ``trials``
     FrozenTrials (or TrialRows), ``recipe`` a Recipe or its JSON, ``seed`` SeedEntries or
-    their JSON."""
-    rows = tuple(t if isinstance(t, TrialRow) else trial_row(t) for t in trials)
+    their JSON, ``checked`` the guard's results on finalists (``{"number", "kind",
+    "score", "ok", ...}``, the search's ``archpass.finalists``), merged into their rows."""
+    rows = _merge_checked(tuple(t if isinstance(t, TrialRow) else trial_row(t) for t in trials), checked)
+    if checked:
+        score_kind = score_kind or checked[0].get("kind")
     rec = recipe.to_json() if hasattr(recipe, "to_json") else (recipe or {"rewrites": []})
     if score_kind is None:
         kinds = {(t.user_attrs.get("guard") or {}).get("kind") for t in trials if not isinstance(t, TrialRow)}
@@ -223,6 +229,20 @@ def build_report(*, model: str, target: str, objectives: Sequence[str], structur
         blocks=block_latencies(structure, baseline, best), score_kind=score_kind, baseline_score=baseline_score,
         best_score=best_score, seed=tuple(s.to_json() if hasattr(s, "to_json") else dict(s) for s in seed),
         storage=storage, study=study, notes=tuple(notes))
+
+
+def _merge_checked(rows: tuple[TrialRow, ...], checked: Sequence[Mapping[str, Any]]) -> tuple[TrialRow, ...]:
+    by_number = {int(c["number"]): c for c in checked}
+    return tuple(_with_guard(r, by_number[r.number]) if r.number in by_number else r for r in rows)
+
+
+def _with_guard(row: TrialRow, g: Mapping[str, Any]) -> TrialRow:
+    from dataclasses import replace
+
+    if g.get("ok", True):
+        return replace(row, score=g.get("score"))
+    why = g.get("error") or f"{g.get('kind')} {g.get('score', float('nan')):.4g} < {g.get('threshold', float('nan')):.4g}"
+    return replace(row, score=g.get("score"), feasible=False, reason="; ".join(filter(None, [row.reason, why])))
 
 
 def _best_row(rows: Sequence[TrialRow], baseline_values: Sequence[float]) -> TrialRow | None:
@@ -261,23 +281,28 @@ def report_from_study(study, *, storage: str | None = None, structure=None, targ
                                 "run archpass report where the model file is, at the same path") from None
     tgt = target if target is not None else load_target(job.get("target", "edgetpu"))
     objectives = tuple(job.get("objectives") or ("latency",))
-    rows = tuple(trial_row(t) for t in study.get_trials(deepcopy=False))
+    checked = tuple(study.user_attrs.get(FINALISTS_ATTR) or ())
+    rows = _merge_checked(tuple(trial_row(t) for t in study.get_trials(deepcopy=False)), checked)
     base_est = estimate(structure, tgt, best_order=False)
     base = Summary.of({"latency_ms": base_est.latency_ms, "params_bytes": base_est.params_bytes,
                        "peak_activation_bytes": base_est.peak_activation_bytes, "macs": base_est.macs})
-    chosen = _best_row(rows, [_objective(o, base) for o in objectives])
+    # with a guard run on finalists, the result is the best candidate that passed it
+    passed = {int(c["number"]) for c in checked if c.get("ok")}
+    pool = [r for r in rows if r.number in passed] if checked else rows
+    chosen = _best_row(pool, [_objective(o, base) for o in objectives])
     best_est = recipe = None
     if chosen is not None:
         recipe = Recipe.from_json(chosen.recipe or {"rewrites": []})
         best_est = estimate(apply_recipe_shapes(structure, recipe), tgt, best_order=False)
-    kinds = {(t.user_attrs.get("guard") or {}).get("kind") for t in study.get_trials(deepcopy=False)} - {None}
+    kinds = ({(t.user_attrs.get("guard") or {}).get("kind") for t in study.get_trials(deepcopy=False)}
+             | {c.get("kind") for c in checked}) - {None}
     notes = [] if chosen is not None else ["no feasible trial beats the unchanged model: the best is the original"]
     return build_report(
         model=job.get("model", "?"), target=getattr(tgt, "name", str(tgt)), objectives=objectives,
         structure=structure, baseline=base_est, best=best_est if best_est is not None else base_est,
         best_trial=chosen.number if chosen else None, recipe=recipe or Recipe(), trials=rows,
         score_kind=kinds.pop() if len(kinds) == 1 else None, best_score=chosen.score if chosen else None,
-        seed=tuple(study.user_attrs.get("archpass.seed") or ()), storage=storage, study=study.study_name, notes=notes)
+        seed=tuple(study.user_attrs.get(SEED_ATTR) or ()), storage=storage, study=study.study_name, notes=notes)
 
 
 def _objective(name: str, s: Summary) -> float:

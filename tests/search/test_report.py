@@ -139,3 +139,23 @@ def test_html_report_in_headless_chromium(stored, tmp_path):
     for figure in (f"{data.baseline.latency_ms:.3f} → {data.best.latency_ms:.3f} ms",
                    f"{data.headline()['latency_change_pct']:+.1f}%", f"trial {data.best_trial}"):
         assert figure in text
+
+
+def test_guard_results_on_finalists(stored):
+    """The search guards finalists only (study attribute archpass.finalists): their scores
+    reach the rows, a failed finalist is infeasible with the reason, the best passed."""
+    study, data, *_ = stored
+    from archpass.search.report import FINALISTS_ATTR
+
+    ranked = sorted((t for t in data.trials if t.feasible), key=lambda t: t.values[0])
+    first, second = ranked[0], ranked[1]
+    checked = [{"number": first.number, "kind": "proxy", "score": 0.95, "threshold": 0.99, "ok": False},
+               {"number": second.number, "kind": "proxy", "score": 0.995, "threshold": 0.99, "ok": True}]
+    study.set_user_attr(FINALISTS_ATTR, checked)
+    try:
+        again = report_from_study(study)
+    finally:
+        study.set_user_attr(FINALISTS_ATTR, [])
+    row = again.trials[first.number]
+    assert not row.feasible and "proxy 0.95 < 0.99" in row.reason and row.score == 0.95
+    assert again.best_trial == second.number and again.score_kind == "proxy" and again.best_score == 0.995
