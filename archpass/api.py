@@ -52,14 +52,24 @@ def apply(
     *,
     allow_growth: bool = False,
     target: str | None = None,
+    calib: str | os.PathLike | None = None,
+    recover: bool = True,
+    calib_options: Mapping | None = None,
 ) -> dict:
     """Apply ``recipe`` (a Recipe, a path to a JSON/YAML file, or its JSON form) to the model
     at ``path`` and write the result atomically to ``output`` (the null device validates
-    without writing).  The input is never modified; nothing is written when the recipe is
-    invalid or its output out of proportion (``allow_growth`` lifts the growth and 2 GB
-    limits, see :mod:`archpass.limits`).  With ``target``, the summary gets an
-    ``estimate`` {before, after} on that target.  Returns the summary
-    ``archpass apply --json`` prints."""
+    without writing).  The input is never modified; nothing is written when the recipe or
+    the calibration data is invalid or the output out of proportion (``allow_growth``
+    lifts the growth and 2 GB limits, see :mod:`archpass.limits`).  With ``target``, the
+    summary gets an ``estimate`` {before, after} on that target.  Returns the summary
+    ``archpass apply --json`` prints.
+
+    With ``calib`` (a path, or ``"random"`` for seeded random inputs) the fidelity to the
+    original is measured on that data, and lossy rewrites get their weights recovered
+    from it unless ``recover`` is False; the summary then has a ``fidelity`` entry
+    (``before``/``after`` recovery).  ``calib_options`` are the keyword arguments of
+    :func:`archpass.search.calib.load_calibration` (samples, image_size, mean, std,
+    channel_order, layout, seed)."""
     from pathlib import Path
 
     from archpass.errors import RecipeError
@@ -85,8 +95,20 @@ def apply(
         tgt = load_target(target)
     model = load_model(src, input_shapes)
     structure = analyze(model)
-    applied = apply_recipe(model, rec, structure=structure, allow_growth=allow_growth)
-    proto, notes = applied.proto, []
+    fid = None
+    if calib is not None:
+        from archpass.search.fidelity import FidelityEvaluator, load_calibration
+
+        data = load_calibration(None if str(calib) == "random" else calib, model, **dict(calib_options or {}))
+        evaluation = FidelityEvaluator(model, data, structure=structure).evaluate(
+            rec, recover=recover, verify=True, allow_growth=allow_growth)
+        applied = evaluation.applied
+        proto = evaluation.proto
+        fid = fidelity_document(evaluation, data, recover)
+    else:
+        applied = apply_recipe(model, rec, structure=structure, allow_growth=allow_growth)
+        proto = applied.proto
+    notes = []
     if model.symbolic:  # keep what --input-shape pinned only for the analysis dynamic (archpass.dynamic)
         from archpass.dynamic import restore_dynamic_dims
 
@@ -109,6 +131,69 @@ def apply(
 
         doc["target"] = tgt.name
         doc["estimate"] = {"before": estimate(structure, tgt).to_json(), "after": estimate(after, tgt).to_json()}
+    if fid is not None:
+        doc["fidelity"] = fid
+        doc["notes"] = notes + fid.pop("notes")
+    return doc
+
+
+def fidelity_document(evaluation, data, recover: bool = True) -> dict:
+    """The ``fidelity`` entry of ``apply --json``: before/after recovery, the data, notes."""
+    from archpass.search.fidelity import RANDOM_DATA_NOTE
+
+    notes = [RANDOM_DATA_NOTE] if data.random else []
+    if evaluation.after is not None:
+        notes.append("fidelity after recovery is measured on the calibration samples the weights were fitted to")
+    elif not recover:
+        notes.append("weight recovery was skipped (--no-recover)")
+    return {
+        "calibration": {"source": data.source, "samples": data.samples, "random": data.random},
+        "before": evaluation.before.to_json(),
+        "after": evaluation.after.to_json() if evaluation.after is not None else None,
+        "recovered_layers": [f.to_json() for f in evaluation.fits],
+        "seconds": evaluation.seconds,
+        "notes": notes,
+    }
+
+
+def verify(
+    original: str | os.PathLike,
+    candidate: str | os.PathLike,
+    input_shapes: InputShapes = None,
+    *,
+    calib: str | os.PathLike | None = None,
+    calib_options: Mapping | None = None,
+    min_fidelity: float | None = None,
+) -> dict:
+    """Fidelity of ``candidate`` to ``original`` on calibration data (random inputs when
+    ``calib`` is None): the document ``archpass verify --json`` prints.  ``passed`` is
+    False when the score is below ``min_fidelity``; raising is left to the caller."""
+    from archpass.errors import ArchpassError
+    from archpass.search.fidelity import RANDOM_DATA_NOTE, fidelity, load_calibration
+
+    ref = load_model(original, input_shapes)
+    try:
+        cand = load_model(candidate)
+    except ArchpassError:
+        cand = load_model(candidate, input_shapes)
+    data = load_calibration(None if calib is None or str(calib) == "random" else calib, ref, **dict(calib_options or {}))
+    fid = fidelity(ref, cand, data)
+    from archpass.record import read_record
+
+    record = read_record(cand.proto)
+    doc = {
+        "original": str(original),
+        "candidate": str(candidate),
+        "calibration": {"source": data.source, "samples": data.samples, "random": data.random},
+        "fidelity": fid.score,
+        "outputs": [o.to_json() for o in fid.outputs],
+        "random_data": data.random,
+        "samples": data.samples,
+        "rewrites": record["rewrites"] if record else [],
+        "min_fidelity": min_fidelity,
+        "passed": min_fidelity is None or fid.score >= min_fidelity,
+        "notes": [RANDOM_DATA_NOTE] if data.random else [],
+    }
     return doc
 
 

@@ -46,6 +46,10 @@ class OutputError(ArchpassError):
     """An output path cannot receive a file: a directory, a device, an unwritable folder, a read-only filesystem."""
 
 
+class CalibrationError(ArchpassError):
+    """Calibration data cannot be read or does not fit the model's inputs."""
+
+
 class CheckFailed(ArchpassError):
     """A check the user asked for did not pass: exit code 1."""
 

@@ -7,6 +7,8 @@ from typing import Annotated
 
 import typer
 
+from archpass.cli.calibopts import (CalibOpt, ChannelOrderOpt, ImageSizeOpt, LayoutOpt, MeanOpt, SamplesOpt, StdOpt,
+                                    calib_options, fidelity_line)
 from archpass.cli.common import DebugOpt, InputShapeOpt, JsonOpt, handled, print_json, print_table, rewrites_table, stdout
 from archpass.limits import GROWTH_LIMIT
 
@@ -26,6 +28,13 @@ def render(doc: dict) -> None:
     b, a = doc["before"], doc["after"]
     stdout.print(f"MACs {b['macs'] / 1e6:.1f} M -> {a['macs'] / 1e6:.1f} M   params {b['params'] / 1e6:.3f} M -> "
                  f"{a['params'] / 1e6:.3f} M   {'exact' if doc['exact'] else 'lossy: recover or fine-tune the weights'}")
+    fid = doc.get("fidelity")
+    if fid:
+        cal = fid["calibration"]
+        stdout.print(f"fidelity on {cal['samples']} samples ({cal['source']}): before recovery {fidelity_line(fid['before'])}")
+        if fid["after"]:
+            n = sum(1 for f in fid["recovered_layers"] if f["kept"] == "refit")
+            stdout.print(f"  after recovery ({n} layers refitted): {fidelity_line(fid['after'])}")
     line = _estimate_line(doc)
     if line:
         stdout.print(line)
@@ -46,14 +55,27 @@ def apply(
     input_shape: InputShapeOpt = None,
     target: Annotated[str | None, typer.Option("--target", help="Also estimate latency and memory before and after on this target (see `archpass targets`).")] = None,
     allow_growth: Annotated[bool, typer.Option("--allow-growth", help=f"Write outputs with more than {GROWTH_LIMIT}x the input's parameters, or above the 2 GB protobuf limit (then with external data).")] = False,
+    calib: CalibOpt = None,
+    no_recover: Annotated[bool, typer.Option(
+        "--no-recover", help="With --calib: measure fidelity but keep the naive weights of lossy rewrites.")] = False,
+    samples: SamplesOpt = None,
+    image_size: ImageSizeOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    channel_order: ChannelOrderOpt = "rgb",
+    layout: LayoutOpt = "nchw",
     json_out: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
-    """Apply the rewrites of RECIPE to MODEL and write the result (with a record of what was applied) to OUTPUT."""
+    """Apply the rewrites of RECIPE to MODEL and write the result (with a record of what was applied) to OUTPUT.
+
+    With --calib, fidelity to MODEL is measured on that data and the weights of lossy rewrites are recovered from it."""
     from archpass import api
 
     with handled(debug):
-        doc = api.apply(model, recipe, output, input_shape, allow_growth=allow_growth, target=target)
+        opts = calib_options(samples, image_size, mean, std, channel_order, layout)
+        doc = api.apply(model, recipe, output, input_shape, allow_growth=allow_growth, target=target,
+                        calib=calib, recover=not no_recover, calib_options=opts)
     if json_out:
         print_json(doc)
     else:

@@ -20,8 +20,10 @@ from __future__ import annotations
 import difflib
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Mapping
 
+import numpy as np
 import onnx
 
 import archpass
@@ -162,6 +164,8 @@ class Applied:
     proto: onnx.ModelProto
     plan: Plan
     rewrites: tuple[dict, ...]  # record entries of this application
+    #: for each resized channel group: the source channel of every new channel (-1 = padding)
+    channel_maps: Mapping[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def structure(self) -> Structure:
@@ -295,7 +299,9 @@ def apply_recipe(model: Model, recipe: Recipe, *, structure: Structure | None = 
     _check_full(out)
     if verify:
         verify_shapes(out, pl.structure)
-    return Applied(out, pl, tuple(entries))
+    from archpass.passes.resize import CHANNEL_MAPS_ATTR
+
+    return Applied(out, pl, tuple(entries), dict(vars(graph).get(CHANNEL_MAPS_ATTR, {})))
 
 
 def describe_passes() -> list[dict]:

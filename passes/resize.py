@@ -480,8 +480,25 @@ def resize_graph(graph, structure: Structure, sizes: Mapping[str, int], pass_nam
     if not sizes:
         return structure
     new = resize_shapes(structure, sizes)
-    _Editor(graph, structure, sizes, pass_name, site).run(new)
+    editor = _Editor(graph, structure, sizes, pass_name, site)
+    editor.run(new)
+    record_channel_maps(graph, editor.maps)
     return new
+
+
+CHANNEL_MAPS_ATTR = "_archpass_channel_maps"  # Python attribute on the graphsurgeon graph
+
+
+def record_channel_maps(graph, maps: Mapping[str, np.ndarray]) -> None:
+    """Remember, on ``graph``, which source channel each new channel of a resized group
+    holds (-1 = a padded channel), composed over several resizes of the same group.
+    The engine hands them out as ``Applied.channel_maps``; weight recovery reads them to
+    line a resized tensor up with the original one."""
+    have = dict(vars(graph).get(CHANNEL_MAPS_ATTR, {}))  # getattr would hit graphsurgeon's op registry
+    for gid, m in maps.items():
+        prev = have.get(gid)
+        have[gid] = m if prev is None else np.where(m >= 0, prev[np.maximum(m, 0)], -1)
+    setattr(graph, CHANNEL_MAPS_ATTR, have)
 
 
 def resize_exact(structure: Structure, sizes: Mapping[str, int]) -> bool:

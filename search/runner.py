@@ -1,0 +1,246 @@
+"""Running ONNX models on many samples with onnxruntime, and on parts of a graph.
+
+:class:`Runner` makes the batch dimension of a copy of the model symbolic, so a
+calibration set runs in a few chunks instead of one session call per sample, and can
+expose any intermediate tensor as an output.  A model whose graph spells its batch size
+(a Reshape to ``[1, -1]``, ...) is detected on the first run and falls back to its own
+batch size.  :func:`segment` cuts the part of a graph that computes some tensors from
+others already known, which lets weight recovery run only the nodes after the layer it
+just refitted.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+import onnx
+from onnx import helper
+
+CHUNK_BYTES = 256 * 2**20  # activation bytes per chunk (the largest tensor of one sample times the chunk)
+MAX_CHUNK = 512
+
+
+def _elem_types(proto: onnx.ModelProto) -> dict[str, int]:
+    g = proto.graph
+    types = {vi.name: vi.type.tensor_type.elem_type for vi in list(g.value_info) + list(g.input) + list(g.output)}
+    types.update({t.name: t.data_type for t in g.initializer})
+    return types
+
+
+def _batch_free(proto: onnx.ModelProto, outputs: Sequence[str], types: Mapping[str, int]) -> onnx.ModelProto:
+    """A copy whose inputs have a symbolic dim 0 and whose outputs are ``outputs`` (no
+    shapes, so onnxruntime infers them for any batch)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    g = out.graph
+    for vi in g.input:
+        dims = vi.type.tensor_type.shape.dim
+        if len(dims):
+            dims[0].Clear()
+            dims[0].dim_param = "N"
+    del g.value_info[:]
+    del g.output[:]
+    g.output.extend(helper.make_tensor_value_info(n, types.get(n, onnx.TensorProto.FLOAT), None) for n in outputs)
+    return out
+
+
+def _session(proto: onnx.ModelProto):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3
+    # no busy-waiting between the many short runs of recovery (it only burns a shared CPU)
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
+class Runner:
+    """One onnxruntime session for ``proto`` exposing ``outputs`` (default: the graph outputs)."""
+
+    def __init__(self, proto: onnx.ModelProto, outputs: Sequence[str] | None = None, *, chunk: int | None = None,
+                 dynamic: bool | None = None):
+        self.proto = proto
+        self.outputs = list(outputs) if outputs is not None else [o.name for o in proto.graph.output]
+        self.inputs = [i.name for i in proto.graph.input]
+        self.static_batch = {i.name: (i.type.tensor_type.shape.dim[0].dim_value if len(i.type.tensor_type.shape.dim) else 1)
+                             for i in proto.graph.input}
+        self.chunk = chunk or chunk_size(proto)
+        self._types = _elem_types(proto)
+        self._dynamic = dynamic  # None: decided on the first run
+        self._sess = _session(_batch_free(proto, self.outputs, self._types)) if dynamic is not False else self._static()
+
+    @property
+    def dynamic(self) -> bool | None:
+        """Whether the batch-free copy is used (None until the first run decides)."""
+        return self._dynamic
+
+    def _static(self):
+        out = onnx.ModelProto()
+        out.CopyFrom(self.proto)
+        have = {o.name for o in out.graph.output}
+        out.graph.output.extend(helper.make_tensor_value_info(n, self._types.get(n, onnx.TensorProto.FLOAT), None)
+                                for n in self.outputs if n not in have)
+        return _session(out)
+
+    def run(self, feeds: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None) -> list[np.ndarray]:
+        """Outputs for every sample of ``feeds`` (arrays stacked along axis 0)."""
+        names = list(outputs) if outputs is not None else self.outputs
+        n = len(next(iter(feeds.values())))
+        if self._dynamic is None:
+            self._dynamic = self._probe(feeds)
+            if not self._dynamic:
+                self._sess = self._static()
+        step = self.chunk if self._dynamic else max(1, min(self.static_batch.values()))
+        parts: list[list[np.ndarray]] = [[] for _ in names]
+        for i in range(0, n, step):
+            res = self._sess.run(names, {k: np.ascontiguousarray(v[i:i + step]) for k, v in feeds.items()})
+            for p, r in zip(parts, res):
+                p.append(r)
+        return [np.concatenate(p, axis=0) if len(p) > 1 else p[0] for p in parts]
+
+    def _probe(self, feeds: Mapping[str, np.ndarray]) -> bool:
+        """Whether the batch-free copy runs 2 samples as the original runs them one by one."""
+        b = min(self.static_batch.values()) or 1
+        n = len(next(iter(feeds.values())))
+        if n < 2 * b:
+            return n == b  # a single batch: the dynamic copy is only used at the model's own batch size
+        two = {k: np.ascontiguousarray(v[: 2 * b]) for k, v in feeds.items()}
+        try:
+            got = self._sess.run(self.outputs, two)
+        except Exception:  # noqa: BLE001 - onnxruntime raises its own error types
+            return False
+        ref_sess = self._static()
+        for part in range(2):
+            ref = ref_sess.run(self.outputs, {k: v[part * b:(part + 1) * b] for k, v in two.items()})
+            for g, r in zip(got, ref):
+                if g.shape[0] != 2 * b or not np.allclose(g[part * b:(part + 1) * b], r, rtol=1e-4, atol=1e-5):
+                    return False
+        return True
+
+
+def chunk_size(proto: onnx.ModelProto) -> int:
+    """Samples per onnxruntime call, so that the largest activation stays near CHUNK_BYTES."""
+    largest = 1
+    for vi in list(proto.graph.value_info) + list(proto.graph.output) + list(proto.graph.input):
+        dims = [d.dim_value for d in vi.type.tensor_type.shape.dim]
+        if len(dims) > 1 and all(d > 0 for d in dims[1:]):
+            largest = max(largest, int(np.prod(dims[1:])))
+    return int(max(1, min(MAX_CHUNK, CHUNK_BYTES // (4 * largest))))
+
+
+def needed_nodes(proto: onnx.ModelProto, outputs: Iterable[str], known: Iterable[str]) -> list[int]:
+    """Indices (in graph order) of the nodes that compute ``outputs`` from ``known`` tensors,
+    the graph inputs and the initializers."""
+    g = proto.graph
+    known = set(known)
+    producer = {o: i for i, n in enumerate(g.node) for o in n.output}
+    need: set[int] = set()
+    stack, seen = list(outputs), set()
+    while stack:
+        t = stack.pop()
+        if not t or t in seen:
+            continue
+        seen.add(t)
+        if t in known or t not in producer:
+            continue
+        i = producer[t]
+        if i not in need:
+            need.add(i)
+            stack.extend(g.node[i].input)
+    return sorted(need)
+
+
+def build_segment(proto: onnx.ModelProto, nodes: Sequence[int], outputs: Sequence[str]) -> onnx.ModelProto:
+    """A model of the given nodes of ``proto``: its inputs are the tensors they read that
+    no node among them produces (besides initializers), its outputs ``outputs``."""
+    g = proto.graph
+    sel = [g.node[i] for i in nodes]
+    produced = {o for n in sel for o in n.output}
+    inits = {t.name: t for t in g.initializer}
+    reads = []
+    for n in sel:
+        for t in n.input:
+            if t and t not in produced and t not in inits and t not in reads:
+                reads.append(t)
+    types = _elem_types(proto)
+    infos = {vi.name: vi for vi in list(g.value_info) + list(g.input) + list(g.output)}
+    ins = []
+    for t in reads:
+        if t in infos:
+            vi = onnx.ValueInfoProto()
+            vi.CopyFrom(infos[t])
+        else:
+            vi = helper.make_tensor_value_info(t, types.get(t, onnx.TensorProto.FLOAT), None)
+        ins.append(vi)
+    used = {t for n in sel for t in n.input}
+    graph = helper.make_graph(sel, "segment", ins,
+                              [helper.make_tensor_value_info(o, types.get(o, onnx.TensorProto.FLOAT), None) for o in outputs],
+                              initializer=[inits[t] for t in sorted(used) if t in inits])
+    m = helper.make_model(graph, opset_imports=list(proto.opset_import))
+    m.ir_version = proto.ir_version
+    return m
+
+
+class Stepper:
+    """Computes tensors of one model on fixed inputs, running each node once: values
+    already computed (and still needed by a node not yet run) are the inputs of the next
+    segment.  :meth:`invalidate` forgets what depends on a node whose weights changed."""
+
+    def __init__(self, proto: onnx.ModelProto, feeds: Mapping[str, np.ndarray], *, dynamic: bool | None = None):
+        self.proto = proto
+        self.feeds = dict(feeds)
+        self.values: dict[str, np.ndarray] = {}
+        self.dynamic = dynamic
+        self.chunk = chunk_size(proto)
+        nodes = proto.graph.node
+        self._consumers: dict[str, list[int]] = {}
+        for i, n in enumerate(nodes):
+            for t in n.input:
+                self._consumers.setdefault(t, []).append(i)
+        self._producer = {o: i for i, n in enumerate(nodes) for o in n.output}
+        self._done: set[int] = set()
+        self.runs = 0
+
+    def get(self, names: Sequence[str]) -> list[np.ndarray]:
+        missing = [n for n in names if n not in self.values and n not in self.feeds]
+        if missing:
+            known = set(self.values) | set(self.feeds)
+            nodes = needed_nodes(self.proto, missing, known)
+            in_seg = set(nodes)
+            outs = list(missing)
+            for i in nodes:  # the frontier: produced here, read by a node that has not run yet
+                for o in self.proto.graph.node[i].output:
+                    if o and o not in outs and any(c not in in_seg and c not in self._done for c in self._consumers.get(o, ())):
+                        outs.append(o)
+            seg = build_segment(self.proto, nodes, outs)
+            feeds = {vi.name: self.values[vi.name] if vi.name in self.values else self.feeds[vi.name] for vi in seg.graph.input}
+            runner = Runner(seg, outs, chunk=self.chunk, dynamic=self.dynamic)
+            for o, v in zip(outs, runner.run(feeds)):
+                self.values[o] = v
+            self.dynamic = runner.dynamic
+            self._done |= in_seg
+            self.runs += 1
+            wanted = set(names)
+            for t in list(self.values):
+                if t not in wanted and all(c in self._done for c in self._consumers.get(t, ())):
+                    del self.values[t]
+        return [self.values[n] if n in self.values else self.feeds[n] for n in names]
+
+    def invalidate(self, node_name: str) -> None:
+        """Forget every value computed by or after the node named ``node_name``."""
+        nodes = self.proto.graph.node
+        start = next(i for i, n in enumerate(nodes) if n.name == node_name)
+        stack, down = [start], set()
+        while stack:
+            i = stack.pop()
+            if i in down:
+                continue
+            down.add(i)
+            for o in nodes[i].output:
+                stack.extend(self._consumers.get(o, ()))
+        self._done -= down
+        for i in down:
+            for o in nodes[i].output:
+                self.values.pop(o, None)

@@ -1,0 +1,82 @@
+"""Fidelity metrics on hand-computed cases, and the evaluator on exact and lossy recipes."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from archpass.analysis import analyze
+from archpass.model import model_from_proto
+from archpass.recipe import Recipe
+from archpass.search.fidelity import FidelityEvaluator, compare, fidelity, load_calibration, output_fidelity
+from builders import NetBuilder
+
+
+def test_metrics_by_hand():
+    ref = np.array([[3.0, 4.0], [1.0, 0.0]])
+    cand = np.array([[3.0, 5.0], [0.0, 1.0]])
+    o = output_fidelity("y", ref, cand)
+    # cosine: (9+20)/(5*sqrt(34)) and 0, averaged
+    assert o.cosine == pytest.approx((29 / (5 * math.sqrt(34)) + 0.0) / 2)
+    # SNR: signal 25+1 = 26, error 1 + 1 + 1 = 3
+    assert o.snr_db == pytest.approx(10 * math.log10(26 / 3))
+    assert o.score == pytest.approx(26 / 29)
+    assert o.max_abs_error == pytest.approx(1.0)
+    assert o.top1_agreement == pytest.approx(0.5)  # sample 0: class 1 both; sample 1: 0 vs 1
+
+
+def test_identical_and_non_classifier_outputs():
+    x = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+    o = output_fidelity("map", x, x.copy())
+    assert o.score == 1.0 and o.cosine == pytest.approx(1.0) and o.max_abs_error == 0.0
+    assert o.top1_agreement is None  # two non-batch axes longer than 1: not classifier-shaped
+    assert output_fidelity("z", np.zeros((2, 3)), np.zeros((2, 3))).cosine == 1.0
+    f = compare([x, np.ones((2, 5))], [x, 2 * np.ones((2, 5))], ["a", "b"], random_data=True)
+    assert f.score == pytest.approx(0.5) and f.random_data and f.samples == 2  # worst output decides
+    assert f.to_json()["outputs"][1]["snr_db"] == pytest.approx(0.0)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    b = NetBuilder((1, 3, 16, 16), seed=3).conv(16, 3, 2, act="relu6")
+    b.ibn(16, expand=4, act="relu6").ibn(24, expand=4, stride=2, act="relu6").head(10)
+    m = model_from_proto(b.build())
+    s = analyze(m)
+    data = load_calibration(None, m, samples=96, seed=0)
+    return m, s, data, FidelityEvaluator(m, data, structure=s)
+
+
+@pytest.mark.parametrize("recipe", [
+    [{"pass": "channels", "site": "group2", "channels": 72}],  # rounding up: zero padding
+    [{"pass": "dw_to_dense", "site": "ibn0_dw"}],
+])
+def test_exact_rewrites_score_one(setup, recipe):
+    *_, ev = setup
+    e = ev.evaluate(Recipe.of(recipe))
+    assert e.before.score == pytest.approx(1.0, abs=1e-9)
+    assert e.after is None and not e.fits
+
+
+@pytest.mark.parametrize("recipe", [
+    [{"pass": "fuse_ibn", "site": "block0"}],
+    [{"pass": "channels", "site": "group2", "channels": 40}],
+    [{"pass": "width_multiplier", "multiplier": 0.75}],
+])
+def test_lossy_rewrites_score_below_one_and_recovery_raises_it(setup, recipe):
+    m, _, data, ev = setup
+    e = ev.evaluate(Recipe.of(recipe))
+    assert e.before.score < 0.999
+    assert e.after is not None and e.after.score > e.before.score
+    assert any(f.kept == "refit" for f in e.fits)
+    # the recovered proto carries the record and the recovery note, and fidelity() agrees with the evaluator
+    keys = {p.key for p in e.proto.metadata_props}
+    assert {"archpass.rewrites", "archpass.recovery"} <= keys
+    assert fidelity(m, e.proto, data).score == pytest.approx(e.after.score, rel=1e-6)
+
+
+def test_resolution_candidates_get_resized_inputs(setup):
+    *_, ev = setup
+    e = ev.evaluate(Recipe.of([{"pass": "resolution", "height": 12, "width": 12}]))
+    assert 0.0 < e.before.score < 1.0 and e.after is None

@@ -1,0 +1,156 @@
+"""Weight recovery: least squares on known answers, and refits that must find the exact weights again."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from archpass.analysis import analyze
+from archpass.model import model_from_proto
+from archpass.passes.engine import apply_recipe
+from archpass.recipe import Recipe
+from archpass.search.calib import CalibData
+from archpass.search.fidelity import compare, feeds_for
+from archpass.search.recover import ReferenceRows, recover, refits, ridge_fit
+from archpass.search.runner import Runner
+from builders import NetBuilder
+
+
+def test_ridge_fit_recovers_a_linear_map():
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((2000, 12)).astype(np.float32)
+    w, b = rng.standard_normal((12, 5)), rng.standard_normal(5)
+    y = (a @ w + b).astype(np.float32)
+    w2, b2, info = ridge_fit(a, y)
+    np.testing.assert_allclose(w2, w, atol=1e-3)
+    np.testing.assert_allclose(b2, b, atol=1e-3)
+    assert info["kept"] == "refit" and info["err_fit"] < 1e-6
+
+
+def test_ridge_fit_with_relu6_in_mind_beats_plain_least_squares():
+    rng = np.random.default_rng(1)
+    a = rng.standard_normal((4000, 6)).astype(np.float32)
+    z = (a @ rng.standard_normal((6, 3)) * 3 + np.sin(a[:, :3]) * 2).astype(np.float32)  # not exactly linear
+
+    def post(v):
+        return np.clip(v, 0, 6)
+
+    w_plain, b_plain, _ = ridge_fit(a, z)
+    w_act, b_act, info = ridge_fit(a, z, activation="relu6")
+    e_plain = np.mean((post(a @ w_plain + b_plain) - post(z)) ** 2)
+    e_act = np.mean((post(a @ w_act + b_act) - post(z)) ** 2)
+    assert e_act <= e_plain
+
+
+def test_ridge_fit_keeps_better_naive_weights():
+    rng = np.random.default_rng(2)
+    a = rng.standard_normal((500, 4)).astype(np.float32)
+    w = rng.standard_normal((4, 2)).astype(np.float32)
+    y = a @ w
+    _, _, info = ridge_fit(a, y, intercept=False, naive=(w, None))
+    assert info["kept"] == "naive"
+
+
+def _set(proto: onnx.ModelProto, name: str, value: np.ndarray) -> None:
+    for t in proto.graph.initializer:
+        if t.name == name:
+            t.CopyFrom(numpy_helper.from_array(value.astype(np.float32), name))
+            return
+    raise KeyError(name)
+
+
+def _get(proto: onnx.ModelProto, name: str) -> np.ndarray:
+    return next(numpy_helper.to_array(t) for t in proto.graph.initializer if t.name == name)
+
+
+def _node_input(proto, node, i):
+    return next(n.input[i] for n in proto.graph.node if n.name == node)
+
+
+def _lossy(applied):
+    """The same application with every rewrite treated as lossy (so recovery refits it)."""
+    return replace(applied, rewrites=tuple(dict(r, exact=False) for r in applied.rewrites))
+
+
+def _recovered_score(model, structure, applied, data):
+    ref = ReferenceRows(model.proto, data.arrays)
+    rec = recover(applied, ref, feeds_for(applied.proto, data.arrays), source=structure)
+    out = Runner(rec.proto).run(data.arrays)
+    return compare(Runner(model.proto).run(data.arrays), out).score, rec
+
+
+def test_exact_rewrite_with_spoilt_weights_is_recovered_to_float_error():
+    """Rounding a group up pads zero channels (exact); spoil the consumer's weights and
+    recovery must find the exact ones again: the true weights fit with zero error."""
+    b = NetBuilder((1, 3, 12, 12), seed=4).conv(8, 3, 2, act="relu").ibn(8, expand=3, act="relu")
+    m = model_from_proto(b.head(5).build())
+    s = analyze(m)
+    grp = s.layer("ibn0_project").in_groups[0]
+    applied = _lossy(apply_recipe(m, Recipe.of([{"pass": "channels", "site": grp, "channels": 32}]), structure=s))
+    assert [r.layer for r in refits(applied)] == ["ibn0_project"]
+    w = _node_input(applied.proto, "ibn0_project", 1)
+    _set(applied.proto, w, _get(applied.proto, w) + np.random.default_rng(0).standard_normal(_get(applied.proto, w).shape))
+    data = CalibData({"input": np.random.default_rng(1).standard_normal((64, 3, 12, 12)).astype(np.float32)}, True, "t")
+    spoilt = compare(Runner(m.proto).run(data.arrays), Runner(applied.proto).run(data.arrays)).score
+    score, rec = _recovered_score(m, s, applied, data)
+    assert spoilt < 0.9
+    assert score > 1 - 1e-7  # SNR above 70 dB
+    assert [f.kept for f in rec.fits] == ["refit"]
+
+
+def test_fused_conv_with_an_exact_solution_is_recovered():
+    """An IBN whose expand output never leaves ReLU6's linear range and has no bias: the
+    composed KxK conv is the exact answer; recovery from spoilt weights must find it."""
+    b = NetBuilder((1, 4, 10, 10), seed=5).ibn(8, expand=2, act="relu6", residual=False)
+    proto = b.head(3).build()
+    _set(proto, "ibn0_expand_w", np.abs(_get(proto, "ibn0_expand_w")) * 0.2)
+    _set(proto, "ibn0_expand_b", np.zeros_like(_get(proto, "ibn0_expand_b")))
+    m = model_from_proto(proto)
+    s = analyze(m)
+    applied = apply_recipe(m, Recipe.of([{"pass": "fuse_ibn", "site": "block0"}]), structure=s)
+    assert [r.layer for r in refits(applied)] == ["ibn0_dw", "ibn0_project"]
+    x = np.random.default_rng(2).random((48, 4, 10, 10)).astype(np.float32)  # inputs >= 0: ReLU6 stays linear
+    data = CalibData({"input": x}, False, "t")
+    naive = compare(Runner(m.proto).run(data.arrays), Runner(applied.proto).run(data.arrays)).score
+    assert naive == pytest.approx(1.0, abs=1e-9)  # the composition is exact on this data
+    fw = _node_input(applied.proto, "ibn0_dw", 1)
+    good = _get(applied.proto, fw)
+    _set(applied.proto, fw, good * 0.5 + 0.1)
+    score, rec = _recovered_score(m, s, applied, data)
+    assert score > 1 - 1e-8
+    np.testing.assert_allclose(_get(rec.proto, _node_input(rec.proto, "ibn0_dw", 1)), good, atol=1e-3)
+
+
+def test_recovery_only_touches_the_layers_the_recipe_changed():
+    b = NetBuilder((1, 3, 16, 16), seed=6).conv(16, 3, 2, act="relu6")
+    b.ibn(16, expand=4, act="relu6").ibn(24, expand=4, stride=2, act="relu6").ibn(24, expand=4, act="relu6")
+    m = model_from_proto(b.head(10).build())
+    s = analyze(m)
+    applied = apply_recipe(m, Recipe.of([{"pass": "fuse_ibn", "site": "block1"}]), structure=s)
+    data = CalibData({"input": np.random.default_rng(3).standard_normal((64, 3, 16, 16)).astype(np.float32)}, True, "t")
+    score, rec = _recovered_score(m, s, applied, data)
+    # the fused conv, the projection, and the layer reading the block output
+    assert [f.layer for f in rec.fits] == ["ibn1_dw", "ibn1_project", "ibn2_expand"]
+    changed = {t.name for t in rec.proto.graph.initializer} ^ {t.name for t in applied.proto.graph.initializer}
+    before = {t.name: numpy_helper.to_array(t) for t in applied.proto.graph.initializer}
+    edited = {t.name for t in rec.proto.graph.initializer
+              if t.name in before and not np.array_equal(before[t.name], numpy_helper.to_array(t))}
+    owners = {n.name for n in rec.proto.graph.node if set(n.input) & (edited | changed)}
+    assert owners <= {"ibn1_dw", "ibn1_project", "ibn2_expand"}
+    onnx.checker.check_model(rec.proto, full_check=True)
+
+
+@pytest.mark.slow
+def test_recovery_raises_fidelity_on_mobilenet_v2(zoo_model):
+    from archpass.model import load_model
+    from archpass.search.fidelity import FidelityEvaluator, load_calibration
+
+    m = load_model(zoo_model("mobilenet_v2"))
+    s = analyze(m)
+    ev = FidelityEvaluator(m, load_calibration(None, m, samples=4), structure=s)
+    e = ev.evaluate(Recipe.of([{"pass": "fuse_ibn", "site": "block3"}]))
+    assert e.after is not None and e.after.score > e.before.score
