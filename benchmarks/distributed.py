@@ -14,8 +14,16 @@ timestamps.  Runs are interleaved (1 2 4 1 2 4 ...), and each W reports the medi
 rounds.  Every run is audited: trial numbers unique and contiguous, no trial finished by
 two workers, every trial a worker finished is COMPLETE in the storage and the reverse.
 
-This machine has 2 cores: 4 workers there share 2 cores, so their gain over 2 comes only
-from overlapping database round trips with scoring, not from more compute.
+This machine has 2 cores, shared by the workers *and* the PostgreSQL server: a trial is
+about 40 SQL round trips (Optuna stores every parameter and attribute), so one worker and
+its server backend already keep both cores busy, and more local workers add little (4
+workers on 2 cores only overlap round trips with scoring).  The figure says that the
+storage coordinates workers correctly and what one machine sustains; workers on separate
+machines each bring their own cores, and the server's share grows with them.
+
+Measured under the exclusive lock (2026-11-29, load average 3.6 before, 5.9 after: other
+sessions still ran unlocked work): 1 / 2 / 4 workers 25.3 / 29.1 / 23.4 trials/s (x1.00 /
+x1.15 / x0.92), nothing lost or duplicated in 9 runs.
 
 Writes benchmarks/results/distributed.json.
 """
