@@ -44,7 +44,8 @@ class Activation:
     output: str
 
 
-def _attr(node: onnx.NodeProto, name: str, default=None):
+def attr(node: onnx.NodeProto, name: str, default=None):
+    """The value of ONNX node attribute ``name``, or ``default`` when the node has none."""
     for a in node.attribute:
         if a.name == name:
             return onnx.helper.get_attribute_value(a)
@@ -52,8 +53,8 @@ def _attr(node: onnx.NodeProto, name: str, default=None):
 
 
 def clip_bounds(node: onnx.NodeProto, const: Callable[[str], np.ndarray | None]) -> tuple[float | None, float | None]:
-    lo = _attr(node, "min")
-    hi = _attr(node, "max")
+    lo = attr(node, "min")
+    hi = attr(node, "max")
     if len(node.input) > 1 and node.input[1]:
         v = const(node.input[1])
         lo = None if v is None else float(np.asarray(v).reshape(-1)[0])
@@ -94,8 +95,8 @@ def find_activation(
             if set(m.input) == {x, g.output[0]} and [c.name for c in consumers.get(g.output[0], ())] == [m.name]:
                 if g.op_type == "Sigmoid":
                     return Activation("swish", (g.name, m.name), m.output[0])
-                alpha = _attr(g, "alpha", 0.2)
-                beta = _attr(g, "beta", 0.5)
+                alpha = attr(g, "alpha", 0.2)
+                beta = attr(g, "beta", 0.5)
                 if abs(alpha - 1 / 6) < 1e-4 and abs(beta - 0.5) < 1e-4:
                     return Activation("hardswish", (g.name, m.name), m.output[0])
         gelu = _erf_gelu(x, users, consumers, const)

@@ -21,10 +21,12 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from archpass.activations import UNARY, find_activation
+from archpass.activations import attr, find_activation
+from archpass.blocks import find_blocks
 from archpass.errors import AnalysisError, ArchpassError
 from archpass.model import Model
-from archpass.structure import Block, ChannelGroup, Layer, Member, Node, Stage, Structure, Tensor
+from archpass.record import read_provenance
+from archpass.structure import ChannelGroup, Layer, Member, Node, Structure, Tensor
 
 ELEMENTWISE_UNARY = {
     "Relu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "LeakyRelu", "Elu", "Selu", "Gelu", "Erf",
@@ -38,13 +40,6 @@ CHANNEL_PRESERVING = {
 }
 NORMS = {"BatchNormalization", "InstanceNormalization"}
 ELEM_BYTES = {1: 4, 2: 1, 3: 1, 4: 2, 5: 2, 6: 4, 7: 8, 9: 1, 10: 2, 11: 8, 12: 4, 13: 8, 16: 2}
-
-
-def _attr(node: onnx.NodeProto, name: str, default=None):
-    for a in node.attribute:
-        if a.name == name:
-            return onnx.helper.get_attribute_value(a)
-    return default
 
 
 class _UnionFind:
@@ -260,7 +255,7 @@ class _Analyzer:
             layers.append(Layer(**{**l.__dict__,
                                    "in_groups": tuple(gname(s) for s in ti_in.segs),
                                    "out_group": gname(ti_out.segs[0]) if ti_out.segs else ""}))
-        blocks, stages = _find_blocks(layers, self)
+        blocks, stages = find_blocks(layers, g.node, self.consumers)
         inputs = tuple((vi.name, self.shape(vi.name)) for vi in graph_inputs)
         outputs = tuple((vi.name, self.shape(vi.name)) for vi in g.output)
         return Structure(
@@ -273,15 +268,15 @@ class _Analyzer:
         spatial: list[tuple[str, object]] = []
         if n.op_type in ("Conv", "MaxPool", "AveragePool", "LpPool", "ConvTranspose"):
             w = self.shape(n.input[1]) if n.op_type in ("Conv", "ConvTranspose") else None
-            k = tuple(_attr(n, "kernel_shape", w[2:] if w else ()))
+            k = tuple(attr(n, "kernel_shape", w[2:] if w else ()))
             nd = len(k)
             spatial += [
                 ("kernel", k),
-                ("strides", tuple(_attr(n, "strides", [1] * nd))),
-                ("pads", tuple(_attr(n, "pads", [0] * (2 * nd)))),
-                ("dilations", tuple(_attr(n, "dilations", [1] * nd))),
-                ("ceil_mode", int(_attr(n, "ceil_mode", 0))),
-                ("auto_pad", _attr(n, "auto_pad", b"NOTSET").decode() if isinstance(_attr(n, "auto_pad", b""), bytes) else "NOTSET"),
+                ("strides", tuple(attr(n, "strides", [1] * nd))),
+                ("pads", tuple(attr(n, "pads", [0] * (2 * nd)))),
+                ("dilations", tuple(attr(n, "dilations", [1] * nd))),
+                ("ceil_mode", int(attr(n, "ceil_mode", 0))),
+                ("auto_pad", attr(n, "auto_pad", b"NOTSET").decode() if isinstance(attr(n, "auto_pad", b""), bytes) else "NOTSET"),
             ]
         elif n.op_type in ("Resize", "Upsample"):
             scales = self.const(n.input[2]) if len(n.input) > 2 and n.input[2] else None
@@ -293,16 +288,16 @@ class _Analyzer:
             if sizes is not None and sizes.size:
                 spatial.append(("sizes", tuple(int(s) for s in sizes)))
         elif n.op_type == "Transpose":
-            spatial.append(("perm", tuple(int(p) for p in _attr(n, "perm", list(range(len(self.shape(n.input[0]))))[::-1]))))
+            spatial.append(("perm", tuple(int(p) for p in attr(n, "perm", list(range(len(self.shape(n.input[0]))))[::-1]))))
         elif n.op_type in ("Flatten", "Concat"):
-            spatial.append(("axis", int(_attr(n, "axis", 1))))
+            spatial.append(("axis", int(attr(n, "axis", 1))))
         elif n.op_type in ("Squeeze", "Unsqueeze") or n.op_type.startswith("Reduce"):
             # what archpass.spatial needs to recompute shapes at another input resolution
             rank = len(self.shape(n.output[0] if n.op_type == "Unsqueeze" else n.input[0]))
             axes = self._axes(n, rank) if rank else None
             spatial.append(("axes", None if axes is None else tuple(axes)))
-            spatial.append(("keepdims", int(_attr(n, "keepdims", 1))))
-            spatial.append(("noop_with_empty_axes", int(_attr(n, "noop_with_empty_axes", 0))))
+            spatial.append(("keepdims", int(attr(n, "keepdims", 1))))
+            spatial.append(("noop_with_empty_axes", int(attr(n, "noop_with_empty_axes", 0))))
         layer = n.name if n.name in self.layers else None
         return Node(n.name, n.op_type, tuple(n.input), tuple(n.output), layer, tuple(spatial))
 
@@ -324,12 +319,12 @@ class _Analyzer:
         elif op in CHANNEL_PRESERVING:
             x = self.info(ins[0])
             if op == "Pad" and x.axis is not None:
-                pads = self.const(ins[1]) if len(ins) > 1 and ins[1] else np.array(_attr(n, "pads", []))
+                pads = self.const(ins[1]) if len(ins) > 1 and ins[1] else np.array(attr(n, "pads", []))
                 r = len(x.shape)
                 if pads is not None and pads.size == 2 * r and (pads[x.axis] or pads[x.axis + r]):
                     self.fix_tensor(ins[0], f"Pad node '{n.name}' pads the channel axis")
             if op in ("Softmax", "LogSoftmax") and x.axis is not None:
-                ax = _attr(n, "axis", -1) % max(len(x.shape), 1)
+                ax = attr(n, "axis", -1) % max(len(x.shape), 1)
                 if ax == x.axis:
                     for s in x.segs:
                         self.uf.add(s, Member(n.name, op, "elementwise"))
@@ -386,12 +381,12 @@ class _Analyzer:
         xs, ys = self.shape(x), self.shape(y)
         if len(ws) != 4 or len(xs) != 4:
             return self.visit_unknown(n, f"{len(ws) - 2}-D convolution '{n.name}' is not rewritten")
-        groups = int(_attr(n, "group", 1))
+        groups = int(attr(n, "group", 1))
         cout, cin_g, kh, kw = ws
         cin = cin_g * groups
-        strides = tuple(_attr(n, "strides", [1, 1]))
-        dil = tuple(_attr(n, "dilations", [1, 1]))
-        pads = tuple(_attr(n, "pads", [0, 0, 0, 0]))
+        strides = tuple(attr(n, "strides", [1, 1]))
+        dil = tuple(attr(n, "dilations", [1, 1]))
+        pads = tuple(attr(n, "pads", [0, 0, 0, 0]))
         pads = (pads[0], pads[1], pads[2], pads[3])
         xi = self.info(x)
         bias = len(n.input) > 2 and bool(n.input[2])
@@ -441,8 +436,8 @@ class _Analyzer:
     def visit_gemm(self, n: onnx.NodeProto) -> None:
         x, w, y = n.input[0], n.input[1], n.output[0]
         ws = self.shape(w)
-        tb = int(_attr(n, "transB", 0))
-        ta = int(_attr(n, "transA", 0))
+        tb = int(attr(n, "transB", 0))
+        ta = int(attr(n, "transA", 0))
         cout, cin = (ws[0], ws[1]) if tb else (ws[1], ws[0])
         xi = self.info(x)
         ok = ta == 0 and xi.axis == 1 and len(self.shape(x)) == 2
@@ -501,7 +496,7 @@ class _Analyzer:
     def visit_concat(self, n: onnx.NodeProto) -> None:
         out = n.output[0]
         oshape = self.shape(out)
-        axis = _attr(n, "axis", 0) % max(len(oshape), 1)
+        axis = attr(n, "axis", 0) % max(len(oshape), 1)
         infos = [(i, self.info(i)) for i in n.input if i]
         tracked = [ti for _, ti in infos if ti.axis is not None]
         if len(tracked) != len(infos):
@@ -533,7 +528,7 @@ class _Analyzer:
         x, out = n.input[0], n.output[0]
         xi = self.info(x)
         xs = self.shape(x)
-        axis = _attr(n, "axis", 1) % max(len(xs), 1) if xs else 1
+        axis = attr(n, "axis", 1) % max(len(xs), 1) if xs else 1
         if xi.axis is None:
             return self.fresh(out, None)
         rest = [d for i, d in enumerate(xs) if i >= axis and i != xi.axis]
@@ -572,14 +567,14 @@ class _Analyzer:
     def visit_transpose(self, n: onnx.NodeProto) -> None:
         x, out = n.input[0], n.output[0]
         xi = self.info(x)
-        perm = list(_attr(n, "perm", list(range(len(xi.shape)))[::-1]))
+        perm = list(attr(n, "perm", list(range(len(xi.shape)))[::-1]))
         if xi.axis is None:
             return self.fresh(out, None)
         self.t[out] = _TInfo(self.shape(out), perm.index(xi.axis), list(xi.segs),
                              tuple(perm.index(a) for a in xi.spatial if a in perm))
 
     def _axes(self, n: onnx.NodeProto, rank: int) -> list[int] | None:
-        axes = _attr(n, "axes")
+        axes = attr(n, "axes")
         if axes is None and len(n.input) > 1 and n.input[1]:
             v = self.const(n.input[1])
             axes = None if v is None else v.tolist()
@@ -616,8 +611,8 @@ class _Analyzer:
             return self.fresh(out, None)
         axes = self._axes(n, len(xs))
         if axes is None:
-            axes = [] if _attr(n, "noop_with_empty_axes", 0) else list(range(len(xs)))
-        keep = int(_attr(n, "keepdims", 1))
+            axes = [] if attr(n, "noop_with_empty_axes", 0) else list(range(len(xs)))
+        keep = int(attr(n, "keepdims", 1))
         if xi.axis in axes:
             for s in xi.segs:
                 self.uf.add(s, Member(n.name, n.op_type, "reduce"))
@@ -629,7 +624,7 @@ class _Analyzer:
         x, out = n.input[0], n.output[0]
         xi = self.info(x)
         xs = self.shape(x)
-        axis = _attr(n, "axis", -1) % len(xs)
+        axis = attr(n, "axis", -1) % len(xs)
         self.same_layout(out, x)
         if xi.axis is not None and xi.axis >= axis:
             for s in xi.segs:
@@ -654,7 +649,7 @@ class _Analyzer:
                 return starts, None, []
             steps, _ = ints(4)
         else:  # opset < 10: attributes
-            starts, axes, steps = _attr(n, "starts"), _attr(n, "axes"), None
+            starts, axes, steps = attr(n, "starts"), attr(n, "axes"), None
             starts = None if starts is None else [int(v) for v in starts]
         if axes is None:
             if starts is None:
@@ -673,7 +668,7 @@ class _Analyzer:
                 self.fresh(o, None)
             return
         if n.op_type == "Split":
-            axis = _attr(n, "axis", 0) % len(xs)
+            axis = attr(n, "axis", 0) % len(xs)
         else:
             starts, axes, steps = self._slice_params(n, len(xs))
             if axes is None:
@@ -715,162 +710,6 @@ class _Analyzer:
             start = end
 
 
-# ---------------------------------------------------------------------------- blocks
-def _find_blocks(layers: list[Layer], an: _Analyzer) -> tuple[list[Block], list[Stage]]:
-    by_id = {l.id: l for l in layers}
-    by_input: dict[str, list[Layer]] = defaultdict(list)
-    for l in layers:
-        by_input[l.input].append(l)
-    order = {l.id: i for i, l in enumerate(layers)}
-    used: set[str] = set()
-
-    def sole_layer_after(tensor: str) -> Layer | None:
-        cons = an.consumers.get(tensor, [])
-        if len(cons) == 1 and cons[0].name in by_id and cons[0].input[0] == tensor:
-            return by_id[cons[0].name]
-        return None
-
-    def se_after(tensor: str) -> tuple[list[str], str]:
-        """Squeeze-and-excitation after ``tensor``: (its layer ids, the gated tensor) or ([], tensor)."""
-        cons = an.consumers.get(tensor, [])
-        if len(cons) != 2:
-            return [], tensor
-        pool = [c for c in cons if c.op_type in ("GlobalAveragePool", "ReduceMean")]
-        mul = [c for c in cons if c.op_type == "Mul"]
-        if len(pool) != 1 or len(mul) != 1:
-            return [], tensor
-        se_layers: list[str] = []
-        cur = pool[0].output[0]
-        for _ in range(4):
-            nxt = an.consumers.get(cur, [])
-            if len(nxt) != 1:
-                return [], tensor
-            node = nxt[0]
-            if node.name in by_id:
-                se_layers.append(node.name)
-                cur = by_id[node.name].act_output
-            elif node.op_type in UNARY or node.op_type in ("Clip", "Flatten", "Reshape", "Unsqueeze", "Squeeze", "Add", "Div", "Mul"):
-                if node is mul[0]:
-                    break
-                cur = node.output[0]
-            if cur in mul[0].input:
-                break
-        if cur in mul[0].input and len(se_layers) == 2:
-            return se_layers, mul[0].output[0]
-        return [], tensor
-
-    def residual_add(block_in: str, out: str) -> str | None:
-        cons = an.consumers.get(out, [])
-        if len(cons) == 1 and cons[0].op_type == "Add" and block_in in cons[0].input and out in cons[0].input:
-            return cons[0].name
-        return None
-
-    raw: list[tuple[int, str, list[str], bool, list[tuple[str, str]], str | None]] = []
-    for l in layers:
-        if l.id in used:
-            continue
-        # --- ibn: 1x1 expand -> act -> KxK depthwise -> act -> [SE] -> 1x1 project -> [Add]
-        if l.pointwise and l.activation:
-            d = sole_layer_after(l.act_output)
-            if d and d.depthwise and d.activation and d.cin == l.cout:
-                se, gated = se_after(d.act_output)
-                p = sole_layer_after(gated)
-                if p and p.pointwise and p.id not in used:
-                    roles = [("expand", l.id), ("depthwise", d.id)]
-                    if se:
-                        roles += [("se_reduce", se[0]), ("se_expand", se[1])]
-                    roles.append(("project", p.id))
-                    add = residual_add(l.input, p.act_output)
-                    ids = [l.id, d.id, *se, p.id]
-                    used.update(ids)
-                    raw.append((order[l.id], "ibn", ids, add is not None, roles, add))
-                    continue
-        # --- fused_ibn: KxK dense (expanding) -> act -> [SE] -> 1x1 project -> [Add]
-        if l.op == "Conv" and l.groups == 1 and l.kernel != (1, 1) and l.activation and l.cout > l.cin:
-            se, gated = se_after(l.act_output)
-            p = sole_layer_after(gated)
-            if p and p.pointwise and p.activation is None and p.id not in used:  # a linear bottleneck
-                roles = [("fused", l.id)]
-                if se:
-                    roles += [("se_reduce", se[0]), ("se_expand", se[1])]
-                roles.append(("project", p.id))
-                add = residual_add(l.input, p.act_output)
-                ids = [l.id, *se, p.id]
-                used.update(ids)
-                raw.append((order[l.id], "fused_ibn", ids, add is not None, roles, add))
-                continue
-        # --- depthwise: KxK depthwise -> act -> [SE] -> [1x1 pointwise] (no expansion before it)
-        if l.depthwise:
-            roles = [("depthwise", l.id)]
-            ids = [l.id]
-            se, gated = se_after(l.act_output) if l.activation else ([], l.act_output)
-            if se:
-                roles += [("se_reduce", se[0]), ("se_expand", se[1])]
-                ids += se
-            p = sole_layer_after(gated)
-            if p and p.pointwise and p.id not in used:
-                roles.append(("project", p.id))
-                ids.append(p.id)
-            out = by_id[ids[-1]].act_output
-            add = residual_add(l.input, out)
-            used.update(ids)
-            raw.append((order[l.id], "depthwise", ids, add is not None, roles, add))
-    # --- residual: any other residual Add fed by a chain of layers from the block input, with an
-    #     identity or a projection shortcut (ResNet basic and bottleneck blocks)
-    taken_adds = {r[5] for r in raw if r[5]}
-    by_act_out = {l.act_output: l for l in layers}
-    for node in an.g.node:
-        if node.op_type != "Add" or node.name in taken_adds or len(node.input) != 2:
-            continue
-        for skip, main in (node.input, node.input[::-1]):
-            chain: list[Layer] = []
-            cur = main
-            found = None
-            while cur in by_act_out and len(chain) < 4:
-                lay = by_act_out[cur]
-                if lay.id in used or len(an.consumers.get(lay.act_output, [])) != 1:
-                    break
-                chain.insert(0, lay)
-                start = lay.input
-                if skip == start and len(chain) >= 1:
-                    found = (chain[:], None)
-                    break
-                sc = by_act_out.get(skip)
-                if sc is not None and sc.input == start and sc.id not in used and sc not in chain:
-                    found = (chain[:], sc)
-                    break
-                cur = start
-            if found and len(found[0]) >= 2 - (found[1] is not None):
-                main_layers, shortcut = found
-                roles = [(f"conv{i}", x.id) for i, x in enumerate(main_layers)]
-                ids = [x.id for x in main_layers]
-                if shortcut is not None:
-                    roles.append(("shortcut", shortcut.id))
-                    ids.append(shortcut.id)
-                used.update(ids)
-                first = min(order[i] for i in ids)
-                raw.append((first, "residual", ids, True, roles, node.name))
-                break
-    raw.sort(key=lambda r: r[0])
-    blocks: list[Block] = []
-    stages: list[Stage] = []
-    cur_hw = None
-    stage_blocks: list[str] = []
-    for i, (_, kind, ids, res, roles, add) in enumerate(raw):
-        bid = f"block{i}"
-        # the block's resolution is its main path's output (not an SE or shortcut layer)
-        hw = by_id[[lid for r, lid in roles if r not in ("shortcut", "se_reduce", "se_expand")][-1]].out_hw
-        if hw != cur_hw:
-            if stage_blocks:
-                stages.append(Stage(f"stage{len(stages)}", len(stages), tuple(stage_blocks), cur_hw))
-            stage_blocks, cur_hw = [], hw
-        stage_blocks.append(bid)
-        blocks.append(Block(bid, kind, tuple(ids), res, len(stages), tuple(roles), add))
-    if stage_blocks:
-        stages.append(Stage(f"stage{len(stages)}", len(stages), tuple(stage_blocks), cur_hw))
-    return blocks, stages
-
-
 @contextmanager
 def _unexpected(where: str) -> Iterator[None]:
     """Analysis raises only archpass's errors: anything else (a graph shape no rule
@@ -893,26 +732,10 @@ def analyze(model: Model | onnx.ModelProto) -> Structure:
     proto = model.proto if isinstance(model, Model) else model
     with _unexpected("the model"):
         structure = _Analyzer(proto).run()
-    prov = _provenance(proto)
+    prov = read_provenance(proto)
     if prov:  # layers a pass rewrote carry its tag (see archpass.passes.base.tag)
         from dataclasses import replace
 
         structure = replace(structure, layers=tuple(
             replace(l, provenance=", ".join(prov[l.id])) if prov.get(l.id) else l for l in structure.layers))
     return structure
-
-
-def _provenance(proto: onnx.ModelProto) -> dict[str, list[str]]:
-    """The ``archpass.provenance`` metadata map (node name -> pass tags) of a rewritten model."""
-    import json
-
-    from archpass.record import PROVENANCE_KEY
-
-    for p in proto.metadata_props:
-        if p.key == PROVENANCE_KEY:
-            try:
-                doc = json.loads(p.value)
-            except json.JSONDecodeError:
-                return {}
-            return {str(k): [str(x) for x in v] for k, v in doc.items() if isinstance(v, list)} if isinstance(doc, dict) else {}
-    return {}

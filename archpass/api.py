@@ -40,6 +40,7 @@ def inspect_document(model: Model, structure: Structure, target: str | None = No
         from archpass.costmodel import estimate, load_target
 
         doc["estimate"] = estimate(structure, load_target(target)).to_json()
+        doc["notes"] += [n for n in doc["estimate"]["notes"] if n not in doc["notes"]]  # e.g. the host note
         doc["target"] = target
     return doc
 
@@ -131,9 +132,11 @@ def apply(
 
         doc["target"] = tgt.name
         doc["estimate"] = {"before": estimate(structure, tgt).to_json(), "after": estimate(after, tgt).to_json()}
+        est_notes = doc["estimate"]["before"]["notes"] + doc["estimate"]["after"]["notes"]
+        doc["notes"] += [n for n in dict.fromkeys(est_notes) if n not in doc["notes"]]  # e.g. the host note
     if fid is not None:
         doc["fidelity"] = fid
-        doc["notes"] = notes + fid.pop("notes")
+        doc["notes"] = doc["notes"] + fid.pop("notes")
     return doc
 
 

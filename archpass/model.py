@@ -150,9 +150,9 @@ def is_large(proto: ModelProto) -> bool:
     return weight_bytes(proto) > TWO_GB - (64 << 20)
 
 
-def _skeleton(proto: ModelProto) -> ModelProto:
+def weightless(proto: ModelProto) -> ModelProto:
     """A copy whose large tensors keep only dims and type (marked external): enough for
-    shape inference, small enough to serialize."""
+    the checker and shape inference, small enough to serialize."""
     from onnx.external_data_helper import _get_all_tensors
 
     skel = ModelProto()
@@ -167,13 +167,27 @@ def _skeleton(proto: ModelProto) -> ModelProto:
     return skel
 
 
+def infer_shapes(proto: ModelProto) -> ModelProto:
+    """``proto`` with the shapes strict ONNX inference gives (``value_info`` and outputs
+    replaced), inferred on its :func:`weightless` copy so the weights are not serialized
+    again.  ONNX's errors propagate; loading turns them into a ``ModelLoadError``."""
+    inferred = onnx.shape_inference.infer_shapes(weightless(proto), check_type=True, strict_mode=True, data_prop=True)
+    out = ModelProto()
+    out.CopyFrom(proto)
+    del out.graph.value_info[:]
+    out.graph.value_info.extend(inferred.graph.value_info)
+    del out.graph.output[:]
+    out.graph.output.extend(inferred.graph.output)
+    return out
+
+
 def _check(proto: ModelProto, path: Path | None) -> None:
     try:
         if is_large(proto):
             if path is not None:
                 onnx.checker.check_model(str(path))
             else:
-                onnx.checker.check_model(_skeleton(proto))
+                onnx.checker.check_model(weightless(proto))
         else:
             onnx.checker.check_model(proto)
     except (onnx.checker.ValidationError, ValueError) as exc:
@@ -373,15 +387,7 @@ def _check_folding(proto: ModelProto) -> None:
 def _infer(proto: ModelProto) -> ModelProto:
     try:
         if is_large(proto):
-            inferred = onnx.shape_inference.infer_shapes(_skeleton(proto), check_type=True, strict_mode=True,
-                                                         data_prop=True)
-            out = ModelProto()
-            out.CopyFrom(proto)
-            del out.graph.value_info[:]
-            out.graph.value_info.extend(inferred.graph.value_info)
-            del out.graph.output[:]
-            out.graph.output.extend(inferred.graph.output)
-            return out
+            return infer_shapes(proto)
         return onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True, data_prop=True)
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -557,7 +563,7 @@ def model_from_proto(
         notes.append(f"custom-domain ops {', '.join(ops)} are opaque: archpass keeps their declared output shapes "
                      "and rewrites nothing through them")
     if sha256 is None:
-        sha256 = hashlib.sha256(_skeleton(proto).SerializeToString() if is_large(proto)
+        sha256 = hashlib.sha256(weightless(proto).SerializeToString() if is_large(proto)
                                 else proto.SerializeToString()).hexdigest()
     if canonical and is_large(work):
         # onnxslim serializes the model; above 2 GB it cannot.  The analysis handles

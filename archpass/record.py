@@ -1,7 +1,9 @@
 """The record of applied rewrites, stored in the output model's ``metadata_props``.
 
 Keys: ``archpass.version``, ``archpass.source_sha256`` and ``archpass.rewrites`` (a JSON
-list, one entry per applied rewrite: pass, site, choice, exact, shapes before/after).
+list, one entry per applied rewrite: pass, site, choice, exact, shapes before/after),
+``archpass.recipe``, and ``archpass.provenance`` (node name -> the ``pass:site`` tags of
+the rewrites that made it; :func:`read_provenance` / :func:`write_provenance`).
 Netron and onnxruntime show or ignore metadata_props, so the model stays readable.
 """
 
@@ -47,3 +49,26 @@ def write_record(proto: onnx.ModelProto, *, version: str, source_sha256: str, re
     for k, v in entries.items():
         p = proto.metadata_props.add()
         p.key, p.value = k, v
+
+
+def read_provenance(proto: onnx.ModelProto) -> dict[str, list[str]]:
+    """The ``archpass.provenance`` map (node name -> pass tags); empty when absent or malformed."""
+    for p in proto.metadata_props:
+        if p.key == PROVENANCE_KEY:
+            try:
+                doc = json.loads(p.value)
+            except json.JSONDecodeError:
+                return {}
+            if not isinstance(doc, dict):
+                return {}
+            return {str(k): [str(x) for x in v] for k, v in doc.items() if isinstance(v, list)}
+    return {}
+
+
+def write_provenance(proto: onnx.ModelProto, prov: dict[str, list[str]]) -> None:
+    """Replace the ``archpass.provenance`` map of ``proto`` (in place)."""
+    keep = [p for p in proto.metadata_props if p.key != PROVENANCE_KEY]
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(keep)
+    p = proto.metadata_props.add()
+    p.key, p.value = PROVENANCE_KEY, json.dumps(prov, separators=(",", ":"), sort_keys=True)

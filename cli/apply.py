@@ -39,7 +39,8 @@ def render(doc: dict) -> None:
     if line:
         stdout.print(line)
         for note in dict.fromkeys(doc["estimate"]["before"]["notes"] + doc["estimate"]["after"]["notes"]):
-            stdout.print(f"note: {note}")
+            if note not in doc.get("notes", []):  # printed below
+                stdout.print(f"note: {note}")
     for note in doc.get("notes", []):
         stdout.print(f"note: {note}")
     if doc.get("written", True):

@@ -89,7 +89,8 @@ def render(doc: dict, wide: bool = False) -> None:
         stdout.print(f"latency {e['latency_ms']:.3f} ms   params {e['params_bytes'] / 1e6:.2f} MB   "
                      f"peak activations {e['peak_activation_bytes'] / 1e6:.2f} MB   MACs {e['macs'] / 1e6:.1f} M")
         for note in e.get("notes", []):
-            stdout.print(f"note: {note}")
+            if note not in doc.get("notes", []):  # printed below
+                stdout.print(f"note: {note}")
     for note in doc.get("notes", []):
         stdout.print(f"note: {note}")
     unsup = doc.get("unsupported_ops") or []

@@ -6,6 +6,7 @@
 """
 
 from archpass.costmodel.estimate import Estimate, KernelEstimate, estimate, predict_kernels
+from archpass.costmodel.host import host_notes
 from archpass.costmodel.kernels import FusionRules, Kernel, decompose
 from archpass.costmodel.memory import Memory, memory
 from archpass.costmodel.target import Target, builtin_names, list_targets, load_target, save_target
@@ -25,4 +26,5 @@ __all__ = [
     "list_targets",
     "load_target",
     "save_target",
+    "host_notes",
 ]

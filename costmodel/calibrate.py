@@ -21,7 +21,8 @@ import numpy as np
 
 from archpass.costmodel.extrapolation import kernel_range
 from archpass.costmodel.features import feature_rows, network_context
-from archpass.costmodel.kernels import LAYER_KINDS, FusionRules, Kernel
+from archpass.costmodel.host import package_version
+from archpass.costmodel.kernels import GENERIC_OP, LAYER_KINDS, FusionRules, Kernel
 from archpass.costmodel.predictor import Predictor
 from archpass.costmodel.target import Target, save_target
 from archpass.errors import TargetError
@@ -29,7 +30,6 @@ from archpass.io import check_output_dir
 
 Progress = Callable[[int, int, str], None]
 DATASET = "dataset.jsonl"
-GENERIC_OP = "op"
 HOLDOUT = 0.2
 
 
@@ -138,9 +138,9 @@ def fit_predictors(target: Target, points, rounds: int = 400,
             stats.update(accuracy_stats(py, y[hold]))
             all_pred.append(py)
             all_meas.append(y[hold])
-        p = Predictor.fit(kind, layer, x, base, y, rounds, use_ctx)
-        p.stats = {**stats, "range": kernel_range(ks)}  # where the estimate stops extrapolating
-        preds[kind] = p
+        # stats["range"]: where the estimate stops extrapolating
+        preds[kind] = replace(Predictor.fit(kind, layer, x, base, y, rounds, use_ctx),
+                              stats={**stats, "range": kernel_range(ks)})
         summary["kernels"][kind] = stats
     if all_meas:
         summary["all_kernels"] = accuracy_stats(np.concatenate(all_pred), np.concatenate(all_meas))
@@ -207,7 +207,7 @@ def _call(args):
 
 
 # ---------------------------------------------------------------------- zigzag
-def _zigzag_work(payload: dict) -> dict:
+def zigzag_work(payload: dict) -> dict:
     from archpass.costmodel.backends.zigzag import measure_layer
 
     res = measure_layer(payload["spec"], payload["hardware"], payload["mapping"], payload["clock_hz"], payload["lpf_limit"])
@@ -249,7 +249,7 @@ def calibrate_zigzag(*, name: str, out_dir: str | Path, hardware: str | Path, ma
     payload = {"hardware": str(hardware), "mapping": str(mapping), "clock_hz": clock_hz, "lpf_limit": lpf_limit}
     jobs = [Job(point_key({"spec": s, "lpf": lpf_limit}), {"spec": s, **payload}) for s in specs]
     t0 = time.time()
-    run_jobs(jobs, _zigzag_work, dataset, workers, progress)
+    run_jobs(jobs, zigzag_work, dataset, workers, progress)
     target = Target(
         name=name,
         description=description or f"ZigZag model of {facts.get('name') or hw_name}",
@@ -261,18 +261,9 @@ def calibrate_zigzag(*, name: str, out_dir: str | Path, hardware: str | Path, ma
         mem_bits_per_step=facts["mem_bits_per_step"],
         fusion=FusionRules(layers_only=True),
         source={"backend": "zigzag", "hardware": hw_name, "mapping": map_name, "lpf_limit": lpf_limit,
-                "zigzag_version": _version("zigzag-dse")},
+                "zigzag_version": package_version("zigzag-dse")},
     )
     return _finish(target, dataset, out, [j.key for j in jobs], t0)
-
-
-def _version(dist: str) -> str | None:
-    try:
-        from importlib.metadata import version
-
-        return version(dist)
-    except Exception:
-        return None
 
 
 def _finish(target: Target, dataset: Dataset, out: Path, keys: Iterable[str], t0: float,
@@ -293,10 +284,8 @@ def _finish(target: Target, dataset: Dataset, out: Path, keys: Iterable[str], t0
         "calibration_seconds": round(time.time() - t0, 1),
         "note": "held-out accuracy of predictors fitted on the other points; the stored predictors are refitted on all points",
     })
-    target.predictors = preds
-    target.accuracy = summary
+    target = replace(target, predictors=preds, accuracy=summary, path=out)
     save_target(target, out)
-    target.path = out
     return target
 
 
@@ -327,12 +316,13 @@ def _ort_work(payload: dict) -> dict:
         from archpass.costmodel.backends.onnxruntime import wait_for_free_core
 
         rec["busy_cores"] = wait_for_free_core(payload.get("max_wait", 3.0))
+        opt = payload.get("graph_opt", "all")
         per_node, optimized, runs = profile_nodes(model, payload["provider"], payload["threads"],
-                                                  payload["warmup"], payload["repeats"])
+                                                  payload["warmup"], payload["repeats"], graph_opt=opt)
         times, unmatched, counts = attribute(per_node, optimized, owner, tensor_owner)
         # the same network without the profiler: its per-node bookkeeping (about 2 us a node
         # here) is inside the node times and is taken out again (profiler_overhead_ms)
-        plain = measure_model(model, payload["provider"], payload["threads"], warmup=3, repeats=15)
+        plain = measure_model(model, payload["provider"], payload["threads"], warmup=3, repeats=15, graph_opt=opt)
     except TargetError:
         raise
     except Exception as exc:
@@ -393,15 +383,18 @@ def corrected_points(dataset: Dataset, keys, overhead_ms: float) -> list[tuple[s
 def calibrate_onnxruntime(*, name: str, out_dir: str | Path, provider: str = "CPUExecutionProvider", threads: int = 1,
                           samples: int = 300, workers: int = 1, seed: int = 0, warmup: int = 5, repeats: int = 21,
                           parallelism: int = 8, description: str = "", progress: Progress | None = None,
-                          max_wait: float = 3.0, style: str = "network", template_share: float = 0.5) -> Target:
+                          max_wait: float = 3.0, style: str = "network", template_share: float = 0.5,
+                          graph_opt: str = "all") -> Target:
     """Calibrate a runtime target: ``samples`` generated networks, each timed with the
     profiler.  A ``template_share`` of them follow known architecture families' stage plans
     (:meth:`ChainBuilder.build_template`), the rest are freely drawn
     (:meth:`ChainBuilder.build_network`).  ``style="chain"`` measures short fragments
     instead (the older context)."""
-    from archpass.costmodel.backends.onnxruntime import check_provider
+    from archpass.costmodel.backends.onnxruntime import check_graph_opt, check_provider
+    from archpass.costmodel.host import fingerprint
 
     check_provider(provider)
+    check_graph_opt(graph_opt)
     if threads < 1:
         raise TargetError(f"--threads {threads} is not positive", "pass 1 or more")
     # jobs keep the fusion they were measured under in their keys; generated networks write
@@ -411,7 +404,8 @@ def calibrate_onnxruntime(*, name: str, out_dir: str | Path, provider: str = "CP
     out = check_output_dir(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     dataset = Dataset(out / DATASET)
-    payload = {"provider": provider, "threads": threads, "warmup": warmup, "repeats": repeats, "fusion": fusion.to_json()}
+    payload = {"provider": provider, "threads": threads, "warmup": warmup, "repeats": repeats, "fusion": fusion.to_json(),
+               **({"graph_opt": graph_opt} if graph_opt != "all" else {})}  # keys of "all" datasets stay as measured
     if style == "chain":
         plan = [("chain", samples)]
     else:
@@ -426,7 +420,8 @@ def calibrate_onnxruntime(*, name: str, out_dir: str | Path, provider: str = "CP
     run_jobs(jobs, _ort_work, dataset, workers, progress)
     target = Target(
         name=name,
-        description=description or f"onnxruntime {provider}, {threads} thread(s)",
+        description=description or f"onnxruntime {provider}, {threads} thread(s)"
+        + (f", graph optimizations {graph_opt}" if graph_opt != "all" else ""),
         parallelism=parallelism,
         dtype="float32",
         bytes_per_element=4,
@@ -435,7 +430,8 @@ def calibrate_onnxruntime(*, name: str, out_dir: str | Path, provider: str = "CP
         mem_bits_per_step=64.0,
         fusion=replace(fusion, split_slices=True),
         source={"backend": "onnxruntime", "provider": provider, "threads": threads, "warmup": warmup,
-                "repeats": repeats, "onnxruntime_version": _version("onnxruntime")},
+                "repeats": repeats, "onnxruntime_version": package_version("onnxruntime"), "graph_optimization": graph_opt,
+                "host": fingerprint(provider, threads, graph_opt)},
     )
     return _finish_runtime(target, dataset, out, [j.key for j in jobs], t0)
 
@@ -477,10 +473,11 @@ def refresh_specs(dataset: Dataset, fusion: FusionRules, keys=None) -> int:
 def _finish_runtime(target: Target, dataset: Dataset, out: Path, keys, t0: float) -> Target:
     refresh_specs(dataset, target.fusion, set(keys))
     overhead = profiler_overhead_ms(dataset, keys)
-    target.source["profiler_overhead_ms_per_node"] = overhead
+    target = replace(target, source={**target.source, "profiler_overhead_ms_per_node": overhead})
     contexts = network_contexts(dataset, target)
     target = _finish(target, dataset, out, keys, t0, points=corrected_points(dataset, keys, overhead), contexts=contexts)
-    target.accuracy["chains"] = chain_accuracy(target, dataset, keys, overhead, contexts)
+    target = replace(target, accuracy={**target.accuracy,
+                                       "chains": chain_accuracy(target, dataset, keys, overhead, contexts)})
     save_target(target, out)
     return target
 
@@ -497,7 +494,7 @@ def chain_accuracy(target: Target, dataset: Dataset, keys, overhead_ms: float = 
     if len(train) < 10:
         return {"n": 0}
     preds, _ = fit_predictors(target, train, contexts=contexts if contexts is not None else network_contexts(dataset, target))
-    probe = Target(**{**target.__dict__, "predictors": preds})
+    probe = replace(target, predictors=preds)
     pred, meas = [], []
     for key, rec in dataset.records.items():
         truth = rec.get("plain_ms") or rec.get("run_ms")
@@ -532,6 +529,7 @@ def refit(directory: str | Path) -> Target:
         target = _finish_runtime(target, dataset, d, list(dataset.records), t0)
     else:
         target = _finish(target, dataset, d, list(dataset.records), t0)
-    target.accuracy["calibration_seconds"] = doc.get("accuracy", {}).get("calibration_seconds")
+    target = replace(target, accuracy={**target.accuracy,
+                                       "calibration_seconds": doc.get("accuracy", {}).get("calibration_seconds")})
     save_target(target, d)
     return target

@@ -7,13 +7,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from archpass.costmodel.extrapolation import extrapolation_notes
-from archpass.costmodel.features import feature_rows, network_context
-from archpass.costmodel.kernels import LAYER_KINDS, Kernel, decompose
+from archpass.costmodel.features import correction_rows, feature_rows, network_context
+from archpass.costmodel.host import host_notes
+from archpass.costmodel.kernels import GENERIC_OP, LAYER_KINDS, Kernel, decompose
 from archpass.costmodel.memory import memory
 from archpass.costmodel.target import Target, load_target
 from archpass.structure import Structure
-
-GENERIC_OP = "op"  # predictor fitted on every standalone op: used for kinds never measured
 
 
 @dataclass(frozen=True)
@@ -56,6 +55,8 @@ class Estimate:
 def predictor_for(kind: str, target: Target) -> str | None:
     """Layer kinds have their own predictor (a missing one falls back to ``conv``);
     standalone ops share one (their op type is a feature)."""
+    if target.prior is not None:
+        return predictor_for(kind, target.prior)
     if kind in LAYER_KINDS:
         if kind in target.predictors:
             return kind
@@ -65,10 +66,39 @@ def predictor_for(kind: str, target: Target) -> str | None:
     return GENERIC_OP if GENERIC_OP in target.predictors else None
 
 
+def correction_for(kind: str, target: Target):
+    """An adapted target's correction for a kernel kind: its own, else the one pooled over
+    layer kinds (``layer``) or standalone ops (``op``); None leaves the prior's prediction."""
+    c = target.corrections
+    if kind in LAYER_KINDS:
+        return c.get(kind) or c.get("layer")
+    return c.get(GENERIC_OP)
+
+
+def corrected(kernels: list[Kernel], target: Target, prior_ms: np.ndarray) -> np.ndarray:
+    """The prior's per-kernel latencies with the adapted target's corrections applied."""
+    out = np.asarray(prior_ms, dtype=np.float64).copy()
+    groups: dict[int, tuple[object, list[int]]] = {}
+    for i, k in enumerate(kernels):
+        c = correction_for(k.kind, target)
+        if c is not None:
+            groups.setdefault(id(c), (c, []))[1].append(i)
+    for c, idx in groups.values():
+        ks = [kernels[i] for i in idx]
+        z = correction_rows(ks, target, out[idx])
+        ref = c.reference(out[idx], feature_rows(ks, target)[1] if c.baseline else None)
+        out[idx] = ref * c.factor(z)
+    return out
+
+
 def predict_kernels(kernels: list[Kernel], target: Target) -> tuple[np.ndarray, list[str | None]]:
     """Predicted latency (ms) of each kernel, and the predictor that scored it.
 
-    ``kernels`` is a whole network: predictors of runtime targets read its size."""
+    ``kernels`` is a whole network: predictors of runtime targets read its size.  An
+    adapted target corrects its prior's predictions (:func:`corrected`)."""
+    if target.prior is not None:
+        prior_ms, used = predict_kernels(kernels, target.prior)
+        return corrected(kernels, target, prior_ms), used
     out = np.zeros(len(kernels))
     context = None
     used: list[str | None] = [None] * len(kernels)
@@ -105,7 +135,11 @@ def estimate(structure: Structure, target: Target | str, *, best_order: bool = T
     fallback = sorted({k.kind for k, u in zip(kernels, used) if k.kind in LAYER_KINDS and u is not None and u != k.kind})
     if fallback:
         notes.append(f"kernel kinds {', '.join(fallback)} were never measured on {t.name}; scored by a generic predictor")
-    notes += extrapolation_notes(kernels, used, t)
+    root = t
+    while root.prior is not None:  # an adapted target was calibrated where its first prior was
+        root = root.prior
+    notes += extrapolation_notes(kernels, used, root)
+    notes += host_notes(t)
     mem = memory(structure, t.bytes_per_element, best_order=best_order)
     return Estimate(
         target=t.name,

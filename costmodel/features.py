@@ -185,9 +185,27 @@ def feature_rows(kernels: list[Kernel], target, context=None) -> tuple[np.ndarra
     return x, np.asarray(bases, dtype=np.float64)
 
 
+def correction_rows(kernels: list[Kernel], target, prior_ms) -> np.ndarray:
+    """The log terms an adapted target's corrections read (:data:`~archpass.costmodel.predictor.LAYER_TERMS`
+    or ``OP_TERMS``), for kernels of one group: the prior's prediction, and the analytic
+    compute and memory terms on the adapted target's own hardware."""
+    if not kernels:
+        return np.zeros((0, 0))
+    layer = kernels[0].kind in LAYER_KINDS
+    rows = []
+    for k, p in zip(kernels, prior_ms):
+        lp = float(np.log(max(float(p), 1e-9)))
+        if layer:
+            _, b = layer_features(k, target.parallelism, target.unroll, target.elem_bits, target.mem_bits_per_step)
+            rows.append([1.0, lp, np.log(max(b["ideal"], 1e-9)), np.log(max(b["mem"], 1e-9))])
+        else:
+            rows.append([1.0, lp, np.log(max(k.in_elems + k.out_elems, 1))])
+    return np.asarray(rows, dtype=np.float64)
+
+
 def log_safe(x: np.ndarray) -> np.ndarray:
     return np.log(np.maximum(x, 1e-9))
 
 
 __all__ = ["LAYER_FEATURES", "OP_FEATURES", "LAYER_BASE", "OP_BASE", "CONTEXT_FEATURES", "NETWORK_FEATURES", "feature_rows",
-           "layer_features", "op_features", "loop_sizes", "network_context"]
+           "layer_features", "op_features", "loop_sizes", "network_context", "correction_rows"]

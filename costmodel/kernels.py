@@ -23,6 +23,8 @@ from archpass.structure import Layer, Node, Structure
 
 # Standalone-op kinds.  Layer kinds are "conv", "dwconv" and "gemm".
 LAYER_KINDS = ("conv", "dwconv", "gemm")
+#: Name of the predictor fitted on every standalone op, used for op kinds never measured.
+GENERIC_OP = "op"
 OP_KINDS = {
     "Add": "eltwise",
     "Sub": "eltwise",

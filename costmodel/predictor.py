@@ -103,14 +103,15 @@ class Predictor:
         return p
 
     # ------------------------------------------------------------------ storage
-    def to_json(self) -> dict:
+    def to_json(self, model_file: str | None = None) -> dict:
+        """The JSON form; ``model_file`` names the LightGBM text file (see :func:`save_target`)."""
         return {
             "kind": self.kind,
             "features": list(self.features),
             "baseline_terms": list(self.base_terms),
             "baseline_coef": list(self.coef),
             "n_train": self.n_train,
-            "model_file": self.model_file,
+            "model_file": model_file if model_file is not None else self.model_file,
             "stats": self.stats,
         }
 
@@ -142,3 +143,53 @@ class Predictor:
             model_file=d.get("model_file"),
             stats=dict(d.get("stats", {})),
         )
+
+
+#: terms a :class:`Correction` reads (:func:`archpass.costmodel.features.correction_rows`)
+LAYER_TERMS = ("one", "log_prior", "log_ideal", "log_mem")
+OP_TERMS = ("one", "log_prior", "log_elems")
+#: a correction never moves a prediction by more than this factor either way
+MAX_LOG_CORRECTION = 3.0
+
+
+@dataclass(frozen=True)
+class Correction:
+    """An adapted target's correction of its prior's prediction for one kernel kind:
+    ``latency = reference · exp(coef · (z - center))`` with ``z`` the log terms of
+    :data:`LAYER_TERMS` / :data:`OP_TERMS` (``one`` is not centred) and the reference the
+    prior's prediction, or with ``baseline`` a new analytic baseline (the prior's
+    prediction then enters through ``log_prior``).  ``method`` says how it was fitted."""
+
+    kind: str
+    method: str
+    terms: tuple[str, ...]
+    center: tuple[float, ...]
+    coef: tuple[float, ...]
+    n: int = 0
+    #: when set, the reference is a new analytic baseline (coefficients over ``LAYER_BASE``
+    #: or ``OP_BASE`` terms on the adapted target's hardware) instead of the prior's prediction
+    baseline: tuple[float, ...] = ()
+
+    def reference(self, prior_ms: np.ndarray, base_terms: np.ndarray) -> np.ndarray:
+        if not self.baseline:
+            return np.asarray(prior_ms, dtype=np.float64)
+        return np.maximum(np.asarray(base_terms, dtype=np.float64) @ np.asarray(self.baseline), 1e-9)
+
+    def factor(self, z: np.ndarray) -> np.ndarray:
+        if len(z) == 0:
+            return np.ones(0)
+        e = (np.asarray(z, dtype=np.float64) - np.asarray(self.center)) @ np.asarray(self.coef)
+        return np.exp(np.clip(e, -MAX_LOG_CORRECTION, MAX_LOG_CORRECTION))
+
+    def to_json(self) -> dict:
+        return {"kind": self.kind, "method": self.method, "terms": list(self.terms), "center": list(self.center),
+                "coef": list(self.coef), "n": self.n, "baseline": list(self.baseline)}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Correction":
+        terms = tuple(d["terms"])
+        if terms not in (LAYER_TERMS, OP_TERMS) or not (len(d["coef"]) == len(d["center"]) == len(terms)):
+            raise ValueError(f"correction '{d.get('kind')}' has unknown terms {list(terms)}")
+        return cls(kind=str(d["kind"]), method=str(d.get("method", "?")), terms=terms,
+                   center=tuple(float(c) for c in d["center"]), coef=tuple(float(c) for c in d["coef"]),
+                   n=int(d.get("n", 0)), baseline=tuple(float(c) for c in d.get("baseline") or ()))

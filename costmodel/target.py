@@ -18,17 +18,29 @@ A target is a directory users can write and share::
      "source": {"backend": "zigzag", "hardware": "hw.yaml", "mapping": "map.yaml", "lpf_limit": 4},
      "predictors": {"conv": {...}, ...}, "accuracy": {...}}
 
-Nothing in a target is executable: JSON and LightGBM text only.
+An adapted target (``archpass calibrate --adapt``) keeps the target it was adapted from
+in ``prior/`` (a target directory of its own) and stores ``"prior": "prior"`` and
+``"corrections"`` (:class:`~archpass.costmodel.predictor.Correction` per kernel kind) in
+place of its own predictors: a prediction is the prior's, corrected.
+
+onnxruntime targets record the host they were measured on in ``source.host``
+(:mod:`archpass.costmodel.host`).
+
+Nothing in a target is executable: JSON and LightGBM text only.  A :class:`Target` is
+immutable: builders return new targets (``dataclasses.replace``), and
+:func:`save_target` writes files without touching the target it is given.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from archpass.costmodel.kernels import FusionRules
-from archpass.costmodel.predictor import Predictor
+from archpass.costmodel.predictor import Correction, Predictor
 from archpass.errors import TargetError
 
 FORMAT = 1
@@ -36,7 +48,7 @@ BUILTIN_DIR = Path(__file__).resolve().parent / "targets"
 REQUIRED = ("name", "parallelism", "bytes_per_element", "source", "predictors")
 
 
-@dataclass
+@dataclass(frozen=True)
 class Target:
     name: str
     description: str = ""
@@ -52,6 +64,11 @@ class Target:
     accuracy: dict = field(default_factory=dict)
     path: Path | None = None
     builtin: bool = False
+    #: the target this one was adapted from, and the corrections applied to its predictions
+    prior: "Target | None" = None
+    corrections: dict[str, Correction] = field(default_factory=dict)
+    #: where the target was found: "builtin", "user" (the per-user folder) or "path"
+    origin: str = "path"
 
     @property
     def elem_bits(self) -> int:
@@ -73,8 +90,11 @@ class Target:
             "bytes_per_element": self.bytes_per_element,
             "builtin": self.builtin,
             "path": str(self.path) if self.path else None,
-            "kernel_kinds": sorted(self.predictors),
+            "kernel_kinds": sorted(self.predictors or (self.prior.predictors if self.prior else {})),
             "accuracy": self.accuracy,
+            "origin": self.origin,
+            "adapted_from": self.prior.name if self.prior is not None else None,
+            "corrections": {k: c.method for k, c in sorted(self.corrections.items())},
         }
 
     def to_json(self) -> dict:
@@ -90,8 +110,10 @@ class Target:
             "mem_bits_per_step": self.mem_bits_per_step,
             "fusion": self.fusion.to_json(),
             "source": self.source,
-            "predictors": {k: p.to_json() for k, p in sorted(self.predictors.items())},
+            "predictors": {k: p.to_json(model_file(k, p)) for k, p in sorted(self.predictors.items())},
             "accuracy": self.accuracy,
+            **({"prior": PRIOR_DIR, "corrections": {k: c.to_json() for k, c in sorted(self.corrections.items())}}
+               if self.prior is not None else {}),
         }
 
     def source_file(self, key: str) -> Path:
@@ -105,6 +127,14 @@ class Target:
         return p
 
 
+PRIOR_DIR = "prior"
+
+
+def model_file(kind: str, p: Predictor) -> str | None:
+    """Where a predictor's LightGBM text lives inside a target directory (None: no trees)."""
+    return f"predictors/{kind}.txt" if p.booster is not None else None
+
+
 # ---------------------------------------------------------------------- writing
 def _atomic_write(path: Path, text: str) -> None:
     from archpass.io import atomic_write_text
@@ -113,16 +143,26 @@ def _atomic_write(path: Path, text: str) -> None:
 
 
 def save_target(target: Target, directory: str | Path) -> Path:
-    """Write ``target`` to ``directory`` (created if needed); every file atomically."""
+    """Write ``target`` to ``directory`` (created if needed); every file atomically.  The
+    target is not changed: ``load_target(save_target(t, d))`` is ``t`` with its path set.
+    An adapted target's prior is written to ``directory/prior``; the ZigZag YAMLs a
+    source names are copied along when they are not there yet."""
     from archpass.io import check_output_dir
 
     d = check_output_dir(directory)
     (d / "predictors").mkdir(parents=True, exist_ok=True)
     for kind, p in target.predictors.items():
         text = p.model_text()
-        p.model_file = f"predictors/{kind}.txt" if text is not None else None
         if text is not None:
-            _atomic_write(d / p.model_file, text)
+            _atomic_write(d / model_file(kind, p), text)
+    if target.prior is not None:
+        save_target(target.prior, d / PRIOR_DIR)
+    for key in ("hardware", "mapping"):
+        name = target.source.get(key)
+        if name and target.path is not None and not Path(name).is_absolute():
+            src, dst = Path(target.path) / name, d / name
+            if src.is_file() and not dst.exists():
+                shutil.copyfile(src, dst)
     _atomic_write(d / "target.json", json.dumps(target.to_json(), indent=1) + "\n")
     return d
 
@@ -134,27 +174,109 @@ def builtin_names() -> list[str]:
     return sorted(p.name for p in BUILTIN_DIR.iterdir() if (p / "target.json").is_file())
 
 
-def _resolve(name_or_path: str | Path) -> tuple[Path, bool]:
+# ---------------------------------------------------------------------- the per-user folder
+DEFAULTS_FILE = "defaults.json"
+
+
+def user_dir() -> Path:
+    """The per-user target folder: ``$ARCHPASS_TARGETS``, else
+    ``$XDG_CONFIG_HOME/archpass/targets`` (``~/.config/archpass/targets``)."""
+    env = os.environ.get("ARCHPASS_TARGETS")
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config"
+    return Path(base).expanduser() / "archpass" / "targets"
+
+
+def user_names() -> list[str]:
+    d = user_dir()
+    if not d.is_dir():
+        return []
+    return sorted(p.name for p in d.iterdir() if (p / "target.json").is_file())
+
+
+def _read_defaults() -> dict:
+    p = user_dir() / DEFAULTS_FILE
+    if not p.is_file():
+        return {"format": 1, "hosts": {}}
+    try:
+        doc = json.loads(p.read_text())
+        if not isinstance(doc, dict) or not isinstance(doc.get("hosts", {}), dict):
+            raise ValueError("not a JSON object with 'hosts'")
+    except (OSError, UnicodeError, ValueError) as exc:
+        raise TargetError(f"{p} is broken ({type(exc).__name__}: {exc})",
+                          "fix or delete it (it only holds which user target is the default for a name)") from None
+    doc.setdefault("hosts", {})
+    return doc
+
+
+def defaults_here() -> dict[str, str]:
+    """Target name -> user target that replaces it on this host (``archpass targets --set-default``)."""
+    from archpass.costmodel.host import host_id
+
+    return dict(_read_defaults()["hosts"].get(host_id(), {}).get("defaults", {}))
+
+
+def set_default(name: str, user_target: str | None) -> Path:
+    """Make the user target ``user_target`` the one ``name`` resolves to on this host
+    (None removes the default).  Returns the defaults file."""
+    from archpass.costmodel.host import host_id, machine
+
+    if user_target is not None and user_target not in user_names():
+        known = ", ".join(user_names()) or "none"
+        raise TargetError(f"no user target '{user_target}' in {user_dir()} (user targets: {known})",
+                          "install one with 'archpass calibrate --adapt ... --install' or copy a target directory there")
+    doc = _read_defaults()
+    entry = doc["hosts"].setdefault(host_id(), {"machine": machine(), "defaults": {}})
+    if user_target is None:
+        entry["defaults"].pop(name, None)
+    else:
+        entry["defaults"][name] = user_target
+    path = user_dir() / DEFAULTS_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write(path, json.dumps(doc, indent=1) + "\n")
+    return path
+
+
+def install_target(target: Target, name: str | None = None) -> Path:
+    """Copy ``target`` into the per-user folder as ``name`` (default: its own name)."""
+    dest = user_dir() / (name or target.name)
+    if dest.exists() and not (dest / "target.json").is_file():
+        raise TargetError(f"{dest} exists and is not a target directory", "remove it or install under another --name")
+    return save_target(target, dest)
+
+
+def _resolve(name_or_path: str | Path) -> tuple[Path, str]:
     s = str(name_or_path)
+    default = defaults_here().get(s)
+    if default is not None and (user_dir() / default / "target.json").is_file():
+        return user_dir() / default, "user"
     if s in builtin_names():
-        return BUILTIN_DIR / s, True
+        return BUILTIN_DIR / s, "builtin"
+    if s in user_names() and os.sep not in s:
+        return user_dir() / s, "user"
     p = Path(s).expanduser()
     if p.is_dir() and (p / "target.json").is_file():
-        return p, False
+        return p, "path"
     if p.is_file() and p.name.endswith(".json"):
-        return p.parent, False
+        return p.parent, "path"
     if p.is_dir():
         raise TargetError(f"{p} has no target.json", "point --target at a directory written by 'archpass calibrate'")
-    known = ", ".join(builtin_names()) or "none"
+    known = ", ".join(sorted(set(builtin_names()) | set(user_names()))) or "none"
     raise TargetError(f"unknown target '{s}' (known targets: {known})", "use one of them or the path of a target directory")
 
 
 def load_target(name_or_path: str | Path) -> Target:
-    """A built-in target by name, or a target directory (or its target.json) by path."""
+    """A target by name (a default set for this host, a built-in, a user target), or a
+    target directory (or its target.json) by path."""
     if isinstance(name_or_path, Target):
         return name_or_path
-    d, builtin = _resolve(name_or_path)
-    tj = d / "target.json" if (d / "target.json").exists() else Path(name_or_path)
+    d, origin = _resolve(name_or_path)
+    return _load_dir(d, origin, Path(name_or_path))
+
+
+def _load_dir(d: Path, origin: str, given: Path | None = None, depth: int = 0) -> Target:
+    tj = d / "target.json" if (d / "target.json").exists() or given is None else given
     try:
         doc = json.loads(tj.read_text())
     except (OSError, UnicodeError, json.JSONDecodeError) as exc:
@@ -168,6 +290,12 @@ def load_target(name_or_path: str | Path) -> Target:
     if doc.get("format", FORMAT) != FORMAT:
         raise TargetError(f"target file {tj} has format {doc.get('format')}, this archpass reads format {FORMAT}",
                           "re-run 'archpass calibrate' with this version")
+    prior = None
+    if doc.get("prior") is not None:
+        pd = (d / str(doc["prior"])).resolve()
+        if d.resolve() not in pd.parents or depth > 8:
+            raise TargetError(f"target {d} names a prior outside its directory", "re-run 'archpass calibrate --adapt'")
+        prior = _load_dir(pd, origin, None, depth + 1)
     try:
         preds = {}
         for kind, pd in dict(doc["predictors"]).items():
@@ -192,7 +320,10 @@ def load_target(name_or_path: str | Path) -> Target:
             predictors=preds,
             accuracy=dict(doc.get("accuracy", {})),
             path=d,
-            builtin=builtin,
+            builtin=origin == "builtin",
+            prior=prior,
+            corrections={str(k): Correction.from_json(v) for k, v in dict(doc.get("corrections") or {}).items()},
+            origin=origin,
         )
     except TargetError:
         raise
@@ -201,13 +332,23 @@ def load_target(name_or_path: str | Path) -> Target:
                           "re-run 'archpass calibrate' to regenerate it") from None
     if target.parallelism < 1 or target.bytes_per_element < 1:
         raise TargetError(f"target file {tj} has parallelism/bytes_per_element below 1", "fix the values")
-    if not target.predictors:
+    if not target.predictors and target.prior is None:
         raise TargetError(f"target {d} has no predictors", "run 'archpass calibrate' to fit them")
     return target
 
 
-def list_targets() -> list[Target]:
-    return [load_target(n) for n in builtin_names()]
+def list_targets(broken: list[str] | None = None) -> list[Target]:
+    """The built-in targets, then the per-user folder's.  A user target that does not load
+    is left out, and its one-line error appended to ``broken`` when given."""
+    out = [_load_dir(BUILTIN_DIR / n, "builtin") for n in builtin_names()]
+    for n in user_names():
+        try:
+            out.append(_load_dir(user_dir() / n, "user"))
+        except TargetError as exc:
+            if broken is not None:
+                broken.append(f"user target {n}: {exc.line()}")
+    return out
 
 
-__all__ = ["Target", "load_target", "save_target", "list_targets", "builtin_names", "replace"]
+__all__ = ["Target", "load_target", "save_target", "list_targets", "builtin_names", "user_names", "user_dir",
+           "set_default", "defaults_here", "install_target", "replace"]

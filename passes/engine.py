@@ -32,7 +32,7 @@ from archpass.errors import RecipeError
 from archpass.model import Model
 from archpass.passes.base import Match, Pass, ShapeResult, provenance, registry
 from archpass.recipe import Recipe, Rewrite
-from archpass.record import PROVENANCE_KEY, read_record, write_record
+from archpass.record import read_provenance, read_record, write_provenance, write_record
 from archpass.structure import Layer, Structure
 
 _KIND_LOOKUP = {"block": "has_block", "group": "has_group", "layer": "has_layer"}
@@ -198,34 +198,17 @@ def verify_shapes(proto: onnx.ModelProto, expected: Structure) -> None:
 
 
 def _reinfer(proto: onnx.ModelProto) -> onnx.ModelProto:
-    """Drop every stale intermediate/output shape and infer them again (strict).
+    """Drop every stale intermediate/output shape and infer them again (strict); the declared
+    shapes of opaque custom ops stay."""
+    from archpass.model import declared_custom_shapes, infer_shapes
 
-    Inference runs on a weightless skeleton (large initializers keep only dims and type),
-    which gives the same shapes without serializing the weights one more time."""
-    from archpass.model import _skeleton, declared_custom_shapes
-
-    declared = declared_custom_shapes(proto)  # opaque custom ops: their declared shapes stay
+    declared = declared_custom_shapes(proto)
     del proto.graph.value_info[:]
     proto.graph.value_info.extend(declared)
     for vi in proto.graph.output:
         for d in vi.type.tensor_type.shape.dim:
             d.Clear()
-    inferred = onnx.shape_inference.infer_shapes(_skeleton(proto), check_type=True, strict_mode=True, data_prop=True)
-    del proto.graph.value_info[:]
-    proto.graph.value_info.extend(inferred.graph.value_info)
-    del proto.graph.output[:]
-    proto.graph.output.extend(inferred.graph.output)
-    return proto
-
-
-def _previous_provenance(proto: onnx.ModelProto) -> dict[str, list[str]]:
-    for p in proto.metadata_props:
-        if p.key == PROVENANCE_KEY:
-            try:
-                return {k: list(v) for k, v in json.loads(p.value).items()}
-            except (json.JSONDecodeError, AttributeError):
-                return {}
-    return {}
+    return infer_shapes(proto)
 
 
 def _check_full(proto: onnx.ModelProto) -> None:
@@ -281,7 +264,7 @@ def apply_recipe(model: Model, recipe: Recipe, *, structure: Structure | None = 
     del out.metadata_props[:]
     out.metadata_props.extend(model.proto.metadata_props)
     out = _reinfer(out)
-    prov = _previous_provenance(model.proto)
+    prov = read_provenance(model.proto)
     for name, labels in tags.items():
         prov[name] = prov.get(name, []) + [x for x in labels if x not in prov.get(name, [])]
     for n in out.graph.node:
@@ -294,8 +277,7 @@ def apply_recipe(model: Model, recipe: Recipe, *, structure: Structure | None = 
         rewrites=(previous["rewrites"] if previous else []) + entries,
         recipe=recipe.to_json() if not previous else {"rewrites": (previous.get("recipe") or {}).get("rewrites", []) + recipe.to_json()["rewrites"]},
     )
-    p = out.metadata_props.add()
-    p.key, p.value = PROVENANCE_KEY, json.dumps(prov, separators=(",", ":"), sort_keys=True)
+    write_provenance(out, prov)
     _check_full(out)
     if verify:
         verify_shapes(out, pl.structure)

@@ -78,8 +78,30 @@ def test_checker_failure(tmp_path):
     proto = small()
     proto.graph.node[0].input[0] = "undefined_tensor"
     p = write(tmp_path, proto)
-    with pytest.raises(ModelLoadError, match="fails the ONNX checker"):
+    with pytest.raises(ModelLoadError, match="fails the ONNX checker: .*undefined_tensor"):
         load_model(p)
+
+
+def test_input_shapes_as_a_mapping(tmp_path):
+    p = write(tmp_path, messy_model())
+    m = load_model(p, {"input": [1, 3, 32, 32]})
+    assert m.inputs == {"input": (1, 3, 32, 32)}
+
+
+def test_ir_version_zero_is_refused(tmp_path):
+    proto = small()
+    proto.ir_version = 0
+    with pytest.raises(ModelLoadError, match=r"is not an ONNX model \(no graph or no nodes\)"):
+        load_model(write(tmp_path, proto))
+
+
+def test_a_data_dependent_shape_is_refused_naming_the_tensor(tmp_path):
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.INT64, [2, "n"])
+    proto = helper.make_model(helper.make_graph([helper.make_node("NonZero", ["x"], ["y"], name="nz")], "g", [x], [y]),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    with pytest.raises(ModelLoadError, match="'y'|nz"):
+        load_model(write(tmp_path, proto))
 
 
 def test_dynamic_dims_need_input_shape(tmp_path):

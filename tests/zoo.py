@@ -1,18 +1,26 @@
-"""Real torchvision architectures exported to ONNX for tests and benchmarks.
+"""Real torchvision architectures for tests (committed skeletons) and benchmarks (torch exports).
 
-Exports are cached in ``$ARCHPASS_TEST_CACHE`` (default ``~/.cache/archpass-tests/onnx``),
+Tests use :func:`model_path`: the architecture's weight-free skeleton committed under
+``tests/skeletons/`` (see ``tests/skeleton.py``), filled with seeded random weights and
+written once into ``$ARCHPASS_TEST_CACHE/skeletons``, keyed by the skeleton's hash.  No
+torch needed.  ``python tests/make_skeletons.py`` regenerates the skeletons from fresh
+torch exports where torch and torchvision are installed.
+
+Benchmarks that want the real export use :func:`export_model`.  Exports are cached in ``$ARCHPASS_TEST_CACHE`` (default ``~/.cache/archpass-tests/onnx``),
 keyed by model name, variant and the torch/torchvision versions, so a rerun is a file lookup.
 Weights are random (``weights=None``) but seeded, so the same version always exports the
 same model. Files are written atomically (temp file in the cache folder + ``os.replace``),
 so an interrupted export never leaves a truncated model behind.
 
-Usage from a test: the ``zoo_model`` fixture in ``tests/conftest.py``, or
-``zoo.export_model("resnet18")`` directly. Both skip the test when torch/torchvision are
-not importable. ``python tests/zoo.py [NAME ...]`` exports and times models from the shell.
+Usage from a test: the ``zoo_model`` fixture in ``tests/conftest.py`` (or
+``zoo.model_path("resnet18")``).  ``zoo.export_model`` skips the calling test when
+torch/torchvision are not importable.  ``python tests/zoo.py [NAME ...]`` exports and
+times models from the shell.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 import time
@@ -44,6 +52,53 @@ MODELS: dict[str, dict] = {
 DYNAMIC_BATCH = ("mobilenet_v2",)
 
 
+SKELETONS = Path(__file__).resolve().parent / "skeletons"
+
+
+def _check_name(name: str, dynamic_batch: bool) -> None:
+    if name not in MODELS:
+        raise KeyError(f"unknown zoo model {name!r}; known: {', '.join(MODELS)}")
+    if dynamic_batch and name not in DYNAMIC_BATCH:
+        raise KeyError(f"no dynamic-batch variant for {name!r}; available: {', '.join(DYNAMIC_BATCH)}")
+
+
+def skeleton_path(name: str, *, dynamic_batch: bool = False) -> Path:
+    """The committed skeleton of zoo model ``name`` (``tests/skeletons/<name>[-dynbatch].onnx``)."""
+    _check_name(name, dynamic_batch)
+    return SKELETONS / f"{name}{'-dynbatch' if dynamic_batch else ''}.onnx"
+
+
+def model_path(name: str, *, dynamic_batch: bool = False) -> Path:
+    """Path to the full ONNX model of ``name``: its skeleton filled with seeded random weights.
+
+    Materialized once into ``cache_dir()/skeletons`` (atomically), under a name that carries
+    the skeleton's hash, so an edited skeleton never meets a stale file.
+    """
+    import onnx
+
+    from skeleton import fill
+
+    skel_file = skeleton_path(name, dynamic_batch=dynamic_batch)
+    data = skel_file.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()[:16]
+    out_dir = cache_dir() / "skeletons"
+    path = out_dir / f"{skel_file.stem}-{digest}.onnx"
+    if path.exists():
+        return path
+    out_dir.mkdir(parents=True, exist_ok=True)
+    full = fill(onnx.load_from_string(data))
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=out_dir)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(full.SerializeToString())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
 def cache_dir() -> Path:
     env = os.environ.get("ARCHPASS_TEST_CACHE")
     root = Path(env) if env else Path.home() / ".cache" / "archpass-tests" / "onnx"
@@ -58,7 +113,7 @@ def _require_torch():
     except ImportError as exc:  # pragma: no cover - depends on the environment
         import pytest
 
-        pytest.skip(f"torch/torchvision not importable ({exc}); install with: pip install -e '.[test]'")
+        pytest.skip(f"torch/torchvision not importable ({exc}); install with: pip install -e '.[bench]'")
     return torch, torchvision
 
 
@@ -86,10 +141,7 @@ def export_model(name: str, *, dynamic_batch: bool = False) -> Path:
     The input is ``input`` of shape 1x3x224x224 (dim 0 is ``"N"`` when ``dynamic_batch``),
     the output ``output``; opset 17, TorchScript exporter (``dynamo=False``).
     """
-    if name not in MODELS:
-        raise KeyError(f"unknown zoo model {name!r}; known: {', '.join(MODELS)}")
-    if dynamic_batch and name not in DYNAMIC_BATCH:
-        raise KeyError(f"no dynamic-batch variant for {name!r}; available: {', '.join(DYNAMIC_BATCH)}")
+    _check_name(name, dynamic_batch)
     torch, torchvision = _require_torch()
 
     out_dir = cache_dir()

@@ -35,7 +35,8 @@ def _ort():
     return ort
 
 
-def _cpu_times() -> tuple[float, float] | None:
+def cpu_times() -> tuple[float, float] | None:
+    """(all, idle) CPU time of the machine so far, in clock ticks (Linux; None elsewhere)."""
     try:
         with open("/proc/stat") as f:
             parts = [float(x) for x in f.readline().split()[1:]]
@@ -47,9 +48,9 @@ def _cpu_times() -> tuple[float, float] | None:
 
 def busy_cores(window: float = 0.2) -> float | None:
     """Cores kept busy by other processes over ``window`` seconds (Linux; None elsewhere)."""
-    a = _cpu_times()
+    a = cpu_times()
     time.sleep(window)
-    b = _cpu_times()
+    b = cpu_times()
     if a is None or b is None or b[0] <= a[0]:
         return None
     ncpu = os.cpu_count() or 1
@@ -75,13 +76,25 @@ def check_provider(provider: str) -> None:
                           "install the onnxruntime build that has it or pick an available one")
 
 
-def session_options(threads: int, profile_prefix: str | None = None, optimized_path: str | None = None):
+#: ``--graph-opt`` choices: onnxruntime's graph optimization levels
+GRAPH_OPT = {"disabled": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
+             "all": "ORT_ENABLE_ALL"}
+
+
+def check_graph_opt(level: str) -> None:
+    if level not in GRAPH_OPT:
+        raise TargetError(f"unknown graph optimization level '{level}'", f"use one of {', '.join(GRAPH_OPT)}")
+
+
+def session_options(threads: int, profile_prefix: str | None = None, optimized_path: str | None = None,
+                    graph_opt: str = "all"):
     ort = _ort()
+    check_graph_opt(graph_opt)
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, GRAPH_OPT[graph_opt])
     so.log_severity_level = 3
     if threads == 1:
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -100,11 +113,11 @@ def _model_bytes(model: onnx.ModelProto | str | Path) -> bytes | str:
 
 
 def measure_model(model: onnx.ModelProto | str | Path, provider: str = "CPUExecutionProvider", threads: int = 1,
-                  warmup: int = 10, repeats: int = 30, min_seconds: float = 0.0) -> dict:
+                  warmup: int = 10, repeats: int = 30, min_seconds: float = 0.0, graph_opt: str = "all") -> dict:
     """Median wall-clock latency (ms) of a whole model over ``repeats`` runs after ``warmup``."""
     ort = _ort()
     check_provider(provider)
-    sess = ort.InferenceSession(_model_bytes(model), session_options(threads), providers=[provider])
+    sess = ort.InferenceSession(_model_bytes(model), session_options(threads, graph_opt=graph_opt), providers=[provider])
     proto = model if isinstance(model, onnx.ModelProto) else onnx.load(str(model), load_external_data=False)
     feeds = random_feeds(proto)
     for _ in range(warmup):
@@ -120,7 +133,7 @@ def measure_model(model: onnx.ModelProto | str | Path, provider: str = "CPUExecu
 
 
 def profile_nodes(model: onnx.ModelProto, provider: str = "CPUExecutionProvider", threads: int = 1, warmup: int = 5,
-                  repeats: int = 20) -> tuple[dict[str, list[float]], onnx.ModelProto | None, list[float]]:
+                  repeats: int = 20, graph_opt: str = "all") -> tuple[dict[str, list[float]], onnx.ModelProto | None, list[float]]:
     """Per optimized-node durations (ms, one per measured run), the optimized graph, and
     the measured runs' total latencies."""
     ort = _ort()
@@ -128,7 +141,7 @@ def profile_nodes(model: onnx.ModelProto, provider: str = "CPUExecutionProvider"
     tmp = tempfile.mkdtemp(prefix="archpass-ort-")
     try:
         opt_path = os.path.join(tmp, "optimized.onnx")
-        so = session_options(threads, os.path.join(tmp, "prof"), opt_path)
+        so = session_options(threads, os.path.join(tmp, "prof"), opt_path, graph_opt)
         sess = ort.InferenceSession(model.SerializeToString(), so, providers=[provider])
         feeds = random_feeds(model)
         for _ in range(warmup + repeats):

@@ -1,22 +1,23 @@
-"""Measurement backends on a few tiny layers (ZigZag takes about a second per layer)."""
+"""Measurement backends on a few tiny layers (ZigZag takes about a second per layer).
+
+Only the ZigZag tests need zigzag-dse (``needs_zigzag``); the onnxruntime and dataset
+tests run without it.
+"""
 
 from __future__ import annotations
 
 import numpy as np
-import onnx
 import pytest
 from builders import NetBuilder
 
 from archpass.costmodel.backends import onnxruntime as ortb
-from archpass.costmodel.calibrate import Dataset, _ort_work, _zigzag_work, corrected_points, profiler_overhead_ms
+from archpass.costmodel.backends import zigzag as zz
+from archpass.costmodel.build_targets import HARDWARE
+from archpass.costmodel.calibrate import Dataset, _ort_work, corrected_points, profiler_overhead_ms, zigzag_work
 from archpass.costmodel.kernels import FusionRules, Kernel
 from archpass.errors import TargetError
 
-zz = pytest.importorskip("archpass.costmodel.backends.zigzag")
-if not zz.available():  # pragma: no cover
-    pytest.skip("zigzag-dse not installed", allow_module_level=True)
-
-from archpass.costmodel.build_targets import HARDWARE  # noqa: E402
+needs_zigzag = pytest.mark.skipif(not zz.available(), reason="zigzag-dse not installed (pip install 'archpass[zigzag]')")
 
 HW, MAP = HARDWARE / "edge_tpu_like.hardware.yaml", HARDWARE / "edge_tpu_like.mapping.yaml"
 CONV = dict(kind="conv", op="Conv", cin=16, cout=16, kernel=[3, 3], stride=[1, 1], groups=1, in_hw=[8, 8], out_hw=[8, 8])
@@ -24,6 +25,7 @@ PW = dict(kind="conv", op="Conv", cin=16, cout=24, kernel=[1, 1], stride=[1, 1],
 
 
 @pytest.mark.slow
+@needs_zigzag
 def test_zigzag_layers_sum_to_the_whole_model():
     a = zz.measure_layer(CONV, str(HW), str(MAP), clock_hz=1e9, lpf_limit=2)
     b = zz.measure_layer(PW, str(HW), str(MAP), clock_hz=1e9, lpf_limit=2)
@@ -39,10 +41,11 @@ def test_zigzag_failure_is_recorded_not_raised(monkeypatch):
         raise ZeroDivisionError("division by zero")
 
     monkeypatch.setattr(zz, "evaluate_cycles", boom)
-    rec = _zigzag_work({"spec": CONV, "hardware": str(HW), "mapping": str(MAP), "clock_hz": 1e9, "lpf_limit": 4})
+    rec = zigzag_work({"spec": CONV, "hardware": str(HW), "mapping": str(MAP), "clock_hz": 1e9, "lpf_limit": 4})
     assert rec["error"].startswith("ZeroDivisionError") and rec["points"] == []
 
 
+@needs_zigzag
 def test_zigzag_rejects_bad_hardware_yaml(tmp_path):
     bad = tmp_path / "hw.yaml"
     bad.write_text("name: broken\nmemories: {}\noperational_array: {sizes: [8]}\n")
@@ -72,9 +75,9 @@ def test_onnxruntime_kernels_in_context_cover_every_node():
     assert rec["points"] and all(p["ms"] > 0 for p in rec["points"])
     kinds = {Kernel.from_spec(p["spec"]).kind for p in rec["points"]}
     assert kinds & {"conv", "dwconv"}
-    # per-node profiler times account for most of a profiled run (the rest is executor overhead)
-    assert 0.5 * rec["run_ms"] <= sum(p["ms"] for p in rec["points"]) <= 1.2 * rec["run_ms"]
-    assert rec["plain_ms"] > 0 and all(p["nodes"] >= 1 for p in rec["points"])
+    # how much of a profiled run the per-node times account for is a timing figure:
+    # benchmarks/profiler_coverage.py measures it
+    assert rec["run_ms"] > 0 and rec["plain_ms"] > 0 and all(p["nodes"] >= 1 for p in rec["points"])
 
 
 def test_profiler_overhead_is_taken_out_per_node(tmp_path):
@@ -104,4 +107,4 @@ def test_dataset_resumes_and_skips_cut_lines(tmp_path):
         f.write('{"key": "c", "poi')  # an interrupted write
     again = Dataset(tmp_path / "d.jsonl")
     assert set(again.records) == {"a", "b"} and len(again.points()) == 1 and len(again.failed) == 1
-    assert np.isclose(again.points()[0][2], 1.0) and isinstance(onnx.__version__, str)
+    assert np.isclose(again.points()[0][2], 1.0)

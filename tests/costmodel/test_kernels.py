@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from builders import NetBuilder
 
 from archpass.analysis import analyze as _analyze
@@ -65,6 +66,36 @@ def test_post_add_activation_is_fused_resnet_style():
     last = [k for k in ks if k.layers][-1]
     assert last.fused_add and last.post_act == "relu"
     assert len(ks) == 3
+
+
+def test_residual_add_is_not_fused_into_a_conv_that_has_an_activation():
+    """A conv -> act -> Add runs the Add on its own: the runtime fuses an Add only right after the conv."""
+    b = NetBuilder((1, 8, 16, 16)).conv(8, 3, act="relu", name="stem")
+    b.add(lambda b: b.conv(8, 3, act="relu", name="c"), lambda b: None, name="join")
+    s = analyze(b.build())
+    ks = decompose(s, RUNTIME)
+    conv = next(k for k in ks if k.layers == ("c",))
+    assert conv.act == "relu" and not conv.fused_add and "join" not in conv.nodes
+    assert [k.kind for k in ks if "join" in k.nodes] == ["eltwise"]
+    # the same block with a linear conv does fuse it, so the rule is what decides
+    b = NetBuilder((1, 8, 16, 16)).conv(8, 3, act="relu", name="stem")
+    b.add(lambda b: b.conv(8, 3, act=None, name="c"), lambda b: None, name="join")
+    conv = next(k for k in decompose(analyze(b.build()), RUNTIME) if k.layers == ("c",))
+    assert conv.fused_add and "join" in conv.nodes
+    # an activation the target does not fuse runs alone, and so does the Add after it
+    b = NetBuilder((1, 8, 16, 16)).conv(8, 3, act="relu", name="stem")
+    b.add(lambda b: b.conv(8, 3, act="relu", name="c"), lambda b: None, name="join")
+    ks = decompose(analyze(b.build()), FusionRules(residual_add=True, activations=()))
+    conv = next(k for k in ks if k.layers == ("c",))
+    assert conv.act is None and not conv.fused_add and conv.nodes == ("c",)
+
+
+def test_standalone_pool_kernel_keeps_its_kernel_and_stride():
+    b = NetBuilder((1, 8, 16, 16)).conv(8, 3, act="relu", name="c")
+    b.x = b.node("MaxPool", [b.x], "pool", kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])
+    b.shape = [1, 8, 8, 8]
+    pool = next(k for k in decompose(analyze(b.build()), RUNTIME) if "pool" in k.nodes)
+    assert pool.kernel == (3, 3) and pool.stride == (2, 2) and pool.in_hw == (16, 16) and pool.out_hw == (8, 8)
 
 
 def test_swish_as_mul_sigmoid_fuses_when_allowed_and_not_otherwise():
@@ -145,3 +176,15 @@ def test_sibling_slices_that_partition_a_tensor_run_as_one_split():
     assert sorted(n for k in fused for n in k.nodes) == sorted(n.name for n in s.nodes)
     assert FusionRules.from_json(FusionRules(split_slices=True).to_json()).split_slices
     assert not FusionRules.from_json({}).split_slices  # targets written before the rule
+
+
+def test_fusion_rules_defaults_and_json_round_trip():
+    d = FusionRules()
+    assert (d.residual_add, d.layers_only, d.split_slices) == (False, False, False)
+    assert d.post_add_activations == ("relu", "relu6", "clip") and "relu" in d.activations
+    assert FusionRules.from_json({}) == d
+    r = FusionRules(activations=("relu",), residual_add=True, post_add_activations=("relu",), layers_only=True,
+                    split_slices=True)
+    assert FusionRules.from_json(r.to_json()) == r
+    with pytest.raises(ValueError, match=r"unknown fusion rule keys \['residual'\]"):
+        FusionRules.from_json({"residual": True})

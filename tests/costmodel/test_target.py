@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -27,7 +28,8 @@ def _synthetic_target() -> tuple[Target, list[Kernel]]:
         k = Kernel.from_spec(spec)
         ms = 1e-6 * (k.macs / (8 * 8) * (1.3 if k.cin % 8 else 1.0)) + 1e-3 * rng.uniform(0.9, 1.1)
         points.append((point_key(spec), spec, ms))
-    t.predictors, t.accuracy = fit_predictors(t, points, rounds=50)
+    preds, acc = fit_predictors(t, points, rounds=50)
+    t = replace(t, predictors=preds, accuracy=acc)
     return t, [Kernel.from_spec(s) for _, s, _ in points[:40]]
 
 
@@ -107,7 +109,8 @@ def test_context_predictors_read_the_network_size_and_round_trip(tmp_path):
         for s, k in zip(specs[i:i + 6], ks):
             ms = 1e-7 * k.macs * (0.5 if w_mb < 8 else 1.0) + 1e-3
             points.append((key, s, ms))
-    t.predictors, t.accuracy = fit_predictors(t, points, rounds=80, contexts=contexts)
+    preds, acc = fit_predictors(t, points, rounds=80, contexts=contexts)
+    t = replace(t, predictors=preds, accuracy=acc)
     assert all(p.context and p.features[-len(CONTEXT_FEATURES):] == CONTEXT_FEATURES for p in t.predictors.values())
     back = load_target(save_target(t, tmp_path / "ctx"))
     assert all(p.context for p in back.predictors.values())
@@ -121,3 +124,20 @@ def test_context_predictors_read_the_network_size_and_round_trip(tmp_path):
     assert crowded[0] > 1.4 * alone[0]
     a, _ = predict_kernels([big, heavy], t)
     np.testing.assert_allclose(a, crowded, rtol=1e-12)
+
+
+def test_target_is_immutable_and_saving_changes_nothing(tmp_path):
+    import dataclasses
+
+    t, kernels = _synthetic_target()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        t.name = "other"  # type: ignore[misc]
+    before = json.dumps(t.to_json(), sort_keys=True)
+    files = {k: p.model_file for k, p in t.predictors.items()}
+    d = save_target(t, tmp_path / "a")
+    assert json.dumps(t.to_json(), sort_keys=True) == before and t.path is None
+    assert {k: p.model_file for k, p in t.predictors.items()} == files
+    back = load_target(d)
+    assert back.to_json() == json.loads(before) and back.path == d
+    renamed = dataclasses.replace(back, name="renamed")
+    assert renamed.name == "renamed" and back.name == "synthetic"

@@ -27,7 +27,7 @@ RTOL = 1e-5
 def loaded(name: str) -> tuple[Model, Structure]:
     import zoo
 
-    model = load_model(zoo.export_model(name))
+    model = load_model(zoo.model_path(name))
     return model, analyze(model)
 
 
@@ -71,3 +71,12 @@ def assert_exact(model: Model, applied: Applied, rtol: float = RTOL) -> float:
     errs = [rel_err(x, y) for x, y in zip(a, b)]
     assert max(errs) <= rtol, errs
     return max(errs)
+
+
+def groups_as_analyzed(applied: Applied) -> tuple[list, list]:
+    """The channel groups of the shape path and of a re-analysis of the emitted ONNX, id-free:
+    (members, adjustable, channels) per group, sorted.  A pass keeps them equal."""
+    def key(s: Structure) -> list:
+        return sorted((sorted((m.node, m.role, m.offset) for m in g.members), g.adjustable, g.channels) for g in s.groups)
+
+    return key(applied.structure), key(analyze(model_from_proto(applied.proto)))

@@ -89,3 +89,21 @@ def test_real_architectures_exact(name):
     applied = apply_checked(model, s, [{"pass": "dw_to_dense", "site": l.id} for l in dws])
     assert all(r["exact"] for r in applied.rewrites)
     assert_exact(model, applied)
+
+
+def test_check_names_unknown_sites():
+    from archpass.passes.base import registry
+
+    _, s = built(_net())
+    p = registry()["dw_to_dense"]
+    assert p.check(s, "nosuch", {}) == "'nosuch' is not a layer of this model"
+    assert [x.id for x in p.sites(s)] == [l.id for l in s.layers if l.depthwise]
+
+
+def test_shape_path_groups_match_a_reanalysis():
+    from apply_helpers import groups_as_analyzed
+
+    model, s = built(_net())
+    for layer in [l.id for l in s.layers if l.depthwise]:
+        ours, reanalyzed = groups_as_analyzed(apply_checked(model, s, [{"pass": "dw_to_dense", "site": layer}]))
+        assert ours == reanalyzed, layer

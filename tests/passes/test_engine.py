@@ -3,6 +3,8 @@ architecture, applying twice, and random valid recipes (hypothesis)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -51,6 +53,22 @@ def test_invalid_recipes(net, rewrites, msg):
     with pytest.raises(RecipeError, match=msg) as exc:
         apply_recipe_shapes(s, rewrites)
     assert "\n" not in exc.value.line()
+
+
+def test_engine_refuses_a_graph_rewrite_its_shape_path_did_not_predict(net, monkeypatch):
+    """The engine's own check, not the tests' helper: a pass whose shape-only path disagrees
+    with the ONNX it emits makes apply_recipe raise."""
+    model, s = net
+    pass_ = registry()["channels"]
+    real = pass_.apply_shapes
+    group = next(g.id for g in s.groups if g.adjustable)
+    recipe = [{"pass": "channels", "site": group, "channels": 4}]
+    # the shape-only path "forgets" the rewrite; the graph path still makes it
+    monkeypatch.setattr(pass_, "apply_shapes", lambda st, match: dataclasses.replace(real(st, match), structure=st))
+    with pytest.raises(AssertionError, match="emitted ONNX"):
+        apply_recipe(model, Recipe.of(recipe), structure=s)
+    applied = apply_recipe(model, Recipe.of(recipe), structure=s, verify=False)  # the check is what refuses it
+    assert applied.structure is s
 
 
 def test_site_rewritten_away_by_an_earlier_rewrite(net):
@@ -229,6 +247,46 @@ def test_models_above_2gb_are_checked_through_external_data(net, monkeypatch):
     calls = []
     real = model_mod.is_large
     monkeypatch.setattr(model_mod, "is_large", lambda p: calls.append(1) or True)
+    import onnx
+
+    checked, real_check = [], onnx.checker.check_model
+    monkeypatch.setattr(onnx.checker, "check_model", lambda m, *a, **k: checked.append(m) or real_check(m, *a, **k))
     applied = apply_recipe(model, Recipe.of([{"pass": "fuse_ibn", "site": "block1"}]), structure=s)
     monkeypatch.setattr(model_mod, "is_large", real)
     assert calls and applied.proto.graph.initializer[0].HasField("raw_data")  # the returned proto keeps its weights
+    assert checked and all(isinstance(m, str) for m in checked)  # checked by path, never in memory
+
+
+def test_nearest_ids_in_site_errors():
+    from archpass.passes.engine import _nearest
+
+    ids = [f"block{i}" for i in range(12)]
+    assert len(_nearest("blok1", ids)) == 3  # at most three suggestions
+    # nothing close: a numbered id shows the valid range
+    assert _nearest("block" + "9" * 20, ids) == ["block0", "block11"]
+    assert _nearest("xyz", ["stage0", "stage1", "stage2", "stage3"]) == ["stage0", "stage1", "stage2"]
+
+
+def test_verify_shapes_names_missing_layers(net):
+    import dataclasses as dc
+
+    from archpass.passes.engine import verify_shapes
+
+    model, s = net
+    fewer = dc.replace(s, layers=s.layers[1:])
+    with pytest.raises(AssertionError, match=rf"layers differ .*unexpected \['{s.layers[0].id}'\]"):
+        verify_shapes(model.proto, fewer)
+
+
+def test_every_pass_describes_itself():
+    for p in registry().values():
+        assert p.summary and p.exactness and p.site_kind, p.name
+
+
+def test_applying_a_choice_twice_is_refused(net):
+    model, s = net
+    group = next(g.id for g in s.groups if g.adjustable)
+    rewrites = [{"pass": "channels", "site": group, "channels": 8}]
+    once = apply_recipe(model, Recipe.of(rewrites), structure=s)
+    with pytest.raises(RecipeError, match="was already applied to this model"):
+        apply_recipe(model_from_proto(once.proto), Recipe.of(rewrites))

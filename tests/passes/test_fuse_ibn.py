@@ -118,3 +118,31 @@ def test_real_architectures_fuse_every_ibn(name):
     applied = apply_checked(model, s, recipe)
     assert all(b.kind in ("fused_ibn", "depthwise") for b in applied.structure.blocks)
     assert len(applied.structure.layers) == len(s.layers) - len(recipe)
+
+
+def test_sites_are_the_ibn_blocks_and_check_names_unknown_sites():
+    from archpass.passes.base import registry
+
+    _, s = built(NetBuilder((1, 3, 24, 24)).conv(16, 3, stride=2).dw_separable(16).ibn(16, expand=4).head(4).build())
+    p = registry()["fuse_ibn"]
+    assert [x.id for x in p.sites(s)] == [b.id for b in s.blocks if b.kind == "ibn"] == ["block1"]
+    assert p.check(s, "block9", {}) == "'block9' is not a block of this model"
+    assert "depthwise block" in p.check(s, "block0", {})
+
+
+def test_record_shapes_on_a_rectangular_input():
+    b = NetBuilder((1, 3, 24, 32), seed=1).conv(16, 3, stride=2, act="relu").ibn(16, expand=4, k=5)
+    model, s = built(b.head(4).build())
+    applied = apply_recipe(model, Recipe.of([{"pass": "fuse_ibn", "site": "block0"}]), structure=s)
+    assert applied.rewrites[0]["before"] == {"expand": "16->64 k1x1 s1 g1 12x16->12x16",
+                                             "depthwise": "64->64 k5x5 s1 g64 12x16->12x16"}
+    assert applied.rewrites[0]["after"] == {"fused": "16->64 k5x5 s1 g1 12x16->12x16"}
+
+
+@pytest.mark.parametrize("site", ["block0", "block1"])
+def test_shape_path_groups_match_a_reanalysis(site):
+    from apply_helpers import groups_as_analyzed
+
+    model, s = built(_ibn_net(se="hardsigmoid"))
+    ours, reanalyzed = groups_as_analyzed(apply_checked(model, s, [{"pass": "fuse_ibn", "site": site}]))
+    assert ours == reanalyzed

@@ -1,0 +1,365 @@
+"""Mutation testing: how many small planted bugs the tests catch, per module (not in CI).
+
+Uses mutmut 2's mutation operators (``pip install -e '.[bench]'``) on a fresh clone of the
+committed tree (HEAD): each mutant in turn is written into the module, the module's
+targeted, fast test selection runs (the tests that exercise it, without the
+real-architecture sweeps that take minutes), and the file is restored.  A mutant is killed
+when pytest exits non-zero (failures, errors, a collection error) or hangs past its
+timeout.  (mutmut's own runner is not used: on this shared machine it deadlocked in its
+worker queue, and it counts a collection error as a survivor.)  Writes the kill ratio
+per module, with every survivor's line, to benchmarks/results/mutation.json.  Where
+``functions`` is given only those functions are mutated (the fusion rules of kernels.py,
+the loading checks of model.py); ``--most N`` tests an evenly spread sample of N mutants.
+
+String and f-string mutations are off (they rewrite error-message text, which is checked
+by the tests that matter and otherwise only measures wording).  Each module's run is
+bounded by ``--minutes``; each mutant by 10x the baseline test time (at least 2 min).
+Run it nice'd under the shared lock::
+
+    flock -s /tmp/archpass-quiet.lock nice -n 19 python benchmarks/mutation.py [MODULE ...] --jobs 4
+    ... python benchmarks/mutation.py MODULE ... --recheck   # survivors against today's tests
+
+The clone's tests import the clone's own (mutated) code: a ``sitecustomize`` on PYTHONPATH
+maps the package names onto its folders as pyproject's package-dir does.
+Survivors judged equivalent or unreachable are explained in ``EXPLAINED`` (by module,
+line text and mutated text) and reported as such.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from _common import ROOT, write_results
+
+FAST = "-x -q -p no:cacheprovider --import-mode=importlib"
+# module -> (test selection, functions to mutate or None for the whole file)
+DESCRIBE = "tests/passes/test_engine.py::test_every_pass_describes_itself"  # every pass has a summary and an exactness
+MODULES: dict[str, tuple[str, tuple[str, ...] | None]] = {
+    "archpass/blocks.py": ("tests/test_blocks.py tests/test_analysis.py", None),
+    "passes/engine.py": ("tests/passes/test_engine.py -k 'not every_architecture and not random_valid'", None),
+    "costmodel/kernels.py": ("tests/costmodel/test_kernels.py", ("FusionRules", "decompose", "_act_nodes", "_act_of",
+                                                                  "_is_const", "_shape", "_slice_partitions")),
+    "archpass/model.py": ("tests/test_model.py", ("parse_input_shapes", "_read_proto", "_external_tensors",
+                                                  "_check_external_data", "_check", "_pin_inputs", "_custom_ops",
+                                                  "_unshaped", "load_model")),
+    "passes/fuse_ibn.py": (f"tests/passes/test_fuse_ibn.py {DESCRIBE} -k 'not real'", None),
+    "passes/dw_to_dense.py": (f"tests/passes/test_dw_to_dense.py {DESCRIBE} -k 'not real'", None),
+    "passes/resize.py": ("tests/passes/test_resize.py tests/passes/test_channels.py -k 'not real'", None),
+    "passes/structedit.py": ("tests/passes/test_channels.py tests/passes/test_width_multiplier.py -k 'not real'", None),
+    "passes/width_multiplier.py": (f"tests/passes/test_width_multiplier.py {DESCRIBE} -k 'not real'", None),
+    "passes/resolution.py": (f"tests/passes/test_resolution.py {DESCRIBE} -k 'not real'", None),
+    "passes/channels.py": (f"tests/passes/test_channels.py {DESCRIBE} -k 'not real'", None),
+    "passes/base.py": ("tests/passes/test_base.py tests/passes/test_engine.py -k 'not every_architecture and not random'",
+                       None),
+}
+
+# (module, stripped source line, stripped mutated line) -> why the survivor is not a test gap
+EXPLAINED: dict[tuple[str, str, str], str] = {
+    ('archpass/blocks.py',
+     'break',
+     'continue'):
+        'equivalent: the SE walk meets the gate Mul only when the walked tensor already feeds it (it stops there first) or when the pool feeds the Mul directly, where both versions find no SE layers',
+    ('archpass/blocks.py',
+     'found = None',
+     'found = ""'):
+        "equivalent: found is only tested for truth; None and '' are both false",
+    ('archpass/blocks.py',
+     'ADD_RULES: tuple[Callable[[onnx.NodeProto, BlockGraph], Match | None], ...] = (match_residual,)',
+     'ADD_RULES: tuple[Callable[[onnx.NodeProto, BlockGraph], Match & None], ...] = (match_residual,)'):
+        'equivalent: a module-level annotation, never evaluated (from __future__ import annotations)',
+    ('passes/engine.py',
+     '"exact": self.result.exact if exact is None else exact,',
+     '"exact": self.result.exact if exact is not None else exact,'):
+        "equivalent: record() is only called with the graph path's exactness, which apply_recipe asserts equals the shape path's",
+    ('passes/engine.py',
+     'near = difflib.get_close_matches(rw.pass_name, list(reg), n=1)',
+     'near = difflib.get_close_matches(rw.pass_name, list(reg), n=2)'):
+        'equivalent: only the first suggestion is shown',
+    ('passes/engine.py',
+     'onnx.save_model(copy, str(path), save_as_external_data=True, all_tensors_to_one_file=True,',
+     'onnx.save_model(copy, str(path), save_as_external_data=True, all_tensors_to_one_file=False,'):
+        'equivalent: the checker reads a temporary external-data copy in one file or many alike',
+    ('passes/engine.py',
+     'out = gs.export_onnx(graph, do_type_check=True)',
+     'out = gs.export_onnx(graph, do_type_check=False)'):
+        "equivalent for the graphs passes emit: graphsurgeon's type check only raises on untyped tensors, and check_model(full_check=True) runs right after on every output",
+    ('costmodel/kernels.py',
+     'cin, in_hw = _chw(in_shapes[0]) if in_shapes else (1, (1, 1))',
+     'cin, in_hw = _chw(in_shapes[0]) if in_shapes else (1, (1, 2))'):
+        'unreachable: every standalone op of a canonical, statically shaped model has a shaped non-constant input (ops on constants alone are folded at load)',
+    ('costmodel/kernels.py',
+     'cout, out_hw = _chw(out_shapes[0]) if out_shapes else (1, (1, 1))',
+     'cout, out_hw = _chw(out_shapes[0]) if out_shapes else (1, (1, 2))'):
+        'unreachable: every standalone op of a canonical, statically shaped model has a shaped output',
+    ('archpass/model.py',
+     'if path is not None:',
+     'if path is  None:'):
+        'equivalent below 2 GB (the branch is only taken for models above it, which no test can load); both check the same graph, by path or as a weightless copy',
+    ('archpass/model.py',
+     'if not (d.HasField("dim_value") and d.dim_value > 0):',
+     'if  (d.HasField("dim_value") and d.dim_value > 0):'):
+        'equivalent: output dims are cleared only to be re-inferred right after; clearing static ones too gives the same inferred shapes',
+    ('archpass/model.py',
+     'if not (d.HasField("dim_value") and d.dim_value > 0):',
+     'if not (d.HasField("dim_value") and d.dim_value > 1):'):
+        'equivalent: output dims are cleared only to be re-inferred right after; clearing static ones too gives the same inferred shapes',
+    ('archpass/model.py',
+     'known[vi.name] = True',
+     'known[vi.name] = None'):
+        "equivalent: 'known' is only used for membership",
+    ('archpass/model.py',
+     'known[init.name] = True',
+     'known[init.name] = None'):
+        "equivalent: 'known' is only used for membership",
+    ('passes/dw_to_dense.py',
+     'split = None',
+     'split = ""'):
+        "equivalent: split is only tested for truth; None and '' are both false",
+}
+
+
+def _shim(clone: Path) -> Path:
+    """A folder with a ``sitecustomize`` that imports the archpass packages from the clone, mapped
+    as pyproject's package-dir maps them (``archpass.passes`` = ``passes/`` ...), ahead of any
+    installed archpass (an editable install elsewhere would otherwise win)."""
+    shim = clone.parent / "shim"
+    shim.mkdir()
+    mapping = {"archpass": "archpass", "archpass.passes": "passes", "archpass.costmodel": "costmodel",
+               "archpass.costmodel.backends": "costmodel/backends", "archpass.search": "search", "archpass.cli": "cli"}
+    mapping = {k: str(clone / v) for k, v in mapping.items()}
+    (shim / "sitecustomize.py").write_text(f"""import importlib.util
+import sys
+
+MAPPING = {mapping!r}
+
+
+class _CloneFinder:
+    @staticmethod
+    def find_spec(name, path=None, target=None):
+        if name in MAPPING:
+            return importlib.util.spec_from_file_location(name, MAPPING[name] + "/__init__.py",
+                                                          submodule_search_locations=[MAPPING[name]])
+        return None
+
+
+sys.meta_path[:] = [_CloneFinder] + [f for f in sys.meta_path if "archpass" not in getattr(f, "__module__", "")]
+""")
+    return shim
+
+
+def _config():
+    from types import SimpleNamespace
+
+    from mutmut import mutations_by_type
+
+    return SimpleNamespace(mutation_types_to_apply=set(mutations_by_type) - {"string", "fstring"},
+                           covered_lines_by_filename=None)
+
+
+def _function_lines(src: str, functions: tuple[str, ...]) -> set[int]:
+    """0-based line numbers of the top-level defs/classes named ``functions``."""
+    out: set[int] = set()
+    for node in ast.parse(src).body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and node.name in functions:
+            out.update(range(node.lineno - 1, node.end_lineno))
+    return out
+
+
+def list_mutants(module: str, src: str, functions: tuple[str, ...] | None) -> list:
+    from mutmut import Context, list_mutations
+
+    ids = list_mutations(Context(source=src, filename=module, config=_config()))
+    if functions:
+        keep = _function_lines(src, functions)
+        ids = [m for m in ids if m.line_number in keep]
+    return ids
+
+
+def _apply(module: str, src: str, mid) -> str | None:
+    from mutmut import Context, mutate
+
+    new, n = mutate(Context(source=src, mutation_id=mid, filename=module, config=_config()))
+    return new if n else None
+
+
+def _run_tests(clone: Path, env: dict, tests: str, timeout: float) -> str:
+    """'passed', 'failed' (any non-zero exit: failures, errors, collection errors) or 'timeout'."""
+    try:
+        rc = subprocess.run(f"{sys.executable} -m pytest {FAST} {tests}", shell=True, cwd=clone, env=env,
+                            capture_output=True, timeout=timeout).returncode
+    except subprocess.TimeoutExpired:
+        return "timeout"
+    return "passed" if rc == 0 else "failed"
+
+
+def _changed_line(src: str, new: str) -> tuple[str, str]:
+    for x, y in zip(src.splitlines(), new.splitlines()):
+        if x != y:
+            return x.strip(), y.strip()
+    return "", ""
+
+
+def run_module(module: str, clone: Path, env: dict, minutes: float, most: int | None) -> dict:
+    """Apply each mutant (mutmut's operators) in turn, run the module's tests, restore the file."""
+    tests, functions = MODULES[module]
+    path = clone / module
+    src = path.read_text()
+    mutants = list_mutants(module, src, functions)
+    total = len(mutants)
+    if most and total > most:  # an evenly spread, deterministic sample
+        mutants = [mutants[i * total // most] for i in range(most)]
+    t0 = time.time()
+    base = _run_tests(clone, env, tests, 1800)
+    baseline_s = time.time() - t0
+    if base != "passed":
+        return {"tests": tests, "error": f"baseline tests {base}"}
+    counts = {"killed": 0, "timeout": 0, "survived": 0}
+    survivors = []
+    finished = True
+    for mid in mutants:
+        if time.time() - t0 > minutes * 60:
+            finished = False
+            break
+        new = _apply(module, src, mid)
+        if new is None:
+            continue
+        path.write_text(new)
+        try:
+            outcome = _run_tests(clone, env, tests, max(120.0, 10 * baseline_s))
+        finally:
+            path.write_text(src)
+        status = {"failed": "killed", "timeout": "timeout", "passed": "survived"}[outcome]
+        counts[status] += 1
+        if status == "survived":
+            before, after = _changed_line(src, new)
+            survivors.append({"line_number": mid.line_number + 1, "index": mid.index, "line": mid.line,
+                              "from": before, "to": after, "explained": EXPLAINED.get((module, before, after))})
+    tested = sum(counts.values())
+    killed = counts["killed"] + counts["timeout"]  # a hang is caught, if slowly
+    explained = sum(1 for s in survivors if s["explained"])
+    return {
+        "tests": tests, "functions": list(functions) if functions else "all",
+        "mutants": total, "sampled": len(mutants), "tested": tested, "counts": counts,
+        "kill_ratio": round(killed / tested, 3) if tested else None,
+        "kill_ratio_excluding_explained": round(killed / (tested - explained), 3) if tested > explained else None,
+        "finished": finished, "seconds": round(time.time() - t0, 1), "baseline_s": round(baseline_s, 1),
+        "survivors": survivors,
+    }
+
+
+def _mutant_source(module: str, src: str, survivor: dict) -> str | None:
+    """``src`` with ``survivor``'s mutation applied (found by its line's text), or None if that line is gone."""
+    from mutmut import RelativeMutationID
+
+    lines = src.splitlines()
+    at = survivor["line_number"] - 1
+    if not (0 <= at < len(lines) and lines[at] == survivor["line"]):
+        same = [i for i, line in enumerate(lines) if line == survivor["line"]]
+        if len(same) != 1:
+            return None
+        at = same[0]
+    return _apply(module, src, RelativeMutationID(line=survivor["line"], index=survivor["index"], line_number=at))
+
+
+def recheck_module(module: str, r: dict, clone: Path, env: dict) -> dict:
+    """Run the current tests against each survivor of an earlier run: killed (any test failure or
+    collection error), survived, or gone (its line was removed or rewritten)."""
+    tests, _ = MODULES[module]
+    path = clone / module
+    src = path.read_text()
+    for s in r["survivors"]:
+        new = _mutant_source(module, src, s)
+        if new is None:
+            s["recheck"] = "gone"
+            continue
+        path.write_text(new)
+        try:
+            outcome = _run_tests(clone, env, tests, 600)
+        finally:
+            path.write_text(src)
+        s["recheck"] = "survived" if outcome == "passed" else "killed"
+        s["explained"] = EXPLAINED.get((module, s["from"], s["to"]))
+    r["recheck_tests"] = tests
+    left = [s for s in r["survivors"] if s.get("recheck") == "survived"]
+    r["after_recheck"] = {
+        "killed_by_new_tests": sum(s.get("recheck") == "killed" for s in r["survivors"]),
+        "code_removed": sum(s.get("recheck") == "gone" for s in r["survivors"]),
+        "still_surviving": len(left),
+        "explained": sum(bool(s["explained"]) for s in left),
+        "unexplained": [f"{s['line_number']}: {s['from']} -> {s['to']}" for s in left if not s["explained"]],
+    }
+    tested = r["tested"] - r["after_recheck"]["code_removed"]
+    r["kill_ratio_after_recheck"] = round((tested - len(left)) / tested, 3) if tested else None
+    return r
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("modules", nargs="*", default=list(MODULES))
+    ap.add_argument("--minutes", type=float, default=20.0, help="bound on each module's run")
+    ap.add_argument("--most", type=int, default=None, help="test at most this many mutants per module "
+                    "(an evenly spread sample)")
+    ap.add_argument("--jobs", type=int, default=1, help="modules run at once, each in its own clone")
+    ap.add_argument("--recheck", action="store_true",
+                    help="rerun the current tests against the survivors recorded in mutation.json (implies --merge)")
+    ap.add_argument("--merge", action="store_true", help="keep other modules' results already in mutation.json")
+    opts = ap.parse_args()
+    unknown = [m for m in opts.modules if m not in MODULES]
+    if unknown:
+        ap.error(f"unknown module(s) {unknown}; known: {', '.join(MODULES)}")
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    old = ROOT / "benchmarks" / "results" / "mutation.json"
+
+    def earlier() -> dict:
+        return json.loads(old.read_text()).get("modules", {}) if old.exists() else {}
+
+    previous = earlier() if opts.recheck else {}
+    results: dict = {}
+
+    def one(module: str) -> tuple[str, dict]:
+        with tempfile.TemporaryDirectory(prefix="archpass-mutation-") as d:
+            clone = Path(d) / "repo"
+            subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
+            subprocess.run(["git", "checkout", "-q", commit], cwd=clone, check=True)
+            env = {**os.environ, "PYTHONPATH": str(_shim(clone)), "PYTHONDONTWRITEBYTECODE": "1"}
+            if opts.recheck:
+                if module not in previous:
+                    raise SystemExit(f"no earlier results for {module} to recheck")
+                r = {**recheck_module(module, previous[module], clone, env), "recheck_commit": commit}
+            else:
+                r = {**run_module(module, clone, env, opts.minutes, opts.most), "commit": commit}
+        print(f"{module:28s} {r.get('kill_ratio')} killed of {r.get('tested')} tested ({r.get('counts')}) "
+              f"{'' if r.get('finished', True) else 'NOT FINISHED '}{r.get('seconds')} s {r.get('error', '')}",
+              flush=True)
+        return module, r
+
+    # each module in its own clone; --jobs of them at once (a nice'd run gets little CPU on a busy machine)
+    with ThreadPoolExecutor(max_workers=opts.jobs) as pool:
+        for module, r in pool.map(one, opts.modules):
+            results[module] = r
+    if opts.merge or opts.recheck:  # read again now: another run may have written meanwhile
+        results = {**earlier(), **results}
+    total_tested = sum(r.get("tested", 0) for r in results.values())
+    total_killed = sum(r["counts"]["killed"] + r["counts"]["timeout"] for r in results.values() if "counts" in r)
+    out = write_results("mutation", {"tool": "mutmut 2.5.1 mutation operators, driven by this script", "string_mutations": False,
+                                     "note": "killed = any non-zero pytest exit (failures, errors, collection "
+                                             "errors) or a hang; kill_ratio_after_recheck: survivors rerun "
+                                             "against the tests at 'recheck_commit', survivors whose code was "
+                                             "removed left out",
+                                     "overall_kill_ratio": round(total_killed / total_tested, 3) if total_tested else None,
+                                     "modules": results})
+    print(f"overall {total_killed}/{total_tested}; results: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""`archpass calibrate --adapt` bad input, the host note in inspect, and user targets through the CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import replace
+
+import onnx
+import pytest
+from builders import NetBuilder
+from typer.testing import CliRunner
+
+from archpass.cli.main import app
+from archpass.costmodel import load_target, save_target
+from archpass.costmodel.host import fingerprint
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    path = tmp_path / "m.onnx"
+    onnx.save(NetBuilder((1, 3, 32, 32)).conv(16, 3, stride=2, act="relu6").ibn(16, expand=4).head(10).build(), path)
+    return path
+
+
+@pytest.mark.parametrize("args, expect", [
+    (["--adapt", "nosuch", "--backend", "onnxruntime"], "unknown target 'nosuch'"),
+    (["--adapt", "edgetpu", "--backend", "onnxruntime"], "measured with zigzag, not onnxruntime"),
+    (["--adapt", "cpu", "--backend", "zigzag"], "measured with onnxruntime, not zigzag"),
+    (["--adapt", "cpu", "--backend", "onnxruntime", "--budget-s", "0.05"], "too small to measure anything"),
+    (["--adapt", "cpu", "--backend", "onnxruntime", "--models", "missing.onnx"], "--models file not found"),
+    (["--adapt", "edgetpu", "--backend", "zigzag"], "needs --hardware and --mapping"),
+    (["--adapt", "cpu", "--backend", "onnxruntime", "--correction", "magic"], "unknown --correction 'magic'"),
+])
+def test_adapt_bad_input_is_one_line_exit_2(tmp_path, args, expect):
+    r = runner.invoke(app, ["calibrate", *args, "--name", "x", "-o", str(tmp_path / "x")])
+    assert r.exit_code == 2, r.output
+    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and expect in lines[0], r.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_adapt_bad_base_as_subprocess(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "archpass", "calibrate", "--adapt", "tpu", "--backend", "onnxruntime",
+                        "--name", "x", "-o", str(tmp_path / "x")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "measured with zigzag" in r.stderr
+
+
+def test_inspect_notes_the_estimate_is_for_another_host(tiny):
+    r = runner.invoke(app, ["inspect", str(tiny), "--target", "cpu", "--json"])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    notes = [n for n in doc["notes"] if "not on this host" in n]
+    assert len(notes) == 1 and "archpass calibrate --adapt cpu" in notes[0]
+    assert notes[0] in doc["estimate"]["notes"]
+    r = runner.invoke(app, ["inspect", str(tiny), "--target", "cpu"])
+    assert r.exit_code == 0 and "note: the estimate is for another host: target cpu was measured on" in r.stdout and "--adapt cpu" in r.stdout
+    r = runner.invoke(app, ["inspect", str(tiny), "--target", "edgetpu", "--json"])
+    assert not [n for n in json.loads(r.stdout)["notes"] if "host" in n]
+
+
+def test_apply_notes_the_estimate_is_for_another_host(tiny, tmp_path):
+    recipe = tmp_path / "r.json"
+    recipe.write_text(json.dumps({"rewrites": []}))
+    r = runner.invoke(app, ["apply", str(tiny), str(recipe), "-o", str(tmp_path / "o.onnx"), "--target", "cpu", "--json"])
+    assert r.exit_code == 0, r.output
+    notes = [n for n in json.loads(r.stdout)["notes"] if "not on this host" in n]
+    assert len(notes) == 1 and "archpass calibrate --adapt cpu" in notes[0]
+    r = runner.invoke(app, ["apply", str(tiny), str(recipe), "-o", str(tmp_path / "o.onnx"), "--target", "cpu"])
+    assert r.exit_code == 0 and r.stdout.count("not on this host") == 1
+
+
+def test_user_target_becomes_the_default_on_this_host(tiny, tmp_path, monkeypatch):
+    user = tmp_path / "user"
+    monkeypatch.setenv("ARCHPASS_TARGETS", str(user))
+    cpu = load_target("cpu")
+    here = replace(cpu, name="cpu-here", source={**cpu.source, "host": fingerprint("CPUExecutionProvider", 1)})
+    save_target(here, user / "cpu-here")
+    r = runner.invoke(app, ["targets", "--json"])
+    by = {t["name"]: t for t in json.loads(r.stdout)["targets"]}
+    assert by["cpu-here"]["origin"] == "user" and by["cpu-here"]["this_host"] is True and by["cpu"]["this_host"] is False
+    r = runner.invoke(app, ["targets", "--set-default", "cpu=cpu-here", "--json"])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert doc["defaults_here"] == {"cpu": "cpu-here"}
+    assert {t["name"]: t for t in doc["targets"]}["cpu-here"]["default_here_for"] == ["cpu"]
+    assert load_target("cpu").name == "cpu-here"
+    r = runner.invoke(app, ["inspect", str(tiny), "--target", "cpu", "--json"])
+    assert not [n for n in json.loads(r.stdout)["notes"] if "not on this host" in n]
+    r = runner.invoke(app, ["targets", "--unset-default", "cpu"])
+    assert r.exit_code == 0 and load_target("cpu").name == "cpu"
+    r = runner.invoke(app, ["targets", "--set-default", "cpu=nope"])
+    assert r.exit_code == 2 and "no user target 'nope'" in r.stderr
+    (user / "broken").mkdir()
+    (user / "broken" / "target.json").write_text("{oops")
+    r = runner.invoke(app, ["targets", "--json"])  # a broken user target does not hide the others
+    assert r.exit_code == 0 and "warning: user target broken" in r.stderr
+    assert "cpu-here" in {t["name"] for t in json.loads(r.stdout)["targets"]}
+
+
+def test_adapt_install_makes_the_adapted_target_the_default_here(tiny, tmp_path, monkeypatch):
+    """End to end: a (small) onnxruntime adaptation of cpu, installed: 'cpu' now means it on this
+    host and its estimates carry no host note."""
+    import functools
+
+    from archpass.costmodel import adapt as ad
+
+    user = tmp_path / "user"
+    monkeypatch.setenv("ARCHPASS_TARGETS", str(user))
+    monkeypatch.setattr(ad, "adapt_onnxruntime", functools.partial(ad.adapt_onnxruntime, pool=3, windows=2, runs=3))
+    r = runner.invoke(app, ["calibrate", "--adapt", "cpu", "--backend", "onnxruntime", "--budget-s", "4",
+                            "--models", str(tiny), "--name", "cpu-here", "--install", "--json"])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    m = doc["accuracy"]["measurement"]
+    assert doc["target"]["adapted_from"] == "cpu" and m["networks"] >= 2 and m["models"] == ["m.onnx"]
+    assert (user / "cpu-here" / "target.json").is_file() and (user / "cpu-here" / "prior" / "target.json").is_file()
+    t = load_target("cpu")
+    assert t.name == "cpu-here" and t.origin == "user"
+    r = runner.invoke(app, ["inspect", str(tiny), "--target", "cpu", "--json"])
+    assert r.exit_code == 0 and not [n for n in json.loads(r.stdout)["notes"] if "not on this host" in n]
