@@ -319,3 +319,27 @@ def optimize(
     if out.front:
         doc["pareto_front"] = list(out.front)
     return doc
+
+
+def storage_display(storage: str | os.PathLike) -> str:
+    """A study storage as it is safe to print (a database password masked)."""
+    from archpass.search.storage import parse_storage
+
+    return parse_storage(storage).display
+
+
+def report(storage: str | os.PathLike, output: str | os.PathLike, *, study_name: str | None = None) -> dict:
+    """Write the report of the study in ``storage`` (a database URL or the embedded study
+    file) into the folder ``output``; returns the headline, the files written and the
+    study's name (what ``archpass report --json`` prints)."""
+    from archpass.io import check_output_dir
+    from archpass.search.report import report_from_study, write_report
+    from archpass.search.storage import load_existing_study, parse_storage
+
+    check_output_dir(output, what="report folder")  # before reading the study
+    loc = parse_storage(storage)
+    study = load_existing_study(storage, study_name)
+    data = report_from_study(study, storage=loc.display)
+    files = write_report(data, output)
+    return {"study": study.study_name, "storage": loc.display, "headline": data.headline(),
+            "best_trial": data.best_trial, "recipe": dict(data.recipe), "files": {k: str(v) for k, v in files.items()}}

@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 
 # Each module exposes register(app).  Keep the order: it is the order of `archpass --help`.
-COMMANDS = ["inspect", "passes", "apply", "verify", "targets", "calibrate", "optimize"]
+COMMANDS = ["inspect", "passes", "apply", "verify", "targets", "calibrate", "optimize", "report"]
 
 app = typer.Typer(
     name="archpass",
