@@ -142,12 +142,15 @@ def apply(
 
 def fidelity_document(evaluation, data, recover: bool = True) -> dict:
     """The ``fidelity`` entry of ``apply --json``: before/after recovery, the data, notes."""
-    from archpass.search.fidelity import RANDOM_DATA_NOTE
+    from archpass.search.fidelity import IN_SAMPLE_NOTE, MIN_SPLIT_SAMPLES, RANDOM_DATA_NOTE
 
     notes = [RANDOM_DATA_NOTE] if data.random else []
-    if evaluation.after is not None:
-        notes.append("fidelity after recovery is measured on the calibration samples the weights were fitted to")
-    elif not recover:
+    held_out = data.samples >= MIN_SPLIT_SAMPLES
+    if held_out:
+        notes.append("fidelity is measured on a quarter of the calibration samples held out from weight recovery")
+    elif evaluation.after is not None:
+        notes.append(IN_SAMPLE_NOTE)
+    if evaluation.after is None and not recover:
         notes.append("weight recovery was skipped (--no-recover)")
     return {
         "calibration": {"source": data.source, "samples": data.samples, "random": data.random},

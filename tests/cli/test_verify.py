@@ -58,9 +58,10 @@ def test_apply_with_calib_recovers_and_reports(models, tmp_path):
     fid = doc["fidelity"]
     assert fid["after"]["score"] > fid["before"]["score"] and fid["calibration"]["samples"] == 40
     assert any(f["kept"] == "refit" for f in fid["recovered_layers"])
-    # what apply wrote is the recovered model: verify measures the same score
+    assert any("held out" in n for n in doc["notes"])  # 40 samples: a quarter scores, the rest fits
+    # what apply wrote is the recovered model: verify (on all 40 samples) sees recovered fidelity too
     r = runner.invoke(app, ["verify", str(src), str(out), "--calib", str(d / "calib.npy"), "--json"])
-    assert json.loads(r.stdout)["fidelity"] == pytest.approx(fid["after"]["score"], rel=1e-6)
+    assert json.loads(r.stdout)["fidelity"] > fid["before"]["score"] + 0.5 * (fid["after"]["score"] - fid["before"]["score"])
     r = runner.invoke(app, ["apply", str(src), str(tmp_path / "r.json"), "-o", str(tmp_path / "naive.onnx"),
                             "--calib", "random", "--samples", "8", "--no-recover"])
     assert r.exit_code == 0, r.output

@@ -73,7 +73,26 @@ def test_lossy_rewrites_score_below_one_and_recovery_raises_it(setup, recipe):
     # the recovered proto carries the record and the recovery note, and fidelity() agrees with the evaluator
     keys = {p.key for p in e.proto.metadata_props}
     assert {"archpass.rewrites", "archpass.recovery"} <= keys
-    assert fidelity(m, e.proto, data).score == pytest.approx(e.after.score, rel=1e-6)
+    # scored on the held-out samples, which recovery never saw
+    assert ev.held_out and ev.score_data.samples + ev.fit_data.samples == data.samples
+    assert fidelity(m, e.proto, ev.score_data).score == pytest.approx(e.after.score, rel=1e-6)
+
+
+def test_split_calibration_holds_out_a_quarter_disjoint_and_seeded():
+    from archpass.search.calib import CalibData
+    from archpass.search.fidelity import split_calibration
+
+    x = np.arange(40, dtype=np.float32).reshape(40, 1)
+    d = CalibData({"x": x}, False, "test")
+    fit, score = split_calibration(d, seed=3)
+    assert (fit.samples, score.samples) == (30, 10)
+    assert not set(fit.arrays["x"][:, 0]) & set(score.arrays["x"][:, 0])
+    assert set(fit.arrays["x"][:, 0]) | set(score.arrays["x"][:, 0]) == set(x[:, 0])
+    again = split_calibration(d, seed=3)[1]
+    assert np.array_equal(again.arrays["x"], score.arrays["x"])
+    small = CalibData({"x": x[:8]}, False, "test")
+    f2, s2 = split_calibration(small)
+    assert f2 is small and s2 is small  # too few samples to split: both use all
 
 
 def test_resolution_candidates_get_resized_inputs(setup):
