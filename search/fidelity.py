@@ -246,10 +246,10 @@ class FidelityEvaluator:
         out = Runner(proto, dynamic=self.dynamic).run(feeds_for(proto, self.score_data.arrays))
         return compare(self.reference, out, self.names, random_data=self.data.random)
 
-    def _reference_rows(self, recipe: Recipe) -> ReferenceRows:
-        """Recovery targets: the original, or the original at the recipe's resolution."""
+    def _reference_rows(self, recipe: Recipe, data: CalibData) -> ReferenceRows:
+        """Recovery targets on ``data``: the original, or the original at the recipe's resolution."""
         res = tuple(r for r in recipe if r.pass_name == "resolution")
-        key = tuple((r.site, tuple(r.choice.items())) for r in res)
+        key = (data is self.fit_data,) + tuple((r.site, tuple(r.choice.items())) for r in res)
         if key not in self._rows:
             if res:
                 from archpass.passes.engine import apply_recipe
@@ -257,7 +257,7 @@ class FidelityEvaluator:
                 proto = apply_recipe(self.model, Recipe(res), structure=self.structure).proto
             else:
                 proto = self.model.proto
-            self._rows[key] = ReferenceRows(proto, feeds_for(proto, self.fit_data.arrays), dynamic=self.dynamic)
+            self._rows[key] = ReferenceRows(proto, feeds_for(proto, data.arrays), dynamic=self.dynamic)
         return self._rows[key]
 
     def evaluate(self, recipe: Recipe, *, recover: bool = True, verify: bool = False,
@@ -276,20 +276,26 @@ class FidelityEvaluator:
         if not (recover and lossy):
             return Evaluation(recipe, before, None, applied.proto, (), time.perf_counter() - t0, applied)
         with _one_blas_thread():
-            rec = _recover(applied, self._reference_rows(recipe), feeds_for(applied.proto, self.fit_data.arrays),
+            rec = _recover(applied, self._reference_rows(recipe, self.fit_data),
+                           feeds_for(applied.proto, self.fit_data.arrays),
                            source=self.structure, seed=self.seed, dynamic=self.dynamic, with_outputs=not self.held_out)
-        refit = any(f.kept == "refit" for f in rec.fits)
+            refit = any(f.kept == "refit" for f in rec.fits)
+            if refit and self.held_out:
+                # the score comes from the fit that never saw the scoring samples (a conservative
+                # estimate, as cross-validation gives); the weights emitted are refitted on every sample
+                after = self.score(rec.proto)
+                rec = _recover(applied, self._reference_rows(recipe, self.data),
+                               feeds_for(applied.proto, self.data.arrays),
+                               source=self.structure, seed=self.seed, dynamic=self.dynamic, with_outputs=False)
         proto = rec.proto
         if not refit:
             after = before
-        elif self.held_out:  # scored on samples recovery never saw: the guard can trust it
-            after = self.score(proto)
-        else:
+        elif not self.held_out:
             after = compare(self.reference, list(rec.outputs), self.names, random_data=self.data.random)
         entry = proto.metadata_props.add()
         entry.key, entry.value = RECOVERY_KEY, json.dumps({
             "calibration": self.data.source, "samples": self.data.samples, "random_data": self.data.random,
-            "fit_samples": self.fit_data.samples, "scored_samples": self.score_data.samples, "held_out": self.held_out,
+            "scored_samples": self.score_data.samples, "held_out": self.held_out,
             "fidelity_before": before.score, "fidelity_after": after.score,
             "layers": [f.to_json() for f in rec.fits]}, separators=(",", ":"), default=_json_default)
         return Evaluation(recipe, before, after if refit else None, proto, rec.fits, time.perf_counter() - t0, applied)

@@ -73,9 +73,11 @@ def test_lossy_rewrites_score_below_one_and_recovery_raises_it(setup, recipe):
     # the recovered proto carries the record and the recovery note, and fidelity() agrees with the evaluator
     keys = {p.key for p in e.proto.metadata_props}
     assert {"archpass.rewrites", "archpass.recovery"} <= keys
-    # scored on the held-out samples, which recovery never saw
+    # scored on held-out samples by a fit that never saw them; the emitted weights are refitted on
+    # every sample, so on the scoring samples they do at least about as well as that estimate
     assert ev.held_out and ev.score_data.samples + ev.fit_data.samples == data.samples
-    assert fidelity(m, e.proto, ev.score_data).score == pytest.approx(e.after.score, rel=1e-6)
+    assert fidelity(m, e.proto, ev.score_data).score >= e.after.score - 0.01
+    assert fidelity(m, e.proto, data).score > e.before.score
 
 
 def test_split_calibration_holds_out_a_quarter_disjoint_and_seeded():
