@@ -8,6 +8,8 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
+from archpass.cli.calibopts import (CalibOpt, ChannelOrderOpt, ImageSizeOpt, LayoutOpt, MeanOpt, SamplesOpt, StdOpt,
+                                    calib_options)
 from archpass.cli.common import DebugOpt, InputShapeOpt, JsonOpt, handled, print_json, stderr, stdout
 
 _UNITS = {"latency_ms": ("latency", 1.0, "ms", ".3f"), "params_bytes": ("params", 1e-6, "MB", ".3f"),
@@ -95,7 +97,13 @@ def optimize(
     max_params_mb: Annotated[Optional[float], typer.Option("--max-params-mb", help="Parameter memory budget (MB = 1e6 bytes).", show_default=False)] = None,
     max_peak_mb: Annotated[Optional[float], typer.Option("--max-peak-mb", help="Peak activation memory budget (MB).", show_default=False)] = None,
     mode: Annotated[Optional[str], typer.Option("--mode", help="post-training (default with --calib: recovered candidates keep --min-fidelity) or retrain (default without: zero-shot trainability no lower than the original's).", show_default=False)] = None,
-    calib: Annotated[Optional[str], typer.Option("--calib", help="Calibration data for post-training mode (see README).", show_default=False)] = None,
+    calib: CalibOpt = None,
+    samples: SamplesOpt = None,
+    image_size: ImageSizeOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    channel_order: ChannelOrderOpt = "rgb",
+    layout: LayoutOpt = "nchw",
     min_fidelity: Annotated[float, typer.Option("--min-fidelity", help="Post-training guard: lowest fidelity to the original.")] = 0.99,
     min_proxy: Annotated[Optional[float], typer.Option("--min-proxy", help="Retrain guard: lowest zero-shot score (default: the original's).", show_default=False)] = None,
     finalists: Annotated[int, typer.Option("--finalists", help="Guard evaluations spent choosing the result, at most.")] = 12,
@@ -120,7 +128,8 @@ def optimize(
                 passes=_csv(passes) if passes else None, freeze=_csv(freeze),
                 resolutions=_ints(resolutions, "--resolutions"), granularity=granularity,
                 max_latency_ms=max_latency_ms, max_params_mb=max_params_mb, max_peak_mb=max_peak_mb, mode=mode,
-                calib=calib, min_fidelity=min_fidelity, min_proxy=min_proxy, guard=not no_guard, finalists=finalists, sampler=sampler,
+                calib=calib, calib_options=calib_options(samples, image_size, mean, std, channel_order, layout),
+                min_fidelity=min_fidelity, min_proxy=min_proxy, guard=not no_guard, finalists=finalists, sampler=sampler,
                 seed=seed, workers=workers, resume=resume, progress=bar)
     if doc.get("interrupted"):
         stderr.print(f"interrupted after {doc['trials']} trials: wrote the best model found so far "

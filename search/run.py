@@ -149,7 +149,7 @@ def default_guard(job: Job, model, structure):
     if job.mode == "post-training":
         from archpass.search.fidelity import load_calibration
 
-        data = load_calibration(job.calib, model, **dict(job.calib_options))
+        data = load_calibration(None if job.calib == "random" else job.calib, model, **dict(job.calib_options))
         return g.fidelity_guard(model, structure, data, min_fidelity=job.min_fidelity)
     return g.proxy_guard(model, structure, min_proxy=job.min_proxy, seed=job.seed or 0)
 

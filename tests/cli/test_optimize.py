@@ -121,3 +121,23 @@ def test_post_training_with_calibration_data(model, tmp_path):
 
     assert doc["weights"] == "recovered on the calibration data"
     assert len(read_record(out.proto)["rewrites"]) == len(doc["recipe"]["rewrites"])
+
+
+def test_calibration_preprocessing_options_reach_the_guard(model, tmp_path):
+    """optimize takes the same calibration options as apply and verify: a malformed one is refused
+    up front, and --samples limits the data the guard reads."""
+    x = np.random.default_rng(0).standard_normal((16, 3, 32, 32)).astype(np.float32)
+    np.save(tmp_path / "calib.npy", x)
+    out = tmp_path / "out.onnx"
+    r = runner.invoke(app, ["optimize", str(model), "-o", str(out), "--trials", "5", "--calib", str(tmp_path / "calib.npy"),
+                            "--mean", "0.5,abc"])
+    assert r.exit_code == 2 and "--mean" in r.stderr and not out.exists(), r.output
+    r = runner.invoke(app, ["optimize", str(model), "-o", str(out), "--trials", "8", "--finalists", "2",
+                            "--calib", str(tmp_path / "calib.npy"), "--samples", "4", "--min-fidelity", "0.5", "--json"])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert doc["mode"] == "post-training" and doc["fidelity"]["threshold"] == 0.5
+    from archpass.search import study as st
+
+    job = st.study_job(st.load_study(st.storage_path(out), sampler=None))
+    assert dict(job["calib_options"])["samples"] == 4
