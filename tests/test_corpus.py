@@ -33,6 +33,12 @@ FULL = os.environ.get("ARCHPASS_CORPUS_FULL") == "1"
 REPO = Path(__file__).resolve().parents[1]
 
 
+def _ours(p: Path) -> bool:
+    """A file of this repository (our own skeletons, caches), but not one of an installed
+    package in a virtual environment that happens to live inside the clone (``.venv/``)."""
+    return REPO in p.parents and "site-packages" not in p.relative_to(REPO).parts
+
+
 def installed_models() -> list[Path]:
     """Every ``*.onnx`` under 20 MB in the site-packages folders (the repository excluded)."""
     roots = {Path(p) for p in site.getsitepackages() + [site.getusersitepackages(), sysconfig.get_paths()["purelib"]]}
@@ -42,7 +48,7 @@ def installed_models() -> list[Path]:
         for dirpath, _, files in os.walk(root):
             for f in files:
                 p = Path(dirpath) / f
-                if f.endswith(".onnx") and REPO not in p.resolve().parents and p.stat().st_size <= MAX_BYTES:
+                if f.endswith(".onnx") and not _ours(p.resolve()) and p.stat().st_size <= MAX_BYTES:
                     found.add(p.resolve())
     return sorted(p for p in found if FULL or p.stem not in HEAVY)
 
