@@ -230,7 +230,7 @@ def optimize(
     passes: Sequence[str] | None = None,
     freeze: Sequence[str] = (),
     resolutions: Sequence[int] = (),
-    granularity: str = "group",
+    granularity: str = "stage",
     max_latency_ms: float | None = None,
     max_params_mb: float | None = None,
     max_peak_mb: float | None = None,

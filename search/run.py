@@ -53,7 +53,7 @@ class Job:
     passes: tuple[str, ...] | None = None
     freeze: tuple[str, ...] = ()
     resolutions: tuple[int, ...] = ()
-    granularity: str = "group"
+    granularity: str = "stage"
     mode: str = "retrain"
     guard: bool = True
     calib: str | None = None
@@ -224,6 +224,11 @@ def search(prep: Prepared, storage: Path, *, resume: bool = False, progress: Cal
     else:
         study = st.create_study(storage, directions=directions, sampler=_sampler(job), job=job.to_json())
         study.enqueue_trial(prep.space.neutral_params(), skip_if_exists=True)
+        if prep.space.empty_reason() is None:  # then the coordinate-descent starting points (search/warmstart.py)
+            from archpass.search.warmstart import warm_start
+
+            for params in warm_start(prep.objective):
+                study.enqueue_trial(params, skip_if_exists=True)
 
     empty = prep.space.empty_reason()
     interrupted = False
