@@ -26,8 +26,9 @@ the fused network is.  Here the kernel is size-independent:
   ``REPEATS`` draws are averaged; ``log det(K_l + EPS I) / n`` (the ridge keeps exact
   duplicates finite);
 * **the network's score is its weakest layer's** (the minimum over every conv/gemm layer,
-  linear projections included): a bottleneck limits everything after it, and the minimum
-  does not grow or shrink with the number of layers.
+  linear projections included, but not a layer that writes a graph output: the
+  classifier's width is the task's): a bottleneck limits everything after it, and the
+  minimum does not grow or shrink with the number of layers.
 
 So fusion, which keeps every layer's width, keeps the score; a bottleneck of 8 channels,
 channels collapsed to the minimum, a width multiplier of 0.25, or a layer whose outputs
@@ -45,7 +46,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-REPEATS = 16  # position draws per layer, averaged
+REPEATS = 8  # position draws per layer, averaged
 EPS = 1e-2  # ridge added to the normalized kernel (a duplicated sample costs log EPS, not -inf)
 
 
@@ -95,7 +96,9 @@ def layer_scores(proto_or_model, *, seed: int = 0, batch: int = 32, data=None) -
     model = proto_or_model if isinstance(proto_or_model, Model) else model_from_proto(proto_or_model)
     structure = analyze(model)
     rng = np.random.default_rng(seed)
-    layers = list(structure.layers)
+    outputs = {o.name for o in model.proto.graph.output}
+    # a layer that writes a graph output (the classifier) has the task's width, not the architecture's
+    layers = [l for l in structure.layers if l.output not in outputs] or list(structure.layers)
     if not layers:
         return {}
     proto = _fresh_weights(model.proto, layers, rng)
