@@ -48,6 +48,7 @@ SECTIONS = ("proxy", "edgetpu", "zigzag", "cpu", "cpu_time", "objectives", "fusi
             "post_training_strict", "efficiency",
             "efficiency_group", "speed", "zoo")
 TRIALS = 300
+ZIGZAG_ONLY: list[str] = []
 
 
 def log(*a) -> None:
@@ -197,10 +198,11 @@ def zigzag(results: dict) -> dict:
     t = load_target("edgetpu")
     hw, mp = str(t.source_file("hardware")), str(t.source_file("mapping"))
     lpf = int(t.source.get("lpf_limit", 4))
-    out = {}
+    out = dict(results.get("zigzag") or {}) if ZIGZAG_ONLY else {}  # a partial run keeps the other models' rows
+    out.pop("section_seconds", None)
     for name in ("mbv2_edgetpu_retrain", "mbv2_edgetpu_noguard", "mbv2_objective_latency", "mbv2_objective_macs"):
         path = WORK / f"{name}.onnx"
-        if not path.exists():
+        if not path.exists() or (ZIGZAG_ONLY and name not in ZIGZAG_ONLY):
             continue
         t0 = time.perf_counter()
         cycles = evaluate_cycles(onnx.load(str(path)), hw, mp, lpf)
@@ -357,11 +359,19 @@ def warm_start_cost(granularity: str) -> dict:
     return {"evaluations": n[0], "seconds": round(sec, 2), "points": len(pts), "points_latency_ms": ends}
 
 
+#: the 3,000-trial run in chunks (``--long-trials 1000``, then ``--long-trials 2000 --resume-long``, ...), each
+#: its own process, so no heavy job holds the shared lock for half an hour; a chunk resumes the study
+LONG = {"trials": 3000, "resume": False}
+
+
 def efficiency(granularity: str = "stage") -> dict:
     m = mobilenet()
     tag = "" if granularity == "stage" else f"_{granularity}"
     short = optimize(f"mbv2_eff_300{tag}", m, "edgetpu", trials=300, guard=False, seed=1, granularity=granularity)
-    long = optimize(f"mbv2_eff_3000{tag}", m, "edgetpu", trials=3000, guard=False, seed=1, granularity=granularity)
+    long = optimize(f"mbv2_eff_3000{tag}", m, "edgetpu", trials=LONG["trials"], guard=False, seed=1,
+                    granularity=granularity, resume=LONG["resume"])
+    if LONG["trials"] < 3000:
+        return {"partial": f"long run at {long['trials']} of 3000 trials; continue with --resume-long"}
     b = short["baseline"]["latency_ms"]
     gain_short, gain_long = b - short["optimized"]["latency_ms"], b - long["optimized"]["latency_ms"]
     return {"granularity": granularity, "warm_start": warm_start_cost(granularity),
@@ -421,7 +431,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", default=",".join(s for s in SECTIONS if s not in ("zigzag", "cpu_time", "speed")),
                     help=f"comma-separated sections of {', '.join(SECTIONS)}")
+    ap.add_argument("--long-trials", type=int, default=3000, help="efficiency: run the long study up to this many trials")
+    ap.add_argument("--resume-long", action="store_true", help="efficiency: resume the long study of the previous chunk")
+    ap.add_argument("--zigzag-models", default="", help="zigzag: only these emitted models (comma-separated)")
     args = ap.parse_args(argv)
+    LONG.update(trials=args.long_trials, resume=args.resume_long)
+    ZIGZAG_ONLY[:] = [x for x in args.zigzag_models.split(",") if x]
     warnings.simplefilter("ignore")
     WORK.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{NAME}.json"

@@ -105,7 +105,7 @@ def optimize(
     channel_order: ChannelOrderOpt = "rgb",
     layout: LayoutOpt = "nchw",
     min_fidelity: Annotated[float, typer.Option("--min-fidelity", help="Post-training guard: lowest fidelity to the original.")] = 0.99,
-    min_proxy: Annotated[Optional[float], typer.Option("--min-proxy", help="Retrain guard: lowest zero-shot score (default: the original's minus 0.25, its seed noise).", show_default=False)] = None,
+    min_proxy: Annotated[Optional[float], typer.Option("--min-proxy", help="Retrain guard: lowest zero-shot score (default: the original's minus 0.15, its seed noise).", show_default=False)] = None,
     finalists: Annotated[int, typer.Option("--finalists", help="Guard evaluations spent choosing the result, at most.")] = 12,
     no_guard: Annotated[bool, typer.Option("--no-guard", help="Search cost only, without an accuracy guard.")] = False,
     sampler: Annotated[str, typer.Option("--sampler", help="auto (TPE, or NSGA-II for several objectives), tpe, nsga2 or random.")] = "auto",
