@@ -131,8 +131,13 @@ def prepare(job: Job, *, model=None, structure=None, target=None, guard_factory:
     target = target or load_target(job.target)
     model = model or load_model(job.model, parse_input_shapes(list(job.input_shapes)) if job.input_shapes else None)
     structure = structure or analyze(model)
+    floor = 0
+    if job.mode == "retrain" and job.guard and job.min_proxy is None:  # search where the default guard can pass
+        from archpass.search.space import width_floor
+
+        floor = width_floor(structure, [o.name for o in model.proto.graph.output])
     space = Space.build(structure, parallelism=int(getattr(target, "parallelism", 8) or 8), passes=job.passes,
-                        freeze=job.freeze, resolutions=job.resolutions, granularity=job.granularity)
+                        freeze=job.freeze, resolutions=job.resolutions, granularity=job.granularity, min_width=floor)
     guard = None
     if job.guard and with_guard:
         if guard_factory is not None:
