@@ -257,6 +257,10 @@ def search(prep: Prepared, storage: Path, *, resume: bool = False, progress: Cal
             _optimize(study, prep, cbs)
         except KeyboardInterrupt:
             interrupted = True
+        except UnboundLocalError as exc:  # optuna 5: a Ctrl-C inside its tell() resurfaces as this from a finally
+            if not isinstance(exc.__context__, KeyboardInterrupt):
+                raise
+            interrupted = True
         finally:
             for p in procs:
                 p.join(timeout=None if not interrupted else 10)
