@@ -53,6 +53,9 @@ class Guard:
     threshold: float
     scorer: Callable[[Recipe], float]
     baseline: float | None = None  # the original model's score, when known
+    #: scores are energy shares (fidelity): a recipe's error ratio (1-s)/s is about the sum of
+    #: its rewrites' (what the post-training ladder, :mod:`archpass.search.ladder`, predicts with)
+    additive: bool = False
     cache: dict[str, GuardResult] = field(default_factory=dict)
     models: dict[str, object] = field(default_factory=dict)  # recipe key -> the candidate the guard scored, when it
     # is what should be emitted (post-training: the recovered weights)
@@ -68,6 +71,10 @@ class Guard:
     def shortfall(self, score: float) -> float:
         """How far below the threshold (a positive constraint value); 1 when not a number."""
         return self.threshold - score if math.isfinite(score) else 1.0
+
+    def known(self, recipe: Recipe) -> GuardResult | None:
+        """The cached result for ``recipe``, without evaluating it."""
+        return self.cache.get(recipe_key(recipe))
 
     def check(self, recipe: Recipe) -> GuardResult:
         key = recipe_key(recipe)
@@ -100,7 +107,7 @@ def fidelity_guard(model, structure, data, *, min_fidelity: float = DEFAULT_MIN_
             guard.models[recipe_key(recipe)] = ev.proto  # emitted with its recovered weights
         return f.score
 
-    guard = Guard("fidelity", float(min_fidelity), score, baseline=1.0)
+    guard = Guard("fidelity", float(min_fidelity), score, baseline=1.0, additive=True)
     return guard
 
 
