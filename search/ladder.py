@@ -75,7 +75,7 @@ class Rung:
     def to_json(self) -> dict:
         changed = {k: v for k, v in self.params.items() if k in self.changed}
         return {"value": self.value, "predicted": self.predicted, "score": self.score, "ok": self.ok,
-                "choices": changed, "rewrites": len(self.recipe)}
+                "choices": changed, "recipe": self.recipe.to_json()}
 
     changed: tuple[str, ...] = field(default=(), compare=False)
 
