@@ -115,7 +115,7 @@ class _Recorder:
 
     def suggest_categorical(self, name, choices):
         self.choices[name] = list(choices)
-        return self.params[name]
+        return self.params.get(name, self.choices[name][0])
 
 
 def _suggest(space: Space, params: Mapping[str, Any]):
