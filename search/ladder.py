@@ -130,6 +130,8 @@ def options(space: Space, objective: Objective) -> list[Option]:
     base = objective.baseline.values[0]
     out = []
     for name, values in rec.choices.items():
+        if name not in neutral:
+            continue
         for v in values:
             if v == neutral[name]:
                 continue
