@@ -60,9 +60,17 @@ class Guard:
     models: dict[str, object] = field(default_factory=dict)  # recipe key -> the candidate the guard scored, when it
     # is what should be emitted (post-training: the recovered weights)
 
+    #: ``emitter(recipe) -> proto``: what to emit for a recipe that passed, built when first asked
+    #: (post-training: the weights refitted on every calibration sample), or None
+    emitter: Callable[[Recipe], object] | None = None
+
     def model_for(self, recipe: Recipe):
-        """The ONNX proto the guard evaluated for ``recipe`` (recovered weights), or None."""
-        return self.models.get(recipe_key(recipe))
+        """The ONNX proto to emit for ``recipe`` (recovered weights), or None: kept by the
+        scorer, or built by ``emitter`` once, for a recipe that passed."""
+        key = recipe_key(recipe)
+        if key not in self.models and self.emitter is not None and self.check(recipe).ok:
+            self.models[key] = self.emitter(recipe)
+        return self.models.get(key)
 
     @property
     def evaluations(self) -> int:
@@ -101,13 +109,14 @@ def fidelity_guard(model, structure, data, *, min_fidelity: float = DEFAULT_MIN_
         evaluator = FidelityEvaluator(model, data, structure=structure)
 
     def score(recipe: Recipe) -> float:
-        ev = evaluator.evaluate(recipe, recover=True)
-        f = ev.after if ev.after is not None else ev.before
-        if f.score >= guard.threshold:
-            guard.models[recipe_key(recipe)] = ev.proto  # emitted with its recovered weights
-        return f.score
+        # scored on the held-out samples, from a fit without them; the refit on every sample is
+        # made only for the candidate emitted (``model_for``)
+        return evaluator.evaluate(recipe, recover=True, emit=False).fidelity.score
 
-    guard = Guard("fidelity", float(min_fidelity), score, baseline=1.0, additive=True)
+    def emit(recipe: Recipe):
+        return evaluator.evaluate(recipe, recover=True).proto  # emitted with its recovered weights
+
+    guard = Guard("fidelity", float(min_fidelity), score, baseline=1.0, additive=True, emitter=emit)
     return guard
 
 
