@@ -368,7 +368,14 @@ def choose(prep: Prepared, recs: Sequence[st.TrialRecord], *, storage: Path, int
     better = [r for r in ok if r.values[0] < base.values[0] and _dominates_or_equal(r.values, base.values)]
     several = len(obj.objectives) > 1
     if several:
-        better = [r for r in pareto(ok) if r in better]
+        front = pareto(ok)
+        known = getattr(guard, "known", lambda r: None)  # a candidate the guard passed (the ladder's) stays one
+
+        def passed(r) -> bool:
+            res = known(r.recipe) if guard is not None else None
+            return res is not None and res.ok
+
+        better = [r for r in better if r in front or passed(r)]
     better.sort(key=lambda r: (r.values, r.number))
     unique, seen = [], set()
     for r in better:

@@ -183,3 +183,14 @@ def test_options_on_mobilenet_v2_reach_the_head(zoo_model):
     assert head.channels == 1280
     assert any(x.param == f"channels:{head.id}" and x.gain > 0 for x in opts)
     assert np.all(np.diff([x.gain for x in opts]) <= 0)
+
+
+def test_a_passing_rung_is_chosen_with_several_objectives_though_off_the_front(small_model, tmp_path):
+    fake = RatioGuard(_cost)
+    doc = api.optimize(small_model, tmp_path / "out.onnx", "edgetpu", trials=30, objective="latency,memory",
+                       guard=True, guard_factory=fake.factory, finalists=4)
+    assert doc["improved"] and doc["fidelity"]["ok"]
+    assert {r["site"] for r in doc["recipe"]["rewrites"]} <= {"group6", "group7"}
+    b, a = doc["baseline"], doc["optimized"]
+    assert a["latency_ms"] < b["latency_ms"]
+    assert a["params_bytes"] + a["peak_activation_bytes"] <= b["params_bytes"] + b["peak_activation_bytes"]
