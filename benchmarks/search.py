@@ -308,6 +308,11 @@ def fidelity_vs_accuracy(d, calib: Path, doc: dict) -> dict:
     cands: dict[str, Recipe] = {}
     for i, r in enumerate((doc.get("ladder") or {}).get("rungs") or []):
         cands[f"rung {i}"] = Recipe.from_json(r["recipe"])
+    # the passing single rewrites closest to the threshold (the most lossy that pass)
+    probes = sorted((p for p in (doc.get("ladder") or {}).get("probes") or [] if p["score"] >= doc["fidelity"]["threshold"]),
+                    key=lambda p: p["score"])
+    for p in probes[:8]:
+        cands[f"{p['param']}={p['value']}"] = Recipe.from_json(p["recipe"])
     by_number = {r.number: r for r in st.records(st.load_study(Path(doc["storage"]), sampler=None))}
     for f in doc.get("finalists") or []:
         cands.setdefault(f"trial {f['number']}", by_number[f["number"]].recipe)

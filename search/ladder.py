@@ -33,7 +33,7 @@ sees them.  Everything the guard scores is cached by recipe.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Mapping, Sequence
 
 import optuna
@@ -55,6 +55,7 @@ class Option:
     value: Any
     gain: float  # first objective saved against the unchanged model (shapes only)
     score: float | None = None  # the guard's score of the option alone (None: not probed)
+    recipe: Recipe | None = field(default=None, compare=False)  # the option alone, as a recipe
 
     @property
     def ratio(self) -> float:
@@ -89,7 +90,8 @@ class Exploration:
     def to_json(self) -> dict:
         probed = [o for o in self.options if o.score is not None]
         return {"options": len(self.options), "probed": len(probed),
-                "probes": [{"param": o.param, "value": o.value, "gain": o.gain, "score": o.score} for o in probed],
+                "probes": [{"param": o.param, "value": o.value, "gain": o.gain, "score": o.score,
+                            "recipe": o.recipe.to_json() if o.recipe is not None else None} for o in probed],
                 "rungs": [r.to_json() for r in self.rungs if r.score is not None],
                 "best": self.best.to_json() if self.best else None}
 
@@ -144,7 +146,7 @@ def options(space: Space, objective: Objective) -> list[Option]:
             sc = objective.score_structure(recipe, structure)
             gain = base - sc.values[0]
             if gain > 0:
-                out.append(Option(name, v, gain))
+                out.append(Option(name, v, gain, recipe=recipe))
     return sorted(out, key=lambda o: -o.gain)
 
 
@@ -163,10 +165,10 @@ def probe(opts: Sequence[Option], guard, space: Space, budget: int = PROBES) -> 
                 break
             if rnd < len(by_param[p]):
                 o = by_param[p][rnd]
-                recipe, _ = _suggest(space, {**neutral, o.param: o.value})
+                recipe = o.recipe if o.recipe is not None else _suggest(space, {**neutral, o.param: o.value})[0]
                 scored[(o.param, _key(o.value))] = guard.check(recipe).score
         rnd += 1
-    return [Option(o.param, o.value, o.gain, scored.get((o.param, _key(o.value)))) for o in opts]
+    return [replace(o, score=scored.get((o.param, _key(o.value)))) for o in opts]
 
 
 def _key(v) -> str:

@@ -110,6 +110,8 @@ def test_explore_finds_the_fastest_passing_rung_in_few_evaluations(small_model):
     assert preds == sorted(preds, reverse=True)
     doc = found.to_json()
     assert doc["probed"] == probes and doc["best"]["ok"]
+    for p in doc["probes"]:  # each probe is the one option alone, a recipe of one rewrite
+        assert len(Recipe.from_json(p["recipe"])) == 1
 
 
 def test_finalists_start_from_a_known_passing_candidate():
