@@ -125,12 +125,13 @@ def _suggest(space: Space, params: Mapping[str, Any]):
 
 
 def options(space: Space, objective: Objective) -> list[Option]:
-    """Every single non-neutral choice that lowers the first objective and is valid, most gain first."""
+    """Every single non-neutral choice that lowers the first objective and is valid, most gain
+    first; one option per distinct recipe (two factors may snap to the same channel count)."""
     neutral = space.neutral_params()
     rec = _Recorder(neutral)
     space.suggest(rec)
     base = objective.baseline.values[0]
-    out = []
+    out, seen = [], set()
     for name, values in rec.choices.items():
         if name not in neutral:
             continue
@@ -141,8 +142,9 @@ def options(space: Space, objective: Objective) -> list[Option]:
                 recipe, structure = _suggest(space, {**neutral, name: v})
             except (ArchpassError, ValueError):  # refused, or a site the neutral walk does not have
                 continue
-            if not len(recipe):
+            if not len(recipe) or recipe_key(recipe) in seen:  # two values may snap to one count
                 continue
+            seen.add(recipe_key(recipe))
             sc = objective.score_structure(recipe, structure)
             gain = base - sc.values[0]
             if gain > 0:
