@@ -57,6 +57,9 @@ MIN_POINTS_BASELINE = 4
 MIN_POINTS_LOGLINEAR = 6
 FOLDS = 5
 MIN_NETWORK_S = 0.5  # building two sessions and timing the smallest network in three windows
+PLAN_FACTOR = 1.5  # networks planned for this many times the budget (planned costs are pessimistic)
+BATCH = 12  # generated candidate networks per batch
+MAX_WAIT_S = 5.0  # longest wait for a quiet host before one measurement is taken again
 
 
 def load_base(base: str | Path | Target, backend: str) -> Target:
@@ -154,94 +157,180 @@ def _fit(method: str, kernels: list[Kernel], z: np.ndarray, y: np.ndarray, bt: n
 
 def _apply(corr: dict[str, Correction], kernels: list[Kernel], z: np.ndarray, bt: np.ndarray,
            lp: np.ndarray) -> np.ndarray:
-    """Log of predicted / prior for kernels (the rule of :func:`~archpass.costmodel.estimate.correction_for`)."""
+    """Log of predicted / prior for kernels (the rule of :func:`~archpass.costmodel.estimate.correction_for`),
+    without the corrections' additive ``add_ms``."""
     out = np.zeros(len(kernels))
+    by: dict[int, tuple[Correction, list[int]]] = {}
     for i, k in enumerate(kernels):
         c = (corr.get(k.kind) or corr.get("layer")) if k.kind in LAYER_KINDS else corr.get(GENERIC_OP)
         if c is not None:
-            nb = len(c.baseline) or (4 if k.kind in LAYER_KINDS else 2)
-            ref = c.reference(np.exp(lp[i: i + 1]), bt[i: i + 1, :nb])
-            out[i] = float(np.log(ref[0]) - lp[i] + np.log(c.factor(z[i: i + 1, : len(c.terms)])[0]))
+            by.setdefault(id(c), (c, []))[1].append(i)
+    for c, idx in by.values():
+        ix = np.array(idx)
+        nb = len(c.baseline) or (4 if c.terms == LAYER_TERMS else 2)
+        ref = c.reference(np.exp(lp[ix]), bt[ix, :nb])
+        out[ix] = np.log(ref) - lp[ix] + np.log(c.factor(z[ix, : len(c.terms)]))
     return out
 
 
 @dataclass(frozen=True)
 class Points:
     """Adaptation measurements: kernels with their prior prediction and measured latency,
-    grouped (one group per network or layer) with each group's whole latency when known."""
+    grouped (one group per network or layer) with each group's whole latency when known
+    and, for networks, every kernel of the network with its prior prediction (kernels the
+    profiler showed no time for still cost the whole network their dispatch)."""
 
     kernels: tuple[Kernel, ...]
     prior_ms: np.ndarray
     ms: np.ndarray
     groups: tuple[str, ...]
     network_ms: dict = field(default_factory=dict)  # group -> latency measured without the profiler
+    networks: dict = field(default_factory=dict)  # group -> (every kernel, their prior ms)
 
     def __len__(self) -> int:
         return len(self.kernels)
 
 
-def _terms(points: Points, target: Target) -> tuple[np.ndarray, np.ndarray]:
-    """Correction terms and analytic base terms (on ``target``'s hardware) of every point,
+def _terms(kernels, prior_ms: np.ndarray, target: Target) -> tuple[np.ndarray, np.ndarray]:
+    """Correction terms and analytic base terms (on ``target``'s hardware) of kernels,
     padded to the layer width."""
     from archpass.costmodel.features import feature_rows
 
-    z = np.zeros((len(points), len(LAYER_TERMS)))
-    bt = np.zeros((len(points), 4))
+    z = np.zeros((len(kernels), len(LAYER_TERMS)))
+    bt = np.zeros((len(kernels), 4))
     for layer in (True, False):
-        idx = [i for i, k in enumerate(points.kernels) if (k.kind in LAYER_KINDS) == layer]
+        idx = [i for i, k in enumerate(kernels) if (k.kind in LAYER_KINDS) == layer]
         if idx:
-            ks = [points.kernels[i] for i in idx]
-            rows = correction_rows(ks, target, points.prior_ms[idx])
+            ks = [kernels[i] for i in idx]
+            rows = correction_rows(ks, target, prior_ms[idx])
             z[np.ix_(idx, range(rows.shape[1]))] = rows
             base = feature_rows(ks, target)[1]
             bt[np.ix_(idx, range(base.shape[1]))] = base
     return z, bt
 
 
-def _network_scale(points: Points, log_corr: np.ndarray, mask: np.ndarray) -> float:
-    """Median over the masked groups with a whole-network latency of measured / predicted sum."""
-    ratios = []
-    for g in sorted({points.groups[i] for i in np.flatnonzero(mask)}):
-        if g not in points.network_ms:
+# ---------------------------------------------------------------- whole-network fit
+#: kernel classes whose summed time gets its own factor against whole-network latency
+CLASSES = (*LAYER_KINDS, GENERIC_OP)
+#: ridge strengths (per network) pulling the class factors towards one common factor;
+#: None = one common factor (the sum of kernels scaled to the networks' latency)
+NET_RIDGE: tuple[float | None, ...] = (None, 1.0, 0.1, 0.01, 0.001)
+
+
+@dataclass(frozen=True)
+class _Net:
+    """A timed network ready for the whole-network fit: every kernel, its class index,
+    log prior, correction and base terms, and the latency measured without the profiler."""
+
+    kernels: list
+    cls: np.ndarray
+    lp: np.ndarray
+    z: np.ndarray
+    bt: np.ndarray
+    ms: float
+
+
+def _nets(points: Points, target: Target) -> dict[str, _Net]:
+    out = {}
+    for g, (ks, prior) in points.networks.items():
+        if g not in points.network_ms or not len(ks):
             continue
-        idx = [i for i in np.flatnonzero(mask) if points.groups[i] == g]
-        pred = float(np.sum(points.prior_ms[idx] * np.exp(log_corr[idx])))
-        ratios.append(points.network_ms[g] / max(pred, 1e-12))
-    return float(np.median(ratios)) if ratios else 1.0
+        z, bt = _terms(list(ks), prior, target)
+        cls = np.array([CLASSES.index(_kind_key(k)) for k in ks])
+        out[g] = _Net(list(ks), cls, np.log(np.maximum(prior, 1e-12)), z, bt, float(points.network_ms[g]))
+    return out
 
 
-def _with_network_scale(corr: dict[str, Correction], scale: float) -> dict[str, Correction]:
-    if abs(math.log(scale)) < 1e-6:
-        return corr
-    return {k: replace(c, coef=(c.coef[0] + math.log(scale), *c.coef[1:])) for k, c in corr.items()}
+def _net_design(nets: list[_Net], corr: dict[str, Correction]) -> np.ndarray:
+    """Per network: the corrected kernel time summed per class, and the kernel count."""
+    x = np.zeros((len(nets), len(CLASSES) + 1))
+    for r, n in enumerate(nets):
+        np.add.at(x[r], n.cls, np.exp(n.lp + _apply(corr, n.kernels, n.z, n.bt, n.lp)))
+        x[r, -1] = len(n.kernels)
+    return x
+
+
+def _net_fit(x: np.ndarray, t: np.ndarray, lam: float | None) -> np.ndarray:
+    """Coefficients (one factor per class, then ms per kernel) with ``x @ coef`` ≈ ``t``:
+    non-negative least squares of relative errors, the class factors pulled towards the
+    common factor (the median ratio of measured to summed kernels) with strength ``lam``
+    per network; ``lam`` None keeps the common factor alone."""
+    from archpass.costmodel.predictor import nnls
+
+    nc = len(CLASSES)
+    a0 = float(np.median(t / np.maximum(x[:, :nc].sum(axis=1), 1e-12)))
+    if lam is None or len(t) < 3:
+        return np.r_[np.full(nc, a0), 0.0]
+    w = 1.0 / t
+    reg = np.sqrt(lam * len(t))
+    prior_rows = np.zeros((nc + 1, nc + 1))
+    prior_rows[:nc, :nc] = reg * np.eye(nc)
+    prior_rows[nc, nc] = 1e-3  # the overhead: no prior, but determined
+    a = np.vstack([x * w[:, None], prior_rows])
+    b = np.r_[np.ones(len(t)), np.full(nc, reg * a0), 0.0]
+    coef = nnls(a, b)
+    coef[:nc] = np.maximum(coef[:nc], 0.2 * a0)  # a class never vanishes
+    return coef
+
+
+def _with_net_fit(corr: dict[str, Correction], coef: np.ndarray, method: str) -> dict[str, Correction]:
+    """``corr`` with every class's factor and the per-kernel overhead of the whole-network fit."""
+    out = dict(corr)
+    for i, kd in enumerate(CLASSES):
+        c = out.get(kd) or (out.get("layer") if kd in LAYER_KINDS else None)
+        if c is None:
+            terms = LAYER_TERMS if kd in LAYER_KINDS else OP_TERMS
+            c = Correction(kind=kd, method=method, terms=terms, center=(0.0,) * len(terms), coef=(0.0,) * len(terms))
+        out[kd] = replace(c, kind=kd, coef=(c.coef[0] + math.log(max(coef[i], 1e-9)), *c.coef[1:]),
+                          add_ms=float(coef[-1]))
+    if "layer" in out:  # every layer kind has its own entry now; the pooled one keeps the common factor
+        c = out["layer"]
+        out["layer"] = replace(c, coef=(c.coef[0] + math.log(max(float(np.median(coef[: len(LAYER_KINDS)])), 1e-9)),
+                                        *c.coef[1:]), add_ms=float(coef[-1]))
+    return out
+
+
+def _net_label(lam: float | None) -> str:
+    return "common_factor" if lam is None else f"class_factors_ridge{lam:g}"
 
 
 def fit_corrections(points: Points, target: Target, method: str | None = None) -> tuple[dict[str, Correction], dict]:
     """Corrections of ``target``'s prior from ``points``, by the method with the lowest
-    cross-validated error (or ``method``), and the held-out summary of every method."""
-    z, bt = _terms(points, target)
+    cross-validated error (or ``method``), and the held-out summary of every method.
+
+    With whole networks (runtime targets) the choice is made on held-out *networks*: per
+    fold, the kernel corrections are fitted on the other folds' kernels, then the
+    whole-network fit (a factor per kernel class and a per-kernel overhead, pulled towards
+    one common factor at one of :data:`NET_RIDGE`'s strengths) on the other folds'
+    network latencies; the pair with the lowest held-out network MAPE is kept."""
+    kernels = list(points.kernels)
+    z, bt = _terms(kernels, points.prior_ms, target)
     lp = np.log(np.maximum(points.prior_ms, 1e-12))
     y = np.log(points.ms) - lp
-    kernels = list(points.kernels)
     folds = np.array([_fold(g) for g in points.groups])
-    runtime = bool(points.network_ms)
+    nets = _nets(points, target)
+    runtime = len(nets) >= 2
+    net_keys = sorted(nets)
+    net_fold = np.array([_fold(g) for g in net_keys])
+    net_t = np.array([nets[g].ms for g in net_keys])
     cv: dict[str, dict] = {}
+    net_cv: dict[str, dict[str, dict]] = {}
     for m in METHODS:
         pred_log = np.full(len(points), np.nan)
-        net_pred, net_meas = [], []
+        net_pred = {lam: np.full(len(net_keys), np.nan) for lam in NET_RIDGE}
         for f in range(FOLDS):
             test = folds == f
             if not test.any() or test.all():
                 continue
             corr = _fit(m, [kernels[i] for i in np.flatnonzero(~test)], z[~test], y[~test], bt[~test], lp[~test])
-            all_log = _apply(corr, kernels, z, bt, lp)
-            scale = _network_scale(points, all_log, ~test) if runtime else 1.0
-            pred_log[test] = all_log[test] + math.log(scale)
-            for g in sorted({points.groups[i] for i in np.flatnonzero(test)}):
-                if g in points.network_ms:
-                    idx = [i for i in np.flatnonzero(test) if points.groups[i] == g]
-                    net_pred.append(float(np.sum(points.prior_ms[idx] * np.exp(pred_log[idx]))))
-                    net_meas.append(points.network_ms[g])
+            pred_log[test] = _apply(corr, [kernels[i] for i in np.flatnonzero(test)], z[test], bt[test], lp[test])
+            if runtime:
+                tr, te = net_fold != f, net_fold == f
+                if not te.any() or tr.sum() < 2:
+                    continue
+                x = _net_design([nets[g] for g in net_keys], corr)
+                for lam in NET_RIDGE:
+                    net_pred[lam][te] = x[te] @ _net_fit(x[tr], net_t[tr], lam)
         ok = ~np.isnan(pred_log)
         pred = points.prior_ms[ok] * np.exp(pred_log[ok])
         cv[m] = {"kernels": accuracy_stats(pred, points.ms[ok])}
@@ -249,34 +338,45 @@ def fit_corrections(points: Points, target: Target, method: str | None = None) -
         # latency is a latency-weighted sum of its kernels'
         cv[m]["kernels"]["latency_weighted_mape_pct"] = float(
             np.sum(points.ms[ok] * np.abs(pred / points.ms[ok] - 1)) / np.sum(points.ms[ok]) * 100)
-        if net_meas:
-            cv[m]["networks"] = accuracy_stats(np.array(net_pred), np.array(net_meas))
+        if runtime:
+            for lam in NET_RIDGE:
+                okn = ~np.isnan(net_pred[lam])
+                net_cv.setdefault(_net_label(lam), {})[m] = accuracy_stats(net_pred[lam][okn], net_t[okn])
+            cv[m]["networks"] = net_cv[_net_label(None)][m]
     prior_stats = accuracy_stats(points.prior_ms, points.ms)
-    key = "networks" if runtime and all("networks" in v for v in cv.values()) else "kernels"
-    metric = "mape_pct" if key == "networks" else "latency_weighted_mape_pct"
-
-    def score(m: str) -> float:
-        return cv[m][key].get(metric, float("inf"))
-
-    chosen = method or min(METHODS, key=score)
-    if chosen not in METHODS:
-        raise TargetError(f"unknown correction method '{chosen}'", f"use one of {', '.join(METHODS)}")
+    if method is not None and method not in METHODS:
+        raise TargetError(f"unknown correction method '{method}'", f"use one of {', '.join(METHODS)}")
+    if runtime:
+        metric = "held-out network MAPE"
+        choices = [(lam, m) for lam in NET_RIDGE for m in METHODS if method in (None, m)]
+        err = {c: net_cv[_net_label(c[0])][c[1]].get("mape_pct", float("inf")) for c in choices}
+        best = min(err.values())
+        # the simplest pair (common factor first, then stronger ridges; simpler kernel
+        # corrections first) whose held-out error is within noise of the best
+        lam, chosen = next(c for c in choices if err[c] <= best * 1.02 + 0.05)
+    else:
+        metric = "latency-weighted held-out layer MAPE"
+        lam, chosen = None, method or min(METHODS, key=lambda m: cv[m]["kernels"]["latency_weighted_mape_pct"])
     corr = _fit(chosen, kernels, z, y, bt, lp)
-    scale = _network_scale(points, _apply(corr, kernels, z, bt, lp), np.ones(len(points), bool)) if runtime else 1.0
-    corr = _with_network_scale(corr, scale)
     summary = {
         "method": chosen,
-        "selected_by": f"lowest cross-validated {metric} over {key} ({FOLDS} folds by {'network' if runtime else 'layer'})"
+        "selected_by": f"lowest {metric} ({FOLDS} folds by {'network' if runtime else 'layer'})"
         if method is None else "given",
         "cross_validation": cv,
         "all_kernels": cv[chosen]["kernels"],
         "prior_on_these_points": prior_stats,
-        "network_scale": scale,
         "measured_points": len(points),
         "groups": len(set(points.groups)),
     }
-    if "networks" in cv[chosen]:
-        summary["chains"] = cv[chosen]["networks"]
+    if runtime:
+        x = _net_design([nets[g] for g in net_keys], corr)
+        coef = _net_fit(x, net_t, lam)
+        corr = _with_net_fit(corr, coef, chosen)
+        summary["network_fit"] = {
+            "chosen": _net_label(lam), "class_factors": {c: float(coef[i]) for i, c in enumerate(CLASSES)},
+            "overhead_ms_per_kernel": float(coef[-1]), "networks": len(net_keys),
+            "in_sample": accuracy_stats(x @ coef, net_t), "cross_validation": net_cv}
+        summary["chains"] = net_cv[_net_label(lam)][chosen]
     return corr, summary
 
 
@@ -442,21 +542,34 @@ def adapt_layers(shell: Target, out: Path, work: Callable[[dict], dict], samples
 
 def dataset_points(dataset: Dataset, prior: Target, keys=None) -> Points:
     """The adaptation points of a dataset's records (all, or ``keys``): each record's
-    kernels predicted by the prior together (runtime predictors read the whole network),
-    grouped by record, with the record's latency without the profiler when it has one."""
-    kernels, ms, groups, prior_ms, net = [], [], [], [], {}
+    kernels predicted by the prior together (runtime predictors read the whole network:
+    every kernel of it when the record lists them), grouped by record, with the record's
+    latency without the profiler when it has one."""
+    kernels, ms, groups, prior_ms, net, whole = [], [], [], [], {}, {}
     for key, rec in dataset.records.items():
         pts = [p for p in rec.get("points") or [] if p.get("ms") and math.isfinite(p["ms"]) and p["ms"] > 0]
         if (keys is not None and key not in keys) or not pts:
             continue
-        ks = [Kernel.from_spec(p["spec"]) for p in pts]
-        prior_ms.append(predict_kernels(ks, prior)[0])
+        ks = [Kernel.from_spec(p["spec"], id=str(p.get("id", "k"))) for p in pts]
+        if rec.get("all_kernels"):
+            every = [Kernel.from_spec(e["spec"], id=str(e["id"])) for e in rec["all_kernels"]]
+            every_ms = predict_kernels(every, prior)[0]
+            at = {k.id: i for i, k in enumerate(every)}
+            if all(k.id in at for k in ks):
+                prior_ms.append(every_ms[[at[k.id] for k in ks]])
+                whole[key] = (tuple(every), every_ms)
+            else:
+                prior_ms.append(predict_kernels(ks, prior)[0])
+        else:
+            prior_ms.append(predict_kernels(ks, prior)[0])
         kernels += ks
         ms += [float(p["ms"]) for p in pts]
         groups += [key] * len(ks)
         if rec.get("plain_ms"):
             net[key] = float(rec["plain_ms"])
-    return Points(tuple(kernels), np.concatenate(prior_ms) if prior_ms else np.zeros(0), np.array(ms), tuple(groups), net)
+            whole.setdefault(key, (tuple(ks), prior_ms[-1]))
+    return Points(tuple(kernels), np.concatenate(prior_ms) if prior_ms else np.zeros(0), np.array(ms), tuple(groups),
+                  net, whole)
 
 
 def refit(directory: str | Path, method: str | None = None) -> Target:
@@ -502,6 +615,29 @@ class OtherLoad:
         return False
 
 
+def allowed_other_cores(threads: int) -> float:
+    """How many cores other processes may keep busy while a ``threads``-thread timing runs:
+    one core is kept spare besides the timing's own (two logical cores often share one
+    physical core and its caches: on 2 cores, a one-thread timing ran up to 15% slower
+    while another process kept the other core busy)."""
+    return max((os.cpu_count() or 1) - threads - 1, 0) + 0.3
+
+
+def wait_quiet(threads: int, max_wait: float, window: float = 0.2) -> float:
+    """Wait (up to ``max_wait`` s) for a moment when other processes leave the cores a
+    ``threads``-thread timing needs free (nothing of ours runs meanwhile, so every busy
+    core is another process's).  Returns the seconds waited."""
+    from archpass.costmodel.backends.onnxruntime import busy_cores
+
+    t0 = time.perf_counter()
+    allowed = allowed_other_cores(threads)
+    while time.perf_counter() - t0 < max_wait:
+        busy = busy_cores(window)
+        if busy is None or busy <= allowed:
+            break
+    return time.perf_counter() - t0
+
+
 @dataclass
 class Network:
     """One network timed during an adaptation (a generated network or a ``--models`` file)."""
@@ -535,7 +671,7 @@ def _network(key: str, label: str, proto, base: Target, windows: int, runs: int,
 
 
 def select_networks(base: Target, budget_s: float, windows: int, runs: int, threads: int, seed: int = 0,
-                    models=(), pool: int = 24, progress: Callable[[str], None] | None = None) -> list[Network]:
+                    models=(), pool: int = 96, progress: Callable[[str], None] | None = None) -> list[Network]:
     """The networks to time within ``budget_s``: the ``--models`` first, then generated
     networks (half following families' stage plans, half freely drawn) chosen greedily by
     how many kernel shapes not yet covered they add per second of measurement."""
@@ -550,32 +686,38 @@ def select_networks(base: Target, budget_s: float, windows: int, runs: int, thre
     if planned > budget_s:
         raise TargetError(f"--budget-s {budget_s:g} is too small to time the --models (about {planned:.0f} s)",
                           "raise --budget-s or pass fewer models")
-    cands = []
-    for i in range(pool):
-        style = ("template", "network")[i % 2]
-        s = seed * 100003 + 700001 + i
-        cands.append(_network(point_key({"adapt_net": s, "style": style}), f"{style}-{s}", BUILDERS[style](s), base,
-                              windows, runs, threads))
-    cheapest = min(c.cost_s for c in cands)
-    if planned + cheapest > budget_s and not nets:
-        raise TargetError(f"--budget-s {budget_s:g} is too small to measure anything: the smallest network needs "
-                          f"about {cheapest:.1f} s", "raise --budget-s (60 s is the default)")
 
     def cells(n: Network) -> set:
         return {(k.kind, k.op if k.kind not in LAYER_KINDS else k.kernel[0], k.stride[0],
                  int(math.log2(max(k.macs if k.kind in LAYER_KINDS else k.out_elems, 1)) // 1)) for k in n.kernels}
 
+    # the plan may exceed the budget by half: planned costs are pessimistic, and
+    # measure_networks admits networks by the time they really take
+    plan_s = PLAN_FACTOR * budget_s
     covered = set().union(*(cells(n) for n in nets)) if nets else set()
-    left = list(cands)
-    while left:
-        fits = [c for c in left if planned + c.cost_s <= budget_s]
-        if not fits:
+    left: list[Network] = []
+    made = 0
+    while made < pool:  # candidates in batches, until the plan fills the budget
+        for _ in range(min(BATCH, pool - made)):
+            style = ("template", "network")[made % 2]
+            s = seed * 100003 + 700001 + made
+            left.append(_network(point_key({"adapt_net": s, "style": style}), f"{style}-{s}", BUILDERS[style](s), base,
+                                 windows, runs, threads))
+            made += 1
+        if made <= BATCH and planned + min(c.cost_s for c in left) > budget_s and not nets:
+            raise TargetError(f"--budget-s {budget_s:g} is too small to measure anything: the smallest network needs "
+                              f"about {min(c.cost_s for c in left):.1f} s", "raise --budget-s (60 s is the default)")
+        while left:
+            fits = [c for c in left if planned + c.cost_s <= plan_s]
+            if not fits:
+                break
+            best = max(fits, key=lambda c: (len(cells(c) - covered) + 0.1) / c.cost_s)
+            nets.append(best)
+            left.remove(best)
+            covered |= cells(best)
+            planned += best.cost_s
+        if planned + min((c.cost_s for c in left), default=0.0) > plan_s:
             break
-        best = max(fits, key=lambda c: (len(cells(c) - covered) + 0.1) / c.cost_s)
-        nets.append(best)
-        left.remove(best)
-        covered |= cells(best)
-        planned += best.cost_s
     if progress:
         progress(f"{len(nets)} networks planned, about {planned:.0f} s of measurement")
     return nets
@@ -586,11 +728,13 @@ def measure_networks(nets: list[Network], provider: str, threads: int, graph_opt
                      progress: Callable[[str], None] | None = None) -> dict:
     """Time ``nets`` in ``windows`` interleaved windows (each window: every network
     ``runs`` times with onnxruntime's profiler and ``runs`` times without), within
-    ``budget_s`` seconds of wall time, sessions included.  The first window admits
-    networks in order while the time they took, repeated for the later windows, still fits
-    the budget; the others are dropped.  A measurement during which other processes kept
-    busy a core the timing needs (more than ``cores - threads + 0.3`` busy) is taken again,
-    up to ``retries`` times; the least disturbed try is kept.  Returns what was seen."""
+    ``budget_s`` seconds of measurement (wall time, sessions included, waits for a quiet
+    host excluded).  The first window admits networks in order while the time they took,
+    repeated for the later windows, still fits the budget; the others are dropped.  A
+    measurement during which other processes kept busy a core the timing needs (more than
+    :func:`allowed_other_cores` busy) is taken again after waiting (up to :data:`MAX_WAIT_S`,
+    at most ``budget_s`` in all) for a quiet moment, up to ``retries`` times; the least
+    disturbed try is kept.  Returns what was seen."""
     import shutil
     import tempfile
 
@@ -598,17 +742,20 @@ def measure_networks(nets: list[Network], provider: str, threads: int, graph_opt
 
     from archpass.costmodel.backends.onnxruntime import random_feeds, session_options
 
-    ncpu = os.cpu_count() or 1
-    allowed = max(ncpu - threads, 0) + 0.3
+    allowed = allowed_other_cores(threads)
     t0 = time.perf_counter()
     tmp = tempfile.mkdtemp(prefix="archpass-adapt-")
     seen = {"windows": windows, "runs_per_window": runs, "allowed_other_cores": allowed, "remeasured": 0,
-            "kept_busy": 0, "other_cores": [], "networks_dropped_by_budget": 0}
+            "kept_busy": 0, "other_cores": [], "networks_dropped_by_budget": 0, "waited_s": 0.0}
+
+    def elapsed() -> float:
+        """Seconds of measurement so far: wall time less the waits for a quiet host."""
+        return time.perf_counter() - t0 - seen["waited_s"]
 
     def window(n: Network) -> float:
         prof, plain, feeds, _ = n.sessions
         best = None
-        start = time.perf_counter()
+        start = elapsed()
         for attempt in range(retries + 1):
             first = n.runs
             with OtherLoad() as load:
@@ -624,21 +771,22 @@ def measure_networks(nets: list[Network], provider: str, threads: int, graph_opt
             seen["other_cores"].append(other)
             if best is None or other < best[2]:
                 best = (first, runs, other, float(np.median(times)))
-            if other <= allowed or time.perf_counter() - t0 > budget_s:
+            if other <= allowed or elapsed() > budget_s:
                 break
             seen["remeasured"] += 1
-            time.sleep(0.2)
+            # the host is busy: wait for a quiet moment (not counted as measurement)
+            seen["waited_s"] += wait_quiet(threads, min(MAX_WAIT_S, max(budget_s - seen["waited_s"], 0.0)))
         if best[2] > allowed:
             seen["kept_busy"] += 1
         n.windows.append(best[:3])
         n.plain.append(best[3])
-        return time.perf_counter() - start
+        return elapsed() - start  # measurement time, waits excluded
 
     try:
         admitted: list[Network] = []
         per_window = 0.0  # seconds one later window of the admitted networks takes
         for n in nets:
-            if admitted and time.perf_counter() - t0 + (windows - 1) * per_window + n.cost_s > budget_s:
+            if admitted and elapsed() + (windows - 1) * per_window + n.cost_s > budget_s:
                 seen["networks_dropped_by_budget"] += 1
                 continue
             data = n.proto.SerializeToString()
@@ -654,15 +802,16 @@ def measure_networks(nets: list[Network], provider: str, threads: int, graph_opt
             per_window += window(n)
             admitted.append(n)
         if progress:
-            progress(f"window 1/{windows}: {len(admitted)} networks after {time.perf_counter() - t0:.1f} s")
+            progress(f"window 1/{windows}: {len(admitted)} networks after {elapsed():.1f} s")
         for w in range(1, windows):
             for n in admitted:
-                if time.perf_counter() - t0 > budget_s:
+                if elapsed() > budget_s:
                     break
                 window(n)
             if progress:
-                progress(f"window {w + 1}/{windows} after {time.perf_counter() - t0:.1f} s")
-        seen["seconds"] = round(time.perf_counter() - t0, 1)
+                progress(f"window {w + 1}/{windows} after {elapsed():.1f} s")
+        seen["seconds"] = round(elapsed(), 1)
+        seen["waited_s"] = round(seen["waited_s"], 1)
         profiles = {n.key: (n.sessions[0].end_profiling(), n.sessions[3]) for n in admitted}
         for n in admitted:
             n.sessions = ()
@@ -707,7 +856,7 @@ def network_points(n: Network, profile_path: str, optimized_path: str, overhead_
 def adapt_onnxruntime(*, base: str | Path | Target, name: str, out_dir: str | Path,
                       provider: str = "CPUExecutionProvider", threads: int = 1, graph_opt: str = "all",
                       budget_s: float = 60.0, seed: int = 0, models=(), windows: int = 3, runs: int = 5,
-                      description: str = "", method: str | None = None, pool: int = 24,
+                      description: str = "", method: str | None = None, pool: int = 96,
                       progress: Callable[[str], None] | None = None) -> Target:
     """Adapt an onnxruntime target to this host / provider / threads / graph optimization
     level from at most ``budget_s`` seconds of measurement."""
@@ -738,6 +887,7 @@ def adapt_onnxruntime(*, base: str | Path | Target, name: str, out_dir: str | Pa
                 continue
             pts = network_points(n, *got["profiles"][n.key], overhead)
             dataset.add({"key": n.key, "group": "network", "payload": {"label": n.label}, "points": pts,
+                         "all_kernels": [{"id": k.id, "spec": k.spec()} for k in n.kernels],
                          "plain_ms": float(np.median(n.plain)), "window_plain_ms": n.plain,
                          "other_cores": [w[2] for w in n.windows]})
     finally:

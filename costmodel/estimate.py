@@ -87,7 +87,7 @@ def corrected(kernels: list[Kernel], target: Target, prior_ms: np.ndarray) -> np
         ks = [kernels[i] for i in idx]
         z = correction_rows(ks, target, out[idx])
         ref = c.reference(out[idx], feature_rows(ks, target)[1] if c.baseline else None)
-        out[idx] = ref * c.factor(z)
+        out[idx] = ref * c.factor(z) + c.add_ms
     return out
 
 

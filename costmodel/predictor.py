@@ -169,6 +169,9 @@ class Correction:
     #: when set, the reference is a new analytic baseline (coefficients over ``LAYER_BASE``
     #: or ``OP_BASE`` terms on the adapted target's hardware) instead of the prior's prediction
     baseline: tuple[float, ...] = ()
+    #: a fixed time added to every kernel of this kind (ms): the per-kernel dispatch
+    #: overhead a whole network pays that the profiled kernel times do not show
+    add_ms: float = 0.0
 
     def reference(self, prior_ms: np.ndarray, base_terms: np.ndarray) -> np.ndarray:
         if not self.baseline:
@@ -183,7 +186,7 @@ class Correction:
 
     def to_json(self) -> dict:
         return {"kind": self.kind, "method": self.method, "terms": list(self.terms), "center": list(self.center),
-                "coef": list(self.coef), "n": self.n, "baseline": list(self.baseline)}
+                "coef": list(self.coef), "n": self.n, "baseline": list(self.baseline), "add_ms": self.add_ms}
 
     @classmethod
     def from_json(cls, d: dict) -> "Correction":
@@ -192,4 +195,5 @@ class Correction:
             raise ValueError(f"correction '{d.get('kind')}' has unknown terms {list(terms)}")
         return cls(kind=str(d["kind"]), method=str(d.get("method", "?")), terms=terms,
                    center=tuple(float(c) for c in d["center"]), coef=tuple(float(c) for c in d["coef"]),
-                   n=int(d.get("n", 0)), baseline=tuple(float(c) for c in d.get("baseline") or ()))
+                   n=int(d.get("n", 0)), baseline=tuple(float(c) for c in d.get("baseline") or ()),
+                   add_ms=float(d.get("add_ms", 0.0)))
