@@ -316,7 +316,7 @@ def phase_report(args) -> None:
     import numpy as np
 
     from archpass.costmodel import load_target
-    from archpass.costmodel.adapt import METHODS, refit
+    from archpass.costmodel.adapt import OWN_METHODS, refit
 
     sys.path.insert(0, str(ROOT))
     from _common import write_results
@@ -346,7 +346,7 @@ def phase_report(args) -> None:
                     variants[f"adapted_{tag}"] = load_target(runs[sc]["dir"])
                     entry[f"adaptation_{tag}"] = {k: v for k, v in runs[sc].items() if k != "cross_validation"}
             if sc in doc.get("adaptations", {}).get("first", {}):
-                for m in METHODS:
+                for m in OWN_METHODS:  # the transfer_* ones equal them (same hardware description)
                     variants[f"adapted_first[{m}]"] = refit(doc["adaptations"]["first"][sc]["dir"], m)
             entry["targets"] = score_variants(f"ort {sc}", variants, models, truths)
             if "adapted_first" in entry["targets"] and "adapted_second" in entry["targets"]:

@@ -48,8 +48,15 @@ from archpass.costmodel.predictor import LAYER_TERMS, OP_TERMS, Correction
 from archpass.costmodel.target import Target, load_target, save_target
 from archpass.errors import TargetError
 
-METHODS = ("scale", "class_scale", "loglinear_strong", "loglinear", "loglinear_weak", "rebaseline",
-           "rebaseline_loglinear")
+#: corrections of the prior's prediction on its own hardware (and of a new analytic baseline)
+OWN_METHODS = ("scale", "class_scale", "loglinear_strong", "loglinear", "loglinear_weak", "rebaseline",
+               "rebaseline_loglinear")
+#: corrections of the prior's predictors evaluated on the new hardware (its array, unroll,
+#: memory width): the base's model of how such a device behaves, transferred; candidates
+#: only when the adapted hardware differs from the base's
+TRANSFER = "transfer_"
+TRANSFER_METHODS = tuple(TRANSFER + m for m in ("scale", "class_scale", "loglinear_strong", "loglinear"))
+METHODS = OWN_METHODS + TRANSFER_METHODS
 RIDGE = {"loglinear_strong": 30.0, "loglinear": 5.0, "loglinear_weak": 1.0, "rebaseline_loglinear": 5.0}
 #: methods whose reference is a new analytic baseline fitted on the adaptation points
 REBASELINE = ("rebaseline", "rebaseline_loglinear")
@@ -280,7 +287,8 @@ def _with_net_fit(corr: dict[str, Correction], coef: np.ndarray, method: str) ->
         c = out.get(kd) or (out.get("layer") if kd in LAYER_KINDS else None)
         if c is None:
             terms = LAYER_TERMS if kd in LAYER_KINDS else OP_TERMS
-            c = Correction(kind=kd, method=method, terms=terms, center=(0.0,) * len(terms), coef=(0.0,) * len(terms))
+            c = Correction(kind=kd, method=method, terms=terms, center=(0.0,) * len(terms), coef=(0.0,) * len(terms),
+                           transfer=method.startswith(TRANSFER))
         out[kd] = replace(c, kind=kd, coef=(c.coef[0] + math.log(max(coef[i], 1e-9)), *c.coef[1:]),
                           add_ms=float(coef[-1]))
     if "layer" in out:  # every layer kind has its own entry now; the pooled one keeps the common factor
@@ -292,6 +300,36 @@ def _with_net_fit(corr: dict[str, Correction], coef: np.ndarray, method: str) ->
 
 def _net_label(lam: float | None) -> str:
     return "common_factor" if lam is None else f"class_factors_ridge{lam:g}"
+
+
+def _fit_method(method: str, kernels, z, y, bt, lp) -> dict[str, Correction]:
+    """:func:`_fit` of any method: ``transfer_*`` fits its base method on the transferred
+    reference (the caller passes its terms) and marks the corrections."""
+    if not method.startswith(TRANSFER):
+        return _fit(method, kernels, z, y, bt, lp)
+    corr = _fit(method[len(TRANSFER):], kernels, z, y, bt, lp)
+    return {k: replace(c, method=method, transfer=True) for k, c in corr.items()}
+
+
+def _new_hardware(target: Target) -> bool:
+    """Whether the adapted target's hardware description differs from its prior's."""
+    p = target.prior
+    return p is not None and (p.parallelism, dict(p.unroll), p.mem_bits_per_step, p.bytes_per_element) != (
+        target.parallelism, dict(target.unroll), target.mem_bits_per_step, target.bytes_per_element)
+
+
+def _transfer_ms(points: Points, target: Target) -> np.ndarray:
+    """The prior's predictors on ``target``'s hardware for every point (a group's kernels together)."""
+    from archpass.costmodel.estimate import transferred_prior
+
+    tp = transferred_prior(target)
+    out = np.zeros(len(points))
+    groups: dict[str, list[int]] = {}
+    for i, g in enumerate(points.groups):
+        groups.setdefault(g, []).append(i)
+    for idx in groups.values():
+        out[idx] = predict_kernels([points.kernels[i] for i in idx], tp)[0]
+    return out
 
 
 def fit_corrections(points: Points, target: Target, method: str | None = None) -> tuple[dict[str, Correction], dict]:
@@ -310,20 +348,34 @@ def fit_corrections(points: Points, target: Target, method: str | None = None) -
     folds = np.array([_fold(g) for g in points.groups])
     nets = _nets(points, target)
     runtime = len(nets) >= 2
+    if method is not None and method not in METHODS:
+        raise TargetError(f"unknown correction method '{method}'", f"use one of {', '.join(METHODS)}")
+    # (terms, log reference, log ratio) each method corrects: the prior's own prediction,
+    # or (transfer_*) the prior's predictors on the new hardware
+    sets = {m: (z, lp, y) for m in OWN_METHODS}
+    if _new_hardware(target) or (method or "").startswith(TRANSFER):
+        tr_ms = _transfer_ms(points, target)
+        lt = np.log(np.maximum(tr_ms, 1e-12))
+        tset = (_terms(kernels, tr_ms, target)[0], lt, np.log(points.ms) - lt)
+        sets.update({m: tset for m in TRANSFER_METHODS})
+    methods = [m for m in METHODS if m in sets]
     net_keys = sorted(nets)
     net_fold = np.array([_fold(g) for g in net_keys])
     net_t = np.array([nets[g].ms for g in net_keys])
     cv: dict[str, dict] = {}
     net_cv: dict[str, dict[str, dict]] = {}
-    for m in METHODS:
+    for m in methods:
         pred_log = np.full(len(points), np.nan)
         net_pred = {lam: np.full(len(net_keys), np.nan) for lam in NET_RIDGE}
+        zm, lm, ym = sets[m]
         for f in range(FOLDS):
             test = folds == f
             if not test.any() or test.all():
                 continue
-            corr = _fit(m, [kernels[i] for i in np.flatnonzero(~test)], z[~test], y[~test], bt[~test], lp[~test])
-            pred_log[test] = _apply(corr, [kernels[i] for i in np.flatnonzero(test)], z[test], bt[test], lp[test])
+            corr = _fit_method(m, [kernels[i] for i in np.flatnonzero(~test)], zm[~test], ym[~test], bt[~test],
+                               lm[~test])
+            pred_log[test] = lm[test] - lp[test] + _apply(corr, [kernels[i] for i in np.flatnonzero(test)], zm[test],
+                                                          bt[test], lm[test])
             if runtime:
                 tr, te = net_fold != f, net_fold == f
                 if not te.any() or tr.sum() < 2:
@@ -344,11 +396,9 @@ def fit_corrections(points: Points, target: Target, method: str | None = None) -
                 net_cv.setdefault(_net_label(lam), {})[m] = accuracy_stats(net_pred[lam][okn], net_t[okn])
             cv[m]["networks"] = net_cv[_net_label(None)][m]
     prior_stats = accuracy_stats(points.prior_ms, points.ms)
-    if method is not None and method not in METHODS:
-        raise TargetError(f"unknown correction method '{method}'", f"use one of {', '.join(METHODS)}")
     if runtime:
         metric = "held-out network MAPE"
-        choices = [(lam, m) for lam in NET_RIDGE for m in METHODS if method in (None, m)]
+        choices = [(lam, m) for lam in NET_RIDGE for m in methods if method in (None, m)]
         err = {c: net_cv[_net_label(c[0])][c[1]].get("mape_pct", float("inf")) for c in choices}
         best = min(err.values())
         # the simplest pair (common factor first, then stronger ridges; simpler kernel
@@ -356,10 +406,13 @@ def fit_corrections(points: Points, target: Target, method: str | None = None) -
         lam, chosen = next(c for c in choices if err[c] <= best * 1.02 + 0.05)
     else:
         metric = "latency-weighted held-out layer MAPE"
-        lam, chosen = None, method or min(METHODS, key=lambda m: cv[m]["kernels"]["latency_weighted_mape_pct"])
-    corr = _fit(chosen, kernels, z, y, bt, lp)
+        lam, chosen = None, method or min(methods, key=lambda m: cv[m]["kernels"]["latency_weighted_mape_pct"])
+    zc, lc, yc = sets[chosen]
+    corr = _fit_method(chosen, kernels, zc, yc, bt, lc)
     summary = {
         "method": chosen,
+        "reference": "the base's predictors on this hardware" if chosen.startswith(TRANSFER)
+        else "the base's prediction",
         "selected_by": f"lowest {metric} ({FOLDS} folds by {'network' if runtime else 'layer'})"
         if method is None else "given",
         "cross_validation": cv,

@@ -172,6 +172,9 @@ class Correction:
     #: a fixed time added to every kernel of this kind (ms): the per-kernel dispatch
     #: overhead a whole network pays that the profiled kernel times do not show
     add_ms: float = 0.0
+    #: when set, the reference is the prior's predictors evaluated on the adapted target's
+    #: hardware (its array, unroll and memory width) instead of on the prior's own
+    transfer: bool = False
 
     def reference(self, prior_ms: np.ndarray, base_terms: np.ndarray) -> np.ndarray:
         if not self.baseline:
@@ -186,7 +189,8 @@ class Correction:
 
     def to_json(self) -> dict:
         return {"kind": self.kind, "method": self.method, "terms": list(self.terms), "center": list(self.center),
-                "coef": list(self.coef), "n": self.n, "baseline": list(self.baseline), "add_ms": self.add_ms}
+                "coef": list(self.coef), "n": self.n, "baseline": list(self.baseline), "add_ms": self.add_ms,
+                "transfer": self.transfer}
 
     @classmethod
     def from_json(cls, d: dict) -> "Correction":
@@ -196,4 +200,4 @@ class Correction:
         return cls(kind=str(d["kind"]), method=str(d.get("method", "?")), terms=terms,
                    center=tuple(float(c) for c in d["center"]), coef=tuple(float(c) for c in d["coef"]),
                    n=int(d.get("n", 0)), baseline=tuple(float(c) for c in d.get("baseline") or ()),
-                   add_ms=float(d.get("add_ms", 0.0)))
+                   add_ms=float(d.get("add_ms", 0.0)), transfer=bool(d.get("transfer", False)))
