@@ -57,6 +57,31 @@ def test_fake_device_correction_is_recovered(tmp_path):
     assert (tmp_path / "adapted" / "dataset.jsonl").is_file()
 
 
+def test_new_hardware_is_corrected_through_the_base_predictors_on_it(tmp_path):
+    """A device with another array (16x16 K x C, 2x2 OX x OY) that behaves as the base's
+    predictors say such an array does, 1.3x slower: the transferred reference is chosen and
+    the device is recovered, where the base's own predictions are far off."""
+    from archpass.costmodel.estimate import transferred_prior
+
+    model = _tiny(tmp_path / "tiny.onnx")
+    shell = replace(BASE, name="wide", parallelism=16, unroll={"K": 16, "C": 16, "OX": 2, "OY": 2}, predictors={},
+                    prior=BASE, path=None, origin="path")
+    device = transferred_prior(shell)
+
+    def work(payload: dict) -> dict:
+        k = Kernel.from_spec(payload["spec"])
+        return {"group": "layer", "points": [{"spec": payload["spec"], "ms": float(predict_kernels([k], device)[0][0]) * 1.3}]}
+
+    adapt_layers(shell, tmp_path / "adapted", work, samples=20, models=[model])
+    back = load_target(tmp_path / "adapted")
+    assert back.accuracy["method"].startswith("transfer_") and all(c.transfer for c in back.corrections.values())
+    kernels = decompose(analyze(load_model(model)), back.fusion)
+    truth = predict_kernels(kernels, device)[0] * 1.3
+    np.testing.assert_allclose(predict_kernels(kernels, back)[0], truth, rtol=0.02)
+    cv = back.accuracy["cross_validation"]
+    assert cv["transfer_scale"]["kernels"]["mape_pct"] < 1 < cv["scale"]["kernels"]["mape_pct"]
+
+
 def test_selection_takes_the_models_dominant_layers_then_a_spread(tmp_path):
     model = _tiny(tmp_path / "tiny.onnx", width=24)
     specs = select_layers(BASE, BASE, 20, models=[model])
