@@ -207,7 +207,10 @@ def adapt_run(sc: str, tag: str) -> dict:
     """One adaptation of ``cpu`` to scenario ``sc`` (its own quiet section), recorded in ort_runs.json."""
     from archpass.costmodel.adapt import adapt_onnxruntime
 
+    import shutil
+
     d = work_dir() / f"ort_{sc}_{tag}"
+    shutil.rmtree(d, ignore_errors=True)  # a fresh adaptation (the dataset would resume an earlier one)
     t0 = time.time()
     t = adapt_onnxruntime(base="cpu", name=f"cpu_{sc}", out_dir=d, budget_s=BUDGET_S, seed=0,
                           progress=lambda m: print(f"adapt {sc}: {m}", file=sys.stderr, flush=True), **SCENARIOS[sc])

@@ -50,7 +50,15 @@ from archpass.errors import TargetError
 
 #: corrections of the prior's prediction on its own hardware (and of a new analytic baseline)
 OWN_METHODS = ("scale", "class_scale", "loglinear_strong", "loglinear", "loglinear_weak", "rebaseline",
-               "rebaseline_loglinear")
+               "rebaseline_loglinear", "residual_trees")
+#: residual trees (LightGBM on the kernels' features and log prior, over a pooled scale)
+#: need this many points in a pool (layer kinds, standalone ops); fewer keep the scale
+TREES = "residual_trees"
+MIN_POINTS_TREES = 200
+TREE_PARAMS = {"objective": "regression", "learning_rate": 0.05, "num_leaves": 15, "min_data_in_leaf": 20,
+               "feature_fraction": 0.8, "bagging_fraction": 0.8, "bagging_freq": 1, "lambda_l2": 1.0, "verbose": -1,
+               "num_threads": 1, "seed": 0, "deterministic": True}
+TREE_ROUNDS = 200
 #: corrections of the prior's predictors evaluated on the new hardware (its array, unroll,
 #: memory width): the base's model of how such a device behaves, transferred; candidates
 #: only when the adapted hardware differs from the base's
@@ -116,11 +124,38 @@ def _baseline(bt: np.ndarray, ms: np.ndarray) -> np.ndarray:
     return coef
 
 
+def _fit_trees(kernels: list[Kernel], z: np.ndarray, y: np.ndarray, rows: "Rows") -> dict[str, Correction]:
+    """Residual trees over a pooled scale, per pool (layer kinds, standalone ops): the log
+    ratio less its median, learnt from the residual rows (weights: the square root of the
+    measured latency, between counting kernels and counting time)."""
+    import lightgbm as lgb
+
+    layer = np.array([k.kind in LAYER_KINDS for k in kernels])
+    out: dict[str, Correction] = {}
+    for key, mask, x in (("layer", layer, rows.layer), (GENERIC_OP, ~layer, rows.op)):
+        if not mask.any():
+            continue
+        terms = LAYER_TERMS if key == "layer" else OP_TERMS
+        s = _scale(y[mask])
+        text = ""
+        if mask.sum() >= MIN_POINTS_TREES:
+            w = np.sqrt(np.exp(y[mask] + z[mask][:, 1]))  # measured = prior * ratio
+            ds = lgb.Dataset(x[mask], label=y[mask] - s, weight=w, params={"verbose": -1})
+            text = lgb.train(TREE_PARAMS, ds, num_boost_round=TREE_ROUNDS).model_to_string()
+        coef = np.zeros(len(terms))
+        coef[0] = s
+        out[key] = Correction(kind=key, method=TREES, terms=terms, center=(0.0,) * len(terms),
+                              coef=tuple(float(c) for c in coef), n=int(mask.sum()), trees=text)
+    return out
+
+
 def _fit(method: str, kernels: list[Kernel], z: np.ndarray, y: np.ndarray, bt: np.ndarray,
-         lp: np.ndarray) -> dict[str, Correction]:
+         lp: np.ndarray, rows: "Rows | None" = None) -> dict[str, Correction]:
     """Corrections of one method from points: kernels, their correction terms ``z``, log
-    ratios ``y`` = log(measured / prior), analytic base terms ``bt`` on the new hardware
-    and log prior predictions ``lp``."""
+    ratios ``y`` = log(measured / prior), analytic base terms ``bt`` on the new hardware,
+    log prior predictions ``lp`` (and, for residual trees, their residual rows)."""
+    if method == TREES:
+        return _fit_trees(kernels, z, y, rows)
     kinds = np.array([_kind_key(k) for k in kernels])
     layer = np.array([k.kind in LAYER_KINDS for k in kernels])
     out: dict[str, Correction] = {}
@@ -162,10 +197,40 @@ def _fit(method: str, kernels: list[Kernel], z: np.ndarray, y: np.ndarray, bt: n
     return out
 
 
+@dataclass(frozen=True)
+class Rows:
+    """Residual rows (:func:`~archpass.costmodel.features.residual_rows`) of points, one
+    matrix per pool with a row for every point (NaN where the point is of the other pool)."""
+
+    layer: np.ndarray
+    op: np.ndarray
+
+    def __getitem__(self, idx) -> "Rows":
+        return Rows(self.layer[idx], self.op[idx])
+
+    @classmethod
+    def of(cls, kernels, prior_ms: np.ndarray, target: Target) -> "Rows":
+        from archpass.costmodel.features import residual_rows
+
+        out = []
+        for layer in (True, False):
+            idx = [i for i, k in enumerate(kernels) if (k.kind in LAYER_KINDS) == layer]
+            m = np.full((len(kernels), 1), np.nan)  # never read: no kernel of this pool
+            if idx:
+                r = residual_rows([kernels[i] for i in idx], target, np.asarray(prior_ms)[idx])
+                m = np.full((len(kernels), r.shape[1]), np.nan)
+                m[idx] = r
+            out.append(m)
+        return cls(*out)
+
+
 def _apply(corr: dict[str, Correction], kernels: list[Kernel], z: np.ndarray, bt: np.ndarray,
-           lp: np.ndarray) -> np.ndarray:
+           lp: np.ndarray, zt: np.ndarray | None = None, lt: np.ndarray | None = None,
+           rows: Rows | None = None) -> np.ndarray:
     """Log of predicted / prior for kernels (the rule of :func:`~archpass.costmodel.estimate.correction_for`),
-    without the corrections' additive ``add_ms``."""
+    without the corrections' additive ``add_ms``; ``transfer`` corrections read ``zt``/``lt``
+    (terms and log reference of the prior's predictors on the new hardware; the same as
+    ``z``/``lp`` when the hardware is the prior's)."""
     out = np.zeros(len(kernels))
     by: dict[int, tuple[Correction, list[int]]] = {}
     for i, k in enumerate(kernels):
@@ -174,9 +239,12 @@ def _apply(corr: dict[str, Correction], kernels: list[Kernel], z: np.ndarray, bt
             by.setdefault(id(c), (c, []))[1].append(i)
     for c, idx in by.values():
         ix = np.array(idx)
+        zz, ll = (zt, lt) if c.transfer and zt is not None else (z, lp)
         nb = len(c.baseline) or (4 if c.terms == LAYER_TERMS else 2)
-        ref = c.reference(np.exp(lp[ix]), bt[ix, :nb])
-        out[ix] = np.log(ref) - lp[ix] + np.log(c.factor(z[ix, : len(c.terms)]))
+        ref = c.reference(np.exp(ll[ix]), bt[ix, :nb])
+        out[ix] = np.log(ref) - lp[ix] + np.log(c.factor(zz[ix, : len(c.terms)]))
+        if c.trees and rows is not None:
+            out[ix] += np.log(c.tree_factor((rows.layer if c.terms == LAYER_TERMS else rows.op)[ix]))
     return out
 
 
@@ -235,6 +303,7 @@ class _Net:
     z: np.ndarray
     bt: np.ndarray
     ms: float
+    rows: "Rows"
 
 
 def _nets(points: Points, target: Target) -> dict[str, _Net]:
@@ -244,7 +313,8 @@ def _nets(points: Points, target: Target) -> dict[str, _Net]:
             continue
         z, bt = _terms(list(ks), prior, target)
         cls = np.array([CLASSES.index(_kind_key(k)) for k in ks])
-        out[g] = _Net(list(ks), cls, np.log(np.maximum(prior, 1e-12)), z, bt, float(points.network_ms[g]))
+        out[g] = _Net(list(ks), cls, np.log(np.maximum(prior, 1e-12)), z, bt, float(points.network_ms[g]),
+                      Rows.of(list(ks), prior, target))
     return out
 
 
@@ -252,7 +322,7 @@ def _net_design(nets: list[_Net], corr: dict[str, Correction]) -> np.ndarray:
     """Per network: the corrected kernel time summed per class, and the kernel count."""
     x = np.zeros((len(nets), len(CLASSES) + 1))
     for r, n in enumerate(nets):
-        np.add.at(x[r], n.cls, np.exp(n.lp + _apply(corr, n.kernels, n.z, n.bt, n.lp)))
+        np.add.at(x[r], n.cls, np.exp(n.lp + _apply(corr, n.kernels, n.z, n.bt, n.lp, rows=n.rows)))
         x[r, -1] = len(n.kernels)
     return x
 
@@ -302,11 +372,11 @@ def _net_label(lam: float | None) -> str:
     return "common_factor" if lam is None else f"class_factors_ridge{lam:g}"
 
 
-def _fit_method(method: str, kernels, z, y, bt, lp) -> dict[str, Correction]:
+def _fit_method(method: str, kernels, z, y, bt, lp, rows: Rows | None = None) -> dict[str, Correction]:
     """:func:`_fit` of any method: ``transfer_*`` fits its base method on the transferred
     reference (the caller passes its terms) and marks the corrections."""
     if not method.startswith(TRANSFER):
-        return _fit(method, kernels, z, y, bt, lp)
+        return _fit(method, kernels, z, y, bt, lp, rows)
     corr = _fit(method[len(TRANSFER):], kernels, z, y, bt, lp)
     return {k: replace(c, method=method, transfer=True) for k, c in corr.items()}
 
@@ -332,65 +402,126 @@ def _transfer_ms(points: Points, target: Target) -> np.ndarray:
     return out
 
 
+PER_KIND = "per_kind"
+
+
+def _mix(by_method: dict[str, dict[str, Correction]], choice: dict[str, str], fallback: str) -> dict[str, Correction]:
+    """One correction per kernel class, each from the method ``choice`` names for it
+    (``fallback``'s pooled layer correction for layer kinds without a choice)."""
+    out: dict[str, Correction] = {}
+    for c, m in choice.items():
+        d = by_method[m]
+        e = d.get(c) or (d.get("layer") if c in LAYER_KINDS else None)
+        if e is not None:
+            out[c] = replace(e, kind=c)
+    if "layer" in by_method[fallback]:
+        out["layer"] = by_method[fallback]["layer"]
+    return out
+
+
+def _per_kind_choice(err_by_method: dict[str, dict[str, float]], classes) -> dict[str, str]:
+    """Per kernel class, the method with the lowest error."""
+    return {str(c): min(err_by_method, key=lambda m: err_by_method[m].get(str(c), float("inf"))) for c in classes}
+
+
+def _class_errors(pred_log: np.ndarray, ms: np.ndarray, prior_ms: np.ndarray, kinds: np.ndarray,
+                  mask: np.ndarray) -> dict[str, float]:
+    """Latency-weighted relative error of predictions per kernel class, over ``mask``."""
+    out = {}
+    for c in set(kinds[mask]):
+        m = mask & (kinds == c) & ~np.isnan(pred_log)
+        if m.any():
+            pred = prior_ms[m] * np.exp(pred_log[m])
+            out[str(c)] = float(np.sum(np.abs(pred - ms[m])) / np.sum(ms[m]))
+    return out
+
+
 def fit_corrections(points: Points, target: Target, method: str | None = None) -> tuple[dict[str, Correction], dict]:
     """Corrections of ``target``'s prior from ``points``, by the method with the lowest
     cross-validated error (or ``method``), and the held-out summary of every method.
 
-    With whole networks (runtime targets) the choice is made on held-out *networks*: per
-    fold, the kernel corrections are fitted on the other folds' kernels, then the
-    whole-network fit (a factor per kernel class and a per-kernel overhead, pulled towards
-    one common factor at one of :data:`NET_RIDGE`'s strengths) on the other folds'
-    network latencies; the pair with the lowest held-out network MAPE is kept."""
+    Besides each method alone, ``per_kind`` takes per kernel class (conv, dwconv, gemm,
+    op) the method with the lowest held-out error on that class (chosen, for each fold's
+    held-out figures, on the other folds' points).  With whole networks (runtime targets)
+    the choice is made on held-out *networks*: per fold, the kernel corrections are fitted
+    on the other folds' kernels, then the whole-network fit (a factor per kernel class and
+    a per-kernel overhead, pulled towards one common factor at one of :data:`NET_RIDGE`'s
+    strengths) on the other folds' network latencies; the simplest pair within noise of
+    the lowest held-out network MAPE is kept."""
     kernels = list(points.kernels)
     z, bt = _terms(kernels, points.prior_ms, target)
     lp = np.log(np.maximum(points.prior_ms, 1e-12))
     y = np.log(points.ms) - lp
+    kinds = np.array([_kind_key(k) for k in kernels])
     folds = np.array([_fold(g) for g in points.groups])
     nets = _nets(points, target)
     runtime = len(nets) >= 2
-    if method is not None and method not in METHODS:
-        raise TargetError(f"unknown correction method '{method}'", f"use one of {', '.join(METHODS)}")
+    if method is not None and method not in METHODS + (PER_KIND,):
+        raise TargetError(f"unknown correction method '{method}'", f"use one of {', '.join(METHODS + (PER_KIND,))}")
     # (terms, log reference, log ratio) each method corrects: the prior's own prediction,
     # or (transfer_*) the prior's predictors on the new hardware
     sets = {m: (z, lp, y) for m in OWN_METHODS}
+    zt, lt = z, lp
     if _new_hardware(target) or (method or "").startswith(TRANSFER):
         tr_ms = _transfer_ms(points, target)
         lt = np.log(np.maximum(tr_ms, 1e-12))
-        tset = (_terms(kernels, tr_ms, target)[0], lt, np.log(points.ms) - lt)
-        sets.update({m: tset for m in TRANSFER_METHODS})
-    methods = [m for m in METHODS if m in sets]
+        zt = _terms(kernels, tr_ms, target)[0]
+        sets.update({m: (zt, lt, np.log(points.ms) - lt) for m in TRANSFER_METHODS})
+    rows = Rows.of(kernels, points.prior_ms, target)
+    # residual trees need enough points in a pool to be a candidate
+    trees_ok = max(int(np.sum(kinds != GENERIC_OP)), int(np.sum(kinds == GENERIC_OP))) >= MIN_POINTS_TREES
+    methods = [m for m in METHODS if m in sets and (m != TREES or trees_ok or method == TREES)]
     net_keys = sorted(nets)
     net_fold = np.array([_fold(g) for g in net_keys])
     net_t = np.array([nets[g].ms for g in net_keys])
-    cv: dict[str, dict] = {}
-    net_cv: dict[str, dict[str, dict]] = {}
+    net_x = [nets[g] for g in net_keys]
+    fold_corr: dict[str, dict[int, dict]] = {m: {} for m in methods}
+    pred_logs: dict[str, np.ndarray] = {}
     for m in methods:
         pred_log = np.full(len(points), np.nan)
-        net_pred = {lam: np.full(len(net_keys), np.nan) for lam in NET_RIDGE}
         zm, lm, ym = sets[m]
         for f in range(FOLDS):
             test = folds == f
             if not test.any() or test.all():
                 continue
-            corr = _fit_method(m, [kernels[i] for i in np.flatnonzero(~test)], zm[~test], ym[~test], bt[~test],
-                               lm[~test])
-            pred_log[test] = lm[test] - lp[test] + _apply(corr, [kernels[i] for i in np.flatnonzero(test)], zm[test],
-                                                          bt[test], lm[test])
-            if runtime:
-                tr, te = net_fold != f, net_fold == f
-                if not te.any() or tr.sum() < 2:
-                    continue
-                x = _net_design([nets[g] for g in net_keys], corr)
-                for lam in NET_RIDGE:
-                    net_pred[lam][te] = x[te] @ _net_fit(x[tr], net_t[tr], lam)
-        ok = ~np.isnan(pred_log)
-        pred = points.prior_ms[ok] * np.exp(pred_log[ok])
+            tr = np.flatnonzero(~test)
+            corr = fold_corr[m][f] = _fit_method(m, [kernels[i] for i in tr], zm[~test], ym[~test], bt[~test], lm[~test],
+                                                 rows[~test])
+            pred_log[test] = _apply(corr, [kernels[i] for i in np.flatnonzero(test)], z[test], bt[test], lp[test],
+                                    zt[test], lt[test], rows[test])
+        pred_logs[m] = pred_log
+    # per kind: each fold's choice made on the other folds' held-out predictions
+    used_folds = sorted({f for m in methods for f in fold_corr[m]})
+    kind_choice = {f: _per_kind_choice({m: _class_errors(pred_logs[m], points.ms, points.prior_ms, kinds, folds != f)
+                                        for m in methods}, sorted(set(kinds))) for f in used_folds}
+    best_single = min(methods, key=lambda m: float(np.nansum(np.abs(points.prior_ms * np.exp(pred_logs[m]) - points.ms))))
+    pk = np.full(len(points), np.nan)
+    for f in used_folds:
+        fold_corr.setdefault(PER_KIND, {})[f] = _mix({m: fold_corr[m][f] for m in methods}, kind_choice[f], best_single)
+        test = folds == f
+        pk[test] = _apply(fold_corr[PER_KIND][f], [kernels[i] for i in np.flatnonzero(test)], z[test], bt[test],
+                          lp[test], zt[test], lt[test], rows[test])
+    pred_logs[PER_KIND] = pk
+    candidates = methods + [PER_KIND]
+    cv: dict[str, dict] = {}
+    net_cv: dict[str, dict[str, dict]] = {}
+    for m in candidates:
+        ok = ~np.isnan(pred_logs[m])
+        pred = points.prior_ms[ok] * np.exp(pred_logs[m][ok])
         cv[m] = {"kernels": accuracy_stats(pred, points.ms[ok])}
         # the error a sum of these kernels would see (without cancellation): whole-model
         # latency is a latency-weighted sum of its kernels'
         cv[m]["kernels"]["latency_weighted_mape_pct"] = float(
             np.sum(points.ms[ok] * np.abs(pred / points.ms[ok] - 1)) / np.sum(points.ms[ok]) * 100)
         if runtime:
+            net_pred = {lam: np.full(len(net_keys), np.nan) for lam in NET_RIDGE}
+            for f, corr in fold_corr[m].items():
+                tr, te = net_fold != f, net_fold == f
+                if not te.any() or tr.sum() < 2:
+                    continue
+                x = _net_design(net_x, corr)
+                for lam in NET_RIDGE:
+                    net_pred[lam][te] = x[te] @ _net_fit(x[tr], net_t[tr], lam)
             for lam in NET_RIDGE:
                 okn = ~np.isnan(net_pred[lam])
                 net_cv.setdefault(_net_label(lam), {})[m] = accuracy_stats(net_pred[lam][okn], net_t[okn])
@@ -398,7 +529,7 @@ def fit_corrections(points: Points, target: Target, method: str | None = None) -
     prior_stats = accuracy_stats(points.prior_ms, points.ms)
     if runtime:
         metric = "held-out network MAPE"
-        choices = [(lam, m) for lam in NET_RIDGE for m in methods if method in (None, m)]
+        choices = [(lam, m) for lam in NET_RIDGE for m in candidates if method in (None, m)]
         err = {c: net_cv[_net_label(c[0])][c[1]].get("mape_pct", float("inf")) for c in choices}
         best = min(err.values())
         # the simplest pair (common factor first, then stronger ridges; simpler kernel
@@ -406,10 +537,21 @@ def fit_corrections(points: Points, target: Target, method: str | None = None) -
         lam, chosen = next(c for c in choices if err[c] <= best * 1.02 + 0.05)
     else:
         metric = "latency-weighted held-out layer MAPE"
-        lam, chosen = None, method or min(methods, key=lambda m: cv[m]["kernels"]["latency_weighted_mape_pct"])
-    zc, lc, yc = sets[chosen]
-    corr = _fit_method(chosen, kernels, zc, yc, bt, lc)
-    summary = {
+        lam, chosen = None, method or min(candidates, key=lambda m: cv[m]["kernels"]["latency_weighted_mape_pct"])
+    summary: dict = {}
+    if chosen == PER_KIND:
+        choice = _per_kind_choice({m: _class_errors(pred_logs[m], points.ms, points.prior_ms, kinds,
+                                                    np.ones(len(points), bool)) for m in methods}, sorted(set(kinds)))
+        fits = {}
+        for m in set(choice.values()) | {best_single}:
+            zm, lm, ym = sets[m]
+            fits[m] = _fit_method(m, kernels, zm, ym, bt, lm, rows)
+        corr = _mix(fits, choice, best_single)
+        summary["per_kind"] = choice
+    else:
+        zc, lc, yc = sets[chosen]
+        corr = _fit_method(chosen, kernels, zc, yc, bt, lc, rows)
+    summary.update({
         "method": chosen,
         "reference": "the base's predictors on this hardware" if chosen.startswith(TRANSFER)
         else "the base's prediction",
@@ -420,9 +562,9 @@ def fit_corrections(points: Points, target: Target, method: str | None = None) -
         "prior_on_these_points": prior_stats,
         "measured_points": len(points),
         "groups": len(set(points.groups)),
-    }
+    })
     if runtime:
-        x = _net_design([nets[g] for g in net_keys], corr)
+        x = _net_design(net_x, corr)
         coef = _net_fit(x, net_t, lam)
         corr = _with_net_fit(corr, coef, chosen)
         summary["network_fit"] = {
@@ -969,4 +1111,4 @@ def adapt_onnxruntime(*, base: str | Path | Target, name: str, out_dir: str | Pa
 
 
 __all__ = ["adapt_zigzag", "adapt_onnxruntime", "adapt_layers", "dataset_points", "refit", "fit_corrections", "Points", "select_layers", "select_networks",
-           "measure_networks", "load_base", "METHODS"]
+           "measure_networks", "load_base", "METHODS", "PER_KIND"]

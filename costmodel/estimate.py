@@ -7,7 +7,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from archpass.costmodel.extrapolation import extrapolation_notes
-from archpass.costmodel.features import correction_rows, feature_rows, network_context
+from archpass.costmodel.features import correction_rows, feature_rows, network_context, residual_rows
 from archpass.costmodel.host import host_notes
 from archpass.costmodel.kernels import GENERIC_OP, LAYER_KINDS, Kernel, decompose
 from archpass.costmodel.memory import memory
@@ -104,7 +104,8 @@ def corrected(kernels: list[Kernel], target: Target, prior_ms: np.ndarray,
             ref_ms = np.asarray(transfer_ms, dtype=np.float64)[idx]
         z = correction_rows(ks, target, ref_ms)
         ref = c.reference(ref_ms, feature_rows(ks, target)[1] if c.baseline else None)
-        out[idx] = ref * c.factor(z) + c.add_ms
+        trees = c.tree_factor(residual_rows(ks, target, ref_ms)) if c.trees else 1.0
+        out[idx] = ref * c.factor(z) * trees + c.add_ms
     return out
 
 
