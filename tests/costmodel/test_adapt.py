@@ -231,7 +231,7 @@ def test_a_busy_host_is_waited_for_and_one_core_is_kept_spare(monkeypatch):
 
 def test_residual_trees_learn_a_structural_difference():
     """A device whose convolutions run 3x the prior when their input channels are not a
-    multiple of 16 and 0.7x otherwise (a layout the prior knows nothing about): no scale or
+    multiple of 8 and 0.7x otherwise (a layout the prior knows nothing about): no scale or
     log-linear correction can express it, the residual trees do."""
     from archpass.costmodel.adapt import Points, fit_corrections
     from archpass.costmodel.sampling import sample_layers
@@ -239,7 +239,7 @@ def test_residual_trees_learn_a_structural_difference():
     cpu = load_target("cpu")
     ks = [Kernel.from_spec(s, id=f"k{i}") for i, s in enumerate(sample_layers(320, seed=5))]
     prior = np.concatenate([predict_kernels([k], cpu)[0] for k in ks])
-    ms = prior * np.array([3.0 if k.cin % 16 else 0.7 for k in ks])
+    ms = prior * np.array([3.0 if k.cin % 8 else 0.7 for k in ks])
     pts = Points(tuple(ks), prior, ms, tuple(f"g{i}" for i in range(len(ks))))
     corr, summary = fit_corrections(pts, replace(cpu, prior=cpu, predictors={}))
     cv = summary["cross_validation"]
