@@ -75,6 +75,11 @@ MIN_NETWORK_S = 0.5  # building two sessions and timing the smallest network in 
 PLAN_FACTOR = 1.5  # networks planned for this many times the budget (planned costs are pessimistic)
 BATCH = 12  # generated candidate networks per batch
 MAX_WAIT_S = 5.0  # longest wait for a quiet host before one measurement is taken again
+#: with several threads, onnxruntime's idle workers spin for some milliseconds after a run:
+#: a session timed right after another one shares the cores with the other's spinning
+#: workers (2-thread window medians of one network then differed up to 5x).  Each timed
+#: block is preceded by this pause and one untimed run (counted as measurement time).
+SPIN_SETTLE_S = 0.03
 
 
 def load_base(base: str | Path | Target, backend: str) -> Target:
@@ -862,6 +867,8 @@ def _network(key: str, label: str, proto, base: Target, windows: int, runs: int,
     # each window runs the network 2 x runs times (with and without the profiler), plus
     # two sessions to build (about 0.1 s + 2 ms a node here)
     cost = windows * 2 * (runs + 1) * pred_ms / 1e3 / max(1.0, 0.7 * threads) + 2 * (0.1 + 0.002 * len(structure.nodes))
+    if threads > 1:  # the pauses and untimed runs of measure_networks
+        cost += windows * 2 * (SPIN_SETTLE_S + pred_ms / 1e3 / (0.7 * threads))
     return Network(key, label, proto, kernels, owner, tensor_owner, cost)
 
 
@@ -922,7 +929,8 @@ def measure_networks(nets: list[Network], provider: str, threads: int, graph_opt
                      windows: int = 3, runs: int = 5, retries: int = 2,
                      progress: Callable[[str], None] | None = None) -> dict:
     """Time ``nets`` in ``windows`` interleaved windows (each window: every network
-    ``runs`` times with onnxruntime's profiler and ``runs`` times without), within
+    ``runs`` times with onnxruntime's profiler and ``runs`` times without; with several
+    threads each block after a pause and an untimed run, :data:`SPIN_SETTLE_S`), within
     ``budget_s`` seconds of measurement (wall time, sessions included, waits for a quiet
     host excluded).  The first window admits networks in order while the time they took,
     repeated for the later windows, still fits the budget; the others are dropped.  A
@@ -938,6 +946,7 @@ def measure_networks(nets: list[Network], provider: str, threads: int, graph_opt
     from archpass.costmodel.backends.onnxruntime import random_feeds, session_options
 
     allowed = allowed_other_cores(threads)
+    settle = SPIN_SETTLE_S if threads > 1 else 0.0
     t0 = time.perf_counter()
     tmp = tempfile.mkdtemp(prefix="archpass-adapt-")
     seen = {"windows": windows, "runs_per_window": runs, "allowed_other_cores": allowed, "remeasured": 0,
@@ -952,10 +961,17 @@ def measure_networks(nets: list[Network], provider: str, threads: int, graph_opt
         best = None
         start = elapsed()
         for attempt in range(retries + 1):
-            first = n.runs
             with OtherLoad() as load:
+                if settle:  # let the last session's spinning workers stop, then wake this one's
+                    time.sleep(settle)
+                    prof.run(None, feeds)
+                    n.runs += 1
+                first = n.runs
                 for _ in range(runs):
                     prof.run(None, feeds)
+                if settle:
+                    time.sleep(settle)
+                    plain.run(None, feeds)
                 times = []
                 for _ in range(runs):
                     a = time.perf_counter()
