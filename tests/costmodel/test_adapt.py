@@ -99,12 +99,13 @@ def test_representatives_keep_fixed_rows_and_spread():
     assert {tuple(x[i]) for i in idx[1:]} == {(10.0, 10.0), (5.0, 5.0)}  # the far cluster and the lone point
 
 
-def test_onnxruntime_adaptation_on_this_host(tmp_path):
+@pytest.mark.parametrize("threads", [1, 2])
+def test_onnxruntime_adaptation_on_this_host(tmp_path, threads):
     """A real (small) adaptation of the cpu target: timed in windows, host recorded, no host note here."""
-    t = adapt_onnxruntime(base="cpu", name="cpu-here", out_dir=tmp_path / "a", threads=1, budget_s=4, pool=4, windows=2,
-                          runs=3)
+    t = adapt_onnxruntime(base="cpu", name="cpu-here", out_dir=tmp_path / "a", threads=threads, budget_s=4, pool=4,
+                          windows=2, runs=3)
     back = load_target(tmp_path / "a")
-    assert back.source["host"] == fingerprint("CPUExecutionProvider", 1, "all")
+    assert back.source["host"] == fingerprint("CPUExecutionProvider", threads, "all")
     assert host_notes(back) == [] and host_notes(load_target("cpu"))  # the built-in's host is unrecorded
     m = back.accuracy["measurement"]
     assert m["networks"] >= 2 and m["seconds"] <= 4 + 4  # the budget is kept (the last network may overrun it)
