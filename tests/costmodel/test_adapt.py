@@ -111,6 +111,7 @@ def test_onnxruntime_adaptation_on_this_host(tmp_path, threads):
     assert m["networks"] >= 2 and m["seconds"] <= 4 + 4  # the budget is kept (the last network may overrun it)
     for key in ("remeasured", "kept_busy", "other_cores_median", "allowed_other_cores", "windows"):
         assert key in m
+    assert m["window_statistic"] == ("median" if threads == 1 else "min")
     assert back.accuracy["chains"]["n"] >= 1
     s = analyze(load_model(_tiny(tmp_path / "tiny.onnx")))
     lat, _ = predict_kernels(decompose(s, back.fusion), back)
