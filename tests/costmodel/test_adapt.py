@@ -231,7 +231,7 @@ def test_a_busy_host_is_waited_for_and_one_core_is_kept_spare(monkeypatch):
     assert 0.05 <= waited < 1.0  # a host that stays busy is waited for max_wait only
 
 
-def test_residual_trees_learn_a_structural_difference():
+def test_residual_trees_learn_a_structural_difference(tmp_path):
     """A device whose convolutions run 3x the prior when their input channels are not a
     multiple of 8 and 0.7x otherwise (a layout the prior knows nothing about): no scale or
     log-linear correction can express it, the residual trees do."""
@@ -252,3 +252,11 @@ def test_residual_trees_learn_a_structural_difference():
     adapted = replace(cpu, prior=cpu, predictors={}, corrections=corr)
     got = np.concatenate([predict_kernels([k], adapted)[0] for k in ks[:40]])
     assert np.median(np.abs(got / ms[:40] - 1)) < 0.1
+    from archpass.costmodel.target import save_target
+
+    save_target(replace(adapted, name="trees", builtin=False, origin="path"), tmp_path / "t")
+    doc = json.loads((tmp_path / "t" / "target.json").read_text())
+    assert len(doc["correction_trees"]) == sum(1 for c in {c.trees for c in corr.values()} if c)  # each text once
+    back = load_target(tmp_path / "t")
+    assert back.corrections == corr
+    np.testing.assert_allclose(np.concatenate([predict_kernels([k], back)[0] for k in ks[:40]]), got, rtol=1e-9)
