@@ -230,7 +230,7 @@ def optimize(
     passes: Sequence[str] | None = None,
     freeze: Sequence[str] = (),
     resolutions: Sequence[int] = (),
-    granularity: str = "stage",
+    granularity: str | None = None,
     max_latency_ms: float | None = None,
     max_params_mb: float | None = None,
     max_peak_mb: float | None = None,
@@ -277,7 +277,10 @@ def optimize(
         budgets={k: v for k, v in (("max_latency_ms", max_latency_ms), ("max_params_mb", max_params_mb),
                                    ("max_peak_mb", max_peak_mb)) if v is not None},
         passes=tuple(passes) if passes is not None else None, freeze=tuple(freeze),
-        resolutions=tuple(int(r) for r in resolutions), granularity=granularity, mode=mode or ("post-training" if calib else "retrain"),
+        resolutions=tuple(int(r) for r in resolutions), mode=mode or ("post-training" if calib else "retrain"),
+        # per stage by default; per group in post-training mode, whose ladder probes single group cuts
+        granularity=granularity or ("group" if (mode or ("post-training" if calib else "retrain")) == "post-training"
+                                    else "stage"),
         guard=guard, calib=str(Path(calib).resolve()) if calib is not None and Path(calib).exists() else
         (str(calib) if calib is not None else None), calib_options=dict(calib_options or {}),
         min_fidelity=float(min_fidelity), min_proxy=min_proxy, finalists=int(finalists), sampler=sampler, seed=seed, trials=int(trials),
