@@ -24,7 +24,8 @@ import numpy as np
 from archpass.passes.base import GraphResult, Match, Pass, ShapeResult, Site, register, tag
 from archpass.passes.graphutil import const_value, fresh_const, node_named
 from archpass.passes.structedit import drop_unused_consts, edit_members, next_group_id
-from archpass.structure import ChannelGroup, Layer, Member, Structure, Tensor
+from archpass.analysis import multiplier_reason
+from archpass.structure import ChannelGroup, Fix, Layer, Member, Structure, Tensor
 
 
 def _summary(l: Layer) -> str:
@@ -100,8 +101,12 @@ class DwToDense(Pass):
             kept = [m for m in old.members if m not in moved and m.node != d.id]
             kept.append(Member(d.id, "Conv", "consumer", 0))
             moved.insert(0, Member(d.id, "Conv", "producer"))
-            new_groups = tuple(replace(x, members=tuple(kept)) if x.id == g else x for x in s.groups) + (
-                ChannelGroup(gnew, old.channels, tuple(moved), old.adjustable, old.reason),)
+            # a fix moves with what made it: a node of the cone, or a model output the cone feeds
+            inside = [f.source in cone_nodes or f.source in g_cone for f in old.fixes]
+            new_groups = tuple(
+                replace(x, members=tuple(kept)).with_fixes(f for f, i in zip(old.fixes, inside) if not i) if x.id == g else x
+                for x in s.groups) + (
+                ChannelGroup(gnew, old.channels, tuple(moved), True).with_fixes(f for f, i in zip(old.fixes, inside) if i),)
             for t in g_cone:
                 tensors[t] = replace(tensors[t], segments=tuple(gnew if x == g else x for x in tensors[t].segments))
             ls = []
@@ -116,6 +121,10 @@ class DwToDense(Pass):
                 return replace(m, role="consumer") if m.node == d.id and m.role == "depthwise" else m
 
             new_groups = edit_members(new_groups, members)
+            if d.cout != d.cin:  # a dense conv does not tie its channels to a multiplier
+                gone_fix = Fix(d.id, multiplier_reason(d.id, d.cout // d.cin))
+                new_groups = tuple(x.with_fixes(f for f in x.fixes if f != gone_fix) if gone_fix in x.fixes else x
+                                   for x in new_groups)
             if g and not any(m.node == d.id and m.role == "producer" for m in s.group(g).members):
                 new_groups = tuple(replace(x, members=x.members + (Member(d.id, "Conv", "producer"),)) if x.id == g else x
                                    for x in new_groups)

@@ -72,6 +72,41 @@ def test_channel_multiplier():
     assert_exact(model, applied)
 
 
+def test_channel_multiplier_output_group_becomes_adjustable():
+    """The multiplier was the only reason dwm's output channels were fixed; once dense they
+    can change (as a re-analysis of the emitted model says), and the input stays fixed (model input)."""
+    from apply_helpers import groups_as_analyzed
+
+    b = NetBuilder((1, 4, 10, 10), seed=5).conv(8, 3, groups=4, act="relu", name="dwm").conv(6, 1, act=None)
+    model, s = built(b.build())
+    assert not s.group(s.layer("dwm").out_group).adjustable
+    applied = apply_checked(model, s, [{"pass": "dw_to_dense", "site": "dwm"}])
+    t = applied.structure
+    out, inp = t.group(t.layer("dwm").out_group), t.group(t.layer("dwm").in_groups[0])
+    assert out.adjustable and out.reason is None and not out.fixes
+    assert not inp.adjustable and "model input" in inp.reason
+    ours, reanalyzed = groups_as_analyzed(applied)
+    assert ours == reanalyzed
+    applied = apply_checked(model, s, [{"pass": "dw_to_dense", "site": "dwm"},
+                                       {"pass": "channels", "site": out.id, "channels": 12}])
+    assert applied.structure.layer("dwm").cout == 12
+
+
+def test_depthwise_on_the_model_input_gives_an_adjustable_group():
+    """The model input fixes the depthwise conv's input group; the new output group does not carry that fix."""
+    from apply_helpers import groups_as_analyzed
+
+    b = NetBuilder((1, 4, 10, 10), seed=6).dw(3, act="relu", name="dw0").conv(6, 1, act=None)
+    model, s = built(b.build())
+    assert not s.group(s.layer("dw0").out_group).adjustable
+    applied = apply_checked(model, s, [{"pass": "dw_to_dense", "site": "dw0"}])
+    t = applied.structure
+    assert t.group(t.layer("dw0").out_group).adjustable
+    assert not t.group(t.layer("dw0").in_groups[0]).adjustable
+    ours, reanalyzed = groups_as_analyzed(applied)
+    assert ours == reanalyzed
+
+
 def test_refusals():
     model, s = built(_net())
     dense = next(l for l in s.layers if l.groups == 1 and l.op == "Conv")
