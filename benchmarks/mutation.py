@@ -43,6 +43,7 @@ from _common import ROOT, write_results
 FAST = "-x -q -p no:cacheprovider --import-mode=importlib"
 # module -> (test selection, functions to mutate or None for the whole file)
 DESCRIBE = "tests/passes/test_engine.py::test_every_pass_describes_itself"  # every pass has a summary and an exactness
+PASSES_FAST = "tests/passes -k 'not real and not every_architecture and not random'"  # structedit/graphutil: every pass
 MODULES: dict[str, tuple[str, tuple[str, ...] | None]] = {
     "archpass/blocks.py": ("tests/test_blocks.py tests/test_analysis.py", None),
     "passes/engine.py": ("tests/passes/test_engine.py -k 'not every_architecture and not random_valid'", None),
@@ -54,13 +55,17 @@ MODULES: dict[str, tuple[str, tuple[str, ...] | None]] = {
     "passes/fuse_ibn.py": (f"tests/passes/test_fuse_ibn.py {DESCRIBE} -k 'not real'", None),
     "passes/dw_to_dense.py": (f"tests/passes/test_dw_to_dense.py {DESCRIBE} -k 'not real'", None),
     "passes/resize.py": ("tests/passes/test_resize.py tests/passes/test_channels.py -k 'not real'", None),
-    "passes/structedit.py": ("tests/passes/test_channels.py tests/passes/test_width_multiplier.py -k 'not real'", None),
+    "passes/structedit.py": (PASSES_FAST, None),
+    "passes/graphutil.py": (PASSES_FAST, None),
     "passes/width_multiplier.py": (f"tests/passes/test_width_multiplier.py {DESCRIBE} -k 'not real'", None),
     "passes/resolution.py": (f"tests/passes/test_resolution.py {DESCRIBE} -k 'not real'", None),
     "passes/channels.py": (f"tests/passes/test_channels.py {DESCRIBE} -k 'not real'", None),
     "passes/base.py": ("tests/passes/test_base.py tests/passes/test_engine.py -k 'not every_architecture and not random'",
                        None),
 }
+# the second look at a survivor of a module's own selection (``--recheck --wide``): every fast test of
+# the passes and the core, so a survivor is a test gap of the suite, not of the targeted selection
+WIDE = f"{PASSES_FAST} tests/test_analysis.py tests/test_blocks.py tests/test_model.py tests/costmodel/test_kernels.py"
 
 # (module, stripped source line, stripped mutated line) -> why the survivor is not a test gap
 EXPLAINED: dict[tuple[str, str, str], str] = {
@@ -208,15 +213,19 @@ def _changed_line(src: str, new: str) -> tuple[str, str]:
     return "", ""
 
 
-def run_module(module: str, clone: Path, env: dict, minutes: float, most: int | None) -> dict:
-    """Apply each mutant (mutmut's operators) in turn, run the module's tests, restore the file."""
+def run_module(module: str, clone: Path, env: dict, minutes: float, most: int | None,
+               part: tuple[int, int] | None = None) -> dict:
+    """Apply each mutant (mutmut's operators) in turn, run the module's tests, restore the file.
+    ``part`` = (start, end): only the mutants at those positions of the module's list."""
     tests, functions = MODULES[module]
     path = clone / module
     src = path.read_text()
     mutants = list_mutants(module, src, functions)
     total = len(mutants)
-    if most and total > most:  # an evenly spread, deterministic sample
-        mutants = [mutants[i * total // most] for i in range(most)]
+    part = (max(0, part[0]), min(total, part[1])) if part else (0, total)
+    mutants = mutants[part[0]:part[1]]
+    if most and len(mutants) > most:  # an evenly spread, deterministic sample
+        mutants = [mutants[i * len(mutants) // most] for i in range(most)]
     t0 = time.time()
     base = _run_tests(clone, env, tests, 1800)
     baseline_s = time.time() - t0
@@ -234,7 +243,7 @@ def run_module(module: str, clone: Path, env: dict, minutes: float, most: int | 
             continue
         path.write_text(new)
         try:
-            outcome = _run_tests(clone, env, tests, max(120.0, 10 * baseline_s))
+            outcome = _run_tests(clone, env, tests, max(30.0, 10 * baseline_s))
         finally:
             path.write_text(src)
         status = {"failed": "killed", "timeout": "timeout", "passed": "survived"}[outcome]
@@ -248,12 +257,32 @@ def run_module(module: str, clone: Path, env: dict, minutes: float, most: int | 
     explained = sum(1 for s in survivors if s["explained"])
     return {
         "tests": tests, "functions": list(functions) if functions else "all",
-        "mutants": total, "sampled": len(mutants), "tested": tested, "counts": counts,
+        "mutants": total, "parts": [list(part)], "sampled": len(mutants), "tested": tested, "counts": counts,
         "kill_ratio": round(killed / tested, 3) if tested else None,
         "kill_ratio_excluding_explained": round(killed / (tested - explained), 3) if tested > explained else None,
         "finished": finished, "seconds": round(time.time() - t0, 1), "baseline_s": round(baseline_s, 1),
         "survivors": survivors,
     }
+
+
+def merge_parts(old: dict | None, new: dict) -> dict:
+    """One module's result from runs over different parts of its mutant list (same commit and tests)."""
+    if not old or "parts" not in old or old.get("commit") != new.get("commit") or old.get("tests") != new.get("tests") \
+            or "error" in new or "error" in old:
+        return new
+    done = {tuple(p) for p in old["parts"]}
+    if any(tuple(p) in done for p in new["parts"]):
+        return new  # a part run again replaces the earlier run
+    counts = {k: old["counts"][k] + new["counts"][k] for k in new["counts"]}
+    out = {**new, "parts": sorted(old["parts"] + new["parts"]), "sampled": old["sampled"] + new["sampled"],
+           "tested": old["tested"] + new["tested"], "counts": counts, "finished": old["finished"] and new["finished"],
+           "seconds": round(old["seconds"] + new["seconds"], 1),
+           "survivors": sorted(old["survivors"] + new["survivors"], key=lambda x: (x["line_number"], x["index"]))}
+    killed, tested = counts["killed"] + counts["timeout"], out["tested"]
+    explained = sum(1 for x in out["survivors"] if x["explained"])
+    out["kill_ratio"] = round(killed / tested, 3) if tested else None
+    out["kill_ratio_excluding_explained"] = round(killed / (tested - explained), 3) if tested > explained else None
+    return out
 
 
 def _mutant_source(module: str, src: str, survivor: dict) -> str | None:
@@ -270,28 +299,36 @@ def _mutant_source(module: str, src: str, survivor: dict) -> str | None:
     return _apply(module, src, RelativeMutationID(line=survivor["line"], index=survivor["index"], line_number=at))
 
 
-def recheck_module(module: str, r: dict, clone: Path, env: dict) -> dict:
-    """Run the current tests against each survivor of an earlier run: killed (any test failure or
-    collection error), survived, or gone (its line was removed or rewritten)."""
-    tests, _ = MODULES[module]
+def recheck_module(module: str, r: dict, clone: Path, env: dict, commit: str, tests: str | None = None) -> dict:
+    """Run the current tests (the module's selection, or ``tests``) against each survivor of an earlier
+    run not yet killed: killed (any test failure or collection error), survived, or gone (its line was
+    removed or rewritten).  A kill is recorded with the commit whose tests killed it: at the run's own
+    commit it was a wider selection of the existing tests, later new tests."""
+    tests = tests or MODULES[module][0]
     path = clone / module
     src = path.read_text()
     for s in r["survivors"]:
+        if s.get("recheck") == "killed":
+            continue
         new = _mutant_source(module, src, s)
         if new is None:
             s["recheck"] = "gone"
             continue
         path.write_text(new)
         try:
-            outcome = _run_tests(clone, env, tests, 600)
+            outcome = _run_tests(clone, env, tests, 300)
         finally:
             path.write_text(src)
         s["recheck"] = "survived" if outcome == "passed" else "killed"
+        if s["recheck"] == "killed":
+            s["killed_at"] = commit
         s["explained"] = EXPLAINED.get((module, s["from"], s["to"]))
     r["recheck_tests"] = tests
     left = [s for s in r["survivors"] if s.get("recheck") == "survived"]
+    killed = [s for s in r["survivors"] if s.get("recheck") == "killed"]
     r["after_recheck"] = {
-        "killed_by_new_tests": sum(s.get("recheck") == "killed" for s in r["survivors"]),
+        "killed_by_existing_tests_of_the_wider_selection": sum(s.get("killed_at") == r["commit"] for s in killed),
+        "killed_by_new_tests": sum(s.get("killed_at") != r["commit"] for s in killed),
         "code_removed": sum(s.get("recheck") == "gone" for s in r["survivors"]),
         "still_surviving": len(left),
         "explained": sum(bool(s["explained"]) for s in left),
@@ -299,21 +336,31 @@ def recheck_module(module: str, r: dict, clone: Path, env: dict) -> dict:
     }
     tested = r["tested"] - r["after_recheck"]["code_removed"]
     r["kill_ratio_after_recheck"] = round((tested - len(left)) / tested, 3) if tested else None
+    explained = r["after_recheck"]["explained"]
+    r["kill_ratio_after_recheck_excluding_explained"] = (round((tested - len(left)) / (tested - explained), 3)
+                                                         if tested > explained else None)
     return r
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("modules", nargs="*", default=list(MODULES))
+    ap.add_argument("modules", nargs="*", default=list(MODULES),
+                    help="MODULE or MODULE@START:END (that part of its mutant list; parts merge into one result)")
     ap.add_argument("--minutes", type=float, default=20.0, help="bound on each module's run")
     ap.add_argument("--most", type=int, default=None, help="test at most this many mutants per module "
                     "(an evenly spread sample)")
     ap.add_argument("--jobs", type=int, default=1, help="modules run at once, each in its own clone")
     ap.add_argument("--recheck", action="store_true",
                     help="rerun the current tests against the survivors recorded in mutation.json (implies --merge)")
+    ap.add_argument("--wide", action="store_true", help="with --recheck: every fast test of the passes and the "
+                    "core instead of the module's selection")
     ap.add_argument("--merge", action="store_true", help="keep other modules' results already in mutation.json")
     opts = ap.parse_args()
-    unknown = [m for m in opts.modules if m not in MODULES]
+    specs = []
+    for spec in opts.modules:
+        module, _, part = spec.partition("@")
+        specs.append((module, tuple(int(x) for x in part.split(":")) if part else None))
+    unknown = [m for m, _ in specs if m not in MODULES]
     if unknown:
         ap.error(f"unknown module(s) {unknown}; known: {', '.join(MODULES)}")
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
@@ -323,9 +370,9 @@ def main() -> int:
         return json.loads(old.read_text()).get("modules", {}) if old.exists() else {}
 
     previous = earlier() if opts.recheck else {}
-    results: dict = {}
 
-    def one(module: str) -> tuple[str, dict]:
+    def one(spec: tuple[str, tuple[int, int] | None]) -> tuple[str, dict]:
+        module, part = spec
         with tempfile.TemporaryDirectory(prefix="archpass-mutation-") as d:
             clone = Path(d) / "repo"
             subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
@@ -334,29 +381,40 @@ def main() -> int:
             if opts.recheck:
                 if module not in previous:
                     raise SystemExit(f"no earlier results for {module} to recheck")
-                r = {**recheck_module(module, previous[module], clone, env), "recheck_commit": commit}
+                r = {**recheck_module(module, previous[module], clone, env, commit, WIDE if opts.wide else None),
+                     "recheck_commit": commit}
             else:
-                r = {**run_module(module, clone, env, opts.minutes, opts.most), "commit": commit}
-        print(f"{module:28s} {r.get('kill_ratio')} killed of {r.get('tested')} tested ({r.get('counts')}) "
+                r = {**run_module(module, clone, env, opts.minutes, opts.most, part), "commit": commit}
+        print(f"{module:28s} {part or ''} {r.get('kill_ratio')} killed of {r.get('tested')} tested ({r.get('counts')}) "
+              f"after recheck {r.get('kill_ratio_after_recheck')} "
               f"{'' if r.get('finished', True) else 'NOT FINISHED '}{r.get('seconds')} s {r.get('error', '')}",
               flush=True)
         return module, r
 
-    # each module in its own clone; --jobs of them at once (a nice'd run gets little CPU on a busy machine)
+    # each module (part) in its own clone; --jobs of them at once
     with ThreadPoolExecutor(max_workers=opts.jobs) as pool:
-        for module, r in pool.map(one, opts.modules):
-            results[module] = r
-    if opts.merge or opts.recheck:  # read again now: another run may have written meanwhile
-        results = {**earlier(), **results}
+        done = list(pool.map(one, specs))
+    results = earlier() if (opts.merge or opts.recheck) else {}  # read now: another run may have written meanwhile
+    for module, r in done:
+        results[module] = r if opts.recheck else merge_parts(results.get(module), r)
     total_tested = sum(r.get("tested", 0) for r in results.values())
     total_killed = sum(r["counts"]["killed"] + r["counts"]["timeout"] for r in results.values() if "counts" in r)
+    left = sum(r["after_recheck"]["still_surviving"] for r in results.values() if "after_recheck" in r)
+    removed = sum(r["after_recheck"]["code_removed"] for r in results.values() if "after_recheck" in r)
+    unrechecked = sum(len(r.get("survivors", ())) for r in results.values() if "after_recheck" not in r)
+    tested_after = total_tested - removed
     out = write_results("mutation", {"tool": "mutmut 2.5.1 mutation operators, driven by this script", "string_mutations": False,
                                      "note": "killed = any non-zero pytest exit (failures, errors, collection "
-                                             "errors) or a hang; kill_ratio_after_recheck: survivors rerun "
-                                             "against the tests at 'recheck_commit', survivors whose code was "
-                                             "removed left out",
+                                             "errors) or a hang; kill_ratio: the module's own test selection at "
+                                             "'commit'; kill_ratio_after_recheck: survivors rerun against the "
+                                             "wider selection and the new tests at 'recheck_commit', survivors "
+                                             "whose code was removed left out",
                                      "overall_kill_ratio": round(total_killed / total_tested, 3) if total_tested else None,
-                                     "modules": results})
+                                     "overall_kill_ratio_after_recheck": round((tested_after - left - unrechecked) / tested_after, 3)
+                                     if tested_after else None,
+                                     "modules": results,
+                                     **({"history": json.loads(old.read_text()).get("history")} if old.exists() and
+                                        "history" in json.loads(old.read_text()) else {})})
     print(f"overall {total_killed}/{total_tested}; results: {out}")
     return 0
 
