@@ -234,10 +234,12 @@ def run_module(module: str, clone: Path, env: dict, minutes: float, most: int | 
     counts = {"killed": 0, "timeout": 0, "survived": 0}
     survivors = []
     finished = True
+    covered = 0
     for mid in mutants:
         if time.time() - t0 > minutes * 60:
             finished = False
             break
+        covered += 1
         new = _apply(module, src, mid)
         if new is None:
             continue
@@ -257,7 +259,7 @@ def run_module(module: str, clone: Path, env: dict, minutes: float, most: int | 
     explained = sum(1 for s in survivors if s["explained"])
     return {
         "tests": tests, "functions": list(functions) if functions else "all",
-        "mutants": total, "parts": [list(part)], "sampled": len(mutants), "tested": tested, "counts": counts,
+        "mutants": total, "parts": [[part[0], part[1] if finished or most else part[0] + covered]], "sampled": covered, "tested": tested, "counts": counts,
         "kill_ratio": round(killed / tested, 3) if tested else None,
         "kill_ratio_excluding_explained": round(killed / (tested - explained), 3) if tested > explained else None,
         "finished": finished, "seconds": round(time.time() - t0, 1), "baseline_s": round(baseline_s, 1),
@@ -265,10 +267,12 @@ def run_module(module: str, clone: Path, env: dict, minutes: float, most: int | 
     }
 
 
-def merge_parts(old: dict | None, new: dict) -> dict:
+def merge_parts(module: str, old: dict | None, new: dict) -> dict:
     """One module's result from runs over different parts of its mutant list (same commit and tests)."""
-    if not old or "parts" not in old or old.get("commit") != new.get("commit") or old.get("tests") != new.get("tests") \
-            or "error" in new or "error" in old:
+    if not old or "parts" not in old or old.get("tests") != new.get("tests") or "error" in new or "error" in old:
+        return new
+    if old["commit"] != new["commit"] and subprocess.run(  # parts of one module's code at two commits
+            ["git", "diff", "--quiet", old["commit"], new["commit"], "--", module], cwd=ROOT).returncode:
         return new
     done = {tuple(p) for p in old["parts"]}
     if any(tuple(p) in done for p in new["parts"]):
@@ -276,7 +280,7 @@ def merge_parts(old: dict | None, new: dict) -> dict:
     counts = {k: old["counts"][k] + new["counts"][k] for k in new["counts"]}
     out = {**new, "parts": sorted(old["parts"] + new["parts"]), "sampled": old["sampled"] + new["sampled"],
            "tested": old["tested"] + new["tested"], "counts": counts, "finished": old["finished"] and new["finished"],
-           "seconds": round(old["seconds"] + new["seconds"], 1),
+           "seconds": round(old["seconds"] + new["seconds"], 1), "commit": old["commit"],
            "survivors": sorted(old["survivors"] + new["survivors"], key=lambda x: (x["line_number"], x["index"]))}
     killed, tested = counts["killed"] + counts["timeout"], out["tested"]
     explained = sum(1 for x in out["survivors"] if x["explained"])
@@ -373,16 +377,18 @@ def main() -> int:
 
     def one(spec: tuple[str, tuple[int, int] | None]) -> tuple[str, dict]:
         module, part = spec
+        # --wide looks at the existing tests: those of the commit the module's mutants were run on
+        at = previous[module]["commit"] if opts.recheck and opts.wide and module in previous else commit
         with tempfile.TemporaryDirectory(prefix="archpass-mutation-") as d:
             clone = Path(d) / "repo"
             subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
-            subprocess.run(["git", "checkout", "-q", commit], cwd=clone, check=True)
+            subprocess.run(["git", "checkout", "-q", at], cwd=clone, check=True)
             env = {**os.environ, "PYTHONPATH": str(_shim(clone)), "PYTHONDONTWRITEBYTECODE": "1"}
             if opts.recheck:
                 if module not in previous:
                     raise SystemExit(f"no earlier results for {module} to recheck")
-                r = {**recheck_module(module, previous[module], clone, env, commit, WIDE if opts.wide else None),
-                     "recheck_commit": commit}
+                r = {**recheck_module(module, previous[module], clone, env, at, WIDE if opts.wide else None),
+                     "recheck_commit": at}
             else:
                 r = {**run_module(module, clone, env, opts.minutes, opts.most, part), "commit": commit}
         print(f"{module:28s} {part or ''} {r.get('kill_ratio')} killed of {r.get('tested')} tested ({r.get('counts')}) "
@@ -396,7 +402,7 @@ def main() -> int:
         done = list(pool.map(one, specs))
     results = earlier() if (opts.merge or opts.recheck) else {}  # read now: another run may have written meanwhile
     for module, r in done:
-        results[module] = r if opts.recheck else merge_parts(results.get(module), r)
+        results[module] = r if opts.recheck else merge_parts(module, results.get(module), r)
     total_tested = sum(r.get("tested", 0) for r in results.values())
     total_killed = sum(r["counts"]["killed"] + r["counts"]["timeout"] for r in results.values() if "counts" in r)
     left = sum(r["after_recheck"]["still_surviving"] for r in results.values() if "after_recheck" in r)

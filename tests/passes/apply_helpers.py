@@ -58,6 +58,9 @@ def apply_checked(model: Model, structure: Structure, recipe: Recipe | list) -> 
     reloaded = analyze(model_from_proto(applied.proto))
     assert {l.id: (l.cin, l.cout, l.kernel, l.stride, l.groups, l.in_hw, l.out_hw) for l in reloaded.layers} == {
         l.id: (l.cin, l.cout, l.kernel, l.stride, l.groups, l.in_hw, l.out_hw) for l in applied.structure.layers}
+    # ... and to the same channel groups (members, adjustable, channels)
+    ours, reanalyzed = groups_as_analyzed(applied)
+    assert ours == reanalyzed
     out = run(applied.proto)
     for o, (_, shape) in zip(out, applied.structure.outputs):
         assert o.shape == tuple(shape)

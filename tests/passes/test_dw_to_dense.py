@@ -92,6 +92,24 @@ def test_channel_multiplier_output_group_becomes_adjustable():
     assert applied.structure.layer("dwm").cout == 12
 
 
+def test_residual_around_a_separable_block_splits_only_the_depthwise_output():
+    """stem -> dw -> relu -> 1x1 -> Add(stem) (MobileNetV3's first block): the Add ties the 1x1's
+    output to the dw's input, not to the dw's output; only dw -> 1x1 becomes a new group."""
+    from apply_helpers import groups_as_analyzed
+
+    b = NetBuilder((1, 3, 12, 12), seed=7).conv(8, 3, act="relu", name="stem")
+    b.add(lambda b: b.dw(3, act="relu", name="dws").conv(8, 1, act=None, name="pws"), lambda b: None)
+    model, s = built(b.head(3).build())
+    applied = apply_checked(model, s, [{"pass": "dw_to_dense", "site": "dws"}])
+    assert_exact(model, applied)
+    t = applied.structure
+    new = t.group(t.layer("dws").out_group)
+    assert {(m.node, m.role) for m in new.members} == {("dws", "producer"), ("pws", "consumer")} and new.adjustable
+    assert t.layer("pws").out_group == t.layer("stem").out_group == t.layer("dws").in_groups[0]
+    ours, reanalyzed = groups_as_analyzed(applied)
+    assert ours == reanalyzed
+
+
 def test_depthwise_on_the_model_input_gives_an_adjustable_group():
     """The model input fixes the depthwise conv's input group; the new output group does not carry that fix."""
     from apply_helpers import groups_as_analyzed
