@@ -31,6 +31,7 @@ import argparse
 import ast
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -198,10 +199,13 @@ def _apply(module: str, src: str, mid) -> str | None:
 
 def _run_tests(clone: Path, env: dict, tests: str, timeout: float) -> str:
     """'passed', 'failed' (any non-zero exit: failures, errors, collection errors) or 'timeout'."""
+    proc = subprocess.Popen(f"exec {sys.executable} -m pytest {FAST} {tests}", shell=True, cwd=clone, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        rc = subprocess.run(f"{sys.executable} -m pytest {FAST} {tests}", shell=True, cwd=clone, env=env,
-                            capture_output=True, timeout=timeout).returncode
-    except subprocess.TimeoutExpired:
+        rc = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:  # a hang: end pytest and anything it started (its own session)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
         return "timeout"
     return "passed" if rc == 0 else "failed"
 
@@ -358,6 +362,9 @@ def main() -> int:
                     help="rerun the current tests against the survivors recorded in mutation.json (implies --merge)")
     ap.add_argument("--wide", action="store_true", help="with --recheck: every fast test of the passes and the "
                     "core instead of the module's selection")
+    ap.add_argument("--existing", action="store_true", help="with --recheck: the tests of the commit the "
+                    "mutants were run on (with --wide: what a wider selection of the existing tests kills)")
+    ap.add_argument("--at", default="HEAD", help="the commit to run (its code and tests)")
     ap.add_argument("--merge", action="store_true", help="keep other modules' results already in mutation.json")
     opts = ap.parse_args()
     specs = []
@@ -367,7 +374,7 @@ def main() -> int:
     unknown = [m for m, _ in specs if m not in MODULES]
     if unknown:
         ap.error(f"unknown module(s) {unknown}; known: {', '.join(MODULES)}")
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    commit = subprocess.run(["git", "rev-parse", opts.at], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     old = ROOT / "benchmarks" / "results" / "mutation.json"
 
     def earlier() -> dict:
@@ -377,8 +384,8 @@ def main() -> int:
 
     def one(spec: tuple[str, tuple[int, int] | None]) -> tuple[str, dict]:
         module, part = spec
-        # --wide looks at the existing tests: those of the commit the module's mutants were run on
-        at = previous[module]["commit"] if opts.recheck and opts.wide and module in previous else commit
+        # --existing: the tests of the commit the module's mutants were run on
+        at = previous[module]["commit"] if opts.recheck and opts.existing and module in previous else commit
         with tempfile.TemporaryDirectory(prefix="archpass-mutation-") as d:
             clone = Path(d) / "repo"
             subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
