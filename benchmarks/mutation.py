@@ -98,6 +98,15 @@ EXPLAINED: dict[tuple[str, str, str], str] = {
      'out = gs.export_onnx(graph, do_type_check=True)',
      'out = gs.export_onnx(graph, do_type_check=False)'):
         "equivalent for the graphs passes emit: graphsurgeon's type check only raises on untyped tensors, and check_model(full_check=True) runs right after on every output",
+    ('passes/engine.py',
+     'seen: dict[tuple[str, str | None], int] = {}',
+     'seen: dict[tuple[str, str & None], int] = {}'):
+        'equivalent: the annotation of a local variable is never evaluated',
+    ('passes/engine.py',
+     'onnx.checker.check_model(proto, full_check=True)',
+     'onnx.checker.check_model(proto, full_check=False)'):
+        "equivalent: full_check adds strict shape inference with type checks, which _reinfer has just run on the "
+        "same graph (model.infer_shapes: check_type, strict_mode, data_prop); only metadata and doc strings change after",
     ('costmodel/kernels.py',
      'cin, in_hw = _chw(in_shapes[0]) if in_shapes else (1, (1, 1))',
      'cin, in_hw = _chw(in_shapes[0]) if in_shapes else (1, (1, 2))'):
