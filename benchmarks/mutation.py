@@ -108,13 +108,19 @@ EXPLAINED: dict[tuple[str, str, str], str] = {
         "equivalent: full_check adds strict shape inference with type checks, which _reinfer has just run on the "
         "same graph (model.infer_shapes: check_type, strict_mode, data_prop); only metadata and doc strings change after",
     ('costmodel/kernels.py',
-     'cin, in_hw = _chw(in_shapes[0]) if in_shapes else (1, (1, 1))',
-     'cin, in_hw = _chw(in_shapes[0]) if in_shapes else (1, (1, 2))'):
-        'unreachable: every standalone op of a canonical, statically shaped model has a shaped non-constant input (ops on constants alone are folded at load)',
+     'if not layer.act_output or layer.act_output == layer.output:',
+     'if not layer.act_output and layer.act_output == layer.output:'):
+        'equivalent: without an activation (act_output empty or the output itself) the walk that follows finds no node either',
     ('costmodel/kernels.py',
-     'cout, out_hw = _chw(out_shapes[0]) if out_shapes else (1, (1, 1))',
-     'cout, out_hw = _chw(out_shapes[0]) if out_shapes else (1, (1, 2))'):
-        'unreachable: every standalone op of a canonical, statically shaped model has a shaped output',
+     'end_prod is not None and order[other_prod.name] < order[end_prod.name]',
+     'end_prod is not None and order[other_prod.name] <= order[end_prod.name]'):
+        'equivalent: two different nodes never share a position; the same producer on both sides (Add(x, x)) '
+        'has two uses of x, so the Add is not fused anyway',
+    ('costmodel/kernels.py',
+     'if n.op != "Slice" or n.name in seen or not n.inputs:',
+     'if n.op != "Slice" and n.name in seen or not n.inputs:'):
+        'equivalent: partitions are looked up by Slice names only; a non-Slice node finds the same sibling Slices '
+        'its Slice siblings would, and an entry under its own name is never read',
     ('archpass/model.py',
      'if path is not None:',
      'if path is  None:'):
@@ -135,6 +141,27 @@ EXPLAINED: dict[tuple[str, str, str], str] = {
      'known[init.name] = True',
      'known[init.name] = None'):
         "equivalent: 'known' is only used for membership",
+    ('archpass/model.py',
+     'known[vi.name] = True',
+     'known[vi.name] = False'):
+        "equivalent: 'known' is only used for membership",
+    ('archpass/model.py',
+     'known[init.name] = True',
+     'known[init.name] = False'):
+        "equivalent: 'known' is only used for membership",
+    ('archpass/blocks.py',
+     'LAYER_RULES: tuple[Callable[[Layer, BlockGraph], Match | None], ...] = (match_ibn, match_fused_ibn, match_depthwise)',
+     'LAYER_RULES: tuple[Callable[[Layer, BlockGraph], Match & None], ...] = (match_ibn, match_fused_ibn, match_depthwise)'):
+        'equivalent: a module-level annotation, never evaluated (from __future__ import annotations)',
+    ('archpass/blocks.py',
+     'cur_hw = None',
+     'cur_hw = ""'):
+        'equivalent: cur_hw is only compared with a block resolution (a tuple), which differs from None and "" alike',
+    ('archpass/blocks.py',
+     'stage_blocks: list[str] = []',
+     'stage_blocks: list[str] = None'):
+        'equivalent: the first block always starts a stage (its resolution differs from the initial cur_hw), which '
+        'resets stage_blocks before it is appended to; before that it is only tested for truth',
     ('passes/dw_to_dense.py',
      'split = None',
      'split = ""'):
