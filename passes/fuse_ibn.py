@@ -104,9 +104,9 @@ class FuseIBN(Pass):
 
         groups = edit_members(s.groups, members)
         tensors = dict(s.tensors)
-        for t in chain_tensors | {e.output}:
+        for t in chain_tensors | {e.output, d.input}:  # the expand's output and activation are gone
             tensors.pop(t, None)
-        old_w = [n.inputs[1:] for n in s.nodes if n.name in (e.id, d.id)]
+        old_w = [n.inputs[1:] for n in s.nodes if n.name in (e.id, d.id)] + [n.inputs for n in chain_nodes]
         tensors[w_name] = Tensor(w_name, (d.cout, e.cin, *d.kernel), tensors[d.weight].elem_bytes if d.weight in tensors else 4, const=True)
         if has_bias:
             tensors[b_name] = Tensor(b_name, (d.cout,), 4, const=True)

@@ -61,6 +61,14 @@ def apply_checked(model: Model, structure: Structure, recipe: Recipe | list) -> 
     # ... and to the same channel groups (members, adjustable, channels)
     ours, reanalyzed = groups_as_analyzed(applied)
     assert ours == reanalyzed
+    # ... and to the same tensors (shape, constness, element size, channel segments, spatial axes)
+    again = analyze(applied.proto)
+
+    def tensor_key(t):
+        return t.shape, t.const, t.elem_bytes, t.channel_axis, len(t.segments), t.spatial_axes
+
+    assert {n: tensor_key(t) for n, t in applied.structure.tensors.items()} == {
+        n: tensor_key(t) for n, t in again.tensors.items()}
     out = run(applied.proto)
     for o, (_, shape) in zip(out, applied.structure.outputs):
         assert o.shape == tuple(shape)
