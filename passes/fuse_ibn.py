@@ -107,9 +107,10 @@ class FuseIBN(Pass):
         for t in chain_tensors | {e.output, d.input}:  # the expand's output and activation are gone
             tensors.pop(t, None)
         old_w = [n.inputs[1:] for n in s.nodes if n.name in (e.id, d.id)] + [n.inputs for n in chain_nodes]
-        tensors[w_name] = Tensor(w_name, (d.cout, e.cin, *d.kernel), tensors[d.weight].elem_bytes if d.weight in tensors else 4, const=True)
+        elem = tensors[d.weight].elem_bytes  # every layer's weight is a tensor of its structure
+        tensors[w_name] = Tensor(w_name, (d.cout, e.cin, *d.kernel), elem, const=True)
         if has_bias:
-            tensors[b_name] = Tensor(b_name, (d.cout,), 4, const=True)
+            tensors[b_name] = Tensor(b_name, (d.cout,), elem, const=True)
         drop_unused_consts(tensors, nodes, [t for ins in old_w for t in ins])
         roles = tuple(("fused", d.id) if r == "depthwise" else (r, lid) for r, lid in b.roles if r != "expand")
         block = replace(b, kind="fused_ibn", layers=tuple(l for l in b.layers if l != e.id), roles=roles)
