@@ -162,6 +162,25 @@ EXPLAINED: dict[tuple[str, str, str], str] = {
      'stage_blocks: list[str] = None'):
         'equivalent: the first block always starts a stage (its resolution differs from the initial cur_hw), which '
         'resets stage_blocks before it is appended to; before that it is only tested for truth',
+    ('passes/fuse_ibn.py',
+     'if m.node == d.id and m.role == "depthwise" and gid == exp_group:',
+     'if m.node == d.id or m.role == "depthwise" and gid == exp_group:'):
+        "equivalent: the depthwise conv of an ibn site has one member, its 'depthwise' member in the expand's "
+        "output group, and no other node has a 'depthwise' member in that group (its only depthwise conv is d)",
+    ('passes/dw_to_dense.py',
+     'return l.groups > 1 and l.groups == l.cin == l.cout',
+     'return l.groups >= 1 and l.groups == l.cin == l.cout'):
+        'equivalent: a layer reading a tensor of the group has cin >= the group\'s channels >= 2 (a depthwise site '
+        'has groups > 1), so groups == cin == cout == 1 never holds there',
+    ('passes/dw_to_dense.py',
+     'return l.groups > 1 and l.groups == l.cin == l.cout',
+     'return l.groups > 1 and l.groups == l.cin != l.cout'):
+        "equivalent: a multiplier conv's output has another channel count than its input, so it never carries "
+        "the group: tying it adds no tensor of the group",
+    ('passes/dw_to_dense.py',
+     'ChannelGroup(gnew, s.group(g).channels, tuple(moved), True).with_fixes(fixes_new),)',
+     'ChannelGroup(gnew, s.group(g).channels, tuple(moved), False).with_fixes(fixes_new),)'):
+        'equivalent: with_fixes sets adjustable from the fixes',
     ('passes/dw_to_dense.py',
      'split = None',
      'split = ""'):

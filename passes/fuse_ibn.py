@@ -33,7 +33,8 @@ from archpass.structure import Layer, Member, Structure, Tensor
 
 
 def _summary(l: Layer) -> str:
-    return (f"{l.cin}->{l.cout} k{l.kernel[0]}x{l.kernel[1]} s{l.stride[0]} g{l.groups} "
+    stride = f"{l.stride[0]}" if l.stride[0] == l.stride[1] else f"{l.stride[0]}x{l.stride[1]}"
+    return (f"{l.cin}->{l.cout} k{l.kernel[0]}x{l.kernel[1]} s{stride} g{l.groups} "
             f"{l.in_hw[0]}x{l.in_hw[1]}->{l.out_hw[0]}x{l.out_hw[1]}")
 
 

@@ -35,6 +35,10 @@ def test_block_diagonal_weights_exact_and_new_group():
         se = {blk.role("se_expand")} - {None}  # an SE gate produces the same channels
         assert {m.node for m in g_out.producers} == {d.id} | se and d.id in {m.node for m in g_in.consumers}
         assert g_out.channels == d.cout and g_out.adjustable
+        assert applied.rewrites[0]["after"]["new_group"] == new
+        # the block left the block list and its stage; the other blocks keep theirs
+        assert [(st.id, tuple(x for x in st.blocks if x != blk.id)) for st in s.stages] == [
+            (st.id, st.blocks) for st in t.stages]
         # downstream members (SE, project input) moved with the output; the input side stayed
         proj = blk.role("project")
         assert t.layer(proj).in_groups == (new,)
@@ -160,3 +164,48 @@ def test_shape_path_groups_match_a_reanalysis():
     for layer in [l.id for l in s.layers if l.depthwise]:
         ours, reanalyzed = groups_as_analyzed(apply_checked(model, s, [{"pass": "dw_to_dense", "site": layer}]))
         assert ours == reanalyzed, layer
+
+
+def test_non_square_kernel_in_the_record():
+    import numpy as np
+
+    b = NetBuilder((1, 8, 10, 10), seed=8).conv(8, 1, act="relu", name="stem")
+    w = b.tensor("dw_w", np.random.default_rng(8).standard_normal((8, 1, 3, 5)).astype(np.float32))
+    b.x = b.node("Relu", [b.node("Conv", [b.x, w], "dw", group=8, kernel_shape=[3, 5], pads=[1, 2, 1, 2])], "dw_act")
+    model, s = built(b.conv(4, 1, act=None, name="proj").build())
+    applied = apply_checked(model, s, [{"pass": "dw_to_dense", "site": "dw"}])
+    assert applied.rewrites[0]["before"] == {"layer": "8->8 k3x5 groups=8"}
+    assert applied.rewrites[0]["after"]["layer"] == "8->8 k3x5 groups=1"
+    assert_exact(model, applied)
+
+
+@pytest.mark.parametrize("after", ["depthwise2", "grouped_residual", "flatten_head"])
+def test_what_stays_tied_to_the_dense_output(after):
+    """The new group follows ops that tie channels (a 2-channel depthwise conv does), not a grouped
+    conv (whose output an Add ties to the block input), and a fix made downstream (a Flatten of
+    the spatial map) goes with the new group only."""
+    import numpy as np
+
+    if after == "depthwise2":
+        b = NetBuilder((1, 2, 8, 8), seed=9).conv(2, 1, act="relu", name="stem")
+        b.dw(3, act="relu", name="dwa").dw(3, act="relu", name="dwb").conv(3, 1, act=None, name="proj")
+        model, s = built(b.build())
+        site = "dwa"
+    elif after == "grouped_residual":
+        b = NetBuilder((1, 8, 8, 8), seed=9).conv(8, 1, act="relu", name="stem")
+        b.add(lambda b: b.dw(3, act="relu", name="dwa").conv(8, 3, groups=2, act=None, name="gc"), lambda b: None)
+        model, s = built(b.head(3).build())
+        site = "dwa"
+    else:
+        b = NetBuilder((1, 4, 4, 4), seed=9).conv(8, 1, act="relu", name="stem").dw(3, act="relu", name="dwa")
+        b.x = b.node("Flatten", [b.x], "flat", axis=1)
+        b.x = b.node("MatMul", [b.x, b.tensor("fc_w", np.ones((128, 3), np.float32))], "fc")
+        b.shape = [1, 3]
+        model, s = built(b.build())
+        site = "dwa"
+    applied = apply_checked(model, s, [{"pass": "dw_to_dense", "site": site}])  # groups equal a re-analysis
+    assert_exact(model, applied)
+    t = applied.structure
+    if after == "flatten_head":
+        assert t.group(t.layer("dwa").in_groups[0]).adjustable
+        assert "Flatten 'flat'" in t.group(t.layer("dwa").out_group).reason

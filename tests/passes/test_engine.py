@@ -333,3 +333,21 @@ def test_applying_a_choice_twice_is_refused(net):
     once = apply_recipe(model, Recipe.of(rewrites), structure=s)
     with pytest.raises(RecipeError, match="was already applied to this model"):
         apply_recipe(model_from_proto(once.proto), Recipe.of(rewrites))
+
+
+def test_every_pass_reports_a_modification_on_both_paths(net):
+    """The shape and graph results of a rewrite that changes the model say so (``modified``)
+    and agree on exactness."""
+    import onnx_graphsurgeon as gs
+
+    model, s = net
+    group = next(g for g in s.groups if g.adjustable)
+    recipes = [{"pass": "fuse_ibn", "site": "block1"}, {"pass": "dw_to_dense", "site": "dws0_dw"},
+               {"pass": "channels", "site": group.id, "channels": group.channels + 8},
+               {"pass": "width_multiplier", "multiplier": 0.5}, {"pass": "resolution", "height": 16, "width": 16}]
+    assert {r["pass"] for r in recipes} == set(registry())
+    for rw in recipes:
+        (step,) = plan(s, Recipe.of([rw])).steps
+        gr = step.pass_.apply_graph(gs.import_onnx(model.proto), step.before, step.match)
+        assert step.result.modified and gr.modified, rw
+        assert gr.exact == step.result.exact, rw
