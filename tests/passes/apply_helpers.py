@@ -69,6 +69,9 @@ def apply_checked(model: Model, structure: Structure, recipe: Recipe | list) -> 
 
     assert {n: tensor_key(t) for n, t in applied.structure.tensors.items()} == {
         n: tensor_key(t) for n, t in again.tensors.items()}
+    # ... and to the same nodes, wired the same way
+    assert [(n.name, n.op, n.inputs, n.outputs, n.layer) for n in applied.structure.nodes] == [
+        (n.name, n.op, n.inputs, n.outputs, n.layer) for n in again.nodes]
     out = run(applied.proto)
     for o, (_, shape) in zip(out, applied.structure.outputs):
         assert o.shape == tuple(shape)
