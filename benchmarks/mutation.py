@@ -390,8 +390,10 @@ def recheck_module(module: str, r: dict, clone: Path, env: dict, commit: str, te
     left = [s for s in r["survivors"] if s.get("recheck") == "survived"]
     killed = [s for s in r["survivors"] if s.get("recheck") == "killed"]
     r["after_recheck"] = {
-        "killed_by_existing_tests_of_the_wider_selection": sum(s.get("killed_at") == r["commit"] for s in killed),
-        "killed_by_new_tests": sum(s.get("killed_at") != r["commit"] for s in killed),
+        # at the run's commit (--existing): the wider selection of the tests that existed; later: the wider
+        # selection and the tests added since, together
+        "killed_at_the_run_commit_by_the_wider_selection": sum(s.get("killed_at") == r["commit"] for s in killed),
+        "killed_later_by_the_wider_selection_and_new_tests": sum(s.get("killed_at") != r["commit"] for s in killed),
         "code_removed": sum(s.get("recheck") == "gone" for s in r["survivors"]),
         "still_surviving": len(left),
         "explained": sum(bool(s["explained"]) for s in left),
