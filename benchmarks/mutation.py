@@ -142,6 +142,16 @@ EXPLAINED: dict[tuple[str, str, str], str] = {
      'known[init.name] = None'):
         "equivalent: 'known' is only used for membership",
     ('archpass/model.py',
+     'if not (d.HasField("dim_value") and d.dim_value > 0):',
+     'if not (d.HasField("dim_value") and d.dim_value >= 0):'):
+        'equivalent: output dims are cleared only to be re-inferred right after; keeping a declared 0 gives the same '
+        'inferred shapes (tests/test_model.py::test_stale_output_dims_are_inferred_again)',
+    ('archpass/model.py',
+     'if not (d.HasField("dim_value") and d.dim_value > 0):',
+     'if not (d.HasField("dim_value") or d.dim_value > 0):'):
+        'equivalent: output dims are cleared only to be re-inferred right after; keeping a declared 0 gives the same '
+        'inferred shapes (tests/test_model.py::test_stale_output_dims_are_inferred_again)',
+    ('archpass/model.py',
      'known[vi.name] = True',
      'known[vi.name] = False'):
         "equivalent: 'known' is only used for membership",
@@ -338,9 +348,13 @@ def merge_parts(module: str, old: dict | None, new: dict) -> dict:
         return new  # a part run again replaces the earlier run
     counts = {k: old["counts"][k] + new["counts"][k] for k in new["counts"]}
     out = {**new, "parts": sorted(old["parts"] + new["parts"]), "sampled": old["sampled"] + new["sampled"],
-           "tested": old["tested"] + new["tested"], "counts": counts, "finished": old["finished"] and new["finished"],
+           "tested": old["tested"] + new["tested"], "counts": counts,
            "seconds": round(old["seconds"] + new["seconds"], 1), "commit": old["commit"],
            "survivors": sorted(old["survivors"] + new["survivors"], key=lambda x: (x["line_number"], x["index"]))}
+    covered = 0  # finished: the parts cover the whole mutant list
+    for start, end in out["parts"]:
+        covered = end if start <= covered else covered
+    out["finished"] = covered >= new["mutants"]
     killed, tested = counts["killed"] + counts["timeout"], out["tested"]
     explained = sum(1 for x in out["survivors"] if x["explained"])
     out["kill_ratio"] = round(killed / tested, 3) if tested else None

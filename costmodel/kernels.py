@@ -337,8 +337,9 @@ def decompose(structure: Structure, rules: FusionRules) -> list[Kernel]:
             names, out_shapes = split
             if len(names) > 1:
                 n = replace(n, op="Split")
-        cin, in_hw = _chw(in_shapes[0]) if in_shapes else (1, (1, 1))
-        cout, out_hw = _chw(out_shapes[0]) if out_shapes else (1, (1, 1))
+        # an op on constants alone (left unfolded) counts as a 0-d input: 1 channel, 1x1
+        cin, in_hw = _chw(in_shapes[0] if in_shapes else ())
+        cout, out_hw = _chw(out_shapes[0])  # every node has an output
         kind = OP_KINDS.get(n.op, "other")
         k = n.attr("kernel") or n.attr("kernel_shape") or (1, 1)
         s = n.attr("stride") or n.attr("strides") or (1, 1)
