@@ -191,6 +191,11 @@ EXPLAINED: dict[tuple[str, str, str], str] = {
      'ChannelGroup(gnew, s.group(g).channels, tuple(moved), True).with_fixes(fixes_new),)',
      'ChannelGroup(gnew, s.group(g).channels, tuple(moved), False).with_fixes(fixes_new),)'):
         'equivalent: with_fixes sets adjustable from the fixes',
+    ('passes/resize.py',
+     'if w.shape[1] == 1 and group == w.shape[0] and out_map is not None:  # depthwise: in = out',
+     'if w.shape[1] == 1 or group == w.shape[0] and out_map is not None:  # depthwise: in = out'):
+        "equivalent: a grouped conv with one input channel per group is depthwise (then out_map is set: its "
+        "group changed) or has a channel multiplier, whose input and output groups are fixed and never resized",
     ('passes/dw_to_dense.py',
      'split = None',
      'split = ""'):

@@ -62,9 +62,11 @@ def apply_checked(model: Model, structure: Structure, recipe: Recipe | list) -> 
     ours, reanalyzed = groups_as_analyzed(applied)
     assert ours == reanalyzed
     # ... and to the same tensors (shape, constness, element size, channel segments, spatial axes) and
-    # nodes, wired the same way.  Not modelled by the shape path: a constant several nodes share
-    # (onnxslim dedups equal initializers) that the graph path resizes gets a copy per node,
-    # '<name>__<node>'; those are compared by their source name, and their shapes are not compared.
+    # nodes, wired the same way.  Not modelled by the shape path: the shapes of constants other than
+    # the layers' weights and biases (per-channel parameters, Resize sizes: the graph path edits
+    # them; only their names are compared), and a constant several nodes share (onnxslim dedups
+    # equal initializers) that the graph path resizes gets a copy per node, '<name>__<node>':
+    # compared by its source name.
     again = analyze(applied.proto)
     uses: dict[str, int] = {}
     for n in applied.plan.source.nodes:
@@ -77,7 +79,11 @@ def apply_checked(model: Model, structure: Structure, recipe: Recipe | list) -> 
         base = name.rsplit(f"__{node}", 1)[0]
         return base if base != name and base in shared else name
 
+    params = {i for n in applied.structure.nodes if n.layer is not None for i in n.inputs[1:3]}
+
     def tensor_key(t):
+        if t.const and t.name not in params:
+            return True
         return t.shape, t.const, t.elem_bytes, t.channel_axis, len(t.segments), t.spatial_axes
 
     def is_shared(name: str) -> bool:
