@@ -196,6 +196,18 @@ EXPLAINED: dict[tuple[str, str, str], str] = {
      'if w.shape[1] == 1 or group == w.shape[0] and out_map is not None:  # depthwise: in = out'):
         "equivalent: a grouped conv with one input channel per group is depthwise (then out_map is set: its "
         "group changed) or has a channel multiplier, whose input and output groups are fixed and never resized",
+    ('passes/base.py',
+     'current: int | None = None',
+     'current: int & None = None'):
+        'equivalent: an annotation, never evaluated (from __future__ import annotations)',
+    ('passes/base.py',
+     'current: float | None = None',
+     'current: float & None = None'):
+        'equivalent: an annotation, never evaluated (from __future__ import annotations)',
+    ('passes/base.py',
+     'Domain = Union[IntDomain, FloatDomain, CategoricalDomain]',
+     'Domain = None'):
+        'equivalent: the alias is only used in annotations, never evaluated (from __future__ import annotations)',
     ('passes/dw_to_dense.py',
      'split = None',
      'split = ""'):
