@@ -67,6 +67,9 @@ MODULES: dict[str, tuple[str, tuple[str, ...] | None]] = {
 # the second look at a survivor of a module's own selection (``--recheck --wide``): every fast test of
 # the passes and the core, so a survivor is a test gap of the suite, not of the targeted selection
 WIDE = f"{PASSES_FAST} tests/test_analysis.py tests/test_blocks.py tests/test_model.py tests/costmodel/test_kernels.py"
+# resize.py has the most survivors to recheck: the tests of the passes that resize, not the whole WIDE
+WIDE_FOR = {"passes/resize.py": "tests/passes/test_resize.py tests/passes/test_channels.py "
+                                "tests/passes/test_width_multiplier.py -k 'not real'"}
 
 # (module, stripped source line, stripped mutated line) -> why the survivor is not a test gap
 EXPLAINED: dict[tuple[str, str, str], str] = {
@@ -482,7 +485,8 @@ def main() -> int:
             if opts.recheck:
                 if module not in previous:
                     raise SystemExit(f"no earlier results for {module} to recheck")
-                r = {**recheck_module(module, previous[module], clone, env, at, WIDE if opts.wide else None),
+                r = {**recheck_module(module, previous[module], clone, env, at,
+                                              WIDE_FOR.get(module, WIDE) if opts.wide else None),
                      "recheck_commit": at}
             else:
                 r = {**run_module(module, clone, env, opts.minutes, opts.most, part), "commit": commit}
