@@ -116,8 +116,9 @@ def test_find_blocks_ids_stages_and_claims():
     assert all(bl.kind != "depthwise" for bl in blocks)
 
 
-def test_se_through_flatten_gemm_and_reshape():
-    """SE written with fully connected layers (Flatten -> Gemm -> Relu -> Gemm -> Sigmoid -> Reshape -> Mul)."""
+def _fc_se(extra_glue: bool = False) -> tuple[BlockGraph, str]:
+    """dw 'd' -> SE written with fully connected layers (Flatten -> Gemm -> Relu -> Gemm -> Sigmoid
+    -> [Clip] -> Reshape -> Mul) -> 1x1 'p'; returns the graph and the dw's activation output."""
     rng = np.random.default_rng(0)
     b = NetBuilder((1, 16, 8, 8)).dw(3, act="relu", name="d")
     x = b.x
@@ -127,9 +128,15 @@ def test_se_through_flatten_gemm_and_reshape():
         bias = b.tensor(f"{name}_b", np.zeros(cout, np.float32))
         t = b.node("Gemm", [t, w, bias], name, transB=1)
         t = b.node("Relu" if name == "se_fc1" else "Sigmoid", [t], f"{name}_act")
+    if extra_glue:  # one more glue node (a Clip of the gate)
+        t = b.node("Clip", [t, b.tensor("lo", np.float32(0)), b.tensor("hi", np.float32(1))], "se_clip")
     t = b.node("Reshape", [t, b.tensor("se_shape", np.array([1, 16, 1, 1], np.int64))], "se_reshape")
     b.x = b.node("Mul", [x, t], "se_mul")
-    g = graph(b.conv(16, 1, act=None, name="p"))
+    return graph(b.conv(16, 1, act=None, name="p")), x
+
+
+def test_se_through_flatten_gemm_and_reshape():
+    g, _ = _fc_se()
     m = match_depthwise(layer(g, "d"), g)
     assert m.roles == (("depthwise", "d"), ("se_reduce", "se_fc1"), ("se_expand", "se_fc2"), ("project", "p"))
 
@@ -180,25 +187,9 @@ def test_a_pooled_or_multiplied_side_branch_without_the_other_is_not_an_se(join)
 def test_se_walk_from_pool_to_gate_is_at_most_four_nodes():
     """Pool -> [glue] -> layer -> layer -> [glue] -> Mul: four nodes between pool and Mul at most
     (a layer counts once with its activation); one more glue node and it is not an SE."""
-    def se_model(extra_glue: bool):
-        rng = np.random.default_rng(0)
-        b = NetBuilder((1, 16, 8, 8)).dw(3, act="relu", name="d")
-        x = b.x
-        t = b.node("Flatten", [b.node("GlobalAveragePool", [x], "se_pool")], "se_flat", axis=1)
-        for name, (cout, cin) in (("se_fc1", (4, 16)), ("se_fc2", (16, 4))):
-            w = b.tensor(f"{name}_w", rng.standard_normal((cout, cin)).astype(np.float32))
-            t = b.node("Gemm", [t, w, b.tensor(f"{name}_b", np.zeros(cout, np.float32))], name, transB=1)
-            t = b.node("Relu" if name == "se_fc1" else "Sigmoid", [t], f"{name}_act")
-        if extra_glue:  # one more glue node (a Clip of the gate)
-            t = b.node("Clip", [t, b.tensor("lo", np.float32(0)), b.tensor("hi", np.float32(1))], "se_clip")
-        t = b.node("Reshape", [t, b.tensor("se_shape", np.array([1, 16, 1, 1], np.int64))], "se_reshape")
-        b.x = b.node("Mul", [x, t], "se_mul")
-        g = graph(b.conv(16, 1, act=None, name="p"))
-        return g, x
-
-    g, x = se_model(False)
+    g, x = _fc_se()
     assert g.se_after(x) == (["se_fc1", "se_fc2"], "se_mul")
-    g, x = se_model(True)
+    g, x = _fc_se(extra_glue=True)
     assert g.se_after(x) == ([], x)
 
 
