@@ -176,3 +176,20 @@ def test_domains_bound_each_axis_by_the_smallest_size_the_network_accepts(kernel
     _, s = built(b.build())
     (site,) = registry()["resolution"].sites(s)
     assert site.domains == {"height": IntDomain(smallest[0], 24, 1, 12), "width": IntDomain(smallest[1], 40, 1, 20)}
+    assert site.note == "input is 12x20"
+    below = registry()["resolution"].check(s, None, {"height": smallest[0] - 1, "width": 20})
+    assert below.startswith(f"cannot run at {smallest[0] - 1}x20: ")
+
+
+def test_the_current_size_is_an_unmodified_exact_rewrite():
+    import onnx_graphsurgeon as gs
+
+    from archpass.passes.engine import plan
+    from archpass.recipe import Recipe
+
+    model, s = built(NetBuilder((1, 3, 12, 20), seed=13).conv(4, 3, act="relu").build())
+    (step,) = plan(s, Recipe.of([{"pass": "resolution", "height": 12, "width": 20}])).steps
+    gr = step.pass_.apply_graph(gs.import_onnx(model.proto), s, step.match)
+    assert (gr.modified, gr.exact) == (False, True) and (step.result.modified, step.result.exact) == (False, True)
+    applied = apply_checked(model, s, [{"pass": "resolution", "height": 12, "width": 20}])
+    assert applied.rewrites[0]["exact"] is True
