@@ -211,6 +211,16 @@ EXPLAINED: dict[tuple[str, str, str], str] = {
      'Domain = Union[IntDomain, FloatDomain, CategoricalDomain]',
      'Domain = None'):
         'equivalent: the alias is only used in annotations, never evaluated (from __future__ import annotations)',
+    ('passes/structedit.py',
+     'changed = False',
+     'changed = None'):
+        'equivalent: changed is only tested for truth; False and None are both false',
+    ('passes/structedit.py',
+     'if o and o not in tensors:',
+     'if o or o not in tensors:'):
+        'equivalent for the chains passes ask for (the activation ops between two convs, after loading): none of '
+        'their nodes has an empty (omitted optional) output name, and a tensor met again is skipped by its users '
+        'already being seen',
     ('passes/dw_to_dense.py',
      'split = None',
      'split = ""'):

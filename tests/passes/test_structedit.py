@@ -22,6 +22,8 @@ def _act_chain(side: str | None = None):
     b.x = b.node("Mul", [x, hs], "mul")
     if side == "after":
         b.node("GlobalAveragePool", [x], "side")
+    if side == "from_the_gate":  # reads the HardSigmoid's output, after the Mul that reads it too
+        b.node("GlobalAveragePool", [hs], "side")
     out = b.x
     b.dw(3, act="relu", name="dw")
     proto = b.build(check=False)
@@ -37,7 +39,7 @@ def test_chain_between_an_activation():
     s, start, end = _act_chain()
     nodes, tensors = chain_between(s, start, end)
     assert [n.name for n in nodes] == ["hs", "mul"] and tensors == {"hs"}
-    for side in ("before", "after"):  # a path that does not lead to ``end`` makes it no chain
+    for side in ("before", "after", "from_the_gate"):  # a path that does not lead to ``end``: no chain
         s, start, end = _act_chain(side)
         assert chain_between(s, start, end) is None, side
 
