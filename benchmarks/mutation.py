@@ -17,7 +17,14 @@ bounded by ``--minutes``; each mutant by 10x the baseline test time (at least 2 
 Run it nice'd under the shared lock::
 
     flock -s /tmp/archpass-quiet.lock nice -n 19 python benchmarks/mutation.py [MODULE ...] --jobs 4
-    ... python benchmarks/mutation.py MODULE ... --recheck   # survivors against today's tests
+    ... python benchmarks/mutation.py MODULE@0:250 MODULE@250:502 --merge   # a long module in parts
+    ... python benchmarks/mutation.py MODULE ... --recheck --wide   # survivors against today's tests
+
+``MODULE@START:END`` runs that part of the module's mutant list; parts merge into one result
+(with ``--merge``, which keeps the other modules' results).  ``--at COMMIT`` runs another
+commit.  ``--recheck`` reruns the survivors not yet killed against the module's selection,
+``--wide`` against every fast test of the passes and the core (``WIDE``), ``--existing`` at
+the commit the mutants were run on (what a wider selection of the tests of the time kills).
 
 The clone's tests import the clone's own (mutated) code: a ``sitecustomize`` on PYTHONPATH
 maps the package names onto its folders as pyproject's package-dir does.
