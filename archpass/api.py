@@ -321,6 +321,8 @@ def optimize(
         doc["finalists"] = list(out.checked)
     if out.front:
         doc["pareto_front"] = list(out.front)
+    if out.explored is not None:
+        doc["ladder"] = dict(out.explored)  # the post-training guard's exploration (search/ladder.py)
     return doc
 
 
