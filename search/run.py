@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import multiprocessing
 import time
+import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -311,6 +312,9 @@ def _open_shared(prep: Prepared, location: str, study_name: str, *, resume: bool
                                 f"{', '.join(diff)}", "run the same command as the other workers, or give another --study-name")
         if resume and loc.kind == "journal":
             st.fail_stale(study)
+        # a joiner samples with its own seed (the same command on every machine would
+        # otherwise propose the same first points); the creator keeps --seed
+        study.sampler = _sampler(job, 1 + zlib.crc32(worker_id().encode()) % 1_000_000)
     else:
         enqueue_first(study, prep, seeds)
     return study
