@@ -389,7 +389,8 @@ def _seeds(paths, seed_model, structure) -> list:
 
 
 def _evaluator_summary(out, command: str) -> dict:
-    """How the user's evaluator went: runs, failures (with their reason), the chosen trial's metrics."""
+    """How the user's evaluator went: runs, failures (with their reason), and the metrics of
+    the model written (the chosen trial's, or the unchanged model's when the original is kept)."""
     import optuna
 
     evaluated, failed, chosen = 0, [], None
@@ -400,7 +401,9 @@ def _evaluator_summary(out, command: str) -> dict:
         evaluated += 1
         if ev.get("ok") is False:
             failed.append({"number": t.number, "reason": ev.get("reason"), "stderr_tail": ev.get("stderr_tail")})
-        if t.number == out.best_trial and t.state == optuna.trial.TrialState.COMPLETE:
+        emitted = (t.number == out.best_trial if out.best_trial is not None  # else the original: an unchanged trial
+                   else not (t.user_attrs.get("recipe") or {}).get("rewrites", [1]))
+        if emitted and t.state == optuna.trial.TrialState.COMPLETE and ev.get("ok"):
             chosen = ev.get("metrics")
     return {"command": command, "evaluated": evaluated, "failed": failed, "metrics": chosen}
 

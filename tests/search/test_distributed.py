@@ -179,9 +179,10 @@ def test_two_archpass_optimize_processes_share_one_postgres_study(tmp_path):
 
 
 def test_an_optimize_process_killed_mid_evaluation_leaves_no_running_trial(tmp_path):
-    """SIGKILL an `archpass optimize` process inside its evaluator (a lost machine): the next
-    process on the study fails the silent trial by its heartbeat, retries it and finishes;
-    nothing is left RUNNING, and the report lists the failed trial."""
+    """An `archpass optimize` process hangs inside its evaluator: a process resuming the
+    study meanwhile leaves its RUNNING trial alone (it is alive).  Then it is SIGKILLed (a
+    lost machine): the next process on the study fails the silent trial by its heartbeat,
+    retries it and finishes; nothing is left RUNNING, and the report lists the failed trial."""
     model, name, n = _small_model(tmp_path), f"cli-{uuid.uuid4().hex[:10]}", 8
     flag = tmp_path / "hang.pid"
     lost = subprocess.Popen(_optimize_cmd(model, tmp_path / "a" / "out.onnx", name, n, "--evaluate-top", "2"),
@@ -192,11 +193,16 @@ def test_an_optimize_process_killed_mid_evaluation_leaves_no_running_trial(tmp_p
         assert lost.poll() is None, lost.stderr.read()[-2000:]
         assert time.monotonic() < end, "the first process never reached its evaluator"
         time.sleep(0.1)
+    hung = [t for t in _study(name).get_trials(deepcopy=False) if t.state == TrialState.RUNNING]
+    assert len(hung) == 1
+    # while it is alive (its heartbeat beats), another process resuming the study leaves its trial alone
+    r = subprocess.run(_optimize_cmd(model, tmp_path / "c" / "out.onnx", name, 4, "--evaluate-top", "2", "--resume"),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert _study(name).get_trials(deepcopy=False)[hung[0].number].state == TrialState.RUNNING
     lost.kill()
     os.kill(int(flag.read_text()), signal.SIGKILL)  # its evaluator too (it runs in its own session)
     assert lost.wait(timeout=30) == -signal.SIGKILL
-    hung = [t for t in _study(name).get_trials(deepcopy=False) if t.state == TrialState.RUNNING]
-    assert len(hung) == 1
     time.sleep(2.5)  # the grace period (twice the 1 s heartbeat) passes
     r = subprocess.run(_optimize_cmd(model, tmp_path / "b" / "out.onnx", name, n, "--evaluate-top", "2",
                                      "--report", str(tmp_path / "rep")),
