@@ -304,6 +304,8 @@ def report_from_study(study, *, storage: str | None = None, structure=None, targ
     kinds = ({(t.user_attrs.get("guard") or {}).get("kind") for t in study.get_trials(deepcopy=False)}
              | {c.get("kind") for c in checked} | {(result or {}).get("score_kind")}) - {None}
     notes = [] if chosen is not None else ["no feasible trial beats the unchanged model: the best is the original"]
+    if (result or {}).get("message"):  # the run's own words (e.g. why the guard kept the original)
+        notes = [result["message"]]
     return build_report(
         model=job.get("model", "?"), target=getattr(tgt, "name", str(tgt)), objectives=objectives,
         structure=structure, baseline=base_est, best=best_est if best_est is not None else base_est,
@@ -494,6 +496,8 @@ def render_markdown(data: ReportData) -> str:
                + (f"  Best: trial {data.best_trial}." if data.best_trial is not None else "  Best: the original model."))
     if data.study:
         out.append(f"Study `{data.study}`" + (f" in `{data.storage}`." if data.storage else "."))
+    for n in data.notes:
+        out += ["", f"> {n}"]
     out += ["", "| | original | optimized | change |", "|---|---|---|---|"]
     out += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in headline_rows(data)]
     out += ["", "## Recipe", ""]
@@ -520,8 +524,6 @@ def render_markdown(data: ReportData) -> str:
                        + (f" (retry of trial {t.retried_from})" if t.retried_from is not None else ""))
             if t.stderr_tail:
                 out += ["", "  ```", *["  " + l for l in t.stderr_tail.splitlines()], "  ```"]
-    if data.notes:
-        out += ["", "## Notes", ""] + [f"- {n}" for n in data.notes]
     return "\n".join(out) + "\n"
 
 
@@ -529,7 +531,7 @@ _CSS = """
 body{font-family:-apple-system,"Segoe UI",Roboto,"DejaVu Sans",Arial,sans-serif;margin:2em auto;max-width:1000px;
 color:#1d1d1f;padding:0 1em;line-height:1.45}
 h1{font-size:1.6em;margin-bottom:.2em}h2{font-size:1.2em;margin-top:1.6em;border-bottom:1px solid #ddd}
-.sub{color:#555;margin-top:0}
+.sub{color:#555;margin-top:0}.note{background:#fff8e1;border-left:4px solid #f0b400;padding:.4em .8em}
 table{border-collapse:collapse;margin:.6em 0;font-size:.92em}th,td{border:1px solid #ddd;padding:.3em .6em;text-align:left}
 th{background:#f4f6f8}td.num{text-align:right;font-variant-numeric:tabular-nums}
 .cards{display:flex;gap:1em;flex-wrap:wrap;margin:1em 0}
@@ -569,6 +571,7 @@ def render_html(data: ReportData, images: Mapping[str, bytes]) -> str:
          f"({h['feasible_trials']} feasible); best: "
          + (f"trial {data.best_trial}" if data.best_trial is not None else "the original model")
          + (f"; study <code>{e(data.study)}</code>" if data.study else "") + ".</p>",
+         "".join(f'<p class="note">{e(n)}</p>' for n in data.notes),
          '<div class="cards">' + "".join(cards) + "</div>",
          "<table><tr><th></th><th>original</th><th>optimized</th><th>change</th></tr>"]
     p += [f"<tr><td>{e(r[0])}</td><td class=\"num\">{e(r[1])}</td><td class=\"num\">{e(r[2])}</td>"
@@ -605,8 +608,6 @@ def render_html(data: ReportData, images: Mapping[str, bytes]) -> str:
             p.append(f"<li>trial {t.number} ({e(t.state.lower())}): {e(t.reason or 'failed')}{retry}"
                      + (f"<pre>{e(t.stderr_tail)}</pre>" if t.stderr_tail else "") + "</li>")
         p.append("</ul>")
-    if data.notes:
-        p.append("<h2>Notes</h2><ul>" + "".join(f"<li>{e(n)}</li>" for n in data.notes) + "</ul>")
     p.append("</body></html>\n")
     return "\n".join(p)
 

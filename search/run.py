@@ -390,7 +390,8 @@ def record_outcome(study: optuna.Study, out: Outcome) -> None:
     info = dict(out.guard_info or {})
     study.set_user_attr(RESULT_ATTR, {"best_trial": out.best_trial, "score_kind": info.get("kind"),
                                       "baseline_score": info.get("baseline"),
-                                      "best_score": (out.guard or {}).get("score") if out.guard else None})
+                                      "best_score": (out.guard or {}).get("score") if out.guard else None,
+                                      "message": out.message})
 
 
 def _dominates_or_equal(a: Sequence[float], b: Sequence[float]) -> bool:
