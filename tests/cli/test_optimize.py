@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import shlex
+import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -55,13 +59,25 @@ def test_optimize_table(model, tmp_path):
     (["--freeze", "block42"], "--freeze names a site this model does not have: 'block42'"),
     (["--objective", "speed"], "unknown objective 'speed'"),
     (["--mode", "post-training"], "post-training mode needs calibration data"),
+    # issue 10: storage, evaluator, seeds
+    (["--storage", "postgresql+psycopg://nobody@127.0.0.1:1/studies"], "cannot reach the study database"),
+    (["--storage", "postgresql+psycopg://u:pw@host:notaport/db"], "storage URL postgresql+psycopg://u:***@host:notaport/db is malformed"),
+    (["--evaluator", "no-such-evaluator-cmd {model}"], "evaluator command 'no-such-evaluator-cmd' not found on PATH"),
+    (["--evaluator", f"{sys.executable} x.py {{model}}", "--min-metric", "agreement"], "--min-metric 'agreement' has no '='"),
+    (["--min-metric", "agreement=0.9"], "--min-metric bounds the metrics of an --evaluator, and none was given"),
+    (["--study-name", "team"], "--study-name names a study in a --storage, and none was given"),
+    (["--seed-recipe", "no-such-recipe.json"], "recipe file not found"),
 ])
 def test_bad_input_is_one_line_and_exit_2(model, tmp_path, args, words):
     r = runner.invoke(app, ["optimize", str(model), "-o", str(tmp_path / "out.onnx"), "--trials", "5", *args])
+    _one_error_line(r, words)
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def _one_error_line(r, words: str) -> None:
     assert r.exit_code == 2, r.output
     lines = [l for l in r.stderr.splitlines() if l.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], r.stderr
-    assert not (tmp_path / "out.onnx").exists()
 
 
 def test_retrain_output_converts_to_pytorch(model, tmp_path):
@@ -144,31 +160,9 @@ def test_calibration_preprocessing_options_reach_the_guard(model, tmp_path):
 
 
 # ---------------------------------------------------------------------------- issue 10: storage, evaluator, seeds, report
-import os  # noqa: E402
-import shlex  # noqa: E402
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
-
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "mobilenet_v2.onnx"
 PG = os.environ.get("ARCHPASS_TEST_POSTGRES")
-
-
-@pytest.mark.parametrize("args, words", [
-    (["--storage", "postgresql+psycopg://nobody@127.0.0.1:1/studies"], "cannot reach the study database"),
-    (["--storage", "postgresql+psycopg://u:pw@host:notaport/db"], "storage URL postgresql+psycopg://u:***@host:notaport/db is malformed"),
-    (["--evaluator", "no-such-evaluator-cmd {model}"], "evaluator command 'no-such-evaluator-cmd' not found on PATH"),
-    (["--evaluator", f"{sys.executable} x.py {{model}}", "--min-metric", "agreement"], "--min-metric 'agreement' has no '='"),
-    (["--min-metric", "agreement=0.9"], "--min-metric bounds the metrics of an --evaluator, and none was given"),
-    (["--study-name", "team"], "--study-name names a study in a --storage, and none was given"),
-    (["--seed-recipe", "no-such-recipe.json"], "recipe file not found"),
-])
-def test_bad_scale_input_is_one_line_and_exit_2(model, tmp_path, args, words):
-    r = runner.invoke(app, ["optimize", str(model), "-o", str(tmp_path / "out.onnx"), "--trials", "5", *args])
-    assert r.exit_code == 2, r.output
-    lines = [l for l in r.stderr.splitlines() if l.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], r.stderr
-    assert not (tmp_path / "out.onnx").exists()
 
 
 @pytest.mark.skipif(not PG, reason="ARCHPASS_TEST_POSTGRES is not set (.ci/run starts a server)")
@@ -178,9 +172,7 @@ def test_wrong_database_password_is_named_and_not_echoed(model, tmp_path):
     url = make_url(PG).set(username="archpass_pw", password="not-the-Password-42", database="archpass_pw")
     r = runner.invoke(app, ["optimize", str(model), "-o", str(tmp_path / "out.onnx"), "--trials", "5",
                             "--storage", url.render_as_string(hide_password=False)])
-    assert r.exit_code == 2, r.output
-    lines = [l for l in r.stderr.splitlines() if l.strip()]
-    assert len(lines) == 1 and "wrong password for user archpass_pw" in lines[0], r.stderr
+    _one_error_line(r, "wrong password for user archpass_pw")
     assert "not-the-Password-42" not in r.output and not (tmp_path / "out.onnx").exists()
 
 
