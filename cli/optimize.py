@@ -115,10 +115,10 @@ class _Progress:
 
 def optimize(
     model: Annotated[Path, typer.Argument(help="The ONNX model to optimize (never modified).", show_default=False)],
-    output: Annotated[Path, typer.Option("-o", "--output", help="Where to write the optimized model (.onnx); its recipe goes to OUT.recipe.json, the study to OUT.study.jsonl.", show_default=False)],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Where to write the optimized model (.onnx); its recipe goes to OUT.recipe.json, the study to OUT.study.jsonl (or --storage).", show_default=False)],
     target: Annotated[str, typer.Option("--target", "-t", help="Target name (`archpass targets`) or target folder.")] = "edgetpu",
     objective: Annotated[str, typer.Option("--objective", help="latency, memory (params + peak activation) or macs; several comma-separated for a Pareto front (NSGA-II).")] = "latency",
-    trials: Annotated[int, typer.Option("--trials", "-n", help="Finished trials to reach (counted across --resume and --workers).")] = 300,
+    trials: Annotated[int, typer.Option("--trials", "-n", help="Finished trials to reach (counted across --resume, --workers and every process on a shared --storage; a trial the evaluator failed counts).")] = 300,
     passes: Annotated[Optional[list[str]], typer.Option("--passes", help="Restrict the search to these passes (comma-separated): fuse_ibn, channels, width_multiplier, dw_to_dense, resolution.", show_default=False)] = None,
     freeze: Annotated[Optional[list[str]], typer.Option("--freeze", help="Sites to leave alone (comma-separated block/group/layer/stage ids, PASS:SITE, or a pass name).", show_default=False)] = None,
     resolutions: Annotated[Optional[list[str]], typer.Option("--resolutions", help="Input sizes to try, e.g. 160,192,224.", show_default=False)] = None,
