@@ -129,10 +129,10 @@ ARCHPASS = [sys.executable, "-m", "archpass"]
 EVAL_CMD = Path(__file__).resolve().with_name("eval_cmd.py")
 
 
-def _optimize_cmd(model: Path, out: Path, study: str, trials: int, *extra: str) -> list[str]:
+def _optimize_cmd(model: Path, out: Path, study: str, trials: int, *extra: str, heartbeat: int = 1) -> list[str]:
     """The same command on every "machine": only -o (and the environment) differ."""
     return ARCHPASS + ["optimize", str(model), "-o", str(out), "--storage", PG, "--study-name", study,
-                       "--trials", str(trials), "--no-guard", "--heartbeat", "1", "--json",
+                       "--trials", str(trials), "--no-guard", "--heartbeat", str(heartbeat), "--json",
                        "--evaluator", f"{sys.executable} {EVAL_CMD} {{model}}", *extra]
 
 
@@ -185,7 +185,8 @@ def test_an_optimize_process_killed_mid_evaluation_leaves_no_running_trial(tmp_p
     retries it and finishes; nothing is left RUNNING, and the report lists the failed trial."""
     model, name, n = _small_model(tmp_path), f"cli-{uuid.uuid4().hex[:10]}", 8
     flag = tmp_path / "hang.pid"
-    lost = subprocess.Popen(_optimize_cmd(model, tmp_path / "a" / "out.onnx", name, n, "--evaluate-top", "2"),
+    beat = 2  # seconds; a trial silent for twice that is stale (margin for a loaded machine)
+    lost = subprocess.Popen(_optimize_cmd(model, tmp_path / "a" / "out.onnx", name, n, "--evaluate-top", "2", heartbeat=beat),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "ARCHPASS_TEST_HANG_FLAG": str(flag)})
     end = time.monotonic() + 120
@@ -196,16 +197,17 @@ def test_an_optimize_process_killed_mid_evaluation_leaves_no_running_trial(tmp_p
     hung = [t for t in _study(name).get_trials(deepcopy=False) if t.state == TrialState.RUNNING]
     assert len(hung) == 1
     # while it is alive (its heartbeat beats), another process resuming the study leaves its trial alone
-    r = subprocess.run(_optimize_cmd(model, tmp_path / "c" / "out.onnx", name, 4, "--evaluate-top", "2", "--resume"),
+    r = subprocess.run(_optimize_cmd(model, tmp_path / "c" / "out.onnx", name, 4, "--evaluate-top", "2", "--resume",
+                                     heartbeat=beat),
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert _study(name).get_trials(deepcopy=False)[hung[0].number].state == TrialState.RUNNING
     lost.kill()
     os.kill(int(flag.read_text()), signal.SIGKILL)  # its evaluator too (it runs in its own session)
     assert lost.wait(timeout=30) == -signal.SIGKILL
-    time.sleep(2.5)  # the grace period (twice the 1 s heartbeat) passes
+    time.sleep(2 * beat + 0.5)  # the grace period (twice the heartbeat) passes
     r = subprocess.run(_optimize_cmd(model, tmp_path / "b" / "out.onnx", name, n, "--evaluate-top", "2",
-                                     "--report", str(tmp_path / "rep")),
+                                     "--report", str(tmp_path / "rep"), heartbeat=beat),
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     trials = _study(name).get_trials(deepcopy=False)
