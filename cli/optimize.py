@@ -82,10 +82,12 @@ def _render_seed(seed: dict) -> None:
     t.add_column("#", justify="right")
     id_column(t, "rewrite", [text(e["source"]) for e in entries])
     t.add_column("where")
-    id_column(t, "resolved as", [text(e["resolved"]) for e in entries])
+    moved = [("as written" if e["resolved"] == e["source"] else text(e["resolved"])) for e in entries]
+    id_column(t, "resolved as", moved)
     t.add_column("note")
-    for e in entries:
-        t.add_row(str(e["index"]), text(e["source"]), e["address"], text(e["resolved"]), e["note"])
+    for e, m in zip(entries, moved):
+        note = "" if e["note"] in ("same id", "whole model") else e["note"].removeprefix("same id; ")
+        t.add_row(str(e["index"]), text(e["source"]), e["address"], m, note)
     print_table(t)
 
 
