@@ -17,6 +17,17 @@ from archpass.search.study import StudyError
 ARCHPASS = [sys.executable, "-m", "archpass"]
 
 
+def _poll_complete(path: Path) -> dict[int, dict]:
+    """The finished trials of a study a running process writes: none yet while the file
+    exists but the process has not written the study into it."""
+    if not path.is_file():
+        return {}
+    try:
+        return _complete(path)
+    except StudyError:
+        return {}
+
+
 def _complete(path: Path) -> dict[int, dict]:
     s = st.load_study(path, sampler=None)
     return {t.number: t.params for t in s.get_trials(states=(optuna.trial.TrialState.COMPLETE,))}
@@ -30,7 +41,7 @@ def test_resume_after_sigkill_loses_no_finished_trial(small_model, tmp_path):
     try:
         deadline = time.time() + 120
         while time.time() < deadline:
-            if store.is_file() and len(_complete(store)) >= 12:
+            if len(_poll_complete(store)) >= 12:
                 break
             time.sleep(0.3)
         else:
@@ -77,7 +88,7 @@ def test_ctrl_c_stops_cleanly_and_writes_the_best_so_far(small_model, tmp_path):
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.time() + 120
-        while time.time() < deadline and not (store.is_file() and len(_complete(store)) >= 8):
+        while time.time() < deadline and len(_poll_complete(store)) < 8:
             time.sleep(0.3)
         proc.send_signal(signal.SIGINT)
         stdout, stderr = proc.communicate(timeout=120)
