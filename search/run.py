@@ -365,6 +365,12 @@ def search(prep: Prepared, storage: Path, *, resume: bool = False, progress: Cal
             _optimize(study, prep, cbs, shared=shared)
         except KeyboardInterrupt:
             interrupted = True
+        except UnboundLocalError as exc:
+            # Optuna 5.0's _run_trial: a Ctrl-C while it stores a trial's result surfaces as an
+            # UnboundLocalError raised from its `finally` (the KeyboardInterrupt is its context)
+            if not isinstance(exc.__context__, KeyboardInterrupt):
+                raise
+            interrupted = True
         finally:
             for p in procs:
                 p.join(timeout=None if not interrupted else 10)
