@@ -16,8 +16,9 @@ archpass's passes; the set of ``predictor_accuracy.py``):
   of window medians, windows interleaved over models), all timing under the exclusive lock.
   The same adaptation run twice at different times gives the drift.
 
-    python benchmarks/adapt.py --phase truths|zigzag|report
-    python benchmarks/adapt.py --phase ort --lock    # takes flock -x /tmp/archpass-quiet.lock itself
+    python benchmarks/adapt.py --phase truths|zigzag|prepare|report
+    quiet.sh python benchmarks/adapt.py --phase ort-truth --tag first          # one quiet section each
+    quiet.sh python benchmarks/adapt.py --phase ort-adapt --scenario 2threads --tag first
 
 Phases write into the benchmark cache (``$ARCHPASS_BENCH_CACHE``/adapt) and
 ``report`` writes ``benchmarks/results/adapt.json``.
@@ -28,8 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -40,7 +39,6 @@ sys.path.insert(0, str(ROOT))
 import predictor_accuracy as pa  # noqa: E402  (exports, ZigZag whole-model truths)
 
 RESULTS = ROOT / "results" / "adapt.json"
-LOCK = "/tmp/archpass-quiet.lock"
 CLOCK_HZ = 500e6
 ZIGZAG_SAMPLES = 50
 #: held-out models for ZigZag (whole-model evaluations take minutes each: a subset of
@@ -168,7 +166,7 @@ def phase_zigzag(args) -> dict:
     from dataclasses import replace
 
     from archpass.costmodel import load_target
-    from archpass.costmodel.adapt import METHODS, refit
+    from archpass.costmodel.adapt import METHODS, PER_KIND, refit
     from archpass.costmodel.calibrate import DATASET, Dataset, fit_predictors
 
     truths = _json(work_dir() / "zigzag_truths.json", {})
@@ -184,7 +182,7 @@ def phase_zigzag(args) -> dict:
     full = replace(shell, predictors=fit_predictors(shell, full_pts)[0])
     base = load_target("edgetpu")
     variants = {"adapted": adapted, "from_scratch_same_50": scratch, "full_calibration": full, "base_edgetpu_as_is": base}
-    for m in METHODS:
+    for m in (*METHODS, PER_KIND):
         variants[f"adapted[{m}]"] = refit(work_dir() / "ascend_adapted", m)
     out = {"held_out_models": names, "truth": "ZigZag whole-model evaluation, ascend_like (16x16 K x C, 2x2 OX x OY), "
            f"lpf_limit 4, {CLOCK_HZ / 1e6:.0f} MHz",
@@ -198,44 +196,64 @@ def phase_zigzag(args) -> dict:
     return out
 
 
-# ------------------------------------------------------------------ phase: onnxruntime (run under flock -x)
+# ------------------------------------------------------------------ phase: onnxruntime (each run via /work/notes/quiet.sh)
 SCENARIOS = {"2threads": {"threads": 2, "graph_opt": "all"}, "basic": {"threads": 1, "graph_opt": "basic"}}
+#: the base target's own setting, timed too: how right ``cpu`` is on this host before adapting
+BASE_SCENARIO = {"1thread": {"threads": 1, "graph_opt": "all"}}
+BUDGET_S = 60.0
 
 
-def adapt_runs(tag: str) -> dict:
+def adapt_run(sc: str, tag: str) -> dict:
+    """One adaptation of ``cpu`` to scenario ``sc`` (its own quiet section), recorded in ort_runs.json."""
     from archpass.costmodel.adapt import adapt_onnxruntime
 
-    out = {}
-    for sc, kw in SCENARIOS.items():
-        d = work_dir() / f"ort_{sc}_{tag}"
-        t0 = time.time()
-        t = adapt_onnxruntime(base="cpu", name=f"cpu_{sc}", out_dir=d, budget_s=60, seed=0,
-                              progress=lambda m, sc=sc: print(f"adapt {sc}: {m}", file=sys.stderr, flush=True), **kw)
-        out[sc] = {"dir": str(d), "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                   "wall_seconds": round(time.time() - t0, 1), "measurement": t.accuracy["measurement"],
-                   "method": t.accuracy["method"], "cross_validation": t.accuracy["cross_validation"]}
-        print(f"adapted {sc} ({tag}): {t.accuracy['measurement']['seconds']} s of measurement, "
-              f"{t.accuracy['measurement']['networks']} networks, method {t.accuracy['method']}", file=sys.stderr)
-    return out
+    import shutil
+
+    d = work_dir() / f"ort_{sc}_{tag}"
+    shutil.rmtree(d, ignore_errors=True)  # a fresh adaptation (the dataset would resume an earlier one)
+    t0 = time.time()
+    t = adapt_onnxruntime(base="cpu", name=f"cpu_{sc}", out_dir=d, budget_s=BUDGET_S, seed=0,
+                          progress=lambda m: print(f"adapt {sc}: {m}", file=sys.stderr, flush=True), **SCENARIOS[sc])
+    entry = {"dir": str(d), "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+             "wall_seconds": round(time.time() - t0, 1), "measurement": t.accuracy["measurement"],
+             "method": t.accuracy["method"], "network_fit": t.accuracy.get("network_fit"),
+             "cross_validation": t.accuracy["cross_validation"]}
+    print(f"adapted {sc} ({tag}): {entry['measurement']['seconds']} s of measurement, "
+          f"{entry['measurement']['networks']} networks, method {entry['method']}", file=sys.stderr)
+    path = work_dir() / "ort_runs.json"
+    doc = _json(path, {})
+    doc.setdefault("adaptations", {}).setdefault(tag, {})[sc] = entry
+    _save(path, doc)
+    return entry
 
 
-def ort_truths(models, windows: int = 3) -> dict:
+def canonical_protos(names) -> dict:
+    """The held-out models as canonical ONNX (written by :func:`load_models` before the quiet section)."""
+    import onnx
+
+    return {n: onnx.load(str(pa.cache_dir() / f"{n}.canonical.onnx")) for n in names}
+
+
+def ort_truths(protos: dict, windows: int = 3) -> dict:
     """Whole-model latency per scenario: ``windows`` interleaved windows (every model and
-    scenario once per window), each the median of >= 15 runs and >= 0.3 s; a window taken
-    while other processes kept a needed core busy is taken again (up to twice)."""
+    scenario once per window), each the median of >= 15 runs and >= 0.3 s, started in a
+    quiet moment (other processes leave the cores the timing needs free, waited for up to
+    10 s) and taken again (up to twice) when other processes kept a needed core busy."""
     import numpy as np
 
-    from archpass.costmodel.adapt import OtherLoad
+    from archpass.costmodel.adapt import OtherLoad, allowed_other_cores, wait_quiet
     from archpass.costmodel.backends.onnxruntime import measure_model
 
-    res = {sc: {n: {"windows": [], "other_cores": []} for n in models} for sc in SCENARIOS}
+    scen = {**BASE_SCENARIO, **SCENARIOS}
+    res = {sc: {n: {"windows": [], "other_cores": []} for n in protos} for sc in scen}
     for w in range(windows):
-        for name, (model, _, _) in models.items():
-            for sc, kw in SCENARIOS.items():
-                allowed = max((os.cpu_count() or 1) - kw["threads"], 0) + 0.3
+        for name, proto in protos.items():
+            for sc, kw in scen.items():
+                allowed = allowed_other_cores(kw["threads"])
                 for attempt in range(3):
+                    wait_quiet(kw["threads"], 10.0)
                     with OtherLoad() as load:
-                        r = measure_model(model.proto, threads=kw["threads"], graph_opt=kw["graph_opt"], warmup=5,
+                        r = measure_model(proto, threads=kw["threads"], graph_opt=kw["graph_opt"], warmup=5,
                                           repeats=15, min_seconds=0.3)
                     if (load.cores or 0) <= allowed:
                         break
@@ -249,29 +267,72 @@ def ort_truths(models, windows: int = 3) -> dict:
     return res
 
 
-def phase_ort(args) -> None:
-    models = load_models(ORT_MODELS)
-    if args.lock:  # models loaded (minutes of CPU on a busy machine): now wait for the quiet machine
-        import fcntl
-
-        fd = os.open(LOCK, os.O_RDONLY | os.O_CREAT)
-        print("waiting for the exclusive lock", file=sys.stderr, flush=True)
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        print("exclusive lock taken", file=sys.stderr, flush=True)
-    runs = {"first": adapt_runs("first")}
+def phase_ort_truth(args) -> None:
+    """One truth measurement of every held-out model in every scenario (its own quiet section)."""
+    protos = canonical_protos(ORT_MODELS)
+    settle()
     t0 = time.time()
-    truths = ort_truths(models)
-    doc = {"adaptations": runs, "truths": truths, "truth_seconds": round(time.time() - t0, 1)}
-    _save(work_dir() / "ort_runs.json", doc)
-    # drift: the same adaptations again, after the ground truth (minutes later)
-    doc["adaptations"]["second"] = adapt_runs("second")
-    _save(work_dir() / "ort_runs.json", doc)
+    truths = ort_truths(protos)
+    path = work_dir() / "ort_runs.json"
+    doc = _json(path, {})
+    doc.setdefault("truths", {})[args.tag] = {"when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                                              "seconds": round(time.time() - t0, 1), "scenarios": truths}
+    _save(path, doc)
 
 
-def phase_drift(args) -> None:
-    doc = _json(work_dir() / "ort_runs.json", {})
-    doc.setdefault("adaptations", {})["second"] = adapt_runs("second")
-    _save(work_dir() / "ort_runs.json", doc)
+def settle(threads: int = 2, max_wait: float = 180.0) -> float:
+    """Wait (inside the quiet section) until no other process keeps a core busy: processes
+    that ignore the lock (or outlive it) would otherwise be timed with ours."""
+    from archpass.costmodel.adapt import wait_quiet
+
+    waited = wait_quiet(threads, max_wait, window=1.0)
+    print(f"waited {waited:.0f} s for a quiet host", file=sys.stderr, flush=True)
+    return waited
+
+
+def phase_ort_adapt(args) -> None:
+    settle()
+    adapt_run(args.scenario, args.tag)
+
+
+def phase_prepare(args) -> None:
+    """Export and canonicalize the held-out models (CPU work, outside any quiet section)."""
+    load_models(ORT_MODELS)
+
+
+def combined_truths(doc: dict) -> tuple[dict, dict]:
+    """Per scenario and model: the median of every truth measurement's window medians,
+    and how much two truth measurements (taken at different times) differ."""
+    import numpy as np
+
+    from archpass.costmodel.adapt import allowed_other_cores
+
+    runs = list(doc.get("truths", {}).values())
+    out: dict = {}
+    stability: dict = {}
+    for sc, kw in {**BASE_SCENARIO, **SCENARIOS}.items():
+        out[sc] = {}
+        diffs = []
+        allowed = allowed_other_cores(kw["threads"])
+        for name in ORT_MODELS:
+            per_run = [r["scenarios"][sc][name] for r in runs if name in r["scenarios"].get(sc, {})]
+            if not per_run:
+                continue
+            # windows timed while another process kept a needed core busy are left out
+            # (all kept when every window was disturbed)
+            pairs = [(w, o) for r in per_run for w, o in zip(r["windows"], r["other_cores"])]
+            windows = [w for w, o in pairs if (o or 0.0) <= allowed] or [w for w, _ in pairs]
+            out[sc][name] = {"ms": float(np.median(windows)), "min_window_ms": float(np.min(windows)), "windows": windows,
+                             "windows_left_out": len(pairs) - len(windows),
+                             "window_spread_pct": (max(windows) / min(windows) - 1) * 100}
+            for i in range(len(per_run)):  # every pair of truth measurements
+                for j in range(i + 1, len(per_run)):
+                    diffs.append(abs(per_run[j]["ms"] / per_run[i]["ms"] - 1) * 100)
+        if diffs:
+            d = np.array(diffs)
+            stability[sc] = {"median_abs_diff_pct": float(np.median(d)), "max_abs_diff_pct": float(d.max()),
+                             "pairs_over_5pct": int((d > 5).sum()), "model_pairs": len(d)}
+    return out, stability
 
 
 # ------------------------------------------------------------------ report
@@ -279,31 +340,46 @@ def phase_report(args) -> None:
     import numpy as np
 
     from archpass.costmodel import load_target
-    from archpass.costmodel.adapt import METHODS, refit
+    from archpass.costmodel.adapt import OWN_METHODS, refit
 
     sys.path.insert(0, str(ROOT))
     from _common import write_results
 
     figures: dict = {"zigzag": phase_zigzag(args)}
     doc = _json(work_dir() / "ort_runs.json", {})
-    if doc:
+    if doc.get("truths"):
         models = load_models(ORT_MODELS)
-        ort: dict = {"held_out_models": ORT_MODELS, "truth": "whole-model median latency: median of 3 interleaved "
-                     "window medians (>= 15 runs, >= 0.3 s each), under flock -x", "scenarios": {}}
+        truths_all, stability = combined_truths(doc)
+        ort: dict = {"held_out_models": ORT_MODELS,
+                     "truth": "whole-model median latency: median of the window medians of every truth measurement "
+                     f"({len(doc['truths'])} measurements at different times, 3 interleaved windows each, >= 15 runs "
+                     ">= 0.3 s per window, each window started in a quiet moment), via /work/notes/quiet.sh",
+                     "truth_measurements": {k: {"when": v["when"], "seconds": v["seconds"]} for k, v in doc["truths"].items()},
+                     "truth_stability_between_measurements": stability, "scenarios": {}}
         base = load_target("cpu")
+        if "1thread" in truths_all:
+            ort["base_cpu_on_this_host_1thread"] = score_variants("ort 1thread", {"cpu_as_is": base}, models,
+                                                                  truths_all["1thread"])["cpu_as_is"]
         for sc in SCENARIOS:
-            truths = doc["truths"][sc]
+            truths = truths_all[sc]
             entry = {"truth_window_spread_pct_median": float(np.median([t["window_spread_pct"] for t in truths.values()])),
                      "targets": {}}
             variants = {"cpu_as_is": base}
-            for tag, runs in doc["adaptations"].items():
+            for tag, runs in doc.get("adaptations", {}).items():
                 if sc in runs:
                     variants[f"adapted_{tag}"] = load_target(runs[sc]["dir"])
                     entry[f"adaptation_{tag}"] = {k: v for k, v in runs[sc].items() if k != "cross_validation"}
-            if "first" in doc["adaptations"]:
-                for m in METHODS:
+            if sc in doc.get("adaptations", {}).get("first", {}):
+                for m in OWN_METHODS:  # the transfer_* ones equal them (same hardware description)
                     variants[f"adapted_first[{m}]"] = refit(doc["adaptations"]["first"][sc]["dir"], m)
             entry["targets"] = score_variants(f"ort {sc}", variants, models, truths)
+            # the same against the fastest window of each model (interference only slows a
+            # window down; the adaptation combines windows by their minimum with several threads)
+            fastest = {n: {"ms": t["min_window_ms"]} for n, t in truths.items()}
+            adapted = {k: v for k, v in variants.items() if k in ("adapted_first", "adapted_second")}
+            entry["targets_against_fastest_window"] = {
+                k: {kk: vv for kk, vv in v.items() if kk != "rows"}
+                for k, v in score_variants(f"ort {sc} (fastest window)", adapted, models, fastest).items()}
             if "adapted_first" in entry["targets"] and "adapted_second" in entry["targets"]:
                 a = np.array([r["predicted_ms"] for r in entry["targets"]["adapted_first"]["rows"]])
                 b = np.array([r["predicted_ms"] for r in entry["targets"]["adapted_second"]["rows"]])
@@ -314,20 +390,22 @@ def phase_report(args) -> None:
             ort["scenarios"][sc] = entry
         figures["onnxruntime"] = ort
     else:
-        figures["onnxruntime"] = {"not_measured": "the exclusive lock (flock -x /tmp/archpass-quiet.lock) that every "
-                                  "onnxruntime timing for a reported figure needs was not obtained before the deadline"}
+        figures["onnxruntime"] = {"not_measured": "no truth measurement (benchmarks/adapt.py --phase ort-truth via "
+                                  "/work/notes/quiet.sh) was taken"}
     path = write_results("adapt", figures)
     print(f"wrote {path}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--phase", required=True, choices=["truths", "zigzag", "ort", "drift", "report"])
+    ap.add_argument("--phase", required=True,
+                    choices=["truths", "zigzag", "prepare", "ort-truth", "ort-adapt", "report"])
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--lock", action="store_true", help="ort phase: take the exclusive lock after loading the models")
+    ap.add_argument("--tag", default="first", help="ort-truth / ort-adapt: which measurement (first, second, ...)")
+    ap.add_argument("--scenario", choices=list(SCENARIOS), help="ort-adapt: which adaptation")
     args = ap.parse_args(argv)
-    {"truths": phase_truths, "zigzag": phase_zigzag, "ort": phase_ort, "drift": phase_drift,
-     "report": phase_report}[args.phase](args)
+    {"truths": phase_truths, "zigzag": phase_zigzag, "prepare": phase_prepare, "ort-truth": phase_ort_truth,
+     "ort-adapt": phase_ort_adapt, "report": phase_report}[args.phase](args)
     return 0
 
 

@@ -30,7 +30,7 @@ def calibrate(
     models: Annotated[str | None, typer.Option("--models", help="--adapt: comma-separated ONNX models whose dominant kernels are measured first.", show_default=False)] = None,
     install: Annotated[bool, typer.Option("--install", help="--adapt: copy the target into the user target folder and make it the default for BASE's name on this host.")] = False,
     graph_opt: Annotated[str, typer.Option("--graph-opt", help="onnxruntime graph optimization level: disabled, basic, extended, all.")] = "all",
-    correction: Annotated[str | None, typer.Option("--correction", help="--adapt: force a correction method (scale, class_scale, loglinear_strong, loglinear, loglinear_weak, rebaseline, rebaseline_loglinear); default: the best cross-validated.", show_default=False)] = None,
+    correction: Annotated[str | None, typer.Option("--correction", help="--adapt: force a correction method (scale, class_scale, loglinear_strong, loglinear, loglinear_weak, rebaseline, rebaseline_loglinear, and transfer_scale, transfer_class_scale, transfer_loglinear_strong, transfer_loglinear: the base's predictors on the new hardware; per_kind: the best of these per kernel class); default: the best cross-validated.", show_default=False)] = None,
     hardware: Annotated[Path | None, typer.Option("--hardware", help="ZigZag hardware YAML (zigzag backend).")] = None,
     mapping: Annotated[Path | None, typer.Option("--mapping", help="ZigZag mapping YAML (zigzag backend).")] = None,
     clock_hz: Annotated[float | None, typer.Option("--clock-hz", help="Accelerator clock, converts cycles to ms (zigzag) (default 500 MHz; with --adapt, the base's).", show_default=False)] = None,
@@ -102,8 +102,8 @@ def _adapt(base, backend, name, output, hardware, mapping, clock_hz, lpf_limit, 
     from archpass.costmodel.target import install_target, set_default, user_dir
 
     prior = ad.load_base(base, backend.value)  # unknown base / other backend: one line before anything runs
-    if correction is not None and correction not in ad.METHODS:
-        raise TargetError(f"unknown --correction '{correction}'", f"use one of {', '.join(ad.METHODS)}")
+    if correction is not None and correction not in (*ad.METHODS, ad.PER_KIND):
+        raise TargetError(f"unknown --correction '{correction}'", f"use one of {', '.join((*ad.METHODS, ad.PER_KIND))}")
     model_paths = [m.strip() for m in (models or "").split(",") if m.strip()]
     for m in model_paths:
         if not Path(m).is_file():

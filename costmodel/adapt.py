@@ -48,8 +48,23 @@ from archpass.costmodel.predictor import LAYER_TERMS, OP_TERMS, Correction
 from archpass.costmodel.target import Target, load_target, save_target
 from archpass.errors import TargetError
 
-METHODS = ("scale", "class_scale", "loglinear_strong", "loglinear", "loglinear_weak", "rebaseline",
-           "rebaseline_loglinear")
+#: corrections of the prior's prediction on its own hardware (and of a new analytic baseline)
+OWN_METHODS = ("scale", "class_scale", "loglinear_strong", "loglinear", "loglinear_weak", "rebaseline",
+               "rebaseline_loglinear", "residual_trees")
+#: residual trees (LightGBM on the kernels' features and log prior, over a pooled scale)
+#: need this many points in a pool (layer kinds, standalone ops); fewer keep the scale
+TREES = "residual_trees"
+MIN_POINTS_TREES = 200
+TREE_PARAMS = {"objective": "regression", "learning_rate": 0.05, "num_leaves": 15, "min_data_in_leaf": 20,
+               "feature_fraction": 0.8, "bagging_fraction": 0.8, "bagging_freq": 1, "lambda_l2": 1.0, "verbose": -1,
+               "num_threads": 1, "seed": 0, "deterministic": True}
+TREE_ROUNDS = 200
+#: corrections of the prior's predictors evaluated on the new hardware (its array, unroll,
+#: memory width): the base's model of how such a device behaves, transferred; candidates
+#: only when the adapted hardware differs from the base's
+TRANSFER = "transfer_"
+TRANSFER_METHODS = tuple(TRANSFER + m for m in ("scale", "class_scale", "loglinear_strong", "loglinear"))
+METHODS = OWN_METHODS + TRANSFER_METHODS
 RIDGE = {"loglinear_strong": 30.0, "loglinear": 5.0, "loglinear_weak": 1.0, "rebaseline_loglinear": 5.0}
 #: methods whose reference is a new analytic baseline fitted on the adaptation points
 REBASELINE = ("rebaseline", "rebaseline_loglinear")
@@ -57,6 +72,14 @@ MIN_POINTS_BASELINE = 4
 MIN_POINTS_LOGLINEAR = 6
 FOLDS = 5
 MIN_NETWORK_S = 0.5  # building two sessions and timing the smallest network in three windows
+PLAN_FACTOR = 1.5  # networks planned for this many times the budget (planned costs are pessimistic)
+BATCH = 12  # generated candidate networks per batch
+MAX_WAIT_S = 5.0  # longest wait for a quiet host before one measurement is taken again
+#: with several threads, onnxruntime's idle workers spin for some milliseconds after a run:
+#: a session timed right after another one shares the cores with the other's spinning
+#: workers (2-thread window medians of one network then differed up to 5x).  Each timed
+#: block is preceded by this pause and one untimed run (counted as measurement time).
+SPIN_SETTLE_S = 0.03
 
 
 def load_base(base: str | Path | Target, backend: str) -> Target:
@@ -106,11 +129,38 @@ def _baseline(bt: np.ndarray, ms: np.ndarray) -> np.ndarray:
     return coef
 
 
+def _fit_trees(kernels: list[Kernel], z: np.ndarray, y: np.ndarray, rows: "Rows") -> dict[str, Correction]:
+    """Residual trees over a pooled scale, per pool (layer kinds, standalone ops): the log
+    ratio less its median, learnt from the residual rows (weights: the square root of the
+    measured latency, between counting kernels and counting time)."""
+    import lightgbm as lgb
+
+    layer = np.array([k.kind in LAYER_KINDS for k in kernels])
+    out: dict[str, Correction] = {}
+    for key, mask, x in (("layer", layer, rows.layer), (GENERIC_OP, ~layer, rows.op)):
+        if not mask.any():
+            continue
+        terms = LAYER_TERMS if key == "layer" else OP_TERMS
+        s = _scale(y[mask])
+        text = ""
+        if mask.sum() >= MIN_POINTS_TREES:
+            w = np.sqrt(np.exp(y[mask] + z[mask][:, 1]))  # measured = prior * ratio
+            ds = lgb.Dataset(x[mask], label=y[mask] - s, weight=w, params={"verbose": -1})
+            text = lgb.train(TREE_PARAMS, ds, num_boost_round=TREE_ROUNDS).model_to_string()
+        coef = np.zeros(len(terms))
+        coef[0] = s
+        out[key] = Correction(kind=key, method=TREES, terms=terms, center=(0.0,) * len(terms),
+                              coef=tuple(float(c) for c in coef), n=int(mask.sum()), trees=text)
+    return out
+
+
 def _fit(method: str, kernels: list[Kernel], z: np.ndarray, y: np.ndarray, bt: np.ndarray,
-         lp: np.ndarray) -> dict[str, Correction]:
+         lp: np.ndarray, rows: "Rows | None" = None) -> dict[str, Correction]:
     """Corrections of one method from points: kernels, their correction terms ``z``, log
-    ratios ``y`` = log(measured / prior), analytic base terms ``bt`` on the new hardware
-    and log prior predictions ``lp``."""
+    ratios ``y`` = log(measured / prior), analytic base terms ``bt`` on the new hardware,
+    log prior predictions ``lp`` (and, for residual trees, their residual rows)."""
+    if method == TREES:
+        return _fit_trees(kernels, z, y, rows)
     kinds = np.array([_kind_key(k) for k in kernels])
     layer = np.array([k.kind in LAYER_KINDS for k in kernels])
     out: dict[str, Correction] = {}
@@ -152,131 +202,381 @@ def _fit(method: str, kernels: list[Kernel], z: np.ndarray, y: np.ndarray, bt: n
     return out
 
 
+@dataclass(frozen=True)
+class Rows:
+    """Residual rows (:func:`~archpass.costmodel.features.residual_rows`) of points, one
+    matrix per pool with a row for every point (NaN where the point is of the other pool)."""
+
+    layer: np.ndarray
+    op: np.ndarray
+
+    def __getitem__(self, idx) -> "Rows":
+        return Rows(self.layer[idx], self.op[idx])
+
+    @classmethod
+    def of(cls, kernels, prior_ms: np.ndarray, target: Target) -> "Rows":
+        from archpass.costmodel.features import residual_rows
+
+        out = []
+        for layer in (True, False):
+            idx = [i for i, k in enumerate(kernels) if (k.kind in LAYER_KINDS) == layer]
+            m = np.full((len(kernels), 1), np.nan)  # never read: no kernel of this pool
+            if idx:
+                r = residual_rows([kernels[i] for i in idx], target, np.asarray(prior_ms)[idx])
+                m = np.full((len(kernels), r.shape[1]), np.nan)
+                m[idx] = r
+            out.append(m)
+        return cls(*out)
+
+
 def _apply(corr: dict[str, Correction], kernels: list[Kernel], z: np.ndarray, bt: np.ndarray,
-           lp: np.ndarray) -> np.ndarray:
-    """Log of predicted / prior for kernels (the rule of :func:`~archpass.costmodel.estimate.correction_for`)."""
+           lp: np.ndarray, zt: np.ndarray | None = None, lt: np.ndarray | None = None,
+           rows: Rows | None = None) -> np.ndarray:
+    """Log of predicted / prior for kernels (the rule of :func:`~archpass.costmodel.estimate.correction_for`),
+    without the corrections' additive ``add_ms``; ``transfer`` corrections read ``zt``/``lt``
+    (terms and log reference of the prior's predictors on the new hardware; the same as
+    ``z``/``lp`` when the hardware is the prior's)."""
     out = np.zeros(len(kernels))
+    by: dict[int, tuple[Correction, list[int]]] = {}
     for i, k in enumerate(kernels):
         c = (corr.get(k.kind) or corr.get("layer")) if k.kind in LAYER_KINDS else corr.get(GENERIC_OP)
         if c is not None:
-            nb = len(c.baseline) or (4 if k.kind in LAYER_KINDS else 2)
-            ref = c.reference(np.exp(lp[i: i + 1]), bt[i: i + 1, :nb])
-            out[i] = float(np.log(ref[0]) - lp[i] + np.log(c.factor(z[i: i + 1, : len(c.terms)])[0]))
+            by.setdefault(id(c), (c, []))[1].append(i)
+    for c, idx in by.values():
+        ix = np.array(idx)
+        zz, ll = (zt, lt) if c.transfer and zt is not None else (z, lp)
+        nb = len(c.baseline) or (4 if c.terms == LAYER_TERMS else 2)
+        ref = c.reference(np.exp(ll[ix]), bt[ix, :nb])
+        out[ix] = np.log(ref) - lp[ix] + np.log(c.factor(zz[ix, : len(c.terms)]))
+        if c.trees and rows is not None:
+            out[ix] += np.log(c.tree_factor((rows.layer if c.terms == LAYER_TERMS else rows.op)[ix]))
     return out
 
 
 @dataclass(frozen=True)
 class Points:
     """Adaptation measurements: kernels with their prior prediction and measured latency,
-    grouped (one group per network or layer) with each group's whole latency when known."""
+    grouped (one group per network or layer) with each group's whole latency when known
+    and, for networks, every kernel of the network with its prior prediction (kernels the
+    profiler showed no time for still cost the whole network their dispatch)."""
 
     kernels: tuple[Kernel, ...]
     prior_ms: np.ndarray
     ms: np.ndarray
     groups: tuple[str, ...]
     network_ms: dict = field(default_factory=dict)  # group -> latency measured without the profiler
+    networks: dict = field(default_factory=dict)  # group -> (every kernel, their prior ms)
 
     def __len__(self) -> int:
         return len(self.kernels)
 
 
-def _terms(points: Points, target: Target) -> tuple[np.ndarray, np.ndarray]:
-    """Correction terms and analytic base terms (on ``target``'s hardware) of every point,
+def _terms(kernels, prior_ms: np.ndarray, target: Target) -> tuple[np.ndarray, np.ndarray]:
+    """Correction terms and analytic base terms (on ``target``'s hardware) of kernels,
     padded to the layer width."""
     from archpass.costmodel.features import feature_rows
 
-    z = np.zeros((len(points), len(LAYER_TERMS)))
-    bt = np.zeros((len(points), 4))
+    z = np.zeros((len(kernels), len(LAYER_TERMS)))
+    bt = np.zeros((len(kernels), 4))
     for layer in (True, False):
-        idx = [i for i, k in enumerate(points.kernels) if (k.kind in LAYER_KINDS) == layer]
+        idx = [i for i, k in enumerate(kernels) if (k.kind in LAYER_KINDS) == layer]
         if idx:
-            ks = [points.kernels[i] for i in idx]
-            rows = correction_rows(ks, target, points.prior_ms[idx])
+            ks = [kernels[i] for i in idx]
+            rows = correction_rows(ks, target, prior_ms[idx])
             z[np.ix_(idx, range(rows.shape[1]))] = rows
             base = feature_rows(ks, target)[1]
             bt[np.ix_(idx, range(base.shape[1]))] = base
     return z, bt
 
 
-def _network_scale(points: Points, log_corr: np.ndarray, mask: np.ndarray) -> float:
-    """Median over the masked groups with a whole-network latency of measured / predicted sum."""
-    ratios = []
-    for g in sorted({points.groups[i] for i in np.flatnonzero(mask)}):
-        if g not in points.network_ms:
+# ---------------------------------------------------------------- whole-network fit
+#: kernel classes whose summed time gets its own factor against whole-network latency
+CLASSES = (*LAYER_KINDS, GENERIC_OP)
+#: ridge strengths (per network) pulling the class factors towards one common factor;
+#: None = one common factor (the sum of kernels scaled to the networks' latency)
+NET_RIDGE: tuple[float | None, ...] = (None, 1.0, 0.1, 0.01, 0.001)
+
+
+@dataclass(frozen=True)
+class _Net:
+    """A timed network ready for the whole-network fit: every kernel, its class index,
+    log prior, correction and base terms, and the latency measured without the profiler."""
+
+    kernels: list
+    cls: np.ndarray
+    lp: np.ndarray
+    z: np.ndarray
+    bt: np.ndarray
+    ms: float
+    rows: "Rows"
+
+
+def _nets(points: Points, target: Target) -> dict[str, _Net]:
+    out = {}
+    for g, (ks, prior) in points.networks.items():
+        if g not in points.network_ms or not len(ks):
             continue
-        idx = [i for i in np.flatnonzero(mask) if points.groups[i] == g]
-        pred = float(np.sum(points.prior_ms[idx] * np.exp(log_corr[idx])))
-        ratios.append(points.network_ms[g] / max(pred, 1e-12))
-    return float(np.median(ratios)) if ratios else 1.0
+        z, bt = _terms(list(ks), prior, target)
+        cls = np.array([CLASSES.index(_kind_key(k)) for k in ks])
+        out[g] = _Net(list(ks), cls, np.log(np.maximum(prior, 1e-12)), z, bt, float(points.network_ms[g]),
+                      Rows.of(list(ks), prior, target))
+    return out
 
 
-def _with_network_scale(corr: dict[str, Correction], scale: float) -> dict[str, Correction]:
-    if abs(math.log(scale)) < 1e-6:
-        return corr
-    return {k: replace(c, coef=(c.coef[0] + math.log(scale), *c.coef[1:])) for k, c in corr.items()}
+def _net_design(nets: list[_Net], corr: dict[str, Correction]) -> np.ndarray:
+    """Per network: the corrected kernel time summed per class, and the kernel count."""
+    x = np.zeros((len(nets), len(CLASSES) + 1))
+    for r, n in enumerate(nets):
+        np.add.at(x[r], n.cls, np.exp(n.lp + _apply(corr, n.kernels, n.z, n.bt, n.lp, rows=n.rows)))
+        x[r, -1] = len(n.kernels)
+    return x
+
+
+def _net_fit(x: np.ndarray, t: np.ndarray, lam: float | None) -> np.ndarray:
+    """Coefficients (one factor per class, then ms per kernel) with ``x @ coef`` ≈ ``t``:
+    non-negative least squares of relative errors, the class factors pulled towards the
+    common factor (the median ratio of measured to summed kernels) with strength ``lam``
+    per network; ``lam`` None keeps the common factor alone."""
+    from archpass.costmodel.predictor import nnls
+
+    nc = len(CLASSES)
+    a0 = float(np.median(t / np.maximum(x[:, :nc].sum(axis=1), 1e-12)))
+    if lam is None or len(t) < 3:
+        return np.r_[np.full(nc, a0), 0.0]
+    w = 1.0 / t
+    reg = np.sqrt(lam * len(t))
+    prior_rows = np.zeros((nc + 1, nc + 1))
+    prior_rows[:nc, :nc] = reg * np.eye(nc)
+    prior_rows[nc, nc] = 1e-3  # the overhead: no prior, but determined
+    a = np.vstack([x * w[:, None], prior_rows])
+    b = np.r_[np.ones(len(t)), np.full(nc, reg * a0), 0.0]
+    coef = nnls(a, b)
+    coef[:nc] = np.maximum(coef[:nc], 0.2 * a0)  # a class never vanishes
+    return coef
+
+
+def _with_net_fit(corr: dict[str, Correction], coef: np.ndarray, method: str) -> dict[str, Correction]:
+    """``corr`` with every class's factor and the per-kernel overhead of the whole-network fit."""
+    out = dict(corr)
+    for i, kd in enumerate(CLASSES):
+        c = out.get(kd) or (out.get("layer") if kd in LAYER_KINDS else None)
+        if c is None:
+            terms = LAYER_TERMS if kd in LAYER_KINDS else OP_TERMS
+            c = Correction(kind=kd, method=method, terms=terms, center=(0.0,) * len(terms), coef=(0.0,) * len(terms),
+                           transfer=method.startswith(TRANSFER))
+        out[kd] = replace(c, kind=kd, coef=(c.coef[0] + math.log(max(coef[i], 1e-9)), *c.coef[1:]),
+                          add_ms=float(coef[-1]))
+    if "layer" in out:  # every layer kind has its own entry now; the pooled one keeps the common factor
+        c = out["layer"]
+        out["layer"] = replace(c, coef=(c.coef[0] + math.log(max(float(np.median(coef[: len(LAYER_KINDS)])), 1e-9)),
+                                        *c.coef[1:]), add_ms=float(coef[-1]))
+    return out
+
+
+def _net_label(lam: float | None) -> str:
+    return "common_factor" if lam is None else f"class_factors_ridge{lam:g}"
+
+
+def _fit_method(method: str, kernels, z, y, bt, lp, rows: Rows | None = None) -> dict[str, Correction]:
+    """:func:`_fit` of any method: ``transfer_*`` fits its base method on the transferred
+    reference (the caller passes its terms) and marks the corrections."""
+    if not method.startswith(TRANSFER):
+        return _fit(method, kernels, z, y, bt, lp, rows)
+    corr = _fit(method[len(TRANSFER):], kernels, z, y, bt, lp)
+    return {k: replace(c, method=method, transfer=True) for k, c in corr.items()}
+
+
+def _new_hardware(target: Target) -> bool:
+    """Whether the adapted target's hardware description differs from its prior's."""
+    p = target.prior
+    return p is not None and (p.parallelism, dict(p.unroll), p.mem_bits_per_step, p.bytes_per_element) != (
+        target.parallelism, dict(target.unroll), target.mem_bits_per_step, target.bytes_per_element)
+
+
+def _transfer_ms(points: Points, target: Target) -> np.ndarray:
+    """The prior's predictors on ``target``'s hardware for every point (a group's kernels together)."""
+    from archpass.costmodel.estimate import transferred_prior
+
+    tp = transferred_prior(target)
+    out = np.zeros(len(points))
+    groups: dict[str, list[int]] = {}
+    for i, g in enumerate(points.groups):
+        groups.setdefault(g, []).append(i)
+    for idx in groups.values():
+        out[idx] = predict_kernels([points.kernels[i] for i in idx], tp)[0]
+    return out
+
+
+PER_KIND = "per_kind"
+
+
+def _mix(by_method: dict[str, dict[str, Correction]], choice: dict[str, str], fallback: str) -> dict[str, Correction]:
+    """One correction per kernel class, each from the method ``choice`` names for it
+    (``fallback``'s pooled layer correction for layer kinds without a choice)."""
+    out: dict[str, Correction] = {}
+    for c, m in choice.items():
+        d = by_method[m]
+        e = d.get(c) or (d.get("layer") if c in LAYER_KINDS else None)
+        if e is not None:
+            out[c] = replace(e, kind=c)
+    if "layer" in by_method[fallback]:
+        out["layer"] = by_method[fallback]["layer"]
+    return out
+
+
+def _per_kind_choice(err_by_method: dict[str, dict[str, float]], classes) -> dict[str, str]:
+    """Per kernel class, the method with the lowest error."""
+    return {str(c): min(err_by_method, key=lambda m: err_by_method[m].get(str(c), float("inf"))) for c in classes}
+
+
+def _class_errors(pred_log: np.ndarray, ms: np.ndarray, prior_ms: np.ndarray, kinds: np.ndarray,
+                  mask: np.ndarray) -> dict[str, float]:
+    """Latency-weighted relative error of predictions per kernel class, over ``mask``."""
+    out = {}
+    for c in set(kinds[mask]):
+        m = mask & (kinds == c) & ~np.isnan(pred_log)
+        if m.any():
+            pred = prior_ms[m] * np.exp(pred_log[m])
+            out[str(c)] = float(np.sum(np.abs(pred - ms[m])) / np.sum(ms[m]))
+    return out
 
 
 def fit_corrections(points: Points, target: Target, method: str | None = None) -> tuple[dict[str, Correction], dict]:
     """Corrections of ``target``'s prior from ``points``, by the method with the lowest
-    cross-validated error (or ``method``), and the held-out summary of every method."""
-    z, bt = _terms(points, target)
+    cross-validated error (or ``method``), and the held-out summary of every method.
+
+    Besides each method alone, ``per_kind`` takes per kernel class (conv, dwconv, gemm,
+    op) the method with the lowest held-out error on that class (chosen, for each fold's
+    held-out figures, on the other folds' points).  With whole networks (runtime targets)
+    the choice is made on held-out *networks*: per fold, the kernel corrections are fitted
+    on the other folds' kernels, then the whole-network fit (a factor per kernel class and
+    a per-kernel overhead, pulled towards one common factor at one of :data:`NET_RIDGE`'s
+    strengths) on the other folds' network latencies; the simplest pair within noise of
+    the lowest held-out network MAPE is kept."""
+    kernels = list(points.kernels)
+    z, bt = _terms(kernels, points.prior_ms, target)
     lp = np.log(np.maximum(points.prior_ms, 1e-12))
     y = np.log(points.ms) - lp
-    kernels = list(points.kernels)
+    kinds = np.array([_kind_key(k) for k in kernels])
     folds = np.array([_fold(g) for g in points.groups])
-    runtime = bool(points.network_ms)
-    cv: dict[str, dict] = {}
-    for m in METHODS:
+    nets = _nets(points, target)
+    runtime = len(nets) >= 2
+    if method is not None and method not in METHODS + (PER_KIND,):
+        raise TargetError(f"unknown correction method '{method}'", f"use one of {', '.join(METHODS + (PER_KIND,))}")
+    # (terms, log reference, log ratio) each method corrects: the prior's own prediction,
+    # or (transfer_*) the prior's predictors on the new hardware
+    sets = {m: (z, lp, y) for m in OWN_METHODS}
+    zt, lt = z, lp
+    if _new_hardware(target) or (method or "").startswith(TRANSFER):
+        tr_ms = _transfer_ms(points, target)
+        lt = np.log(np.maximum(tr_ms, 1e-12))
+        zt = _terms(kernels, tr_ms, target)[0]
+        sets.update({m: (zt, lt, np.log(points.ms) - lt) for m in TRANSFER_METHODS})
+    rows = Rows.of(kernels, points.prior_ms, target)
+    # residual trees need enough points in a pool to be a candidate
+    trees_ok = max(int(np.sum(kinds != GENERIC_OP)), int(np.sum(kinds == GENERIC_OP))) >= MIN_POINTS_TREES
+    methods = [m for m in METHODS if m in sets and (m != TREES or trees_ok or method == TREES)]
+    net_keys = sorted(nets)
+    net_fold = np.array([_fold(g) for g in net_keys])
+    net_t = np.array([nets[g].ms for g in net_keys])
+    net_x = [nets[g] for g in net_keys]
+    fold_corr: dict[str, dict[int, dict]] = {m: {} for m in methods}
+    pred_logs: dict[str, np.ndarray] = {}
+    for m in methods:
         pred_log = np.full(len(points), np.nan)
-        net_pred, net_meas = [], []
+        zm, lm, ym = sets[m]
         for f in range(FOLDS):
             test = folds == f
             if not test.any() or test.all():
                 continue
-            corr = _fit(m, [kernels[i] for i in np.flatnonzero(~test)], z[~test], y[~test], bt[~test], lp[~test])
-            all_log = _apply(corr, kernels, z, bt, lp)
-            scale = _network_scale(points, all_log, ~test) if runtime else 1.0
-            pred_log[test] = all_log[test] + math.log(scale)
-            for g in sorted({points.groups[i] for i in np.flatnonzero(test)}):
-                if g in points.network_ms:
-                    idx = [i for i in np.flatnonzero(test) if points.groups[i] == g]
-                    net_pred.append(float(np.sum(points.prior_ms[idx] * np.exp(pred_log[idx]))))
-                    net_meas.append(points.network_ms[g])
-        ok = ~np.isnan(pred_log)
-        pred = points.prior_ms[ok] * np.exp(pred_log[ok])
+            tr = np.flatnonzero(~test)
+            corr = fold_corr[m][f] = _fit_method(m, [kernels[i] for i in tr], zm[~test], ym[~test], bt[~test], lm[~test],
+                                                 rows[~test])
+            pred_log[test] = _apply(corr, [kernels[i] for i in np.flatnonzero(test)], z[test], bt[test], lp[test],
+                                    zt[test], lt[test], rows[test])
+        pred_logs[m] = pred_log
+    # per kind: each fold's choice made on the other folds' held-out predictions
+    used_folds = sorted({f for m in methods for f in fold_corr[m]})
+    kind_choice = {f: _per_kind_choice({m: _class_errors(pred_logs[m], points.ms, points.prior_ms, kinds, folds != f)
+                                        for m in methods}, sorted(set(kinds))) for f in used_folds}
+    best_single = min(methods, key=lambda m: float(np.nansum(np.abs(points.prior_ms * np.exp(pred_logs[m]) - points.ms))))
+    pk = np.full(len(points), np.nan)
+    for f in used_folds:
+        fold_corr.setdefault(PER_KIND, {})[f] = _mix({m: fold_corr[m][f] for m in methods}, kind_choice[f], best_single)
+        test = folds == f
+        pk[test] = _apply(fold_corr[PER_KIND][f], [kernels[i] for i in np.flatnonzero(test)], z[test], bt[test],
+                          lp[test], zt[test], lt[test], rows[test])
+    pred_logs[PER_KIND] = pk
+    candidates = methods + [PER_KIND]
+    cv: dict[str, dict] = {}
+    net_cv: dict[str, dict[str, dict]] = {}
+    for m in candidates:
+        ok = ~np.isnan(pred_logs[m])
+        pred = points.prior_ms[ok] * np.exp(pred_logs[m][ok])
         cv[m] = {"kernels": accuracy_stats(pred, points.ms[ok])}
         # the error a sum of these kernels would see (without cancellation): whole-model
         # latency is a latency-weighted sum of its kernels'
         cv[m]["kernels"]["latency_weighted_mape_pct"] = float(
             np.sum(points.ms[ok] * np.abs(pred / points.ms[ok] - 1)) / np.sum(points.ms[ok]) * 100)
-        if net_meas:
-            cv[m]["networks"] = accuracy_stats(np.array(net_pred), np.array(net_meas))
+        if runtime:
+            net_pred = {lam: np.full(len(net_keys), np.nan) for lam in NET_RIDGE}
+            for f, corr in fold_corr[m].items():
+                tr, te = net_fold != f, net_fold == f
+                if not te.any() or tr.sum() < 2:
+                    continue
+                x = _net_design(net_x, corr)
+                for lam in NET_RIDGE:
+                    net_pred[lam][te] = x[te] @ _net_fit(x[tr], net_t[tr], lam)
+            for lam in NET_RIDGE:
+                okn = ~np.isnan(net_pred[lam])
+                net_cv.setdefault(_net_label(lam), {})[m] = accuracy_stats(net_pred[lam][okn], net_t[okn])
+            cv[m]["networks"] = net_cv[_net_label(None)][m]
     prior_stats = accuracy_stats(points.prior_ms, points.ms)
-    key = "networks" if runtime and all("networks" in v for v in cv.values()) else "kernels"
-    metric = "mape_pct" if key == "networks" else "latency_weighted_mape_pct"
-
-    def score(m: str) -> float:
-        return cv[m][key].get(metric, float("inf"))
-
-    chosen = method or min(METHODS, key=score)
-    if chosen not in METHODS:
-        raise TargetError(f"unknown correction method '{chosen}'", f"use one of {', '.join(METHODS)}")
-    corr = _fit(chosen, kernels, z, y, bt, lp)
-    scale = _network_scale(points, _apply(corr, kernels, z, bt, lp), np.ones(len(points), bool)) if runtime else 1.0
-    corr = _with_network_scale(corr, scale)
-    summary = {
+    if runtime:
+        metric = "held-out network MAPE"
+        choices = [(lam, m) for lam in NET_RIDGE for m in candidates if method in (None, m)]
+        err = {c: net_cv[_net_label(c[0])][c[1]].get("mape_pct", float("inf")) for c in choices}
+        best = min(err.values())
+        # the simplest pair (common factor first, then stronger ridges; simpler kernel
+        # corrections first) whose held-out error is within noise of the best
+        lam, chosen = next(c for c in choices if err[c] <= best * 1.02 + 0.05)
+    else:
+        metric = "latency-weighted held-out layer MAPE"
+        lam, chosen = None, method or min(candidates, key=lambda m: cv[m]["kernels"]["latency_weighted_mape_pct"])
+    summary: dict = {}
+    if chosen == PER_KIND:
+        choice = _per_kind_choice({m: _class_errors(pred_logs[m], points.ms, points.prior_ms, kinds,
+                                                    np.ones(len(points), bool)) for m in methods}, sorted(set(kinds)))
+        fits = {}
+        for m in set(choice.values()) | {best_single}:
+            zm, lm, ym = sets[m]
+            fits[m] = _fit_method(m, kernels, zm, ym, bt, lm, rows)
+        corr = _mix(fits, choice, best_single)
+        summary["per_kind"] = choice
+    else:
+        zc, lc, yc = sets[chosen]
+        corr = _fit_method(chosen, kernels, zc, yc, bt, lc, rows)
+    summary.update({
         "method": chosen,
-        "selected_by": f"lowest cross-validated {metric} over {key} ({FOLDS} folds by {'network' if runtime else 'layer'})"
+        "reference": "the base's predictors on this hardware" if chosen.startswith(TRANSFER)
+        else "the base's prediction",
+        "selected_by": f"lowest {metric} ({FOLDS} folds by {'network' if runtime else 'layer'})"
         if method is None else "given",
         "cross_validation": cv,
         "all_kernels": cv[chosen]["kernels"],
         "prior_on_these_points": prior_stats,
-        "network_scale": scale,
         "measured_points": len(points),
         "groups": len(set(points.groups)),
-    }
-    if "networks" in cv[chosen]:
-        summary["chains"] = cv[chosen]["networks"]
+    })
+    if runtime:
+        x = _net_design(net_x, corr)
+        coef = _net_fit(x, net_t, lam)
+        corr = _with_net_fit(corr, coef, chosen)
+        summary["network_fit"] = {
+            "chosen": _net_label(lam), "class_factors": {c: float(coef[i]) for i, c in enumerate(CLASSES)},
+            "overhead_ms_per_kernel": float(coef[-1]), "networks": len(net_keys),
+            "in_sample": accuracy_stats(x @ coef, net_t), "cross_validation": net_cv}
+        summary["chains"] = net_cv[_net_label(lam)][chosen]
     return corr, summary
 
 
@@ -442,21 +742,34 @@ def adapt_layers(shell: Target, out: Path, work: Callable[[dict], dict], samples
 
 def dataset_points(dataset: Dataset, prior: Target, keys=None) -> Points:
     """The adaptation points of a dataset's records (all, or ``keys``): each record's
-    kernels predicted by the prior together (runtime predictors read the whole network),
-    grouped by record, with the record's latency without the profiler when it has one."""
-    kernels, ms, groups, prior_ms, net = [], [], [], [], {}
+    kernels predicted by the prior together (runtime predictors read the whole network:
+    every kernel of it when the record lists them), grouped by record, with the record's
+    latency without the profiler when it has one."""
+    kernels, ms, groups, prior_ms, net, whole = [], [], [], [], {}, {}
     for key, rec in dataset.records.items():
         pts = [p for p in rec.get("points") or [] if p.get("ms") and math.isfinite(p["ms"]) and p["ms"] > 0]
         if (keys is not None and key not in keys) or not pts:
             continue
-        ks = [Kernel.from_spec(p["spec"]) for p in pts]
-        prior_ms.append(predict_kernels(ks, prior)[0])
+        ks = [Kernel.from_spec(p["spec"], id=str(p.get("id", "k"))) for p in pts]
+        if rec.get("all_kernels"):
+            every = [Kernel.from_spec(e["spec"], id=str(e["id"])) for e in rec["all_kernels"]]
+            every_ms = predict_kernels(every, prior)[0]
+            at = {k.id: i for i, k in enumerate(every)}
+            if all(k.id in at for k in ks):
+                prior_ms.append(every_ms[[at[k.id] for k in ks]])
+                whole[key] = (tuple(every), every_ms)
+            else:
+                prior_ms.append(predict_kernels(ks, prior)[0])
+        else:
+            prior_ms.append(predict_kernels(ks, prior)[0])
         kernels += ks
         ms += [float(p["ms"]) for p in pts]
         groups += [key] * len(ks)
         if rec.get("plain_ms"):
             net[key] = float(rec["plain_ms"])
-    return Points(tuple(kernels), np.concatenate(prior_ms) if prior_ms else np.zeros(0), np.array(ms), tuple(groups), net)
+            whole.setdefault(key, (tuple(ks), prior_ms[-1]))
+    return Points(tuple(kernels), np.concatenate(prior_ms) if prior_ms else np.zeros(0), np.array(ms), tuple(groups),
+                  net, whole)
 
 
 def refit(directory: str | Path, method: str | None = None) -> Target:
@@ -502,6 +815,29 @@ class OtherLoad:
         return False
 
 
+def allowed_other_cores(threads: int) -> float:
+    """How many cores other processes may keep busy while a ``threads``-thread timing runs:
+    one core is kept spare besides the timing's own (two logical cores often share one
+    physical core and its caches: on 2 cores, a one-thread timing ran up to 15% slower
+    while another process kept the other core busy)."""
+    return max((os.cpu_count() or 1) - threads - 1, 0) + 0.3
+
+
+def wait_quiet(threads: int, max_wait: float, window: float = 0.2) -> float:
+    """Wait (up to ``max_wait`` s) for a moment when other processes leave the cores a
+    ``threads``-thread timing needs free (nothing of ours runs meanwhile, so every busy
+    core is another process's).  Returns the seconds waited."""
+    from archpass.costmodel.backends.onnxruntime import busy_cores
+
+    t0 = time.perf_counter()
+    allowed = allowed_other_cores(threads)
+    while time.perf_counter() - t0 < max_wait:
+        busy = busy_cores(window)
+        if busy is None or busy <= allowed:
+            break
+    return time.perf_counter() - t0
+
+
 @dataclass
 class Network:
     """One network timed during an adaptation (a generated network or a ``--models`` file)."""
@@ -531,11 +867,13 @@ def _network(key: str, label: str, proto, base: Target, windows: int, runs: int,
     # each window runs the network 2 x runs times (with and without the profiler), plus
     # two sessions to build (about 0.1 s + 2 ms a node here)
     cost = windows * 2 * (runs + 1) * pred_ms / 1e3 / max(1.0, 0.7 * threads) + 2 * (0.1 + 0.002 * len(structure.nodes))
+    if threads > 1:  # the pauses and untimed runs of measure_networks
+        cost += windows * 2 * (SPIN_SETTLE_S + pred_ms / 1e3 / (0.7 * threads))
     return Network(key, label, proto, kernels, owner, tensor_owner, cost)
 
 
 def select_networks(base: Target, budget_s: float, windows: int, runs: int, threads: int, seed: int = 0,
-                    models=(), pool: int = 24, progress: Callable[[str], None] | None = None) -> list[Network]:
+                    models=(), pool: int = 96, progress: Callable[[str], None] | None = None) -> list[Network]:
     """The networks to time within ``budget_s``: the ``--models`` first, then generated
     networks (half following families' stage plans, half freely drawn) chosen greedily by
     how many kernel shapes not yet covered they add per second of measurement."""
@@ -550,32 +888,38 @@ def select_networks(base: Target, budget_s: float, windows: int, runs: int, thre
     if planned > budget_s:
         raise TargetError(f"--budget-s {budget_s:g} is too small to time the --models (about {planned:.0f} s)",
                           "raise --budget-s or pass fewer models")
-    cands = []
-    for i in range(pool):
-        style = ("template", "network")[i % 2]
-        s = seed * 100003 + 700001 + i
-        cands.append(_network(point_key({"adapt_net": s, "style": style}), f"{style}-{s}", BUILDERS[style](s), base,
-                              windows, runs, threads))
-    cheapest = min(c.cost_s for c in cands)
-    if planned + cheapest > budget_s and not nets:
-        raise TargetError(f"--budget-s {budget_s:g} is too small to measure anything: the smallest network needs "
-                          f"about {cheapest:.1f} s", "raise --budget-s (60 s is the default)")
 
     def cells(n: Network) -> set:
         return {(k.kind, k.op if k.kind not in LAYER_KINDS else k.kernel[0], k.stride[0],
                  int(math.log2(max(k.macs if k.kind in LAYER_KINDS else k.out_elems, 1)) // 1)) for k in n.kernels}
 
+    # the plan may exceed the budget by half: planned costs are pessimistic, and
+    # measure_networks admits networks by the time they really take
+    plan_s = PLAN_FACTOR * budget_s
     covered = set().union(*(cells(n) for n in nets)) if nets else set()
-    left = list(cands)
-    while left:
-        fits = [c for c in left if planned + c.cost_s <= budget_s]
-        if not fits:
+    left: list[Network] = []
+    made = 0
+    while made < pool:  # candidates in batches, until the plan fills the budget
+        for _ in range(min(BATCH, pool - made)):
+            style = ("template", "network")[made % 2]
+            s = seed * 100003 + 700001 + made
+            left.append(_network(point_key({"adapt_net": s, "style": style}), f"{style}-{s}", BUILDERS[style](s), base,
+                                 windows, runs, threads))
+            made += 1
+        if made <= BATCH and planned + min(c.cost_s for c in left) > budget_s and not nets:
+            raise TargetError(f"--budget-s {budget_s:g} is too small to measure anything: the smallest network needs "
+                              f"about {min(c.cost_s for c in left):.1f} s", "raise --budget-s (60 s is the default)")
+        while left:
+            fits = [c for c in left if planned + c.cost_s <= plan_s]
+            if not fits:
+                break
+            best = max(fits, key=lambda c: (len(cells(c) - covered) + 0.1) / c.cost_s)
+            nets.append(best)
+            left.remove(best)
+            covered |= cells(best)
+            planned += best.cost_s
+        if planned + min((c.cost_s for c in left), default=0.0) > plan_s:
             break
-        best = max(fits, key=lambda c: (len(cells(c) - covered) + 0.1) / c.cost_s)
-        nets.append(best)
-        left.remove(best)
-        covered |= cells(best)
-        planned += best.cost_s
     if progress:
         progress(f"{len(nets)} networks planned, about {planned:.0f} s of measurement")
     return nets
@@ -585,12 +929,15 @@ def measure_networks(nets: list[Network], provider: str, threads: int, graph_opt
                      windows: int = 3, runs: int = 5, retries: int = 2,
                      progress: Callable[[str], None] | None = None) -> dict:
     """Time ``nets`` in ``windows`` interleaved windows (each window: every network
-    ``runs`` times with onnxruntime's profiler and ``runs`` times without), within
-    ``budget_s`` seconds of wall time, sessions included.  The first window admits
-    networks in order while the time they took, repeated for the later windows, still fits
-    the budget; the others are dropped.  A measurement during which other processes kept
-    busy a core the timing needs (more than ``cores - threads + 0.3`` busy) is taken again,
-    up to ``retries`` times; the least disturbed try is kept.  Returns what was seen."""
+    ``runs`` times with onnxruntime's profiler and ``runs`` times without; with several
+    threads each block after a pause and an untimed run, :data:`SPIN_SETTLE_S`), within
+    ``budget_s`` seconds of measurement (wall time, sessions included, waits for a quiet
+    host excluded).  The first window admits networks in order while the time they took,
+    repeated for the later windows, still fits the budget; the others are dropped.  A
+    measurement during which other processes kept busy a core the timing needs (more than
+    :func:`allowed_other_cores` busy) is taken again after waiting (up to :data:`MAX_WAIT_S`,
+    at most ``budget_s`` in all) for a quiet moment, up to ``retries`` times; the least
+    disturbed try is kept.  Returns what was seen."""
     import shutil
     import tempfile
 
@@ -598,22 +945,33 @@ def measure_networks(nets: list[Network], provider: str, threads: int, graph_opt
 
     from archpass.costmodel.backends.onnxruntime import random_feeds, session_options
 
-    ncpu = os.cpu_count() or 1
-    allowed = max(ncpu - threads, 0) + 0.3
+    allowed = allowed_other_cores(threads)
+    settle = SPIN_SETTLE_S if threads > 1 else 0.0
     t0 = time.perf_counter()
     tmp = tempfile.mkdtemp(prefix="archpass-adapt-")
     seen = {"windows": windows, "runs_per_window": runs, "allowed_other_cores": allowed, "remeasured": 0,
-            "kept_busy": 0, "other_cores": [], "networks_dropped_by_budget": 0}
+            "kept_busy": 0, "other_cores": [], "networks_dropped_by_budget": 0, "waited_s": 0.0}
+
+    def elapsed() -> float:
+        """Seconds of measurement so far: wall time less the waits for a quiet host."""
+        return time.perf_counter() - t0 - seen["waited_s"]
 
     def window(n: Network) -> float:
         prof, plain, feeds, _ = n.sessions
         best = None
-        start = time.perf_counter()
+        start = elapsed()
         for attempt in range(retries + 1):
-            first = n.runs
             with OtherLoad() as load:
+                if settle:  # let the last session's spinning workers stop, then wake this one's
+                    time.sleep(settle)
+                    prof.run(None, feeds)
+                    n.runs += 1
+                first = n.runs
                 for _ in range(runs):
                     prof.run(None, feeds)
+                if settle:
+                    time.sleep(settle)
+                    plain.run(None, feeds)
                 times = []
                 for _ in range(runs):
                     a = time.perf_counter()
@@ -624,21 +982,22 @@ def measure_networks(nets: list[Network], provider: str, threads: int, graph_opt
             seen["other_cores"].append(other)
             if best is None or other < best[2]:
                 best = (first, runs, other, float(np.median(times)))
-            if other <= allowed or time.perf_counter() - t0 > budget_s:
+            if other <= allowed or elapsed() > budget_s:
                 break
             seen["remeasured"] += 1
-            time.sleep(0.2)
+            # the host is busy: wait for a quiet moment (not counted as measurement)
+            seen["waited_s"] += wait_quiet(threads, min(MAX_WAIT_S, max(budget_s - seen["waited_s"], 0.0)))
         if best[2] > allowed:
             seen["kept_busy"] += 1
         n.windows.append(best[:3])
         n.plain.append(best[3])
-        return time.perf_counter() - start
+        return elapsed() - start  # measurement time, waits excluded
 
     try:
         admitted: list[Network] = []
         per_window = 0.0  # seconds one later window of the admitted networks takes
         for n in nets:
-            if admitted and time.perf_counter() - t0 + (windows - 1) * per_window + n.cost_s > budget_s:
+            if admitted and elapsed() + (windows - 1) * per_window + n.cost_s > budget_s:
                 seen["networks_dropped_by_budget"] += 1
                 continue
             data = n.proto.SerializeToString()
@@ -654,15 +1013,16 @@ def measure_networks(nets: list[Network], provider: str, threads: int, graph_opt
             per_window += window(n)
             admitted.append(n)
         if progress:
-            progress(f"window 1/{windows}: {len(admitted)} networks after {time.perf_counter() - t0:.1f} s")
+            progress(f"window 1/{windows}: {len(admitted)} networks after {elapsed():.1f} s")
         for w in range(1, windows):
             for n in admitted:
-                if time.perf_counter() - t0 > budget_s:
+                if elapsed() > budget_s:
                     break
                 window(n)
             if progress:
-                progress(f"window {w + 1}/{windows} after {time.perf_counter() - t0:.1f} s")
-        seen["seconds"] = round(time.perf_counter() - t0, 1)
+                progress(f"window {w + 1}/{windows} after {elapsed():.1f} s")
+        seen["seconds"] = round(elapsed(), 1)
+        seen["waited_s"] = round(seen["waited_s"], 1)
         profiles = {n.key: (n.sessions[0].end_profiling(), n.sessions[3]) for n in admitted}
         for n in admitted:
             n.sessions = ()
@@ -672,9 +1032,18 @@ def measure_networks(nets: list[Network], provider: str, threads: int, graph_opt
         raise
 
 
-def network_points(n: Network, profile_path: str, optimized_path: str, overhead_ms: float) -> list[dict]:
+def window_statistic(threads: int):
+    """How window medians combine: the median over windows with one thread; the minimum
+    with several, where interference (other sessions' spinning workers, the host) only
+    ever slows a window down and did so in a third of the windows here."""
+    return np.median if threads <= 1 else np.min
+
+
+def network_points(n: Network, profile_path: str, optimized_path: str, overhead_ms: float,
+                   threads: int = 1) -> list[dict]:
     """Kernel points of one timed network: per window the 30th percentile of each kernel's
-    per-run times, the median over windows, less the profiler's per-node overhead."""
+    per-run times, combined over windows (:func:`window_statistic`), less the profiler's
+    per-node overhead."""
     import json as _json
 
     import onnx
@@ -698,7 +1067,7 @@ def network_points(n: Network, profile_path: str, optimized_path: str, overhead_
         per_window = [robust_ms(ts[first: first + runs]) for first, runs, _ in n.windows if len(ts) >= first + runs]
         if not per_window:
             continue
-        ms = float(np.median(per_window))
+        ms = float(window_statistic(threads)(per_window))
         out.append({"spec": k.spec(), "id": k.id, "nodes": counts.get(k.id, 0),
                     "ms": max(ms - overhead_ms * counts.get(k.id, 0), 0.2 * ms)})
     return out
@@ -707,7 +1076,7 @@ def network_points(n: Network, profile_path: str, optimized_path: str, overhead_
 def adapt_onnxruntime(*, base: str | Path | Target, name: str, out_dir: str | Path,
                       provider: str = "CPUExecutionProvider", threads: int = 1, graph_opt: str = "all",
                       budget_s: float = 60.0, seed: int = 0, models=(), windows: int = 3, runs: int = 5,
-                      description: str = "", method: str | None = None, pool: int = 24,
+                      description: str = "", method: str | None = None, pool: int = 96,
                       progress: Callable[[str], None] | None = None) -> Target:
     """Adapt an onnxruntime target to this host / provider / threads / graph optimization
     level from at most ``budget_s`` seconds of measurement."""
@@ -736,9 +1105,10 @@ def adapt_onnxruntime(*, base: str | Path | Target, name: str, out_dir: str | Pa
         for n in nets:
             if n.key not in got["profiles"]:
                 continue
-            pts = network_points(n, *got["profiles"][n.key], overhead)
+            pts = network_points(n, *got["profiles"][n.key], overhead, threads)
             dataset.add({"key": n.key, "group": "network", "payload": {"label": n.label}, "points": pts,
-                         "plain_ms": float(np.median(n.plain)), "window_plain_ms": n.plain,
+                         "all_kernels": [{"id": k.id, "spec": k.spec()} for k in n.kernels],
+                         "plain_ms": float(window_statistic(threads)(n.plain)), "window_plain_ms": n.plain,
                          "other_cores": [w[2] for w in n.windows]})
     finally:
         shutil.rmtree(got["tmp"], ignore_errors=True)
@@ -748,7 +1118,7 @@ def adapt_onnxruntime(*, base: str | Path | Target, name: str, out_dir: str | Pa
         raise TargetError(f"--budget-s {budget_s:g} measured only {len(keys)} network(s)",
                           "raise --budget-s (60 s is the default)")
     oc = seen.pop("other_cores")
-    measurement = {**seen, "networks": len(keys), "other_cores_median": float(np.median(oc)) if oc else None,
+    measurement = {**seen, "window_statistic": "median" if threads <= 1 else "min", "networks": len(keys), "other_cores_median": float(np.median(oc)) if oc else None,
                    "other_cores_max": float(np.max(oc)) if oc else None, "total_seconds": round(time.time() - t_all, 1),
                    "models": [Path(p).name for p in models]}
     shell = Target(
@@ -766,4 +1136,4 @@ def adapt_onnxruntime(*, base: str | Path | Target, name: str, out_dir: str | Pa
 
 
 __all__ = ["adapt_zigzag", "adapt_onnxruntime", "adapt_layers", "dataset_points", "refit", "fit_corrections", "Points", "select_layers", "select_networks",
-           "measure_networks", "load_base", "METHODS"]
+           "measure_networks", "load_base", "METHODS", "PER_KIND"]

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from archpass.costmodel.extrapolation import extrapolation_notes
-from archpass.costmodel.features import correction_rows, feature_rows, network_context
+from archpass.costmodel.features import correction_rows, feature_rows, network_context, residual_rows
 from archpass.costmodel.host import host_notes
 from archpass.costmodel.kernels import GENERIC_OP, LAYER_KINDS, Kernel, decompose
 from archpass.costmodel.memory import memory
@@ -75,9 +75,21 @@ def correction_for(kind: str, target: Target):
     return c.get(GENERIC_OP)
 
 
-def corrected(kernels: list[Kernel], target: Target, prior_ms: np.ndarray) -> np.ndarray:
-    """The prior's per-kernel latencies with the adapted target's corrections applied."""
-    out = np.asarray(prior_ms, dtype=np.float64).copy()
+def transferred_prior(target: Target) -> Target:
+    """An adapted target's prior with the adapted target's hardware (array, unroll,
+    memory width, element size): the prior's model of a device, applied to the new one."""
+    return replace(target.prior, parallelism=target.parallelism, unroll=target.unroll,
+                   mem_bits_per_step=target.mem_bits_per_step, bytes_per_element=target.bytes_per_element,
+                   dtype=target.dtype)
+
+
+def corrected(kernels: list[Kernel], target: Target, prior_ms: np.ndarray,
+              transfer_ms: np.ndarray | None = None) -> np.ndarray:
+    """The prior's per-kernel latencies with the adapted target's corrections applied
+    (``transfer_ms``: the prior's predictions on the adapted hardware, which corrections
+    with ``transfer`` correct)."""
+    prior = np.asarray(prior_ms, dtype=np.float64)
+    out = prior.copy()
     groups: dict[int, tuple[object, list[int]]] = {}
     for i, k in enumerate(kernels):
         c = correction_for(k.kind, target)
@@ -85,9 +97,15 @@ def corrected(kernels: list[Kernel], target: Target, prior_ms: np.ndarray) -> np
             groups.setdefault(id(c), (c, []))[1].append(i)
     for c, idx in groups.values():
         ks = [kernels[i] for i in idx]
-        z = correction_rows(ks, target, out[idx])
-        ref = c.reference(out[idx], feature_rows(ks, target)[1] if c.baseline else None)
-        out[idx] = ref * c.factor(z)
+        ref_ms = prior[idx]
+        if c.transfer:
+            if transfer_ms is None:
+                transfer_ms = predict_kernels(kernels, transferred_prior(target))[0]
+            ref_ms = np.asarray(transfer_ms, dtype=np.float64)[idx]
+        z = correction_rows(ks, target, ref_ms)
+        ref = c.reference(ref_ms, feature_rows(ks, target)[1] if c.baseline else None)
+        trees = c.tree_factor(residual_rows(ks, target, ref_ms)) if c.trees else 1.0
+        out[idx] = ref * c.factor(z) * trees + c.add_ms
     return out
 
 

@@ -203,9 +203,22 @@ def correction_rows(kernels: list[Kernel], target, prior_ms) -> np.ndarray:
     return np.asarray(rows, dtype=np.float64)
 
 
+def residual_rows(kernels: list[Kernel], target, prior_ms) -> np.ndarray:
+    """What a :class:`~archpass.costmodel.predictor.Correction`'s residual trees read, for
+    kernels of one group (all layer or all op kinds): the analytic features on ``target``,
+    the kernel's edge flags and kind, and its log prior prediction."""
+    if not kernels:
+        return np.zeros((0, 0))
+    x, _ = feature_rows(kernels, target)
+    layer = kernels[0].kind in LAYER_KINDS
+    extra = [[float(k.in_from_op), float(k.out_to_op), float(LAYER_KINDS.index(k.kind)) if layer else 0.0,
+              float(np.log(max(float(p), 1e-9)))] for k, p in zip(kernels, prior_ms)]
+    return np.hstack([x, np.asarray(extra, dtype=np.float64)])
+
+
 def log_safe(x: np.ndarray) -> np.ndarray:
     return np.log(np.maximum(x, 1e-9))
 
 
 __all__ = ["LAYER_FEATURES", "OP_FEATURES", "LAYER_BASE", "OP_BASE", "CONTEXT_FEATURES", "NETWORK_FEATURES", "feature_rows",
-           "layer_features", "op_features", "loop_sizes", "network_context", "correction_rows"]
+           "layer_features", "op_features", "loop_sizes", "network_context", "correction_rows", "residual_rows"]

@@ -15,6 +15,7 @@ both version-stable text, never pickles.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -145,6 +146,14 @@ class Predictor:
         )
 
 
+@functools.lru_cache(maxsize=64)
+def _booster(text: str):
+    """A LightGBM booster from its model text, parsed once."""
+    import lightgbm as lgb
+
+    return lgb.Booster(model_str=text)
+
+
 #: terms a :class:`Correction` reads (:func:`archpass.costmodel.features.correction_rows`)
 LAYER_TERMS = ("one", "log_prior", "log_ideal", "log_mem")
 OP_TERMS = ("one", "log_prior", "log_elems")
@@ -169,6 +178,15 @@ class Correction:
     #: when set, the reference is a new analytic baseline (coefficients over ``LAYER_BASE``
     #: or ``OP_BASE`` terms on the adapted target's hardware) instead of the prior's prediction
     baseline: tuple[float, ...] = ()
+    #: a fixed time added to every kernel of this kind (ms): the per-kernel dispatch
+    #: overhead a whole network pays that the profiled kernel times do not show
+    add_ms: float = 0.0
+    #: when set, the reference is the prior's predictors evaluated on the adapted target's
+    #: hardware (its array, unroll and memory width) instead of on the prior's own
+    transfer: bool = False
+    #: LightGBM model text of residual trees (log factor over :func:`~archpass.costmodel.features.residual_rows`),
+    #: for devices whose kernels differ from the prior's in structure, not only in scale
+    trees: str = ""
 
     def reference(self, prior_ms: np.ndarray, base_terms: np.ndarray) -> np.ndarray:
         if not self.baseline:
@@ -181,9 +199,17 @@ class Correction:
         e = (np.asarray(z, dtype=np.float64) - np.asarray(self.center)) @ np.asarray(self.coef)
         return np.exp(np.clip(e, -MAX_LOG_CORRECTION, MAX_LOG_CORRECTION))
 
+    def tree_factor(self, rows: np.ndarray) -> np.ndarray:
+        """The residual trees' factor for :func:`~archpass.costmodel.features.residual_rows` (1 without trees)."""
+        if not self.trees or len(rows) == 0:
+            return np.ones(len(rows))
+        e = _booster(self.trees).predict(np.asarray(rows, dtype=np.float64), num_threads=1)
+        return np.exp(np.clip(e, -MAX_LOG_CORRECTION, MAX_LOG_CORRECTION))
+
     def to_json(self) -> dict:
         return {"kind": self.kind, "method": self.method, "terms": list(self.terms), "center": list(self.center),
-                "coef": list(self.coef), "n": self.n, "baseline": list(self.baseline)}
+                "coef": list(self.coef), "n": self.n, "baseline": list(self.baseline), "add_ms": self.add_ms,
+                "transfer": self.transfer, "trees": self.trees}
 
     @classmethod
     def from_json(cls, d: dict) -> "Correction":
@@ -192,4 +218,6 @@ class Correction:
             raise ValueError(f"correction '{d.get('kind')}' has unknown terms {list(terms)}")
         return cls(kind=str(d["kind"]), method=str(d.get("method", "?")), terms=terms,
                    center=tuple(float(c) for c in d["center"]), coef=tuple(float(c) for c in d["coef"]),
-                   n=int(d.get("n", 0)), baseline=tuple(float(c) for c in d.get("baseline") or ()))
+                   n=int(d.get("n", 0)), baseline=tuple(float(c) for c in d.get("baseline") or ()),
+                   add_ms=float(d.get("add_ms", 0.0)), transfer=bool(d.get("transfer", False)),
+                   trees=str(d.get("trees") or ""))

@@ -48,6 +48,33 @@ BUILTIN_DIR = Path(__file__).resolve().parent / "targets"
 REQUIRED = ("name", "parallelism", "bytes_per_element", "source", "predictors")
 
 
+def corrections_json(corrections: dict[str, Correction]) -> dict:
+    """The ``prior``/``corrections`` keys of an adapted target's ``target.json``; residual
+    trees several kinds share are stored once, under ``correction_trees`` (``trees_ref``)."""
+    import hashlib
+
+    trees: dict[str, str] = {}
+    out = {}
+    for k, c in sorted(corrections.items()):
+        d = c.to_json()
+        if d.get("trees"):
+            ref = hashlib.sha256(d["trees"].encode()).hexdigest()[:16]
+            trees[ref] = d.pop("trees")
+            d["trees_ref"] = ref
+        out[k] = d
+    return {"prior": PRIOR_DIR, "corrections": out, **({"correction_trees": trees} if trees else {})}
+
+
+def corrections_from_json(doc: dict) -> dict[str, Correction]:
+    trees = dict(doc.get("correction_trees") or {})
+    out = {}
+    for k, v in dict(doc.get("corrections") or {}).items():
+        if v.get("trees_ref"):
+            v = {**v, "trees": trees[v["trees_ref"]]}
+        out[str(k)] = Correction.from_json(v)
+    return out
+
+
 @dataclass(frozen=True)
 class Target:
     name: str
@@ -112,8 +139,7 @@ class Target:
             "source": self.source,
             "predictors": {k: p.to_json(model_file(k, p)) for k, p in sorted(self.predictors.items())},
             "accuracy": self.accuracy,
-            **({"prior": PRIOR_DIR, "corrections": {k: c.to_json() for k, c in sorted(self.corrections.items())}}
-               if self.prior is not None else {}),
+            **(corrections_json(self.corrections) if self.prior is not None else {}),
         }
 
     def source_file(self, key: str) -> Path:
@@ -322,7 +348,7 @@ def _load_dir(d: Path, origin: str, given: Path | None = None, depth: int = 0) -
             path=d,
             builtin=origin == "builtin",
             prior=prior,
-            corrections={str(k): Correction.from_json(v) for k, v in dict(doc.get("corrections") or {}).items()},
+            corrections=corrections_from_json(doc),
             origin=origin,
         )
     except TargetError:
