@@ -88,7 +88,9 @@ def test_two_workers_share_one_study(tmp_path):
         assert proc.wait(timeout=180) == 0, (log.with_suffix(".err")).read_text()[-2000:]
     trials = optuna.load_study(study_name=study, storage=open_storage(PG)).get_trials(deepcopy=False)
     _check_nothing_lost(trials, [log for _, log in procs])
-    assert n <= len(trials) <= n + 1  # each worker may finish the one trial it had in flight
+    # each worker may finish one trial more: the one in flight when the other reached n, or one it
+    # started without checking the count (dist_worker checks only from trial number n - 1 on)
+    assert n <= len(trials) <= n + 2
     assert all(dist_worker.finished_by(log) for _, log in procs), "both workers ran trials"
     pids = {t.user_attrs["worker"] for t in trials}
     assert pids == {p.pid for p, _ in procs}
