@@ -360,6 +360,8 @@ def optimize(
         doc["finalists"] = list(out.checked)
     if out.front:
         doc["pareto_front"] = list(out.front)
+    if out.explored is not None:
+        doc["ladder"] = dict(out.explored)  # the post-training guard's exploration (search/ladder.py)
     if seed_recipes:
         doc["seeds"] = [{"file": str(f), **res.to_json()} for f, res in zip(seed_recipes, seeds)]
     if evaluator is not None:

@@ -261,10 +261,13 @@ class FidelityEvaluator:
         return self._rows[key]
 
     def evaluate(self, recipe: Recipe, *, recover: bool = True, verify: bool = False,
-                 allow_growth: bool = False) -> Evaluation:
+                 allow_growth: bool = False, emit: bool = True) -> Evaluation:
         """Materialize ``recipe`` once, score it, recover the layers it touched (lossy
         rewrites only) and score again.  ``verify`` re-checks the emitted shapes (the
-        engine's post-condition; ``apply`` keeps it, the search skips it)."""
+        engine's post-condition; ``apply`` keeps it, the search skips it).  ``emit=False``
+        skips the refit on every sample when samples are held out (the score does not
+        need it): the proto then carries the weights fitted without the held-out quarter,
+        and its record says so (the search's guard, which refits only the candidate it emits)."""
         from archpass.passes.engine import apply_recipe
 
         t0 = time.perf_counter()
@@ -284,6 +287,7 @@ class FidelityEvaluator:
                 # the score comes from the fit that never saw the scoring samples (a conservative
                 # estimate, as cross-validation gives); the weights emitted are refitted on every sample
                 after = self.score(rec.proto)
+            if refit and self.held_out and emit:
                 rec = _recover(applied, self._reference_rows(recipe, self.data),
                                feeds_for(applied.proto, self.data.arrays),
                                source=self.structure, seed=self.seed, dynamic=self.dynamic, with_outputs=False)
@@ -296,6 +300,7 @@ class FidelityEvaluator:
         entry.key, entry.value = RECOVERY_KEY, json.dumps({
             "calibration": self.data.source, "samples": self.data.samples, "random_data": self.data.random,
             "scored_samples": self.score_data.samples, "held_out": self.held_out,
+            "fitted_on": "every sample" if emit or not self.held_out else "the samples not held out",
             "fidelity_before": before.score, "fidelity_after": after.score,
             "layers": [f.to_json() for f in rec.fits]}, separators=(",", ":"), default=_json_default)
         return Evaluation(recipe, before, after if refit else None, proto, rec.fits, time.perf_counter() - t0, applied)

@@ -53,13 +53,24 @@ class Guard:
     threshold: float
     scorer: Callable[[Recipe], float]
     baseline: float | None = None  # the original model's score, when known
+    #: scores are energy shares (fidelity): a recipe's error ratio (1-s)/s is about the sum of
+    #: its rewrites' (what the post-training ladder, :mod:`archpass.search.ladder`, predicts with)
+    additive: bool = False
     cache: dict[str, GuardResult] = field(default_factory=dict)
     models: dict[str, object] = field(default_factory=dict)  # recipe key -> the candidate the guard scored, when it
     # is what should be emitted (post-training: the recovered weights)
 
+    #: ``emitter(recipe) -> proto``: what to emit for a recipe that passed, built when first asked
+    #: (post-training: the weights refitted on every calibration sample), or None
+    emitter: Callable[[Recipe], object] | None = None
+
     def model_for(self, recipe: Recipe):
-        """The ONNX proto the guard evaluated for ``recipe`` (recovered weights), or None."""
-        return self.models.get(recipe_key(recipe))
+        """The ONNX proto to emit for ``recipe`` (recovered weights), or None: kept by the
+        scorer, or built by ``emitter`` once, for a recipe that passed."""
+        key = recipe_key(recipe)
+        if key not in self.models and self.emitter is not None and self.check(recipe).ok:
+            self.models[key] = self.emitter(recipe)
+        return self.models.get(key)
 
     @property
     def evaluations(self) -> int:
@@ -68,6 +79,10 @@ class Guard:
     def shortfall(self, score: float) -> float:
         """How far below the threshold (a positive constraint value); 1 when not a number."""
         return self.threshold - score if math.isfinite(score) else 1.0
+
+    def known(self, recipe: Recipe) -> GuardResult | None:
+        """The cached result for ``recipe``, without evaluating it."""
+        return self.cache.get(recipe_key(recipe))
 
     def check(self, recipe: Recipe) -> GuardResult:
         key = recipe_key(recipe)
@@ -94,13 +109,14 @@ def fidelity_guard(model, structure, data, *, min_fidelity: float = DEFAULT_MIN_
         evaluator = FidelityEvaluator(model, data, structure=structure)
 
     def score(recipe: Recipe) -> float:
-        ev = evaluator.evaluate(recipe, recover=True)
-        f = ev.after if ev.after is not None else ev.before
-        if f.score >= guard.threshold:
-            guard.models[recipe_key(recipe)] = ev.proto  # emitted with its recovered weights
-        return f.score
+        # scored on the held-out samples, from a fit without them; the refit on every sample is
+        # made only for the candidate emitted (``model_for``)
+        return evaluator.evaluate(recipe, recover=True, emit=False).fidelity.score
 
-    guard = Guard("fidelity", float(min_fidelity), score, baseline=1.0)
+    def emit(recipe: Recipe):
+        return evaluator.evaluate(recipe, recover=True).proto  # emitted with its recovered weights
+
+    guard = Guard("fidelity", float(min_fidelity), score, baseline=1.0, additive=True, emitter=emit)
     return guard
 
 

@@ -15,11 +15,10 @@ The choice keeps the promises of ``archpass optimize``:
 
 from __future__ import annotations
 
-import dataclasses
 import multiprocessing
 import time
 import zlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -255,6 +254,7 @@ class Outcome:
     message: str | None
     storage: Path
     records: tuple[st.TrialRecord, ...] = ()
+    explored: Mapping[str, Any] | None = None  # the post-training ladder (search.ladder.Exploration.to_json)
     study: Any = field(default=None, compare=False, repr=False)  # the optuna.Study (reports read it)
 
     @property
@@ -376,6 +376,16 @@ def search(prep: Prepared, storage: Path, *, resume: bool = False, progress: Cal
                 p.join(timeout=None if not interrupted else 10)
                 if p.is_alive():
                     p.terminate()
+    explored = None
+    if empty is None and not interrupted and getattr(prep.guard, "additive", False):
+        from archpass.search import ladder
+
+        try:
+            found = ladder.explore(prep.space, prep.objective, prep.guard)
+            ladder.add_to_study(study, prep.objective, found)
+            explored = found.to_json()
+        except KeyboardInterrupt:
+            interrupted = True
     if shared:
         from archpass.search.storage import fail_stale_by_heartbeat
 
@@ -383,7 +393,7 @@ def search(prep: Prepared, storage: Path, *, resume: bool = False, progress: Cal
     recs = st.records(study)
     out = choose(prep, recs, storage=storage, interrupted=interrupted, empty=empty)
     record_outcome(study, out)
-    return dataclasses.replace(out, study=study)
+    return replace(out, study=study, explored=explored)
 
 
 def record_outcome(study: optuna.Study, out: Outcome) -> None:
@@ -449,7 +459,21 @@ def finalists(guard, cands: Sequence[st.TrialRecord], budget: int) -> tuple[st.T
         return results[i].ok
 
     best = None
-    if cands and budget > 0:
+    # a candidate the guard already passed (the post-training ladder's rungs) is a free incumbent:
+    # only candidates better than it are evaluated
+    known = getattr(guard, "known", lambda r: None)
+    for i, c in enumerate(cands):
+        r = known(c.recipe)
+        if r is not None and r.ok:
+            results[i], best = r, i
+            break
+    if best is not None:
+        for i in range(best - 1, -1, -1):
+            if len(results) - 1 >= budget:
+                break
+            if ok(i):
+                best = i
+    elif cands and budget > 0:
         if ok(0):
             best = 0
         else:
@@ -486,7 +510,14 @@ def choose(prep: Prepared, recs: Sequence[st.TrialRecord], *, storage: Path, int
     better = [r for r in ok if r.values[0] < base.values[0] and _dominates_or_equal(r.values, base.values)]
     several = len(obj.objectives) > 1
     if several:
-        better = [r for r in pareto(ok) if r in better]
+        front = pareto(ok)
+        known = getattr(guard, "known", lambda r: None)  # a candidate the guard passed (the ladder's) stays one
+
+        def passed(r) -> bool:
+            res = known(r.recipe) if guard is not None else None
+            return res is not None and res.ok
+
+        better = [r for r in better if r in front or passed(r)]
     better.sort(key=lambda r: (r.values, r.number))
     unique, seen = [], set()
     for r in better:

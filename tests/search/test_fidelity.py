@@ -101,3 +101,18 @@ def test_resolution_candidates_get_resized_inputs(setup):
     *_, ev = setup
     e = ev.evaluate(Recipe.of([{"pass": "resolution", "height": 12, "width": 12}]))
     assert 0.0 < e.before.score < 1.0 and e.after is None
+
+
+def test_emit_false_scores_the_same_without_the_refit_on_every_sample(setup):
+    import json
+
+    from onnx import numpy_helper
+
+    *_, ev = setup
+    r = Recipe.of([{"pass": "channels", "site": "group2", "channels": 40}])
+    full, quick = ev.evaluate(r), ev.evaluate(r, emit=False)
+    assert quick.fidelity.score == pytest.approx(full.fidelity.score, abs=1e-12)
+    notes = [json.loads(e.proto.metadata_props[-1].value)["fitted_on"] for e in (full, quick)]
+    assert notes == ["every sample", "the samples not held out"]
+    w = [{t.name: numpy_helper.to_array(t) for t in e.proto.graph.initializer} for e in (full, quick)]
+    assert any(not np.array_equal(w[0][k], w[1][k]) for k in w[0] if k in w[1])  # the refit differs
