@@ -26,7 +26,7 @@ from archpass.blocks import find_blocks
 from archpass.errors import AnalysisError, ArchpassError
 from archpass.model import Model
 from archpass.record import read_provenance
-from archpass.structure import ChannelGroup, Layer, Member, Node, Structure, Tensor
+from archpass.structure import ChannelGroup, Fix, Layer, Member, Node, Structure, Tensor
 
 ELEMENTWISE_UNARY = {
     "Relu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "LeakyRelu", "Elu", "Selu", "Gelu", "Erf",
@@ -42,17 +42,23 @@ NORMS = {"BatchNormalization", "InstanceNormalization"}
 ELEM_BYTES = {1: 4, 2: 1, 3: 1, 4: 2, 5: 2, 6: 4, 7: 8, 9: 1, 10: 2, 11: 8, 12: 4, 13: 8, 16: 2}
 
 
+def multiplier_reason(conv: str, multiplier: int) -> str:
+    """Why a depthwise conv with a channel multiplier fixes its input and output groups
+    (``dw_to_dense`` removes exactly this fix)."""
+    return f"Conv '{conv}' is a depthwise convolution with channel multiplier {multiplier}"
+
+
 class _UnionFind:
     def __init__(self):
         self.parent: list[int] = []
         self.size: list[int] = []  # channel count of each slot
-        self.reason: list[str | None] = []
+        self.fixes: list[list[Fix]] = []  # every reason a slot is fixed, in the order met
         self.members: list[list[Member]] = []
 
     def new(self, channels: int) -> int:
         self.parent.append(len(self.parent))
         self.size.append(channels)
-        self.reason.append(None)
+        self.fixes.append([])
         self.members.append([])
         return len(self.parent) - 1
 
@@ -70,14 +76,14 @@ class _UnionFind:
         self.parent[hi] = lo
         self.members[lo].extend(self.members[hi])
         self.members[hi] = []
-        if self.reason[lo] is None:
-            self.reason[lo] = self.reason[hi]
+        self.fixes[lo].extend(f for f in self.fixes[hi] if f not in self.fixes[lo])
+        self.fixes[hi] = []
         return lo
 
-    def fix(self, a: int, reason: str) -> None:
+    def fix(self, a: int, reason: str, source: str) -> None:
         r = self.find(a)
-        if self.reason[r] is None:
-            self.reason[r] = reason
+        if Fix(source, reason) not in self.fixes[r]:
+            self.fixes[r].append(Fix(source, reason))
 
     def add(self, a: int, member: Member) -> None:
         self.members[self.find(a)].append(member)
@@ -98,6 +104,7 @@ class _Analyzer:
         self.proto = proto
         g = proto.graph
         self.g = g
+        self.source = ""  # the node (or graph input) being visited: the source of the fixes it makes
         self.inits = {i.name: i for i in g.initializer}
         self.const_nodes = {n.output[0]: n for n in g.node if n.op_type == "Constant"}
         self.shapes: dict[str, tuple[int, ...]] = {}
@@ -162,7 +169,7 @@ class _Analyzer:
         if ti is None:
             return
         for s in ti.segs:
-            self.uf.fix(s, reason)
+            self.uf.fix(s, reason, self.source)
 
     def fresh(self, name: str, axis: int | None, reason: str | None = None, member: Member | None = None) -> None:
         shp = self.shape(name)
@@ -170,7 +177,7 @@ class _Analyzer:
         if axis is not None and len(shp) > axis >= 0:
             s = self.uf.new(shp[axis])
             if reason:
-                self.uf.fix(s, reason)
+                self.uf.fix(s, reason, self.source)
             if member:
                 self.uf.add(s, member)
             ti.axis, ti.segs = axis, [s]
@@ -187,7 +194,7 @@ class _Analyzer:
         if not (0 <= ax < len(shp)) or shp[ax] != sum(self.uf.size[x] for x in s.segs):
             # channel axis did not survive as we expected: stop tracking, channels are fixed
             for seg in s.segs:
-                self.uf.fix(seg, f"shape of '{dst}' does not keep the channel axis")
+                self.uf.fix(seg, f"shape of '{dst}' does not keep the channel axis", self.source)
             self.fresh(dst, None)
             return
         self.t[dst] = _TInfo(shp, ax, list(s.segs), tuple(a + axis_shift for a in s.spatial))
@@ -198,7 +205,7 @@ class _Analyzer:
                 self.uf.union(x, y)
             return True
         for x in a + b:
-            self.uf.fix(x, f"{where} joins tensors whose channels are concatenated differently")
+            self.uf.fix(x, f"{where} joins tensors whose channels are concatenated differently", self.source)
         return False
 
     # ------------------------------------------------------------ main walk
@@ -209,6 +216,7 @@ class _Analyzer:
         for vi in graph_inputs:
             shp = self.shape(vi.name)
             axis = 1 if len(shp) >= 2 else None
+            self.source = vi.name
             self.fresh(vi.name, axis, reason=f"carries the model input '{vi.name}'",
                        member=Member(vi.name, "input", "input"))
         self.layers: dict[str, Layer] = {}
@@ -219,6 +227,7 @@ class _Analyzer:
             if n.op_type == "Constant":
                 continue
             with _unexpected(f"node '{n.name}' ({n.op_type})"):
+                self.source = n.name
                 self.visit(n)
                 nodes.append(self.node_record(n))
         for vi in g.output:
@@ -226,7 +235,7 @@ class _Analyzer:
             if ti and ti.segs:
                 for s in ti.segs:
                     self.uf.add(s, Member(vi.name, "output", "output"))
-                    self.uf.fix(s, f"feeds model output '{vi.name}'")
+                    self.uf.fix(s, f"feeds model output '{vi.name}'", vi.name)
         # ---- groups, numbered by their oldest slot (topological order)
         roots = sorted({self.uf.find(s) for s in range(len(self.uf.parent))})
         gid = {r: f"group{i}" for i, r in enumerate(roots)}
@@ -236,8 +245,7 @@ class _Analyzer:
 
         groups = []
         for r in roots:
-            reason = self.uf.reason[r]
-            groups.append(ChannelGroup(gid[r], self.uf.size[r], tuple(self.uf.members[r]), reason is None, reason))
+            groups.append(ChannelGroup(gid[r], self.uf.size[r], tuple(self.uf.members[r]), True).with_fixes(self.uf.fixes[r]))
         tensors: dict[str, Tensor] = {}
         for name, ti in self.t.items():
             tensors[name] = Tensor(
@@ -409,7 +417,7 @@ class _Analyzer:
             self.t[y] = _TInfo(ys, 1, list(xi.segs), (2, 3))
         else:
             why = (f"Conv '{n.name}' is a grouped convolution (groups={groups})" if cout % groups == 0 and groups != cin
-                   else f"Conv '{n.name}' is a depthwise convolution with channel multiplier {cout // max(cin, 1)}")
+                   else multiplier_reason(n.name, cout // max(cin, 1)))
             off = 0
             for s in xi.segs:
                 self.uf.add(s, Member(n.name, "Conv", "consumer", off))

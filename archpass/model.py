@@ -524,10 +524,8 @@ def load_model(
     strings as given on the command line.
     """
     path = Path(path)
-    if input_shapes is None:
-        shapes: dict[str, tuple[int, ...]] = {}
-    elif isinstance(input_shapes, Mapping):
-        shapes = {k: tuple(int(d) for d in v) for k, v in input_shapes.items()}
+    if input_shapes is None or isinstance(input_shapes, Mapping):
+        shapes = {k: tuple(int(d) for d in v) for k, v in (input_shapes or {}).items()}
     else:
         shapes = parse_input_shapes(list(input_shapes))
     proto = _read_proto(path)

@@ -15,7 +15,7 @@ topological order.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Iterable, Mapping
 
@@ -168,12 +168,29 @@ class Member:
 
 
 @dataclass(frozen=True)
+class Fix:
+    """Why a channel group cannot change: ``reason``, and its ``source``: the node being
+    visited when analysis fixed the group, or the graph input/output tensor.  A rewrite that
+    removes or moves the source (``dw_to_dense``) drops or moves its fixes with it."""
+
+    source: str
+    reason: str
+
+
+@dataclass(frozen=True)
 class ChannelGroup:
+    """``adjustable`` is ``not fixes`` and ``reason`` the first fix's (``with_fixes`` keeps them so)."""
+
     id: str
     channels: int
     members: tuple[Member, ...]
     adjustable: bool
     reason: str | None = None
+    fixes: tuple[Fix, ...] = ()
+
+    def with_fixes(self, fixes: Iterable[Fix]) -> ChannelGroup:
+        fixes = tuple(fixes)
+        return replace(self, fixes=fixes, adjustable=not fixes, reason=fixes[0].reason if fixes else None)
 
     @property
     def producers(self) -> tuple[Member, ...]:

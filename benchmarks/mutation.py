@@ -17,7 +17,14 @@ bounded by ``--minutes``; each mutant by 10x the baseline test time (at least 2 
 Run it nice'd under the shared lock::
 
     flock -s /tmp/archpass-quiet.lock nice -n 19 python benchmarks/mutation.py [MODULE ...] --jobs 4
-    ... python benchmarks/mutation.py MODULE ... --recheck   # survivors against today's tests
+    ... python benchmarks/mutation.py MODULE@0:250 MODULE@250:502 --merge   # a long module in parts
+    ... python benchmarks/mutation.py MODULE ... --recheck --wide   # survivors against today's tests
+
+``MODULE@START:END`` runs that part of the module's mutant list; parts merge into one result
+(with ``--merge``, which keeps the other modules' results).  ``--at COMMIT`` runs another
+commit.  ``--recheck`` reruns the survivors not yet killed against the module's selection,
+``--wide`` against every fast test of the passes and the core (``WIDE``), ``--existing`` at
+the commit the mutants were run on (what a wider selection of the tests of the time kills).
 
 The clone's tests import the clone's own (mutated) code: a ``sitecustomize`` on PYTHONPATH
 maps the package names onto its folders as pyproject's package-dir does.
@@ -31,6 +38,7 @@ import argparse
 import ast
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -43,6 +51,7 @@ from _common import ROOT, write_results
 FAST = "-x -q -p no:cacheprovider --import-mode=importlib"
 # module -> (test selection, functions to mutate or None for the whole file)
 DESCRIBE = "tests/passes/test_engine.py::test_every_pass_describes_itself"  # every pass has a summary and an exactness
+PASSES_FAST = "tests/passes -k 'not real and not every_architecture and not random'"  # structedit/graphutil: every pass
 MODULES: dict[str, tuple[str, tuple[str, ...] | None]] = {
     "archpass/blocks.py": ("tests/test_blocks.py tests/test_analysis.py", None),
     "passes/engine.py": ("tests/passes/test_engine.py -k 'not every_architecture and not random_valid'", None),
@@ -54,13 +63,20 @@ MODULES: dict[str, tuple[str, tuple[str, ...] | None]] = {
     "passes/fuse_ibn.py": (f"tests/passes/test_fuse_ibn.py {DESCRIBE} -k 'not real'", None),
     "passes/dw_to_dense.py": (f"tests/passes/test_dw_to_dense.py {DESCRIBE} -k 'not real'", None),
     "passes/resize.py": ("tests/passes/test_resize.py tests/passes/test_channels.py -k 'not real'", None),
-    "passes/structedit.py": ("tests/passes/test_channels.py tests/passes/test_width_multiplier.py -k 'not real'", None),
+    "passes/structedit.py": (PASSES_FAST, None),
+    "passes/graphutil.py": (PASSES_FAST, None),
     "passes/width_multiplier.py": (f"tests/passes/test_width_multiplier.py {DESCRIBE} -k 'not real'", None),
     "passes/resolution.py": (f"tests/passes/test_resolution.py {DESCRIBE} -k 'not real'", None),
     "passes/channels.py": (f"tests/passes/test_channels.py {DESCRIBE} -k 'not real'", None),
     "passes/base.py": ("tests/passes/test_base.py tests/passes/test_engine.py -k 'not every_architecture and not random'",
                        None),
 }
+# the second look at a survivor of a module's own selection (``--recheck --wide``): every fast test of
+# the passes and the core, so a survivor is a test gap of the suite, not of the targeted selection
+WIDE = f"{PASSES_FAST} tests/test_analysis.py tests/test_blocks.py tests/test_model.py tests/costmodel/test_kernels.py"
+# resize.py has the most survivors to recheck: the tests of the passes that resize, not the whole WIDE
+WIDE_FOR = {"passes/resize.py": "tests/passes/test_resize.py tests/passes/test_channels.py "
+                                "tests/passes/test_width_multiplier.py -k 'not real'"}
 
 # (module, stripped source line, stripped mutated line) -> why the survivor is not a test gap
 EXPLAINED: dict[tuple[str, str, str], str] = {
@@ -92,14 +108,29 @@ EXPLAINED: dict[tuple[str, str, str], str] = {
      'out = gs.export_onnx(graph, do_type_check=True)',
      'out = gs.export_onnx(graph, do_type_check=False)'):
         "equivalent for the graphs passes emit: graphsurgeon's type check only raises on untyped tensors, and check_model(full_check=True) runs right after on every output",
+    ('passes/engine.py',
+     'seen: dict[tuple[str, str | None], int] = {}',
+     'seen: dict[tuple[str, str & None], int] = {}'):
+        'equivalent: the annotation of a local variable is never evaluated',
+    ('passes/engine.py',
+     'onnx.checker.check_model(proto, full_check=True)',
+     'onnx.checker.check_model(proto, full_check=False)'):
+        "equivalent: full_check adds strict shape inference with type checks, which _reinfer has just run on the "
+        "same graph (model.infer_shapes: check_type, strict_mode, data_prop); only metadata and doc strings change after",
     ('costmodel/kernels.py',
-     'cin, in_hw = _chw(in_shapes[0]) if in_shapes else (1, (1, 1))',
-     'cin, in_hw = _chw(in_shapes[0]) if in_shapes else (1, (1, 2))'):
-        'unreachable: every standalone op of a canonical, statically shaped model has a shaped non-constant input (ops on constants alone are folded at load)',
+     'if not layer.act_output or layer.act_output == layer.output:',
+     'if not layer.act_output and layer.act_output == layer.output:'):
+        'equivalent: without an activation (act_output empty or the output itself) the walk that follows finds no node either',
     ('costmodel/kernels.py',
-     'cout, out_hw = _chw(out_shapes[0]) if out_shapes else (1, (1, 1))',
-     'cout, out_hw = _chw(out_shapes[0]) if out_shapes else (1, (1, 2))'):
-        'unreachable: every standalone op of a canonical, statically shaped model has a shaped output',
+     'end_prod is not None and order[other_prod.name] < order[end_prod.name]',
+     'end_prod is not None and order[other_prod.name] <= order[end_prod.name]'):
+        'equivalent: two different nodes never share a position; the same producer on both sides (Add(x, x)) '
+        'has two uses of x, so the Add is not fused anyway',
+    ('costmodel/kernels.py',
+     'if n.op != "Slice" or n.name in seen or not n.inputs:',
+     'if n.op != "Slice" and n.name in seen or not n.inputs:'):
+        'equivalent: partitions are looked up by Slice names only; a non-Slice node finds the same sibling Slices '
+        'its Slice siblings would, and an entry under its own name is never read',
     ('archpass/model.py',
      'if path is not None:',
      'if path is  None:'):
@@ -120,6 +151,83 @@ EXPLAINED: dict[tuple[str, str, str], str] = {
      'known[init.name] = True',
      'known[init.name] = None'):
         "equivalent: 'known' is only used for membership",
+    ('archpass/model.py',
+     'if not (d.HasField("dim_value") and d.dim_value > 0):',
+     'if not (d.HasField("dim_value") and d.dim_value >= 0):'):
+        'equivalent: output dims are cleared only to be re-inferred right after; keeping a declared 0 gives the same '
+        'inferred shapes (tests/test_model.py::test_stale_output_dims_are_inferred_again)',
+    ('archpass/model.py',
+     'if not (d.HasField("dim_value") and d.dim_value > 0):',
+     'if not (d.HasField("dim_value") or d.dim_value > 0):'):
+        'equivalent: output dims are cleared only to be re-inferred right after; keeping a declared 0 gives the same '
+        'inferred shapes (tests/test_model.py::test_stale_output_dims_are_inferred_again)',
+    ('archpass/model.py',
+     'known[vi.name] = True',
+     'known[vi.name] = False'):
+        "equivalent: 'known' is only used for membership",
+    ('archpass/model.py',
+     'known[init.name] = True',
+     'known[init.name] = False'):
+        "equivalent: 'known' is only used for membership",
+    ('archpass/blocks.py',
+     'LAYER_RULES: tuple[Callable[[Layer, BlockGraph], Match | None], ...] = (match_ibn, match_fused_ibn, match_depthwise)',
+     'LAYER_RULES: tuple[Callable[[Layer, BlockGraph], Match & None], ...] = (match_ibn, match_fused_ibn, match_depthwise)'):
+        'equivalent: a module-level annotation, never evaluated (from __future__ import annotations)',
+    ('archpass/blocks.py',
+     'cur_hw = None',
+     'cur_hw = ""'):
+        'equivalent: cur_hw is only compared with a block resolution (a tuple), which differs from None and "" alike',
+    ('archpass/blocks.py',
+     'stage_blocks: list[str] = []',
+     'stage_blocks: list[str] = None'):
+        'equivalent: the first block always starts a stage (its resolution differs from the initial cur_hw), which '
+        'resets stage_blocks before it is appended to; before that it is only tested for truth',
+    ('passes/fuse_ibn.py',
+     'if m.node == d.id and m.role == "depthwise" and gid == exp_group:',
+     'if m.node == d.id or m.role == "depthwise" and gid == exp_group:'):
+        "equivalent: the depthwise conv of an ibn site has one member, its 'depthwise' member in the expand's "
+        "output group, and no other node has a 'depthwise' member in that group (its only depthwise conv is d)",
+    ('passes/dw_to_dense.py',
+     'return l.groups > 1 and l.groups == l.cin == l.cout',
+     'return l.groups >= 1 and l.groups == l.cin == l.cout'):
+        'equivalent: a layer reading a tensor of the group has cin >= the group\'s channels >= 2 (a depthwise site '
+        'has groups > 1), so groups == cin == cout == 1 never holds there',
+    ('passes/dw_to_dense.py',
+     'return l.groups > 1 and l.groups == l.cin == l.cout',
+     'return l.groups > 1 and l.groups == l.cin != l.cout'):
+        "equivalent: a multiplier conv's output has another channel count than its input, so it never carries "
+        "the group: tying it adds no tensor of the group",
+    ('passes/dw_to_dense.py',
+     'ChannelGroup(gnew, s.group(g).channels, tuple(moved), True).with_fixes(fixes_new),)',
+     'ChannelGroup(gnew, s.group(g).channels, tuple(moved), False).with_fixes(fixes_new),)'):
+        'equivalent: with_fixes sets adjustable from the fixes',
+    ('passes/resize.py',
+     'if w.shape[1] == 1 and group == w.shape[0] and out_map is not None:  # depthwise: in = out',
+     'if w.shape[1] == 1 or group == w.shape[0] and out_map is not None:  # depthwise: in = out'):
+        "equivalent: a grouped conv with one input channel per group is depthwise (then out_map is set: its "
+        "group changed) or has a channel multiplier, whose input and output groups are fixed and never resized",
+    ('passes/base.py',
+     'current: int | None = None',
+     'current: int & None = None'):
+        'equivalent: an annotation, never evaluated (from __future__ import annotations)',
+    ('passes/base.py',
+     'current: float | None = None',
+     'current: float & None = None'):
+        'equivalent: an annotation, never evaluated (from __future__ import annotations)',
+    ('passes/base.py',
+     'Domain = Union[IntDomain, FloatDomain, CategoricalDomain]',
+     'Domain = None'):
+        'equivalent: the alias is only used in annotations, never evaluated (from __future__ import annotations)',
+    ('passes/structedit.py',
+     'changed = False',
+     'changed = None'):
+        'equivalent: changed is only tested for truth; False and None are both false',
+    ('passes/structedit.py',
+     'if o and o not in tensors:',
+     'if o or o not in tensors:'):
+        'equivalent for the chains passes ask for (the activation ops between two convs, after loading): none of '
+        'their nodes has an empty (omitted optional) output name, and a tensor met again is skipped by its users '
+        'already being seen',
     ('passes/dw_to_dense.py',
      'split = None',
      'split = ""'):
@@ -193,10 +301,13 @@ def _apply(module: str, src: str, mid) -> str | None:
 
 def _run_tests(clone: Path, env: dict, tests: str, timeout: float) -> str:
     """'passed', 'failed' (any non-zero exit: failures, errors, collection errors) or 'timeout'."""
+    proc = subprocess.Popen(f"exec {sys.executable} -m pytest {FAST} {tests}", shell=True, cwd=clone, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        rc = subprocess.run(f"{sys.executable} -m pytest {FAST} {tests}", shell=True, cwd=clone, env=env,
-                            capture_output=True, timeout=timeout).returncode
-    except subprocess.TimeoutExpired:
+        rc = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:  # a hang: end pytest and anything it started (its own session)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
         return "timeout"
     return "passed" if rc == 0 else "failed"
 
@@ -208,15 +319,19 @@ def _changed_line(src: str, new: str) -> tuple[str, str]:
     return "", ""
 
 
-def run_module(module: str, clone: Path, env: dict, minutes: float, most: int | None) -> dict:
-    """Apply each mutant (mutmut's operators) in turn, run the module's tests, restore the file."""
+def run_module(module: str, clone: Path, env: dict, minutes: float, most: int | None,
+               part: tuple[int, int] | None = None) -> dict:
+    """Apply each mutant (mutmut's operators) in turn, run the module's tests, restore the file.
+    ``part`` = (start, end): only the mutants at those positions of the module's list."""
     tests, functions = MODULES[module]
     path = clone / module
     src = path.read_text()
     mutants = list_mutants(module, src, functions)
     total = len(mutants)
-    if most and total > most:  # an evenly spread, deterministic sample
-        mutants = [mutants[i * total // most] for i in range(most)]
+    part = (max(0, part[0]), min(total, part[1])) if part else (0, total)
+    mutants = mutants[part[0]:part[1]]
+    if most and len(mutants) > most:  # an evenly spread, deterministic sample
+        mutants = [mutants[i * len(mutants) // most] for i in range(most)]
     t0 = time.time()
     base = _run_tests(clone, env, tests, 1800)
     baseline_s = time.time() - t0
@@ -225,16 +340,18 @@ def run_module(module: str, clone: Path, env: dict, minutes: float, most: int | 
     counts = {"killed": 0, "timeout": 0, "survived": 0}
     survivors = []
     finished = True
+    covered = 0
     for mid in mutants:
         if time.time() - t0 > minutes * 60:
             finished = False
             break
+        covered += 1
         new = _apply(module, src, mid)
         if new is None:
             continue
         path.write_text(new)
         try:
-            outcome = _run_tests(clone, env, tests, max(120.0, 10 * baseline_s))
+            outcome = _run_tests(clone, env, tests, max(30.0, 10 * baseline_s))
         finally:
             path.write_text(src)
         status = {"failed": "killed", "timeout": "timeout", "passed": "survived"}[outcome]
@@ -248,12 +365,38 @@ def run_module(module: str, clone: Path, env: dict, minutes: float, most: int | 
     explained = sum(1 for s in survivors if s["explained"])
     return {
         "tests": tests, "functions": list(functions) if functions else "all",
-        "mutants": total, "sampled": len(mutants), "tested": tested, "counts": counts,
+        "mutants": total, "parts": [[part[0], part[1] if finished or most else part[0] + covered]], "sampled": covered, "tested": tested, "counts": counts,
         "kill_ratio": round(killed / tested, 3) if tested else None,
         "kill_ratio_excluding_explained": round(killed / (tested - explained), 3) if tested > explained else None,
         "finished": finished, "seconds": round(time.time() - t0, 1), "baseline_s": round(baseline_s, 1),
         "survivors": survivors,
     }
+
+
+def merge_parts(module: str, old: dict | None, new: dict) -> dict:
+    """One module's result from runs over different parts of its mutant list (same commit and tests)."""
+    if not old or "parts" not in old or old.get("tests") != new.get("tests") or "error" in new or "error" in old:
+        return new
+    if old["commit"] != new["commit"] and subprocess.run(  # parts of one module's code at two commits
+            ["git", "diff", "--quiet", old["commit"], new["commit"], "--", module], cwd=ROOT).returncode:
+        return new
+    done = {tuple(p) for p in old["parts"]}
+    if any(tuple(p) in done for p in new["parts"]):
+        return new  # a part run again replaces the earlier run
+    counts = {k: old["counts"][k] + new["counts"][k] for k in new["counts"]}
+    out = {**new, "parts": sorted(old["parts"] + new["parts"]), "sampled": old["sampled"] + new["sampled"],
+           "tested": old["tested"] + new["tested"], "counts": counts,
+           "seconds": round(old["seconds"] + new["seconds"], 1), "commit": old["commit"],
+           "survivors": sorted(old["survivors"] + new["survivors"], key=lambda x: (x["line_number"], x["index"]))}
+    covered = 0  # finished: the parts cover the whole mutant list
+    for start, end in out["parts"]:
+        covered = end if start <= covered else covered
+    out["finished"] = covered >= new["mutants"]
+    killed, tested = counts["killed"] + counts["timeout"], out["tested"]
+    explained = sum(1 for x in out["survivors"] if x["explained"])
+    out["kill_ratio"] = round(killed / tested, 3) if tested else None
+    out["kill_ratio_excluding_explained"] = round(killed / (tested - explained), 3) if tested > explained else None
+    return out
 
 
 def _mutant_source(module: str, src: str, survivor: dict) -> str | None:
@@ -270,28 +413,38 @@ def _mutant_source(module: str, src: str, survivor: dict) -> str | None:
     return _apply(module, src, RelativeMutationID(line=survivor["line"], index=survivor["index"], line_number=at))
 
 
-def recheck_module(module: str, r: dict, clone: Path, env: dict) -> dict:
-    """Run the current tests against each survivor of an earlier run: killed (any test failure or
-    collection error), survived, or gone (its line was removed or rewritten)."""
-    tests, _ = MODULES[module]
+def recheck_module(module: str, r: dict, clone: Path, env: dict, commit: str, tests: str | None = None) -> dict:
+    """Run the current tests (the module's selection, or ``tests``) against each survivor of an earlier
+    run not yet killed: killed (any test failure or collection error), survived, or gone (its line was
+    removed or rewritten).  A kill is recorded with the commit whose tests killed it: at the run's own
+    commit it was a wider selection of the existing tests, later new tests."""
+    tests = tests or MODULES[module][0]
     path = clone / module
     src = path.read_text()
     for s in r["survivors"]:
+        if s.get("recheck") == "killed":
+            continue
         new = _mutant_source(module, src, s)
         if new is None:
             s["recheck"] = "gone"
             continue
         path.write_text(new)
         try:
-            outcome = _run_tests(clone, env, tests, 600)
+            outcome = _run_tests(clone, env, tests, 300)
         finally:
             path.write_text(src)
         s["recheck"] = "survived" if outcome == "passed" else "killed"
+        if s["recheck"] == "killed":
+            s["killed_at"] = commit
         s["explained"] = EXPLAINED.get((module, s["from"], s["to"]))
     r["recheck_tests"] = tests
     left = [s for s in r["survivors"] if s.get("recheck") == "survived"]
+    killed = [s for s in r["survivors"] if s.get("recheck") == "killed"]
     r["after_recheck"] = {
-        "killed_by_new_tests": sum(s.get("recheck") == "killed" for s in r["survivors"]),
+        # at the run's commit (--existing): the wider selection of the tests that existed; later: the wider
+        # selection and the tests added since, together
+        "killed_at_the_run_commit_by_the_wider_selection": sum(s.get("killed_at") == r["commit"] for s in killed),
+        "killed_later_by_the_wider_selection_and_new_tests": sum(s.get("killed_at") != r["commit"] for s in killed),
         "code_removed": sum(s.get("recheck") == "gone" for s in r["survivors"]),
         "still_surviving": len(left),
         "explained": sum(bool(s["explained"]) for s in left),
@@ -299,64 +452,91 @@ def recheck_module(module: str, r: dict, clone: Path, env: dict) -> dict:
     }
     tested = r["tested"] - r["after_recheck"]["code_removed"]
     r["kill_ratio_after_recheck"] = round((tested - len(left)) / tested, 3) if tested else None
+    explained = r["after_recheck"]["explained"]
+    r["kill_ratio_after_recheck_excluding_explained"] = (round((tested - len(left)) / (tested - explained), 3)
+                                                         if tested > explained else None)
     return r
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("modules", nargs="*", default=list(MODULES))
+    ap.add_argument("modules", nargs="*", default=list(MODULES),
+                    help="MODULE or MODULE@START:END (that part of its mutant list; parts merge into one result)")
     ap.add_argument("--minutes", type=float, default=20.0, help="bound on each module's run")
     ap.add_argument("--most", type=int, default=None, help="test at most this many mutants per module "
                     "(an evenly spread sample)")
     ap.add_argument("--jobs", type=int, default=1, help="modules run at once, each in its own clone")
     ap.add_argument("--recheck", action="store_true",
                     help="rerun the current tests against the survivors recorded in mutation.json (implies --merge)")
+    ap.add_argument("--wide", action="store_true", help="with --recheck: every fast test of the passes and the "
+                    "core instead of the module's selection")
+    ap.add_argument("--existing", action="store_true", help="with --recheck: the tests of the commit the "
+                    "mutants were run on (with --wide: what a wider selection of the existing tests kills)")
+    ap.add_argument("--at", default="HEAD", help="the commit to run (its code and tests)")
     ap.add_argument("--merge", action="store_true", help="keep other modules' results already in mutation.json")
     opts = ap.parse_args()
-    unknown = [m for m in opts.modules if m not in MODULES]
+    specs = []
+    for spec in opts.modules:
+        module, _, part = spec.partition("@")
+        specs.append((module, tuple(int(x) for x in part.split(":")) if part else None))
+    unknown = [m for m, _ in specs if m not in MODULES]
     if unknown:
         ap.error(f"unknown module(s) {unknown}; known: {', '.join(MODULES)}")
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    commit = subprocess.run(["git", "rev-parse", opts.at], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     old = ROOT / "benchmarks" / "results" / "mutation.json"
 
     def earlier() -> dict:
         return json.loads(old.read_text()).get("modules", {}) if old.exists() else {}
 
     previous = earlier() if opts.recheck else {}
-    results: dict = {}
 
-    def one(module: str) -> tuple[str, dict]:
+    def one(spec: tuple[str, tuple[int, int] | None]) -> tuple[str, dict]:
+        module, part = spec
+        # --existing: the tests of the commit the module's mutants were run on
+        at = previous[module]["commit"] if opts.recheck and opts.existing and module in previous else commit
         with tempfile.TemporaryDirectory(prefix="archpass-mutation-") as d:
             clone = Path(d) / "repo"
             subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
-            subprocess.run(["git", "checkout", "-q", commit], cwd=clone, check=True)
+            subprocess.run(["git", "checkout", "-q", at], cwd=clone, check=True)
             env = {**os.environ, "PYTHONPATH": str(_shim(clone)), "PYTHONDONTWRITEBYTECODE": "1"}
             if opts.recheck:
                 if module not in previous:
                     raise SystemExit(f"no earlier results for {module} to recheck")
-                r = {**recheck_module(module, previous[module], clone, env), "recheck_commit": commit}
+                r = {**recheck_module(module, previous[module], clone, env, at,
+                                              WIDE_FOR.get(module, WIDE) if opts.wide else None),
+                     "recheck_commit": at}
             else:
-                r = {**run_module(module, clone, env, opts.minutes, opts.most), "commit": commit}
-        print(f"{module:28s} {r.get('kill_ratio')} killed of {r.get('tested')} tested ({r.get('counts')}) "
+                r = {**run_module(module, clone, env, opts.minutes, opts.most, part), "commit": commit}
+        print(f"{module:28s} {part or ''} {r.get('kill_ratio')} killed of {r.get('tested')} tested ({r.get('counts')}) "
+              f"after recheck {r.get('kill_ratio_after_recheck')} "
               f"{'' if r.get('finished', True) else 'NOT FINISHED '}{r.get('seconds')} s {r.get('error', '')}",
               flush=True)
         return module, r
 
-    # each module in its own clone; --jobs of them at once (a nice'd run gets little CPU on a busy machine)
+    # each module (part) in its own clone; --jobs of them at once
     with ThreadPoolExecutor(max_workers=opts.jobs) as pool:
-        for module, r in pool.map(one, opts.modules):
-            results[module] = r
-    if opts.merge or opts.recheck:  # read again now: another run may have written meanwhile
-        results = {**earlier(), **results}
+        done = list(pool.map(one, specs))
+    results = earlier() if (opts.merge or opts.recheck) else {}  # read now: another run may have written meanwhile
+    for module, r in done:
+        results[module] = r if opts.recheck else merge_parts(module, results.get(module), r)
     total_tested = sum(r.get("tested", 0) for r in results.values())
     total_killed = sum(r["counts"]["killed"] + r["counts"]["timeout"] for r in results.values() if "counts" in r)
+    left = sum(r["after_recheck"]["still_surviving"] for r in results.values() if "after_recheck" in r)
+    removed = sum(r["after_recheck"]["code_removed"] for r in results.values() if "after_recheck" in r)
+    unrechecked = sum(len(r.get("survivors", ())) for r in results.values() if "after_recheck" not in r)
+    tested_after = total_tested - removed
     out = write_results("mutation", {"tool": "mutmut 2.5.1 mutation operators, driven by this script", "string_mutations": False,
                                      "note": "killed = any non-zero pytest exit (failures, errors, collection "
-                                             "errors) or a hang; kill_ratio_after_recheck: survivors rerun "
-                                             "against the tests at 'recheck_commit', survivors whose code was "
-                                             "removed left out",
+                                             "errors) or a hang; kill_ratio: the module's own test selection at "
+                                             "'commit'; kill_ratio_after_recheck: survivors rerun against the "
+                                             "wider selection and the new tests at 'recheck_commit', survivors "
+                                             "whose code was removed left out",
                                      "overall_kill_ratio": round(total_killed / total_tested, 3) if total_tested else None,
-                                     "modules": results})
+                                     "overall_kill_ratio_after_recheck": round((tested_after - left - unrechecked) / tested_after, 3)
+                                     if tested_after else None,
+                                     "modules": results,
+                                     **({"history": json.loads(old.read_text()).get("history")} if old.exists() and
+                                        "history" in json.loads(old.read_text()) else {})})
     print(f"overall {total_killed}/{total_tested}; results: {out}")
     return 0
 

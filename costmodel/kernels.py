@@ -217,9 +217,9 @@ def _act_nodes(structure: Structure, layer: Layer, producer: dict[str, Node], or
         t = stack.pop()
         if t == layer.output:
             continue
-        n = producer.get(t)
-        if n is None or n.name in found or n.layer is not None:
-            continue
+        # the recognized activations compute from the layer's output and constants alone, so every
+        # tensor met here has an activation node as its producer
+        n = producer[t]
         found[n.name] = n
         stack.extend(i for i in n.inputs if not _is_const(structure, i))
     return sorted(found.values(), key=lambda n: order[n.name])
@@ -266,10 +266,8 @@ def decompose(structure: Structure, rules: FusionRules) -> list[Kernel]:
 
     claimed: set[str] = set()
     layer_kernels: dict[str, Kernel] = {}
-    layer_node = {n.layer: n for n in structure.nodes if n.layer is not None}
     for layer in structure.layers:
-        node = layer_node.get(layer.id)
-        names = [node.name] if node is not None else [layer.id]
+        names = [layer.id]  # a layer is named after its node
         act = layer.activation
         act_nodes = _act_nodes(structure, layer, producer, order)
         if act is not None and act not in rules.activations:
@@ -339,8 +337,9 @@ def decompose(structure: Structure, rules: FusionRules) -> list[Kernel]:
             names, out_shapes = split
             if len(names) > 1:
                 n = replace(n, op="Split")
-        cin, in_hw = _chw(in_shapes[0]) if in_shapes else (1, (1, 1))
-        cout, out_hw = _chw(out_shapes[0]) if out_shapes else (1, (1, 1))
+        # an op on constants alone (left unfolded) counts as a 0-d input: 1 channel, 1x1
+        cin, in_hw = _chw(in_shapes[0] if in_shapes else ())
+        cout, out_hw = _chw(out_shapes[0])  # every node has an output
         kind = OP_KINDS.get(n.op, "other")
         k = n.attr("kernel") or n.attr("kernel_shape") or (1, 1)
         s = n.attr("stride") or n.attr("strides") or (1, 1)
@@ -381,8 +380,8 @@ def _slice_partitions(structure: Structure, consumers: dict[str, list[Node]]) ->
             continue
         src = n.inputs[0]
         sibs = [c for c in consumers.get(src, []) if c.op == "Slice" and c.inputs and c.inputs[0] == src]
-        total = math.prod(_shape(structure, src) or (1,))
-        parts = sum(math.prod(_shape(structure, c.outputs[0]) or (1,)) for c in sibs)
+        total = math.prod(_shape(structure, src))
+        parts = sum(math.prod(_shape(structure, c.outputs[0])) for c in sibs)
         if len(sibs) < 2 or parts != total:
             sibs = [n]
         seen.update(c.name for c in sibs)

@@ -9,7 +9,9 @@ Ids: the layer keeps its id.  Its output channels (and everything downstream tha
 coupled to them only through the depthwise conv: activations, SE, the project conv's
 input) move to a **new channel group** ``group<max+1>``; the input side keeps the old
 group id.  When the output is still coupled to the input some other way (e.g. a
-residual Add around the conv) both stay one group.  The block the conv belonged to
+residual Add around the conv) both stay one group; an Add after a later layer (a residual
+around dw -> 1x1) does not couple them.  The old group's fixes (``ChannelGroup.fixes``)
+follow their sources to either side; the fix of a channel multiplier goes.  The block the conv belonged to
 (``ibn`` or ``depthwise``) is no longer one of those kinds and leaves the block list;
 other block ids do not change.
 """
@@ -24,33 +26,63 @@ import numpy as np
 from archpass.passes.base import GraphResult, Match, Pass, ShapeResult, Site, register, tag
 from archpass.passes.graphutil import const_value, fresh_const, node_named
 from archpass.passes.structedit import drop_unused_consts, edit_members, next_group_id
-from archpass.structure import ChannelGroup, Layer, Member, Structure, Tensor
+from archpass.analysis import multiplier_reason
+from archpass.structure import ChannelGroup, Fix, Layer, Member, Structure, Tensor
 
 
 def _summary(l: Layer) -> str:
     return f"{l.cin}->{l.cout} k{l.kernel[0]}x{l.kernel[1]} groups={l.groups}"
 
 
-def _cone(s: Structure, start: str) -> tuple[set[str], set[str]]:
-    """Every node and tensor downstream of tensor ``start``."""
-    cons: dict[str, list] = {}
+def _linked(s: Structure, g: str, start: str, cut: str) -> set[str]:
+    """The tensors carrying group ``g`` that stay tied to tensor ``start`` once conv ``cut`` is dense:
+    connected through nodes that tie their channels together (every op but a layer that is not a
+    plain depthwise conv, as analysis unites them)."""
+    def ties(n) -> bool:
+        if n.name == cut:
+            return False
+        if n.layer is None:
+            return True
+        l = s.layer(n.layer)
+        return l.groups > 1 and l.groups == l.cin == l.cout
+
+    touching: dict[str, list] = {}
     for n in s.nodes:
-        for i in n.inputs:
-            cons.setdefault(i, []).append(n)
-    nodes: set[str] = set()
-    tensors = {start}
-    frontier = [start]
+        for t in (*n.inputs, *n.outputs):
+            touching.setdefault(t, []).append(n)
+    found, frontier = {start}, [start]
     while frontier:
-        t = frontier.pop()
-        for n in cons.get(t, ()):
-            if n.name in nodes:
-                continue
-            nodes.add(n.name)
-            for o in n.outputs:
-                if o and o not in tensors:
-                    tensors.add(o)
-                    frontier.append(o)
-    return nodes, tensors
+        for n in touching.get(frontier.pop(), ()):
+            if ties(n):
+                for u in (*n.inputs, *n.outputs):
+                    if u and u not in found and u in s.tensors and g in s.tensors[u].segments:
+                        found.add(u)
+                        frontier.append(u)
+    return found
+
+
+def _split(s: Structure, g: str, moved_t: set[str], d: Layer) -> tuple[list[Member], list[Member], list, list]:
+    """Group ``g``'s members and fixes that follow the tensors ``moved_t`` (the dense conv's output side)
+    and those that stay: a member or fix moves when the tensors of its node (for a producer its
+    outputs, a consumer its inputs; a model input/output is its tensor) lie there."""
+    nodes = {n.name: n for n in s.nodes}
+
+    def tensors_of(name: str, role: str | None = None) -> set[str]:
+        n = nodes.get(name)
+        if n is None:
+            return {name}  # a model input or output
+        ts = n.outputs if role == "producer" else n.inputs if role == "consumer" else (*n.inputs, *n.outputs)
+        return {t for t in ts if t in s.tensors and g in s.tensors[t].segments}
+
+    old = s.group(g)
+    moved, kept = [Member(d.id, "Conv", "producer")], []
+    for m in old.members:
+        if m.node != d.id:
+            (moved if tensors_of(m.node, m.role) & moved_t else kept).append(m)
+    kept.append(Member(d.id, "Conv", "consumer", 0))
+    fixes_new = [f for f in old.fixes if tensors_of(f.source) & moved_t]
+    fixes_old = [f for f in old.fixes if not tensors_of(f.source) <= moved_t or not tensors_of(f.source)]
+    return moved, kept, fixes_new, fixes_old
 
 
 @register
@@ -84,24 +116,15 @@ class DwToDense(Pass):
         g = d.out_group
         split = None
         if len(d.in_groups) == 1 and d.in_groups[0] == g and g:
-            cone_nodes, cone_t = _cone(s, d.output)
-            g_cone = {t for t in cone_t if g in tensors[t].segments}
-            coupled = any(
-                n.name in cone_nodes and any(i and i not in cone_t and i in tensors and g in tensors[i].segments
-                                             for i in n.inputs)
-                for n in s.nodes)
-            if not coupled:
-                split = (next_group_id(s), cone_nodes, g_cone)
+            linked = _linked(s, g, d.output, d.id)
+            if d.input not in linked:  # nothing else (a residual Add around the conv) ties output to input
+                split = (next_group_id(s), linked)
         if split:
-            gnew, cone_nodes, g_cone = split
-            old = s.group(g)
-            moved = [m for m in old.members
-                     if m.node != d.id and (m.node in cone_nodes or (m.role == "output" and m.node in g_cone))]
-            kept = [m for m in old.members if m not in moved and m.node != d.id]
-            kept.append(Member(d.id, "Conv", "consumer", 0))
-            moved.insert(0, Member(d.id, "Conv", "producer"))
-            new_groups = tuple(replace(x, members=tuple(kept)) if x.id == g else x for x in s.groups) + (
-                ChannelGroup(gnew, old.channels, tuple(moved), old.adjustable, old.reason),)
+            gnew, g_cone = split
+            moved, kept, fixes_new, fixes_old = _split(s, g, g_cone, d)
+            new_groups = tuple(replace(x, members=tuple(kept)).with_fixes(fixes_old) if x.id == g else x
+                               for x in s.groups) + (
+                ChannelGroup(gnew, s.group(g).channels, tuple(moved), True).with_fixes(fixes_new),)
             for t in g_cone:
                 tensors[t] = replace(tensors[t], segments=tuple(gnew if x == g else x for x in tensors[t].segments))
             ls = []
@@ -116,6 +139,10 @@ class DwToDense(Pass):
                 return replace(m, role="consumer") if m.node == d.id and m.role == "depthwise" else m
 
             new_groups = edit_members(new_groups, members)
+            if d.cout != d.cin:  # a dense conv does not tie its channels to a multiplier
+                gone_fix = Fix(d.id, multiplier_reason(d.id, d.cout // d.cin))
+                new_groups = tuple(x.with_fixes(f for f in x.fixes if f != gone_fix) if gone_fix in x.fixes else x
+                                   for x in new_groups)
             if g and not any(m.node == d.id and m.role == "producer" for m in s.group(g).members):
                 new_groups = tuple(replace(x, members=x.members + (Member(d.id, "Conv", "producer"),)) if x.id == g else x
                                    for x in new_groups)
@@ -123,7 +150,7 @@ class DwToDense(Pass):
                         provenance=f"{self.name}:{site}")
         layers = tuple(dense if l.id == d.id else l for l in layers)
         nodes = tuple(replace(n, inputs=(n.inputs[0], w_name, *n.inputs[2:])) if n.name == d.id else n for n in s.nodes)
-        tensors[w_name] = Tensor(w_name, (d.cout, d.cin, *d.kernel), tensors[d.weight].elem_bytes if d.weight in tensors else 4,
+        tensors[w_name] = Tensor(w_name, (d.cout, d.cin, *d.kernel), tensors[d.weight].elem_bytes,
                                  const=True)
         drop_unused_consts(tensors, nodes, [d.weight])
         gone = {b.id for b in s.blocks if d.id in b.layers}

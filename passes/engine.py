@@ -20,7 +20,7 @@ from __future__ import annotations
 import difflib
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Mapping
 
 import numpy as np
@@ -92,7 +92,7 @@ def _site_error(i: int, rw: Rewrite, p: Pass, s: Structure, source: Structure, s
     where = f"rewrite #{i} ({rw.pass_name})"
     if rw.site is None:
         return RecipeError(f"{where} needs a \"site\": a {kind} id",
-                           f"e.g. {', '.join(_nearest(kind, ids)[:3]) or 'none in this model'} (see `archpass inspect --json`)")
+                           f"e.g. {', '.join(_nearest(kind, ids)) or 'none in this model'} (see `archpass inspect --json`)")
     if getattr(source, _KIND_LOOKUP[kind])(rw.site):
         by = next((st for st in reversed(steps) if not getattr(st.result.structure, _KIND_LOOKUP[kind])(rw.site)), None)
         cause = f" by rewrite #{by.index} ({by.rewrite.describe()})" if by else ""
@@ -165,7 +165,7 @@ class Applied:
     plan: Plan
     rewrites: tuple[dict, ...]  # record entries of this application
     #: for each resized channel group: the source channel of every new channel (-1 = padding)
-    channel_maps: Mapping[str, np.ndarray] = field(default_factory=dict)
+    channel_maps: Mapping[str, np.ndarray]
 
     @property
     def structure(self) -> Structure:

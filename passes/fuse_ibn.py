@@ -33,7 +33,8 @@ from archpass.structure import Layer, Member, Structure, Tensor
 
 
 def _summary(l: Layer) -> str:
-    return (f"{l.cin}->{l.cout} k{l.kernel[0]}x{l.kernel[1]} s{l.stride[0]} g{l.groups} "
+    stride = f"{l.stride[0]}" if l.stride[0] == l.stride[1] else f"{l.stride[0]}x{l.stride[1]}"
+    return (f"{l.cin}->{l.cout} k{l.kernel[0]}x{l.kernel[1]} s{stride} g{l.groups} "
             f"{l.in_hw[0]}x{l.in_hw[1]}->{l.out_hw[0]}x{l.out_hw[1]}")
 
 
@@ -104,12 +105,13 @@ class FuseIBN(Pass):
 
         groups = edit_members(s.groups, members)
         tensors = dict(s.tensors)
-        for t in chain_tensors | {e.output}:
+        for t in chain_tensors | {e.output, d.input}:  # the expand's output and activation are gone
             tensors.pop(t, None)
-        old_w = [n.inputs[1:] for n in s.nodes if n.name in (e.id, d.id)]
-        tensors[w_name] = Tensor(w_name, (d.cout, e.cin, *d.kernel), tensors[d.weight].elem_bytes if d.weight in tensors else 4, const=True)
+        old_w = [n.inputs[1:] for n in s.nodes if n.name in (e.id, d.id)] + [n.inputs for n in chain_nodes]
+        elem = tensors[d.weight].elem_bytes  # every layer's weight is a tensor of its structure
+        tensors[w_name] = Tensor(w_name, (d.cout, e.cin, *d.kernel), elem, const=True)
         if has_bias:
-            tensors[b_name] = Tensor(b_name, (d.cout,), 4, const=True)
+            tensors[b_name] = Tensor(b_name, (d.cout,), elem, const=True)
         drop_unused_consts(tensors, nodes, [t for ins in old_w for t in ins])
         roles = tuple(("fused", d.id) if r == "depthwise" else (r, lid) for r, lid in b.roles if r != "expand")
         block = replace(b, kind="fused_ibn", layers=tuple(l for l in b.layers if l != e.id), roles=roles)

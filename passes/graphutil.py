@@ -17,13 +17,9 @@ def node_named(graph: gs.Graph, name: str) -> gs.Node:
 
 
 def const_value(t) -> np.ndarray | None:
-    """The value of a graphsurgeon tensor that is an initializer or a Constant node's output."""
-    if isinstance(t, gs.Constant):
-        return np.asarray(t.values)
-    if isinstance(t, gs.Variable) and len(t.inputs) == 1 and t.inputs[0].op == "Constant":
-        v = t.inputs[0].attrs.get("value")
-        return np.asarray(v.values) if isinstance(v, gs.Constant) else (None if v is None else np.asarray(v))
-    return None
+    """The value of a graphsurgeon tensor that is an initializer, or None.  (Loading turns every
+    Constant node into an initializer, so passes never meet one.)"""
+    return np.asarray(t.values) if isinstance(t, gs.Constant) else None
 
 
 def fresh_const(name: str, values: np.ndarray) -> gs.Constant:

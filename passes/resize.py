@@ -112,6 +112,7 @@ def resize_shapes(structure: Structure, sizes: Mapping[str, int]) -> Structure:
             if len(t.segments) > 1:
                 multi.append(t)
     layers = []
+    nodes_by_name: dict | None = None  # built on first use (the search's hot path)
     for l in structure.layers:
         if changed.isdisjoint(l.in_groups) and l.out_group not in changed:
             layers.append(l)
@@ -130,6 +131,12 @@ def resize_shapes(structure: Structure, sizes: Mapping[str, int]) -> Structure:
             shape = tuple(new_l.cout if d == l.cout and i == out_axis else new_l.cin if d == l.cin else d
                           for i, d in enumerate(w.shape))
         tensors[l.weight] = replace(w, shape=shape)
+        if l.bias and new_l.cout != l.cout:  # the bias (Conv B, Gemm C) follows the output channels
+            nodes_by_name = nodes_by_name if nodes_by_name is not None else {n.name: n for n in structure.nodes}
+            node = nodes_by_name.get(l.id)
+            bias = tensors.get(node.inputs[2]) if node is not None and len(node.inputs) > 2 else None
+            if bias is not None and bias.shape and bias.shape[-1] == l.cout:
+                tensors[bias.name] = replace(bias, shape=(*bias.shape[:-1], new_l.cout))
     outputs = tuple((n, tensors[n].shape if n in tensors else s) for n, s in structure.outputs)
     if multi:  # offsets of members that sit behind a changed group in a concatenated tensor
         touched = {s for t in multi for s in t.segments}

@@ -113,7 +113,7 @@ class Resolution(Pass):
         h, w = match.found["hw"]
         changed = False
         for t in graph.inputs:
-            if t.shape is not None and len(t.shape) == 4:
+            if len(t.shape) == 4:  # loading pinned every input's shape
                 if tuple(t.shape[2:]) != (h, w):
                     t.shape = [t.shape[0], t.shape[1], h, w]
                     changed = True

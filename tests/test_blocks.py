@@ -116,8 +116,9 @@ def test_find_blocks_ids_stages_and_claims():
     assert all(bl.kind != "depthwise" for bl in blocks)
 
 
-def test_se_through_flatten_gemm_and_reshape():
-    """SE written with fully connected layers (Flatten -> Gemm -> Relu -> Gemm -> Sigmoid -> Reshape -> Mul)."""
+def _fc_se(extra_glue: bool = False) -> tuple[BlockGraph, str]:
+    """dw 'd' -> SE written with fully connected layers (Flatten -> Gemm -> Relu -> Gemm -> Sigmoid
+    -> [Clip] -> Reshape -> Mul) -> 1x1 'p'; returns the graph and the dw's activation output."""
     rng = np.random.default_rng(0)
     b = NetBuilder((1, 16, 8, 8)).dw(3, act="relu", name="d")
     x = b.x
@@ -127,9 +128,15 @@ def test_se_through_flatten_gemm_and_reshape():
         bias = b.tensor(f"{name}_b", np.zeros(cout, np.float32))
         t = b.node("Gemm", [t, w, bias], name, transB=1)
         t = b.node("Relu" if name == "se_fc1" else "Sigmoid", [t], f"{name}_act")
+    if extra_glue:  # one more glue node (a Clip of the gate)
+        t = b.node("Clip", [t, b.tensor("lo", np.float32(0)), b.tensor("hi", np.float32(1))], "se_clip")
     t = b.node("Reshape", [t, b.tensor("se_shape", np.array([1, 16, 1, 1], np.int64))], "se_reshape")
     b.x = b.node("Mul", [x, t], "se_mul")
-    g = graph(b.conv(16, 1, act=None, name="p"))
+    return graph(b.conv(16, 1, act=None, name="p")), x
+
+
+def test_se_through_flatten_gemm_and_reshape():
+    g, _ = _fc_se()
     m = match_depthwise(layer(g, "d"), g)
     assert m.roles == (("depthwise", "d"), ("se_reduce", "se_fc1"), ("se_expand", "se_fc2"), ("project", "p"))
 
@@ -159,3 +166,58 @@ def test_a_gate_through_an_unknown_op_is_not_an_se():
     g = graph(b.conv(16, 1, act=None, name="p"))
     m = match_depthwise(layer(g, "d"), g)
     assert m.roles == (("depthwise", "d"),)  # the Mul is not an SE gate, so nothing follows the dw alone
+
+
+@pytest.mark.parametrize("join", ["Add", "Mul"])
+def test_a_pooled_or_multiplied_side_branch_without_the_other_is_not_an_se(join):
+    """The tensor feeds two consumers but not the GlobalAveragePool + Mul pair of an SE: an additive
+    gate (x + conv(pool(x))), or a spatial attention (x * conv(x)) without a pool."""
+    b = NetBuilder((1, 16, 8, 8)).dw(3, act="relu", name="d")
+    x, shape = b.x, b.shape
+    if join == "Add":
+        b.x, b.shape = b.node("GlobalAveragePool", [x], "pool"), [1, 16, 1, 1]
+    b.conv(4, 1, act="relu", name="r").conv(16, 1, act="sigmoid", name="e")
+    b.x = b.node(join, [x, b.x], "gate")
+    b.shape = shape
+    g = graph(b.conv(16, 1, act=None, name="p"))
+    assert g.se_after(x) == ([], x)
+    assert match_depthwise(layer(g, "d"), g).roles == (("depthwise", "d"),)
+
+
+def test_se_walk_from_pool_to_gate_is_at_most_four_nodes():
+    """Pool -> [glue] -> layer -> layer -> [glue] -> Mul: four nodes between pool and Mul at most
+    (a layer counts once with its activation); one more glue node and it is not an SE."""
+    g, x = _fc_se()
+    assert g.se_after(x) == (["se_fc1", "se_fc2"], "se_mul")
+    g, x = _fc_se(extra_glue=True)
+    assert g.se_after(x) == ([], x)
+
+
+def test_a_pointwise_expansion_is_not_a_fused_ibn():
+    """fused_ibn needs a spatial (KxK) expand: 1x1 expand -> act -> linear 1x1 is two pointwise convs."""
+    g = graph(NetBuilder((1, 16, 16, 16)).conv(64, 1, act="relu", name="a").conv(16, 1, act=None, name="p"))
+    assert match_fused_ibn(layer(g, "a"), g) is None
+    for k in [(1, 3), (3, 1)]:  # a non-square spatial kernel expands spatially
+        rng = np.random.default_rng(1)
+        b = NetBuilder((1, 16, 16, 16))
+        w = b.tensor("a_w", rng.standard_normal((64, 16, *k)).astype(np.float32) * 0.1)
+        b.x = b.node("Relu", [b.node("Conv", [b.x, w], "a", pads=[k[0] // 2, k[1] // 2] * 2)], "a_relu")
+        b.shape = [1, 64, 16, 16]
+        g = graph(b.conv(16, 1, act=None, name="p"))
+        assert match_fused_ibn(layer(g, "a"), g).roles == (("fused", "a"), ("project", "p"))
+
+
+@pytest.mark.parametrize("depth,found", [(4, True), (5, False)])
+def test_residual_chain_is_at_most_four_layers(depth, found):
+    b = NetBuilder((1, 16, 16, 16)).conv(16, 3, act="relu", name="stem")
+
+    def main(b):
+        for i in range(depth):
+            b.conv(16, 3, act="relu" if i < depth - 1 else None, name=f"c{i}")
+
+    b.add(main, lambda b: None, name="join")
+    g = graph(b)
+    m = match_residual(add_node(g, "join"), g)
+    assert (m is not None) == found
+    if found:
+        assert [lid for _, lid in m.roles] == [f"c{i}" for i in range(depth)]

@@ -188,3 +188,113 @@ def test_fusion_rules_defaults_and_json_round_trip():
     assert FusionRules.from_json(r.to_json()) == r
     with pytest.raises(ValueError, match=r"unknown fusion rule keys \['residual'\]"):
         FusionRules.from_json({"residual": True})
+
+
+def test_swish_with_the_gate_as_first_operand_is_one_kernel():
+    """Sigmoid(x) * x (operands in either order) rides with its conv: every node between the conv
+    and the activation's output is in the conv's kernel."""
+    b = NetBuilder((1, 8, 16, 16)).conv(16, 3, act=None, name="c")
+    gate = b.node("Sigmoid", [b.x], "sig")
+    b.x = b.node("Mul", [gate, b.x], "mul")
+    (k,) = decompose(analyze(b.build()), RUNTIME)
+    assert k.act == "swish" and set(k.nodes) == {"c", "sig", "mul"}
+
+
+def test_the_add_runs_with_the_conv_that_finishes_last():
+    """Two linear convs feed a residual-style Add: the Add is fused into the one that runs second."""
+    b = NetBuilder((1, 8, 16, 16)).conv(8, 3, act="relu", name="stem")
+    b.add(lambda b: b.conv(8, 3, act=None, name="a"), lambda b: b.conv(8, 1, act=None, name="b"), name="join")
+    ks = {k.layers[0]: k for k in decompose(analyze(b.build()), RUNTIME) if k.layers}
+    assert not ks["a"].fused_add and "join" not in ks["a"].nodes
+    assert ks["b"].fused_add and "join" in ks["b"].nodes
+
+
+def test_a_broadcasting_add_is_a_kernel_of_its_own():
+    """conv(x) + pool(x) (a [1, C, 1, 1] operand) is not a residual Add; ops without kernel or stride
+    attributes are 1x1 stride-1 kernels."""
+    b = NetBuilder((1, 8, 16, 16)).conv(8, 3, act="relu", name="stem")
+    x = b.x
+    pooled = b.node("GlobalAveragePool", [x], "pool")
+    b.conv(8, 3, act=None, name="c")
+    b.x = b.node("Add", [b.x, pooled], "badd")
+    ks = decompose(analyze(b.build()), RUNTIME)
+    conv = next(k for k in ks if k.layers == ("c",))
+    assert not conv.fused_add and conv.nodes == ("c",)
+    for name in ("badd", "pool"):
+        k = next(k for k in ks if k.nodes == (name,))
+        assert k.kernel == (1, 1) and k.stride == (1, 1)
+
+
+def test_post_add_activation_needs_to_be_the_adds_only_consumer():
+    b = NetBuilder((1, 8, 16, 16)).conv(8, 3, act="relu", name="stem")
+    b.add(lambda b: b.conv(8, 3, act="relu").conv(8, 3, act=None, name="c1"), lambda b: None, name="join")
+    b.concat(lambda b: b.activation("relu", name="post"), lambda b: b.conv(8, 1, act=None, name="side"))
+    ks = decompose(analyze(b.build()), RUNTIME)
+    c1 = next(k for k in ks if k.layers == ("c1",))
+    assert c1.fused_add and c1.post_act is None and "post" not in c1.nodes
+
+
+def test_relu6_after_the_add_is_fused_as_relu6():
+    b = NetBuilder((1, 8, 16, 16)).conv(8, 3, act="relu", name="stem")
+    b.add(lambda b: b.conv(8, 3, act="relu").conv(8, 3, act=None, name="c1"), lambda b: None, name="join")
+    b.activation("relu6", name="post")
+    s = analyze(b.build())
+    c1 = next(k for k in decompose(s, RUNTIME) if k.layers == ("c1",))
+    assert c1.fused_add and c1.post_act == "relu6" and "post" in c1.nodes
+    c1 = next(k for k in decompose(s, FusionRules(residual_add=True, post_add_activations=("relu",)))
+              if k.layers == ("c1",))
+    assert c1.fused_add and c1.post_act is None and "post" not in c1.nodes
+
+
+def test_scalar_tensors_count_one_element_and_3d_pools_two_kernel_dims():
+    import numpy as np
+
+    b = NetBuilder((1, 8, 16, 16)).conv(8, 3, act="relu", name="c")
+    mean = b.node("ReduceMean", [b.x], "mean", keepdims=0)  # a 0-d tensor
+    b.x = b.node("Mul", [b.x, mean], "scale")
+    b.x = b.node("Unsqueeze", [b.x, b.tensor("ax", np.array([1], np.int64))], "to5d")
+    b.x = b.node("MaxPool", [b.x], "pool3d", kernel_shape=[1, 2, 2], strides=[1, 2, 2])
+    b.shape = [1, 1, 8, 8, 8]
+    ks = {k.nodes[0]: k for k in decompose(analyze(b.build()), RUNTIME)}
+    assert ks["mean"].out_elems == 1 and ks["mean"].in_elems == 8 * 16 * 16
+    assert ks["scale"].in_elems == 8 * 16 * 16 + 1
+    assert ks["pool3d"].kernel == (1, 2) and ks["pool3d"].stride == (1, 2)
+
+
+def test_an_op_on_constants_alone_is_a_one_channel_kernel():
+    """Left unfolded (a model analyzed as is), an op whose inputs are all constant is a 1-channel,
+    1x1 kernel; so is an op whose output shape is unknown to the structure."""
+    import numpy as np
+
+    b = NetBuilder((1, 8, 4, 4)).conv(8, 3, act="relu", name="c")
+    ones = b.node("ConstantOfShape", [b.tensor("shp", np.array([1, 8, 4, 4], np.int64))], "ones")
+    b.x = b.node("Add", [b.x, ones], "plus")
+    k = next(k for k in decompose(analyze(b.build()), RUNTIME) if k.nodes == ("ones",))
+    assert (k.cin, k.in_hw, k.n_inputs) == (1, (1, 1), 0) and (k.cout, k.out_hw) == (8, (4, 4))
+
+
+@pytest.mark.parametrize("second,third,split", [
+    ((8, 16), False, True),  # two halves: one Split
+    ((8, 16), True, True),   # another op reads the tensor too: still one Split
+    ((4, 8), False, False),  # [0:8] and [4:8] do not add up to the tensor: two Slices
+])
+def test_slices_run_as_one_split_only_when_they_partition_the_tensor(second, third, split):
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    def const(name, v):
+        return numpy_helper.from_array(np.array(v, dtype=np.int64), name)
+
+    starts, ends = (0, second[0]), (8, second[1])
+    outs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, e - b, 8, 8]) for n, b, e in zip("ab", starts, ends)]
+    nodes = [helper.make_node("Slice", ["x", f"s{i}", f"e{i}", "ax"], [n], name=f"sl_{n}") for i, n in enumerate("ab")]
+    if third:
+        nodes.append(helper.make_node("Relu", ["x"], ["r"], name="relu"))
+        outs.append(helper.make_tensor_value_info("r", TensorProto.FLOAT, [1, 16, 8, 8]))
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16, 8, 8])], outs,
+                          [const("s0", [starts[0]]), const("e0", [ends[0]]), const("s1", [starts[1]]),
+                           const("e1", [ends[1]]), const("ax", [1])])
+    s = analyze(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]))
+    ks = decompose(s, FusionRules(residual_add=True, split_slices=True))
+    assert [k.op for k in ks if k.op in ("Split", "Slice")] == (["Split"] if split else ["Slice", "Slice"])
+    assert sorted(n for k in ks for n in k.nodes) == sorted(n.name for n in s.nodes)

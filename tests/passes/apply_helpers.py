@@ -58,6 +58,41 @@ def apply_checked(model: Model, structure: Structure, recipe: Recipe | list) -> 
     reloaded = analyze(model_from_proto(applied.proto))
     assert {l.id: (l.cin, l.cout, l.kernel, l.stride, l.groups, l.in_hw, l.out_hw) for l in reloaded.layers} == {
         l.id: (l.cin, l.cout, l.kernel, l.stride, l.groups, l.in_hw, l.out_hw) for l in applied.structure.layers}
+    # ... and to the same channel groups (members, adjustable, channels)
+    ours, reanalyzed = groups_as_analyzed(applied)
+    assert ours == reanalyzed
+    # ... and to the same tensors (shape, constness, element size, channel segments, spatial axes) and
+    # nodes, wired the same way.  Not modelled by the shape path: the shapes of constants other than
+    # the layers' weights and biases (per-channel parameters, Resize sizes: the graph path edits
+    # them; only their names are compared), and a constant several nodes share (onnxslim dedups
+    # equal initializers) that the graph path resizes gets a copy per node, '<name>__<node>':
+    # compared by its source name.
+    again = analyze(applied.proto)
+    uses: dict[str, int] = {}
+    for n in applied.plan.source.nodes:
+        for i in set(n.inputs):
+            uses[i] = uses.get(i, 0) + 1
+    shared = {i for i, k in uses.items() if k > 1 and i in applied.plan.source.tensors
+              and applied.plan.source.tensors[i].const}
+
+    def source_name(name: str, node: str) -> str:
+        base = name.rsplit(f"__{node}", 1)[0]
+        return base if base != name and base in shared else name
+
+    params = {i for n in applied.structure.nodes if n.layer is not None for i in n.inputs[1:3]}
+
+    def tensor_key(t):
+        if t.const and t.name not in params:
+            return True
+        return t.shape, t.const, t.elem_bytes, t.channel_axis, len(t.segments), t.spatial_axes
+
+    def is_shared(name: str) -> bool:
+        return name in shared or name.split("__")[0] in shared
+
+    assert {n: tensor_key(t) for n, t in applied.structure.tensors.items() if not is_shared(n)} == {
+        n: tensor_key(t) for n, t in again.tensors.items() if not is_shared(n)}
+    assert [(n.name, n.op, n.inputs, n.outputs, n.layer) for n in applied.structure.nodes] == [
+        (n.name, n.op, tuple(source_name(i, n.name) for i in n.inputs), n.outputs, n.layer) for n in again.nodes]
     out = run(applied.proto)
     for o, (_, shape) in zip(out, applied.structure.outputs):
         assert o.shape == tuple(shape)

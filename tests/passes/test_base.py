@@ -133,3 +133,41 @@ def test_pass_instances_keep_no_state(net):
     res.check(pl.structure, None, {"height": 24, "width": 24})
     assert res.apply_shapes(s, m1).structure.input_hw == (40, 40)
     assert {name: vars(p) for name, p in reg.items()} == before
+
+
+def test_domain_defaults_descriptions_and_offset_steps():
+    from archpass.passes.base import outside
+
+    d = IntDomain(1, 10)
+    assert (d.step, d.current) == (1, None) and d.describe() == "an integer in 1..10"
+    stepped = IntDomain(1, 10, 3)  # 1, 4, 7, 10: steps counted from low
+    assert [v for v in range(12) if stepped.contains(v)] == [1, 4, 7, 10]
+    assert stepped.describe() == "an integer in 1..10 in steps of 3"
+    assert IntDomain(2, 10, 2).describe() == "an integer in 2..10 in steps of 2"
+    f = FloatDomain(0.5, 2.0)
+    assert (f.log, f.current) == (False, None) and f.describe() == "a number in 0.5..2"
+    c = CategoricalDomain((8, "x"))
+    assert c.current is None and c.describe() == "one of 8, 'x'"
+    assert outside("channels", stepped, 5) == "channels must be an integer in 1..10 in steps of 3, got 5"
+    assert outside("channels", stepped, 7) is None
+
+
+def test_contract_types_are_immutable_with_empty_defaults():
+    import dataclasses
+
+    from archpass.passes.base import GraphResult, Pass, ShapeResult, get_pass
+
+    site, match = Site("fuse_ibn", "block", "block1"), Match("fuse_ibn", "block1", {})
+    assert (site.domains, site.note, match.found) == ({}, "", {})
+    shaped = ShapeResult(None, False, True)
+    assert (shaped.before, shaped.after) == ({}, {})
+    for obj in (IntDomain(1, 2), FloatDomain(0.0, 1.0), CategoricalDomain((1,)), site, match, shaped,
+                GraphResult(False, True)):
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(obj, dataclasses.fields(obj)[0].name, None)
+    assert Pass.choice_keys == ()  # a pass without choices declares none
+    assert get_pass("channels").name == "channels"
+    from archpass.errors import RecipeError
+
+    with pytest.raises(RecipeError, match="unknown pass 'chanels'; known passes: channels, dw_to_dense"):
+        get_pass("chanels")

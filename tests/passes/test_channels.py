@@ -377,3 +377,26 @@ def test_real_model_round_every_group_up(name):
     assert_same_function(m.proto, out, s)
     assert_shapes_agree(srs[-1].structure, out)
     assert param(out, s.layers[0].id, 1).shape[0] % 16 == 0
+
+
+@pytest.mark.parametrize("n_convs", [4, 8, 9])
+def test_an_unknown_group_names_at_most_eight_adjustable_ones(n_convs):
+    b = NetBuilder((1, 3, 8, 8), seed=3)
+    for i in range(n_convs):
+        b.conv(4, 1, act="relu", name=f"c{i}")
+    _, s = built(b.conv(2, 1, act=None, name="last").build())
+    known = [g.id for g in s.groups if g.adjustable]
+    assert len(known) == n_convs
+    msg = CHANNELS.check(s, "group99", {"channels": 8})
+    assert msg == f"unknown channel group 'group99' (adjustable groups: {', '.join(known[:8])}" + (
+        "...)" if n_convs > 8 else ")")
+
+
+def test_the_graph_path_reports_a_same_size_rewrite_as_unmodified(mixed):
+    import onnx_graphsurgeon as gs
+
+    m, s = mixed
+    g = next(g for g in s.groups if g.adjustable)
+    for size, modified in ((g.channels, False), (g.channels + 8, True)):
+        match = CHANNELS.check(s, g.id, {"channels": size})
+        assert CHANNELS.apply_graph(gs.import_onnx(m.proto), s, match).modified is modified

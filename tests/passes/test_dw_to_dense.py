@@ -35,6 +35,10 @@ def test_block_diagonal_weights_exact_and_new_group():
         se = {blk.role("se_expand")} - {None}  # an SE gate produces the same channels
         assert {m.node for m in g_out.producers} == {d.id} | se and d.id in {m.node for m in g_in.consumers}
         assert g_out.channels == d.cout and g_out.adjustable
+        assert applied.rewrites[0]["after"]["new_group"] == new
+        # the block left the block list and its stage; the other blocks keep theirs
+        assert [(st.id, tuple(x for x in st.blocks if x != blk.id)) for st in s.stages] == [
+            (st.id, st.blocks) for st in t.stages]
         # downstream members (SE, project input) moved with the output; the input side stayed
         proj = blk.role("project")
         assert t.layer(proj).in_groups == (new,)
@@ -72,6 +76,59 @@ def test_channel_multiplier():
     assert_exact(model, applied)
 
 
+def test_channel_multiplier_output_group_becomes_adjustable():
+    """The multiplier was the only reason dwm's output channels were fixed; once dense they
+    can change (as a re-analysis of the emitted model says), and the input stays fixed (model input)."""
+    from apply_helpers import groups_as_analyzed
+
+    b = NetBuilder((1, 4, 10, 10), seed=5).conv(8, 3, groups=4, act="relu", name="dwm").conv(6, 1, act=None)
+    model, s = built(b.build())
+    assert not s.group(s.layer("dwm").out_group).adjustable
+    applied = apply_checked(model, s, [{"pass": "dw_to_dense", "site": "dwm"}])
+    t = applied.structure
+    out, inp = t.group(t.layer("dwm").out_group), t.group(t.layer("dwm").in_groups[0])
+    assert out.adjustable and out.reason is None and not out.fixes
+    assert not inp.adjustable and "model input" in inp.reason
+    ours, reanalyzed = groups_as_analyzed(applied)
+    assert ours == reanalyzed
+    applied = apply_checked(model, s, [{"pass": "dw_to_dense", "site": "dwm"},
+                                       {"pass": "channels", "site": out.id, "channels": 12}])
+    assert applied.structure.layer("dwm").cout == 12
+
+
+def test_residual_around_a_separable_block_splits_only_the_depthwise_output():
+    """stem -> dw -> relu -> 1x1 -> Add(stem) (MobileNetV3's first block): the Add ties the 1x1's
+    output to the dw's input, not to the dw's output; only dw -> 1x1 becomes a new group."""
+    from apply_helpers import groups_as_analyzed
+
+    b = NetBuilder((1, 3, 12, 12), seed=7).conv(8, 3, act="relu", name="stem")
+    b.add(lambda b: b.dw(3, act="relu", name="dws").conv(8, 1, act=None, name="pws"), lambda b: None)
+    model, s = built(b.head(3).build())
+    applied = apply_checked(model, s, [{"pass": "dw_to_dense", "site": "dws"}])
+    assert_exact(model, applied)
+    t = applied.structure
+    new = t.group(t.layer("dws").out_group)
+    assert {(m.node, m.role) for m in new.members} == {("dws", "producer"), ("pws", "consumer")} and new.adjustable
+    assert t.layer("pws").out_group == t.layer("stem").out_group == t.layer("dws").in_groups[0]
+    ours, reanalyzed = groups_as_analyzed(applied)
+    assert ours == reanalyzed
+
+
+def test_depthwise_on_the_model_input_gives_an_adjustable_group():
+    """The model input fixes the depthwise conv's input group; the new output group does not carry that fix."""
+    from apply_helpers import groups_as_analyzed
+
+    b = NetBuilder((1, 4, 10, 10), seed=6).dw(3, act="relu", name="dw0").conv(6, 1, act=None)
+    model, s = built(b.build())
+    assert not s.group(s.layer("dw0").out_group).adjustable
+    applied = apply_checked(model, s, [{"pass": "dw_to_dense", "site": "dw0"}])
+    t = applied.structure
+    assert t.group(t.layer("dw0").out_group).adjustable
+    assert not t.group(t.layer("dw0").in_groups[0]).adjustable
+    ours, reanalyzed = groups_as_analyzed(applied)
+    assert ours == reanalyzed
+
+
 def test_refusals():
     model, s = built(_net())
     dense = next(l for l in s.layers if l.groups == 1 and l.op == "Conv")
@@ -107,3 +164,49 @@ def test_shape_path_groups_match_a_reanalysis():
     for layer in [l.id for l in s.layers if l.depthwise]:
         ours, reanalyzed = groups_as_analyzed(apply_checked(model, s, [{"pass": "dw_to_dense", "site": layer}]))
         assert ours == reanalyzed, layer
+
+
+def test_non_square_kernel_in_the_record():
+    import numpy as np
+
+    b = NetBuilder((1, 8, 10, 10), seed=8).conv(8, 1, act="relu", name="stem")
+    w = b.tensor("dw_w", np.random.default_rng(8).standard_normal((8, 1, 3, 5)).astype(np.float32))
+    b.x = b.node("Relu", [b.node("Conv", [b.x, w], "dw", group=8, kernel_shape=[3, 5], pads=[1, 2, 1, 2])], "dw_act")
+    model, s = built(b.conv(4, 1, act=None, name="proj").build())
+    applied = apply_checked(model, s, [{"pass": "dw_to_dense", "site": "dw"}])
+    assert applied.rewrites[0]["before"] == {"layer": "8->8 k3x5 groups=8"}
+    assert applied.rewrites[0]["after"]["layer"] == "8->8 k3x5 groups=1"
+    assert_exact(model, applied)
+
+
+@pytest.mark.parametrize("after", ["depthwise2", "grouped_residual", "flatten_head"])
+def test_what_stays_tied_to_the_dense_output(after):
+    """The new group follows ops that tie channels (a 2-channel depthwise conv does), not a grouped
+    conv (whose output an Add ties to the block input), and a fix made downstream (a Flatten of
+    the spatial map) goes with the new group only."""
+    import numpy as np
+
+    if after == "depthwise2":
+        b = NetBuilder((1, 2, 8, 8), seed=9).conv(2, 1, act="relu", name="stem")
+        b.dw(3, act="relu", name="dwa").dw(3, act="relu", name="dwb").conv(3, 1, act=None, name="proj")
+        model, s = built(b.build())
+        site = "dwa"
+    elif after == "grouped_residual":
+        b = NetBuilder((1, 8, 8, 8), seed=9).conv(8, 1, act="relu", name="stem")
+        b.add(lambda b: b.dw(3, act="relu", name="dwa").conv(8, 3, groups=2, act=None, name="gc"), lambda b: None)
+        model, s = built(b.head(3).build())
+        site = "dwa"
+    else:
+        # no activation: the Flatten reads the dense output itself (the fix touches every moved tensor)
+        b = NetBuilder((1, 4, 4, 4), seed=9).conv(8, 1, act="relu", name="stem").dw(3, act=None, name="dwa")
+        b.x = b.node("Flatten", [b.x], "flat", axis=1)
+        b.x = b.node("MatMul", [b.x, b.tensor("fc_w", np.ones((128, 3), np.float32))], "fc")
+        b.shape = [1, 3]
+        model, s = built(b.build())
+        site = "dwa"
+    applied = apply_checked(model, s, [{"pass": "dw_to_dense", "site": site}])  # groups equal a re-analysis
+    assert_exact(model, applied)
+    t = applied.structure
+    if after == "flatten_head":
+        assert t.group(t.layer("dwa").in_groups[0]).adjustable
+        assert "Flatten 'flat'" in t.group(t.layer("dwa").out_group).reason

@@ -39,7 +39,10 @@ def net():
 @pytest.mark.parametrize("rewrites,msg", [
     ([{"pass": "fuse"}], r"unknown pass 'fuse' \(did you mean 'fuse_ibn'\?\); known passes: fuse_ibn, channels"),
     ([{"pass": "fuse_ibn", "site": "block9"}], r"unknown site 'block9': expected a block id of this model; nearest: block"),
-    ([{"pass": "fuse_ibn"}], r"needs a \"site\": a block id"),
+    ([{"pass": "fuse_ibn"}], r"rewrite #0 \(fuse_ibn\) needs a \"site\": a block id; e\.g\. block2, block1, block0 \(see"),
+    ([{"pass": "resolution", "heigth": 16}], r"unknown key\(s\) 'heigth'; resolution takes height, width\."),
+    ([{"pass": "channels", "site": "group2", "channels": 8}, {"pass": "dw_to_dense", "site": "nosuch"}],
+     r"rewrite #1 \(dw_to_dense\): unknown site 'nosuch'"),
     ([{"pass": "fuse_ibn", "site": "group1"}], r"expected a block id"),
     ([{"pass": "channels", "site": "group2", "chanels": 8}], r"unknown key\(s\) 'chanels'; channels takes site, channels"),
     ([{"pass": "channels", "site": "group2", "channels": 0}], r"rewrite #0 \(channels group2 channels=0\)"),
@@ -249,19 +252,32 @@ def test_models_above_2gb_are_checked_through_external_data(net, monkeypatch):
     monkeypatch.setattr(model_mod, "is_large", lambda p: calls.append(1) or True)
     import onnx
 
+    import os
+    from pathlib import Path
+
     checked, real_check = [], onnx.checker.check_model
-    monkeypatch.setattr(onnx.checker, "check_model", lambda m, *a, **k: checked.append(m) or real_check(m, *a, **k))
+
+    def check(m, *a, **k):
+        if isinstance(m, str):  # what is on disk while it is checked: the model file and its data
+            checked.append((m, os.path.getsize(m), sorted(os.listdir(Path(m).parent))))
+        return real_check(m, *a, **k)
+
+    monkeypatch.setattr(onnx.checker, "check_model", check)
     applied = apply_recipe(model, Recipe.of([{"pass": "fuse_ibn", "site": "block1"}]), structure=s)
     monkeypatch.setattr(model_mod, "is_large", real)
     assert calls and applied.proto.graph.initializer[0].HasField("raw_data")  # the returned proto keeps its weights
-    assert checked and all(isinstance(m, str) for m in checked)  # checked by path, never in memory
+    assert len(checked) == 1  # checked by path, never in memory
+    path, size, files = checked[0]
+    weights = sum(len(i.raw_data) for i in applied.proto.graph.initializer)
+    assert Path(path).is_absolute() and not Path(path).exists()  # a temporary copy, gone afterwards
+    assert size < weights / 2 and len(files) >= 2  # the weights were saved beside it (external data)
 
 
 def test_nearest_ids_in_site_errors():
     from archpass.passes.engine import _nearest
 
     ids = [f"block{i}" for i in range(12)]
-    assert len(_nearest("blok1", ids)) == 3  # at most three suggestions
+    assert _nearest("blok1", ids) == ["block1", "block11", "block10"]  # the three closest, closest first
     # nothing close: a numbered id shows the valid range
     assert _nearest("block" + "9" * 20, ids) == ["block0", "block11"]
     assert _nearest("xyz", ["stage0", "stage1", "stage2", "stage3"]) == ["stage0", "stage1", "stage2"]
@@ -276,6 +292,33 @@ def test_verify_shapes_names_missing_layers(net):
     fewer = dc.replace(s, layers=s.layers[1:])
     with pytest.raises(AssertionError, match=rf"layers differ .*unexpected \['{s.layers[0].id}'\]"):
         verify_shapes(model.proto, fewer)
+    # at most three ids of each kind are named
+    with pytest.raises(AssertionError, match=r"missing \[\], unexpected \['[^']*', '[^']*', '[^']*'\]$"):
+        verify_shapes(model.proto, dc.replace(s, layers=s.layers[4:]))
+    with pytest.raises(AssertionError, match=r"missing \['a', 'b', 'c'\], unexpected"):
+        verify_shapes(model.proto, dc.replace(s, layers=s.layers + tuple(dc.replace(s.layers[0], id=x) for x in "abcd")))
+
+
+def test_verify_shapes_compares_activation_tensors(net):
+    import dataclasses as dc
+
+    from archpass.passes.engine import verify_shapes
+
+    model, s = net
+    verify_shapes(model.proto, s)
+    name = s.layers[0].output
+    t = s.tensors[name]
+    wrong = dc.replace(s, tensors={**s.tensors, name: dc.replace(t, shape=(*t.shape[:-1], t.shape[-1] + 1))})
+    with pytest.raises(AssertionError, match=rf"tensor '{name}': emitted ONNX has shape"):
+        verify_shapes(model.proto, wrong)
+
+
+def test_plans_steps_and_results_are_immutable(net):
+    model, s = net
+    applied = apply_recipe(model, Recipe.of([{"pass": "fuse_ibn", "site": "block1"}]), structure=s)
+    for obj, attr in [(applied, "rewrites"), (applied.plan, "steps"), (applied.plan.steps[0], "index")]:
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(obj, attr, None)
 
 
 def test_every_pass_describes_itself():
@@ -290,3 +333,21 @@ def test_applying_a_choice_twice_is_refused(net):
     once = apply_recipe(model, Recipe.of(rewrites), structure=s)
     with pytest.raises(RecipeError, match="was already applied to this model"):
         apply_recipe(model_from_proto(once.proto), Recipe.of(rewrites))
+
+
+def test_every_pass_reports_a_modification_on_both_paths(net):
+    """The shape and graph results of a rewrite that changes the model say so (``modified``)
+    and agree on exactness."""
+    import onnx_graphsurgeon as gs
+
+    model, s = net
+    group = next(g for g in s.groups if g.adjustable)
+    recipes = [{"pass": "fuse_ibn", "site": "block1"}, {"pass": "dw_to_dense", "site": "dws0_dw"},
+               {"pass": "channels", "site": group.id, "channels": group.channels + 8},
+               {"pass": "width_multiplier", "multiplier": 0.5}, {"pass": "resolution", "height": 16, "width": 16}]
+    assert {r["pass"] for r in recipes} == set(registry())
+    for rw in recipes:
+        (step,) = plan(s, Recipe.of([rw])).steps
+        gr = step.pass_.apply_graph(gs.import_onnx(model.proto), step.before, step.match)
+        assert step.result.modified and gr.modified, rw
+        assert gr.exact == step.result.exact, rw

@@ -64,16 +64,23 @@ def test_se_block_fuses_and_reanalyzes_as_fused_ibn():
     from archpass.analysis import analyze
 
     again = analyze(applied.proto)
-    assert [(b.id, b.kind, b.role("fused"), b.role("se_reduce")) for b in again.blocks] == [
-        (b.id, b.kind, b.role("fused"), b.role("se_reduce")) for b in applied.structure.blocks]
+    assert [(b.id, b.kind, b.layers, b.roles) for b in again.blocks] == [
+        (b.id, b.kind, b.layers, b.roles) for b in applied.structure.blocks]
     assert all(b.kind == "fused_ibn" for b in again.blocks)
 
 
-def _no_act_ibn(expand_bias: bool):
+def _no_act_ibn(expand_bias: bool, dw_pad: bool = True):
     """1x1 expand (no activation) -> 3x3 depthwise -> 1x1 project: the composition is exact
     unless the expand bias leaks through the depthwise zero padding."""
     b = NetBuilder((1, 8, 12, 12), seed=3)
-    b.conv(32, 1, act=None, bias=expand_bias, name="exp").dw(3, act="relu", name="dw").conv(8, 1, act=None, name="proj")
+    b.conv(32, 1, act=None, bias=expand_bias, name="exp")
+    if dw_pad:
+        b.dw(3, act="relu", name="dw")
+    else:  # a 'valid' 3x3 depthwise: no padding for the bias to leak through
+        w = b.tensor("dw_w", np.random.default_rng(4).standard_normal((32, 1, 3, 3)).astype(np.float32) * 0.3)
+        b.x = b.node("Relu", [b.node("Conv", [b.x, w], "dw", group=32, kernel_shape=[3, 3])], "dw_act")
+        b.shape = [1, 32, 10, 10]
+    b.conv(8, 1, act=None, name="proj")
     model, s = built(b.build())
     # the analysis (rightly) needs an activation after the expand conv to call it an IBN; declare the block by hand
     blk = Block("block0", "ibn", ("exp", "dw", "proj"), False, 0,
@@ -95,6 +102,73 @@ def test_expand_bias_with_padding_is_lossy_only_at_the_border():
     a, b = run(applied.proto)[0], run(model.proto)[0]
     assert rel_err(a[:, :, 1:-1, 1:-1], b[:, :, 1:-1, 1:-1]) <= 1e-5  # interior: same function
     assert rel_err(a, b) > 1e-4  # border: the expand bias no longer passes through zero padding
+
+
+def test_expand_bias_without_padding_is_exact():
+    model, s = _no_act_ibn(expand_bias=True, dw_pad=False)
+    applied = apply_recipe(model, Recipe.of([{"pass": "fuse_ibn", "site": "block0"}]), structure=s)
+    assert applied.rewrites[0]["exact"] is True
+    assert assert_exact(model, applied) <= 1e-5
+
+
+def _manual_ibn(expand_stride: int = 1, dw_kernel=(3, 3), dw_stride=(1, 1)):
+    """stem -> 1x1 expand (stride ``expand_stride``) -> relu -> KhxKw depthwise -> relu -> 1x1 project."""
+    rng = np.random.default_rng(6)
+    b = NetBuilder((1, 3, 16, 16), seed=6).conv(8, 3, act="relu", name="stem")
+    b.conv(32, 1, stride=expand_stride, act="relu", name="exp")
+    kh, kw = dw_kernel
+    w = b.tensor("dw_w", rng.standard_normal((32, 1, kh, kw)).astype(np.float32) * 0.3)
+    dw = b.node("Conv", [b.x, w], "dw", group=32, kernel_shape=[kh, kw], pads=[kh // 2, kw // 2, kh // 2, kw // 2],
+                strides=list(dw_stride))
+    b.shape = [1, 32, *((d + 2 * (k // 2) - k) // st + 1 for d, k, st in zip(b.shape[2:], dw_kernel, dw_stride))]
+    b.x = b.node("Relu", [dw], "dw_act")
+    b.conv(8, 1, act=None, name="proj")
+    return built(b.head(3).build())
+
+
+def test_a_strided_expand_is_refused():
+    from archpass.passes.base import registry
+
+    model, s = _manual_ibn(expand_stride=2)
+    blk = next(b for b in s.blocks if b.kind == "ibn")
+    with pytest.raises(RecipeError, match="expand conv of .* is not a plain 1x1 stride-1 conv"):
+        apply_recipe_shapes(s, [{"pass": "fuse_ibn", "site": blk.id}])
+    assert registry()["fuse_ibn"].sites(s) == []  # a site is an ibn block the pass accepts
+
+
+def test_a_depthwise_with_a_channel_multiplier_is_refused():
+    b = NetBuilder((1, 3, 16, 16), seed=2).conv(8, 3, act="relu", name="stem").conv(16, 1, act="relu", name="exp")
+    b.conv(32, 3, groups=16, act="relu", name="dwm").conv(8, 1, act=None, name="proj")
+    model, s = built(b.head(3).build())
+    blk = next(b for b in s.blocks if b.kind == "ibn")
+    assert blk.role("depthwise") == "dwm"
+    with pytest.raises(RecipeError, match="depthwise conv of .* has a channel multiplier"):
+        apply_recipe_shapes(s, [{"pass": "fuse_ibn", "site": blk.id}])
+
+
+def test_a_depthwise_without_bias_fuses_to_the_composition():
+    b = NetBuilder((1, 3, 16, 16), seed=3).conv(8, 3, act="relu", name="stem").conv(24, 1, act="relu", name="exp")
+    b.conv(24, 3, groups=24, act="relu", bias=False, name="dw").conv(8, 1, act=None, name="proj")
+    model, s = built(b.head(3).build())
+    blk = next(b for b in s.blocks if b.kind == "ibn")
+    applied = apply_checked(model, s, [{"pass": "fuse_ibn", "site": blk.id}])
+    src, out = _inits(model.proto), _inits(applied.proto)
+    we, be, wd = src["exp_w"][:, :, 0, 0], src["exp_b"], src["dw_w"]
+    assert np.allclose(out["dw.fused_bias"], be * wd[:, 0].sum(axis=(1, 2)), atol=1e-5)
+    assert np.allclose(out["dw.fused_weight"], wd[:, 0][:, None] * we[:, :, None, None], atol=1e-6)
+
+
+def test_non_square_kernels_in_the_record():
+    model, s = _manual_ibn(dw_kernel=(3, 5))
+    blk = next(b for b in s.blocks if b.kind == "ibn")
+    applied = apply_checked(model, s, [{"pass": "fuse_ibn", "site": blk.id}])
+    r = applied.rewrites[0]
+    assert " k3x5 " in r["before"]["depthwise"] and " k3x5 " in r["after"]["fused"]
+    assert r["after"]["fused"].startswith("8->32 k3x5 s1 g1 16x16->16x16")
+    model, s = _manual_ibn(dw_stride=(2, 1))
+    blk = next(b for b in s.blocks if b.kind == "ibn")
+    r = apply_checked(model, s, [{"pass": "fuse_ibn", "site": blk.id}]).rewrites[0]
+    assert r["after"]["fused"] == "8->32 k3x3 s2x1 g1 16x16->8x16"
 
 
 def test_refusals():

@@ -66,3 +66,64 @@ def test_group_without_producer_is_refused_not_guessed():
 def test_resize_shapes_same_sizes_is_identity():
     _, s = built(_net())
     assert resize_shapes(s, {g.id: g.channels for g in s.groups}) is s
+
+
+def _op_net(kind: str):
+    """conv0 (8 channels, the group grown) -> the op under test -> a consumer, on a 1x4x8x8 input."""
+    import numpy as np
+
+    rng = np.random.default_rng(11)
+    b = NetBuilder((1, 4, 8, 8), seed=11)
+
+    def const(name, shape):
+        return b.tensor(name, (rng.standard_normal(shape) * 0.3).astype(np.float32))
+
+    if kind == "conv_without_bias_or_group_attr":
+        b.x = b.node("Relu", [b.node("Conv", [b.x, const("c0_w", (8, 4, 3, 3))], "conv0", pads=[1, 1, 1, 1])], "r0")
+        b.shape = [1, 8, 8, 8]
+        return b.conv(6, 3, act=None, bias=False, name="cons").build()
+    b.conv(8, 3, act="relu", name="conv0")
+    if kind == "lrn":
+        b.x = b.node("LRN", [b.x], "lrn", size=3)
+        b.conv(6, 1, act=None, name="cons")
+    elif kind == "resize_sizes":
+        sizes = b.tensor("sizes", np.array([1, 8, 16, 16], np.int64))
+        b.x = b.node("Resize", [b.x, "", "", sizes], "up", mode="nearest")
+        b.shape = [1, 8, 16, 16]
+        b.conv(6, 1, act=None, name="cons")
+    elif kind in ("gemm_without_c", "matmul"):
+        b.x = b.node("GlobalAveragePool", [b.x], "pool")
+        b.x = b.node("Flatten", [b.x], "flat", axis=1)
+        if kind == "gemm_without_c":  # (cin, cout) weights (transB=0), no bias
+            b.x = b.node("Gemm", [b.x, const("fc1_w", (8, 16))], "fc1")
+        else:
+            b.x = b.node("MatMul", [b.x, const("fc1_w", (8, 16))], "fc1")
+        b.x = b.node("Relu", [b.x], "fc1_act")
+        b.x = b.node("Gemm", [b.x, const("fc2_w", (5, 16)), const("fc2_b", (5,))], "fc2", transB=1)
+        b.shape = [1, 5]
+    elif kind == "layernorm_channels_last":  # ConvNeXt style: LayerNorm (default axis -1, no bias) on NHWC
+        b.x = b.node("Transpose", [b.x], "to_nhwc", perm=[0, 2, 3, 1])
+        ln_w = b.tensor("ln_w", (1 + 0.1 * rng.standard_normal(8)).astype(np.float32))
+        b.x = b.node("LayerNormalization", [b.x, ln_w], "ln")
+        b.x = b.node("Transpose", [b.x], "to_nchw", perm=[0, 3, 1, 2])
+        b.conv(6, 1, act=None, name="cons")
+    return b.build()
+
+
+@pytest.mark.parametrize("kind,exact", [("lrn", False), ("resize_sizes", True), ("conv_without_bias_or_group_attr", True),
+                                        ("gemm_without_c", True), ("matmul", True), ("layernorm_channels_last", False)])
+def test_growing_a_group_through_each_op(kind, exact):
+    """The group conv0 produces grows 8 -> 12 (and 16 -> 24 for the fully connected layer): padding
+    is exact unless an op mixes the channels (LRN across neighbours, LayerNorm over them); the
+    emitted model checks, runs, and re-analyzes to the shape path (apply_checked)."""
+    from apply_helpers import apply_checked, assert_exact
+
+    model, s = built(_op_net(kind))
+    recipe = [{"pass": "channels", "site": s.layer("conv0").out_group, "channels": 12}]
+    if kind in ("gemm_without_c", "matmul"):
+        recipe.append({"pass": "channels", "site": s.layer("fc1").out_group, "channels": 24})
+    applied = apply_checked(model, s, recipe)
+    assert [r["exact"] for r in applied.rewrites] == [exact] * len(recipe)
+    if exact:
+        assert_exact(model, applied)
+    assert applied.structure.layer("conv0").cout == 12

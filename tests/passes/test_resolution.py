@@ -158,3 +158,38 @@ def test_match_carries_the_propagated_structure():
     m = res.check(s, None, {"height": 48, "width": 40})
     assert m.found["hw"] == (48, 40) and m.found["structure"].input_hw == (48, 40)
     assert res.apply_shapes(s, m).structure is m.found["structure"]
+
+
+@pytest.mark.parametrize("kernels,smallest", [([(3, 5), (3, 3)], (5, 7)), ([(2, 2)], (2, 2))])
+def test_domains_bound_each_axis_by_the_smallest_size_the_network_accepts(kernels, smallest):
+    """Unpadded convs need a minimum input along each axis (k - 1 per conv, plus one); the
+    domains run from there to twice the current size, height and width on their own."""
+    import numpy as np
+
+    from archpass.passes.base import IntDomain, registry
+
+    b = NetBuilder((1, 3, 12, 20), seed=12)
+    for i, (kh, kw) in enumerate(kernels):
+        w = b.tensor(f"w{i}", np.random.default_rng(i).standard_normal((4, b.channels, kh, kw)).astype(np.float32))
+        b.x = b.node("Relu", [b.node("Conv", [b.x, w], f"c{i}", kernel_shape=[kh, kw])], f"r{i}")
+        b.shape = [1, 4, b.shape[2] - kh + 1, b.shape[3] - kw + 1]
+    _, s = built(b.build())
+    (site,) = registry()["resolution"].sites(s)
+    assert site.domains == {"height": IntDomain(smallest[0], 24, 1, 12), "width": IntDomain(smallest[1], 40, 1, 20)}
+    assert site.note == "input is 12x20"
+    below = registry()["resolution"].check(s, None, {"height": smallest[0] - 1, "width": 20})
+    assert below.startswith(f"cannot run at {smallest[0] - 1}x20: ")
+
+
+def test_the_current_size_is_an_unmodified_exact_rewrite():
+    import onnx_graphsurgeon as gs
+
+    from archpass.passes.engine import plan
+    from archpass.recipe import Recipe
+
+    model, s = built(NetBuilder((1, 3, 12, 20), seed=13).conv(4, 3, act="relu").build())
+    (step,) = plan(s, Recipe.of([{"pass": "resolution", "height": 12, "width": 20}])).steps
+    gr = step.pass_.apply_graph(gs.import_onnx(model.proto), s, step.match)
+    assert (gr.modified, gr.exact) == (False, True) and (step.result.modified, step.result.exact) == (False, True)
+    applied = apply_checked(model, s, [{"pass": "resolution", "height": 12, "width": 20}])
+    assert applied.rewrites[0]["exact"] is True

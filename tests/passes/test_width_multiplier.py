@@ -71,8 +71,10 @@ def test_check_refuses_bad_choices(small):
                 {"multiplier": math.inf}, {"multiplier": True}, {"multiplier": 0.5, "parallelism": 0},
                 {"multiplier": 0.5, "parallelism": 2.5}, {}, {"multiplier": 0.5, "channels": 8}):
         assert isinstance(WIDTH.check(s, None, bad), str), bad
-    assert "unknown stage" in WIDTH.check(s, "stage99", {"multiplier": 0.5})
+    stages = ", ".join(st.id for st in s.stages)
+    assert WIDTH.check(s, "stage99", {"multiplier": 0.5}).endswith(f"stages: {stages})") and stages
     assert "unknown stage" in WIDTH.check(s, "group1", {"multiplier": 0.5})
+    assert WIDTH.check(s, None, {"multiplier": 0}) == "multiplier must be a positive number, got 0"
     with pytest.raises(RecipeError, match="positive number"):
         apply_recipe_shapes(s, [{"pass": "width_multiplier", "multiplier": -2}])
 
@@ -205,3 +207,20 @@ def test_real_model_stage_widening_is_exact():
     assert r.shapes.structure.macs > s.macs
     assert_same_function(m.proto, r.proto, s)
     assert_shapes_agree(r.shapes.structure, r.proto)
+
+
+def test_site_notes_count_each_stages_groups(small):
+    from archpass.passes.width_multiplier import site_groups
+
+    _, s = small
+    sites = WIDTH.sites(s)
+    assert sites[0].id is None and sites[0].note == f"whole model: {len(site_groups(s, None))} adjustable groups"
+    for site in sites[1:]:
+        assert site.note == f"{len(site_groups(s, site.id))} adjustable groups produced in {site.id}"
+    assert sum(len(site_groups(s, x.id)) for x in sites[1:]) == len(site_groups(s, None))
+
+
+def test_a_model_without_adjustable_groups_has_nothing_to_scale():
+    _, s = built(NetBuilder((1, 3, 8, 8), seed=2).conv(4, 3, act=None).build())  # input and output fix both groups
+    assert WIDTH.sites(s) == []
+    assert WIDTH.check(s, None, {"multiplier": 0.5}) == "the model has no adjustable channel group to scale"
