@@ -136,6 +136,8 @@ class Space:
                                  f"use values within {d.describe().split(' in ')[-1]}")
         if granularity not in ("group", "stage"):
             raise SpaceError(f"unknown channel granularity '{granularity}'", "use group or stage")
+        if granularity == "stage" and "channels" in chosen and "width_multiplier" not in chosen:
+            granularity = "group"  # per-stage counts are width_multiplier stage sites: without that pass, per group
         ordered = tuple(p for p in SEARCHABLE if p in chosen)
         return cls(structure, int(parallelism), ordered, frozenset(freeze), tuple(float(m) for m in multipliers),
                    tuple(float(f) for f in factors), tuple(int(r) for r in resolutions), granularity, int(min_width))

@@ -211,7 +211,8 @@ def test_recipe_found_on_mobilenet_v2_seeds_its_width_075_and_160_siblings(zoo_m
     base = zoo_model("mobilenet_v2")
     found = tmp_path / "found.onnx"
     r = runner.invoke(app, ["optimize", str(base), "-o", str(found), "--trials", "15", "--no-guard",
-                            "--passes", "fuse_ibn,channels,dw_to_dense,resolution", "--resolutions", "192,224"])
+                            "--passes", "fuse_ibn,channels,dw_to_dense,resolution", "--resolutions", "192,224",
+                            "--granularity", "group"])
     assert r.exit_code == 0, r.output
     recipe = json.loads((tmp_path / "found.recipe.json").read_text())["rewrites"]
     assert {rw["pass"] for rw in recipe} >= {"fuse_ibn", "channels"}

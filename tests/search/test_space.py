@@ -62,6 +62,15 @@ def test_stage_granularity_uses_width_multiplier_stage_sites(structure):
     assert [(r.pass_name, r.site) for r in recipe] == [("width_multiplier", stages[-1].split(":", 1)[1])]
 
 
+def test_passes_channels_without_width_multiplier_chooses_per_group_at_stage_granularity(structure):
+    """Per-stage counts are width_multiplier stage sites: `--passes channels` alone must still
+    search channel counts (per group), not drop them silently."""
+    space = Space.build(structure, parallelism=8, passes=["fuse_ibn", "channels"], granularity="stage")
+    params = space.neutral_params()
+    assert space.granularity == "group" and any(k.startswith("channels:") for k in params)
+    assert Space.build(structure, parallelism=8, granularity="stage").granularity == "stage"
+
+
 def test_freeze_and_passes_restrict_the_space(structure):
     first = next(b.id for b in structure.blocks if b.kind == "ibn")
     space = Space.build(structure, parallelism=8, passes=["fuse_ibn"], freeze=[first])
