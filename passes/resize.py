@@ -127,7 +127,8 @@ def resize_shapes(structure: Structure, sizes: Mapping[str, int]) -> Structure:
         if l.op == "Conv":
             shape = (new_l.cout, new_l.cin // max(new_l.groups, 1), *w.shape[2:])
         else:
-            out_axis = _gemm_out_axis(l, w.shape)
+            nodes_by_name = nodes_by_name if nodes_by_name is not None else {n.name: n for n in structure.nodes}
+            out_axis = _linear_out_axis(l, nodes_by_name[l.id], len(w.shape))
             shape = tuple(new_l.cout if d == l.cout and i == out_axis else new_l.cin if d == l.cin else d
                           for i, d in enumerate(w.shape))
         tensors[l.weight] = replace(w, shape=shape)
@@ -148,12 +149,12 @@ def resize_shapes(structure: Structure, sizes: Mapping[str, int]) -> Structure:
     return replace(structure, layers=tuple(layers), groups=groups, tensors=tensors, outputs=outputs)
 
 
-def _gemm_out_axis(l, wshape: tuple[int, ...]) -> int:
-    """The output-channel axis of a Gemm/MatMul layer's weight (from the layer before resizing)."""
+def _linear_out_axis(l, node, ndim: int) -> int:
+    """The output-channel axis of a Gemm/MatMul layer's weight: MatMul (..., cin, cout); Gemm
+    (cout, cin) with transB, (cin, cout) without (from the node: a square weight's shape cannot tell)."""
     if l.op == "MatMul":
-        return len(wshape) - 1
-    # Gemm: (cout, cin) with transB, (cin, cout) without; decide from the old shapes
-    return 0 if wshape[0] == l.cout and (len(wshape) < 2 or wshape[1] == l.cin) else 1
+        return ndim - 1
+    return 0 if node.attr("transB", 0) else 1
 
 
 def _recompute_offsets(g: ChannelGroup, structure: Structure, nodes: dict, gsize: Mapping[str, int]) -> tuple[Member, ...]:

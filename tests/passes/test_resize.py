@@ -107,10 +107,27 @@ def _op_net(kind: str):
         b.x = b.node("LayerNormalization", [b.x, ln_w], "ln")
         b.x = b.node("Transpose", [b.x], "to_nchw", perm=[0, 3, 1, 2])
         b.conv(6, 1, act=None, name="cons")
+    elif kind == "instancenorm":
+        b.x = b.node("InstanceNormalization", [b.x, const("in_s", (8,)), const("in_b", (8,))], "inorm")
+        b.conv(6, 1, act=None, name="cons")
+    elif kind == "resize_scales":  # Resize(x, roi, scales): three inputs, nothing to edit
+        scales = b.tensor("scales", np.array([1, 1, 2, 2], np.float32))
+        b.x = b.node("Resize", [b.x, "", scales], "up", mode="nearest")
+        b.shape = [1, 8, 16, 16]
+        b.conv(6, 1, act=None, name="cons")
+    elif kind.startswith("gemm_c"):  # Gemm fc1 with a bias C: (1, 16) 2-D; (2,) on 2 outputs; 12x12 (cin, cout) once conv0 grew
+        b.x = b.node("Flatten", [b.node("GlobalAveragePool", [b.x], "pool")], "flat", axis=1)
+        w, c, tb = {"gemm_c_2d": ((16, 8), (1, 16), 1), "gemm_c_two_outputs": ((2, 8), (2,), 1),
+                    "gemm_c_square": ((8, 12), (12,), 0)}[kind]
+        b.x = b.node("Gemm", [b.x, const("fc1_w", w), const("fc1_b", c)], "fc1", transB=tb)
+        b.x = b.node("Relu", [b.x], "fc1_act")
+        b.x = b.node("Gemm", [b.x, const("fc2_w", (5, c[-1])), const("fc2_b", (5,))], "fc2", transB=1)
+        b.shape = [1, 5]
     return b.build()
 
 
-@pytest.mark.parametrize("kind,exact", [("lrn", False), ("resize_sizes", True), ("conv_without_bias_or_group_attr", True),
+@pytest.mark.parametrize("kind,exact", [("instancenorm", True), ("resize_scales", True), ("gemm_c_2d", True),
+                                        ("gemm_c_two_outputs", True), ("gemm_c_square", True), ("lrn", False), ("resize_sizes", True), ("conv_without_bias_or_group_attr", True),
                                         ("gemm_without_c", True), ("matmul", True), ("layernorm_channels_last", False)])
 def test_growing_a_group_through_each_op(kind, exact):
     """The group conv0 produces grows 8 -> 12 (and 16 -> 24 for the fully connected layer): padding
@@ -120,8 +137,9 @@ def test_growing_a_group_through_each_op(kind, exact):
 
     model, s = built(_op_net(kind))
     recipe = [{"pass": "channels", "site": s.layer("conv0").out_group, "channels": 12}]
-    if kind in ("gemm_without_c", "matmul"):
-        recipe.append({"pass": "channels", "site": s.layer("fc1").out_group, "channels": 24})
+    if kind in ("gemm_without_c", "matmul", "gemm_c_2d", "gemm_c_two_outputs", "gemm_c_square"):
+        fc1 = s.layer("fc1").cout
+        recipe.append({"pass": "channels", "site": s.layer("fc1").out_group, "channels": fc1 + fc1 // 2})
     applied = apply_checked(model, s, recipe)
     assert [r["exact"] for r in applied.rewrites] == [exact] * len(recipe)
     if exact:
