@@ -145,3 +145,109 @@ def test_growing_a_group_through_each_op(kind, exact):
     if exact:
         assert_exact(model, applied)
     assert applied.structure.layer("conv0").cout == 12
+
+
+def test_an_lrn_on_another_group_keeps_growing_exact():
+    """LRN mixes the channels of the group it reads (conv0's) only: growing the next group is exact."""
+    from apply_helpers import apply_checked, assert_exact
+
+    b = NetBuilder((1, 4, 8, 8), seed=16).conv(8, 3, act="relu", name="conv0")
+    b.x = b.node("LRN", [b.x], "lrn", size=3)
+    model, s = built(b.conv(6, 1, act="relu", name="mid").conv(5, 1, act=None, name="cons").build())
+    applied = apply_checked(model, s, [{"pass": "channels", "site": s.layer("mid").out_group, "channels": 9}])
+    assert applied.rewrites[0]["exact"] is True
+    assert_exact(model, applied)
+
+
+def _concat_split_net(split: str | None = None, slice_: bool = False, opset: int = 17):
+    """a (4 channels) and b (8) from the input, Concat [b, a, b] (b twice), then a Split of it back
+    into its three parts (``split``: "input" sizes, or None: equal parts, unnamed, at ``opset``),
+    or a Slice of the last b (two axes, no axes input), or neither; then a 1x1 conv."""
+    import numpy as np
+    from onnx import helper
+
+    b = NetBuilder((1, 3, 8, 8), seed=17)
+    x = b.x
+    a = b.conv(4, 3, act="relu", name="a").x
+    b.x, b.shape = x, [1, 3, 8, 8]
+    bb = b.conv(4 if split == "equal" else 8, 3, act="relu", name="b").x
+    b.x = b.node("Concat", [bb, a, bb], "cat", axis=1)
+    c = 12 if split == "equal" else 20
+    b.shape = [1, c, 8, 8]
+    if split is not None:
+        outs = ["sp_split", "sp_mid", "sp_last"]  # "sp_split" is also the first name a sizes input would take
+        ins = [b.x] if split == "equal" else [b.x, b.tensor("sizes", np.array([8, 4, 8], np.int64))]
+        b.nodes.append(helper.make_node("Split", ins, outs, name="sp", axis=1))
+        b.x = b.node("Concat", [outs[2], outs[0], outs[1]], "cat2", axis=1)
+    elif slice_:
+        starts, ends = b.tensor("starts", np.array([0, 12], np.int64)), b.tensor("ends", np.array([1, 20], np.int64))
+        b.x = b.node("Slice", [b.x, starts, ends], "sl")
+        b.shape = [1, 8, 8, 8]
+    model = b.conv(5, 1, act=None, name="cons").build(check=False)
+    model.opset_import[0].version = opset
+    return model
+
+
+@pytest.mark.parametrize("split,slice_,opset", [(None, False, 17), ("input", False, 17), ("equal", False, 13),
+                                                (None, True, 17)])
+@pytest.mark.parametrize("layer", ["a", "b"])
+def test_a_group_twice_in_a_concat_split_or_sliced_back(split, slice_, opset, layer):
+    """Growing a or b: every occurrence of b in the Concat moves to its new offset, a Split gets the
+    new sizes (a new, uniquely named sizes input when it had none, at opset 13), a Slice of the
+    last b its new bounds; exact, and the offsets agree with a re-analysis (apply_checked)."""
+    import onnx
+
+    from apply_helpers import apply_checked, assert_exact, groups_as_analyzed
+    from archpass.passes.engine import apply_recipe
+
+    model, s = built(_concat_split_net(split, slice_, opset))
+    g = s.layer(layer).out_group
+    recipe = [{"pass": "channels", "site": g, "channels": s.group(g).channels + 2}]
+    if split != "equal":
+        applied = apply_checked(model, s, recipe)
+    else:  # the shape path does not list the sizes constant the graph path adds (see notes): groups only
+        applied = apply_recipe(model, Recipe.of(recipe), structure=s)
+        onnx.checker.check_model(applied.proto, full_check=True)
+        ours, reanalyzed = groups_as_analyzed(applied)
+        assert ours == reanalyzed
+        (sp,) = [n for n in applied.proto.graph.node if n.name == "sp"]
+        assert list(sp.input)[1:] == ["sp_split_1"]
+    assert applied.rewrites[0]["exact"] is True
+    assert_exact(model, applied)
+
+
+def test_a_slice_stepping_over_channels_is_refused():
+    import numpy as np
+
+    b = NetBuilder((1, 3, 8, 8), seed=18).conv(8, 3, act="relu", name="conv0")
+    arr = {n: b.tensor(n, np.array(v, np.int64)) for n, v in
+           [("starts", [0, 0]), ("ends", [8, 8]), ("axes", [1, 2]), ("steps", [2, 1])]}
+    b.x = b.node("Slice", [b.x, arr["starts"], arr["ends"], arr["axes"], arr["steps"]], "sl")
+    b.shape = [1, 4, 8, 8]
+    model, s = built(b.conv(5, 1, act=None, name="cons").build())
+    g = s.layer("conv0").out_group
+    assert "Slice 'sl' takes channels at offsets or strides" in s.group(g).reason  # what the passes see
+    with pytest.raises(RecipeError, match="Slice 'sl' steps over channels"):  # resize itself refuses too
+        resize_graph(gs.import_onnx(model.proto), s, {g: 12}, "channels", g)
+
+
+def test_two_resizes_of_one_group_compose_their_channel_maps():
+    """8 -> 6 (width multiplier) -> 4 (channels): the channel map names, for each channel left, the original channel it
+    holds; conv0's weights are the original ones at those channels."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    from archpass.passes.engine import apply_recipe
+
+    model, s = built(NetBuilder((1, 3, 8, 8), seed=19).conv(8, 3, act="relu", name="conv0")
+                     .conv(5, 1, act=None, name="cons").build())
+    g = s.layer("conv0").out_group
+    applied = apply_recipe(model, Recipe.of([{"pass": "width_multiplier", "site": s.stages[0].id, "multiplier": 0.75,
+                                              "parallelism": 2},
+                                             {"pass": "channels", "site": g, "channels": 4}]), structure=s)
+    assert applied.rewrites[0]["after"]["channels"][g] == 6 and applied.structure.group(g).channels == 4
+    m = applied.channel_maps[g]
+    weight = {t.name: numpy_helper.to_array(t) for t in applied.proto.graph.initializer}
+    orig = {t.name: numpy_helper.to_array(t) for t in model.proto.graph.initializer}
+    w = s.layer("conv0").weight
+    assert len(m) == 4 and np.array_equal(weight[w], orig[w][m])
