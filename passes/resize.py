@@ -300,7 +300,7 @@ class _Editor:
         return result
 
     # ---- the rewrite
-    def run(self, new_structure: Structure) -> None:
+    def run(self) -> None:
         for sn in self.s.nodes:
             names = [i for i in sn.inputs if i] + [o for o in sn.outputs if o]
             if not any(self.axis_map(n) is not None for n in names):
@@ -311,15 +311,8 @@ class _Editor:
                                   "apply rewrites to the graph the structure was analyzed from")
             self.edit(sn, gn)
             tag(gn, self.pass_name, self.site)
-        # value shapes: every tensor whose channel count changed
-        for name, t in new_structure.tensors.items():
-            if t.const:
-                continue
-            old = self.s.tensors.get(name)
-            var = self.gtensors.get(name)
-            if old is not None and old.shape != t.shape and var is not None and not isinstance(var, self.gs.Constant):
-                if var.shape is not None:
-                    var.shape = list(t.shape)
+        # variable shapes are left stale: no pass reads them, and the engine drops and re-infers every
+        # intermediate shape after the last rewrite (engine._reinfer)
 
     def edit(self, sn, gn) -> None:
         op = sn.op
@@ -394,7 +387,7 @@ class _Editor:
             w2 = _remap(w, self._out_axis(gn, w), out_map)
             if sn.op == "Gemm" and len(gn.inputs) > 2 and gn.inputs[2].name:
                 c = self.const(gn, 2)
-                if c is not None and c.ndim >= 1 and c.shape[-1] == old_out and old_out > 1:
+                if c is not None and c.ndim >= 1 and c.shape[-1] == old_out:  # per output (1 output: (1,) too)
                     self.set_const(gn, 2, _remap(c, c.ndim - 1, out_map))
             w = w2
         if in_map is not None:
@@ -489,7 +482,7 @@ def resize_graph(graph, structure: Structure, sizes: Mapping[str, int], pass_nam
         return structure
     new = resize_shapes(structure, sizes)
     editor = _Editor(graph, structure, sizes, pass_name, site)
-    editor.run(new)
+    editor.run()
     record_channel_maps(graph, editor.maps)
     return new
 

@@ -118,7 +118,7 @@ def _op_net(kind: str):
     elif kind.startswith("gemm_c"):  # Gemm fc1 with a bias C: (1, 16) 2-D; (2,) on 2 outputs; 12x12 (cin, cout) once conv0 grew
         b.x = b.node("Flatten", [b.node("GlobalAveragePool", [b.x], "pool")], "flat", axis=1)
         w, c, tb = {"gemm_c_2d": ((16, 8), (1, 16), 1), "gemm_c_two_outputs": ((2, 8), (2,), 1),
-                    "gemm_c_square": ((8, 12), (12,), 0)}[kind]
+                    "gemm_c_square": ((8, 12), (12,), 0), "gemm_c_one_output": ((1, 8), (1,), 1)}[kind]
         b.x = b.node("Gemm", [b.x, const("fc1_w", w), const("fc1_b", c)], "fc1", transB=tb)
         b.x = b.node("Relu", [b.x], "fc1_act")
         b.x = b.node("Gemm", [b.x, const("fc2_w", (5, c[-1])), const("fc2_b", (5,))], "fc2", transB=1)
@@ -127,7 +127,8 @@ def _op_net(kind: str):
 
 
 @pytest.mark.parametrize("kind,exact", [("instancenorm", True), ("resize_scales", True), ("gemm_c_2d", True),
-                                        ("gemm_c_two_outputs", True), ("gemm_c_square", True), ("lrn", False), ("resize_sizes", True), ("conv_without_bias_or_group_attr", True),
+                                        ("gemm_c_two_outputs", True), ("gemm_c_square", True), ("gemm_c_one_output", True),
+                                        ("lrn", False), ("resize_sizes", True), ("conv_without_bias_or_group_attr", True),
                                         ("gemm_without_c", True), ("matmul", True), ("layernorm_channels_last", False)])
 def test_growing_a_group_through_each_op(kind, exact):
     """The group conv0 produces grows 8 -> 12 (and 16 -> 24 for the fully connected layer): padding
@@ -137,14 +138,15 @@ def test_growing_a_group_through_each_op(kind, exact):
 
     model, s = built(_op_net(kind))
     recipe = [{"pass": "channels", "site": s.layer("conv0").out_group, "channels": 12}]
-    if kind in ("gemm_without_c", "matmul", "gemm_c_2d", "gemm_c_two_outputs", "gemm_c_square"):
+    if kind in ("gemm_without_c", "matmul") or kind.startswith("gemm_c"):
         fc1 = s.layer("fc1").cout
-        recipe.append({"pass": "channels", "site": s.layer("fc1").out_group, "channels": fc1 + fc1 // 2})
+        recipe.append({"pass": "channels", "site": s.layer("fc1").out_group, "channels": fc1 + max(fc1 // 2, 1)})
     applied = apply_checked(model, s, recipe)
     assert [r["exact"] for r in applied.rewrites] == [exact] * len(recipe)
     if exact:
         assert_exact(model, applied)
     assert applied.structure.layer("conv0").cout == 12
+    assert all(type(d) is int for t in applied.structure.tensors.values() for d in t.shape)  # JSON shows "12", not "12.0"
 
 
 def test_an_lrn_on_another_group_keeps_growing_exact():
