@@ -346,8 +346,8 @@ class _Editor:
         elif op == "Slice" and in_map is not None:
             self.edit_slice(sn, gn)
         elif op == "Resize" and out_map is not None and len(gn.inputs) > 3 and gn.inputs[3].name:
-            sizes = self.const(gn, 3)
-            if sizes is not None and sizes.size:
+            sizes = self._need(gn, 3, sn)  # computed sizes could not follow: refuse rather than break the model
+            if sizes.size:
                 sizes = sizes.copy()
                 sizes[self.s.tensors[y].channel_axis] = len(out_map)
                 self.set_const(gn, 3, sizes)
@@ -386,8 +386,8 @@ class _Editor:
             old_out = w.shape[self._out_axis(gn, w)]
             w2 = _remap(w, self._out_axis(gn, w), out_map)
             if sn.op == "Gemm" and len(gn.inputs) > 2 and gn.inputs[2].name:
-                c = self.const(gn, 2)
-                if c is not None and c.ndim >= 1 and c.shape[-1] == old_out:  # per output (1 output: (1,) too)
+                c = self._need(gn, 2, sn)  # a computed C could not follow: refuse rather than break the model
+                if c.ndim >= 1 and c.shape[-1] == old_out:  # per output (1 output: (1,) too)
                     self.set_const(gn, 2, _remap(c, c.ndim - 1, out_map))
             w = w2
         if in_map is not None:

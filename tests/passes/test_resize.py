@@ -162,9 +162,9 @@ def test_an_lrn_on_another_group_keeps_growing_exact():
 
 
 def _concat_split_net(split: str | None = None, slice_: bool = False, opset: int = 17):
-    """a (4 channels) and b (8) from the input, Concat [b, a, b] (b twice), then a Split of it back
-    into its three parts (``split``: "input" sizes, or None: equal parts, unnamed, at ``opset``),
-    or a Slice of the last b (two axes, no axes input), or neither; then a 1x1 conv."""
+    """a (4 channels) and b (8) from the input, Concat [b, a, b, b] (b three times), then a Split of
+    it back into its four parts (``split``: "input" sizes, or None: equal parts, unnamed, at ``opset``),
+    or a Slice of the last b (two axes, no axes input), or else a BatchNormalization; then a 1x1 conv."""
     import numpy as np
     from onnx import helper
 
@@ -173,18 +173,20 @@ def _concat_split_net(split: str | None = None, slice_: bool = False, opset: int
     a = b.conv(4, 3, act="relu", name="a").x
     b.x, b.shape = x, [1, 3, 8, 8]
     bb = b.conv(4 if split == "equal" else 8, 3, act="relu", name="b").x
-    b.x = b.node("Concat", [bb, a, bb], "cat", axis=1)
-    c = 12 if split == "equal" else 20
+    b.x = b.node("Concat", [bb, a, bb, bb], "cat", axis=1)
+    c = 16 if split == "equal" else 28
     b.shape = [1, c, 8, 8]
     if split is not None:
-        outs = ["sp_split", "sp_mid", "sp_last"]  # "sp_split" is also the first name a sizes input would take
-        ins = [b.x] if split == "equal" else [b.x, b.tensor("sizes", np.array([8, 4, 8], np.int64))]
+        outs = ["sp_split", "sp_a", "sp_b", "sp_c"]  # "sp_split" is also the first name a sizes input would take
+        ins = [b.x] if split == "equal" else [b.x, b.tensor("sizes", np.array([8, 4, 8, 8], np.int64))]
         b.nodes.append(helper.make_node("Split", ins, outs, name="sp", axis=1))
-        b.x = b.node("Concat", [outs[2], outs[0], outs[1]], "cat2", axis=1)
+        b.x = b.node("Concat", [outs[2], outs[0], outs[1], outs[3]], "cat2", axis=1)
     elif slice_:
-        starts, ends = b.tensor("starts", np.array([0, 12], np.int64)), b.tensor("ends", np.array([1, 20], np.int64))
+        starts, ends = b.tensor("starts", np.array([0, 20], np.int64)), b.tensor("ends", np.array([1, 28], np.int64))
         b.x = b.node("Slice", [b.x, starts, ends], "sl")
         b.shape = [1, 8, 8, 8]
+    else:
+        b.batchnorm(name="cat_bn")  # per-segment params (offset 0 each) on the concatenated tensor
     model = b.conv(5, 1, act=None, name="cons").build(check=False)
     model.opset_import[0].version = opset
     return model
@@ -193,7 +195,7 @@ def _concat_split_net(split: str | None = None, slice_: bool = False, opset: int
 @pytest.mark.parametrize("split,slice_,opset", [(None, False, 17), ("input", False, 17), ("equal", False, 13),
                                                 (None, True, 17)])
 @pytest.mark.parametrize("layer", ["a", "b"])
-def test_a_group_twice_in_a_concat_split_or_sliced_back(split, slice_, opset, layer):
+def test_a_group_thrice_in_a_concat_split_or_sliced_back(split, slice_, opset, layer):
     """Growing a or b: every occurrence of b in the Concat moves to its new offset, a Split gets the
     new sizes (a new, uniquely named sizes input when it had none, at opset 13), a Slice of the
     last b its new bounds; exact, and the offsets agree with a re-analysis (apply_checked)."""
@@ -234,15 +236,19 @@ def test_a_slice_stepping_over_channels_is_refused():
 
 
 def test_two_resizes_of_one_group_compose_their_channel_maps():
-    """8 -> 6 (width multiplier) -> 4 (channels): the channel map names, for each channel left, the original channel it
+    """8 -> 6 (width multiplier) -> 4 (channels), keeping the heaviest channels: the channel map names, for each channel left, the original channel it
     holds; conv0's weights are the original ones at those channels."""
     import numpy as np
     from onnx import numpy_helper
 
     from archpass.passes.engine import apply_recipe
 
-    model, s = built(NetBuilder((1, 3, 8, 8), seed=19).conv(8, 3, act="relu", name="conv0")
-                     .conv(5, 1, act=None, name="cons").build())
+    proto = NetBuilder((1, 3, 8, 8), seed=19).conv(8, 3, act="relu", name="conv0").conv(5, 1, act=None, name="cons").build()
+    for t in proto.graph.initializer:  # conv0's channel i weighs i + 1: each shrink keeps the last channels
+        if t.name == "conv0_w":
+            w = numpy_helper.to_array(t)
+            t.CopyFrom(numpy_helper.from_array(np.sign(w) * np.arange(1, 9, dtype=np.float32).reshape(8, 1, 1, 1), t.name))
+    model, s = built(proto)
     g = s.layer("conv0").out_group
     applied = apply_recipe(model, Recipe.of([{"pass": "width_multiplier", "site": s.stages[0].id, "multiplier": 0.75,
                                               "parallelism": 2},
@@ -252,4 +258,22 @@ def test_two_resizes_of_one_group_compose_their_channel_maps():
     weight = {t.name: numpy_helper.to_array(t) for t in applied.proto.graph.initializer}
     orig = {t.name: numpy_helper.to_array(t) for t in model.proto.graph.initializer}
     w = s.layer("conv0").weight
-    assert len(m) == 4 and np.array_equal(weight[w], orig[w][m])
+    assert w == "conv0_w" and m.tolist() == [4, 5, 6, 7] and np.array_equal(weight[w], orig[w][m])
+
+
+def test_a_computed_gemm_c_is_refused_not_left_behind():
+    """fc1's C comes out of a Relu of the input's pooled channels (not a constant): growing fc1 cannot
+    remap it, so resize refuses, naming the node, instead of emitting a model whose C is too short."""
+    import numpy as np
+
+    b = NetBuilder((1, 8, 4, 4), seed=20)
+    flat = b.node("Flatten", [b.node("GlobalAveragePool", [b.x], "pool")], "flat", axis=1)
+    c = b.node("Relu", [flat], "c_act")
+    w = b.tensor("fc1_w", np.random.default_rng(0).standard_normal((8, 8)).astype(np.float32))
+    b.x = b.node("Relu", [b.node("Gemm", [flat, w, c], "fc1", transB=1)], "fc1_act")
+    b.x = b.node("Gemm", [b.x, b.tensor("fc2_w", np.ones((5, 8), np.float32))], "fc2", transB=1)
+    b.shape = [1, 5]
+    model, s = built(b.build())
+    g = s.layer("fc1").out_group
+    with pytest.raises(RecipeError, match="Gemm 'fc1' has a non-constant input 2"):
+        resize_graph(gs.import_onnx(model.proto), s, {g: 12}, "channels", g)
