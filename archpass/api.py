@@ -230,7 +230,7 @@ def optimize(
     passes: Sequence[str] | None = None,
     freeze: Sequence[str] = (),
     resolutions: Sequence[int] = (),
-    granularity: str = "group",
+    granularity: str | None = None,
     max_latency_ms: float | None = None,
     max_params_mb: float | None = None,
     max_peak_mb: float | None = None,
@@ -248,11 +248,30 @@ def optimize(
     storage: str | os.PathLike | None = None,
     progress=None,
     guard_factory=None,
+    study_name: str | None = None,
+    heartbeat: int | None = None,
+    evaluator: str | None = None,
+    evaluator_timeout: float | None = None,
+    min_metrics: Sequence[str] = (),
+    evaluate_top: int = 5,
+    seed_recipes: Sequence[str | os.PathLike] = (),
+    seed_model: str | os.PathLike | None = None,
+    report: str | os.PathLike | None = None,
 ) -> dict:
     """Search the rewrites that make the model at ``path`` fastest (or smallest) on
     ``target`` and write the result to ``output`` (atomically, with its record) and its
     recipe to ``<output stem>.recipe.json``.  Returns the document ``archpass optimize
-    --json`` prints.  ``progress(study, trial)`` is called after each trial."""
+    --json`` prints.  ``progress(study, trial)`` is called after each trial.
+
+    ``storage`` (a database URL, a ``.db`` file or a journal file) holds the study
+    ``study_name`` (default ``archpass-optimize``), created or joined: any number of
+    processes on any machines running the same command share it (``heartbeat``: seconds
+    between a database worker's heartbeats).  Without it the study lives in
+    ``<output stem>.study.jsonl``.  ``evaluator`` ("CMD {model}") runs on the candidates
+    whose cost ranks among the ``evaluate_top`` best so far, ``min_metrics``
+    ("NAME=VALUE") bound its metrics.  ``seed_recipes`` (recipe files, found on
+    ``seed_model`` when given, resolved onto this model by position) are the first
+    trials.  ``report``: a folder for report.json/.md/.html and the plots."""
     from pathlib import Path
 
     from archpass.errors import ArchpassError
@@ -264,6 +283,18 @@ def optimize(
     src, dest = Path(path), Path(output)
     if dest.suffix.lower() != ".onnx":
         raise ArchpassError(f"output {dest} does not end in .onnx", "name the optimized model OUT.onnx")
+    if study_name is not None and storage is None:
+        raise ArchpassError("--study-name names a study in a --storage, and none was given",
+                            "add --storage URL_OR_FILE (the default study file holds one study)")
+    shared = storage is not None  # an explicit storage is created or joined, never replaced
+    if shared:
+        from archpass.search.storage import parse_storage
+
+        location = parse_storage(storage)  # a malformed URL is one line now, before any work
+    if report is not None:
+        from archpass.io import check_output_dir
+
+        check_output_dir(report, what="report folder")
     if dest.exists() and src.exists() and dest.resolve() == src.resolve():
         raise ArchpassError(f"output {dest} is the input model", "write the optimized model to another file")
     if isinstance(input_shapes, Mapping):
@@ -277,14 +308,24 @@ def optimize(
         budgets={k: v for k, v in (("max_latency_ms", max_latency_ms), ("max_params_mb", max_params_mb),
                                    ("max_peak_mb", max_peak_mb)) if v is not None},
         passes=tuple(passes) if passes is not None else None, freeze=tuple(freeze),
-        resolutions=tuple(int(r) for r in resolutions), granularity=granularity, mode=mode or ("post-training" if calib else "retrain"),
+        resolutions=tuple(int(r) for r in resolutions), mode=mode or ("post-training" if calib else "retrain"),
+        # per stage by default; per group in post-training mode, whose ladder probes single group cuts
+        granularity=granularity or ("group" if (mode or ("post-training" if calib else "retrain")) == "post-training"
+                                    else "stage"),
         guard=guard, calib=str(Path(calib).resolve()) if calib is not None and Path(calib).exists() else
         (str(calib) if calib is not None else None), calib_options=dict(calib_options or {}),
         min_fidelity=float(min_fidelity), min_proxy=min_proxy, finalists=int(finalists), sampler=sampler, seed=seed, trials=int(trials),
-        workers=int(workers))
+        workers=int(workers), evaluator=evaluator, evaluator_timeout=evaluator_timeout,
+        min_metrics=tuple(min_metrics), evaluate_top=int(evaluate_top))
     prep = run.prepare(job, model=model, guard_factory=guard_factory)
-    store = Path(storage) if storage is not None else st.storage_path(dest)
-    out = run.search(prep, store, resume=resume, progress=progress)
+    seeds = _seeds(seed_recipes, seed_model, prep.structure)
+    if shared:
+        store, name = str(storage), study_name or st.STUDY_NAME
+        shown = location.display
+    else:
+        store, name = st.storage_path(dest), None
+        shown = str(store)
+    out = run.search(prep, store, resume=resume, progress=progress, study_name=name, heartbeat=heartbeat, seeds=seeds)
     recipe = out.best.recipe
     applied = apply_recipe(model, recipe, structure=prep.structure)
     recovered = prep.guard.model_for(recipe) if prep.guard is not None and len(recipe) else None
@@ -295,7 +336,8 @@ def optimize(
         "input": str(src),
         "output": str(dest),
         "recipe_file": str(recipe_path),
-        "storage": str(store),
+        "storage": shown,
+        "study_name": out.study.study_name if out.study is not None else None,
         "target": prep.target.name,
         "objectives": list(job.objectives),
         "mode": job.mode,
@@ -323,7 +365,52 @@ def optimize(
         doc["pareto_front"] = list(out.front)
     if out.explored is not None:
         doc["ladder"] = dict(out.explored)  # the post-training guard's exploration (search/ladder.py)
+    if seed_recipes:
+        doc["seeds"] = [{"file": str(f), **res.to_json()} for f, res in zip(seed_recipes, seeds)]
+    if evaluator is not None:
+        doc["evaluator"] = _evaluator_summary(out, evaluator)
+    if report is not None:
+        from archpass.search.report import report_from_study, write_report
+
+        data = report_from_study(out.study, storage=shown, structure=prep.structure, target=prep.target)
+        doc["report"] = {k: str(v) for k, v in write_report(data, report).items()}
     return doc
+
+
+def _seeds(paths, seed_model, structure) -> list:
+    """``--seed-recipe`` files resolved onto ``structure`` (from ``seed_model``'s ids by
+    position, or checked as written without it)."""
+    if not paths:
+        if seed_model is not None:
+            from archpass.errors import ArchpassError
+
+            raise ArchpassError("--seed-model names the model the --seed-recipe files were found on, and none was given",
+                                "add --seed-recipe R.json, or drop --seed-model")
+        return []
+    from archpass.search.seed import load_seeds
+
+    source = analyze(load_model(seed_model)) if seed_model is not None else None
+    return load_seeds(list(paths), structure, source)
+
+
+def _evaluator_summary(out, command: str) -> dict:
+    """How the user's evaluator went: runs, failures (with their reason), and the metrics of
+    the model written (the chosen trial's, or the unchanged model's when the original is kept)."""
+    import optuna
+
+    evaluated, failed, chosen = 0, [], None
+    for t in out.study.get_trials(deepcopy=False) if out.study is not None else ():
+        ev = t.user_attrs.get("evaluator") or {}
+        if ev.get("ok") is None:
+            continue
+        evaluated += 1
+        if ev.get("ok") is False:
+            failed.append({"number": t.number, "reason": ev.get("reason"), "stderr_tail": ev.get("stderr_tail")})
+        emitted = (t.number == out.best_trial if out.best_trial is not None  # else the original: an unchanged trial
+                   else not (t.user_attrs.get("recipe") or {}).get("rewrites", [1]))
+        if emitted and t.state == optuna.trial.TrialState.COMPLETE and ev.get("ok"):
+            chosen = ev.get("metrics")
+    return {"command": command, "evaluated": evaluated, "failed": failed, "metrics": chosen}
 
 
 def storage_display(storage: str | os.PathLike) -> str:

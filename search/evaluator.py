@@ -291,5 +291,6 @@ class EvaluationStep:
             except EvaluatorFailure as exc:
                 trial.set_user_attr(EVALUATOR_ATTR, exc.to_json())
                 raise
-        trial.set_user_attr(EVALUATOR_ATTR, result.to_json())
+        missed = unmet(result.metrics, self.minimums)
+        trial.set_user_attr(EVALUATOR_ATTR, {**result.to_json(), **({"unmet": missed} if missed else {})})
         return shortfalls(result.metrics, self.minimums)

@@ -7,8 +7,9 @@ Two modes (``--mode``):
   the original (:mod:`archpass.search.fidelity`) must be at least ``--min-fidelity``
   (default 0.99);
 * **retrain**: the candidate will be trained again, so what matters is whether it can
-  learn: a zero-shot trainability score (``fidelity.trainability``) must be no lower
-  than the original model's (default) or ``--min-proxy``.
+  learn: a zero-shot trainability score (``fidelity.trainability``: the weakest layer's
+  per-position NASWOT score, :mod:`archpass.search.zeroshot`) must be no lower than the
+  original model's minus ``PROXY_TOLERANCE`` (default), or ``--min-proxy``.
 
 A guard scores recipes through one callable and caches the result by recipe, so a
 candidate visited twice (or a finalist re-checked) is evaluated once.
@@ -25,6 +26,12 @@ from archpass.search.space import recipe_key
 
 MODES = ("post-training", "retrain")
 DEFAULT_MIN_FIDELITY = 0.99
+#: The default retrain guard accepts a score this much below the original's, its noise:
+#: seed to seed (redrawn weights, inputs and positions) the score of MobileNetV2 224 has a
+#: standard deviation of 0.061 (10 seeds), the difference of two scores 0.087; narrowing
+#: one group to 8 channels lowers it by 0.24, the width x0.25 by 0.27, every group at 8 by
+#: 0.55, fusing all 16 IBN blocks by nothing (benchmarks/search.py ``proxy`` section).
+PROXY_TOLERANCE = 0.15
 
 
 @dataclass(frozen=True)
@@ -120,9 +127,10 @@ def fidelity_guard(model, structure, data, *, min_fidelity: float = DEFAULT_MIN_
     return guard
 
 
-def proxy_guard(model, structure, *, min_proxy: float | None = None, seed: int = 0, scorer=None) -> Guard:
+def proxy_guard(model, structure, *, min_proxy: float | None = None, seed: int = 0, scorer=None,
+                tolerance: float = PROXY_TOLERANCE) -> Guard:
     """Retrain guard: the zero-shot trainability score must stay at ``min_proxy``, by
-    default the original model's own score."""
+    default the original model's own score minus ``tolerance`` (its measured noise)."""
     from archpass.passes.engine import apply_recipe
 
     if scorer is None:
@@ -138,4 +146,4 @@ def proxy_guard(model, structure, *, min_proxy: float | None = None, seed: int =
             return base
         return scorer(apply_recipe(model, recipe, structure=structure, verify=False).proto)
 
-    return Guard("proxy", base if min_proxy is None else float(min_proxy), score, baseline=base)
+    return Guard("proxy", base - tolerance if min_proxy is None else float(min_proxy), score, baseline=base)

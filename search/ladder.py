@@ -254,5 +254,7 @@ def add_to_study(study: optuna.Study, objective: Objective, found: Exploration) 
         study.enqueue_trial(dict(r.params), skip_if_exists=True)
     waiting = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)))
     if waiting:
-        study.optimize(objective, n_trials=waiting, catch=())
+        from archpass.search.evaluator import EvaluatorFailure
+
+        study.optimize(objective, n_trials=waiting, catch=(EvaluatorFailure,))  # a failed --evaluator run fails one trial
     return len(passed)

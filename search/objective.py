@@ -9,7 +9,7 @@ are Optuna constraints (positive = violated), so constrained samplers learn them
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 from archpass.costmodel import Estimate, Target, estimate
 from archpass.errors import ArchpassError
@@ -20,6 +20,8 @@ from archpass.structure import Structure
 
 OBJECTIVES = ("latency", "memory", "macs")
 MB = 1e6  # budgets are in decimal megabytes
+SEED_RECIPE_ATTR = "seed_recipe"  # user attribute of an enqueued --seed-recipe trial: the recipe it scores
+MAX_SHORTFALL = 1e12  # a --min-metric the evaluator did not report (Optuna constraints stay finite)
 
 
 class ObjectiveError(ArchpassError):
@@ -103,14 +105,21 @@ class Objective:
     """The Optuna objective: a trial's recipe from ``space``, scored on ``target``.
 
     Constraint values (positive = violated): one per budget, then one for a recipe the
-    passes refused.  The accuracy guard is not part of it: it costs seconds per
-    candidate and runs on finalists only (:func:`archpass.search.run.choose`)."""
+    passes refused, then one per ``--min-metric`` when the user's evaluator runs
+    (``evaluation``, an :class:`~archpass.search.evaluator.EvaluationStep`: only on
+    candidates within the constraints so far whose cost ranks among the study's best,
+    see :meth:`evaluate`).  The accuracy guard is not part of it: it costs seconds per
+    candidate and runs on finalists only (:func:`archpass.search.run.choose`).
+
+    A trial enqueued with a ``seed_recipe`` user attribute (``--seed-recipe``) scores
+    that recipe instead of suggesting one."""
 
     space: Space
     target: Target
     objectives: tuple[str, ...] = ("latency",)
     budgets: Budgets = field(default_factory=Budgets)
-    worker: int | None = None  # with several workers, each trial records which one ran it
+    worker: int | str | None = None  # with several workers, each trial records which one ran it
+    evaluation: Any = None  # EvaluationStep: the user's evaluator on promising candidates
     baseline: Score = field(init=False)
 
     def __post_init__(self):
@@ -133,8 +142,13 @@ class Objective:
         return self.score_structure(recipe, s)
 
     def __call__(self, trial) -> float | tuple[float, ...]:
+        seed = trial.user_attrs.get(SEED_RECIPE_ATTR)
         try:
-            recipe, structure = self.space.suggest(trial)
+            if seed is not None:
+                recipe = Recipe.from_json(seed)
+                structure = apply_recipe_shapes(self.structure, recipe)
+            else:
+                recipe, structure = self.space.suggest(trial)
             sc = self.score_structure(recipe, structure)
         except ArchpassError as exc:
             # the passes refused a pick: infeasible, scored as the unchanged model
@@ -151,8 +165,29 @@ class Objective:
             trial.set_user_attr("estimate", dict(sc.metrics))
             values = sc.values
             cons = list(sc.violations) + [0.0]
+        if self.evaluation is not None:
+            cons += self.evaluate(trial, recipe, values[0], feasible=sc.valid and all(c <= 0 for c in cons))
         trial.set_user_attr("constraints", cons)
         return values[0] if len(values) == 1 else tuple(values)
+
+    def evaluate(self, trial, recipe: Recipe, value: float, feasible: bool) -> list[float]:
+        """The ``--min-metric`` constraint values of a trial: the user's evaluator runs when
+        the candidate is within every other constraint and its cost ``value`` ranks among
+        the ``--evaluate-top`` best of the study so far (every worker's trials count, so
+        with a shared database the evaluations spread over the workers).  A candidate not
+        evaluated is infeasible when minimums are set (its metrics are unknown); a failed
+        run raises EvaluatorFailure, which fails the trial."""
+        ev = self.evaluation
+        skipped = [1.0] * len(ev.minimums)
+        study = getattr(trial, "study", None)  # FixedTrial has none: always evaluate
+        if not feasible:
+            return skipped
+        if study is not None and not ev.promising(study, value):
+            if ev.minimums:
+                trial.set_user_attr("evaluator", {"ok": None, "reason": f"not evaluated: its cost is not among the "
+                                                  f"{ev.top_k} best so far (--evaluate-top)"})
+            return skipped
+        return [min(v, MAX_SHORTFALL) for v in ev(trial, recipe)]
 
 
 def constraints(trial) -> Sequence[float]:

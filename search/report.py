@@ -40,6 +40,7 @@ FILES = ("report.json", "report.md", "trials.png", "blocks.png", "history.png", 
 JOB_ATTR = "archpass.job"
 SEED_ATTR = "archpass.seed"  # study attribute: the seed recipes' resolution (SeedEntry.to_json() list)
 FINALISTS_ATTR = "archpass.finalists"  # study attribute: the guard's results on finalists
+RESULT_ATTR = "archpass.result"  # study attribute: what `archpass optimize` chose (best_trial, guard scores)
 OBJECTIVE_UNITS = {"latency": ("latency", "ms"), "memory": ("memory (params + peak activation)", "MB"),
                    "macs": ("MACs", "M")}
 
@@ -193,6 +194,8 @@ def trial_row(trial) -> TrialRow:
         reasons.append(guard.get("error") or f"{guard.get('kind')} {guard.get('score'):.4g} < {guard.get('threshold'):.4g}")
     if ev and not ev.get("ok", True):
         reasons.append(str(ev.get("reason")))
+    if ev.get("unmet"):
+        reasons.append("; ".join(ev["unmet"]))
     if cons and not reasons and any(c > 0 for c in cons):
         reasons.append("over budget")
     if state == "FAIL" and not reasons:
@@ -286,22 +289,30 @@ def report_from_study(study, *, storage: str | None = None, structure=None, targ
     base_est = estimate(structure, tgt, best_order=False)
     base = Summary.of({"latency_ms": base_est.latency_ms, "params_bytes": base_est.params_bytes,
                        "peak_activation_bytes": base_est.peak_activation_bytes, "macs": base_est.macs})
-    # with a guard run on finalists, the result is the best candidate that passed it
-    passed = {int(c["number"]) for c in checked if c.get("ok")}
-    pool = [r for r in rows if r.number in passed] if checked else rows
-    chosen = _best_row(pool, [_objective(o, base) for o in objectives])
+    result = study.user_attrs.get(RESULT_ATTR)
+    if result is not None:  # what `archpass optimize` chose (Pareto, guard, never slower)
+        chosen = next((r for r in rows if r.number == result.get("best_trial")), None)
+    else:
+        # with a guard run on finalists, the result is the best candidate that passed it
+        passed = {int(c["number"]) for c in checked if c.get("ok")}
+        pool = [r for r in rows if r.number in passed] if checked else rows
+        chosen = _best_row(pool, [_objective(o, base) for o in objectives])
     best_est = recipe = None
     if chosen is not None:
         recipe = Recipe.from_json(chosen.recipe or {"rewrites": []})
         best_est = estimate(apply_recipe_shapes(structure, recipe), tgt, best_order=False)
     kinds = ({(t.user_attrs.get("guard") or {}).get("kind") for t in study.get_trials(deepcopy=False)}
-             | {c.get("kind") for c in checked}) - {None}
+             | {c.get("kind") for c in checked} | {(result or {}).get("score_kind")}) - {None}
     notes = [] if chosen is not None else ["no feasible trial beats the unchanged model: the best is the original"]
+    if (result or {}).get("message"):  # the run's own words (e.g. why the guard kept the original)
+        notes = [result["message"]]
     return build_report(
         model=job.get("model", "?"), target=getattr(tgt, "name", str(tgt)), objectives=objectives,
         structure=structure, baseline=base_est, best=best_est if best_est is not None else base_est,
         best_trial=chosen.number if chosen else None, recipe=recipe or Recipe(), trials=rows,
-        score_kind=kinds.pop() if len(kinds) == 1 else None, best_score=chosen.score if chosen else None,
+        score_kind=kinds.pop() if len(kinds) == 1 else None,
+        baseline_score=(result or {}).get("baseline_score"),
+        best_score=(result or {}).get("best_score") if result is not None else (chosen.score if chosen else None),
         seed=tuple(study.user_attrs.get(SEED_ATTR) or ()), storage=storage, study=study.study_name, notes=notes)
 
 
@@ -471,6 +482,11 @@ def _top(data: ReportData, n: int = 15) -> list[TrialRow]:
     return sorted((t for t in data.trials if t.feasible and t.values), key=lambda t: (t.values[0], t.number))[:n]
 
 
+def _seed_no(e: Mapping[str, Any]) -> str:
+    """A seed rewrite's number: its index in its recipe, after the recipe's (``--seed-recipe`` order)."""
+    return f"{e['file']}:{e['index']}" if "file" in e else str(e["index"])
+
+
 def render_markdown(data: ReportData) -> str:
     h = data.headline()
     out = [f"# archpass report: {Path(data.model).name} on {data.target}", ""]
@@ -480,6 +496,8 @@ def render_markdown(data: ReportData) -> str:
                + (f"  Best: trial {data.best_trial}." if data.best_trial is not None else "  Best: the original model."))
     if data.study:
         out.append(f"Study `{data.study}`" + (f" in `{data.storage}`." if data.storage else "."))
+    for n in data.notes:
+        out += ["", f"> {n}"]
     out += ["", "| | original | optimized | change |", "|---|---|---|---|"]
     out += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in headline_rows(data)]
     out += ["", "## Recipe", ""]
@@ -489,7 +507,7 @@ def render_markdown(data: ReportData) -> str:
         out += ["", "## Seed recipes", "", "| # | rewrite | where | resolved as | note |", "|---|---|---|---|---|"]
         for e in data.seed:
             res = f"`{_rewrite_text(e['resolved'])}`" if e.get("resolved") else "**not resolved**"
-            out.append(f"| {e['index']} | `{_rewrite_text(e['source'])}` | {e['address']} | {res} | {e.get('note', '')} |")
+            out.append(f"| {_seed_no(e)} | `{_rewrite_text(e['source'])}` | {e['address']} | {res} | {e.get('note', '')} |")
     out += ["", "## Plots", "", "![trials](trials.png)", "", "![per-block latency](blocks.png)", "",
             "![history](history.png)", "", "## Best trials", "",
             f"| trial | {', '.join(data.objectives)} | {data.score_kind or 'score'} | evaluator | rewrites |",
@@ -506,8 +524,6 @@ def render_markdown(data: ReportData) -> str:
                        + (f" (retry of trial {t.retried_from})" if t.retried_from is not None else ""))
             if t.stderr_tail:
                 out += ["", "  ```", *["  " + l for l in t.stderr_tail.splitlines()], "  ```"]
-    if data.notes:
-        out += ["", "## Notes", ""] + [f"- {n}" for n in data.notes]
     return "\n".join(out) + "\n"
 
 
@@ -515,7 +531,7 @@ _CSS = """
 body{font-family:-apple-system,"Segoe UI",Roboto,"DejaVu Sans",Arial,sans-serif;margin:2em auto;max-width:1000px;
 color:#1d1d1f;padding:0 1em;line-height:1.45}
 h1{font-size:1.6em;margin-bottom:.2em}h2{font-size:1.2em;margin-top:1.6em;border-bottom:1px solid #ddd}
-.sub{color:#555;margin-top:0}
+.sub{color:#555;margin-top:0}.note{background:#fff8e1;border-left:4px solid #f0b400;padding:.4em .8em}
 table{border-collapse:collapse;margin:.6em 0;font-size:.92em}th,td{border:1px solid #ddd;padding:.3em .6em;text-align:left}
 th{background:#f4f6f8}td.num{text-align:right;font-variant-numeric:tabular-nums}
 .cards{display:flex;gap:1em;flex-wrap:wrap;margin:1em 0}
@@ -555,6 +571,7 @@ def render_html(data: ReportData, images: Mapping[str, bytes]) -> str:
          f"({h['feasible_trials']} feasible); best: "
          + (f"trial {data.best_trial}" if data.best_trial is not None else "the original model")
          + (f"; study <code>{e(data.study)}</code>" if data.study else "") + ".</p>",
+         "".join(f'<p class="note">{e(n)}</p>' for n in data.notes),
          '<div class="cards">' + "".join(cards) + "</div>",
          "<table><tr><th></th><th>original</th><th>optimized</th><th>change</th></tr>"]
     p += [f"<tr><td>{e(r[0])}</td><td class=\"num\">{e(r[1])}</td><td class=\"num\">{e(r[2])}</td>"
@@ -567,7 +584,7 @@ def render_html(data: ReportData, images: Mapping[str, bytes]) -> str:
         p.append("<h2>Seed recipes</h2><table><tr><th>#</th><th>rewrite</th><th>where</th><th>resolved as</th><th>note</th></tr>")
         for s in data.seed:
             res = f"<code>{e(_rewrite_text(s['resolved']))}</code>" if s.get("resolved") else "<b class=\"bad\">not resolved</b>"
-            p.append(f"<tr><td>{s['index']}</td><td><code>{e(_rewrite_text(s['source']))}</code></td>"
+            p.append(f"<tr><td>{_seed_no(s)}</td><td><code>{e(_rewrite_text(s['source']))}</code></td>"
                      f"<td>{e(s['address'])}</td><td>{res}</td><td>{e(s.get('note', ''))}</td></tr>")
         p.append("</table>")
     p.append("<h2>Plots</h2>")
@@ -591,8 +608,6 @@ def render_html(data: ReportData, images: Mapping[str, bytes]) -> str:
             p.append(f"<li>trial {t.number} ({e(t.state.lower())}): {e(t.reason or 'failed')}{retry}"
                      + (f"<pre>{e(t.stderr_tail)}</pre>" if t.stderr_tail else "") + "</li>")
         p.append("</ul>")
-    if data.notes:
-        p.append("<h2>Notes</h2><ul>" + "".join(f"<li>{e(n)}</li>" for n in data.notes) + "</ul>")
     p.append("</body></html>\n")
     return "\n".join(p)
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import multiprocessing
 import time
+import zlib
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -31,7 +32,8 @@ from archpass.search.space import Space, recipe_key
 #: Job fields that define a study: a resumed run must agree on all of them.
 STUDY_FIELDS = ("model_sha256", "target", "objectives", "budgets", "passes", "freeze", "resolutions", "granularity",
                 "mode", "guard",
-                "min_fidelity", "min_proxy", "calib", "sampler", "seed")
+                "min_fidelity", "min_proxy", "calib", "sampler", "seed",
+                "evaluator", "min_metrics", "evaluate_top")
 WORKER_START_TIMEOUT = 120.0  # seconds the main process waits for the extra workers to load the model
 FINALISTS = 12  # guard evaluations spent on choosing the result, at most (--finalists)
 
@@ -53,7 +55,7 @@ class Job:
     passes: tuple[str, ...] | None = None
     freeze: tuple[str, ...] = ()
     resolutions: tuple[int, ...] = ()
-    granularity: str = "group"
+    granularity: str = "stage"
     mode: str = "retrain"
     guard: bool = True
     calib: str | None = None
@@ -65,6 +67,10 @@ class Job:
     seed: int | None = 0
     trials: int = 300
     workers: int = 1
+    evaluator: str | None = None  # --evaluator "CMD {model}"
+    evaluator_timeout: float | None = None
+    min_metrics: tuple[str, ...] = ()  # --min-metric NAME=VALUE, as given
+    evaluate_top: int = 5
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -76,7 +82,7 @@ class Job:
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> "Job":
         kw = dict(d)
-        for k in ("input_shapes", "objectives", "freeze", "resolutions"):
+        for k in ("input_shapes", "objectives", "freeze", "resolutions", "min_metrics"):
             kw[k] = tuple(kw.get(k) or ())
         if kw.get("passes") is not None:
             kw["passes"] = tuple(kw["passes"])
@@ -131,16 +137,40 @@ def prepare(job: Job, *, model=None, structure=None, target=None, guard_factory:
     target = target or load_target(job.target)
     model = model or load_model(job.model, parse_input_shapes(list(job.input_shapes)) if job.input_shapes else None)
     structure = structure or analyze(model)
+    floor = 0
+    if job.mode == "retrain" and job.guard and job.min_proxy is None:  # search where the default guard can pass
+        from archpass.search.space import width_floor
+
+        floor = width_floor(structure, [o.name for o in model.proto.graph.output])
     space = Space.build(structure, parallelism=int(getattr(target, "parallelism", 8) or 8), passes=job.passes,
-                        freeze=job.freeze, resolutions=job.resolutions, granularity=job.granularity)
+                        freeze=job.freeze, resolutions=job.resolutions, granularity=job.granularity, min_width=floor)
+    evaluation = evaluation_step(job, model)
     guard = None
     if job.guard and with_guard:
         if guard_factory is not None:
             guard = guard_factory(job, model, structure)
         else:
             guard = default_guard(job, model, structure)
-    objective = Objective(space, target, objectives, budgets)
+    objective = Objective(space, target, objectives, budgets, evaluation=evaluation)
     return Prepared(job, model, structure, target, space, objective, guard)
+
+
+def evaluation_step(job: Job, model):
+    """The user's evaluator as the objective runs it (None without ``--evaluator``);
+    a command that does not exist or a malformed ``--min-metric`` is exit 2 here,
+    before any trial."""
+    from archpass.search.evaluator import EvaluationStep, Evaluator, EvaluatorError, parse_min_metrics
+
+    minimums = parse_min_metrics(job.min_metrics)
+    if job.evaluator is None:
+        if minimums:
+            raise EvaluatorError("--min-metric bounds the metrics of an --evaluator, and none was given",
+                                 'add --evaluator "CMD {model}" (its last stdout line: a JSON object of metrics)')
+        return None
+    if job.evaluate_top < 1:
+        raise EvaluatorError(f"--evaluate-top must be at least 1, got {job.evaluate_top}", "e.g. --evaluate-top 5")
+    return EvaluationStep(Evaluator.parse(job.evaluator, job.evaluator_timeout), model, minimums,
+                          top_k=int(job.evaluate_top))
 
 
 def default_guard(job: Job, model, structure):
@@ -160,29 +190,57 @@ def _sampler(job: Job, worker: int = 0):
                            constraints_func=constraints, worker=worker, workers=job.workers)
 
 
-def _optimize(study: optuna.Study, prep: Prepared, callbacks: Sequence = ()) -> None:
+def _optimize(study: optuna.Study, prep: Prepared, callbacks: Sequence = (), shared: bool = False) -> None:
+    """Run trials until the study holds ``--trials`` finished ones (complete, or failed by
+    the user's evaluator: such a failure fails one trial and the study goes on).  With
+    other processes on the study (``--workers``, a shared ``--storage``) the count is
+    checked after every trial."""
+    from archpass.search.evaluator import EvaluatorFailure
+
     total = prep.job.trials
-    if st.n_complete(study) >= total:
+    done = st.n_finished(study)
+    if done >= total:
         return
-    cb = optuna.study.MaxTrialsCallback(total, states=(optuna.trial.TrialState.COMPLETE,))
-    study.optimize(prep.objective, n_trials=None if prep.job.workers > 1 else total - st.n_complete(study),
-                   callbacks=[cb, *callbacks], catch=())
+
+    def enough(study, trial) -> None:
+        if st.n_finished(study) >= total:
+            study.stop()
+
+    together = prep.job.workers > 1 or shared
+    study.optimize(prep.objective, n_trials=None if together else total - done,
+                   callbacks=[enough, *callbacks], catch=(EvaluatorFailure,))
 
 
-def worker_main(path: str, index: int, ready=None) -> None:
+def worker_main(path: str, index: int, ready=None, study_name: str | None = None, heartbeat: int | None = None) -> None:
     """Entry point of an extra local worker process (``--workers N``); sets ``ready`` once
-    it can run trials."""
+    it can run trials.  ``study_name`` names the study of an explicit ``--storage``
+    (``path`` is then its location); None: the run's own journal file."""
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     try:
-        job = Job.from_json(st.study_job(st.load_study(Path(path), sampler=None)))
+        if study_name is None:
+            job = Job.from_json(st.study_job(st.load_study(Path(path), sampler=None)))
+        else:
+            storage = st.open_study_storage(path, heartbeat_interval=heartbeat)
+            job = Job.from_json(st.study_job(optuna.load_study(study_name=study_name, storage=storage, sampler=None)))
         prep = prepare(job, with_guard=False)
-        prep.objective.worker = index
-        study = st.load_study(Path(path), sampler=_sampler(job, index))
+        prep.objective.worker = index if study_name is None else worker_id(index)
+        if study_name is None:
+            study = st.load_study(Path(path), sampler=_sampler(job, index))
+        else:
+            study = optuna.load_study(study_name=study_name, storage=storage, sampler=_sampler(job, index))
         if ready is not None:
             ready.set()
-        _optimize(study, prep)
+        _optimize(study, prep, shared=study_name is not None)
     except KeyboardInterrupt:
         pass
+
+
+def worker_id(index: int = 0) -> str:
+    """Which process ran a trial of a shared study: ``host:pid`` (``/i`` for local worker i)."""
+    import os
+    import socket
+
+    return f"{socket.gethostname()}:{os.getpid()}" + (f"/{index}" if index else "")
 
 
 @dataclass(frozen=True)
@@ -202,29 +260,99 @@ class Outcome:
     storage: Path
     records: tuple[st.TrialRecord, ...] = ()
     explored: Mapping[str, Any] | None = None  # the post-training ladder (search.ladder.Exploration.to_json)
+    study: Any = field(default=None, compare=False, repr=False)  # the optuna.Study (reports read it)
 
     @property
     def improved(self) -> bool:
         return self.best_trial is not None
 
 
-def search(prep: Prepared, storage: Path, *, resume: bool = False, progress: Callable | None = None) -> Outcome:
-    """Run (or resume) the study for ``prep``'s job and choose the result."""
+def _job_diff(study: optuna.Study, job: Job) -> list[str]:
+    """The study-defining fields in which ``job`` differs from the one stored in ``study``
+    (fields an older study lacks count as their defaults)."""
+    old, new = Job.from_json({"model": "", "target": "", **st.study_job(study)}).study_key(), job.study_key()
+    return [k for k in STUDY_FIELDS if old.get(k) != new.get(k)]
+
+
+def enqueue_first(study: optuna.Study, prep: Prepared, seeds: Sequence = ()) -> None:
+    """The first trials of a new study: the unchanged model, then each ``--seed-recipe``
+    (``seeds``: SeedResolution per file) that resolved to at least one rewrite, then the
+    coordinate-descent starting points (:mod:`archpass.search.warmstart`); the seeds'
+    resolution is stored for the report (``archpass.seed``)."""
+    from archpass.search.objective import SEED_RECIPE_ATTR
+    from archpass.search.report import SEED_ATTR
+    from archpass.search.seed import SEED_ATTR as SEED_TRIAL_ATTR
+
+    study.enqueue_trial(prep.space.neutral_params(), skip_if_exists=True)
+    for i, res in enumerate(seeds):
+        if len(res.recipe):
+            study.enqueue_trial({}, user_attrs={SEED_RECIPE_ATTR: res.recipe.to_json(), SEED_TRIAL_ATTR: i})
+    if seeds:
+        study.set_user_attr(SEED_ATTR, seed_entries(seeds))
+    if prep.space.empty_reason() is None:
+        from archpass.search.warmstart import warm_start
+
+        for params in warm_start(prep.objective):
+            study.enqueue_trial(params, skip_if_exists=True)
+
+
+def seed_entries(seeds: Sequence) -> list[dict]:
+    """Every seed rewrite's resolution (SeedEntry JSON), with the index of its file."""
+    return [{"file": i, **e.to_json()} for i, res in enumerate(seeds) for e in res.entries]
+
+
+def _open_shared(prep: Prepared, location: str, study_name: str, *, resume: bool, heartbeat: int | None,
+                 seeds: Sequence) -> optuna.Study:
+    """Create or join the study ``study_name`` of an explicit ``--storage`` (see module
+    :mod:`archpass.search.storage`).  A joiner must run the same job; only the creator
+    enqueues the first trials.  Other workers' RUNNING trials are left alone: a database
+    storage fails a dead worker's trial by its heartbeat (and retries it); a journal file,
+    which has no heartbeat, has its RUNNING trials failed on ``--resume``, which assumes
+    no other process is running."""
+    from archpass.search.storage import parse_storage
+
+    job = prep.job
+    loc = parse_storage(location)
+    storage = st.open_study_storage(location, heartbeat_interval=heartbeat)
+    study, created = st.join_study(storage, study_name, directions=["minimize"] * len(job.objectives),
+                                   sampler=_sampler(job), job=job.to_json(), must_exist=resume, where=loc.display)
+    if not created:
+        diff = _job_diff(study, job)
+        if diff:
+            raise st.StudyError(f"study '{study_name}' in {loc.display} was made by a command that differs in "
+                                f"{', '.join(diff)}", "run the same command as the other workers, or give another --study-name")
+        if resume and loc.kind == "journal":
+            st.fail_stale(study)
+        # a joiner samples with its own seed (the same command on every machine would
+        # otherwise propose the same first points); the creator keeps --seed
+        study.sampler = _sampler(job, 1 + zlib.crc32(worker_id().encode()) % 1_000_000)
+    else:
+        enqueue_first(study, prep, seeds)
+    return study
+
+
+def search(prep: Prepared, storage: Path, *, resume: bool = False, progress: Callable | None = None,
+           study_name: str | None = None, heartbeat: int | None = None, seeds: Sequence = ()) -> Outcome:
+    """Run (or resume) the study for ``prep``'s job and choose the result.  With
+    ``study_name``, ``storage`` is an explicit ``--storage`` (a database URL or a file)
+    that other workers may share (:func:`_open_shared`); otherwise the run's own journal."""
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # a Ctrl-C'ed trial is reported by the caller, not logged
     job = prep.job
     directions = ["minimize"] * len(job.objectives)
-    if resume:
+    shared = study_name is not None
+    if shared:
+        study = _open_shared(prep, str(storage), study_name, resume=resume, heartbeat=heartbeat, seeds=seeds)
+        prep.objective.worker = worker_id()
+    elif resume:
         study = st.load_study(storage, sampler=_sampler(job))
-        old = st.study_job(study)
-        new = job.study_key()
-        diff = [k for k in STUDY_FIELDS if old.get(k) != new.get(k)]
+        diff = _job_diff(study, job)
         if diff:
             raise st.StudyError(f"--resume: this command differs from the interrupted run in {', '.join(diff)}",
                                 "repeat the first command exactly, plus --resume (or drop --resume to start over)")
         st.fail_stale(study)
     else:
         study = st.create_study(storage, directions=directions, sampler=_sampler(job), job=job.to_json())
-        study.enqueue_trial(prep.space.neutral_params(), skip_if_exists=True)
+        enqueue_first(study, prep, seeds)
 
     empty = prep.space.empty_reason()
     interrupted = False
@@ -234,7 +362,7 @@ def search(prep: Prepared, storage: Path, *, resume: bool = False, progress: Cal
             prep.objective.worker = 0
             ctx = multiprocessing.get_context("spawn")
             ready = [ctx.Event() for _ in range(1, job.workers)]
-            procs = [ctx.Process(target=worker_main, args=(str(storage), i, ev), daemon=True)
+            procs = [ctx.Process(target=worker_main, args=(str(storage), i, ev, study_name, heartbeat), daemon=True)
                      for i, ev in zip(range(1, job.workers), ready)]
             for p in procs:
                 p.start()
@@ -245,8 +373,14 @@ def search(prep: Prepared, storage: Path, *, resume: bool = False, progress: Cal
                     pass
         cbs = [progress] if progress else []
         try:
-            _optimize(study, prep, cbs)
+            _optimize(study, prep, cbs, shared=shared)
         except KeyboardInterrupt:
+            interrupted = True
+        except UnboundLocalError as exc:
+            # Optuna 5.0's _run_trial: a Ctrl-C while it stores a trial's result surfaces as an
+            # UnboundLocalError raised from its `finally` (the KeyboardInterrupt is its context)
+            if not isinstance(exc.__context__, KeyboardInterrupt):
+                raise
             interrupted = True
         finally:
             for p in procs:
@@ -263,9 +397,28 @@ def search(prep: Prepared, storage: Path, *, resume: bool = False, progress: Cal
             explored = found.to_json()
         except KeyboardInterrupt:
             interrupted = True
+    if shared:
+        from archpass.search.storage import fail_stale_by_heartbeat
+
+        fail_stale_by_heartbeat(study)
     recs = st.records(study)
     out = choose(prep, recs, storage=storage, interrupted=interrupted, empty=empty)
-    return replace(out, explored=explored) if explored is not None else out
+    record_outcome(study, out)
+    return replace(out, study=study, explored=explored)
+
+
+def record_outcome(study: optuna.Study, out: Outcome) -> None:
+    """Store what this run chose in the study (``archpass.finalists``: the guard's results;
+    ``archpass.result``: the chosen trial and guard), so ``archpass report`` on the
+    storage gives the report ``--report`` wrote."""
+    from archpass.search.report import FINALISTS_ATTR, RESULT_ATTR
+
+    study.set_user_attr(FINALISTS_ATTR, [dict(c) for c in out.checked])
+    info = dict(out.guard_info or {})
+    study.set_user_attr(RESULT_ATTR, {"best_trial": out.best_trial, "score_kind": info.get("kind"),
+                                      "baseline_score": info.get("baseline"),
+                                      "best_score": (out.guard or {}).get("score") if out.guard else None,
+                                      "message": out.message})
 
 
 def _dominates_or_equal(a: Sequence[float], b: Sequence[float]) -> bool:

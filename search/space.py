@@ -84,13 +84,16 @@ class Space:
     factors: tuple[float, ...] = FACTORS
     resolutions: tuple[int, ...] = ()
     granularity: str = "group"  # channel counts per adjustable "group", or per "stage" (width_multiplier stage sites)
+    #: no rewrite may leave a layer narrower than this (0: no floor); retrain mode sets it to the
+    #: original's narrowest layer, where the zero-shot guard's score sits (:func:`width_floor`)
+    min_width: int = 0
 
     # ------------------------------------------------------------------ construction
     @classmethod
     def build(cls, structure: Structure, *, parallelism: int = 8, passes: Sequence[str] | None = None,
               freeze: Iterable[str] = (), resolutions: Sequence[int] = (),
               multipliers: Sequence[float] = MULTIPLIERS, factors: Sequence[float] = FACTORS,
-              granularity: str = "group") -> "Space":
+              granularity: str = "group", min_width: int = 0) -> "Space":
         """Validate the user's restrictions against the registered passes and this model's sites."""
         from archpass.passes.base import registry
 
@@ -135,7 +138,7 @@ class Space:
             raise SpaceError(f"unknown channel granularity '{granularity}'", "use group or stage")
         ordered = tuple(p for p in SEARCHABLE if p in chosen)
         return cls(structure, int(parallelism), ordered, frozenset(freeze), tuple(float(m) for m in multipliers),
-                   tuple(float(f) for f in factors), tuple(int(r) for r in resolutions), granularity)
+                   tuple(float(f) for f in factors), tuple(int(r) for r in resolutions), granularity, int(min_width))
 
     def is_frozen(self, site: SiteRef) -> bool:
         fr = self.frozen
@@ -159,12 +162,20 @@ class Space:
         sites that exist then.  Raises RecipeError when a pick is invalid."""
         s = self.structure
         rewrites: list[Rewrite] = []
+        widths = {l.id: l.cout for l in s.layers}  # a layer already narrower than the floor may stay so
 
         def add(*rws: Rewrite) -> None:  # rewrite the structure so far (raises RecipeError if invalid)
             nonlocal s
             if rws:
                 rewrites.extend(rws)
                 s = plan(s, Recipe(rws)).structure
+                if self.min_width:
+                    narrow = [l for l in s.layers if l.cout < min(self.min_width, widths.get(l.id, l.cout))]
+                    if narrow:
+                        from archpass.errors import RecipeError
+
+                        raise RecipeError(f"layer {narrow[0].id} would have {narrow[0].cout} channels, fewer than "
+                                          f"the floor of {self.min_width}", "keep it wider")
 
         for p in self.passes:
             sites = [x for x in pass_sites(p, s) if not self.is_frozen(x)]
@@ -224,9 +235,16 @@ class Space:
 
     def describe(self) -> dict:
         return {"passes": list(self.passes), "frozen": sorted(self.frozen), "parallelism": self.parallelism,
-                "granularity": self.granularity,
+                "granularity": self.granularity, "min_width": self.min_width,
                 "multipliers": list(self.multipliers), "factors": list(self.factors),
                 "resolutions": list(self.resolutions)}
+
+
+def width_floor(structure: Structure, outputs=()) -> int:
+    """The original's narrowest layer (output channels), not counting layers that write a
+    graph output (``outputs``: their width is the task's)."""
+    widths = [l.cout for l in structure.layers if l.output not in set(outputs)]
+    return min(widths) if widths else 0
 
 
 def _all_site_ids(structure: Structure) -> set[str]:

@@ -229,3 +229,21 @@ def load_existing_study(location: str | os.PathLike, study_name: str | None = No
         raise StorageError(f"no study named '{study_name}' in {loc.display} (studies: {found})",
                            "check --study-name")
     return optuna.load_study(study_name=study_name, storage=storage)
+
+
+def fail_stale_by_heartbeat(study) -> list[int]:
+    """Fail (and, through the storage's retry callback, re-enqueue) the trials whose worker
+    stopped beating for longer than the grace period; a live worker's RUNNING trial is
+    left alone.  Storages without heartbeats (journal files) are untouched.  Returns the
+    failed trials' numbers."""
+    import optuna
+    from optuna.storages._heartbeat import is_heartbeat_enabled
+
+    if not is_heartbeat_enabled(study._storage):
+        return []
+    before = {t.number for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))}
+    with warnings.catch_warnings():  # flagged experimental by Optuna
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+    after = {t.number for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))}
+    return sorted(before - after)

@@ -188,3 +188,67 @@ def records(study: optuna.Study) -> tuple[TrialRecord, ...]:
         out.append(TrialRecord(t.number, tuple(t.values), Recipe.from_json(a.get("recipe", {"rewrites": []})),
                                a.get("estimate"), tuple(a.get("constraints", (1.0,))), a.get("invalid")))
     return tuple(out)
+
+
+# ---------------------------------------------------------------------------- shared studies (--storage)
+def open_study_storage(location: str | os.PathLike, *, heartbeat_interval: int | None = None):
+    """The Optuna storage of an explicit ``--storage``: a journal file (this module's
+    flushed, flock'ed journal) for a plain path, else :func:`archpass.search.storage.open_storage`
+    (PostgreSQL or SQLite, with heartbeats and retry of stale trials; connection problems
+    are one :class:`~archpass.search.storage.StorageError` line)."""
+    from archpass.search import storage as sto
+
+    loc = sto.parse_storage(location)
+    if loc.kind == "journal":
+        if not loc.path.parent.is_dir():
+            raise sto.StorageError(f"the folder of the study file {loc.path} does not exist",
+                                   "create it or pick another path")
+        return _storage(loc.path)
+    kw = {} if heartbeat_interval is None else {"heartbeat_interval": heartbeat_interval}
+    return sto.open_storage(location, **kw)
+
+
+JOB_WAIT_S = 30.0  # how long a joining worker waits for the creator to store the job
+
+
+def join_study(storage, name: str, *, directions: Sequence[str], sampler, job: Mapping[str, Any],
+               must_exist: bool = False, where: str = "") -> tuple[optuna.Study, bool]:
+    """Create study ``name`` in ``storage``, or load it when another worker (another
+    machine, or an earlier run) created it: ``(study, created)``.  Only the creator
+    stores the job (and enqueues the first trials); a joiner waits briefly for the job
+    the creator is writing.  ``must_exist`` (``--resume``) refuses to create."""
+    import time
+
+    created = False
+    if must_exist:
+        try:
+            study = optuna.load_study(storage=storage, study_name=name, sampler=sampler)
+        except KeyError:
+            raise StudyError(f"nothing to resume: no study '{name}' in {where}",
+                             "run the same command without --resume") from None
+    else:
+        try:
+            study = optuna.create_study(storage=storage, study_name=name, directions=list(directions), sampler=sampler)
+            created = True
+            study.set_user_attr(CONFIG_ATTR, dict(job))
+        except optuna.exceptions.DuplicatedStudyError:
+            study = optuna.load_study(storage=storage, study_name=name, sampler=sampler)
+    if not created:
+        deadline = time.monotonic() + JOB_WAIT_S
+        while not study_job(study) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if not study_job(study):
+            raise StudyError(f"study '{name}' in {where} was not made by archpass optimize",
+                             "give another --study-name")
+    return study, created
+
+
+def n_finished(study: optuna.Study, failed_attr: str = "evaluator") -> int:
+    """Trials that count towards ``--trials``: complete ones, and those the user's
+    evaluator failed (a failed evaluation is a finished trial; a trial failed because its
+    worker died is not: it is retried)."""
+    n = 0
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL)):
+        if t.state == optuna.trial.TrialState.COMPLETE or (t.user_attrs.get(failed_attr) or {}).get("ok") is False:
+            n += 1
+    return n

@@ -1,21 +1,45 @@
-"""Zero-shot trainability for retrain mode: NASWOT (Mellor et al., ICML 2021).
+"""Zero-shot trainability for retrain mode: NASWOT (Mellor et al., ICML 2021), per layer
+and per position, scored at the network's weakest layer.
 
 The user retrains the emitted architecture, so the weights do not matter, only how
 trainable the architecture is.  NASWOT scores that without training: give the network
-freshly initialized weights, run a batch of inputs, and for every ReLU-like unit record
-whether it is active (pre-activation > 0) for each input.  Inputs whose binary codes
-differ much are easy to tell apart for the network; the score is
-``log det K`` with ``K[i, j] = number of units on which inputs i and j agree``.  Mellor
-et al. report that it correlates with accuracy after training on NAS-Bench-101/201 and
-NDS (Kendall tau around 0.5-0.6 on NAS-Bench-201 CIFAR-10, better than random and
-cheaper than one training step); it ranks architectures, it does not predict accuracy.
+freshly initialized weights, run inputs, and read each unit's activation pattern (the
+sign of its pre-activation) for each input; samples whose binary codes differ much are
+easy to tell apart; the score is ``log det K`` with ``K[i, j]`` = the number of units on
+which samples i and j agree.  Mellor et al. report a Kendall tau around 0.5-0.6 with
+trained accuracy on NAS-Bench-201 CIFAR-10: it ranks architectures, it does not predict
+accuracy.
 
-Here: every conv/gemm layer followed by an activation contributes its pre-activation
-sign pattern (for hardswish/swish/gelu too: the sign is where those bend); at most
-``UNITS_PER_LAYER`` units per layer are kept (a seeded random subset) to bound memory.
-Weights are redrawn He-normal (fan-in), biases zero, with a NumPy generator seeded by
-``seed``; inputs are seeded standard-normal unless ``data`` is given.  The result is
-deterministic for a seed (onnxruntime on CPU, graph optimizations off).  Higher is better.
+Summed over a whole network as in the paper, ``log det K`` grows with the number of units
+counted (``K`` scales with it: ``n log N`` for ``n`` samples), so it ranks by layer count:
+fusing an IBN block removes an activation layer and always lowered the score of
+MobileNetV2 (322-334 against the original's 341, seed noise about +-2), however trainable
+the fused network is.  Here the kernel is size-independent:
+
+* **per layer, normalized**: ``K_l[i, j]`` = the *fraction* of layer ``l``'s units on which
+  samples agree (in [0, 1], diagonal 1), so neither depth nor a layer's size scales it;
+* **per position**: a sample is one input at one spatial position, coded by the layer's
+  ``C`` channels there (``C`` bits: what the next 1x1 or KxK conv sees).  A layer with few
+  channels has few distinct codes and samples it cannot tell apart, which lowers its
+  ``log det``; once the channels are many the kernel approaches its infinite-width value
+  and widening adds little.  Each input gives ``POSITIONS`` samples at distinct seeded
+  random positions (n = batch x POSITIONS samples; a layer without spatial positions, one
+  per input); the layer's score is ``log det(K_l + EPS I) / n`` (the ridge keeps exact
+  duplicates finite).  Four positions per input halve the seed-to-seed noise of one
+  position (standard deviation 0.06 instead of 0.1 on MobileNetV2);
+* **the network's score is its weakest layer's** (the minimum over every conv/gemm layer,
+  linear projections included, but not a layer that writes a graph output: the
+  classifier's width is the task's): a bottleneck limits everything after it, and the
+  minimum does not grow or shrink with the number of layers.
+
+So fusion, which keeps every layer's width, keeps the score; a bottleneck of 8 channels,
+channels collapsed to the minimum, a width multiplier of 0.25, or a layer whose outputs
+do not depend on the input (dead: every code equal, ``K`` all ones) lower it
+(tests/search/test_zeroshot.py; benchmarks/search.py ``proxy`` section).  Weights are
+redrawn He-normal (fan-in), biases zero, with a NumPy generator seeded by ``seed``;
+inputs are seeded standard-normal unless ``data`` is given.  The result is deterministic
+for a seed (onnxruntime on CPU, graph optimizations off).  Higher is better; the score is
+at most 0 (``log det`` of a matrix with unit diagonal).
 """
 
 from __future__ import annotations
@@ -24,7 +48,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-UNITS_PER_LAYER = 4096
+POSITIONS = 4  # samples per input and layer, at distinct random positions
+EPS = 1e-2  # ridge added to the normalized kernel (a duplicated sample costs log EPS, not -inf)
 
 
 def _fresh_weights(proto: onnx.ModelProto, layers, rng) -> onnx.ModelProto:
@@ -50,8 +75,73 @@ def _fresh_weights(proto: onnx.ModelProto, layers, rng) -> onnx.ModelProto:
     return out
 
 
+def code_score(codes: np.ndarray) -> float:
+    """``log det(K + EPS I) / n`` of the normalized agreement kernel of ``codes``
+    (n samples x C binary units): 0 for n mutually orthogonal-ish codes is the ceiling
+    (``K = I``), ``log EPS`` when every code is equal."""
+    c = codes.astype(np.float64)
+    n, units = c.shape
+    k = (c @ c.T + (1 - c) @ (1 - c).T) / max(units, 1)
+    sign, logdet = np.linalg.slogdet(k + EPS * np.eye(n))
+    return float(logdet) / n if sign > 0 else float("-inf")
+
+
+def layer_scores(proto_or_model, *, seed: int = 0, batch: int = 32, data=None) -> dict[str, float]:
+    """The per-layer, per-position score of every conv/gemm layer (see the module doc),
+    by layer id, in execution order."""
+    import onnxruntime as ort
+    from onnx import helper
+
+    from archpass.analysis import analyze
+    from archpass.model import Model, model_from_proto
+
+    model = proto_or_model if isinstance(proto_or_model, Model) else model_from_proto(proto_or_model)
+    structure = analyze(model)
+    rng = np.random.default_rng(seed)
+    outputs = {o.name for o in model.proto.graph.output}
+    # a layer that writes a graph output (the classifier) has the task's width, not the architecture's
+    layers = [l for l in structure.layers if l.output not in outputs] or list(structure.layers)
+    if not layers:
+        return {}
+    proto = _fresh_weights(model.proto, layers, rng)
+    if data is not None:
+        feeds = {k: v[:batch] for k, v in data.arrays.items()}
+    else:
+        feeds = {name: rng.standard_normal((batch, *shape[1:])).astype(np.float32) for name, shape in model.input_shapes}
+    names = [l.output for l in layers]
+    have = {o.name for o in proto.graph.output}
+    proto.graph.output.extend(helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None)
+                              for n in dict.fromkeys(names) if n not in have)
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    opts.log_severity_level = 3
+    opts.intra_op_num_threads = 1
+    sess = ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    static = min(s[0] for _, s in model.input_shapes) or 1
+    n = len(next(iter(feeds.values())))
+    # per layer: the layer's channels (a binary code) at POSITIONS random positions of every input
+    codes: list[list[np.ndarray]] = [[] for _ in layers]
+    for i in range(0, n, static):
+        outs = sess.run(names, {k: v[i:i + static] for k, v in feeds.items()})
+        for j, a in enumerate(outs):
+            flat = a.reshape(a.shape[0], a.shape[1], -1) if a.ndim > 1 else a.reshape(a.shape[0], 1, 1)
+            for x in flat:
+                pos = rng.choice(x.shape[1], min(POSITIONS, x.shape[1]), replace=False)
+                codes[j].append(x[:, pos].T > 0)
+    return {l.id: code_score(np.concatenate(c, axis=0)) for l, c in zip(layers, codes)}
+
+
 def trainability(proto_or_model, *, seed: int = 0, batch: int = 32, data=None) -> float:
-    """NASWOT score of the architecture (see the module doc): deterministic for ``seed``."""
+    """The zero-shot trainability score (see the module doc): the weakest layer's
+    per-position NASWOT score, deterministic for ``seed``; higher is better."""
+    scores = layer_scores(proto_or_model, seed=seed, batch=batch, data=data)
+    return min(scores.values()) if scores else 0.0
+
+
+def naswot_logdet(proto_or_model, *, seed: int = 0, batch: int = 32, units_per_layer: int = 4096) -> float:
+    """The paper's whole-network score (``log det`` of the summed, unnormalized kernel over
+    the activation layers, at most ``units_per_layer`` units each), kept to show the size
+    effect the score above removes (benchmarks/search.py ``proxy``)."""
     import onnxruntime as ort
     from onnx import helper
 
@@ -65,10 +155,7 @@ def trainability(proto_or_model, *, seed: int = 0, batch: int = 32, data=None) -
     if not layers:
         return 0.0
     proto = _fresh_weights(model.proto, structure.layers, rng)
-    if data is not None:
-        feeds = {k: v[:batch] for k, v in data.arrays.items()}
-    else:
-        feeds = {name: rng.standard_normal((batch, *shape[1:])).astype(np.float32) for name, shape in model.input_shapes}
+    feeds = {name: rng.standard_normal((batch, *shape[1:])).astype(np.float32) for name, shape in model.input_shapes}
     names = [l.output for l in layers]
     have = {o.name for o in proto.graph.output}
     proto.graph.output.extend(helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in names if n not in have)
@@ -77,15 +164,12 @@ def trainability(proto_or_model, *, seed: int = 0, batch: int = 32, data=None) -
     opts.log_severity_level = 3
     sess = ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     static = min(s[0] for _, s in model.input_shapes) or 1
-    n = len(next(iter(feeds.values())))
-    k = np.zeros((n, n))
-    per_sample: list[list[np.ndarray]] = []
-    for i in range(0, n, static):
-        per_sample.append(sess.run(names, {kk: v[i:i + static] for kk, v in feeds.items()}))
-    for j, name in enumerate(names):
-        acts = np.concatenate([p[j] for p in per_sample], axis=0).reshape(n, -1)
-        if acts.shape[1] > UNITS_PER_LAYER:
-            acts = acts[:, np.sort(rng.choice(acts.shape[1], UNITS_PER_LAYER, replace=False))]
+    k = np.zeros((batch, batch))
+    per_sample = [sess.run(names, {kk: v[i:i + static] for kk, v in feeds.items()}) for i in range(0, batch, static)]
+    for j in range(len(names)):
+        acts = np.concatenate([p[j] for p in per_sample], axis=0).reshape(batch, -1)
+        if acts.shape[1] > units_per_layer:
+            acts = acts[:, np.sort(rng.choice(acts.shape[1], units_per_layer, replace=False))]
         c = (acts > 0).astype(np.float64)
         k += c @ c.T + (1 - c) @ (1 - c).T
     sign, logdet = np.linalg.slogdet(k)

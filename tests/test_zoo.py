@@ -21,7 +21,7 @@ def test_every_skeleton_fills_into_a_sane_model(zoo_model, name):
     assert model.opset_import[0].version == zoo.OPSET
     assert [i.name for i in model.graph.input] == ["input"]
     assert not any(t.doc_string.startswith(PREFIX) for t in model.graph.initializer)
-    (y,) = run_ort(path, {"input": random_input(zoo.INPUT_SHAPE)})
+    (y,) = run_ort(path, {"input": random_input(zoo.input_shape(name))})
     # numerically sane: finite, and neither vanishing nor exploding through the depth
     assert np.isfinite(y).all()
     assert 1e-2 < float(y.std()) < 1e4, float(y.std())

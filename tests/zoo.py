@@ -46,7 +46,19 @@ MODELS: dict[str, dict] = {
     "googlenet": {"aux_logits": False, "init_weights": True},
     "densenet121": {},
     "convnext_tiny": {},
+    # MobileNetV2 siblings for --seed-recipe (issue 10): narrower, and at a smaller input
+    "mobilenet_v2_w075": {"width_mult": 0.75},
+    "mobilenet_v2_160": {},
 }
+
+# name -> (torchvision constructor, input H = W) for the models that are variants of another
+VARIANTS: dict[str, tuple[str, int]] = {"mobilenet_v2_w075": ("mobilenet_v2", 224), "mobilenet_v2_160": ("mobilenet_v2", 160)}
+
+
+def input_shape(name: str) -> tuple[int, int, int, int]:
+    """The static input shape model ``name`` is exported at (``INPUT_SHAPE`` unless a variant says otherwise)."""
+    hw = VARIANTS.get(name, (name, INPUT_SHAPE[-1]))[1]
+    return (*INPUT_SHAPE[:2], hw, hw)
 
 # Models also available with a dynamic batch dimension (input dim 0 named "N").
 DYNAMIC_BATCH = ("mobilenet_v2",)
@@ -138,7 +150,7 @@ def cached_path(name: str, *, dynamic_batch: bool = False) -> Path | None:
 def export_model(name: str, *, dynamic_batch: bool = False) -> Path:
     """Export torchvision model ``name`` (random seeded weights, eval mode) and return its path.
 
-    The input is ``input`` of shape 1x3x224x224 (dim 0 is ``"N"`` when ``dynamic_batch``),
+    The input is ``input`` of shape ``input_shape(name)`` (1x3x224x224 but for variants; dim 0 is ``"N"`` when ``dynamic_batch``),
     the output ``output``; opset 17, TorchScript exporter (``dynamo=False``).
     """
     _check_name(name, dynamic_batch)
@@ -151,14 +163,15 @@ def export_model(name: str, *, dynamic_batch: bool = False) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
 
     torch.manual_seed(SEED)
-    model = getattr(torchvision.models, name)(weights=None, **MODELS[name])
-    return export_onnx(model, path, dynamic_batch=dynamic_batch)
+    arch = VARIANTS.get(name, (name,))[0]
+    model = getattr(torchvision.models, arch)(weights=None, **MODELS[name])
+    return export_onnx(model, path, dynamic_batch=dynamic_batch, input_shape=input_shape(name))
 
 
-def export_onnx(model, path: Path, *, dynamic_batch: bool = False) -> Path:
+def export_onnx(model, path: Path, *, dynamic_batch: bool = False, input_shape: tuple[int, ...] = INPUT_SHAPE) -> Path:
     """Export torch ``model`` (put in eval mode) to ``path`` atomically; the zoo's export settings.
 
-    Input ``input`` 1x3x224x224 (dim 0 ``"N"`` when ``dynamic_batch``), output ``output``,
+    Input ``input`` of ``input_shape`` (dim 0 ``"N"`` when ``dynamic_batch``), output ``output``,
     opset 17, TorchScript exporter. The dummy input is drawn from torch's global RNG after
     the model is built; it does not affect the exported graph.
     """
@@ -176,7 +189,7 @@ def export_onnx(model, path: Path, *, dynamic_batch: bool = False) -> Path:
             warnings.simplefilter("ignore", DeprecationWarning)
             torch.onnx.export(
                 model.eval(),
-                (torch.randn(*INPUT_SHAPE),),
+                (torch.randn(*input_shape),),
                 tmp,
                 opset_version=OPSET,
                 dynamo=False,

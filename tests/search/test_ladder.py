@@ -133,7 +133,7 @@ def test_finalists_start_from_a_known_passing_candidate():
 def test_optimize_post_training_ladder_beats_failing_fast_candidates(small_model, tmp_path):
     fake = RatioGuard(_cost)
     doc = api.optimize(small_model, tmp_path / "out.onnx", "edgetpu", trials=30, guard=True,
-                       guard_factory=fake.factory, finalists=4)
+                       guard_factory=fake.factory, finalists=4, granularity="group")
     assert doc["improved"] and doc["fidelity"]["ok"] and doc["fidelity"]["score"] >= 0.99
     assert doc["optimized"]["latency_ms"] < doc["baseline"]["latency_ms"]
     assert {r["site"] for r in doc["recipe"]["rewrites"]} <= {"group6", "group7"}
@@ -192,7 +192,7 @@ def test_options_on_mobilenet_v2_reach_the_head(zoo_model):
 def test_a_passing_rung_is_chosen_with_several_objectives_though_off_the_front(small_model, tmp_path):
     fake = RatioGuard(_cost)
     doc = api.optimize(small_model, tmp_path / "out.onnx", "edgetpu", trials=30, objective="latency,memory",
-                       guard=True, guard_factory=fake.factory, finalists=4)
+                       guard=True, guard_factory=fake.factory, finalists=4, granularity="group")
     assert doc["improved"] and doc["fidelity"]["ok"]
     assert {r["site"] for r in doc["recipe"]["rewrites"]} <= {"group6", "group7"}
     b, a = doc["baseline"], doc["optimized"]

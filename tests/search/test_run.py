@@ -116,3 +116,131 @@ def test_several_objectives_give_a_pareto_front(small_model, tmp_path):
     vals = [tuple(f["values"]) for f in front]
     for a in vals:
         assert not any(b[0] <= a[0] and b[1] <= a[1] and b != a for b in vals)
+
+
+# ---------------------------------------------------------------------------- issue 10: evaluator, seeds, reports, shared storage
+def _evaluator(*args: str) -> str:
+    import shlex
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).with_name("eval_cmd.py")
+    return " ".join([shlex.quote(sys.executable), shlex.quote(str(script)), "{model}", *args])
+
+
+def test_failing_hanging_and_malformed_evaluator_runs_fail_their_trial_only(small_model, tmp_path):
+    import optuna
+    from optuna.trial import TrialState
+
+    from archpass.search import study as st
+
+    doc = _run(small_model, tmp_path, trials=8, evaluator=_evaluator("--fail-on=1", "--hang-on=2", "--garbage-on=3"),
+               evaluator_timeout=2, evaluate_top=100, report=tmp_path / "report")
+    study = st.load_study(tmp_path / "out.study.jsonl", sampler=None)
+    trials = {t.number: t for t in study.get_trials()}
+    assert {n for n, t in trials.items() if t.state == TrialState.FAIL} == {1, 2, 3}
+    reasons = {n: trials[n].user_attrs["evaluator"]["reason"] for n in (1, 2, 3)}
+    assert "exited with code 3" in reasons[1] and "timed out after 2 s" in reasons[2] and "not JSON" in reasons[3]
+    # the study went on: 8 finished trials, the 3 failed evaluations among them
+    assert st.n_finished(study) == 8 and len(study.get_trials(states=(TrialState.COMPLETE,))) == 5
+    ev = doc["evaluator"]
+    assert ev["evaluated"] == 8 and [f["number"] for f in ev["failed"]] == [1, 2, 3]
+    assert "out of memory" in ev["failed"][0]["stderr_tail"]
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "RuntimeError: out of memory while evaluating trial 1" in md and "waiting for a GPU" in md
+    assert optuna.trial.TrialState.RUNNING not in {t.state for t in trials.values()}
+
+
+def test_min_metric_keeps_only_candidates_that_meet_it(small_model, tmp_path):
+    """convs >= N: fusing an IBN block removes a conv, so at most (convs - N) blocks may be fused."""
+    convs = sum(n.op_type == "Conv" for n in onnx.load(str(small_model)).graph.node)
+    doc = _run(small_model, tmp_path, trials=20, passes=["fuse_ibn"], evaluator=_evaluator(),
+               min_metrics=[f"convs={convs - 2}"], evaluate_top=3)
+    fused = [r for r in doc["recipe"]["rewrites"] if r["pass"] == "fuse_ibn"]
+    assert 0 < len(fused) <= 2 and doc["evaluator"]["metrics"]["convs"] == convs - len(fused)
+    assert doc["optimized"]["latency_ms"] < doc["baseline"]["latency_ms"]
+    assert doc["evaluator"]["evaluated"] < 20  # the first few, then only candidates that could rank
+
+
+def test_seed_recipes_are_the_first_trials(small_model, tmp_path):
+    from archpass.search import study as st
+    from archpass.search.objective import SEED_RECIPE_ATTR
+
+    good, bad = tmp_path / "good.json", tmp_path / "bad.json"
+    good.write_text(json.dumps({"rewrites": [{"pass": "fuse_ibn", "site": "block2"},
+                                             {"pass": "fuse_ibn", "site": "block9"}]}))
+    bad.write_text(json.dumps({"rewrites": [{"pass": "fuse_ibn", "site": "block42"}]}))
+    doc = _run(small_model, tmp_path, trials=6, seed_recipes=[good, bad], report=tmp_path / "report")
+    s1, s2 = doc["seeds"]
+    assert (s1["resolved"], s1["unresolved"], s2["resolved"], s2["unresolved"]) == (1, 1, 0, 1)
+    assert s1["recipe"] == {"rewrites": [{"pass": "fuse_ibn", "site": "block2"}]}
+    assert "not a block" in s1["entries"][1]["note"] and "block42" in s2["entries"][0]["note"]
+    study = st.load_study(tmp_path / "out.study.jsonl", sampler=None)
+    t = study.trials[1]  # after the unchanged model; the unresolved recipe enqueues nothing
+    assert t.user_attrs[SEED_RECIPE_ATTR] == s1["recipe"] and t.user_attrs["recipe"] == s1["recipe"]
+    assert not any(SEED_RECIPE_ATTR in x.user_attrs for x in study.trials[2:])
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert [(e["file"], e["index"], e["ok"]) for e in report["seed"]] == [(0, 0, True), (0, 1, False), (1, 0, False)]
+
+
+def test_report_of_the_run_is_the_report_of_its_storage(small_model, tmp_path):
+    doc = _run(small_model, tmp_path, trials=15, guard=True, finalists=3, report=tmp_path / "run")
+    again = api.report(doc["storage"], tmp_path / "later")
+    for name in ("report.json", "report.md", "report.html"):
+        assert (tmp_path / "run" / name).read_bytes() == (tmp_path / "later" / name).read_bytes(), name
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["best_trial"] == again["best_trial"] and report["score_kind"] == "proxy"
+    assert report["baseline_score"] == doc["proxy"]["baseline"]
+    assert set(doc["report"]) == {"report.json", "report.md", "trials.png", "blocks.png", "history.png", "report.html"}
+
+
+def test_an_explicit_storage_is_created_or_joined(small_model, tmp_path):
+    """--storage FILE --study-name N: a second run of the same command joins the study (the
+    unchanged model is enqueued once); another command is refused; --resume needs the study."""
+    from optuna.trial import TrialState
+
+    from archpass.search.storage import load_existing_study
+    from archpass.search.study import StudyError
+
+    store = tmp_path / "shared.db"
+    a = _run(small_model, tmp_path / "a", trials=8, storage=store, study_name="team")
+    b = _run(small_model, tmp_path / "b", trials=14, storage=store, study_name="team")
+    study = load_existing_study(store, "team")
+    done = study.get_trials(states=(TrialState.COMPLETE,))
+    assert a["trials"] == 8 and b["trials"] == len(done) == 14 and b["study_name"] == "team"
+    assert sum(not t.user_attrs["recipe"]["rewrites"] for t in done[:8]) >= 1
+    assert [t.params for t in done].count(done[0].params) == 1  # the unchanged model's trial, once
+    assert not (tmp_path / "a" / "out.study.jsonl").exists()
+    with pytest.raises(StudyError, match="differs in objectives"):
+        _run(small_model, tmp_path / "c", trials=3, storage=store, study_name="team", objective="memory")
+    with pytest.raises(StudyError, match="nothing to resume: no study 'other'"):
+        _run(small_model, tmp_path / "c", trials=3, storage=store, study_name="other", resume=True)
+
+
+def test_local_workers_on_an_explicit_journal_storage(small_model, tmp_path):
+    from optuna.trial import TrialState
+
+    from archpass.search.storage import load_existing_study
+
+    doc = _run(small_model, tmp_path, trials=60, workers=2, storage=tmp_path / "team.jsonl", study_name="j")
+    done = load_existing_study(tmp_path / "team.jsonl", "j").get_trials(states=(TrialState.COMPLETE,))
+    assert len(done) >= 60 and doc["trials"] == len(done)
+    assert len({t.user_attrs["worker"] for t in done}) == 2  # host:pid of each process
+
+
+def test_ctrl_c_while_optuna_stores_a_result_is_an_interruption(small_model, tmp_path, monkeypatch):
+    """Optuna 5.0 turns a KeyboardInterrupt inside its tell (here: the sampler's after_trial, where
+    a real Ctrl-C landed once in the suite) into an UnboundLocalError; the run still stops cleanly
+    and writes the best model so far."""
+    import optuna
+
+    from archpass.search import run
+
+    class Interrupting(optuna.samplers.RandomSampler):
+        def after_trial(self, study, trial, state, values):
+            if trial.number == 5:
+                raise KeyboardInterrupt
+
+    monkeypatch.setattr(run, "_sampler", lambda job, worker=0: Interrupting(seed=0))
+    doc = _run(small_model, tmp_path, trials=50)
+    assert doc["interrupted"] and 5 <= doc["trials"] < 50 and (tmp_path / "out.onnx").is_file()

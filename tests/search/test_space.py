@@ -95,3 +95,36 @@ def test_a_model_with_nothing_to_rewrite_says_why():
     space = Space.build(s, parallelism=8)
     assert "no site" in space.empty_reason()
     assert all(not pass_sites(p, s) for p in space.passes)
+
+
+def test_width_floor_refuses_a_pick_that_narrows_a_layer_below_it(structure):
+    from archpass.errors import RecipeError
+    from archpass.search.space import width_floor
+
+    floor = width_floor(structure, ["output"])
+    assert floor == min(l.cout for l in structure.layers if l.output != "output") == 16
+    space = Space.build(structure, parallelism=8, granularity="stage", min_width=floor)
+    params = space.neutral_params()
+    ibns = [k for k in params if k.startswith("fuse_ibn:")]
+    recipe, _ = space.suggest(FixedTrial({**params, **{k: True for k in ibns}}))  # fusion keeps every width
+    assert len(recipe) == len(ibns)
+    with pytest.raises(RecipeError, match="fewer than the floor of 16"):
+        space.suggest(FixedTrial({**params, "width_multiplier": 0.5}))  # the 16-channel stem goes to 8
+    # without the floor the same pick is a valid recipe
+    assert len(Space.build(structure, parallelism=8, granularity="stage").suggest(
+        FixedTrial({**params, "width_multiplier": 0.5}))[0]) == 1
+
+
+def test_retrain_default_guard_sets_the_floor_others_do_not(tmp_path):
+    import onnx
+
+    from archpass.search.run import Job, prepare
+    from search_helpers import FakeGuard
+
+    path = tmp_path / "m.onnx"
+    onnx.save_model(ibn_net(), str(path))
+    fake = FakeGuard(threshold=0.0)
+    kw = dict(model=str(path), target="edgetpu")
+    assert prepare(Job(**kw), guard_factory=fake.factory).space.min_width == 16
+    assert prepare(Job(**kw, guard=False)).space.min_width == 0
+    assert prepare(Job(**kw, min_proxy=-5.0), guard_factory=fake.factory).space.min_width == 0

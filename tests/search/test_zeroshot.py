@@ -1,14 +1,30 @@
-"""The zero-shot trainability score (NASWOT) is deterministic for a seed and tells architectures apart."""
+"""The zero-shot trainability score: deterministic for a seed, size-independent in depth and
+for fusion, and low for architectures that really damage trainability (collapsed channels,
+width x0.25, an 8-channel bottleneck, dead activations) — the default retrain guard rejects those."""
 
 from __future__ import annotations
 
-from archpass.model import model_from_proto
+import numpy as np
+import pytest
+
+from archpass.analysis import analyze
+from archpass.model import load_model, model_from_proto
+from archpass.passes.engine import apply_recipe
+from archpass.recipe import Recipe, Rewrite
 from archpass.search.fidelity import trainability
+from archpass.search.guard import PROXY_TOLERANCE, proxy_guard
+from archpass.search.zeroshot import EPS, code_score, layer_scores, naswot_logdet
 from builders import NetBuilder
 
 
-def _net(width: int):
-    b = NetBuilder((1, 3, 16, 16), seed=0).conv(width, 3, 2, act="relu").ibn(width, expand=4, act="relu")
+def _net(width: int = 32, blocks: int = 2, *, dead: bool = False, bottleneck: int | None = None):
+    b = NetBuilder((1, 3, 16, 16), seed=0)
+    if dead:  # the input never reaches the network: every activation code is the same for every input
+        zero = b.tensor("zero", np.zeros((1,), np.float32))
+        b.x = b.node("Mul", [b.x, zero], "kill")
+    b.conv(width, 3, 1, act="relu")
+    for i in range(blocks):
+        b.ibn(bottleneck if (bottleneck and i == blocks // 2) else width, expand=4, act="relu")
     return model_from_proto(b.head(10).build())
 
 
@@ -19,6 +35,70 @@ def test_deterministic_for_a_seed():
     assert trainability(m, seed=2, batch=16) != a
 
 
-def test_wider_network_scores_higher():
-    # more units give more distinct activation codes: NASWOT ranks the wider net above
-    assert trainability(_net(32), seed=0, batch=16) > trainability(_net(4), seed=0, batch=16)
+def test_code_score_bounds():
+    rng = np.random.default_rng(0)
+    distinct = rng.random((32, 4096)) > 0.5
+    same = np.ones((32, 64), bool)
+    assert code_score(distinct) <= 0
+    assert code_score(same) == pytest.approx((31 * np.log(EPS) + np.log(32 + EPS)) / 32)
+    assert code_score(distinct) > code_score(distinct[:, :8]) > code_score(same)
+
+
+def test_score_does_not_grow_with_depth_unlike_naswot():
+    shallow, deep = _net(32, 1), _net(32, 4)
+    assert naswot_logdet(deep, batch=16) > naswot_logdet(shallow, batch=16) + 5  # the paper's score counts layers
+    s, d = (np.mean([trainability(m, seed=k, batch=16) for k in range(3)]) for m in (shallow, deep))
+    # more layers of the same width do not raise it (deeper layers of a random ReLU net see inputs
+    # more alike, so it may fall a little: that is signal propagation, not a count)
+    assert d <= s + 0.05
+
+
+def test_one_score_per_layer_the_network_score_is_the_weakest():
+    m = _net(32, 2, bottleneck=8)
+    scores = layer_scores(m, seed=0, batch=16)
+    # every conv/gemm layer but the classifier (its width is the number of classes)
+    assert set(scores) == {l.id for l in analyze(m).layers} - {"head_fc"}
+    assert trainability(m, seed=0, batch=16) == min(scores.values())
+    narrow = [l.id for l in analyze(m).layers if l.cout == 8]
+    assert narrow and min(scores, key=scores.get) in narrow
+
+
+@pytest.mark.parametrize("damage", ["dead", "bottleneck8"])
+def test_damaged_builder_nets_score_lower(damage):
+    good = np.mean([trainability(_net(32, 3), seed=k, batch=16) for k in range(2)])
+    bad_net = _net(32, 3, dead=True) if damage == "dead" else _net(32, 3, bottleneck=8)
+    bad = np.max([trainability(bad_net, seed=k, batch=16) for k in range(2)])
+    assert bad < good - 2 * PROXY_TOLERANCE
+
+
+@pytest.fixture(scope="module")
+def mbv2(zoo_model):
+    m = load_model(zoo_model("mobilenet_v2"))
+    return m, analyze(m)
+
+
+@pytest.fixture(scope="module")
+def zoo_model():  # module-scoped twin of tests/conftest.py's fixture (the guard is built once)
+    import zoo
+
+    return lambda name: zoo.model_path(name)
+
+
+def test_default_guard_on_mobilenet_v2_passes_fusion_and_rejects_real_damage(mbv2):
+    model, s = mbv2
+    guard = proxy_guard(model, s)
+    assert guard.threshold == pytest.approx(guard.baseline - PROXY_TOLERANCE)
+    ibn = [b.id for b in s.blocks if b.kind == "ibn"]
+    adj = [g.id for g in s.groups if g.adjustable]
+    fuse_all = Recipe(tuple(Rewrite("fuse_ibn", b) for b in ibn))
+    assert guard.check(fuse_all).ok  # 16 activation layers fewer: NASWOT drops 20 points, this score does not
+    assert naswot_logdet(apply_recipe(model, fuse_all, structure=s, verify=False).proto) < \
+        naswot_logdet(model) - 10
+    damaged = {
+        "width x0.25": Recipe((Rewrite("width_multiplier", None, {"multiplier": 0.25, "parallelism": 8}),)),
+        "channels at the minimum": Recipe(tuple(Rewrite("channels", g, {"channels": 8}) for g in adj)),
+        "bottleneck of 8": Recipe((Rewrite("channels", "group11", {"channels": 8}),)),
+    }
+    for name, r in damaged.items():
+        res = guard.check(r)
+        assert not res.ok, f"{name} passed the default guard ({res.score:.3f} >= {res.threshold:.3f})"
