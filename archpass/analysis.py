@@ -295,6 +295,8 @@ class _Analyzer:
                 spatial.append(("scales", tuple(float(s) for s in scales)))
             if sizes is not None and sizes.size:
                 spatial.append(("sizes", tuple(int(s) for s in sizes)))
+        elif n.op_type == "Gemm":  # the weight layout, which a square weight's shape cannot tell (resize's shape path)
+            spatial.append(("transB", int(attr(n, "transB", 0))))
         elif n.op_type == "Transpose":
             spatial.append(("perm", tuple(int(p) for p in attr(n, "perm", list(range(len(self.shape(n.input[0]))))[::-1]))))
         elif n.op_type in ("Flatten", "Concat"):

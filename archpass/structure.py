@@ -239,7 +239,8 @@ class Node:
     """An ONNX node in execution (topological) order, with the layer it forms if any.
 
     ``spatial`` holds what recomputing output H×W needs for ops that change it
-    (kernel, stride, pads, dilation, ceil, or resize scales)."""
+    (kernel, stride, pads, dilation, ceil, or resize scales), and a Gemm's ``transB`` (its
+    weight layout, which the shape of a square weight cannot tell)."""
 
     name: str
     op: str

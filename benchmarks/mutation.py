@@ -232,6 +232,70 @@ EXPLAINED: dict[tuple[str, str, str], str] = {
      'split = None',
      'split = ""'):
         "equivalent: split is only tested for truth; None and '' are both false",
+    ('passes/resize.py',
+     'if len(t.segments) > 1:',
+     'if len(t.segments) >= 1:'):
+        'equivalent: _recompute_offsets gives the true offsets of any group; also running it for the groups of single-segment tensors only costs time',
+    ('passes/resize.py',
+     'outputs = tuple((n, tensors[n].shape if n in tensors else s) for n, s in structure.outputs)',
+     'outputs = tuple((n, tensors[n].shape if n not in tensors else s) for n, s in structure.outputs)'):
+        "equivalent: a graph output fixes its channel group, so resizing never changes an output's shape (old = new)",
+    ('passes/resize.py',
+     'if t is None or not t.segments:',
+     'if t is None and not t.segments:'):
+        "equivalent: every node's tensors are analysed (t is never None), and a tensor without segments yields no offsets, so the member keeps its offset on both paths",
+    ('passes/resize.py',
+     'if m.role == "split":',
+     'if m.role != "split":'):
+        "equivalent: members of a (node, role) come in the order of the group's occurrences in the tensor, so the k-th new offset and the new offset at the member's old offset are the same for split and concat members",
+    ('passes/resize.py',
+     'out.append(replace(m, offset=offsets[k] if k < len(offsets) else m.offset))',
+     'out.append(replace(m, offset=offsets[k] if k <= len(offsets) else m.offset))'):
+        'equivalent: a (node, role) has one member per occurrence of the group in its tensor, so k < len(offsets) whenever offsets is not empty, and k == len(offsets) never happens',
+    ('passes/resize.py',
+     'name, k = f"{base}_{k}", k + 1',
+     'name, k = f"{base}_{k}", k - 1'):
+        'equivalent: the loop stops at the first name not taken either way (k - 1 tries base_1, base_0, base_-1, ...); only the spelling of a per-node copy of a shared constant differs',
+    ('passes/resize.py',
+     'return 1, 0',
+     'return 2, 0'):
+        "equivalent: a Conv's input-channel axis from _axes is never read (edit_conv remaps axis 1 itself; _in_axis is used for Gemm/MatMul only)",
+    ('passes/resize.py',
+     'self.set_const(gn, i, _remap(self._need(gn, i, sn), t.channel_axis - first, out_map, 0.0))',
+     'self.set_const(gn, i, _remap(self._need(gn, i, sn), t.channel_axis - first, out_map, 1.0))'):
+        "equivalent in function: the padded channel's LayerNorm output is read only by the zero input weights the next layer gets for it (the mean and variance come from the inputs, not the scale)",
+    ('passes/resize.py',
+     'elif op == "Resize" and out_map is not None and len(gn.inputs) > 3 and gn.inputs[3].name:',
+     'elif op == "Resize" or out_map is not None and len(gn.inputs) > 3 and gn.inputs[3].name:'):
+        "equivalent: a Resize that is edited has out_map set (its output carries its input's groups) and one without sizes gets const None; an other op reaching here with a fourth input is a Concat, whose inputs are not constants (const None)",
+    ('passes/resize.py',
+     'if sn.op == "Gemm" and len(gn.inputs) > 2 and gn.inputs[2].name:',
+     'if sn.op == "Gemm" or len(gn.inputs) > 2 and gn.inputs[2].name:'):
+        'equivalent: a Gemm without C gets const None (skipped), and a MatMul has two inputs',
+    ('passes/resize.py',
+     'if target.size == len(t.shape) and int(target.reshape(-1)[j]) == t.shape[j]:',
+     'if target.size == len(t.shape) and int(target.reshape(-2)[j]) == t.shape[j]:'):
+        'equivalent: numpy takes any negative size as the one unknown dimension (reshape(-2) == reshape(-1))',
+    ('passes/resize.py',
+     'start_old = int(np.clip(int(starts.reshape(-1)[k]), -c_old, c_old)) % c_old',
+     'start_old = int(np.clip(int(starts.reshape(-2)[k]), -c_old, c_old)) % c_old'):
+        'equivalent: numpy takes any negative size as the one unknown dimension (reshape(-2) == reshape(-1))',
+    ('passes/resize.py',
+     'ends.reshape(-1)[k] = new_end',
+     'ends.reshape(-2)[k] = new_end'):
+        'equivalent: numpy takes any negative size as the one unknown dimension (reshape(-2) == reshape(-1))',
+    ('passes/resize.py',
+     'have[gid] = m if prev is None else np.where(m >= 0, prev[np.maximum(m, 0)], -1)',
+     'have[gid] = m if prev is None else np.where(m >= 0, prev[np.maximum(m, 1)], -1)'):
+        'equivalent: np.maximum only changes the entries where m < 0, which np.where replaces by -1',
+    ('passes/resize.py',
+     'if t.channel_axis is not None and t.segments and not changed.isdisjoint(t.segments):',
+     'if t.channel_axis is not None or t.segments and not changed.isdisjoint(t.segments):'):
+        'equivalent: analysis gives every tensor with a channel axis its segments, so the mutant only recomputes unchanged tensors to the same shape and the offsets of more groups to the same offsets',
+    ('passes/resize.py',
+     'seen[(m.node, m.role)] = k + 1',
+     'seen[(m.node, m.role)] = k - 1'):
+        'equivalent: the members of one (node, role) differ only by their offset; k - 1 hands them offsets[0], offsets[-1], offsets[-2], ... (a permutation of the same offsets), so the group holds the same members',
 }
 
 

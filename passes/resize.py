@@ -127,7 +127,8 @@ def resize_shapes(structure: Structure, sizes: Mapping[str, int]) -> Structure:
         if l.op == "Conv":
             shape = (new_l.cout, new_l.cin // max(new_l.groups, 1), *w.shape[2:])
         else:
-            out_axis = _gemm_out_axis(l, w.shape)
+            nodes_by_name = nodes_by_name if nodes_by_name is not None else {n.name: n for n in structure.nodes}
+            out_axis = _linear_out_axis(l, nodes_by_name[l.id], len(w.shape))
             shape = tuple(new_l.cout if d == l.cout and i == out_axis else new_l.cin if d == l.cin else d
                           for i, d in enumerate(w.shape))
         tensors[l.weight] = replace(w, shape=shape)
@@ -148,12 +149,12 @@ def resize_shapes(structure: Structure, sizes: Mapping[str, int]) -> Structure:
     return replace(structure, layers=tuple(layers), groups=groups, tensors=tensors, outputs=outputs)
 
 
-def _gemm_out_axis(l, wshape: tuple[int, ...]) -> int:
-    """The output-channel axis of a Gemm/MatMul layer's weight (from the layer before resizing)."""
+def _linear_out_axis(l, node, ndim: int) -> int:
+    """The output-channel axis of a Gemm/MatMul layer's weight: MatMul (..., cin, cout); Gemm
+    (cout, cin) with transB, (cin, cout) without (from the node: a square weight's shape cannot tell)."""
     if l.op == "MatMul":
-        return len(wshape) - 1
-    # Gemm: (cout, cin) with transB, (cin, cout) without; decide from the old shapes
-    return 0 if wshape[0] == l.cout and (len(wshape) < 2 or wshape[1] == l.cin) else 1
+        return ndim - 1
+    return 0 if node.attr("transB", 0) else 1
 
 
 def _recompute_offsets(g: ChannelGroup, structure: Structure, nodes: dict, gsize: Mapping[str, int]) -> tuple[Member, ...]:
@@ -299,7 +300,7 @@ class _Editor:
         return result
 
     # ---- the rewrite
-    def run(self, new_structure: Structure) -> None:
+    def run(self) -> None:
         for sn in self.s.nodes:
             names = [i for i in sn.inputs if i] + [o for o in sn.outputs if o]
             if not any(self.axis_map(n) is not None for n in names):
@@ -310,15 +311,8 @@ class _Editor:
                                   "apply rewrites to the graph the structure was analyzed from")
             self.edit(sn, gn)
             tag(gn, self.pass_name, self.site)
-        # value shapes: every tensor whose channel count changed
-        for name, t in new_structure.tensors.items():
-            if t.const:
-                continue
-            old = self.s.tensors.get(name)
-            var = self.gtensors.get(name)
-            if old is not None and old.shape != t.shape and var is not None and not isinstance(var, self.gs.Constant):
-                if var.shape is not None:
-                    var.shape = list(t.shape)
+        # variable shapes are left stale: no pass reads them, and the engine drops and re-infers every
+        # intermediate shape after the last rewrite (engine._reinfer)
 
     def edit(self, sn, gn) -> None:
         op = sn.op
@@ -352,8 +346,8 @@ class _Editor:
         elif op == "Slice" and in_map is not None:
             self.edit_slice(sn, gn)
         elif op == "Resize" and out_map is not None and len(gn.inputs) > 3 and gn.inputs[3].name:
-            sizes = self.const(gn, 3)
-            if sizes is not None and sizes.size:
+            sizes = self._need(gn, 3, sn)  # computed sizes could not follow: refuse rather than break the model
+            if sizes.size:
                 sizes = sizes.copy()
                 sizes[self.s.tensors[y].channel_axis] = len(out_map)
                 self.set_const(gn, 3, sizes)
@@ -392,8 +386,8 @@ class _Editor:
             old_out = w.shape[self._out_axis(gn, w)]
             w2 = _remap(w, self._out_axis(gn, w), out_map)
             if sn.op == "Gemm" and len(gn.inputs) > 2 and gn.inputs[2].name:
-                c = self.const(gn, 2)
-                if c is not None and c.ndim >= 1 and c.shape[-1] == old_out and old_out > 1:
+                c = self._need(gn, 2, sn)  # a computed C could not follow: refuse rather than break the model
+                if c.ndim >= 1 and c.shape[-1] == old_out:  # per output (1 output: (1,) too)
                     self.set_const(gn, 2, _remap(c, c.ndim - 1, out_map))
             w = w2
         if in_map is not None:
@@ -488,7 +482,7 @@ def resize_graph(graph, structure: Structure, sizes: Mapping[str, int], pass_nam
         return structure
     new = resize_shapes(structure, sizes)
     editor = _Editor(graph, structure, sizes, pass_name, site)
-    editor.run(new)
+    editor.run()
     record_channel_maps(graph, editor.maps)
     return new
 

@@ -193,3 +193,47 @@ def test_the_current_size_is_an_unmodified_exact_rewrite():
     assert (gr.modified, gr.exact) == (False, True) and (step.result.modified, step.result.exact) == (False, True)
     applied = apply_checked(model, s, [{"pass": "resolution", "height": 12, "width": 20}])
     assert applied.rewrites[0]["exact"] is True
+
+
+def test_a_tall_input_probes_each_axis_with_the_other_at_its_own_size():
+    """Input 20x6 and a 13x3 unpadded kernel: height needs 13, width 3; the growth check
+    runs at 40x12 (a square 12x12 would be refused), and the width is probed at height 20."""
+    import numpy as np
+
+    from archpass.passes.base import IntDomain, registry
+
+    b = NetBuilder((1, 3, 20, 6), seed=14)
+    w = b.tensor("w0", np.random.default_rng(0).standard_normal((4, 3, 13, 3)).astype(np.float32))
+    b.x = b.node("Relu", [b.node("Conv", [b.x, w], "c0", kernel_shape=[13, 3])], "r0")
+    b.shape = [1, 4, 8, 4]
+    _, s = built(b.build())
+    (site,) = registry()["resolution"].sites(s)
+    assert site.domains == {"height": IntDomain(13, 40, 1, 20), "width": IntDomain(3, 12, 1, 6)}
+
+
+def test_only_the_image_input_is_resized():
+    """A second 4-D input (a per-channel scale, 1x4x1x1) keeps its shape; the image input
+    alone takes the new size, and the model runs at it."""
+    import numpy as np
+
+    from apply_helpers import rel_err
+    from builders import run_ort
+
+    b = NetBuilder((1, 3, 12, 10), seed=15).conv(4, 3, act="relu")
+    b.x = b.node("Mul", [b.x, "scale"], "scaled")
+    proto = b.build(check=False)
+    proto.graph.input.append(helper.make_tensor_value_info("scale", TensorProto.FLOAT, [1, 4, 1, 1]))
+    onnx.checker.check_model(proto, full_check=True)
+    model, s = built(proto)
+    from archpass.passes.engine import apply_recipe
+    from archpass.recipe import Recipe
+
+    applied = apply_recipe(model, Recipe.of([{"pass": "resolution", "height": 16, "width": 8}]), structure=s)
+    onnx.checker.check_model(applied.proto, full_check=True)
+    assert applied.structure.inputs == (("input", (1, 3, 16, 8)), ("scale", (1, 4, 1, 1)))
+    shapes = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in applied.proto.graph.input}
+    assert shapes == {"input": [1, 3, 16, 8], "scale": [1, 4, 1, 1]}
+    x = np.random.default_rng(1).standard_normal((1, 3, 16, 8)).astype(np.float32)
+    one = run_ort(applied.proto, {"input": x, "scale": np.ones((1, 4, 1, 1), np.float32)})[0]
+    two = run_ort(applied.proto, {"input": x, "scale": np.full((1, 4, 1, 1), 2.0, np.float32)})[0]
+    assert one.shape == (1, 4, 16, 8) and rel_err(two, 2 * one) < 1e-6
