@@ -42,6 +42,7 @@ from archpass.errors import ArchpassError
 from archpass.recipe import Recipe
 from archpass.search.objective import Objective
 from archpass.search.space import Space, recipe_key
+from archpass.search.warmstart import DefaultTrial
 
 PROBES = 64  # guard evaluations of single options, at most
 RUNGS = 8  # guard evaluations along the ladder, at most
@@ -108,18 +109,6 @@ def share(ratio: float) -> float:
     return 0.0 if math.isinf(ratio) else 1.0 / (1.0 + ratio)
 
 
-class _Recorder:
-    """A trial that answers each parameter with its neutral value and records the choices."""
-
-    def __init__(self, params: Mapping[str, Any]):
-        self.params = params
-        self.choices: dict[str, list] = {}
-
-    def suggest_categorical(self, name, choices):
-        self.choices[name] = list(choices)
-        return self.params.get(name, self.choices[name][0])
-
-
 def _suggest(space: Space, params: Mapping[str, Any]):
     return space.suggest(optuna.trial.FixedTrial(dict(params)))
 
@@ -128,7 +117,7 @@ def options(space: Space, objective: Objective) -> list[Option]:
     """Every single non-neutral choice that lowers the first objective and is valid, most gain
     first; one option per distinct recipe (two factors may snap to the same channel count)."""
     neutral = space.neutral_params()
-    rec = _Recorder(neutral)
+    rec = DefaultTrial(neutral)  # records the values each parameter offers
     space.suggest(rec)
     base = objective.baseline.values[0]
     out, seen = [], set()

@@ -30,12 +30,13 @@ SWEEPS = 3
 class DefaultTrial:
     """A fixed trial for define-by-run spaces: ``params`` where given, else the neutral
     value of the parameter (1.0 among numbers, False among booleans); records what it
-    was asked (``used``), so a point can be enqueued with exactly the parameters its
-    recipe visits."""
+    was asked (``used``: the value it answered, ``choices``: the values it was offered),
+    so a point can be enqueued with exactly the parameters its recipe visits."""
 
     def __init__(self, params: Mapping[str, Any]):
         self.params = dict(params)
         self.used: dict[str, Any] = {}
+        self.choices: dict[str, list[Any]] = {}
 
     def suggest_categorical(self, name: str, choices: Sequence[Any]) -> Any:
         if name in self.params and self.params[name] in choices:
@@ -43,6 +44,7 @@ class DefaultTrial:
         else:
             v = neutral(choices)
         self.used[name] = v
+        self.choices[name] = list(choices)
         return v
 
 
@@ -61,19 +63,9 @@ def _rank(score, first: int = 0) -> tuple:
     return (0, excess, score.values[first])
 
 
-def coordinates(space, trial: DefaultTrial) -> list[tuple[str, list[Any]]]:
-    """The parameters a trial visited and their choices, in the space's walk order."""
-    out = []
-    for name in trial.used:
-        if name == "resolution":
-            out.append((name, list(space.resolutions)))
-        elif name == "width_multiplier":
-            out.append((name, list(space.multipliers)))
-        elif name.startswith(("fuse_ibn:", "dw_to_dense:")):
-            out.append((name, [False, True]))
-        else:  # channels:GROUP or width_multiplier:STAGE
-            out.append((name, list(space.factors)))
-    return out
+def coordinates(trial: DefaultTrial) -> list[tuple[str, list[Any]]]:
+    """The parameters a trial visited and the values it was offered, in the space's walk order."""
+    return [(name, list(trial.choices[name])) for name in trial.used]
 
 
 def warm_start(objective, *, sweeps: int = SWEEPS, evaluate: Callable | None = None) -> list[dict[str, Any]]:
@@ -104,7 +96,7 @@ def warm_start(objective, *, sweeps: int = SWEEPS, evaluate: Callable | None = N
         nonlocal cur, cur_score, cur_trial
         for _ in range(max_sweeps):
             changed = False
-            for name, choices in coordinates(space, cur_trial):
+            for name, choices in coordinates(cur_trial):
                 if not keys_filter(name) or name not in cur_trial.used:
                     continue  # a parameter an earlier move removed from the walk
                 best = None
