@@ -14,6 +14,7 @@ from builders import NetBuilder
 from archpass.analysis import analyze
 from archpass.costmodel import Kernel, load_target
 from archpass.costmodel.adapt import adapt_layers, adapt_onnxruntime, load_base, representatives, select_layers
+from archpass.costmodel.calibrate import DATASET, Dataset
 from archpass.costmodel.estimate import predict_kernels
 from archpass.costmodel.host import fingerprint, host_notes
 from archpass.costmodel.kernels import decompose
@@ -111,7 +112,11 @@ def test_onnxruntime_adaptation_on_this_host(tmp_path, threads):
     assert m["networks"] >= 2 and m["seconds"] <= 4 + 4  # the budget is kept (the last network may overrun it)
     for key in ("remeasured", "kept_busy", "other_cores_median", "allowed_other_cores", "windows"):
         assert key in m
-    assert m["window_statistic"] == ("median" if threads == 1 else "min")
+    assert m["window_statistic"] == ("median" if threads == 1 else "min of fast-state windows")
+    if threads > 1:  # the host's state was probed around every window and recorded
+        assert m["probe_best_ms"] > 0 and 0 <= m["slow_state_windows"] <= m["windows_kept"]
+        recs = Dataset(tmp_path / "a" / DATASET).records.values()
+        assert all(len(r["probe_ms"]) == len(r["window_plain_ms"]) and r["fast_windows"] for r in recs)
     assert back.accuracy["chains"]["n"] >= 1
     s = analyze(load_model(_tiny(tmp_path / "tiny.onnx")))
     lat, _ = predict_kernels(decompose(s, back.fusion), back)

@@ -1,0 +1,133 @@
+"""The host-state probe: a valid probe model, the fast-state test, waiting for the fast
+state, and multi-threaded adaptation measurement that repeats and leaves out slow-state
+windows."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from builders import NetBuilder
+
+from archpass.costmodel import adapt, hoststate, load_target
+from archpass.costmodel.hoststate import FAST_RATIO, ParallelProbe, fast_windows, probe_model
+from archpass.model import load_model
+
+
+def test_probe_model_is_valid_and_runs():
+    m = probe_model(channels=16, size=8, blocks=2)
+    onnx.checker.check_model(m, full_check=True)
+    x = np.ones((1, 16, 8, 8), np.float32)
+    (y,) = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    assert y.shape == (1, 16, 8, 8) and np.all(y >= 0)  # ends in a ReLU
+    assert [n.op_type for n in m.graph.node] == ["Conv", "Conv", "Relu"] * 2
+
+
+def test_real_probe_reads_and_keeps_its_best():
+    p = ParallelProbe(2)
+    a, b = p.read(), p.read()
+    assert 0 < p.best == min(a, b) and p.readings == [a, b]
+    assert p.fast(p.best) and not p.fast(p.best * FAST_RATIO * 1.01)
+
+
+def _scripted(monkeypatch, readings):
+    """A probe whose readings follow ``readings`` (the best reading so far kept as the real one does)."""
+    seq = iter(readings)
+
+    class Fake:
+        def __init__(self, *a, **k):
+            self.best, self.readings = float("inf"), []
+
+        def read(self):
+            ms = next(seq)
+            self.best = min(self.best, ms)
+            self.readings.append(ms)
+            return ms
+
+        fast = ParallelProbe.fast
+        wait_fast = ParallelProbe.wait_fast
+
+    monkeypatch.setattr(hoststate, "ParallelProbe", Fake)
+    monkeypatch.setattr(hoststate.time, "sleep", lambda s: None)
+    return Fake
+
+
+def test_wait_fast_waits_for_the_fast_state_and_gives_up_at_max_wait(monkeypatch):
+    fake = _scripted(monkeypatch, [1.0, 2.0, 1.9, 1.1, 2.0, 2.0])()
+    assert fake.read() == 1.0
+    waited, ms = fake.wait_fast(max_wait=60.0)
+    assert ms == 1.1 and fake.readings == [1.0, 2.0, 1.9, 1.1]  # two slow readings, then a fast one
+    waited, ms = fake.wait_fast(max_wait=0.0)  # no time to wait: the slow reading is returned
+    assert ms == 2.0 and len(fake.readings) == 5
+
+
+def test_fast_windows():
+    assert fast_windows([1.0, 2.0, 1.2], best=1.0) == [0, 2]
+    assert fast_windows([2.0, 2.5], best=1.0) == [0, 1]  # none fast: all kept
+    assert fast_windows([None, 2.0], best=1.0) == [0]  # no reading (one thread): kept
+
+
+def _loaded(tmp_path, proto):
+    """The canonical model archpass loads (shapes inferred), as adaptation networks are."""
+    path = tmp_path / f"{proto.graph.name}-{len(list(tmp_path.iterdir()))}.onnx"
+    onnx.save(proto, path)
+    return load_model(path).proto
+
+
+def _nets(tmp_path, base, n=2):
+    nets = []
+    for i in range(n):
+        proto = NetBuilder((1, 3, 32, 32)).conv(16 + 8 * i, 3, stride=2, act="relu").ibn(16 + 8 * i, expand=4).head(10).build()
+        nets.append(adapt._network(f"net{i}", f"net{i}", _loaded(tmp_path, proto), base, 3, 3, 2))
+    return nets
+
+
+class _Quiet:
+    """OtherLoad that always reports a quiet machine (the script must not depend on other processes)."""
+
+    cores = 0.0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_slow_state_windows_are_measured_again_and_left_out(tmp_path, monkeypatch):
+    """Scripted probe (two readings a try: before and after the window): every window's
+    first try reads slow after it, so it is taken again; the last network's last window
+    stays slow through all three tries, so it is kept but left out of the statistics."""
+    base = load_target("cpu")
+    nets = _nets(tmp_path, base)
+    fast, slow = 1.0, 2.0
+    script = [fast, slow, fast, fast] * 5 + [fast, slow] * 3
+    _scripted(monkeypatch, script)
+    monkeypatch.setattr(adapt, "MAX_WAIT_S", 0.0)  # wait_fast reads once
+    monkeypatch.setattr(adapt, "OtherLoad", _Quiet)
+    got = adapt.measure_networks(nets, "CPUExecutionProvider", 2, "all", budget_s=60.0, windows=3, runs=2, retries=2)
+    seen = got["seen"]
+    assert seen["slow_state_remeasured"] == 5 + 2 and seen["slow_state_kept"] == 1 and seen["remeasured"] == 0
+    assert seen["slow_state_windows"] == 1 and seen["windows_kept"] == 6 and seen["probe_best_ms"] == fast
+    assert nets[0].fast == [0, 1, 2] and nets[1].fast == [0, 1]
+    assert [w[3] for w in nets[1].windows] == [fast, fast, slow]
+    assert nets[1].fast_plain() == nets[1].plain[:2]
+
+
+def test_single_thread_measurement_reads_no_probe(tmp_path, monkeypatch):
+    base = load_target("cpu")
+    proto = NetBuilder((1, 3, 32, 32)).conv(16, 3, stride=2, act="relu").head(10).build()
+    n = adapt._network("one", "one", _loaded(tmp_path, proto), base, 2, 2, 1)
+
+    def no_probe(*a, **k):
+        raise AssertionError("a one-thread measurement must not probe")
+
+    monkeypatch.setattr(hoststate, "ParallelProbe", no_probe)
+    got = adapt.measure_networks([n], "CPUExecutionProvider", 1, "all", budget_s=30.0, windows=2, runs=2)
+    assert "slow_state_windows" not in got["seen"] and n.fast == [] and len(n.fast_plain()) == 2
+
+
+def test_run_statistic_is_the_median_with_one_thread_and_a_low_percentile_with_several():
+    runs = [1.0, 1.0, 1.1, 1.2, 3.0]  # the state changed during the window: two slow runs
+    assert hoststate.run_statistic(runs, 1) == 1.1
+    assert hoststate.run_statistic(runs, 2) == 1.0
