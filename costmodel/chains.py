@@ -51,6 +51,7 @@ class ChainBuilder:
         self.n = 0
         self.aligned = False
         self.macs = 0
+        self.params = 0
 
     def ch(self, lo: int, hi: int) -> int:
         """A channel count (a multiple of 8 in aligned chains)."""
@@ -100,6 +101,7 @@ class ChainBuilder:
         y = self.op("Conv", [x, wt, b], "conv", kernel_shape=[k, k], strides=[s, s], pads=[p] * 4, group=g)
         shape = (cout, conv_out(h, k, s, p, p), conv_out(w, k, s, p, p))
         self.macs += cout * (c // g) * k * k * shape[1] * shape[2]
+        self.params += cout * (c // g) * k * k
         return self.act(y, act), shape
 
     # ------------------------------------------------------------------ blocks
@@ -314,7 +316,7 @@ class ChainBuilder:
         x, shape = self.head(x, shape, rng.choice([1000, 1000, 1000, 100, 10]))
         return self._model(x, inp, shape, "template")
 
-    def build_grouped(self, max_macs: float = 1.0e9) -> onnx.ModelProto:
+    def build_grouped(self, max_macs: float = 1.0e9, max_params: float = 8e6) -> onnx.ModelProto:
         """A RegNet/ResNeXt-like network of grouped bottlenecks in four stages: bottleneck
         widths from RegNet's quantized linear rule (:func:`regnet_stages`, 24-1024
         channels), a 3x3 stride-2 stem, every stage starting with a strided block, and a
@@ -350,7 +352,7 @@ class ChainBuilder:
                 g = max(1, int(round(w / n)))
                 mid = g * n
             for i in range(len(stage)):
-                if i and self.macs > max_macs:
+                if i and (self.macs > max_macs or self.params > max_params):
                     break
                 s = 2 if i == 0 and shape[1] >= 4 else 1
                 x, shape = self.grouped_block(x, shape, mid * ratio, mid, g, s, act, se)
