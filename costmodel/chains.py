@@ -346,7 +346,7 @@ class ChainBuilder:
             w = stage[0]
             if regnet:  # RegNet's group/width compatibility adjustment (at most 80 groups)
                 g = min(max(gw, -(-w // 640) * 8), w)
-                mid = max(g, int(round(w / g)) * g)
+                mid = max(g, int(w + g / 2) // g * g)
             else:  # ResNeXt: a fixed number of groups, group width 8-64 where the width allows
                 n = max(1, min(groups, w // 8), -(-w // 64))
                 g = max(1, int(round(w / n)))
