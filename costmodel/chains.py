@@ -127,7 +127,6 @@ class ChainBuilder:
     def basic(self, x, shape, cout, s, act, bottleneck, group_width=0):
         """ResNet basic/bottleneck block; a bottleneck with ``group_width`` has a grouped 3x3
         (ResNeXt/RegNet: groups = mid channels / group width)."""
-        c = shape[0]
         groups = 1
         if bottleneck:
             mid = self.align(max(8, cout // self.rng.choice([1, 2, 4])))
@@ -140,9 +139,14 @@ class ChainBuilder:
         else:
             y, sh = self.conv(x, shape, cout, 3, s, 1, act)
             y, sh = self.conv(y, sh, cout, 3, 1, 1, None)
+        return self.residual(y, sh, x, shape, s, act)
+
+    def residual(self, y, sh, x, shape, s, act):
+        """``y`` (shape ``sh``) plus the block input ``x`` (shape ``shape``), through a
+        strided/projecting 1x1 conv when the shapes differ, then ``act``."""
         sc = x
-        if s != 1 or c != cout:
-            sc, _ = self.conv(x, shape, cout, 1, s, 1, None)
+        if s != 1 or shape[0] != sh[0]:
+            sc, _ = self.conv(x, shape, sh[0], 1, s, 1, None)
         y = self.op("Add", [y, sc], "add")
         return self.act(y, act), sh
 
@@ -372,11 +376,7 @@ class ChainBuilder:
             r, _ = self.conv(r, rs, mid, 1, 1, 1, "sigmoid")
             y = self.op("Mul", [y, r], "semul")
         y, sh = self.conv(y, sh, cout, 1, 1, 1, None)
-        sc = x
-        if s != 1 or c != cout:
-            sc, _ = self.conv(x, shape, cout, 1, s, 1, None)
-        y = self.op("Add", [y, sc], "add")
-        return self.act(y, act), sh
+        return self.residual(y, sh, x, shape, s, act)
 
     def _model(self, x: str, inp, shape, name: str) -> onnx.ModelProto:
         out = helper.make_tensor_value_info(x, TensorProto.FLOAT, [1, *shape])
