@@ -891,11 +891,27 @@ def _network(key: str, label: str, proto, base: Target, windows: int, runs: int,
     return Network(key, label, proto, kernels, owner, tensor_owner, cost)
 
 
+#: the rotation of generator styles (costmodel/chains.py ``BUILDERS``) the candidate
+#: networks follow: families' stage plans, freely drawn networks, and one in five
+#: RegNet/ResNeXt-like grouped networks (grouped convs with many groups, which onnxruntime
+#: runs group by group, are rare in the other styles)
+STYLES = ("template", "network", "template", "network", "grouped")
+
+
+def group_bucket(k: Kernel) -> int:
+    """Which grouping a conv kernel has, for the plan's coverage cells: 0 dense (and every
+    other kernel), then one bucket per factor 4 of groups (2-3, 4-15, 16-63, 64-255...)."""
+    if k.kind != "conv" or k.groups <= 1:
+        return 0
+    return 1 + int(math.log2(k.groups)) // 2
+
+
 def select_networks(base: Target, budget_s: float, windows: int, runs: int, threads: int, seed: int = 0,
                     models=(), pool: int = 96, progress: Callable[[str], None] | None = None) -> list[Network]:
     """The networks to time within ``budget_s``: the ``--models`` first, then generated
-    networks (half following families' stage plans, half freely drawn) chosen greedily by
-    how many kernel shapes not yet covered they add per second of measurement."""
+    networks (in the rotation of :data:`STYLES`) chosen greedily by how many kernel shapes
+    (kind, kernel size, stride, grouping, log MACs) not yet covered they add per second of
+    measurement."""
     from archpass.costmodel.chains import BUILDERS
     from archpass.model import load_model
 
@@ -909,7 +925,7 @@ def select_networks(base: Target, budget_s: float, windows: int, runs: int, thre
                           "raise --budget-s or pass fewer models")
 
     def cells(n: Network) -> set:
-        return {(k.kind, k.op if k.kind not in LAYER_KINDS else k.kernel[0], k.stride[0],
+        return {(k.kind, k.op if k.kind not in LAYER_KINDS else k.kernel[0], k.stride[0], group_bucket(k),
                  int(math.log2(max(k.macs if k.kind in LAYER_KINDS else k.out_elems, 1)) // 1)) for k in n.kernels}
 
     # the plan may exceed the budget by half: planned costs are pessimistic, and
@@ -920,7 +936,7 @@ def select_networks(base: Target, budget_s: float, windows: int, runs: int, thre
     made = 0
     while made < pool:  # candidates in batches, until the plan fills the budget
         for _ in range(min(BATCH, pool - made)):
-            style = ("template", "network")[made % 2]
+            style = STYLES[made % len(STYLES)]
             s = seed * 100003 + 700001 + made
             left.append(_network(point_key({"adapt_net": s, "style": style}), f"{style}-{s}", BUILDERS[style](s), base,
                                  windows, runs, threads))

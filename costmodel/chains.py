@@ -20,6 +20,7 @@ datasets measured with it.
 
 from __future__ import annotations
 
+import math
 import random
 
 import numpy as np
@@ -50,6 +51,7 @@ class ChainBuilder:
         self.n = 0
         self.aligned = False
         self.macs = 0
+        self.params = 0
 
     def ch(self, lo: int, hi: int) -> int:
         """A channel count (a multiple of 8 in aligned chains)."""
@@ -99,6 +101,7 @@ class ChainBuilder:
         y = self.op("Conv", [x, wt, b], "conv", kernel_shape=[k, k], strides=[s, s], pads=[p] * 4, group=g)
         shape = (cout, conv_out(h, k, s, p, p), conv_out(w, k, s, p, p))
         self.macs += cout * (c // g) * k * k * shape[1] * shape[2]
+        self.params += cout * (c // g) * k * k
         return self.act(y, act), shape
 
     # ------------------------------------------------------------------ blocks
@@ -124,7 +127,6 @@ class ChainBuilder:
     def basic(self, x, shape, cout, s, act, bottleneck, group_width=0):
         """ResNet basic/bottleneck block; a bottleneck with ``group_width`` has a grouped 3x3
         (ResNeXt/RegNet: groups = mid channels / group width)."""
-        c = shape[0]
         groups = 1
         if bottleneck:
             mid = self.align(max(8, cout // self.rng.choice([1, 2, 4])))
@@ -137,9 +139,14 @@ class ChainBuilder:
         else:
             y, sh = self.conv(x, shape, cout, 3, s, 1, act)
             y, sh = self.conv(y, sh, cout, 3, 1, 1, None)
+        return self.residual(y, sh, x, shape, s, act)
+
+    def residual(self, y, sh, x, shape, s, act):
+        """``y`` (shape ``sh``) plus the block input ``x`` (shape ``shape``), through a
+        strided/projecting 1x1 conv when the shapes differ, then ``act``."""
         sc = x
-        if s != 1 or c != cout:
-            sc, _ = self.conv(x, shape, cout, 1, s, 1, None)
+        if s != 1 or shape[0] != sh[0]:
+            sc, _ = self.conv(x, shape, sh[0], 1, s, 1, None)
         y = self.op("Add", [y, sc], "add")
         return self.act(y, act), sh
 
@@ -313,6 +320,64 @@ class ChainBuilder:
         x, shape = self.head(x, shape, rng.choice([1000, 1000, 1000, 100, 10]))
         return self._model(x, inp, shape, "template")
 
+    def build_grouped(self, max_macs: float = 1.0e9, max_params: float = 8e6) -> onnx.ModelProto:
+        """A RegNet/ResNeXt-like network of grouped bottlenecks in four stages: bottleneck
+        widths from RegNet's quantized linear rule (:func:`regnet_stages`, 24-1024
+        channels), a 3x3 stride-2 stem, every stage starting with a strided block, and a
+        classifier head.  RegNet-like (70%): bottleneck ratio 1 and a group width of 8-64
+        (groups = width / group width, at most 80: many groups in the later stages), squeeze-excitation
+        in half of them (RegNetY); ResNeXt-like: the block's output 2 or 4 times its grouped
+        3x3's width (24-512 channels), a fixed number of groups (8-64; group width 8-64
+        where the width allows).  Past ``max_macs`` a stage keeps only its first block."""
+        rng = self.rng
+        self.aligned = True
+        res = rng.choice([128, 160, 192, 224, 224, 224, 256])
+        shape = (3, res, res)
+        inp = helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, *shape])
+        w0 = rng.choice(range(24, 104, 8))
+        wm = rng.uniform(2.0, 2.9)
+        depth = rng.randint(10, 22)
+        # the slope that makes four stages: round(log_wm(1 + wa (depth - 1) / w0)) == 3
+        wa = w0 * (wm ** rng.uniform(2.55, 3.45) - 1) / (depth - 1)
+        regnet = rng.random() < 0.7
+        ratio = 1 if regnet else rng.choice([2, 4])
+        gw = rng.choice([8, 8, 16, 16, 24, 32, 48, 64])
+        groups = rng.choice([8, 16, 32, 32, 64])
+        se = regnet and rng.random() < 0.5
+        act = "relu"
+        x, shape = self.conv("input", shape, 32, 3, 2, 1, act)
+        for stage in regnet_stages(w0, wa, wm, depth, cap=1024 if regnet else 512):
+            w = stage[0]
+            if regnet:  # RegNet's group/width compatibility adjustment (at most 80 groups)
+                g = min(max(gw, -(-w // 640) * 8), w)
+                mid = max(g, int(w + g / 2) // g * g)
+            else:  # ResNeXt: a fixed number of groups, group width 8-64 where the width allows
+                n = max(1, min(groups, w // 8), -(-w // 64))
+                g = max(1, int(round(w / n)))
+                mid = g * n
+            for i in range(len(stage)):
+                if i and (self.macs > max_macs or self.params > max_params):
+                    break
+                s = 2 if i == 0 and shape[1] >= 4 else 1
+                x, shape = self.grouped_block(x, shape, mid * ratio, mid, g, s, act, se)
+        x, shape = self.head(x, shape, rng.choice([1000, 1000, 1000, 100, 10]))
+        return self._model(x, inp, shape, "grouped")
+
+    def grouped_block(self, x, shape, cout, mid, group_width, s, act, se):
+        """RegNet's residual bottleneck: 1x1 to ``mid``, grouped 3x3 (``mid / group_width``
+        groups, stride ``s``), optional SE squeezed to a quarter of the input width, 1x1 to
+        ``cout``; a strided/projected 1x1 shortcut when the shape changes; ReLU after the add."""
+        c = shape[0]
+        y, sh = self.conv(x, shape, mid, 1, 1, 1, act)
+        y, sh = self.conv(y, sh, mid, 3, s, mid // group_width, act)
+        if se:
+            p = self.op("GlobalAveragePool", [y], "gap")
+            r, rs = self.conv(p, (mid, 1, 1), max(8, int(round(0.25 * c))), 1, 1, 1, "relu")
+            r, _ = self.conv(r, rs, mid, 1, 1, 1, "sigmoid")
+            y = self.op("Mul", [y, r], "semul")
+        y, sh = self.conv(y, sh, cout, 1, 1, 1, None)
+        return self.residual(y, sh, x, shape, s, act)
+
     def _model(self, x: str, inp, shape, name: str) -> onnx.ModelProto:
         out = helper.make_tensor_value_info(x, TensorProto.FLOAT, [1, *shape])
         graph = helper.make_graph(self.nodes, name, [inp], [out], self.inits)
@@ -362,6 +427,20 @@ class ChainBuilder:
         return self._model(x, inp, shape, "chain")
 
 
+def regnet_stages(w0: int, wa: float, wm: float, depth: int, cap: int = 1024) -> list[list[int]]:
+    """RegNet's quantized linear widths, block by block (``w0 * wm^round(log_wm((w0 + wa j) / w0))``
+    at multiples of 8, at most ``cap``), grouped into stages of equal width."""
+    stages: list[list[int]] = []
+    for j in range(depth):
+        q = round(math.log((w0 + wa * j) / w0) / math.log(wm))
+        w = min(cap, max(8, int(round(w0 * wm ** q / 8)) * 8))
+        if stages and stages[-1][0] == w:
+            stages[-1].append(w)
+        else:
+            stages.append([w])
+    return stages
+
+
 def build_chain(seed: int) -> onnx.ModelProto:
     """A short random fragment of 2-5 blocks (the older calibration context)."""
     return ChainBuilder(seed).build()
@@ -377,4 +456,9 @@ def build_template(seed: int) -> onnx.ModelProto:
     return ChainBuilder(seed).build_template()
 
 
-BUILDERS = {"chain": build_chain, "network": build_network, "template": build_template}
+def build_grouped(seed: int) -> onnx.ModelProto:
+    """A generated RegNet/ResNeXt-like network of grouped bottlenecks."""
+    return ChainBuilder(seed).build_grouped()
+
+
+BUILDERS = {"chain": build_chain, "network": build_network, "template": build_template, "grouped": build_grouped}

@@ -265,3 +265,54 @@ def test_residual_trees_learn_a_structural_difference(tmp_path):
     back = load_target(tmp_path / "t")
     assert back.corrections == corr
     np.testing.assert_allclose(np.concatenate([predict_kernels([k], back)[0] for k in ks[:40]]), got, rtol=1e-9)
+
+
+def test_candidates_rotate_styles_and_the_plan_covers_many_group_convs():
+    """One candidate in five is a RegNet/ResNeXt-like grouped network, and the coverage
+    cells tell a conv's grouping apart, so the plan takes grouped convs with many groups."""
+    from archpass.costmodel.adapt import STYLES, group_bucket, select_networks
+
+    assert STYLES.count("grouped") == 1 and len(STYLES) == 5
+    conv = dict(id="c", kind="conv", op="Conv", nodes=("c",), cin=64, cout=64, kernel=(3, 3))
+    assert [group_bucket(Kernel(**conv, groups=g)) for g in (1, 2, 4, 8, 16, 64)] == [0, 1, 2, 2, 3, 4]
+    assert group_bucket(Kernel(**{**conv, "kind": "dwconv"}, groups=64)) == 0
+    nets = select_networks(load_target("cpu"), 12.0, 3, 5, 1, pool=10)
+    labels = [n.label.split("-")[0] for n in nets]
+    assert "grouped" in labels and "template" in labels and "network" in labels
+    many = [k for n in nets for k in n.kernels if k.kind == "conv" and 8 <= k.groups <= 80]
+    assert len(many) >= 10
+
+
+def test_residual_trees_learn_grouped_convs_from_grouped_networks():
+    """A device that runs grouped convs with 8+ groups at 0.5x what the prior says (as
+    onnxruntime's group-by-group conv runs many small groups) and everything else at 1.2x:
+    with the grouped networks among the adaptation's networks, the residual trees learn it
+    for the grouped convs of a network they never saw."""
+    from archpass.costmodel.adapt import Points, fit_corrections
+    from archpass.costmodel.chains import build_grouped, build_template
+
+    cpu = load_target("cpu")
+
+    def truth(k):
+        return 0.5 if k.kind == "conv" and k.groups >= 8 else 1.2
+
+    kernels, prior, ms, groups = [], [], [], []
+    for i, proto in enumerate([build_grouped(s) for s in range(5)] + [build_template(s) for s in range(5)]):
+        ks = decompose(analyze(proto), cpu.fusion)
+        p, _ = predict_kernels(ks, cpu)
+        kernels += ks
+        prior.append(p)
+        ms.append(p * np.array([truth(k) for k in ks]))
+        groups += [f"net{i}"] * len(ks)
+    pts = Points(tuple(kernels), np.concatenate(prior), np.concatenate(ms), tuple(groups))
+    assert sum(1 for k in kernels if k.kind == "conv" and k.groups >= 8) >= 40
+    shell = replace(cpu, prior=cpu, predictors={})
+    corr, summary = fit_corrections(pts, shell, method="residual_trees")
+    adapted = replace(shell, corrections=corr)
+    unseen = decompose(analyze(build_grouped(41)), cpu.fusion)
+    ratio = predict_kernels(unseen, adapted)[0] / predict_kernels(unseen, cpu)[0]
+    many = np.array([k.kind == "conv" and k.groups >= 8 for k in unseen])
+    dense = np.array([k.kind == "conv" and k.groups == 1 for k in unseen])
+    assert many.sum() >= 5
+    assert np.median(ratio[many]) == pytest.approx(0.5, rel=0.15)
+    assert np.median(ratio[dense]) == pytest.approx(1.2, rel=0.1)

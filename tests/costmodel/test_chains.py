@@ -7,7 +7,7 @@ import pytest
 
 from archpass.analysis import analyze
 from archpass.costmodel.calibrate import Dataset, corrected_points
-from archpass.costmodel.chains import BUILDERS, ChainBuilder, build_network, build_template
+from archpass.costmodel.chains import BUILDERS, ChainBuilder, build_grouped, build_network, build_template, regnet_stages
 from archpass.costmodel.kernels import FusionRules, decompose
 
 
@@ -64,7 +64,7 @@ def test_network_points_keep_stem_and_last_kernel_chain_points_do_not(tmp_path):
 
 
 def test_every_style_is_registered():
-    assert set(BUILDERS) == {"network", "template", "chain"}
+    assert set(BUILDERS) == {"network", "template", "chain", "grouped"}
     onnx.checker.check_model(BUILDERS["chain"](2), full_check=True)
 
 
@@ -100,3 +100,46 @@ def test_refresh_specs_rederives_kernel_specs_from_the_seed(tmp_path):
     assert [p["spec"] for p in again.records["n4"]["points"]] == [k.spec() for k in kernels]
     assert again.records["z"]["points"][0]["spec"] == {"kind": "conv"}
     assert refresh_specs(again, rules) == 0  # nothing left to refresh
+
+
+def test_regnet_widths_follow_the_quantized_linear_rule():
+    """RegNetY-400MF's parameters (w0 48, wa 27.89, wm 2.09, depth 16) give torchvision's
+    stage widths and depths."""
+    stages = regnet_stages(48, 27.89, 2.09, 16)
+    assert [s[0] for s in stages] == [48, 104, 208, 440]
+    assert [len(s) for s in stages] == [1, 3, 6, 6]
+    assert max(s[0] for s in regnet_stages(96, 48.0, 2.9, 21, cap=512)) == 512
+
+
+def _grouped_convs(model):
+    return [l for l in analyze(model).layers if l.op == "Conv" and 1 < l.groups < l.cin]
+
+
+def test_grouped_networks_are_regnet_and_resnext_like():
+    """Four strided stages of grouped bottlenecks (3x3, many groups later on, group width
+    8-64 where the width allows), with SE in some, ResNeXt-like 2-4x wider outputs in others,
+    from an image to a classifier; a pure function of the seed."""
+    many, se, wide = 0, 0, 0
+    for seed in range(10):
+        builder = ChainBuilder(seed)
+        model = builder.build_grouped()
+        assert model.SerializeToString() == BUILDERS["grouped"](seed).SerializeToString()
+        onnx.checker.check_model(model, full_check=True)
+        s = analyze(model)
+        assert s.layers[0].cin == 3 and s.layers[0].stride[0] == 2 and s.layers[-1].op == "Gemm"
+        grouped = _grouped_convs(model)
+        assert all(l.kernel == (3, 3) for l in grouped), seed
+        strided = [l for l in grouped if l.stride[0] == 2]
+        assert 3 <= len(strided) <= 4, seed  # every stage starts strided (four stages; the cap may merge two)
+        assert all(24 <= l.cin <= 1032 for l in grouped), seed
+        assert all(8 <= l.cin // l.groups <= 64 for l in grouped if l.cin >= 64), seed
+        assert max(l.groups for l in grouped) <= 80, seed
+        many += sum(8 <= l.groups for l in grouped)
+        ops = {n.op_type for n in model.graph.node}
+        se += {"GlobalAveragePool", "Sigmoid"} <= ops and sum(n.op_type == "GlobalAveragePool" for n in model.graph.node) > 1
+        widths = {l.cout for l in s.layers if l.op == "Conv" and l.kernel == (1, 1)}
+        wide += any(2 * l.cout in widths or 4 * l.cout in widths for l in strided)
+        small = _grouped_convs(ChainBuilder(seed).build_grouped(max_macs=1e7))
+        assert len(small) == len(strided) < len(grouped), seed  # past the cap, a stage keeps its first block only
+    assert many >= 60 and se >= 2 and wide >= 2
+    assert build_grouped(3).SerializeToString() != build_grouped(4).SerializeToString()
