@@ -13,7 +13,8 @@ archpass's passes; the set of ``predictor_accuracy.py``):
 * **onnxruntime, new host** (simulated: the machines here are all one kind): ``cpu``
   (1 thread) adapted to 2 threads, and to onnxruntime with basic graph optimizations only,
   each from at most 60 s of measurement; against each model's whole-model latency (median
-  of window medians, windows interleaved over models), all timing under the exclusive lock.
+  of window latencies, windows interleaved over models; with several threads of the
+  host's fast-state windows, see ``TRUTH_WINDOWS``), all timing under the exclusive lock.
   The same adaptation run twice at different times gives the drift.
 
     python benchmarks/adapt.py --phase truths|zigzag|prepare|report
@@ -255,7 +256,8 @@ TRUTH_RUNS, TRUTH_MIN_S = 10, 0.15
 def ort_truths(protos: dict, windows: int = TRUTH_WINDOWS) -> dict:
     """Whole-model latency per scenario: ``windows`` interleaved windows (every model and
     scenario once per window, sessions built once, so a model's windows spread over the
-    whole measurement), each the median of >= TRUTH_RUNS runs and >= TRUTH_MIN_S s after a
+    whole measurement), each >= TRUTH_RUNS runs and >= TRUTH_MIN_S s (their median, with
+    several threads their 25th percentile: ``hoststate.run_statistic``) after a
     pause and an untimed run (other sessions' spinning workers stop meanwhile), started in a
     quiet moment (other processes leave the cores the timing needs free, waited for up to
     10 s) and taken again (up to twice) when other processes kept a needed core busy or,

@@ -863,7 +863,7 @@ class Network:
     tensor_owner: dict
     cost_s: float  # planned seconds of measurement
     windows: list = field(default_factory=list)  # per window: (first run, runs, other cores, probe ms or None)
-    plain: list = field(default_factory=list)  # per window: median ms without the profiler
+    plain: list = field(default_factory=list)  # per window: ms without the profiler (hoststate.run_statistic)
     runs: int = 0
     sessions: tuple = ()
     fast: list = field(default_factory=list)  # indices of the fast-state windows (all with one thread)
@@ -982,7 +982,6 @@ def measure_networks(nets: list[Network], provider: str, threads: int, graph_opt
     import onnxruntime as ort
 
     from archpass.costmodel.backends.onnxruntime import random_feeds, session_options
-
     from archpass.costmodel.hoststate import FAST_RATIO, ParallelProbe, fast_windows, run_statistic
 
     allowed = allowed_other_cores(threads)
