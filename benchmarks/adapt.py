@@ -20,6 +20,7 @@ archpass's passes; the set of ``predictor_accuracy.py``):
     python benchmarks/adapt.py --phase truths|zigzag|prepare|report
     quiet.sh python benchmarks/adapt.py --phase ort-truth --tag first          # one quiet section each
     quiet.sh python benchmarks/adapt.py --phase ort-adapt --scenario 2threads --tag first
+    python benchmarks/adapt.py --phase report --adapt-tags first,second   # the adaptations scored; drift between them
 
 Phases write into the benchmark cache (``$ARCHPASS_BENCH_CACHE``/adapt) and
 ``report`` writes ``benchmarks/results/adapt.json``.
@@ -420,11 +421,12 @@ def phase_report(args) -> None:
         truths_all, stability = combined_truths(doc)
         current = {k: v for k, v in doc["truths"].items() if v.get("protocol") == TRUTH_PROTOCOL}
         ort: dict = {"held_out_models": ORT_MODELS,
-                     "truth": "whole-model latency: the median of the window medians of every truth measurement "
+                     "truth": "whole-model latency: the median of the window latencies of every truth measurement "
                      f"({len(current)} measurements at different times, {TRUTH_WINDOWS} interleaved windows each, "
-                     f">= {TRUTH_RUNS} runs >= {TRUTH_MIN_S} s per window, each window started in a quiet moment); with "
-                     "several threads of the fast-state windows only (a probe read around every window, "
-                     "archpass.costmodel.hoststate), via /work/notes/quiet.sh",
+                     f">= {TRUTH_RUNS} runs >= {TRUTH_MIN_S} s per window, their median, each window started in a quiet "
+                     "moment); with several threads a window is the 25th percentile of its runs and only the "
+                     "fast-state windows count (a probe read around every window, archpass.costmodel.hoststate), "
+                     "via /work/notes/quiet.sh",
                      "truth_measurements": {k: {"when": v["when"], "seconds": v["seconds"]} for k, v in current.items()},
                      "truth_stability_between_measurements": stability, "scenarios": {}}
         base = load_target("cpu")
