@@ -263,13 +263,11 @@ def ort_truths(protos: dict, windows: int = TRUTH_WINDOWS) -> dict:
     quiet moment (other processes leave the cores the timing needs free, waited for up to
     10 s) and taken again (up to twice) when other processes kept a needed core busy or,
     with several threads, the probe showed the host's slow state."""
-    import time as _time
-
     import numpy as np
     import onnxruntime as ort
 
     from archpass.costmodel.adapt import SPIN_SETTLE_S, OtherLoad, allowed_other_cores, wait_quiet
-    from archpass.costmodel.backends.onnxruntime import random_feeds, session_options
+    from archpass.costmodel.backends.onnxruntime import random_feeds, session_options, timed_runs
     from archpass.costmodel.hoststate import ParallelProbe, run_statistic
 
     scen = {**BASE_SCENARIO, **SCENARIOS}
@@ -294,14 +292,9 @@ def ort_truths(protos: dict, windows: int = TRUTH_WINDOWS) -> dict:
                     wait_quiet(kw["threads"], 10.0)
                     before = probe.wait_fast(10.0)[1] if probe else None
                     with OtherLoad() as load:
-                        _time.sleep(SPIN_SETTLE_S)
+                        time.sleep(SPIN_SETTLE_S)
                         s.run(None, feeds)
-                        times = []
-                        t0 = _time.perf_counter()
-                        while len(times) < TRUTH_RUNS or _time.perf_counter() - t0 < TRUTH_MIN_S:
-                            a = _time.perf_counter()
-                            s.run(None, feeds)
-                            times.append((_time.perf_counter() - a) * 1e3)
+                        times = timed_runs(s, feeds, TRUTH_RUNS, TRUTH_MIN_S)
                     state = max(before, probe.read()) if probe else None
                     if (load.cores or 0) <= allowed and (probe is None or probe.fast(state)):
                         break

@@ -981,7 +981,7 @@ def measure_networks(nets: list[Network], provider: str, threads: int, graph_opt
 
     import onnxruntime as ort
 
-    from archpass.costmodel.backends.onnxruntime import random_feeds, session_options
+    from archpass.costmodel.backends.onnxruntime import random_feeds, session_options, timed_runs
     from archpass.costmodel.hoststate import FAST_RATIO, ParallelProbe, fast_windows, run_statistic
 
     allowed = allowed_other_cores(threads)
@@ -1017,19 +1017,12 @@ def measure_networks(nets: list[Network], provider: str, threads: int, graph_opt
                     time.sleep(settle)
                     prof.run(None, feeds)
                     n.runs += 1
-                first, done, b0 = n.runs, 0, time.perf_counter()
-                while done < runs or time.perf_counter() - b0 < min_block:
-                    prof.run(None, feeds)
-                    done += 1
+                first = n.runs
+                done = len(timed_runs(prof, feeds, runs, min_block))
                 if settle:
                     time.sleep(settle)
                     plain.run(None, feeds)
-                times = []
-                b0 = time.perf_counter()
-                while len(times) < runs or time.perf_counter() - b0 < min_block:
-                    a = time.perf_counter()
-                    plain.run(None, feeds)
-                    times.append((time.perf_counter() - a) * 1e3)
+                times = timed_runs(plain, feeds, runs, min_block)
             n.runs += done
             other = load.cores if load.cores is not None else 0.0
             seen["other_cores"].append(other)

@@ -72,13 +72,11 @@ class ParallelProbe:
 
     def read(self) -> float:
         """One reading (ms): after a pause and an untimed run, the fastest of ``runs`` runs."""
+        from archpass.costmodel.backends.onnxruntime import timed_runs
+
         time.sleep(SETTLE_S)
         self.session.run(None, self.feeds)
-        best = float("inf")
-        for _ in range(self.runs):
-            t0 = time.perf_counter()
-            self.session.run(None, self.feeds)
-            best = min(best, (time.perf_counter() - t0) * 1e3)
+        best = min(timed_runs(self.session, self.feeds, self.runs))
         self.best = min(self.best, best)
         self.readings.append(best)
         return best

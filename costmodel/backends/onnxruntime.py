@@ -112,6 +112,18 @@ def _model_bytes(model: onnx.ModelProto | str | Path) -> bytes | str:
     return model.SerializeToString()
 
 
+def timed_runs(session, feeds: dict, runs: int, min_seconds: float = 0.0) -> list[float]:
+    """Wall-clock times (ms) of at least ``runs`` runs of ``session`` lasting at least
+    ``min_seconds`` in all."""
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < runs or time.perf_counter() - start < min_seconds:
+        t0 = time.perf_counter()
+        session.run(None, feeds)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
 def measure_model(model: onnx.ModelProto | str | Path, provider: str = "CPUExecutionProvider", threads: int = 1,
                   warmup: int = 10, repeats: int = 30, min_seconds: float = 0.0, graph_opt: str = "all") -> dict:
     """Median wall-clock latency (ms) of a whole model over ``repeats`` runs after ``warmup``."""
@@ -122,12 +134,7 @@ def measure_model(model: onnx.ModelProto | str | Path, provider: str = "CPUExecu
     feeds = random_feeds(proto)
     for _ in range(warmup):
         sess.run(None, feeds)
-    times = []
-    t_start = time.perf_counter()
-    while len(times) < repeats or time.perf_counter() - t_start < min_seconds:
-        t0 = time.perf_counter()
-        sess.run(None, feeds)
-        times.append((time.perf_counter() - t0) * 1e3)
+    times = timed_runs(sess, feeds, repeats, min_seconds)
     return {"ms": statistics.median(times), "runs": len(times), "p10": float(np.percentile(times, 10)),
             "p90": float(np.percentile(times, 90))}
 
