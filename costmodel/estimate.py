@@ -14,6 +14,9 @@ from archpass.costmodel.memory import memory
 from archpass.costmodel.target import Target, load_target
 from archpass.structure import Structure
 
+#: the least share of a kernel's time that taking out profiler bookkeeping leaves it
+MIN_KERNEL_SHARE = 0.2
+
 
 @dataclass(frozen=True)
 class KernelEstimate:
@@ -105,7 +108,8 @@ def corrected(kernels: list[Kernel], target: Target, prior_ms: np.ndarray,
         z = correction_rows(ks, target, ref_ms)
         ref = c.reference(ref_ms, feature_rows(ks, target)[1] if c.baseline else None)
         trees = c.tree_factor(residual_rows(ks, target, ref_ms)) if c.trees else 1.0
-        out[idx] = ref * c.factor(z) * trees + c.add_ms
+        v = ref * c.factor(z) * trees
+        out[idx] = np.maximum(v + c.add_ms, MIN_KERNEL_SHARE * v)  # add_ms < 0: profiler bookkeeping taken out
     return out
 
 

@@ -206,14 +206,29 @@ def correction_rows(kernels: list[Kernel], target, prior_ms) -> np.ndarray:
 def residual_rows(kernels: list[Kernel], target, prior_ms) -> np.ndarray:
     """What a :class:`~archpass.costmodel.predictor.Correction`'s residual trees read, for
     kernels of one group (all layer or all op kinds): the analytic features on ``target``,
-    the kernel's edge flags and kind, and its log prior prediction."""
+    the kernel's edge flags and kind, its log prior prediction and, for layer kinds, its
+    work per group (:func:`group_work`).  Columns are only ever appended: trees trained on
+    fewer columns read the first ones (:meth:`~archpass.costmodel.predictor.Correction.tree_factor`)."""
     if not kernels:
         return np.zeros((0, 0))
     x, _ = feature_rows(kernels, target)
     layer = kernels[0].kind in LAYER_KINDS
     extra = [[float(k.in_from_op), float(k.out_to_op), float(LAYER_KINDS.index(k.kind)) if layer else 0.0,
               float(np.log(max(float(p), 1e-9)))] for k, p in zip(kernels, prior_ms)]
-    return np.hstack([x, np.asarray(extra, dtype=np.float64)])
+    out = np.hstack([x, np.asarray(extra, dtype=np.float64)])
+    if layer:
+        out = np.hstack([out, np.asarray([group_work(k) for k in kernels], dtype=np.float64)])
+    return out
+
+
+def group_work(k: Kernel) -> tuple[float, float]:
+    """A layer kernel's work per group: log MACs per group, and log input x output
+    channels per group.  A CPU runs a grouped conv group by group, so a conv's time
+    follows its per-group GEMM (RegNet's 16-channel groups at 10-25 groups run at a
+    fifth of the 1-thread base's prediction, 8-channel groups at a third to a half)."""
+    g = max(k.groups, 1)
+    return (float(np.log(max(k.macs, 1) / g)),
+            float(np.log(max(k.cin // g, 1) * max(k.cout // g, 1))))
 
 
 def log_safe(x: np.ndarray) -> np.ndarray:
@@ -221,4 +236,5 @@ def log_safe(x: np.ndarray) -> np.ndarray:
 
 
 __all__ = ["LAYER_FEATURES", "OP_FEATURES", "LAYER_BASE", "OP_BASE", "CONTEXT_FEATURES", "NETWORK_FEATURES", "feature_rows",
-           "layer_features", "op_features", "loop_sizes", "network_context", "correction_rows", "residual_rows"]
+           "layer_features", "op_features", "loop_sizes", "network_context", "correction_rows", "residual_rows",
+           "group_work"]

@@ -203,7 +203,10 @@ class Correction:
         """The residual trees' factor for :func:`~archpass.costmodel.features.residual_rows` (1 without trees)."""
         if not self.trees or len(rows) == 0:
             return np.ones(len(rows))
-        e = _booster(self.trees).predict(np.asarray(rows, dtype=np.float64), num_threads=1)
+        booster = _booster(self.trees)
+        # residual rows only grow at the end: trees of an older archpass read their own columns
+        x = np.asarray(rows, dtype=np.float64)[:, : booster.num_feature()]
+        e = booster.predict(x, num_threads=1)
         return np.exp(np.clip(e, -MAX_LOG_CORRECTION, MAX_LOG_CORRECTION))
 
     def to_json(self) -> dict:
