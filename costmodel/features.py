@@ -224,8 +224,9 @@ def residual_rows(kernels: list[Kernel], target, prior_ms) -> np.ndarray:
 def group_work(k: Kernel) -> tuple[float, float]:
     """A layer kernel's work per group: log MACs per group, and log input x output
     channels per group.  A CPU runs a grouped conv group by group, so a conv's time
-    follows its per-group GEMM (RegNet's 16-channel groups at 10-25 groups run at a
-    fifth of the 1-thread base's prediction, 8-channel groups at a third to a half)."""
+    follows its per-group GEMM (at 2 threads here RegNetX's 16-channel groups, 10-25 of
+    them, ran at a fifth to a quarter of the 1-thread base's prediction, 8-channel groups
+    at a third to a half)."""
     g = max(k.groups, 1)
     return (float(np.log(max(k.macs, 1) / g)),
             float(np.log(max(k.cin // g, 1) * max(k.cout // g, 1))))
