@@ -15,7 +15,9 @@ archpass's passes; the set of ``predictor_accuracy.py``):
   each from at most 60 s of measurement; against each model's whole-model latency (median
   of window latencies, windows interleaved over models; with several threads of the
   host's fast-state windows, see ``TRUTH_WINDOWS``), all timing under the exclusive lock.
-  The same adaptation run twice at different times gives the drift.
+  The same adaptation run twice at different times gives the drift.  Each adapted target
+  is also scored against each truth measurement alone, with its mean signed error: the
+  host's speed at the time of a measurement moves every model together.
 
     python benchmarks/adapt.py --phase truths|zigzag|prepare|report
     quiet.sh python benchmarks/adapt.py --phase ort-truth --tag first          # one quiet section each
@@ -134,7 +136,8 @@ def score(rows: list[dict]) -> dict:
         return {"models": 0}
     return {"models": len(ok), "within_10pct": float(np.mean(errs <= 10) * 100),
             "within_20pct": float(np.mean(errs <= 20) * 100), "mape_pct": float(errs.mean()),
-            "max_abs_error_pct": float(errs.max())}
+            "max_abs_error_pct": float(errs.max()),
+            "mean_error_pct": float(np.mean([r["error_pct"] for r in ok]))}  # the level: every model moving together
 
 
 def score_variants(prefix: str, variants: dict, models, truths: dict) -> dict:
@@ -447,6 +450,14 @@ def phase_report(args) -> None:
             entry["targets_against_every_window"] = {
                 k: {kk: vv for kk, vv in v.items() if kk != "rows"}
                 for k, v in score_variants(f"ort {sc} (every window)", adapted, models, every).items()}
+            # the same against each truth measurement alone: how much of the error is the
+            # host's speed at the time of a measurement (every model moves together)
+            each: dict = {}
+            for k, t in adapted.items():
+                for tt, r in current.items():
+                    one = {n: {"ms": r["scenarios"][sc][n]["ms"]} for n in ORT_MODELS if n in r["scenarios"].get(sc, {})}
+                    each.setdefault(k, {})[tt] = score(rows_for(t, models, one))
+            entry["targets_against_each_truth_measurement"] = each
             if len(tags) >= 2:
                 a = np.array([r["predicted_ms"] for r in entry["targets"][f"adapted_{tags[0]}"]["rows"]])
                 b = np.array([r["predicted_ms"] for r in entry["targets"][f"adapted_{tags[1]}"]["rows"]])
