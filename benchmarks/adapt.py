@@ -364,7 +364,7 @@ def combined_truths(doc: dict) -> tuple[dict, dict]:
     import numpy as np
 
     from archpass.costmodel.adapt import allowed_other_cores
-    from archpass.costmodel.hoststate import FAST_RATIO
+    from archpass.costmodel.hoststate import slow_state
 
     runs = [r for r in doc.get("truths", {}).values() if r.get("protocol") == TRUTH_PROTOCOL]
     out: dict = {}
@@ -388,7 +388,7 @@ def combined_truths(doc: dict) -> tuple[dict, dict]:
             out[sc][name] = {"ms": ms, "median_window_ms": float(np.median(windows)),
                              "min_window_ms": float(np.min(windows)), "windows": windows,
                              "windows_left_out": len(rows) - len(kept),
-                             "slow_state_windows": int(sum(1 for x in kept if best and x[2] and x[2] > FAST_RATIO * best)),
+                             "slow_state_windows": int(sum(slow_state(x[2], best) for x in kept)),
                              "window_spread_pct": (max(windows) / min(windows) - 1) * 100}
             for i in range(len(per_run)):  # every pair of truth measurements
                 for j in range(i + 1, len(per_run)):

@@ -992,7 +992,7 @@ def measure_networks(nets: list[Network], provider: str, threads: int, graph_opt
     import onnxruntime as ort
 
     from archpass.costmodel.backends.onnxruntime import random_feeds, session_options, timed_runs
-    from archpass.costmodel.hoststate import FAST_RATIO, ParallelProbe, fast_windows, run_statistic
+    from archpass.costmodel.hoststate import FAST_RATIO, ParallelProbe, fast_windows, run_statistic, slow_state
 
     allowed = allowed_other_cores(threads)
     settle = SPIN_SETTLE_S if threads > 1 else 0.0
@@ -1092,8 +1092,8 @@ def measure_networks(nets: list[Network], provider: str, threads: int, graph_opt
                 n.fast = fast_windows([w[3] for w in n.windows], probe.best)
             states = [w[3] for n in admitted for w in n.windows]
             seen.update(probe_best_ms=round(probe.best, 4), probe_median_ms=round(float(np.median(probe.readings)), 4),
-                        slow_state_windows=int(sum(s > FAST_RATIO * probe.best for s in states)), windows_kept=len(states),
-                        networks_without_fast_window=int(sum(all(w[3] > FAST_RATIO * probe.best for w in n.windows)
+                        slow_state_windows=int(sum(slow_state(s, probe.best) for s in states)), windows_kept=len(states),
+                        networks_without_fast_window=int(sum(all(slow_state(w[3], probe.best) for w in n.windows)
                                                              for n in admitted)))
         profiles = {n.key: (n.sessions[0].end_profiling(), n.sessions[3]) for n in admitted}
         for n in admitted:

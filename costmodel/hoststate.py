@@ -6,8 +6,8 @@ MobileNetV2 takes 1.8 ms, 2.7 ms or 7.8 ms depending on the moment, each state l
 from seconds to minutes, while the one-thread time of the same moments does not move and
 no process of the guest is busy: the guest's load accounting (:class:`OtherLoad
 <archpass.costmodel.adapt.OtherLoad>`) cannot see it.  A probe can: a small network of
-fork-join-bound layers, timed at the measurement's thread count, takes about 0.35 ms in
-the fast state here and 1.7-1.9x that in the slow ones.
+fork-join-bound layers, timed at the measurement's thread count, takes about 0.33 ms in
+the fast state here and 0.6-0.7 ms in the slow ones.
 
 Multi-threaded measurements read the probe around each window: a window whose probe was
 more than :data:`FAST_RATIO` times the best probe reading is a *slow-state* window; it is
@@ -83,7 +83,7 @@ class ParallelProbe:
 
     def fast(self, ms: float, best: float | None = None) -> bool:
         """Whether a reading is the fast state's (against ``best``, default the best so far)."""
-        return ms <= FAST_RATIO * (self.best if best is None else best)
+        return not slow_state(ms, self.best if best is None else best)
 
     def wait_fast(self, max_wait: float, poll: float = 0.2) -> tuple[float, float]:
         """Read the probe until it shows the fast state (up to ``max_wait`` s).  Returns
@@ -103,11 +103,17 @@ def run_statistic(times, threads: int) -> float:
     return float(np.median(times) if threads <= 1 else np.percentile(times, 25))
 
 
+def slow_state(ms: float | None, best: float | None) -> bool:
+    """Whether a probe reading shows the slow state against the best reading (False when
+    either is missing: one thread, no probe)."""
+    return bool(ms and best) and ms > FAST_RATIO * best
+
+
 def fast_windows(probe_ms, best: float) -> list[int]:
     """Indices of the windows whose probe reading shows the fast state against ``best``
     (every window when none does, or when no window has a reading)."""
-    idx = [i for i, p in enumerate(probe_ms) if p is None or p <= FAST_RATIO * best]
+    idx = [i for i, p in enumerate(probe_ms) if not slow_state(p, best)]
     return idx or list(range(len(probe_ms)))
 
 
-__all__ = ["FAST_RATIO", "ParallelProbe", "fast_windows", "probe_model", "run_statistic"]
+__all__ = ["FAST_RATIO", "ParallelProbe", "fast_windows", "probe_model", "run_statistic", "slow_state"]

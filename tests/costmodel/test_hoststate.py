@@ -10,7 +10,7 @@ import onnxruntime as ort
 from builders import NetBuilder
 
 from archpass.costmodel import adapt, hoststate, load_target
-from archpass.costmodel.hoststate import FAST_RATIO, ParallelProbe, fast_windows, probe_model
+from archpass.costmodel.hoststate import FAST_RATIO, ParallelProbe, fast_windows, probe_model, slow_state
 from archpass.model import load_model
 
 
@@ -65,6 +65,8 @@ def test_fast_windows():
     assert fast_windows([1.0, 2.0, 1.2], best=1.0) == [0, 2]
     assert fast_windows([2.0, 2.5], best=1.0) == [0, 1]  # none fast: all kept
     assert fast_windows([None, 2.0], best=1.0) == [0]  # no reading (one thread): kept
+    assert slow_state(FAST_RATIO * 1.01, 1.0) and not slow_state(FAST_RATIO, 1.0)
+    assert not slow_state(None, 1.0) and not slow_state(5.0, None)  # no probe: never slow
 
 
 def _loaded(tmp_path, proto):
