@@ -17,7 +17,9 @@ archpass's passes; the set of ``predictor_accuracy.py``):
   host's fast-state windows, see ``TRUTH_WINDOWS``), all timing under the exclusive lock.
   The same adaptation run twice at different times gives the drift.  Each adapted target
   is also scored against each truth measurement alone, with its mean signed error: the
-  host's speed at the time of a measurement moves every model together.
+  host's speed at the time of a measurement moves every model together; and against the
+  truth measurements taken within ``NEARBY_S`` before and after it, combined (the host in
+  the same period: take a truth, adapt, take a truth).
 
     python benchmarks/adapt.py --phase truths|zigzag|prepare|report
     quiet.sh python benchmarks/adapt.py --phase ort-truth --tag first          # one quiet section each
@@ -255,6 +257,10 @@ def canonical_protos(names) -> dict:
 TRUTH_WINDOWS = 7
 TRUTH_PROTOCOL = 4  # earlier protocols (no probe, window medians with several threads) are not combined
 TRUTH_RUNS, TRUTH_MIN_S = 10, 0.15
+#: truth measurements taken this close to an adaptation (before or after it) are its
+#: same-period reference: the host's speed drifts over hours (four truth measurements of
+#: one morning differed by 4.4% median, up to 15%, every model moving together)
+NEARBY_S = 20 * 60
 
 
 def ort_truths(protos: dict, windows: int = TRUTH_WINDOWS) -> dict:
@@ -357,16 +363,18 @@ def phase_prepare(args) -> None:
     load_models(ORT_MODELS)
 
 
-def combined_truths(doc: dict) -> tuple[dict, dict]:
+def combined_truths(doc: dict, keys=None) -> tuple[dict, dict]:
     """Per scenario and model: the median of the fast-state windows (against the best probe
-    reading of all measurements) of every truth measurement of the current protocol, and
-    how much two truth measurements (taken at different times) differ."""
+    reading of all measurements) of every truth measurement of the current protocol (or of
+    those named by ``keys``), and how much two truth measurements (taken at different
+    times) differ."""
     import numpy as np
 
     from archpass.costmodel.adapt import allowed_other_cores
     from archpass.costmodel.hoststate import slow_state
 
-    runs = [r for r in doc.get("truths", {}).values() if r.get("protocol") == TRUTH_PROTOCOL]
+    runs = [r for k, r in doc.get("truths", {}).items()
+            if r.get("protocol") == TRUTH_PROTOCOL and (keys is None or k in keys)]
     out: dict = {}
     stability: dict = {}
     for sc, kw in {**BASE_SCENARIO, **SCENARIOS}.items():
@@ -398,6 +406,29 @@ def combined_truths(doc: dict) -> tuple[dict, dict]:
             stability[sc] = {"median_abs_diff_pct": float(np.median(d)), "max_abs_diff_pct": float(d.max()),
                              "pairs_over_5pct": int((d > 5).sum()), "model_pairs": len(d)}
     return out, stability
+
+
+def _span(entry: dict, seconds_key: str) -> tuple[float, float]:
+    """(start, end) in epoch seconds of a measurement recorded with its end time."""
+    import calendar
+
+    end = calendar.timegm(time.strptime(entry["when"], "%Y-%m-%dT%H:%M:%SZ"))
+    return end - float(entry.get(seconds_key) or 0.0), float(end)
+
+
+def nearby_truths(doc: dict, run: dict, within_s: float = NEARBY_S) -> dict[str, float]:
+    """The truth measurements (current protocol) taken within ``within_s`` of an
+    adaptation's measurement, with the gap in minutes (negative: before it)."""
+    a0, a1 = _span(run, "wall_seconds")
+    out = {}
+    for k, r in doc.get("truths", {}).items():
+        if r.get("protocol") != TRUTH_PROTOCOL:
+            continue
+        t0, t1 = _span(r, "seconds")
+        gap = a0 - t1 if t1 <= a0 else (t0 - a1 if t0 >= a1 else 0.0)
+        if gap <= within_s:
+            out[k] = round((-gap if t1 <= a0 else gap) / 60.0, 1)
+    return out
 
 
 # ------------------------------------------------------------------ report
@@ -458,6 +489,21 @@ def phase_report(args) -> None:
                     one = {n: {"ms": r["scenarios"][sc][n]["ms"]} for n in ORT_MODELS if n in r["scenarios"].get(sc, {})}
                     each.setdefault(k, {})[tt] = score(rows_for(t, models, one))
             entry["targets_against_each_truth_measurement"] = each
+            # the same against the truth measurements taken right before and after each
+            # adaptation (within NEARBY_S), combined: the host in the same period
+            near: dict = {}
+            for tag in tags:
+                close = nearby_truths(doc, doc["adaptations"][tag][sc])
+                if not close:
+                    continue
+                local, _ = combined_truths(doc, set(close))
+                rows = rows_for(variants[f"adapted_{tag}"], models, local[sc])
+                res = score(rows)
+                near[f"adapted_{tag}"] = {"truths_minutes_from_adaptation": close, **res, "rows": rows}
+                print(f"ort {sc} adapted_{tag} against the truths within {NEARBY_S / 60:.0f} min ({', '.join(close)}): "
+                      f"within ±10%: {res['within_10pct']:.1f}% of {res['models']}  MAPE {res['mape_pct']:.1f}%  "
+                      f"max {res['max_abs_error_pct']:.1f}%  mean {res['mean_error_pct']:+.1f}%")
+            entry["targets_against_nearby_truths"] = near
             if len(tags) >= 2:
                 a = np.array([r["predicted_ms"] for r in entry["targets"][f"adapted_{tags[0]}"]["rows"]])
                 b = np.array([r["predicted_ms"] for r in entry["targets"][f"adapted_{tags[1]}"]["rows"]])

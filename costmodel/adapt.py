@@ -83,6 +83,7 @@ FOLDS = 5
 MIN_NETWORK_S = 0.5  # building two sessions and timing the smallest network in three windows
 PLAN_FACTOR = 1.5  # networks planned for this many times the budget (planned costs are pessimistic)
 BATCH = 12  # generated candidate networks per batch
+PICKS_PER_BATCH = 6  # networks planned per batch at most (the greedy choice has twice the candidates)
 MAX_WAIT_S = 5.0  # longest wait for a quiet host before one measurement is taken again
 #: waits for a quiet host (or the fast state) in all: at most this many times the budget
 #: (on a virtual machine whose host ran multi-threaded work slowly half of the time, a
@@ -916,6 +917,22 @@ def group_bucket(k: Kernel) -> int:
     return 1 + int(math.log2(k.groups)) // 2
 
 
+def coverage_cell(k: Kernel, parallelism: int) -> tuple:
+    """The coverage cell of a kernel in the adaptation's plan: kind, kernel size (or op),
+    stride, grouping (:func:`group_bucket`), log2 MACs (or output elements), and for convs
+    whether the channels are multiples of the target's parallelism (a CPU runs unaligned
+    ones outside its blocked layout, up to 9x slower for a depthwise conv) and the output
+    resolution class (up to 14, 28, 56, 112 and more pixels: how a conv splits over
+    threads).  Rewritten networks (channel changes, IBN fusion, resolution) reach cells
+    the families alone do not."""
+    cell = (k.kind, k.op if k.kind not in LAYER_KINDS else k.kernel[0], k.stride[0], group_bucket(k),
+            int(math.log2(max(k.macs if k.kind in LAYER_KINDS else k.out_elems, 1)) // 1))
+    if k.kind not in ("conv", "dwconv"):
+        return cell
+    aligned = k.cin % parallelism == 0 and k.cout % parallelism == 0
+    return (*cell, aligned, min(max(int(math.log2(max(k.out_hw[0], 1) / 14.0)) + 1, 0), 4))
+
+
 def select_networks(base: Target, budget_s: float, windows: int, runs: int, threads: int, seed: int = 0,
                     models=(), pool: int = 96, progress: Callable[[str], None] | None = None) -> list[Network]:
     """The networks to time within ``budget_s``: the ``--models`` first, then generated
@@ -935,8 +952,7 @@ def select_networks(base: Target, budget_s: float, windows: int, runs: int, thre
                           "raise --budget-s or pass fewer models")
 
     def cells(n: Network) -> set:
-        return {(k.kind, k.op if k.kind not in LAYER_KINDS else k.kernel[0], k.stride[0], group_bucket(k),
-                 int(math.log2(max(k.macs if k.kind in LAYER_KINDS else k.out_elems, 1)) // 1)) for k in n.kernels}
+        return {coverage_cell(k, base.parallelism) for k in n.kernels}
 
     # the plan may exceed the budget by half: planned costs are pessimistic, and
     # measure_networks admits networks by the time they really take
@@ -954,10 +970,12 @@ def select_networks(base: Target, budget_s: float, windows: int, runs: int, thre
         if made <= BATCH and planned + min(c.cost_s for c in left) > budget_s and not nets:
             raise TargetError(f"--budget-s {budget_s:g} is too small to measure anything: the smallest network needs "
                               f"about {min(c.cost_s for c in left):.1f} s", "raise --budget-s (60 s is the default)")
-        while left:
+        picks = 0
+        while left and (made >= pool or picks < PICKS_PER_BATCH):
             fits = [c for c in left if planned + c.cost_s <= plan_s]
             if not fits:
                 break
+            picks += 1
             best = max(fits, key=lambda c: (len(cells(c) - covered) + 0.1) / c.cost_s)
             nets.append(best)
             left.remove(best)

@@ -150,9 +150,13 @@ class ChainBuilder:
         y = self.op("Add", [y, sc], "add")
         return self.act(y, act), sh
 
-    def fused(self, x, shape, cout, expand, k, s, act):
+    def fused(self, x, shape, cout, expand, k, s, act, se=None):
+        """A fused inverted residual (what IBN fusion makes of one): a dense ``k`` x ``k``
+        expand conv, optional squeeze-excitation, a 1x1 projection, the residual add."""
         c = shape[0]
         y, sh = self.conv(x, shape, self.align(max(8, c * expand)), k, s, 1, act)
+        if se:
+            y = self.se(y, sh[0], se)
         y, sh = self.conv(y, sh, cout, 1, 1, 1, None)
         if s == 1 and c == cout:
             y = self.op("Add", [y, x], "add")
@@ -244,7 +248,7 @@ class ChainBuilder:
                 elif kind < 0.70:
                     x, shape = self.basic(x, shape, cout, s, rng.choice(["relu", "relu", "relu6"]), bottleneck, gw)
                 elif kind < 0.82:
-                    x, shape = self.fused(x, shape, cout, rng.choice([1, 2, 4]), 3, s, act)
+                    x, shape = self.fused(x, shape, cout, rng.choice([1, 2, 4]), 3, s, act, se)
                 elif kind < 0.90:
                     x, shape = self.conv(x, shape, cout, rng.choice([1, 3, 3, 5]), s, 1, act)
                 elif kind < 0.95 and shape[0] % 2 == 0 and shape[0] >= 16 and s == 1:
@@ -297,7 +301,8 @@ class ChainBuilder:
                         y, sh = self.conv(x, shape, shape[0], 3, stride, shape[0], stage_act)
                         x, shape = self.conv(y, sh, cout, 1, 1, 1, None)
                     elif i <= fused_upto:
-                        x, shape = self.fused(x, shape, cout, rng.choice([1, 4]), 3, stride, stage_act)
+                        x, shape = self.fused(x, shape, cout, rng.choice([1, 4]), k, stride, stage_act,
+                                              gate if i >= se_from else None)
                     else:
                         x, shape = self.ibn(x, shape, cout, t, k, stride, stage_act, gate if i >= se_from else None)
             last = rng.choice([960, 1024, 1280, 1280, int(1280 * max(1.0, mult))])

@@ -283,6 +283,30 @@ def test_candidates_rotate_styles_and_the_plan_covers_many_group_convs():
     assert len(many) >= 10
 
 
+def test_coverage_cells_tell_alignment_and_resolution_apart_and_the_plan_chooses():
+    """Two convs alike but for aligned channels, or for their output resolution, fall in
+    different coverage cells (ops keep the short cell); the plan picks at most
+    PICKS_PER_BATCH networks per generated batch, so it chooses among more candidates than
+    it takes, and covers more cells per planned second than the candidates in order."""
+    from archpass.costmodel import adapt as A
+
+    conv = dict(id="c", kind="conv", op="Conv", nodes=("c",), cin=64, cout=64, kernel=(3, 3), in_hw=(28, 28),
+                out_hw=(28, 28))
+    a = A.coverage_cell(Kernel(**conv), 8)
+    assert A.coverage_cell(Kernel(**{**conv, "cout": 60}), 8) != a  # unaligned
+    assert A.coverage_cell(Kernel(**{**conv, "cout": 64}), 16) == a  # aligned on both
+    assert A.coverage_cell(Kernel(**{**conv, "out_hw": (112, 112), "in_hw": (112, 112)}), 8)[-1] == 4
+    assert A.coverage_cell(Kernel(**{**conv, "out_hw": (7, 7), "in_hw": (7, 7)}), 8)[-1] == 0
+    assert [A.coverage_cell(Kernel(**{**conv, "out_hw": (h, h)}), 8)[-1] for h in (14, 28, 56)] == [1, 2, 3]
+    op = Kernel(id="o", kind="op", op="Add", nodes=("a",), cin=64, cout=64, out_elems=4096)
+    assert len(A.coverage_cell(op, 8)) == 5
+    cpu = load_target("cpu")
+    nets = A.select_networks(cpu, 12.0, 3, 5, 1, pool=24)
+    made = {int(n.label.split("-")[1]) - 700001 for n in nets}
+    assert len(nets) >= 4 and made != set(range(len(nets)))  # not simply the first candidates
+    assert max(made) >= len(nets)
+
+
 def test_residual_trees_learn_grouped_convs_from_grouped_networks():
     """A device that runs grouped convs with 8+ groups at 0.5x what the prior says (as
     onnxruntime's group-by-group conv runs many small groups) and everything else at 1.2x:

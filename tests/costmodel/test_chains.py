@@ -143,3 +143,37 @@ def test_grouped_networks_are_regnet_and_resnext_like():
         assert len(small) == len(strided) < len(grouped), seed  # past the cap, a stage keeps its first block only
     assert many >= 60 and se >= 2 and wide >= 2
     assert build_grouped(3).SerializeToString() != build_grouped(4).SerializeToString()
+
+
+def test_templates_fuse_early_stages_as_ibn_fusion_does():
+    """Fused early stages take the stage's kernel size (3 or 5, as fusing a 5x5 depthwise
+    block gives) and keep the stage's squeeze-excitation: a dense k x k conv with a
+    squeeze-excitation after it, as `fuse_ibn` makes of EfficientNet's blocks."""
+    sizes, se_after_dense = set(), 0
+    for seed in range(60):
+        model = build_template(seed)
+        nodes = list(model.graph.node)
+        consumers: dict[str, list] = {}
+        for n in nodes:
+            for i in n.input:
+                consumers.setdefault(i, []).append(n)
+        shapes = {t.name: t for t in model.graph.initializer}
+        for n in nodes:
+            if n.op_type != "Conv":
+                continue
+            w = shapes[n.input[1]]
+            group = next((a.i for a in n.attribute if a.name == "group"), 1)
+            if group != 1 or w.dims[1] <= 3 or w.dims[2] == 1:
+                continue  # dense k x k convs past the stem
+            sizes.add(w.dims[2])
+            out, seen = n.output[0], 0
+            while seen < 3:  # through the activation's nodes
+                nxt = consumers.get(out, [])
+                if any(c.op_type == "GlobalAveragePool" and consumers[c.output[0]][0].op_type == "Conv" for c in nxt):
+                    se_after_dense += 1
+                    break
+                if len(nxt) != 1 and not any(c.op_type == "Mul" for c in nxt):
+                    break
+                out, seen = nxt[-1].output[0], seen + 1
+    assert {3, 5} <= sizes
+    assert se_after_dense >= 1
