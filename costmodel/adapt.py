@@ -33,6 +33,7 @@ The result is a normal target directory: ``target.json`` with the corrections an
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import math
 import os
@@ -47,7 +48,7 @@ from archpass.costmodel.calibrate import DATASET, Dataset, Job, Progress, accura
 from archpass.costmodel.estimate import MIN_KERNEL_SHARE, predict_kernels
 from archpass.costmodel.features import correction_rows, layer_features
 from archpass.costmodel.hoststate import SETTLE_S as PROBE_SETTLE_S
-from archpass.costmodel.kernels import GENERIC_OP, LAYER_KINDS, FusionRules, Kernel, decompose
+from archpass.costmodel.kernels import CONV_KINDS, GENERIC_OP, LAYER_KINDS, FusionRules, Kernel, decompose
 from archpass.costmodel.predictor import LAYER_TERMS, OP_TERMS, Correction
 from archpass.costmodel.target import Target, load_target, save_target
 from archpass.errors import TargetError
@@ -922,15 +923,19 @@ def coverage_cell(k: Kernel, parallelism: int) -> tuple:
     stride, grouping (:func:`group_bucket`), log2 MACs (or output elements), and for convs
     whether the channels are multiples of the target's parallelism (a CPU runs unaligned
     ones outside its blocked layout, up to 9x slower for a depthwise conv) and the output
-    resolution class (up to 14, 28, 56, 112 and more pixels: how a conv splits over
-    threads).  Rewritten networks (channel changes, IBN fusion, resolution) reach cells
-    the families alone do not."""
+    resolution class (:data:`RESOLUTION_CLASSES`: how a conv splits over threads).
+    Rewritten networks (channel changes, IBN fusion, resolution) reach cells the families
+    alone do not."""
     cell = (k.kind, k.op if k.kind not in LAYER_KINDS else k.kernel[0], k.stride[0], group_bucket(k),
             int(math.log2(max(k.macs if k.kind in LAYER_KINDS else k.out_elems, 1)) // 1))
-    if k.kind not in ("conv", "dwconv"):
+    if k.kind not in CONV_KINDS:
         return cell
     aligned = k.cin % parallelism == 0 and k.cout % parallelism == 0
-    return (*cell, aligned, min(max(int(math.log2(max(k.out_hw[0], 1) / 14.0)) + 1, 0), 4))
+    return (*cell, aligned, bisect.bisect_right(RESOLUTION_CLASSES, k.out_hw[0]))
+
+
+#: output heights where a conv's resolution class starts (below 8 px, 8-27, 28-55, 56-111, 112 and more)
+RESOLUTION_CLASSES = (8, 28, 56, 112)
 
 
 def select_networks(base: Target, budget_s: float, windows: int, runs: int, threads: int, seed: int = 0,

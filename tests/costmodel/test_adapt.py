@@ -297,7 +297,8 @@ def test_coverage_cells_tell_alignment_and_resolution_apart_and_the_plan_chooses
     assert A.coverage_cell(Kernel(**{**conv, "cout": 64}), 16) == a  # aligned on both
     assert A.coverage_cell(Kernel(**{**conv, "out_hw": (112, 112), "in_hw": (112, 112)}), 8)[-1] == 4
     assert A.coverage_cell(Kernel(**{**conv, "out_hw": (7, 7), "in_hw": (7, 7)}), 8)[-1] == 0
-    assert [A.coverage_cell(Kernel(**{**conv, "out_hw": (h, h)}), 8)[-1] for h in (14, 28, 56)] == [1, 2, 3]
+    assert [A.coverage_cell(Kernel(**{**conv, "out_hw": (h, h)}), 8)[-1] for h in (8, 14, 27, 28, 55, 56, 111)] == [
+        1, 1, 1, 2, 2, 3, 3]
     op = Kernel(id="o", kind="op", op="Add", nodes=("a",), cin=64, cout=64, out_elems=4096)
     assert len(A.coverage_cell(op, 8)) == 5
     cpu = load_target("cpu")
