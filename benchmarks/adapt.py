@@ -19,11 +19,13 @@ archpass's passes; the set of ``predictor_accuracy.py``):
   is also scored against each truth measurement alone, with its mean signed error: the
   host's speed at the time of a measurement moves every model together; and against the
   truth measurements taken within ``NEARBY_S`` before and after it, combined (the host in
-  the same period: take a truth, adapt, take a truth).
+  the same period: take a truth, adapt, take a truth).  Adaptations with other plan seeds
+  (``--seed``: which networks the plan draws) show how much a result depends on the draw;
+  the report pools every adaptation of a scenario.
 
     python benchmarks/adapt.py --phase truths|zigzag|prepare|report
     quiet.sh python benchmarks/adapt.py --phase ort-truth --tag first          # one quiet section each
-    quiet.sh python benchmarks/adapt.py --phase ort-adapt --scenario 2threads --tag first
+    quiet.sh python benchmarks/adapt.py --phase ort-adapt --scenario 2threads --tag first [--seed 0]
     python benchmarks/adapt.py --phase report --adapt-tags first,second   # the adaptations scored; drift between them
 
 Phases write into the benchmark cache (``$ARCHPASS_BENCH_CACHE``/adapt) and
@@ -210,8 +212,9 @@ BASE_SCENARIO = {"1thread": {"threads": 1, "graph_opt": "all"}}
 BUDGET_S = 60.0
 
 
-def adapt_run(sc: str, tag: str) -> dict:
-    """One adaptation of ``cpu`` to scenario ``sc`` (its own quiet section), recorded in ort_runs.json."""
+def adapt_run(sc: str, tag: str, seed: int = 0) -> dict:
+    """One adaptation of ``cpu`` to scenario ``sc`` with the plan drawn from ``seed`` (its
+    own quiet section), recorded in ort_runs.json."""
     from archpass.costmodel.adapt import adapt_onnxruntime
 
     import shutil
@@ -219,9 +222,9 @@ def adapt_run(sc: str, tag: str) -> dict:
     d = work_dir() / f"ort_{sc}_{tag}"
     shutil.rmtree(d, ignore_errors=True)  # a fresh adaptation (the dataset would resume an earlier one)
     t0 = time.time()
-    t = adapt_onnxruntime(base="cpu", name=f"cpu_{sc}", out_dir=d, budget_s=BUDGET_S, seed=0,
+    t = adapt_onnxruntime(base="cpu", name=f"cpu_{sc}", out_dir=d, budget_s=BUDGET_S, seed=seed,
                           progress=lambda m: print(f"adapt {sc}: {m}", file=sys.stderr, flush=True), **SCENARIOS[sc])
-    entry = {"dir": str(d), "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    entry = {"dir": str(d), "seed": seed, "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
              "wall_seconds": round(time.time() - t0, 1), "measurement": t.accuracy["measurement"],
              "method": t.accuracy["method"], "network_fit": t.accuracy.get("network_fit"),
              "cross_validation": t.accuracy["cross_validation"]}
@@ -355,7 +358,7 @@ def settle(threads: int = 2, max_wait: float = 180.0) -> float:
 
 def phase_ort_adapt(args) -> None:
     settle()
-    adapt_run(args.scenario, args.tag)
+    adapt_run(args.scenario, args.tag, args.seed)
 
 
 def phase_prepare(args) -> None:
@@ -499,11 +502,22 @@ def phase_report(args) -> None:
                 local, _ = combined_truths(doc, set(close))
                 rows = rows_for(variants[f"adapted_{tag}"], models, local[sc])
                 res = score(rows)
-                near[f"adapted_{tag}"] = {"truths_minutes_from_adaptation": close, **res, "rows": rows}
-                print(f"ort {sc} adapted_{tag} against the truths within {NEARBY_S / 60:.0f} min ({', '.join(close)}): "
+                seed = doc["adaptations"][tag][sc].get("seed", 0)
+                near[f"adapted_{tag}"] = {"truths_minutes_from_adaptation": close, "seed": seed, **res, "rows": rows}
+                print(f"ort {sc} adapted_{tag} (seed {seed}) against the truths within {NEARBY_S / 60:.0f} min ({', '.join(close)}): "
                       f"within ±10%: {res['within_10pct']:.1f}% of {res['models']}  MAPE {res['mape_pct']:.1f}%  "
                       f"max {res['max_abs_error_pct']:.1f}%  mean {res['mean_error_pct']:+.1f}%")
             entry["targets_against_nearby_truths"] = near
+            if near:  # every adaptation of the scenario together: how much a result depends on the plan's draw and the hour
+                each = [v["within_10pct"] for v in near.values()]
+                errs = np.array([r["error_pct"] for v in near.values() for r in v["rows"]])
+                entry["nearby_truths_all_adaptations"] = {
+                    "adaptations": len(near), "seeds": sorted({v["seed"] for v in near.values()}),
+                    "within_10pct_each": each, "within_10pct_min": min(each), "within_10pct_median": float(np.median(each)),
+                    "within_10pct_pooled": float(np.mean(np.abs(errs) <= 10) * 100), "mape_pct_pooled": float(np.mean(np.abs(errs))),
+                    "adaptations_meeting_90pct": int(sum(w >= 90 for w in each))}
+                print(f"ort {sc}: {len(near)} adaptations, within ±10% of their nearby truths: "
+                      f"{', '.join(f'{w:.0f}%' for w in each)} (pooled {entry['nearby_truths_all_adaptations']['within_10pct_pooled']:.1f}%)")
             if len(tags) >= 2:
                 a = np.array([r["predicted_ms"] for r in entry["targets"][f"adapted_{tags[0]}"]["rows"]])
                 b = np.array([r["predicted_ms"] for r in entry["targets"][f"adapted_{tags[1]}"]["rows"]])
@@ -528,6 +542,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--tag", default="first", help="ort-truth / ort-adapt: which measurement (first, second, ...)")
     ap.add_argument("--scenario", choices=list(SCENARIOS), help="ort-adapt: which adaptation")
+    ap.add_argument("--seed", type=int, default=0, help="ort-adapt: the seed the plan's networks are drawn from")
     ap.add_argument("--adapt-tags", default="first,second",
                     help="report: the adaptations scored (the first two give the drift; the first the per-method refits)")
     args = ap.parse_args(argv)
