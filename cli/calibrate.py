@@ -146,8 +146,9 @@ def _adapt(base, backend, name, output, hardware, mapping, clock_hz, lpf_limit, 
 def _report(target, output, json_out: bool) -> None:
     name = target.name
     acc = target.accuracy
+    notes = list((acc.get("measurement") or {}).get("notes") or [])
     if json_out:
-        print_json({"target": target.summary(), "path": str(output), "accuracy": acc})
+        print_json({"target": target.summary(), "path": str(output), "accuracy": acc, "notes": notes})
         return
     table = Table(title=f"Target {name} written to {output} (held-out accuracy)", title_justify="left")
     for c in ("kernel kind", "points", "held out", "within ±10%", "within ±20%", "MAPE"):
@@ -180,6 +181,8 @@ def _report(target, output, json_out: bool) -> None:
                      f"{m.get('kept_busy')} kept busy")
     if acc.get("failed_jobs"):
         stderr.print(f"{acc['failed_jobs']} measurements failed and were skipped, e.g. {acc['failure_examples'][:2]}")
+    for n in notes:
+        stdout.print(f"note: {n}", markup=False, highlight=False)
 
 
 def register(app: typer.Typer) -> None:

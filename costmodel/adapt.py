@@ -91,6 +91,12 @@ MAX_WAIT_S = 5.0  # longest wait for a quiet host before one measurement is take
 #: 60 s budget waited 64 s with one budget of waits allowed, and then had to keep
 #: slow-state windows)
 WAIT_FACTOR = 3.0
+#: a measurement with more than this share of its windows in the host's slow state, or
+#: kept while other processes kept a needed core busy, makes a note in the adapted target:
+#: its level is less sure (a 2-thread adaptation here with half of its windows in the slow
+#: state, its allowance for waiting used up, predicted the held-out models 8.5% high on
+#: average; ten with 3-14% of their windows slow, -2% to +4%)
+UNSTABLE_SHARE = 0.25
 #: with several threads, onnxruntime's idle workers spin for some milliseconds after a run:
 #: a session timed right after another one shares the cores with the other's spinning
 #: workers (2-thread window medians of one network then differed up to 5x).  Each timed
@@ -1127,6 +1133,27 @@ def measure_networks(nets: list[Network], provider: str, threads: int, graph_opt
         raise
 
 
+def measurement_notes(m: dict, budget_s: float) -> list[str]:
+    """One line per reason to trust a measurement's level less: the host was in its slow
+    state for more than :data:`UNSTABLE_SHARE` of the windows, or other processes kept a
+    needed core busy for that share of the measurements (``m``: what
+    :func:`measure_networks` saw)."""
+    notes = []
+    windows = int(m.get("windows_kept") or 0)
+    slow = int(m.get("slow_state_windows") or 0)
+    used_up = float(m.get("waited_s") or 0.0) >= WAIT_FACTOR * budget_s - MAX_WAIT_S
+    if windows and slow > UNSTABLE_SHARE * windows:
+        notes.append(f"the host ran multi-threaded work slowly during {slow} of {windows} windows"
+                     + (f" (waits for its fast state used up their {WAIT_FACTOR * budget_s:g} s)" if used_up else "")
+                     + ": predictions may be high by several percent; adapt again when the host is quiet")
+    taken = windows or len(m.get("other_cores") or ())
+    busy = int(m.get("kept_busy") or 0)
+    if taken and busy > UNSTABLE_SHARE * taken:
+        notes.append(f"{busy} of {taken} measurements were kept while other processes kept a needed core busy: "
+                     "predictions may be high; adapt again when the machine is idle")
+    return notes
+
+
 def window_statistic(threads: int):
     """How a network's windows combine: the median over windows with one thread; with
     several the minimum over its fast-state windows (:attr:`Network.fast`): the probe
@@ -1216,8 +1243,9 @@ def adapt_onnxruntime(*, base: str | Path | Target, name: str, out_dir: str | Pa
     if len(points) < 5 or len(keys) < 2:
         raise TargetError(f"--budget-s {budget_s:g} measured only {len(keys)} network(s)",
                           "raise --budget-s (60 s is the default)")
+    notes = measurement_notes(seen, budget_s)
     oc = seen.pop("other_cores")
-    measurement = {**seen, "window_statistic": "median" if threads <= 1 else "min of fast-state windows",
+    measurement = {**seen, "notes": notes, "window_statistic": "median" if threads <= 1 else "min of fast-state windows",
                    "networks": len(keys), "other_cores_median": float(np.median(oc)) if oc else None,
                    "other_cores_max": float(np.max(oc)) if oc else None, "total_seconds": round(time.time() - t_all, 1),
                    "models": [Path(p).name for p in models]}
@@ -1236,4 +1264,4 @@ def adapt_onnxruntime(*, base: str | Path | Target, name: str, out_dir: str | Pa
 
 
 __all__ = ["adapt_zigzag", "adapt_onnxruntime", "adapt_layers", "dataset_points", "refit", "fit_corrections", "Points", "select_layers", "select_networks",
-           "measure_networks", "load_base", "METHODS", "PER_KIND"]
+           "measure_networks", "measurement_notes", "load_base", "METHODS", "PER_KIND"]

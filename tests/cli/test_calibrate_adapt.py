@@ -122,3 +122,33 @@ def test_adapt_install_makes_the_adapted_target_the_default_here(tiny, tmp_path,
     assert t.name == "cpu-here" and t.origin == "user"
     r = runner.invoke(app, ["inspect", str(tiny), "--target", "cpu", "--json"])
     assert r.exit_code == 0 and not [n for n in json.loads(r.stdout)["notes"] if "not on this host" in n]
+
+
+def test_adapt_notes_a_measurement_taken_on_a_busy_host(tiny, tmp_path, monkeypatch, capsys):
+    """Measurements kept while other processes kept a core busy: the adapted target says so,
+    in the JSON's notes and in the human output."""
+    import functools
+
+    from archpass.cli.calibrate import _report
+    from archpass.costmodel import adapt as ad
+
+    real = ad.measure_networks
+
+    def busy(*args, **kwargs):
+        got = real(*args, **kwargs)
+        got["seen"]["kept_busy"] = len(got["seen"]["other_cores"])  # as if every measurement had been kept busy
+        return got
+
+    monkeypatch.setattr(ad, "measure_networks", busy)
+    monkeypatch.setattr(ad, "adapt_onnxruntime", functools.partial(ad.adapt_onnxruntime, pool=3, windows=2, runs=3))
+    out = tmp_path / "busy"
+    r = runner.invoke(app, ["calibrate", "--adapt", "cpu", "--backend", "onnxruntime", "--budget-s", "4",
+                            "--name", "cpu-busy", "-o", str(out), "--json"])
+    assert r.exit_code == 0, r.output
+    notes = json.loads(r.stdout)["notes"]
+    assert len(notes) == 1 and "kept while other processes kept a needed core busy" in notes[0]
+    t = load_target(out)
+    assert t.accuracy["measurement"]["notes"] == notes  # recorded in the target
+    capsys.readouterr()
+    _report(t, out, False)
+    assert f"note: {notes[0]}" in " ".join(capsys.readouterr().out.split())

@@ -401,3 +401,22 @@ def test_network_fit_takes_out_profiler_bookkeeping_the_profiled_kernels_still_h
     uncorrected = replace(adapted, corrections={k: replace(c, add_ms=0.0) for k, c in corr.items()})
     v = predict_kernels([tiny], uncorrected)[0][0]
     assert v < 0.004 and predict_kernels([tiny], adapted)[0][0] == pytest.approx(MIN_KERNEL_SHARE * v)
+
+
+def test_measurement_notes_flag_an_unstable_or_busy_host():
+    """A measurement with many slow-state windows or busy cores gets a note; a calm one none."""
+    from archpass.costmodel.adapt import UNSTABLE_SHARE, WAIT_FACTOR, measurement_notes
+
+    calm = {"windows_kept": 150, "slow_state_windows": 15, "waited_s": 50.0, "kept_busy": 0, "other_cores": [0.0] * 160}
+    assert measurement_notes(calm, 60.0) == []
+    assert measurement_notes({}, 60.0) == []  # nothing seen (a single-thread measurement without a probe)
+    slow = {**calm, "windows_kept": 116, "slow_state_windows": 58, "waited_s": WAIT_FACTOR * 60.0}
+    (note,) = measurement_notes(slow, 60.0)
+    assert "58 of 116 windows" in note and "used up" in note and "adapt again" in note
+    edge = int(UNSTABLE_SHARE * 116)
+    assert measurement_notes({**slow, "slow_state_windows": edge}, 60.0) == []  # at the share: no note
+    assert "used up" not in measurement_notes({**slow, "waited_s": 10.0}, 60.0)[0]
+    busy = {"kept_busy": 40, "other_cores": [1.0] * 100}
+    (note,) = measurement_notes(busy, 60.0)
+    assert "40 of 100 measurements" in note and "busy" in note
+    assert len(measurement_notes({**slow, **busy}, 60.0)) == 2
