@@ -210,10 +210,10 @@ def phase_zigzag(args) -> dict:
 #: the issue's two simulated new hosts, and the base's own setting adapted to this host
 #: (what ``calibrate --adapt cpu`` does by default: it separates what full graph
 #: optimizations cost the adaptation from what a second thread does)
-SCENARIOS = {"2threads": {"threads": 2, "graph_opt": "all"}, "basic": {"threads": 1, "graph_opt": "basic"},
-             "1thread": {"threads": 1, "graph_opt": "all"}}
 #: the base target's own setting, timed too: how right ``cpu`` is on this host before adapting
 BASE_SCENARIO = {"1thread": {"threads": 1, "graph_opt": "all"}}
+SCENARIOS = {"2threads": {"threads": 2, "graph_opt": "all"}, "basic": {"threads": 1, "graph_opt": "basic"},
+             **BASE_SCENARIO}
 BUDGET_S = 60.0
 
 
@@ -527,10 +527,14 @@ def phase_report(args) -> None:
                 a = np.array([r["predicted_ms"] for r in entry["targets"][f"adapted_{tags[0]}"]["rows"]])
                 b = np.array([r["predicted_ms"] for r in entry["targets"][f"adapted_{tags[1]}"]["rows"]])
                 moves = np.abs(b / a - 1) * 100
+                seeds = [doc["adaptations"][t][sc].get("seed", 0) for t in tags[:2]]
                 entry["drift"] = {"median_abs_move_pct": float(np.median(moves)), "max_abs_move_pct": float(moves.max()),
                                   "first": entry[f"adaptation_{tags[0]}"]["when"],
-                                  "second": entry[f"adaptation_{tags[1]}"]["when"]}
-                print(f"ort {sc} drift between the two adaptations: median {np.median(moves):.1f}%, max {moves.max():.1f}%")
+                                  "second": entry[f"adaptation_{tags[1]}"]["when"], "seeds": seeds,
+                                  "same_plan": seeds[0] == seeds[1]}
+                print(f"ort {sc} drift between the two adaptations (seeds {seeds[0]}, {seeds[1]}"
+                      f"{'' if seeds[0] == seeds[1] else ': two plans, not the same adaptation'}): "
+                      f"median {np.median(moves):.1f}%, max {moves.max():.1f}%")
             ort["scenarios"][sc] = entry
         figures["onnxruntime"] = ort
     else:

@@ -924,6 +924,10 @@ def group_bucket(k: Kernel) -> int:
     return 1 + int(math.log2(k.groups)) // 2
 
 
+#: output heights where a conv's resolution class starts (below 8 px, 8-27, 28-55, 56-111, 112 and more)
+RESOLUTION_CLASSES = (8, 28, 56, 112)
+
+
 def coverage_cell(k: Kernel, parallelism: int) -> tuple:
     """The coverage cell of a kernel in the adaptation's plan: kind, kernel size (or op),
     stride, grouping (:func:`group_bucket`), log2 MACs (or output elements), and for convs
@@ -938,10 +942,6 @@ def coverage_cell(k: Kernel, parallelism: int) -> tuple:
         return cell
     aligned = k.cin % parallelism == 0 and k.cout % parallelism == 0
     return (*cell, aligned, bisect.bisect_right(RESOLUTION_CLASSES, k.out_hw[0]))
-
-
-#: output heights where a conv's resolution class starts (below 8 px, 8-27, 28-55, 56-111, 112 and more)
-RESOLUTION_CLASSES = (8, 28, 56, 112)
 
 
 def select_networks(base: Target, budget_s: float, windows: int, runs: int, threads: int, seed: int = 0,
