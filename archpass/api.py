@@ -16,14 +16,36 @@ from archpass.structure import Structure
 InputShapes = Mapping[str, Sequence[int]] | Sequence[str] | None
 
 
-def inspect(path: str | os.PathLike, input_shapes: InputShapes = None, target: str | None = None) -> dict:
-    """The document ``archpass inspect --json`` prints."""
+def inspect(path: str | os.PathLike, input_shapes: InputShapes = None, target: str | None = None, *,
+            measure: bool = False, windows: int | None = None, progress=None) -> dict:
+    """The document ``archpass inspect --json`` prints.  With ``measure`` (an onnxruntime
+    ``target``), the model is also timed on this host as the target runs it
+    (:func:`archpass.costmodel.measure.measure_latency`, ``windows`` windows): the
+    estimate gets ``measured`` (with ``error_pct``, the prediction's), and a note when the
+    prediction is more than 10% off."""
+    from archpass.errors import TargetError
+
+    if measure and target is None:
+        raise TargetError("--measure times the model as a target runs it, and no --target was given",
+                          "pass --target (cpu, or a target `calibrate --adapt` wrote)")
+    if measure and windows is not None and windows < 1:
+        raise TargetError(f"--windows {windows} is not positive", "pass 1 or more (5 is the default)")
     model = load_model(path, input_shapes)
     structure = analyze(model)
-    return inspect_document(model, structure, target)
+    if not measure:
+        return inspect_document(model, structure, target)
+    from archpass.costmodel import load_target
+    from archpass.costmodel.measure import WINDOWS, runtime_settings
+
+    runtime_settings(load_target(target))  # refused before any work when it is not an onnxruntime target
+    return inspect_document(model, structure, target, measure=WINDOWS if windows is None else windows,
+                            progress=progress)
 
 
-def inspect_document(model: Model, structure: Structure, target: str | None = None) -> dict:
+def inspect_document(model: Model, structure: Structure, target: str | None = None, measure: int = 0,
+                     progress=None) -> dict:
+    """The inspect document; ``measure`` > 0 times the model in that many windows on this
+    host (``target`` must be an onnxruntime one)."""
     from archpass.record import read_record
 
     doc = {
@@ -39,7 +61,17 @@ def inspect_document(model: Model, structure: Structure, target: str | None = No
     if target is not None:
         from archpass.costmodel import estimate, load_target
 
-        doc["estimate"] = estimate(structure, load_target(target)).to_json()
+        t = load_target(target)
+        doc["estimate"] = estimate(structure, t).to_json()
+        if measure:
+            from archpass.costmodel.measure import check_note, measure_latency
+
+            m = measure_latency(model.proto, t, windows=measure, progress=progress)
+            pred = doc["estimate"]["latency_ms"]
+            doc["estimate"]["measured"] = {**m, "error_pct": round((pred / m["ms"] - 1.0) * 100.0, 2)}
+            note = check_note(t, pred, m)
+            if note:
+                doc["estimate"]["notes"].append(note)
         doc["notes"] += [n for n in doc["estimate"]["notes"] if n not in doc["notes"]]  # e.g. the host note
         doc["target"] = target
     return doc

@@ -274,18 +274,17 @@ NEARBY_S = 20 * 60
 def ort_truths(protos: dict, windows: int = TRUTH_WINDOWS) -> dict:
     """Whole-model latency per scenario: ``windows`` interleaved windows (every model and
     scenario once per window, sessions built once, so a model's windows spread over the
-    whole measurement), each >= TRUTH_RUNS runs and >= TRUTH_MIN_S s (their median, with
-    several threads their 25th percentile: ``hoststate.run_statistic``) after a
-    pause and an untimed run (other sessions' spinning workers stop meanwhile), started in a
-    quiet moment (other processes leave the cores the timing needs free, waited for up to
-    10 s) and taken again (up to twice) when other processes kept a needed core busy or,
-    with several threads, the probe showed the host's slow state."""
-    import numpy as np
+    whole measurement), each the protocol of :func:`archpass.costmodel.measure.timed_window`
+    (>= TRUTH_RUNS runs and >= TRUTH_MIN_S s after a pause and an untimed run, started in a
+    quiet moment and, with several threads, in the host's fast state, taken again up to
+    twice when other processes kept a needed core busy or the probe showed the slow
+    state); a model's latency is :func:`~archpass.costmodel.measure.combine` of its
+    windows (the median of the fast-state ones), as ``inspect --measure`` times a model."""
     import onnxruntime as ort
 
-    from archpass.costmodel.adapt import SPIN_SETTLE_S, OtherLoad, allowed_other_cores, wait_quiet
-    from archpass.costmodel.backends.onnxruntime import random_feeds, session_options, timed_runs
-    from archpass.costmodel.hoststate import ParallelProbe, run_statistic
+    from archpass.costmodel.backends.onnxruntime import random_feeds, session_options
+    from archpass.costmodel.hoststate import ParallelProbe
+    from archpass.costmodel.measure import combine, timed_window
 
     scen = {**BASE_SCENARIO, **SCENARIOS}
     res = {sc: {n: {"windows": [], "other_cores": [], "probe_ms": []} for n in protos} for sc in scen}
@@ -303,38 +302,17 @@ def ort_truths(protos: dict, windows: int = TRUTH_WINDOWS) -> dict:
         for name in protos:
             for sc, kw in scen.items():
                 s, feeds = sessions[name, sc]
-                allowed = allowed_other_cores(kw["threads"])
-                probe = probes.get(kw["threads"])
-                for attempt in range(3):
-                    wait_quiet(kw["threads"], 10.0)
-                    before = probe.wait_fast(10.0)[1] if probe else None
-                    with OtherLoad() as load:
-                        time.sleep(SPIN_SETTLE_S)
-                        s.run(None, feeds)
-                        times = timed_runs(s, feeds, TRUTH_RUNS, TRUTH_MIN_S)
-                    state = max(before, probe.read()) if probe else None
-                    if (load.cores or 0) <= allowed and (probe is None or probe.fast(state)):
-                        break
-                res[sc][name]["windows"].append(run_statistic(times, kw["threads"]))
-                res[sc][name]["other_cores"].append(load.cores)
-                res[sc][name]["probe_ms"].append(state)
+                got = timed_window(s, feeds, kw["threads"], probes.get(kw["threads"]), TRUTH_RUNS, TRUTH_MIN_S)
+                res[sc][name]["windows"].append(got.ms)
+                res[sc][name]["other_cores"].append(got.other_cores)
+                res[sc][name]["probe_ms"].append(got.probe_ms)
         print(f"truth window {w + 1}/{windows} done", file=sys.stderr, flush=True)
     for sc, kw in scen.items():
         best = probes[kw["threads"]].best if kw["threads"] in probes else None
         for name, d in res[sc].items():
-            d["ms"] = truth_ms(d["windows"], d["probe_ms"], best)
+            d["ms"] = combine(d["windows"], d["probe_ms"], best)
             d["window_spread_pct"] = (max(d["windows"]) / min(d["windows"]) - 1) * 100
     return res
-
-
-def truth_ms(windows, probe_ms, best) -> float:
-    """The median of the fast-state windows (of all windows with one thread)."""
-    import numpy as np
-
-    from archpass.costmodel.hoststate import fast_windows
-
-    idx = fast_windows(probe_ms, best) if best else range(len(windows))
-    return float(np.median([windows[i] for i in idx]))
 
 
 def phase_ort_truth(args) -> None:
@@ -380,6 +358,7 @@ def combined_truths(doc: dict, keys=None) -> tuple[dict, dict]:
 
     from archpass.costmodel.adapt import allowed_other_cores
     from archpass.costmodel.hoststate import slow_state
+    from archpass.costmodel.measure import combine
 
     runs = [r for k, r in doc.get("truths", {}).items()
             if r.get("protocol") == TRUTH_PROTOCOL and (keys is None or k in keys)]
@@ -400,7 +379,7 @@ def combined_truths(doc: dict, keys=None) -> tuple[dict, dict]:
             rows = [(w, o, p) for r in per_run for w, o, p in zip(r["windows"], r["other_cores"], r["probe_ms"])]
             kept = [x for x in rows if (x[1] or 0.0) <= allowed] or rows
             windows = [x[0] for x in kept]
-            ms = truth_ms(windows, [x[2] for x in kept], best)
+            ms = combine(windows, [x[2] for x in kept], best)
             out[sc][name] = {"ms": ms, "median_window_ms": float(np.median(windows)),
                              "min_window_ms": float(np.min(windows)), "windows": windows,
                              "windows_left_out": len(rows) - len(kept),

@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from archpass.cli.common import (DebugOpt, InputShapeOpt, JsonOpt, handled, id_column, print_json, print_table,
-                                 rewrites_table, stdout, table)
+                                 rewrites_table, stderr, stdout, table)
 
 
 def _fmt_hw(hw) -> str:
@@ -88,6 +88,13 @@ def render(doc: dict, wide: bool = False) -> None:
         print_table(kt)
         stdout.print(f"latency {e['latency_ms']:.3f} ms   params {e['params_bytes'] / 1e6:.2f} MB   "
                      f"peak activations {e['peak_activation_bytes'] / 1e6:.2f} MB   MACs {e['macs'] / 1e6:.1f} M")
+        m = e.get("measured")
+        if m:
+            n, slow = len(m["windows_ms"]), m.get("slow_state_windows", 0)
+            how = f"median of {n} windows" if not slow else f"median of the {n - slow} fast-state windows of {n}"
+            stdout.print(f"measured on this host: {m['ms']:.3f} ms ({how}, {m['threads']} thread"
+                         f"{'s' if m['threads'] > 1 else ''}, graph optimizations {m['graph_optimization']}); "
+                         f"the prediction is {m['error_pct']:+.1f}% off")
         for note in e.get("notes", []):
             if note not in doc.get("notes", []):  # printed below
                 stdout.print(f"note: {note}")
@@ -106,6 +113,8 @@ def inspect(
     input_shape: InputShapeOpt = None,
     target: Annotated[str | None, typer.Option("--target", help="Estimate latency and memory on this target (see `archpass targets`).")] = None,
     wide: Annotated[bool, typer.Option("--wide", help="Every column of the Layers table (op, in/out size, activation, MACs, params).")] = False,
+    measure: Annotated[bool, typer.Option("--measure", help="With an onnxruntime --target: also time MODEL on this host as the target runs it (threads, provider, graph optimizations; interleaved windows, a busy or slowed host waited for) and show how far the prediction is.")] = False,
+    windows: Annotated[int, typer.Option("--windows", help="--measure: timing windows (each at least 10 runs and 0.15 s).")] = 5,
     json_out: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -113,7 +122,8 @@ def inspect(
     from archpass import api
 
     with handled(debug):
-        doc = api.inspect(model, input_shape, target=target)
+        doc = api.inspect(model, input_shape, target=target, measure=measure, windows=windows,
+                          progress=(lambda msg: stderr.print(f"measure: {msg}")) if measure else None)
     if json_out:
         print_json(doc)
     else:

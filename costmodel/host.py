@@ -79,17 +79,18 @@ def _describe(fp: dict | None) -> str:
     return f"{fp.get('cpu_model')}, {fp.get('cores')} cores, onnxruntime {fp.get('onnxruntime_version')}"
 
 
-def adapt_command(target) -> str:
-    """The command that adapts ``target`` to this host."""
+def adapt_command(target, base: str | None = None, name: str | None = None) -> str:
+    """The command that adapts ``target`` (or ``base``, in ``target``'s setting) to this
+    host, as ``name`` (default ``<target>-here``)."""
     src = target.source
-    base = target.name if target.origin in ("builtin", "user") else str(target.path or target.name)
+    base = base or (target.name if target.origin in ("builtin", "user") else str(target.path or target.name))
     parts = ["archpass calibrate --adapt", base, "--backend onnxruntime"]
     if src.get("provider", "CPUExecutionProvider") != "CPUExecutionProvider":
         parts += ["--provider", str(src["provider"])]
     parts += ["--threads", str(src.get("threads", 1))]
     if src.get("graph_optimization", "all") != "all":
         parts += ["--graph-opt", str(src["graph_optimization"])]
-    parts += ["--name", f"{target.name}-here", "--install"]
+    parts += ["--name", name or f"{target.name}-here", "--install"]
     return " ".join(parts)
 
 

@@ -140,3 +140,53 @@ def test_ids_are_whole_in_a_real_80_column_terminal_width():
     assert p.returncode == 0, p.stderr
     doc = json.loads(runner.invoke(app, ["inspect", str(EXAMPLE), "--json"]).stdout)
     assert all(i in p.stdout for i in _ids(doc)) and "…" not in p.stdout
+
+
+@pytest.fixture
+def small(tmp_path):
+    p = tmp_path / "small.onnx"
+    b = NetBuilder((1, 16, 28, 28))
+    b.conv(16, 3)
+    b.conv(32, 1)
+    onnx.save(b.build(), str(p))
+    return p
+
+
+def test_measure_times_the_model_as_the_target_runs_it(small):
+    r = runner.invoke(app, ["inspect", str(small), "--target", "cpu", "--measure", "--windows", "2", "--json"])
+    assert r.exit_code == 0, r.output
+    e = json.loads(r.stdout)["estimate"]
+    m = e["measured"]
+    assert m["ms"] > 0 and len(m["windows_ms"]) == 2 and (m["threads"], m["graph_optimization"]) == (1, "all")
+    assert m["error_pct"] == pytest.approx((e["latency_ms"] / m["ms"] - 1) * 100, abs=0.01)
+    r = runner.invoke(app, ["inspect", str(small), "--target", "cpu", "--measure", "--windows", "1"])
+    assert r.exit_code == 0, r.output
+    assert "measured on this host:" in r.stdout and "median of 1 windows, 1 thread," in r.stdout
+    assert "measure: window 1/1" in r.stderr
+
+
+def test_a_prediction_far_from_the_measurement_gets_a_note(small, monkeypatch):
+    import archpass.costmodel.measure as measure
+
+    seen = {"ms": 1000.0, "windows_ms": [1000.0], "statistic": "median of the windows", "slow_state_windows": 0,
+            "retaken": 0, "waited_s": 0.0, "other_cores_max": 0.0, "provider": "CPUExecutionProvider", "threads": 1,
+            "graph_optimization": "all"}
+    monkeypatch.setattr(measure, "measure_latency", lambda proto, target, **kw: seen)
+    r = runner.invoke(app, ["inspect", str(small), "--target", "cpu", "--measure", "--json"])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    note = [n for n in doc["notes"] if "off the 1000.000 ms it took on this host" in n]
+    assert len(note) == 1 and "-100% off" in note[0] and note[0].endswith("--name cpu-here --install")
+    assert doc["estimate"]["measured"]["error_pct"] < -99
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--measure"], "no --target was given"),
+    (["--target", "edgetpu", "--measure"], "edgetpu is measured with zigzag"),
+    (["--target", "cpu", "--measure", "--windows", "0"], "--windows 0 is not positive"),
+])
+def test_measure_bad_input_one_line_exit_2(small, args, needle):
+    r = runner.invoke(app, ["inspect", str(small), *args])
+    assert r.exit_code == 2, r.output
+    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0]
