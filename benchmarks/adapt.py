@@ -442,7 +442,9 @@ def phase_report(args) -> None:
                      "fast-state windows count (a probe read around every window, archpass.costmodel.hoststate), "
                      "via /work/notes/quiet.sh",
                      "truth_measurements": {k: {"when": v["when"], "seconds": v["seconds"]} for k, v in current.items()},
-                     "truth_stability_between_measurements": stability, "scenarios": {}}
+                     "truth_stability_between_measurements": stability,
+                     "fit": "each adaptation's stored measurement fitted by the current code (costmodel.adapt.refit)",
+                     "scenarios": {}}
         base = load_target("cpu")
         if "1thread" in truths_all:
             ort["base_cpu_on_this_host_1thread"] = score_variants("ort 1thread", {"cpu_as_is": base}, models,
@@ -456,8 +458,12 @@ def phase_report(args) -> None:
             tags = [t for t in args.adapt_tags.split(",") if sc in doc.get("adaptations", {}).get(t, {})]
             for tag in tags:
                 run = doc["adaptations"][tag][sc]
-                variants[f"adapted_{tag}"] = load_target(run["dir"])
-                entry[f"adaptation_{tag}"] = {k: v for k, v in run.items() if k != "cross_validation"}
+                # the adaptation's stored measurement, fitted by the current code (what
+                # `calibrate --adapt` would write from the same measurement today)
+                t = variants[f"adapted_{tag}"] = refit(run["dir"])
+                entry[f"adaptation_{tag}"] = {**{k: v for k, v in run.items() if k not in ("cross_validation", "method",
+                                                                                          "network_fit")},
+                                              "method": t.accuracy["method"], "network_fit": t.accuracy["network_fit"]}
             if tags:
                 for m in OWN_METHODS:  # the transfer_* ones equal them (same hardware description)
                     variants[f"adapted_{tags[0]}[{m}]"] = refit(doc["adaptations"][tags[0]][sc]["dir"], m)

@@ -84,7 +84,8 @@ def runtime_settings(target) -> tuple[str, int, str]:
     a target of another backend is refused."""
     if target.backend != "onnxruntime":
         raise TargetError(f"target {target.name} is measured with {target.backend}, not onnxruntime, so this host "
-                          "cannot time what it predicts", "pass an onnxruntime target (cpu, or one `calibrate --adapt` wrote)")
+                          "cannot time what it predicts",
+                          "pass an onnxruntime target (cpu, or one `calibrate --adapt` wrote)")
     src = target.source
     return (str(src.get("provider", "CPUExecutionProvider")), int(src.get("threads", 1)),
             str(src.get("graph_optimization", "all")))

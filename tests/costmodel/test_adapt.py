@@ -205,6 +205,43 @@ def test_network_fit_recovers_a_per_kernel_overhead_and_class_factors():
     assert back == corr  # the overhead survives the JSON round trip
 
 
+def test_network_fit_is_stacked_on_out_of_fold_rows():
+    """The whole-network fit reads each network's kernel sums from the correction fitted
+    without that network's fold: its coefficients are the fit on those rows, not on the
+    full correction's (in-sample) rows, which here differ (each network's kernels run at
+    their own speed, so a fold's scale depends on which networks it saw)."""
+    from archpass.costmodel import adapt as A
+
+    cpu = load_target("cpu")
+    pts = _networks(cpu, {"conv": 1.4, "dwconv": 1.4, "gemm": 1.4}, 0.01)
+    speed = {g: 0.7 + 0.05 * i for i, g in enumerate(sorted(pts.networks))}
+    pts = replace(pts, ms=pts.ms * np.array([speed[g] for g in pts.groups]))
+    shell = replace(cpu, prior=cpu, predictors={})
+    corr, summary = A.fit_corrections(pts, shell, method="scale")
+    fit = summary["network_fit"]
+    assert fit["rows"] == "out of fold"
+    kernels = list(pts.kernels)
+    z, bt = A._terms(kernels, pts.prior_ms, shell)
+    lp = np.log(pts.prior_ms)
+    folds = np.array([A._fold(g) for g in pts.groups])
+    fold_corr = {f: A._fit_method("scale", [k for k, x in zip(kernels, folds != f) if x], z[folds != f],
+                                  np.log(pts.ms[folds != f]) - lp[folds != f], bt[folds != f], lp[folds != f])
+                 for f in set(folds)}
+    nets = A._nets(pts, shell)
+    keys = sorted(nets)
+    oof = A._oof_design([nets[g] for g in keys], np.array([A._fold(g) for g in keys]), fold_corr)
+    assert A._net_ok(oof).all()
+    lam = None if fit["chosen"] == "common_factor" else float(fit["chosen"].split("ridge")[1])
+    t = np.array([nets[g].ms for g in keys])
+    want = A._net_fit(oof, t, lam)
+    assert [fit["class_factors"][c] for c in A.CLASSES] == pytest.approx(list(want[:-1]), rel=1e-9)
+    assert fit["overhead_ms_per_kernel"] == pytest.approx(want[-1], rel=1e-9, abs=1e-12)
+    # the full correction's (in-sample) rows would give another fit
+    whole = A._fit_method("scale", kernels, z, np.log(pts.ms) - lp, bt, lp)
+    in_sample = A._net_fit(A._net_design([nets[g] for g in keys], whole), t, lam)
+    assert not np.allclose(in_sample, want, rtol=1e-3)
+
+
 def test_graph_optimization_level_is_applied():
     from archpass.costmodel.backends.onnxruntime import GRAPH_OPT, measure_model, session_options
 
