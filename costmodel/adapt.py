@@ -577,8 +577,9 @@ def fit_corrections(points: Points, target: Target, method: str | None = None) -
             # every network, and in-sample rows hide how they err on a new one)
             x = net_oof[m] = _oof_design(net_x, net_fold, fold_corr.get(m, {}))
             net_pred = {lam: np.full(len(net_keys), np.nan) for lam in NET_RIDGE}
+            rows_ok = _net_ok(x)
             for f in range(FOLDS):
-                tr, te = (net_fold != f) & _net_ok(x), (net_fold == f) & _net_ok(x)
+                tr, te = (net_fold != f) & rows_ok, (net_fold == f) & rows_ok
                 if not te.any() or tr.sum() < 2:
                     continue
                 for lam in NET_RIDGE:

@@ -161,7 +161,7 @@ def test_measure_times_the_model_as_the_target_runs_it(small):
     assert m["error_pct"] == pytest.approx((e["latency_ms"] / m["ms"] - 1) * 100, abs=0.01)
     r = runner.invoke(app, ["inspect", str(small), "--target", "cpu", "--measure", "--windows", "1"])
     assert r.exit_code == 0, r.output
-    assert "measured on this host:" in r.stdout and "median of 1 windows, 1 thread," in r.stdout
+    assert "measured on this host:" in r.stdout and "median of 1 window, 1 thread," in r.stdout
     assert "measure: window 1/1" in r.stderr
 
 
