@@ -457,3 +457,19 @@ def test_measurement_notes_flag_an_unstable_or_busy_host():
     (note,) = measurement_notes(busy, 60.0)
     assert "40 of 100 measurements" in note and "busy" in note
     assert len(measurement_notes({**slow, **busy}, 60.0)) == 2
+
+
+def test_later_windows_start_only_when_they_still_end_within_the_budget(tmp_path):
+    """A window (or a retry) starts only when one as long as the network's last try still
+    ends within the budget: long tries (about 0.8 s here) do not run past it."""
+    from archpass.costmodel.adapt import _network, measure_networks
+
+    cpu = load_target("cpu")
+    b = NetBuilder((1, 64, 56, 56))
+    b.conv(64, 3)
+    onnx.save(b.build(), str(tmp_path / "conv.onnx"))
+    net = _network("k0", "conv", load_model(tmp_path / "conv.onnx").proto, cpu, 40, 240, 1)
+    got = measure_networks([net], "CPUExecutionProvider", 1, "all", 3.0, windows=40, runs=240)
+    seen = got["seen"]
+    assert 2 <= len(net.windows) < 40  # the budget, not the windows, ended it
+    assert seen["seconds"] <= 3.0 + 0.1, seen["seconds"]  # one try is about 0.8 s
