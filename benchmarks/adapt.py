@@ -28,6 +28,7 @@ archpass's passes; the set of ``predictor_accuracy.py``):
     quiet.sh python benchmarks/adapt.py --phase ort-truth --tag first          # one quiet section each
     quiet.sh python benchmarks/adapt.py --phase ort-adapt --scenario 2threads --tag first [--seed 0]
     python benchmarks/adapt.py --phase report --adapt-tags first,second   # the adaptations scored; drift between them
+        [--scenario-tags basic=third,fourth]                               # other adaptations for one scenario
 
 Phases write into the benchmark cache (``$ARCHPASS_BENCH_CACHE``/adapt) and
 ``report`` writes ``benchmarks/results/adapt.json``.
@@ -220,7 +221,7 @@ BUDGET_S = 60.0
 def adapt_run(sc: str, tag: str, seed: int = 0) -> dict:
     """One adaptation of ``cpu`` to scenario ``sc`` with the plan drawn from ``seed`` (its
     own quiet section), recorded in ort_runs.json."""
-    from archpass.costmodel.adapt import adapt_onnxruntime
+    from archpass.costmodel.adapt import WARMUP_RUNS_1T, WARMUP_RUNS_MT, adapt_onnxruntime
 
     import shutil
 
@@ -232,7 +233,10 @@ def adapt_run(sc: str, tag: str, seed: int = 0) -> dict:
     entry = {"dir": str(d), "seed": seed, "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
              "wall_seconds": round(time.time() - t0, 1), "measurement": t.accuracy["measurement"],
              "method": t.accuracy["method"], "network_fit": t.accuracy.get("network_fit"),
-             "cross_validation": t.accuracy["cross_validation"]}
+             "cross_validation": t.accuracy["cross_validation"],
+             # untimed runs before each timed block (one thread: none before this setting existed;
+             # several threads: one before)
+             "warmup_runs_1t": WARMUP_RUNS_1T, "warmup_runs_mt": WARMUP_RUNS_MT}
     print(f"adapted {sc} ({tag}): {entry['measurement']['seconds']} s of measurement, "
           f"{entry['measurement']['networks']} networks, method {entry['method']}", file=sys.stderr)
     path = work_dir() / "ort_runs.json"
@@ -455,7 +459,8 @@ def phase_report(args) -> None:
                      "truth_slow_state_windows": int(sum(t["slow_state_windows"] for t in truths.values())),
                      "truth_windows": int(sum(len(t["windows"]) for t in truths.values())), "targets": {}}
             variants = {"cpu_as_is": base}
-            tags = [t for t in args.adapt_tags.split(",") if sc in doc.get("adaptations", {}).get(t, {})]
+            chosen = dict(x.split("=", 1) for x in args.scenario_tags).get(sc, args.adapt_tags)
+            tags = [t for t in chosen.split(",") if sc in doc.get("adaptations", {}).get(t, {})]
             for tag in tags:
                 run = doc["adaptations"][tag][sc]
                 # the adaptation's stored measurement, fitted by the current code (what
@@ -463,7 +468,8 @@ def phase_report(args) -> None:
                 t = variants[f"adapted_{tag}"] = refit(run["dir"])
                 entry[f"adaptation_{tag}"] = {**{k: v for k, v in run.items() if k not in ("cross_validation", "method",
                                                                                           "network_fit")},
-                                              "method": t.accuracy["method"], "network_fit": t.accuracy["network_fit"]}
+                                              "method": t.accuracy["method"], "network_fit": t.accuracy["network_fit"],
+                                              "layout_block": t.accuracy.get("layout_block")}
             if tags:
                 for m in OWN_METHODS:  # the transfer_* ones equal them (same hardware description)
                     variants[f"adapted_{tags[0]}[{m}]"] = refit(doc["adaptations"][tags[0]][sc]["dir"], m)
@@ -539,6 +545,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="ort-adapt: the seed the plan's networks are drawn from")
     ap.add_argument("--adapt-tags", default="first,second",
                     help="report: the adaptations scored (the first two give the drift; the first the per-method refits)")
+    ap.add_argument("--scenario-tags", action="append", default=[], metavar="SCENARIO=T1,T2",
+                    help="report: the adaptations scored for one scenario, instead of --adapt-tags (repeatable)")
     args = ap.parse_args(argv)
     {"truths": phase_truths, "zigzag": phase_zigzag, "prepare": phase_prepare, "ort-truth": phase_ort_truth,
      "ort-adapt": phase_ort_adapt, "report": phase_report}[args.phase](args)

@@ -473,3 +473,30 @@ def test_later_windows_start_only_when_they_still_end_within_the_budget(tmp_path
     seen = got["seen"]
     assert 2 <= len(net.windows) < 40  # the budget, not the windows, ended it
     assert seen["seconds"] <= 3.0 + 0.1, seen["seconds"]  # one try is about 0.8 s
+
+
+def test_onnxruntime_layout_block_is_chosen_by_held_out_networks():
+    """A runtime whose blocked layout pads channels to 16 (kernels with output channels 8
+    mod 16 run 1.8x the prior, the others 1.2x): the adaptation keeps the 16-channel block
+    for its features, whose held-out network error is lower; with basic optimizations (no
+    blocked layout) only the base's block is tried; other backends keep their hardware."""
+    from archpass.costmodel import adapt as A
+
+    cpu = load_target("cpu")
+    pts = _networks(cpu, {"conv": 1.2, "dwconv": 1.2, "gemm": 1.2}, 0.0)
+    slow = np.array([1.5 if k.kind in ("conv", "dwconv") and k.cout % 16 == 8 else 1.0 for k in pts.kernels])
+    assert 0.1 < np.mean(slow > 1) < 0.9  # both kinds of kernel are there
+    g_slow = {g: float(np.sum((pts.prior_ms * 1.2 * slow)[np.array(pts.groups) == g])) for g in pts.network_ms}
+    pts = replace(pts, ms=pts.ms * slow, network_ms=g_slow)
+    src = {"backend": "onnxruntime", "graph_optimization": "all"}
+    shell = replace(cpu, prior=cpu, predictors={}, source=src)
+    assert [t.parallelism for t in A.layout_blocks(shell)] == [8, 16]
+    assert not A._new_hardware(A.layout_blocks(shell)[1])
+    t = A.fit_target(shell, pts, method="loglinear")
+    block = t.accuracy["layout_block"]
+    assert block["chosen"] == 16 == t.parallelism and t.unroll == {"K": 16, "C": 16, "G": 16}
+    assert block["network_cv_mape_pct"]["16"] < block["network_cv_mape_pct"]["8"]
+    basic = replace(shell, source={**src, "graph_optimization": "basic"}, parallelism=16)
+    assert [b.parallelism for b in A.layout_blocks(basic)] == [8]
+    zz = replace(cpu, prior=cpu, predictors={}, source={"backend": "zigzag"}, parallelism=32)
+    assert A.layout_blocks(zz) == [zz]

@@ -129,6 +129,19 @@ def test_single_thread_measurement_reads_no_probe(tmp_path, monkeypatch):
     assert "slow_state_windows" not in got["seen"] and n.fast == [] and len(n.fast_plain()) == 2
 
 
+def test_single_thread_blocks_start_after_untimed_runs(tmp_path, monkeypatch):
+    """With one thread each timed block follows WARMUP_RUNS_1T untimed runs of its session:
+    the profiled windows' first runs skip them (the profile holds every run)."""
+    base = load_target("cpu")
+    proto = NetBuilder((1, 3, 32, 32)).conv(16, 3, stride=2, act="relu").head(10).build()
+    n = adapt._network("one", "one", _loaded(tmp_path, proto), base, 2, 2, 1)
+    monkeypatch.setattr(adapt, "WARMUP_RUNS_1T", 3)
+    adapt.measure_networks([n], "CPUExecutionProvider", 1, "all", budget_s=30.0, windows=2, runs=2)
+    # one run when the session is built, then per window 3 untimed and 2 timed profiled runs
+    assert [(w[0], w[1]) for w in n.windows] == [(1 + 3, 2), (1 + 3 + 2 + 3, 2)]
+    assert n.runs == 1 + 2 * (3 + 2)
+
+
 def test_run_statistic_is_the_median_with_one_thread_and_a_low_percentile_with_several():
     runs = [1.0, 1.0, 1.1, 1.2, 3.0]  # the state changed during the window: two slow runs
     assert hoststate.run_statistic(runs, 1) == 1.1
