@@ -108,9 +108,10 @@ SPIN_SETTLE_S = 0.03
 #: small network's five runs (2 ms) often fall entirely into a short slow state
 MIN_BLOCK_S = 0.03
 #: with one thread each timed block is preceded by this many untimed runs of its session:
-#: a network timed right after others starts slower (five runs, their median, came out
-#: 3-9% slower for small generated networks than the steady state of long windows, in
-#: three interleaved comparisons here; two to three untimed runs closed it to 0-4%)
+#: a network timed right after others starts slower (in three interleaved comparisons
+#: here five runs, their median, came out a median 7.5% and up to 17% slower than long
+#: windows for small generated networks, 0.5% for real models; after three untimed runs,
+#: 1% and at most 10%)
 WARMUP_RUNS_1T = 2
 #: with several threads, the untimed runs after the pause (:data:`SPIN_SETTLE_S`): three
 #: 2-thread adaptations here with four got 75, 70 and 80% of the held-out models within
