@@ -496,6 +496,9 @@ def test_onnxruntime_layout_block_is_chosen_by_held_out_networks():
     block = t.accuracy["layout_block"]
     assert block["chosen"] == 16 == t.parallelism and t.unroll == {"K": 16, "C": 16, "G": 16}
     assert block["network_cv_mape_pct"]["16"] < block["network_cv_mape_pct"]["8"]
+    # a runtime without that effect keeps the base's block
+    even = A.fit_target(shell, _networks(cpu, {"conv": 1.2, "dwconv": 1.2, "gemm": 1.2}, 0.0), method="loglinear")
+    assert even.accuracy["layout_block"]["chosen"] == 8 == even.parallelism and even.unroll == cpu.unroll
     basic = replace(shell, source={**src, "graph_optimization": "basic"}, parallelism=16)
     assert [b.parallelism for b in A.layout_blocks(basic)] == [8]
     zz = replace(cpu, prior=cpu, predictors={}, source={"backend": "zigzag"}, parallelism=32)
