@@ -206,9 +206,10 @@ def correction_rows(kernels: list[Kernel], target, prior_ms) -> np.ndarray:
 def residual_rows(kernels: list[Kernel], target, prior_ms) -> np.ndarray:
     """What a :class:`~archpass.costmodel.predictor.Correction`'s residual trees read, for
     kernels of one group (all layer or all op kinds): the analytic features on ``target``,
-    the kernel's edge flags and kind, its log prior prediction and, for layer kinds, its
-    work per group (:func:`group_work`).  Columns are only ever appended: trees trained on
-    fewer columns read the first ones (:meth:`~archpass.costmodel.predictor.Correction.tree_factor`)."""
+    the kernel's edge flags and kind, its log prior prediction, for layer kinds its work
+    per group (:func:`group_work`), and its blocked-layout flags (:func:`blocked_layout`).
+    Columns are only ever appended: trees trained on fewer columns read the first ones
+    (:meth:`~archpass.costmodel.predictor.Correction.tree_factor`)."""
     if not kernels:
         return np.zeros((0, 0))
     x, _ = feature_rows(kernels, target)
@@ -218,7 +219,19 @@ def residual_rows(kernels: list[Kernel], target, prior_ms) -> np.ndarray:
     out = np.hstack([x, np.asarray(extra, dtype=np.float64)])
     if layer:
         out = np.hstack([out, np.asarray([group_work(k) for k in kernels], dtype=np.float64)])
-    return out
+    # where onnxruntime's blocked layout puts the kernel and its conversions (zeros for
+    # targets without it: a plain onnxruntime target's trees never split on them)
+    lay = blocked_layout(target)
+    flags = [[float(lay and k.blocked), float(lay and k.in_reorder), float(lay and k.out_reorder)] for k in kernels]
+    return np.hstack([out, np.asarray(flags, dtype=np.float64)])
+
+
+def blocked_layout(target) -> bool:
+    """Whether ``target`` runs onnxruntime's blocked NCHWc layout: an onnxruntime CPU
+    target with every graph optimization (the layout rewrite is one of them)."""
+    src = getattr(target, "source", None) or {}
+    return (src.get("backend") == "onnxruntime" and src.get("provider", "CPUExecutionProvider") == "CPUExecutionProvider"
+            and src.get("graph_optimization", "all") == "all")
 
 
 def group_work(k: Kernel) -> tuple[float, float]:
@@ -238,4 +251,4 @@ def log_safe(x: np.ndarray) -> np.ndarray:
 
 __all__ = ["LAYER_FEATURES", "OP_FEATURES", "LAYER_BASE", "OP_BASE", "CONTEXT_FEATURES", "NETWORK_FEATURES", "feature_rows",
            "layer_features", "op_features", "loop_sizes", "network_context", "correction_rows", "residual_rows",
-           "group_work"]
+           "group_work", "blocked_layout"]

@@ -106,6 +106,10 @@ class FusionRules:
         )
 
 
+#: a kernel's blocked-layout flags (:func:`mark_layout`); in its spec only when set
+LAYOUT_FLAGS = ("blocked", "in_reorder", "out_reorder")
+
+
 @dataclass(frozen=True)
 class Kernel:
     """One unit of work on the target, with the geometry its predictor needs.
@@ -117,9 +121,15 @@ class Kernel:
 
     ``in_from_op`` / ``out_to_op`` say whether the kernel sits at a boundary of a run of
     convolutions: an input made by something else than a conv kernel (a standalone op or
-    the model input), an output read by something else (or a model output).  Runtimes
-    with blocked layouts (onnxruntime's NCHWc) convert layouts there, and the conversion
-    is timed with the kernel.
+    the model input), an output read by something else (or a model output).
+
+    ``blocked`` / ``in_reorder`` / ``out_reorder`` say where onnxruntime's blocked NCHWc
+    layout (a CPU with every graph optimization) would put the kernel and its layout
+    conversions (:func:`mark_layout`): whether the kernel runs on blocked tensors, and
+    whether a conversion into the layout before it or out of it after it is timed with it.
+    Many edges the ``in_from_op`` / ``out_to_op`` flags mark convert nothing (pooling,
+    activations, residual adds, aligned concatenations stay blocked), and some they miss
+    do (a conv whose channels the layout cannot take feeding one it can).
     """
 
     id: str
@@ -142,6 +152,9 @@ class Kernel:
     n_inputs: int = 1
     in_from_op: bool = False
     out_to_op: bool = False
+    blocked: bool = False
+    in_reorder: bool = False
+    out_reorder: bool = False
 
     @property
     def macs(self) -> int:
@@ -181,6 +194,8 @@ class Kernel:
             d.update(cin=self.cin, cout=self.cout, in_hw=list(self.in_hw), out_hw=list(self.out_hw),
                      in_elems=self.in_elems, out_elems=self.out_elems, n_inputs=self.n_inputs)
         d.update(in_from_op=self.in_from_op, out_to_op=self.out_to_op)
+        # blocked-layout flags only when set: the keys of points measured before them stay
+        d.update({f: True for f in LAYOUT_FLAGS if getattr(self, f)})
         return d
 
     def spec(self) -> dict:
@@ -363,7 +378,7 @@ def decompose(structure: Structure, rules: FusionRules) -> list[Kernel]:
     # layers without a node in Structure.nodes (should not happen) still count
     seen = {k.id for k in kernels}
     kernels.extend(k for k in layer_kernels.values() if k.id not in seen)
-    return _mark_boundaries(structure, kernels, producer, outputs)
+    return mark_layout(structure, _mark_boundaries(structure, kernels, producer, outputs), outputs)
 
 
 CONV_KINDS = ("conv", "dwconv")
@@ -418,3 +433,111 @@ def _mark_boundaries(structure: Structure, kernels: list[Kernel], producer: dict
         if src is not None and owner.get(src.name) is not None:
             to_op[owner[src.name]] = True
     return [replace(k, in_from_op=f, out_to_op=t) if (f or t) else k for k, f, t in zip(kernels, from_op, to_op)]
+
+
+# ---------------------------------------------------------------- blocked layout
+#: onnxruntime's NCHWc channel block on this kind of CPU (AVX-512; 8 with AVX2): what a
+#: concatenation's inputs and a grouped conv's groups must be multiples of to stay blocked
+NCHWC_BLOCK = 16
+#: ops that run on blocked tensors as they are (onnxruntime 1.32, measured here): pooling,
+#: and unary activations (fused into the conv or run elementwise on the blocked tensor)
+LAYOUT_FREE_OPS = frozenset({"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Relu", "Clip",
+                             "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "LeakyRelu", "Identity", "Dropout"})
+ELEMENTWISE_OPS = frozenset({"Add", "Sum", "Mul", "Sub", "Div"})
+
+
+def blocked_conv(k: Kernel) -> bool:
+    """Whether onnxruntime runs a conv kernel in its NCHWc layout (measured on onnxruntime
+    1.32: a dense conv with a multiple of 4 input channels or fewer than a block, a
+    depthwise conv with a multiple of 4 channels, a grouped conv whose groups are whole
+    blocks on both sides; others run as plain convs)."""
+    if k.kind not in CONV_KINDS or k.op != "Conv":
+        return False
+    g = max(k.groups, 1)
+    if g == 1:
+        return k.cin < NCHWC_BLOCK or k.cin % 4 == 0
+    if k.kind == "dwconv" or (g == k.cin and k.cout == k.cin):
+        return k.cin % 4 == 0 and k.cout == k.cin
+    return (k.cin // g) % NCHWC_BLOCK == 0 and (k.cout // g) % NCHWC_BLOCK == 0
+
+
+def mark_layout(structure: Structure, kernels: list[Kernel], outputs: set[str]) -> list[Kernel]:
+    """Set ``blocked`` / ``in_reorder`` / ``out_reorder`` (see :class:`Kernel`): follow
+    onnxruntime's NCHWc rewrite over the graph in execution order (the rules measured on
+    onnxruntime 1.32).  A blocked conv (:func:`blocked_conv`) makes a blocked tensor; its
+    fused activations and fused elementwise ops over blocked tensors of one shape (a
+    residual add) keep it (but an activation after the add other than ReLU).  Standalone
+    pooling and unary activations (:data:`LAYOUT_FREE_OPS`), elementwise ops over blocked
+    tensors of one shape, and concatenations keep blocked tensors blocked when their
+    channels are whole blocks (:data:`NCHWC_BLOCK`); anything else, and a dense conv with
+    fewer input channels than a block, reads plain tensors.
+    A blocked tensor read as plain (or a model output) is converted once, timed with the
+    kernel that made it; a blocked conv reading a plain tensor converts it first, timed
+    with the conv."""
+    owner = {n: i for i, k in enumerate(kernels) for n in k.nodes}
+    conv_at = {k.nodes[0]: i for i, k in enumerate(kernels) if k.kind in CONV_KINDS}
+    blocked_k = [blocked_conv(k) for k in kernels]
+    producer_of = {o: n.name for n in structure.nodes for o in n.outputs}
+    op_of = {n.name: n.op for n in structure.nodes}
+    blocked_t: dict[str, bool] = {}
+    in_re = [False] * len(kernels)
+    out_re = [False] * len(kernels)
+    converted: set[str] = set()
+    into: set[str] = set()
+
+    def plain_read(t: str) -> None:
+        if blocked_t.get(t) and t not in converted:
+            converted.add(t)
+            i = owner.get(producer_of.get(t, ""))
+            if i is not None:
+                out_re[i] = True
+
+    def whole(t: str) -> bool:
+        shape = _shape(structure, t)
+        return bool(blocked_t.get(t)) and len(shape) == 4 and shape[1] % NCHWC_BLOCK == 0
+
+    for n in structure.nodes:
+        me = owner.get(n.name)
+        data = [t for t in n.inputs if t and not _is_const(structure, t)]
+        if n.name in conv_at:
+            i = conv_at[n.name]
+            k = kernels[i]
+            src = data[0] if data else None
+            direct = max(k.groups, 1) == 1 and k.cin < NCHWC_BLOCK  # reads the plain tensor as it is
+            if src is not None and (direct or not blocked_k[i]):
+                plain_read(src)
+            elif src is not None and not blocked_t.get(src) and src not in into:
+                into.add(src)  # one conversion per tensor, timed with its first reader
+                in_re[i] = True
+            out = blocked_k[i]
+        elif me is not None and kernels[me].kind in CONV_KINDS and n.op in LAYOUT_FREE_OPS:
+            # an activation fused into the conv (after a fused add only ReLU stays blocked)
+            after_add = n.op != "Relu" and bool(data) and op_of.get(producer_of.get(data[0], "")) in ELEMENTWISE_OPS
+            out = bool(data) and not after_add and bool(blocked_t.get(data[0]))
+        elif me is not None and kernels[me].kind in CONV_KINDS and n.op in ELEMENTWISE_OPS:
+            # a residual add (or a swish) fused into the conv keeps its layout; a broadcast
+            # (a squeeze-excitation gate) reads plain tensors
+            out = (len(data) == len([t for t in n.inputs if t]) and len({_shape(structure, t) for t in data}) == 1
+                   and all(blocked_t.get(t) for t in data))
+        elif n.op in LAYOUT_FREE_OPS:
+            out = bool(data) and whole(data[0])
+        elif n.op in ELEMENTWISE_OPS:
+            out = (len(data) == len([t for t in n.inputs if t]) and len({_shape(structure, t) for t in data}) == 1
+                   and all(whole(t) for t in data))
+        elif n.op == "Concat":
+            out = bool(data) and len(data) == len(n.inputs) and all(whole(t) for t in data)
+        else:
+            out = False
+        if not out and n.name not in conv_at:
+            for t in data:
+                plain_read(t)
+        for o in n.outputs:
+            blocked_t[o] = bool(out)
+    for o in outputs:
+        plain_read(o)
+    outs_of = {n.name: n.outputs for n in structure.nodes}
+    res = []
+    for i, k in enumerate(kernels):
+        b = blocked_k[i] if k.kind in CONV_KINDS else any(blocked_t.get(o) for n in k.nodes for o in outs_of.get(n, ()))
+        res.append(replace(k, blocked=b, in_reorder=in_re[i], out_reorder=out_re[i]) if (b or in_re[i] or out_re[i]) else k)
+    return res

@@ -112,7 +112,8 @@ def test_onnxruntime_adaptation_on_this_host(tmp_path, threads):
     assert m["networks"] >= 2 and m["seconds"] <= 4 + 4  # the budget is kept (the last network may overrun it)
     for key in ("remeasured", "kept_busy", "other_cores_median", "allowed_other_cores", "windows"):
         assert key in m
-    assert m["window_statistic"] == ("median" if threads == 1 else "min of fast-state windows")
+    assert m["window_statistic"] == ("median" if threads == 1 else "median of fast-state windows")
+    assert m["kernel_window_statistic"] == ("median" if threads == 1 else "min of fast-state windows")
     if threads > 1:  # the host's state was probed around every window and recorded
         assert m["probe_best_ms"] > 0 and 0 <= m["slow_state_windows"] <= m["windows_kept"]
         recs = Dataset(tmp_path / "a" / DATASET).records.values()
@@ -397,20 +398,26 @@ def test_residual_rows_carry_the_work_per_group_and_older_trees_read_their_own_c
     assert group_work(grouped) == pytest.approx((np.log(grouped.macs / 10), np.log(16 * 16)))
     assert group_work(dw) == pytest.approx((np.log(14 * 14 * 9), 0.0))
     rows = residual_rows([grouped, dw], cpu, np.array([0.1, 0.05]))
-    assert rows.shape == (2, len(LAYER_FEATURES) + 4 + 2)
-    np.testing.assert_allclose(rows[:, -2:], [group_work(grouped), group_work(dw)])
+    assert rows.shape == (2, len(LAYER_FEATURES) + 4 + 2 + 3)
+    np.testing.assert_allclose(rows[:, -5:-3], [group_work(grouped), group_work(dw)])
     op = Kernel(id="o", kind="op", op="Add", nodes=("a",), cin=96, cout=96, in_hw=(14, 14), out_hw=(14, 14))
-    assert residual_rows([op], cpu, np.array([0.01])).shape == (1, len(OP_FEATURES) + 4)
+    assert residual_rows([op], cpu, np.array([0.01])).shape == (1, len(OP_FEATURES) + 4 + 3)
+    # the blocked-layout flags: read on an onnxruntime target with every graph
+    # optimization, zeros with basic ones (no NCHWc layout there)
+    flagged = replace(dw, blocked=True, out_reorder=True)
+    np.testing.assert_allclose(residual_rows([flagged], cpu, np.array([0.05]))[:, -3:], [[1.0, 0.0, 1.0]])
+    basic = replace(cpu, source={**cpu.source, "graph_optimization": "basic"})
+    np.testing.assert_allclose(residual_rows([flagged], basic, np.array([0.05]))[:, -3:], [[0.0, 0.0, 0.0]])
 
     rng = np.random.default_rng(0)
-    old = rng.normal(size=(300, rows.shape[1] - 2))
+    old = rng.normal(size=(300, rows.shape[1] - 5))
     text = lgb.train({"objective": "regression", "verbose": -1, "num_threads": 1, "min_data_in_leaf": 5},
                      lgb.Dataset(old, label=0.3 * np.tanh(old[:, 0])), num_boost_round=20).model_to_string()
     c = Correction(kind="layer", method="residual_trees", terms=LAYER_TERMS, center=(0.0,) * 4, coef=(0.0,) * 4,
                    trees=text)
     adapted = replace(cpu, prior=cpu, predictors={}, corrections={"layer": c})
     prior = np.array([0.1, 0.05])
-    want = prior * np.exp(lgb.Booster(model_str=text).predict(rows[:, :-2]))
+    want = prior * np.exp(lgb.Booster(model_str=text).predict(rows[:, :-5]))
     np.testing.assert_allclose(corrected([grouped, dw], adapted, prior), want, rtol=1e-9)
 
 

@@ -298,3 +298,95 @@ def test_slices_run_as_one_split_only_when_they_partition_the_tensor(second, thi
     ks = decompose(s, FusionRules(residual_add=True, split_slices=True))
     assert [k.op for k in ks if k.op in ("Split", "Slice")] == (["Split"] if split else ["Slice", "Slice"])
     assert sorted(n for k in ks for n in k.nodes) == sorted(n.name for n in s.nodes)
+
+
+# ---------------------------------------------------------------- blocked layout
+def _layout_net():
+    """Edges onnxruntime's NCHWc rewrite treats differently; channel counts chosen so the
+    answer is the same with 8- (AVX2) and 16-channel (AVX-512) blocks."""
+    return (
+        NetBuilder((1, 3, 32, 32))
+        .conv(32, k=3, stride=2, act="relu")  # reads the 3-channel model input as it is
+        .ibn(32, expand=2, act="relu6")  # residual add fused into the project conv: stays blocked
+        .ibn(48, expand=2, act="hardswish", se="sigmoid")  # SE: the broadcast multiply reads plain tensors
+        .conv(29, k=1, act="relu")  # blocked, but its reader is not
+        .conv(29, k=3, act="relu")  # 29 input channels: a plain conv
+        .conv(64, k=1, act="relu")  # plain
+        .conv(64, k=1, act="relu")  # blocked again: converts its input
+        .concat(lambda b: b.conv(32, 1), lambda b: b.conv(32, 3))  # whole blocks: stays blocked
+        .concat(lambda b: b.conv(29, 1), lambda b: b.conv(35, 1))  # not whole blocks: converted
+        .conv(64, k=1, act="relu")
+        .head(10)
+        .build()
+    )
+
+
+def _onnxruntime_reorders(proto, kernels):
+    """Per kernel: (conversions into, out of) the NCHWc layout onnxruntime places with
+    every graph optimization, charged to kernels as their profiled times are."""
+    import os
+    import tempfile
+
+    import onnx
+    import onnxruntime as ort
+
+    from archpass.costmodel.backends.onnxruntime import attribute
+
+    structure = analyze(proto)
+    nodes = {n.name: n for n in structure.nodes}
+    owner = {n: k.id for k in kernels for n in k.nodes}
+    tensor_owner = {o: k.id for k in kernels for n in k.nodes if n in nodes for o in nodes[n].outputs}
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    with tempfile.TemporaryDirectory() as d:
+        so.optimized_model_filepath = os.path.join(d, "opt.onnx")
+        ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        opt = onnx.load(so.optimized_model_filepath)
+    got = {k.id: [False, False] for k in kernels}
+    for n in opt.graph.node:
+        if n.op_type in ("ReorderInput", "ReorderOutput"):
+            for kid in attribute({n.name: [1.0]}, opt, owner, tensor_owner)[0]:
+                got[kid][n.op_type == "ReorderOutput"] = True
+    return got
+
+
+def test_blocked_conv_follows_onnxruntimes_nchwc_rules():
+    from archpass.costmodel.kernels import blocked_conv
+
+    def conv(cin, cout, groups=1):
+        kind = "dwconv" if groups == cin == cout and groups > 1 else "conv"
+        return Kernel(id="c", kind=kind, op="Conv", nodes=("c",), cin=cin, cout=cout, groups=groups, kernel=(3, 3))
+
+    assert blocked_conv(conv(24, 61)) and blocked_conv(conv(20, 64)) and blocked_conv(conv(3, 32))
+    assert not blocked_conv(conv(29, 64)) and not blocked_conv(conv(18, 64))
+    assert blocked_conv(conv(20, 20, 20)) and not blocked_conv(conv(18, 18, 18))
+    assert blocked_conv(conv(64, 64, 2)) and not blocked_conv(conv(96, 96, 12))  # groups of 32 / of 8 channels
+    gemm = Kernel(id="g", kind="gemm", op="Gemm", nodes=("g",), cin=64, cout=10)
+    assert not blocked_conv(gemm)
+
+
+def test_layout_flags_match_where_onnxruntime_converts():
+    """The flags :func:`mark_layout` derives from shapes alone are where onnxruntime (every
+    graph optimization) puts its NCHWc conversions, kernel by kernel; the edge flags
+    ``in_from_op``/``out_to_op`` would say otherwise at pools, adds and whole-block concats."""
+    pytest.importorskip("onnxruntime")
+    proto = _layout_net()
+    ks = decompose(analyze(proto), RUNTIME)
+    want = _onnxruntime_reorders(proto, ks)
+    got = {k.id: [k.in_reorder, k.out_reorder] for k in ks}
+    assert got == want
+    by = {k.id: k for k in ks}
+    plain = [k for k in ks if k.kind in ("conv", "dwconv") and not k.blocked]
+    assert {k.cin for k in plain} == {29}  # only the convs reading 29 channels run plain
+    stem = ks[0]
+    assert stem.blocked and not stem.in_reorder and stem.in_from_op  # reads the model input directly
+    # the flags do not change the old edge flags, and survive the spec round trip
+    assert any(k.in_from_op and not k.in_reorder for k in ks) and any(k.out_reorder for k in ks)
+    for k in ks:
+        assert Kernel.from_spec(k.spec(), id=k.id).spec() == k.spec()
+    assert "blocked" not in Kernel(id="o", kind="act", op="Relu", nodes=("r",)).spec()  # old keys stay
+    # the SE block's multiply reads plain tensors: its depthwise conv converts out, the
+    # project conv after it converts in
+    se_dw = next(k for k in ks if k.kind == "dwconv" and k.out_to_op)
+    assert se_dw.out_reorder and by[se_dw.id].blocked
