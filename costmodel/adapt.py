@@ -46,7 +46,7 @@ import numpy as np
 
 from archpass.costmodel.calibrate import DATASET, Dataset, Job, Progress, accuracy_stats, point_key, run_jobs
 from archpass.costmodel.estimate import MIN_KERNEL_SHARE, predict_kernels
-from archpass.costmodel.features import correction_rows, layer_features
+from archpass.costmodel.features import blocked_layout, correction_rows, layer_features
 from archpass.costmodel.hoststate import SETTLE_S as PROBE_SETTLE_S
 from archpass.costmodel.kernels import CONV_KINDS, GENERIC_OP, LAYER_KINDS, LAYOUT_FLAGS, FusionRules, Kernel, decompose
 from archpass.costmodel.predictor import LAYER_TERMS, OP_TERMS, Correction
@@ -446,18 +446,18 @@ def _fit_method(method: str, kernels, z, y, bt, lp, rows: Rows | None = None) ->
 
 def layout_blocks(shell: Target) -> list[Target]:
     """The channel blocks an adapted target's features may pad to: the base's parallelism,
-    and for onnxruntime with every graph optimization (its blocked NCHWc layout) twice it.
+    and where onnxruntime runs its blocked NCHWc layout (:func:`~archpass.costmodel.features.blocked_layout`:
+    the CPU provider with every graph optimization) twice it.
     On an AVX-512 host onnxruntime's NCHWc block is 16 channels against the base's 8: out
     of fold, 1x1 convs whose output channels are 8 mod 16 took 10-14% longer than the
     8-channel features predicted, while with basic optimizations (no NCHWc) 16-channel
     features cost 10 points of held-out models within ±10%.  :func:`fit_target` keeps the
     block whose held-out network error is lowest."""
     prior = shell.prior
-    src = shell.source or {}
-    if prior is None or src.get("backend") != "onnxruntime":
+    if prior is None or (shell.source or {}).get("backend") != "onnxruntime":
         return [shell]
     base = replace(shell, parallelism=prior.parallelism, unroll=dict(prior.unroll))
-    if src.get("graph_optimization", "all") != "all":
+    if not blocked_layout(shell):
         return [base]
     return [base, replace(shell, parallelism=2 * prior.parallelism,
                           unroll={k: 2 * int(v) for k, v in prior.unroll.items()})]
@@ -1254,14 +1254,14 @@ def measurement_notes(m: dict, budget_s: float) -> list[str]:
     return notes
 
 
-def window_statistic(threads: int):
-    """How a network's windows combine into its latency: the median over its windows
+def network_ms(n: Network) -> float:
+    """A timed network's latency without the profiler: the median over its windows
     (with several threads, over its fast-state windows, :attr:`Network.fast`), as
     ``inspect --measure`` and the benchmark's truths combine theirs.  (The minimum over
     fast-state windows, used before with several threads, put the 2-thread adaptations'
     level below what the median measures: refitting four stored adaptations on their
     networks' window medians moved their held-out models' mean error from -4.3% to -2.8%.)"""
-    return np.median
+    return float(np.median(n.fast_plain()))
 
 
 def kernel_window_statistic(threads: int):
@@ -1345,7 +1345,7 @@ def adapt_onnxruntime(*, base: str | Path | Target, name: str, out_dir: str | Pa
             pts = network_points(n, *got["profiles"][n.key], overhead, threads)
             dataset.add({"key": n.key, "group": "network", "payload": {"label": n.label}, "points": pts,
                          "all_kernels": [{"id": k.id, "spec": k.spec()} for k in n.kernels],
-                         "plain_ms": float(window_statistic(threads)(n.fast_plain())), "window_plain_ms": n.plain,
+                         "plain_ms": network_ms(n), "window_plain_ms": n.plain,
                          "other_cores": [w[2] for w in n.windows], "probe_ms": [w[3] for w in n.windows],
                          "fast_windows": n.fast})
     finally:

@@ -106,7 +106,7 @@ class FusionRules:
         )
 
 
-#: a kernel's blocked-layout flags (:func:`mark_layout`); in its spec only when set
+#: a kernel's blocked-layout flags (:func:`layout_flags`); in its spec only when set
 LAYOUT_FLAGS = ("blocked", "in_reorder", "out_reorder")
 
 
@@ -125,7 +125,7 @@ class Kernel:
 
     ``blocked`` / ``in_reorder`` / ``out_reorder`` say where onnxruntime's blocked NCHWc
     layout (a CPU with every graph optimization) would put the kernel and its layout
-    conversions (:func:`mark_layout`): whether the kernel runs on blocked tensors, and
+    conversions (:func:`layout_flags`): whether the kernel runs on blocked tensors, and
     whether a conversion into the layout before it or out of it after it is timed with it.
     Many edges the ``in_from_op`` / ``out_to_op`` flags mark convert nothing (pooling,
     activations, residual adds, aligned concatenations stay blocked), and some they miss
@@ -378,7 +378,16 @@ def decompose(structure: Structure, rules: FusionRules) -> list[Kernel]:
     # layers without a node in Structure.nodes (should not happen) still count
     seen = {k.id for k in kernels}
     kernels.extend(k for k in layer_kernels.values() if k.id not in seen)
-    return mark_layout(structure, _mark_boundaries(structure, kernels, producer, outputs), outputs)
+    names, flags = ("in_from_op", "out_to_op"), _edge_flags(structure, kernels, producer, outputs)
+    if not rules.layers_only:  # the blocked layout is a runtime's (layers-only targets count layers)
+        names, flags = names + LAYOUT_FLAGS, flags + layout_flags(structure, kernels, producer, outputs)
+    for i, k in enumerate(kernels):
+        for f, v in zip(names, flags):
+            if v[i]:
+                # the kernels were made above and are not shared yet: set in place (a copy per
+                # kernel, dataclasses.replace, took a fifth of a cpu estimate's time)
+                object.__setattr__(k, f, True)
+    return kernels
 
 
 CONV_KINDS = ("conv", "dwconv")
@@ -405,10 +414,10 @@ def _slice_partitions(structure: Structure, consumers: dict[str, list[Node]]) ->
     return out
 
 
-def _mark_boundaries(structure: Structure, kernels: list[Kernel], producer: dict[str, Node],
-                     outputs: set[str]) -> list[Kernel]:
-    """Set ``in_from_op`` / ``out_to_op`` of every kernel from its neighbours' kinds (one
-    pass over the graph's edges, from the consumer side)."""
+def _edge_flags(structure: Structure, kernels: list[Kernel], producer: dict[str, Node],
+                outputs: set[str]) -> tuple[list[bool], list[bool]]:
+    """``in_from_op`` / ``out_to_op`` of every kernel from its neighbours' kinds (one pass
+    over the graph's edges, from the consumer side)."""
     owner = {n: i for i, k in enumerate(kernels) for n in k.nodes}
     conv = [k.kind in CONV_KINDS for k in kernels]
     from_op = [False] * len(kernels)
@@ -432,7 +441,7 @@ def _mark_boundaries(structure: Structure, kernels: list[Kernel], producer: dict
         src = producer.get(o)
         if src is not None and owner.get(src.name) is not None:
             to_op[owner[src.name]] = True
-    return [replace(k, in_from_op=f, out_to_op=t) if (f or t) else k for k, f, t in zip(kernels, from_op, to_op)]
+    return from_op, to_op
 
 
 # ---------------------------------------------------------------- blocked layout
@@ -461,24 +470,23 @@ def blocked_conv(k: Kernel) -> bool:
     return (k.cin // g) % NCHWC_BLOCK == 0 and (k.cout // g) % NCHWC_BLOCK == 0
 
 
-def mark_layout(structure: Structure, kernels: list[Kernel], outputs: set[str]) -> list[Kernel]:
-    """Set ``blocked`` / ``in_reorder`` / ``out_reorder`` (see :class:`Kernel`): follow
-    onnxruntime's NCHWc rewrite over the graph in execution order (the rules measured on
-    onnxruntime 1.32).  A blocked conv (:func:`blocked_conv`) makes a blocked tensor; its
+def layout_flags(structure: Structure, kernels: list[Kernel], producer: dict[str, Node],
+                 outputs: set[str]) -> tuple[list[bool], list[bool], list[bool]]:
+    """``blocked`` / ``in_reorder`` / ``out_reorder`` of every kernel (see :class:`Kernel`):
+    follow onnxruntime's NCHWc rewrite over the graph in execution order (the rules
+    measured on onnxruntime 1.32).  A blocked conv (:func:`blocked_conv`) makes a blocked tensor; its
     fused activations and fused elementwise ops over blocked tensors of one shape (a
     residual add) keep it (but an activation after the add other than ReLU).  Standalone
     pooling and unary activations (:data:`LAYOUT_FREE_OPS`), elementwise ops over blocked
     tensors of one shape, and concatenations keep blocked tensors blocked when their
     channels are whole blocks (:data:`NCHWC_BLOCK`); anything else, and a dense conv with
-    fewer input channels than a block, reads plain tensors.
-    A blocked tensor read as plain (or a model output) is converted once, timed with the
-    kernel that made it; a blocked conv reading a plain tensor converts it first, timed
-    with the conv."""
+    fewer input channels than a block, reads plain tensors.  A blocked tensor read as
+    plain (or a model output) is converted once, timed with the kernel that made it; a
+    blocked conv reading a plain tensor converts it first, timed with the first conv
+    that reads it."""
     owner = {n: i for i, k in enumerate(kernels) for n in k.nodes}
     conv_at = {k.nodes[0]: i for i, k in enumerate(kernels) if k.kind in CONV_KINDS}
     blocked_k = [blocked_conv(k) for k in kernels]
-    producer_of = {o: n.name for n in structure.nodes for o in n.outputs}
-    op_of = {n.name: n.op for n in structure.nodes}
     blocked_t: dict[str, bool] = {}
     in_re = [False] * len(kernels)
     out_re = [False] * len(kernels)
@@ -488,7 +496,8 @@ def mark_layout(structure: Structure, kernels: list[Kernel], outputs: set[str]) 
     def plain_read(t: str) -> None:
         if blocked_t.get(t) and t not in converted:
             converted.add(t)
-            i = owner.get(producer_of.get(t, ""))
+            src = producer.get(t)
+            i = owner.get(src.name) if src is not None else None
             if i is not None:
                 out_re[i] = True
 
@@ -512,18 +521,17 @@ def mark_layout(structure: Structure, kernels: list[Kernel], outputs: set[str]) 
             out = blocked_k[i]
         elif me is not None and kernels[me].kind in CONV_KINDS and n.op in LAYOUT_FREE_OPS:
             # an activation fused into the conv (after a fused add only ReLU stays blocked)
-            after_add = n.op != "Relu" and bool(data) and op_of.get(producer_of.get(data[0], "")) in ELEMENTWISE_OPS
+            src = producer.get(data[0]) if data else None
+            after_add = n.op != "Relu" and src is not None and src.op in ELEMENTWISE_OPS
             out = bool(data) and not after_add and bool(blocked_t.get(data[0]))
-        elif me is not None and kernels[me].kind in CONV_KINDS and n.op in ELEMENTWISE_OPS:
-            # a residual add (or a swish) fused into the conv keeps its layout; a broadcast
-            # (a squeeze-excitation gate) reads plain tensors
+        elif n.op in ELEMENTWISE_OPS:
+            # over tensors of one shape only (a broadcast, the squeeze-excitation gate, reads
+            # plain ones); fused into a conv (a residual add, a swish) on any channel count
+            fused = me is not None and kernels[me].kind in CONV_KINDS
             out = (len(data) == len([t for t in n.inputs if t]) and len({_shape(structure, t) for t in data}) == 1
-                   and all(blocked_t.get(t) for t in data))
+                   and all(blocked_t.get(t) if fused else whole(t) for t in data))
         elif n.op in LAYOUT_FREE_OPS:
             out = bool(data) and whole(data[0])
-        elif n.op in ELEMENTWISE_OPS:
-            out = (len(data) == len([t for t in n.inputs if t]) and len({_shape(structure, t) for t in data}) == 1
-                   and all(whole(t) for t in data))
         elif n.op == "Concat":
             out = bool(data) and len(data) == len(n.inputs) and all(whole(t) for t in data)
         else:
@@ -533,11 +541,8 @@ def mark_layout(structure: Structure, kernels: list[Kernel], outputs: set[str]) 
                 plain_read(t)
         for o in n.outputs:
             blocked_t[o] = bool(out)
+            if me is not None and out:
+                blocked_k[me] = True  # an op kernel is blocked when it makes a blocked tensor
     for o in outputs:
         plain_read(o)
-    outs_of = {n.name: n.outputs for n in structure.nodes}
-    res = []
-    for i, k in enumerate(kernels):
-        b = blocked_k[i] if k.kind in CONV_KINDS else any(blocked_t.get(o) for n in k.nodes for o in outs_of.get(n, ()))
-        res.append(replace(k, blocked=b, in_reorder=in_re[i], out_reorder=out_re[i]) if (b or in_re[i] or out_re[i]) else k)
-    return res
+    return blocked_k, in_re, out_re

@@ -367,7 +367,7 @@ def test_blocked_conv_follows_onnxruntimes_nchwc_rules():
 
 
 def test_layout_flags_match_where_onnxruntime_converts():
-    """The flags :func:`mark_layout` derives from shapes alone are where onnxruntime (every
+    """The flags :func:`~archpass.costmodel.kernels.layout_flags` derives from shapes alone are where onnxruntime (every
     graph optimization) puts its NCHWc conversions, kernel by kernel; the edge flags
     ``in_from_op``/``out_to_op`` would say otherwise at pools, adds and whole-block concats."""
     pytest.importorskip("onnxruntime")
@@ -386,6 +386,8 @@ def test_layout_flags_match_where_onnxruntime_converts():
     for k in ks:
         assert Kernel.from_spec(k.spec(), id=k.id).spec() == k.spec()
     assert "blocked" not in Kernel(id="o", kind="act", op="Relu", nodes=("r",)).spec()  # old keys stay
+    # layers-only (ZigZag) targets have no blocked layout
+    assert not any(k.blocked or k.in_reorder or k.out_reorder for k in decompose(analyze(proto), LAYERS_ONLY))
     # the SE block's multiply reads plain tensors: its depthwise conv converts out, the
     # project conv after it converts in
     se_dw = next(k for k in ks if k.kind == "dwconv" and k.out_to_op)
