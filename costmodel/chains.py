@@ -191,9 +191,29 @@ class ChainBuilder:
         y, sh = self.conv(y, sh, half, 3, 1, half, None)
         y, sh = self.conv(y, sh, half, 1, 1, 1, act)
         y = self.op("Concat", [a, y], "concat", axis=1)
-        r = self.op("Reshape", [y, self.const(np.array([1, 2, c // 2, h, w]), "s", np.int64)], "reshape")
+        return self.channel_shuffle(y, shape), shape
+
+    def channel_shuffle(self, x, shape):
+        """ShuffleNet's channel shuffle of two groups, as exporters write it: Reshape to
+        (1, 2, C/2, H, W), Transpose, Reshape back."""
+        c, h, w = shape
+        r = self.op("Reshape", [x, self.const(np.array([1, 2, c // 2, h, w]), "s", np.int64)], "reshape")
         t = self.op("Transpose", [r], "transpose", perm=[0, 2, 1, 3, 4])
-        return self.op("Reshape", [t, self.const(np.array([1, c, h, w]), "s", np.int64)], "reshape"), shape
+        return self.op("Reshape", [t, self.const(np.array([1, c, h, w]), "s", np.int64)], "reshape")
+
+    def shuffle_down(self, x, shape, cout, act):
+        """ShuffleNetV2 downsampling unit: a strided depthwise 3x3 then 1x1 beside a 1x1,
+        strided depthwise 3x3 and 1x1, each branch half of ``cout``, concat, channel shuffle."""
+        c = shape[0]
+        half = cout // 2
+        a, sa = self.conv(x, shape, c, 3, 2, c, None)
+        a, sa = self.conv(a, sa, half, 1, 1, 1, act)
+        b, sb = self.conv(x, shape, half, 1, 1, 1, act)
+        b, sb = self.conv(b, sb, half, 3, 2, half, None)
+        b, sb = self.conv(b, sb, half, 1, 1, 1, act)
+        y = self.op("Concat", [a, b], "concat", axis=1)
+        shape = (2 * half, sa[1], sa[2])
+        return self.channel_shuffle(y, shape), shape
 
     def head(self, x, shape, classes):
         c = shape[0]
@@ -324,6 +344,40 @@ class ChainBuilder:
                     x, shape = self.basic(x, shape, cout, 2 if j == 0 and (i > 0 or not pooled) else 1, act, bottleneck, gw)
         x, shape = self.head(x, shape, rng.choice([1000, 1000, 1000, 100, 10]))
         return self._model(x, inp, shape, "template")
+
+    def build_shuffle(self) -> onnx.ModelProto:
+        """A ShuffleNetV2-like network: a 3x3 stem to 24 channels and max-pooling, three
+        stages of a downsampling unit and 1-8 split units (channel split, 1x1, depthwise
+        3x3, 1x1, concat, channel shuffle) at any width multiplier (even widths, as
+        ShuffleNetV2 x0.5-x2.0 has: 48-976), a wide 1x1 conv and a classifier reading the
+        spatial mean (ReduceMean, as torchvision exports it) or a global pool."""
+        rng = self.rng
+        self.aligned = rng.random() < 0.3
+        res = rng.choice([96, 128, 160, 160, 192, 224, 224, 256])
+        shape = (3, res, res)
+        inp = helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, *shape])
+        mult = loguniform(rng, 0.4, 2.2)
+        step = 32 if self.aligned else 4  # both halves even (whole 16-channel blocks when aligned)
+        x, shape = self.conv("input", shape, 24, 3, 2, 1, "relu")
+        y = self.op("MaxPool", [x], "pool", kernel_shape=[3, 3], strides=[2, 2], pads=[1] * 4)
+        x, shape = y, (shape[0], conv_out(shape[1], 3, 2, 1, 1), conv_out(shape[2], 3, 2, 1, 1))
+        for base, repeats in ((116, 4), (232, 8), (464, 4)):
+            cout = max(step, int(round(base * mult / step)) * step)
+            for j in range(max(1, repeats + rng.choice([-2, -1, 0, 0, 0, 1]))):
+                if j == 0:
+                    x, shape = self.shuffle_down(x, shape, cout, "relu")
+                else:
+                    x, shape = self.shuffle_unit(x, shape, "relu")
+        x, shape = self.conv(x, shape, 2048 if mult > 1.8 else 1024, 1, 1, 1, "relu")
+        classes = rng.choice([1000, 1000, 100, 10])
+        if rng.random() < 0.6:
+            p = self.op("ReduceMean", [x], "mean", axes=[2, 3], keepdims=0)
+            w = self.const(self.np.standard_normal((classes, shape[0])).astype(np.float32) * 0.01)
+            b = self.const(np.zeros(classes, np.float32), "b")
+            x, shape = self.op("Gemm", [p, w, b], "gemm", transB=1), (classes,)
+        else:
+            x, shape = self.head(x, shape, classes)
+        return self._model(x, inp, shape, "shuffle")
 
     def build_grouped(self, max_macs: float = 1.0e9, max_params: float = 8e6) -> onnx.ModelProto:
         """A RegNet/ResNeXt-like network of grouped bottlenecks in four stages: bottleneck
@@ -466,4 +520,10 @@ def build_grouped(seed: int) -> onnx.ModelProto:
     return ChainBuilder(seed).build_grouped()
 
 
-BUILDERS = {"chain": build_chain, "network": build_network, "template": build_template, "grouped": build_grouped}
+def build_shuffle(seed: int) -> onnx.ModelProto:
+    """A generated ShuffleNetV2-like network (split, concat and channel-shuffle units)."""
+    return ChainBuilder(seed).build_shuffle()
+
+
+BUILDERS = {"chain": build_chain, "network": build_network, "template": build_template, "grouped": build_grouped,
+            "shuffle": build_shuffle}

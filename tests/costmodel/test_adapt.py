@@ -306,17 +306,20 @@ def test_residual_trees_learn_a_structural_difference(tmp_path):
 
 
 def test_candidates_rotate_styles_and_the_plan_covers_many_group_convs():
-    """One candidate in five is a RegNet/ResNeXt-like grouped network, and the coverage
-    cells tell a conv's grouping apart, so the plan takes grouped convs with many groups."""
+    """One candidate in six is a RegNet/ResNeXt-like grouped network and one a
+    ShuffleNetV2-like one, and the coverage cells tell a conv's grouping apart, so the plan
+    takes grouped convs with many groups."""
     from archpass.costmodel.adapt import STYLES, group_bucket, select_networks
 
-    assert STYLES.count("grouped") == 1 and len(STYLES) == 5
+    assert STYLES.count("grouped") == 1 and STYLES.count("shuffle") == 1 and len(STYLES) == 6
     conv = dict(id="c", kind="conv", op="Conv", nodes=("c",), cin=64, cout=64, kernel=(3, 3))
     assert [group_bucket(Kernel(**conv, groups=g)) for g in (1, 2, 4, 8, 16, 64)] == [0, 1, 2, 2, 3, 4]
     assert group_bucket(Kernel(**{**conv, "kind": "dwconv"}, groups=64)) == 0
     nets = select_networks(load_target("cpu"), 12.0, 3, 5, 1, pool=10)
     labels = [n.label.split("-")[0] for n in nets]
-    assert "grouped" in labels and "template" in labels and "network" in labels
+    assert {"grouped", "template", "network", "shuffle"} <= set(labels)
+    # the ShuffleNet-like network brings data-movement kernels the others barely have
+    assert sum(k.op in ("Transpose", "Split") for n in nets for k in n.kernels) >= 8
     many = [k for n in nets for k in n.kernels if k.kind == "conv" and 8 <= k.groups <= 80]
     assert len(many) >= 10
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
 import pytest
 
 from archpass.analysis import analyze
 from archpass.costmodel.calibrate import Dataset, corrected_points
-from archpass.costmodel.chains import BUILDERS, ChainBuilder, build_grouped, build_network, build_template, regnet_stages
+from archpass.costmodel.chains import (BUILDERS, ChainBuilder, build_grouped, build_network, build_shuffle, build_template,
+                                       regnet_stages)
 from archpass.costmodel.kernels import FusionRules, decompose
 
 
@@ -64,7 +66,7 @@ def test_network_points_keep_stem_and_last_kernel_chain_points_do_not(tmp_path):
 
 
 def test_every_style_is_registered():
-    assert set(BUILDERS) == {"network", "template", "chain", "grouped"}
+    assert set(BUILDERS) == {"network", "template", "chain", "grouped", "shuffle"}
     onnx.checker.check_model(BUILDERS["chain"](2), full_check=True)
 
 
@@ -82,6 +84,39 @@ def test_templates_follow_architecture_families():
         assert blocks & {"ibn", "fused_ibn", "depthwise", "residual"}, seed
         assert len(s.stages) >= 3 or builder.macs > 3e9, seed  # ResNet-like plans stop at 3 GMACs
     assert {"ibn", "residual"} <= kinds
+
+
+def test_shuffle_networks_are_shufflenet_v2_like():
+    """A stem and max-pool, three stages of a downsampling unit and split units (each a
+    Split, a branch of 1x1, depthwise 3x3 and 1x1, a Concat and a channel shuffle of
+    Reshape, Transpose, Reshape), a wide 1x1 conv and a classifier; even widths at any
+    multiplier; it runs in onnxruntime and is a pure function of the seed."""
+    import collections
+
+    import onnxruntime as ort
+
+    widths, means = set(), 0
+    for seed in range(8):
+        model = build_shuffle(seed)
+        assert model.SerializeToString() == BUILDERS["shuffle"](seed).SerializeToString()
+        onnx.checker.check_model(model, full_check=True)
+        ops = collections.Counter(n.op_type for n in model.graph.node)
+        assert ops["MaxPool"] == 1 and ops["Transpose"] == ops["Concat"] == ops["Split"] + 3
+        assert ops["Reshape"] == 2 * ops["Transpose"]
+        s = analyze(model)
+        assert s.layers[0].cin == 3 and s.layers[-1].op == "Gemm"
+        dw = [l for l in s.layers if l.op == "Conv" and l.groups == l.cin > 1]
+        assert len(dw) == ops["Split"] + 6  # one per split unit, two per downsampling unit
+        assert all(l.cout % 2 == 0 for l in s.layers if l.op == "Conv")
+        widths |= {l.cout for l in dw}
+        means += ops["ReduceMean"]
+        if seed < 2:
+            so = ort.SessionOptions()
+            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+            sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+            x = np.random.default_rng(seed).random(sess.get_inputs()[0].shape, dtype=np.float32)
+            assert np.isfinite(sess.run(None, {sess.get_inputs()[0].name: x})[0]).all()
+    assert len(widths) >= 8 and 0 < means < 8
 
 
 def test_refresh_specs_rederives_kernel_specs_from_the_seed(tmp_path):
