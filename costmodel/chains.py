@@ -170,6 +170,19 @@ class ChainBuilder:
         y = self.op(kind, [x], "pool", kernel_shape=[k, k], strides=[s, s], pads=[p] * 4)
         return y, (c, conv_out(h, k, s, p, p), conv_out(w, k, s, p, p))
 
+    def stem_pool(self, x, shape):
+        """ResNet's and ShuffleNet's 3x3 stride-2 max-pooling after the stem."""
+        y = self.op("MaxPool", [x], "pool", kernel_shape=[3, 3], strides=[2, 2], pads=[1] * 4)
+        return y, (shape[0], conv_out(shape[1], 3, 2, 1, 1), conv_out(shape[2], 3, 2, 1, 1))
+
+    def image_input(self, aligned_share: float):
+        """Draw whether the network keeps aligned widths and its input resolution (96-256):
+        the input's shape and value info."""
+        self.aligned = self.rng.random() < aligned_share
+        res = self.rng.choice([96, 128, 160, 160, 192, 224, 224, 256])
+        shape = (3, res, res)
+        return shape, helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, *shape])
+
     def branches(self, x, shape, act):
         c = shape[0]
         a, sa = self.conv(x, shape, self.ch(8, max(16, c)), 1, 1, 1, act)
@@ -289,10 +302,7 @@ class ChainBuilder:
         ResNet/ResNeXt/RegNet-like nets (basic, bottleneck or grouped blocks), at input
         resolutions 96-256, with their classifier heads."""
         rng = self.rng
-        self.aligned = rng.random() < 0.6
-        res = rng.choice([96, 128, 160, 160, 192, 224, 224, 256])
-        shape = (3, res, res)
-        inp = helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, *shape])
+        shape, inp = self.image_input(0.6)
         mult = loguniform(rng, 0.25, 1.5)
 
         def width(c: float) -> int:
@@ -332,8 +342,7 @@ class ChainBuilder:
             x, shape = self.conv("input", shape, width(rng.choice([32, 64])), rng.choice([3, 7]), 2, 1, act)
             pooled = rng.random() < 0.6  # ResNet: max-pool after the stem; RegNet: a strided first block
             if pooled:
-                y = self.op("MaxPool", [x], "pool", kernel_shape=[3, 3], strides=[2, 2], pads=[1] * 4)
-                x, shape = y, (shape[0], conv_out(shape[1], 3, 2, 1, 1), conv_out(shape[2], 3, 2, 1, 1))
+                x, shape = self.stem_pool(x, shape)
             bottleneck = rng.random() < 0.5
             gw = rng.choice([0, 0, 8, 16, 24, 32])
             for i, c in enumerate([64, 128, 256, 512]):
@@ -352,15 +361,11 @@ class ChainBuilder:
         ShuffleNetV2 x0.5-x2.0 has: 48-976), a wide 1x1 conv and a classifier reading the
         spatial mean (ReduceMean, as torchvision exports it) or a global pool."""
         rng = self.rng
-        self.aligned = rng.random() < 0.3
-        res = rng.choice([96, 128, 160, 160, 192, 224, 224, 256])
-        shape = (3, res, res)
-        inp = helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, *shape])
+        shape, inp = self.image_input(0.3)
         mult = loguniform(rng, 0.4, 2.2)
         step = 32 if self.aligned else 4  # both halves even (whole 16-channel blocks when aligned)
         x, shape = self.conv("input", shape, 24, 3, 2, 1, "relu")
-        y = self.op("MaxPool", [x], "pool", kernel_shape=[3, 3], strides=[2, 2], pads=[1] * 4)
-        x, shape = y, (shape[0], conv_out(shape[1], 3, 2, 1, 1), conv_out(shape[2], 3, 2, 1, 1))
+        x, shape = self.stem_pool(x, shape)
         for base, repeats in ((116, 4), (232, 8), (464, 4)):
             cout = max(step, int(round(base * mult / step)) * step)
             for j in range(max(1, repeats + rng.choice([-2, -1, 0, 0, 0, 1]))):
