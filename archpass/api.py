@@ -64,14 +64,14 @@ def inspect_document(model: Model, structure: Structure, target: str | None = No
         t = load_target(target)
         doc["estimate"] = estimate(structure, t).to_json()
         if measure:
-            from archpass.costmodel.measure import check_note, measure_latency
+            from archpass.costmodel.measure import check_note, measure_latency, slow_host_note
 
             m = measure_latency(model.proto, t, windows=measure, progress=progress)
             pred = doc["estimate"]["latency_ms"]
             doc["estimate"]["measured"] = {**m, "error_pct": round((pred / m["ms"] - 1.0) * 100.0, 2)}
-            note = check_note(t, pred, m)
-            if note:
-                doc["estimate"]["notes"].append(note)
+            for note in (slow_host_note(m), check_note(t, pred, m)):
+                if note:
+                    doc["estimate"]["notes"].append(note)
         doc["notes"] += [n for n in doc["estimate"]["notes"] if n not in doc["notes"]]  # e.g. the host note
         doc["target"] = target
     return doc

@@ -86,6 +86,9 @@ PLAN_FACTOR = 1.5  # networks planned for this many times the budget (planned co
 BATCH = 12  # generated candidate networks per batch
 PICKS_PER_BATCH = 6  # networks planned per batch at most (the greedy choice has twice the candidates)
 MAX_WAIT_S = 5.0  # longest wait for a quiet host before one measurement is taken again
+#: longest wait, before the first window, for the host to run the probe's threads in
+#: parallel (:meth:`~archpass.costmodel.hoststate.ParallelProbe.anchor`)
+ANCHOR_WAIT_S = 60.0
 #: waits for a quiet host (or the fast state) in all: at most this many times the budget
 #: (on a virtual machine whose host ran multi-threaded work slowly half of the time, a
 #: 60 s budget waited 64 s with one budget of waits allowed, and then had to keep
@@ -1128,6 +1131,8 @@ def measure_networks(nets: list[Network], provider: str, threads: int, graph_opt
     probe = ParallelProbe(threads, provider) if threads > 1 else None
     if probe is not None:
         seen.update(slow_state_remeasured=0, slow_state_kept=0, probe_fast_ratio=FAST_RATIO)
+        # the best reading must be a fast-state one before windows are judged against it
+        seen["waited_s"] += probe.anchor(min(ANCHOR_WAIT_S, WAIT_FACTOR * budget_s))
 
     def elapsed() -> float:
         """Seconds of measurement so far: wall time less the waits for a quiet host."""
@@ -1223,6 +1228,7 @@ def measure_networks(nets: list[Network], provider: str, threads: int, graph_opt
                 n.fast = fast_windows([w[3] for w in n.windows], probe.best)
             states = [w[3] for n in admitted for w in n.windows]
             seen.update(probe_best_ms=round(probe.best, 4), probe_median_ms=round(float(np.median(probe.readings)), 4),
+                        probe_one_thread_ms=round(probe.serial_ms, 4), parallel_state_seen=probe.parallel_seen,
                         slow_state_windows=int(sum(slow_state(s, probe.best) for s in states)), windows_kept=len(states),
                         networks_without_fast_window=int(sum(all(slow_state(w[3], probe.best) for w in n.windows)
                                                              for n in admitted)))
@@ -1241,6 +1247,10 @@ def measurement_notes(m: dict, budget_s: float) -> list[str]:
     needed core busy for that share of the measurements (``m``: what
     :func:`measure_networks` saw)."""
     notes = []
+    if m.get("parallel_state_seen") is False:
+        notes.append(f"the host never ran the probe's threads in parallel (its best reading, {m['probe_best_ms']:g} ms, "
+                     f"against {m['probe_one_thread_ms']:g} ms on one thread): the whole measurement was in a slow state "
+                     "and predictions are likely high, small models' most; adapt again when the host is quiet")
     windows = int(m.get("windows_kept") or 0)
     slow = int(m.get("slow_state_windows") or 0)
     used_up = float(m.get("waited_s") or 0.0) >= WAIT_FACTOR * budget_s - MAX_WAIT_S

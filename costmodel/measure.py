@@ -28,6 +28,7 @@ from archpass.errors import TargetError
 WINDOWS = 5
 RUNS, MIN_S = 10, 0.15
 MAX_WAIT_S = 10.0  # longest wait for a quiet host (or its fast state) before a window
+ANCHOR_WAIT_S = 30.0  # longest wait, before the first window, for the host's threads to run in parallel
 #: a prediction further than this from the measured latency gets a note
 NOTE_ERROR_PCT = 10.0
 
@@ -110,6 +111,7 @@ def measure_latency(proto, target, windows: int = WINDOWS, runs: int = RUNS, min
     for _ in range(3):
         session.run(None, feeds)
     probe = ParallelProbe(threads, provider) if threads > 1 else None
+    anchor_s = probe.anchor(ANCHOR_WAIT_S) if probe is not None else 0.0
     got: list[Window] = []
     for w in range(windows):
         got.append(timed_window(session, feeds, threads, probe, runs, min_s))
@@ -125,10 +127,22 @@ def measure_latency(proto, target, windows: int = WINDOWS, runs: int = RUNS, min
         else "median of the fast-state windows, each its runs' 25th percentile",
         "slow_state_windows": int(sum(slow_state(s, best) for s in states)) if best else 0,
         "retaken": int(sum(g.retaken for g in got)),
-        "waited_s": round(sum(g.waited_s for g in got), 1),
+        "waited_s": round(anchor_s + sum(g.waited_s for g in got), 1),
+        # False: no probe reading beat the probe's one-thread time; the latency is a slow state's
+        "parallel_state_seen": probe.parallel_seen if probe is not None else None,
         "other_cores_max": round(max(busy), 2) if busy else None,
         "provider": provider, "threads": threads, "graph_optimization": graph_opt,
     }
+
+
+def slow_host_note(measured: dict) -> str | None:
+    """A note when no probe reading of a multi-threaded measurement beat the probe's
+    one-thread time: the host never ran the threads in parallel, so the latency measured
+    is a slow state's, not the hardware's."""
+    if measured.get("parallel_state_seen") is not False:
+        return None
+    return (f"the host never ran {measured['threads']} threads in parallel during the measurement: "
+            f"{measured['ms']:.3f} ms is a slow state's latency; measure again when the host is quiet")
 
 
 def check_note(target, predicted_ms: float, measured: dict) -> str | None:
@@ -150,5 +164,5 @@ def check_note(target, predicted_ms: float, measured: dict) -> str | None:
     return head + f"; adapt the target to this host: {adapt_command(target, base=str(base) if base else None)}"
 
 
-__all__ = ["measure_latency", "timed_window", "combine", "runtime_settings", "check_note", "Window", "WINDOWS",
-           "NOTE_ERROR_PCT"]
+__all__ = ["measure_latency", "timed_window", "combine", "runtime_settings", "check_note", "slow_host_note", "Window",
+           "WINDOWS", "NOTE_ERROR_PCT"]

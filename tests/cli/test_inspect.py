@@ -180,6 +180,18 @@ def test_a_prediction_far_from_the_measurement_gets_a_note(small, monkeypatch):
     assert doc["estimate"]["measured"]["error_pct"] < -99
 
 
+def test_a_measurement_never_in_parallel_gets_a_note(small, monkeypatch):
+    import archpass.costmodel.measure as measure
+
+    seen = {"ms": 1.0, "windows_ms": [1.0], "statistic": "median of the fast-state windows", "slow_state_windows": 0,
+            "retaken": 0, "waited_s": 30.0, "other_cores_max": 0.0, "provider": "CPUExecutionProvider", "threads": 2,
+            "graph_optimization": "all", "parallel_state_seen": False}
+    monkeypatch.setattr(measure, "measure_latency", lambda proto, target, **kw: seen)
+    r = runner.invoke(app, ["inspect", str(small), "--target", "cpu", "--measure"])
+    assert r.exit_code == 0, r.output
+    assert "note: the host never ran 2 threads in parallel during the measurement: 1.000 ms is a slow state's" in r.stdout
+
+
 @pytest.mark.parametrize("args,needle", [
     (["--measure"], "no --target was given"),
     (["--target", "edgetpu", "--measure"], "edgetpu is measured with zigzag"),

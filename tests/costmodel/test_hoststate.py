@@ -10,7 +10,7 @@ import onnxruntime as ort
 from builders import NetBuilder
 
 from archpass.costmodel import adapt, hoststate, load_target
-from archpass.costmodel.hoststate import FAST_RATIO, ParallelProbe, fast_windows, probe_model, slow_state
+from archpass.costmodel.hoststate import FAST_RATIO, SERIAL_SHARE, ParallelProbe, fast_windows, probe_model, slow_state
 from archpass.model import load_model
 
 
@@ -28,15 +28,18 @@ def test_real_probe_reads_and_keeps_its_best():
     a, b = p.read(), p.read()
     assert 0 < p.best == min(a, b) and p.readings == [a, b]
     assert p.fast(p.best) and not p.fast(p.best * FAST_RATIO * 1.01)
+    # its one-thread time is the reference of parallel readings
+    assert p.serial_ms > 0 and p.parallel(SERIAL_SHARE * p.serial_ms) and not p.parallel(p.serial_ms)
 
 
-def _scripted(monkeypatch, readings):
-    """A probe whose readings follow ``readings`` (the best reading so far kept as the real one does)."""
+def _scripted(monkeypatch, readings, serial_ms=10.0):
+    """A probe whose readings follow ``readings`` (the best reading so far kept as the real
+    one does), taking ``serial_ms`` on one thread."""
     seq = iter(readings)
 
     class Fake:
         def __init__(self, *a, **k):
-            self.best, self.readings = float("inf"), []
+            self.best, self.readings, self.serial_ms = float("inf"), [], serial_ms
 
         def read(self):
             ms = next(seq)
@@ -46,6 +49,9 @@ def _scripted(monkeypatch, readings):
 
         fast = ParallelProbe.fast
         wait_fast = ParallelProbe.wait_fast
+        parallel = ParallelProbe.parallel
+        parallel_seen = ParallelProbe.parallel_seen
+        anchor = ParallelProbe.anchor
 
     monkeypatch.setattr(hoststate, "ParallelProbe", Fake)
     monkeypatch.setattr(hoststate.time, "sleep", lambda s: None)
@@ -59,6 +65,28 @@ def test_wait_fast_waits_for_the_fast_state_and_gives_up_at_max_wait(monkeypatch
     assert ms == 1.1 and fake.readings == [1.0, 2.0, 1.9, 1.1]  # two slow readings, then a fast one
     waited, ms = fake.wait_fast(max_wait=0.0)  # no time to wait: the slow reading is returned
     assert ms == 2.0 and len(fake.readings) == 5
+
+
+def test_anchor_waits_until_the_threads_run_in_parallel(monkeypatch):
+    """A host that starts in a slow state (readings no faster than one thread's 1.0 ms):
+    the anchor reads until a parallel reading, which becomes the best that later readings
+    are judged against; a host that never runs the threads in parallel is seen as such."""
+    fake = _scripted(monkeypatch, [1.0, 0.95, 0.9, 0.6, 0.9], serial_ms=1.0)()
+    assert fake.anchor(max_wait=60.0) >= 0 and fake.readings == [1.0, 0.95, 0.9, 0.6]
+    assert fake.best == 0.6 and fake.parallel_seen and not fake.fast(fake.read())  # 0.9 is slow against 0.6
+    never = _scripted(monkeypatch, [1.0, 0.95], serial_ms=1.0)()
+    never.anchor(max_wait=0.0)  # no time to wait: one reading
+    assert never.readings == [1.0] and not never.parallel_seen
+    assert never.fast(1.0)  # against its own slow best every reading looks fast: hence the anchor
+
+
+def test_a_measurement_never_in_parallel_gets_a_note():
+    seen = {"parallel_state_seen": False, "probe_best_ms": 0.62, "probe_one_thread_ms": 0.6, "windows_kept": 10,
+            "slow_state_windows": 0}
+    notes = adapt.measurement_notes(seen, 60.0)
+    assert len(notes) == 1 and "never ran the probe's threads in parallel" in notes[0] and "0.62 ms" in notes[0]
+    assert adapt.measurement_notes({**seen, "parallel_state_seen": True}, 60.0) == []
+    assert adapt.measurement_notes({"windows_kept": 10}, 60.0) == []  # one thread: no probe, no note
 
 
 def test_fast_windows():
@@ -103,7 +131,7 @@ def test_slow_state_windows_are_measured_again_and_left_out(tmp_path, monkeypatc
     base = load_target("cpu")
     nets = _nets(tmp_path, base)
     fast, slow = 1.0, 2.0
-    script = [fast, slow, fast, fast] * 5 + [fast, slow] * 3
+    script = [fast] + [fast, slow, fast, fast] * 5 + [fast, slow] * 3  # the anchor's reading, then the windows'
     _scripted(monkeypatch, script)
     monkeypatch.setattr(adapt, "MAX_WAIT_S", 0.0)  # wait_fast reads once
     monkeypatch.setattr(adapt, "OtherLoad", _Quiet)
@@ -111,6 +139,7 @@ def test_slow_state_windows_are_measured_again_and_left_out(tmp_path, monkeypatc
     seen = got["seen"]
     assert seen["slow_state_remeasured"] == 5 + 2 and seen["slow_state_kept"] == 1 and seen["remeasured"] == 0
     assert seen["slow_state_windows"] == 1 and seen["windows_kept"] == 6 and seen["probe_best_ms"] == fast
+    assert seen["parallel_state_seen"] and seen["probe_one_thread_ms"] == 10.0
     assert nets[0].fast == [0, 1, 2] and nets[1].fast == [0, 1]
     assert [w[3] for w in nets[1].windows] == [fast, fast, slow]
     assert nets[1].fast_plain() == nets[1].plain[:2]

@@ -7,7 +7,7 @@ from dataclasses import replace
 import pytest
 
 from archpass.costmodel import load_target
-from archpass.costmodel.measure import check_note, combine, measure_latency, runtime_settings
+from archpass.costmodel.measure import check_note, combine, measure_latency, runtime_settings, slow_host_note
 from archpass.errors import TargetError
 from builders import NetBuilder
 
@@ -34,6 +34,14 @@ def test_several_threads_read_the_probe():
     m = measure_latency(_convs(2), two, windows=2, runs=3, min_s=0.01)
     assert m["threads"] == 2 and m["graph_optimization"] == "basic"
     assert "fast-state" in m["statistic"] and 0 <= m["slow_state_windows"] <= 2 and m["ms"] > 0
+    assert m["parallel_state_seen"] in (True, False)
+
+
+def test_a_measurement_in_a_slow_state_throughout_gets_a_note():
+    seen = {"ms": 1.5, "threads": 2, "parallel_state_seen": False}
+    assert "never ran 2 threads in parallel" in slow_host_note(seen) and "1.500 ms" in slow_host_note(seen)
+    assert slow_host_note({**seen, "parallel_state_seen": True}) is None
+    assert slow_host_note({"ms": 1.5, "threads": 1, "parallel_state_seen": None}) is None
 
 
 def test_fast_state_windows_make_the_latency():
