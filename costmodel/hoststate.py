@@ -74,7 +74,7 @@ class ParallelProbe:
     def __init__(self, threads: int, provider: str = "CPUExecutionProvider", runs: int = 3):
         import onnxruntime as ort
 
-        from archpass.costmodel.backends.onnxruntime import session_options
+        from archpass.costmodel.backends.onnxruntime import session_options, timed_runs
 
         model = probe_model()
         self.session = ort.InferenceSession(model.SerializeToString(), session_options(threads), providers=[provider])
@@ -84,16 +84,11 @@ class ParallelProbe:
         self.readings: list[float] = []
         for _ in range(3):
             self.session.run(None, self.feeds)
+        # the probe's time on one thread (the best of three readings): the reference a
+        # reading must clearly beat to show the threads running in parallel
         serial = ort.InferenceSession(model.SerializeToString(), session_options(1), providers=[provider])
-        self.serial_ms = self._serial_ms(serial)
-
-    def _serial_ms(self, serial) -> float:
-        """The probe's time on one thread (the best of three readings): the reference a
-        reading must clearly beat to show the threads running in parallel."""
-        from archpass.costmodel.backends.onnxruntime import timed_runs
-
         serial.run(None, self.feeds)
-        return min(min(timed_runs(serial, self.feeds, self.runs)) for _ in range(3))
+        self.serial_ms = min(min(timed_runs(serial, self.feeds, self.runs)) for _ in range(3))
 
     def read(self) -> float:
         """One reading (ms): after a pause and an untimed run, the fastest of ``runs`` runs."""
@@ -120,10 +115,7 @@ class ParallelProbe:
         ``max_wait`` s), so that the best reading, which later readings are judged against,
         is the fast state's even when the host starts in a slow one.  Returns the seconds
         waited."""
-        t0 = time.perf_counter()
-        while not self.parallel(self.read()) and time.perf_counter() - t0 < max_wait:
-            time.sleep(poll)
-        return time.perf_counter() - t0
+        return self._read_until(self.parallel, max_wait, poll)[0]
 
     def fast(self, ms: float, best: float | None = None) -> bool:
         """Whether a reading is the fast state's (against ``best``, default the best so far)."""
@@ -132,9 +124,14 @@ class ParallelProbe:
     def wait_fast(self, max_wait: float, poll: float = 0.2) -> tuple[float, float]:
         """Read the probe until it shows the fast state (up to ``max_wait`` s).  Returns
         (seconds waited, last reading)."""
+        return self._read_until(self.fast, max_wait, poll)
+
+    def _read_until(self, ok, max_wait: float, poll: float) -> tuple[float, float]:
+        """Read (at least once) until ``ok(reading)`` or ``max_wait`` s have passed:
+        (seconds waited, last reading)."""
         t0 = time.perf_counter()
         ms = self.read()
-        while not self.fast(ms) and time.perf_counter() - t0 < max_wait:
+        while not ok(ms) and time.perf_counter() - t0 < max_wait:
             time.sleep(poll)
             ms = self.read()
         return time.perf_counter() - t0, ms

@@ -52,6 +52,7 @@ def _scripted(monkeypatch, readings, serial_ms=10.0):
         parallel = ParallelProbe.parallel
         parallel_seen = ParallelProbe.parallel_seen
         anchor = ParallelProbe.anchor
+        _read_until = ParallelProbe._read_until
 
     monkeypatch.setattr(hoststate, "ParallelProbe", Fake)
     monkeypatch.setattr(hoststate.time, "sleep", lambda s: None)
