@@ -24,9 +24,9 @@ archpass's passes; the set of ``predictor_accuracy.py``):
   (``--seed``: which networks the plan draws) show how much a result depends on the draw;
   the report pools every adaptation of a scenario.
 
-    python benchmarks/adapt.py --phase truths|zigzag|prepare|report
+    python benchmarks/adapt.py --phase truths|zigzag-measure|zigzag|prepare|report   # truths, zigzag-measure: ZigZag runs
     quiet.sh python benchmarks/adapt.py --phase ort-truth --tag first          # one quiet section each
-    quiet.sh python benchmarks/adapt.py --phase ort-adapt --scenario 2threads --tag first [--seed 0]
+    quiet.sh python benchmarks/adapt.py --phase ort-adapt --scenario 2threads --tag first [--seed 0] [--windows 3]
     python benchmarks/adapt.py --phase report --adapt-tags first,second   # the adaptations scored; drift between them
         [--scenario-tags basic=third,fourth]                               # other adaptations for one scenario
 
@@ -51,6 +51,7 @@ import predictor_accuracy as pa  # noqa: E402  (exports, ZigZag whole-model trut
 RESULTS = ROOT / "results" / "adapt.json"
 CLOCK_HZ = 500e6
 ZIGZAG_SAMPLES = 50
+ZIGZAG_FULL_SAMPLES = 420
 #: held-out models for ZigZag (whole-model evaluations take minutes each: a subset of
 #: predictor_accuracy's set covering every family and rewrite)
 ZIGZAG_MODELS = [
@@ -132,6 +133,25 @@ def phase_truths(args) -> None:
             print(f"zigzag ascend_like {name}: {res}", file=sys.stderr, flush=True)
 
 
+def phase_zigzag_measure(args) -> None:
+    """The two ZigZag targets the report compares with the adaptation's, in the cache
+    (CPU work; each resumes from its dataset): ``edgetpu`` adapted from ZIGZAG_SAMPLES
+    layer evaluations (``calibrate --adapt edgetpu --backend zigzag``), and a full
+    calibration from ZIGZAG_FULL_SAMPLES sampled layers (``calibrate --backend zigzag``)."""
+    from archpass.costmodel.adapt import adapt_zigzag
+    from archpass.costmodel.calibrate import calibrate_zigzag
+
+    hw, mp = zigzag_yamls()
+
+    def progress(label):
+        return lambda done, total, err: print(f"zigzag {label}: {done}/{total} {err}", file=sys.stderr, flush=True)
+
+    adapt_zigzag(base="edgetpu", name="ascend_adapted", out_dir=work_dir() / "ascend_adapted", hardware=hw, mapping=mp,
+                 samples=ZIGZAG_SAMPLES, workers=args.workers, progress=progress("adapted"))
+    calibrate_zigzag(name="ascend_full", out_dir=work_dir() / "ascend_full", hardware=hw, mapping=mp, clock_hz=CLOCK_HZ,
+                     samples=ZIGZAG_FULL_SAMPLES, workers=args.workers, progress=progress("full calibration"))
+
+
 # ------------------------------------------------------------------ scoring
 def score(rows: list[dict]) -> dict:
     import numpy as np
@@ -195,7 +215,7 @@ def phase_zigzag(args) -> dict:
     variants = {"adapted": adapted, "from_scratch_same_50": scratch, "full_calibration": full, "base_edgetpu_as_is": base}
     for m in (*METHODS, PER_KIND):
         variants[f"adapted[{m}]"] = refit(work_dir() / "ascend_adapted", m)
-    out = {"held_out_models": names, "truth": "ZigZag whole-model evaluation, ascend_like (16x16 K x C, 2x2 OX x OY), "
+    out = {"measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "held_out_models": names, "truth": "ZigZag whole-model evaluation, ascend_like (16x16 K x C, 2x2 OX x OY), "
            f"lpf_limit 4, {CLOCK_HZ / 1e6:.0f} MHz",
            "layer_evaluations": {"adapted": len(ds.records), "from_scratch_same_50": len(ds.records),
                                  "full_calibration": len(full_ds.records),
@@ -218,7 +238,7 @@ SCENARIOS = {"2threads": {"threads": 2, "graph_opt": "all"}, "basic": {"threads"
 BUDGET_S = 60.0
 
 
-def adapt_run(sc: str, tag: str, seed: int = 0) -> dict:
+def adapt_run(sc: str, tag: str, seed: int = 0, windows: int = 3) -> dict:
     """One adaptation of ``cpu`` to scenario ``sc`` with the plan drawn from ``seed`` (its
     own quiet section), recorded in ort_runs.json."""
     from archpass.costmodel.adapt import WARMUP_RUNS_1T, WARMUP_RUNS_MT, adapt_onnxruntime
@@ -228,9 +248,9 @@ def adapt_run(sc: str, tag: str, seed: int = 0) -> dict:
     d = work_dir() / f"ort_{sc}_{tag}"
     shutil.rmtree(d, ignore_errors=True)  # a fresh adaptation (the dataset would resume an earlier one)
     t0 = time.time()
-    t = adapt_onnxruntime(base="cpu", name=f"cpu_{sc}", out_dir=d, budget_s=BUDGET_S, seed=seed,
+    t = adapt_onnxruntime(base="cpu", name=f"cpu_{sc}", out_dir=d, budget_s=BUDGET_S, seed=seed, windows=windows,
                           progress=lambda m: print(f"adapt {sc}: {m}", file=sys.stderr, flush=True), **SCENARIOS[sc])
-    entry = {"dir": str(d), "seed": seed, "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    entry = {"dir": str(d), "seed": seed, "windows": windows, "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
              "wall_seconds": round(time.time() - t0, 1), "measurement": t.accuracy["measurement"],
              "method": t.accuracy["method"], "network_fit": t.accuracy.get("network_fit"),
              "cross_validation": t.accuracy["cross_validation"],
@@ -345,7 +365,7 @@ def settle(threads: int = 2, max_wait: float = 180.0) -> float:
 
 def phase_ort_adapt(args) -> None:
     settle()
-    adapt_run(args.scenario, args.tag, args.seed)
+    adapt_run(args.scenario, args.tag, args.seed, args.windows)
 
 
 def phase_prepare(args) -> None:
@@ -432,7 +452,17 @@ def phase_report(args) -> None:
     sys.path.insert(0, str(ROOT))
     from _common import write_results
 
-    figures: dict = {"zigzag": phase_zigzag(args)}
+    if (work_dir() / "zigzag_truths.json").exists() and (work_dir() / "ascend_full").exists():
+        figures: dict = {"zigzag": phase_zigzag(args)}
+    else:  # this cache has no ZigZag runs (--phase truths, zigzag-measure): keep the results file's, saying when
+        earlier = _json(RESULTS, {})
+        if "targets" not in earlier.get("zigzag", {}):
+            raise SystemExit("no ZigZag runs in the cache and none in the results file: run --phase truths and "
+                             "--phase zigzag-measure first")
+        figures = {"zigzag": {**earlier["zigzag"], "measured": earlier["zigzag"].get("measured", earlier.get("when")),
+                              "carried": "not measured again in this report: the cache had no ZigZag runs; these are "
+                                         "the figures of the results file it replaced, measured when 'measured' says"}}
+        print(f"zigzag: carried from the results file of {figures['zigzag']['measured']}", file=sys.stderr)
     doc = _json(work_dir() / "ort_runs.json", {})
     if doc.get("truths"):
         models = load_models(ORT_MODELS)
@@ -538,17 +568,19 @@ def phase_report(args) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--phase", required=True,
-                    choices=["truths", "zigzag", "prepare", "ort-truth", "ort-adapt", "report"])
+                    choices=["truths", "zigzag-measure", "zigzag", "prepare", "ort-truth", "ort-adapt", "report"])
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--tag", default="first", help="ort-truth / ort-adapt: which measurement (first, second, ...)")
     ap.add_argument("--scenario", choices=list(SCENARIOS), help="ort-adapt: which adaptation")
     ap.add_argument("--seed", type=int, default=0, help="ort-adapt: the seed the plan's networks are drawn from")
+    ap.add_argument("--windows", type=int, default=3,
+                    help="ort-adapt: timing windows per network (calibrate --adapt's default: 3)")
     ap.add_argument("--adapt-tags", default="first,second",
                     help="report: the adaptations scored (the first two give the drift; the first the per-method refits)")
     ap.add_argument("--scenario-tags", action="append", default=[], metavar="SCENARIO=T1,T2",
                     help="report: the adaptations scored for one scenario, instead of --adapt-tags (repeatable)")
     args = ap.parse_args(argv)
-    {"truths": phase_truths, "zigzag": phase_zigzag, "prepare": phase_prepare, "ort-truth": phase_ort_truth,
+    {"truths": phase_truths, "zigzag-measure": phase_zigzag_measure, "zigzag": phase_zigzag, "prepare": phase_prepare, "ort-truth": phase_ort_truth,
      "ort-adapt": phase_ort_adapt, "report": phase_report}[args.phase](args)
     return 0
 

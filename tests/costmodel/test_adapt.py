@@ -112,7 +112,8 @@ def test_onnxruntime_adaptation_on_this_host(tmp_path, threads):
     assert m["networks"] >= 2 and m["seconds"] <= 4 + 4  # the budget is kept (the last network may overrun it)
     for key in ("remeasured", "kept_busy", "other_cores_median", "allowed_other_cores", "windows"):
         assert key in m
-    assert m["window_statistic"] == ("median" if threads == 1 else "median of fast-state windows")
+    assert m["window_statistic"] == ("mean of the faster half of the windows" if threads == 1
+                                     else "mean of the faster half of the fast-state windows")
     assert m["kernel_window_statistic"] == ("median" if threads == 1 else "min of fast-state windows")
     if threads > 1:  # the host's state was probed around every window and recorded
         assert m["probe_best_ms"] > 0 and 0 <= m["slow_state_windows"] <= m["windows_kept"]
@@ -471,18 +472,18 @@ def test_measurement_notes_flag_an_unstable_or_busy_host():
 
 def test_later_windows_start_only_when_they_still_end_within_the_budget(tmp_path):
     """A window (or a retry) starts only when one as long as the network's last try still
-    ends within the budget: long tries (about 0.8 s here) do not run past it."""
+    ends within the budget: long tries (0.4-0.8 s on the machines here) do not run past it."""
     from archpass.costmodel.adapt import _network, measure_networks
 
     cpu = load_target("cpu")
     b = NetBuilder((1, 64, 56, 56))
     b.conv(64, 3)
     onnx.save(b.build(), str(tmp_path / "conv.onnx"))
-    net = _network("k0", "conv", load_model(tmp_path / "conv.onnx").proto, cpu, 40, 240, 1)
-    got = measure_networks([net], "CPUExecutionProvider", 1, "all", 3.0, windows=40, runs=240)
+    net = _network("k0", "conv", load_model(tmp_path / "conv.onnx").proto, cpu, 80, 120, 1)
+    got = measure_networks([net], "CPUExecutionProvider", 1, "all", 3.0, windows=80, runs=120)
     seen = got["seen"]
-    assert 2 <= len(net.windows) < 40  # the budget, not the windows, ended it
-    assert seen["seconds"] <= 3.0 + 0.1, seen["seconds"]  # one try is about 0.8 s
+    assert 2 <= len(net.windows) < 80  # the budget, not the windows, ended it
+    assert seen["seconds"] <= 3.0 + 0.1, seen["seconds"]
 
 
 def test_onnxruntime_layout_block_is_chosen_by_held_out_networks():
@@ -513,3 +514,25 @@ def test_onnxruntime_layout_block_is_chosen_by_held_out_networks():
     assert [b.parallelism for b in A.layout_blocks(basic)] == [8]
     zz = replace(cpu, prior=cpu, predictors={}, source={"backend": "zigzag"}, parallelism=32)
     assert A.layout_blocks(zz) == [zz]
+
+
+def test_a_network_latency_is_the_mean_of_its_faster_half_of_windows(tmp_path):
+    """One slow window of three (other load only slows a window down) does not move a
+    network's latency; of two the faster counts; a refit reads the stored windows."""
+    from archpass.costmodel.adapt import dataset_points, window_level
+
+    assert window_level([1.0, 1.3, 1.1]) == pytest.approx(1.05)
+    assert window_level([1.0, 1.0, 5.0]) == pytest.approx(1.0)
+    assert window_level([2.0, 1.5]) == pytest.approx(1.5) and window_level([0.7]) == pytest.approx(0.7)
+    with pytest.raises(ValueError):
+        window_level([])
+    cpu = load_target("cpu")
+    k = decompose(analyze(load_model(_tiny(tmp_path / "tiny.onnx"))), cpu.fusion)[0]
+    ds = Dataset(tmp_path / DATASET)
+    rec = {"key": "n1", "group": "network", "payload": {}, "points": [{"spec": k.spec(), "id": "k", "ms": 0.2}],
+           "plain_ms": 9.0, "window_plain_ms": [0.3, 0.9, 0.25, 0.8], "fast_windows": [0, 1, 2]}
+    ds.records["n1"] = rec
+    ds.records["n2"] = {**rec, "key": "n2", "window_plain_ms": [], "fast_windows": []}
+    pts = dataset_points(ds, cpu)
+    # fast windows 0.3, 0.9, 0.25: the faster two; a record without windows keeps its plain_ms
+    assert pts.network_ms["n1"] == pytest.approx(0.275) and pts.network_ms["n2"] == pytest.approx(9.0)
