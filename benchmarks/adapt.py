@@ -215,7 +215,8 @@ def phase_zigzag(args) -> dict:
     variants = {"adapted": adapted, "from_scratch_same_50": scratch, "full_calibration": full, "base_edgetpu_as_is": base}
     for m in (*METHODS, PER_KIND):
         variants[f"adapted[{m}]"] = refit(work_dir() / "ascend_adapted", m)
-    out = {"measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "held_out_models": names, "truth": "ZigZag whole-model evaluation, ascend_like (16x16 K x C, 2x2 OX x OY), "
+    out = {"measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "held_out_models": names,
+           "truth": "ZigZag whole-model evaluation, ascend_like (16x16 K x C, 2x2 OX x OY), "
            f"lpf_limit 4, {CLOCK_HZ / 1e6:.0f} MHz",
            "layer_evaluations": {"adapted": len(ds.records), "from_scratch_same_50": len(ds.records),
                                  "full_calibration": len(full_ds.records),
@@ -459,10 +460,11 @@ def phase_report(args) -> None:
         if "targets" not in earlier.get("zigzag", {}):
             raise SystemExit("no ZigZag runs in the cache and none in the results file: run --phase truths and "
                              "--phase zigzag-measure first")
-        figures = {"zigzag": {**earlier["zigzag"], "measured": earlier["zigzag"].get("measured", earlier.get("when")),
+        first = earlier["zigzag"].get("carried_from_results_file_of", earlier.get("when"))
+        figures = {"zigzag": {**earlier["zigzag"], "carried_from_results_file_of": first,
                               "carried": "not measured again in this report: the cache had no ZigZag runs; these are "
-                                         "the figures of the results file it replaced, measured when 'measured' says"}}
-        print(f"zigzag: carried from the results file of {figures['zigzag']['measured']}", file=sys.stderr)
+                                         "the figures of the results file written then (measured before it)"}}
+        print(f"zigzag: carried from the results file of {first}", file=sys.stderr)
     doc = _json(work_dir() / "ort_runs.json", {})
     if doc.get("truths"):
         models = load_models(ORT_MODELS)
@@ -580,8 +582,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scenario-tags", action="append", default=[], metavar="SCENARIO=T1,T2",
                     help="report: the adaptations scored for one scenario, instead of --adapt-tags (repeatable)")
     args = ap.parse_args(argv)
-    {"truths": phase_truths, "zigzag-measure": phase_zigzag_measure, "zigzag": phase_zigzag, "prepare": phase_prepare, "ort-truth": phase_ort_truth,
-     "ort-adapt": phase_ort_adapt, "report": phase_report}[args.phase](args)
+    {"truths": phase_truths, "zigzag-measure": phase_zigzag_measure, "zigzag": phase_zigzag, "prepare": phase_prepare,
+     "ort-truth": phase_ort_truth, "ort-adapt": phase_ort_adapt, "report": phase_report}[args.phase](args)
     return 0
 
 

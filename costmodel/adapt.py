@@ -11,8 +11,8 @@ another onnxruntime setting, another host), so adaptation keeps a known target a
    of a k-means partition of a large sample in a log-feature space on the new hardware), within ``--samples`` (ZigZag) or
    ``--budget-s`` seconds of measurement (onnxruntime).
 2. **Measure robustly** (onnxruntime, :func:`measure_networks`): every network is timed in
-   several interleaved windows (all networks once, then again...), the median over windows
-   counts; the load other processes put on the machine is sampled around every
+   several interleaved windows (all networks once, then again...), the mean of the faster
+   half of the windows counts (:func:`window_level`); the load other processes put on the machine is sampled around every
    measurement from ``/proc/stat`` and a measurement taken while the cores the timing needs
    were busy is repeated; with several threads a probe detects the host's slow state (a
    virtual core kept busy by the host, invisible to the guest's load accounting,
@@ -1286,9 +1286,10 @@ def window_level(ms) -> float:
 
     (seven, three and three adaptations; MAPE 7.3, 7.1, 4.6% with the median, 6.6, 5.3,
     4.7% with the faster half, 6.9, 5.0, 5.9% with the minimum.  A 1-thread adaptation
-    that ran through a slow spell: 35% with the median, 75% with the faster half).  Timing the held-out models with the adaptation's protocol in a
-    calm period put the faster half 1-2% below the truths' median of many windows, the
-    minimum 2-4% below, the median within 1%."""
+    that ran through a slow spell: 35% with the median, 75% with the faster half).
+    Timing the held-out models with the adaptation's protocol in a calm period put the
+    faster half 1-2% below the truths' median of many windows, the minimum 2-4% below,
+    the median within 1%."""
     w = sorted(float(x) for x in ms)
     if not w:
         raise ValueError("no timing window")
