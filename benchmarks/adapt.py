@@ -13,9 +13,10 @@ archpass's passes; the set of ``predictor_accuracy.py``):
 * **onnxruntime, new host** (simulated: the machines here are all one kind): ``cpu``
   (1 thread) adapted to 2 threads, and to onnxruntime with basic graph optimizations only,
   each from at most 60 s of measurement (and, as a control, to this host in its own
-  setting, 1 thread with all optimizations); against each model's whole-model latency (median
-  of window latencies, windows interleaved over models; with several threads of the
-  host's fast-state windows, see ``TRUTH_WINDOWS``), all timing under the exclusive lock.
+  setting, 1 thread with all optimizations); against each model's whole-model latency (the
+  mean of the faster half of its window latencies, windows interleaved over models; with
+  several threads of the host's fast-state windows, see ``TRUTH_WINDOWS``; the median over
+  the truth measurements combined), all timing under the exclusive lock.
   The same adaptation run twice at different times gives the drift.  Each adapted target
   is also scored against each truth measurement alone, with its mean signed error: the
   host's speed at the time of a measurement moves every model together; and against the
@@ -239,7 +240,7 @@ SCENARIOS = {"2threads": {"threads": 2, "graph_opt": "all"}, "basic": {"threads"
 BUDGET_S = 60.0
 
 
-def adapt_run(sc: str, tag: str, seed: int = 0, windows: int = 3) -> dict:
+def adapt_run(sc: str, tag: str, seed: int = 0, windows: int = 3, spread_s: float | None = None) -> dict:
     """One adaptation of ``cpu`` to scenario ``sc`` with the plan drawn from ``seed`` (its
     own quiet section), recorded in ort_runs.json."""
     from archpass.costmodel.adapt import WARMUP_RUNS_1T, WARMUP_RUNS_MT, adapt_onnxruntime
@@ -249,8 +250,10 @@ def adapt_run(sc: str, tag: str, seed: int = 0, windows: int = 3) -> dict:
     d = work_dir() / f"ort_{sc}_{tag}"
     shutil.rmtree(d, ignore_errors=True)  # a fresh adaptation (the dataset would resume an earlier one)
     t0 = time.time()
+    extra = {} if spread_s is None else {"spread_s": spread_s}
     t = adapt_onnxruntime(base="cpu", name=f"cpu_{sc}", out_dir=d, budget_s=BUDGET_S, seed=seed, windows=windows,
-                          progress=lambda m: print(f"adapt {sc}: {m}", file=sys.stderr, flush=True), **SCENARIOS[sc])
+                          progress=lambda m: print(f"adapt {sc}: {m}", file=sys.stderr, flush=True), **SCENARIOS[sc],
+                          **extra)
     entry = {"dir": str(d), "seed": seed, "windows": windows, "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
              "wall_seconds": round(time.time() - t0, 1), "measurement": t.accuracy["measurement"],
              "method": t.accuracy["method"], "network_fit": t.accuracy.get("network_fit"),
@@ -274,8 +277,9 @@ def canonical_protos(names) -> dict:
     return {n: onnx.load(str(pa.cache_dir() / f"{n}.canonical.onnx")) for n in names}
 
 
-#: windows per truth measurement.  A model's truth is the median of its windows; with
-#: several threads, of its fast-state windows.  At 2 threads this host alternates between
+#: windows per truth measurement.  A model's truth is the mean of the faster half of its
+#: windows (``measure.combine``; it was their median, which followed slow stretches of the
+#: host that took half of the windows); with several threads, of its fast-state windows.  At 2 threads this host alternates between
 #: a fast state and slow ones for seconds to minutes at a time (MobileNetV2 1.8, 2.7 or
 #: 7.8 ms, while the one-thread time of the same moments does not move; pinning threads
 #: does not change it, and no process of the guest is busy): the hypervisor keeps a virtual
@@ -304,7 +308,8 @@ def ort_truths(protos: dict, windows: int = TRUTH_WINDOWS) -> dict:
     quiet moment and, with several threads, in the host's fast state, taken again up to
     twice when other processes kept a needed core busy or the probe showed the slow
     state); a model's latency is :func:`~archpass.costmodel.measure.combine` of its
-    windows (the median of the fast-state ones), as ``inspect --measure`` times a model."""
+    windows (the mean of the faster half of the fast-state ones), as ``inspect --measure``
+    times a model."""
     import onnxruntime as ort
 
     from archpass.costmodel.backends.onnxruntime import random_feeds, session_options
@@ -366,7 +371,7 @@ def settle(threads: int = 2, max_wait: float = 180.0) -> float:
 
 def phase_ort_adapt(args) -> None:
     settle()
-    adapt_run(args.scenario, args.tag, args.seed, args.windows)
+    adapt_run(args.scenario, args.tag, args.seed, args.windows, args.spread_s)
 
 
 def phase_prepare(args) -> None:
@@ -375,10 +380,11 @@ def phase_prepare(args) -> None:
 
 
 def combined_truths(doc: dict, keys=None) -> tuple[dict, dict]:
-    """Per scenario and model: the median of the fast-state windows (against the best probe
-    reading of all measurements) of every truth measurement of the current protocol (or of
-    those named by ``keys``), and how much two truth measurements (taken at different
-    times) differ."""
+    """Per scenario and model: the median over every truth measurement of the current
+    protocol (or those named by ``keys``) of each one's latency, as ``inspect --measure``
+    takes it (:func:`~archpass.costmodel.measure.combine`: the mean of the faster half of
+    the fast-state windows, against the best probe reading of all those measurements), and
+    how much two truth measurements (taken at different times) differ."""
     import numpy as np
 
     from archpass.costmodel.adapt import allowed_other_cores
@@ -400,22 +406,26 @@ def combined_truths(doc: dict, keys=None) -> tuple[dict, dict]:
             if not per_run:
                 continue
             # windows timed while another process kept a needed core busy are left out
-            # (all kept when every window was disturbed)
-            rows = [(w, o, p) for r in per_run for w, o, p in zip(r["windows"], r["other_cores"], r["probe_ms"])]
-            kept = [x for x in rows if (x[1] or 0.0) <= allowed] or rows
-            windows = [x[0] for x in kept]
-            ms = combine(windows, [x[2] for x in kept], best)
-            out[sc][name] = {"ms": ms, "median_window_ms": float(np.median(windows)),
+            # (all of a measurement's kept when every one of them was disturbed)
+            kept = []
+            for r in per_run:
+                rows = list(zip(r["windows"], r["other_cores"], r["probe_ms"]))
+                kept.append([x for x in rows if (x[1] or 0.0) <= allowed] or rows)
+            run_ms = [combine([x[0] for x in k], [x[2] for x in k], best) for k in kept]
+            windows = [x[0] for k in kept for x in k]
+            out[sc][name] = {"ms": float(np.median(run_ms)), "measurements_ms": run_ms,
+                             "median_window_ms": float(np.median(windows)),
                              "min_window_ms": float(np.min(windows)), "windows": windows,
-                             "windows_left_out": len(rows) - len(kept),
-                             "slow_state_windows": int(sum(slow_state(x[2], best) for x in kept)),
+                             "windows_left_out": sum(len(r["windows"]) for r in per_run) - len(windows),
+                             "slow_state_windows": int(sum(slow_state(x[2], best) for k in kept for x in k)),
                              "window_spread_pct": (max(windows) / min(windows) - 1) * 100}
-            for i in range(len(per_run)):  # every pair of truth measurements
-                for j in range(i + 1, len(per_run)):
-                    diffs.append(abs(per_run[j]["ms"] / per_run[i]["ms"] - 1) * 100)
+            for i in range(len(run_ms)):  # every pair of truth measurements
+                for j in range(i + 1, len(run_ms)):
+                    diffs.append(abs(run_ms[j] / run_ms[i] - 1) * 100)
         if diffs:
             d = np.array(diffs)
-            stability[sc] = {"median_abs_diff_pct": float(np.median(d)), "max_abs_diff_pct": float(d.max()),
+            stability[sc] = {"median_abs_diff_pct": float(np.median(d)), "p90_abs_diff_pct": float(np.quantile(d, 0.9)),
+                             "max_abs_diff_pct": float(d.max()),
                              "pairs_over_5pct": int((d > 5).sum()), "model_pairs": len(d)}
     return out, stability
 
@@ -471,7 +481,8 @@ def phase_report(args) -> None:
         truths_all, stability = combined_truths(doc)
         current = {k: v for k, v in doc["truths"].items() if v.get("protocol") == TRUTH_PROTOCOL}
         ort: dict = {"held_out_models": ORT_MODELS,
-                     "truth": "whole-model latency: the median of the window latencies of every truth measurement "
+                     "truth": "whole-model latency: the median over truth measurements of each one's latency, the mean of "
+                     "the faster half of its window latencies (as inspect --measure takes it) "
                      f"({len(current)} measurements at different times, {TRUTH_WINDOWS} interleaved windows each, "
                      f">= {TRUTH_RUNS} runs >= {TRUTH_MIN_S} s per window, their median, each window started in a quiet "
                      "moment); with several threads a window is the 25th percentile of its runs and only the "
@@ -515,9 +526,9 @@ def phase_report(args) -> None:
             # the same against each truth measurement alone: how much of the error is the
             # host's speed at the time of a measurement (every model moves together)
             each: dict = {}
+            alone = {tt: combined_truths(doc, {tt})[0][sc] for tt in current}
             for k, t in adapted.items():
-                for tt, r in current.items():
-                    one = {n: {"ms": r["scenarios"][sc][n]["ms"]} for n in ORT_MODELS if n in r["scenarios"].get(sc, {})}
+                for tt, one in alone.items():
                     each.setdefault(k, {})[tt] = score(rows_for(t, models, one))
             entry["targets_against_each_truth_measurement"] = each
             # the same against the truth measurements taken right before and after each
@@ -575,6 +586,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tag", default="first", help="ort-truth / ort-adapt: which measurement (first, second, ...)")
     ap.add_argument("--scenario", choices=list(SCENARIOS), help="ort-adapt: which adaptation")
     ap.add_argument("--seed", type=int, default=0, help="ort-adapt: the seed the plan's networks are drawn from")
+    ap.add_argument("--spread-s", type=float, default=None,
+                    help="ort-adapt: seconds between the starts of window rounds (the adaptation's default when omitted)")
     ap.add_argument("--windows", type=int, default=3,
                     help="ort-adapt: timing windows per network (calibrate --adapt's default: 3)")
     ap.add_argument("--adapt-tags", default="first,second",

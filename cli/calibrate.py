@@ -27,6 +27,7 @@ def calibrate(
     output: Annotated[Path | None, typer.Option("-o", "--output", help="Target directory to write (reused to resume); with --install, defaults to the user target folder.", show_default=False)] = None,
     adapt: Annotated[str | None, typer.Option("--adapt", help="Adapt this target (a name or directory, same backend) from a few measurements instead of calibrating from scratch.", show_default=False)] = None,
     budget_s: Annotated[float, typer.Option("--budget-s", help="--adapt with onnxruntime: seconds of measurement at most.")] = 60.0,
+    spread_s: Annotated[float | None, typer.Option("--spread-s", help="--adapt with onnxruntime: start the timing window rounds at least this many seconds apart, so that one slow phase of the host cannot cover them all (the pauses are not measurement); default 75, at most 1.25x --budget-s; 0 runs them back to back.", show_default=False)] = None,
     models: Annotated[str | None, typer.Option("--models", help="--adapt: comma-separated ONNX models whose dominant kernels are measured first.", show_default=False)] = None,
     install: Annotated[bool, typer.Option("--install", help="--adapt: copy the target into the user target folder and make it the default for BASE's name on this host.")] = False,
     graph_opt: Annotated[str, typer.Option("--graph-opt", help="onnxruntime graph optimization level: disabled, basic, extended, all.")] = "all",
@@ -56,7 +57,8 @@ def calibrate(
     if adapt is not None:
         with handled(debug):
             target, out = _adapt(adapt, backend, name, output, hardware, mapping, clock_hz, lpf_limit, provider,
-                                 threads, samples, workers, seed, budget_s, models, install, graph_opt, correction)
+                                 threads, samples, workers, seed, budget_s, models, install, graph_opt, correction,
+                                 spread_s)
         _report(target, out, json_out)
         return
     samples = 400 if samples is None else samples
@@ -97,7 +99,7 @@ def calibrate(
 
 
 def _adapt(base, backend, name, output, hardware, mapping, clock_hz, lpf_limit, provider, threads, samples, workers,
-           seed, budget_s, models, install, graph_opt, correction):
+           seed, budget_s, models, install, graph_opt, correction, spread_s=None):
     from archpass.costmodel import adapt as ad
     from archpass.costmodel.target import install_target, set_default, user_dir
 
@@ -129,7 +131,8 @@ def _adapt(base, backend, name, output, hardware, mapping, clock_hz, lpf_limit, 
     else:
         target = ad.adapt_onnxruntime(base=prior, name=name, out_dir=out, provider=provider, threads=threads,
                                       graph_opt=graph_opt, budget_s=budget_s, seed=seed, models=model_paths,
-                                      method=correction, progress=lambda msg: stderr.print(f"adapt {name}: {msg}"))
+                                      method=correction, spread_s=spread_s,
+                                      progress=lambda msg: stderr.print(f"adapt {name}: {msg}"))
     if install:
         if output is not None:
             out = install_target(target)
@@ -178,7 +181,9 @@ def _report(target, output, json_out: bool) -> None:
         stderr.print(f"measured {m.get('networks')} networks in {m.get('seconds')} s ({m.get('windows')} windows); other "
                      f"processes kept {m.get('other_cores_median') or 0:.2f} cores busy (median, max "
                      f"{m.get('other_cores_max') or 0:.2f}); {m.get('remeasured')} measurements repeated, "
-                     f"{m.get('kept_busy')} kept busy")
+                     f"{m.get('kept_busy')} kept busy"
+                     + (f"; window rounds spread over {m['spread_waited_s']:.0f} s of pauses" if m.get("spread_waited_s")
+                        else ""))
     if acc.get("failed_jobs"):
         stderr.print(f"{acc['failed_jobs']} measurements failed and were skipped, e.g. {acc['failure_examples'][:2]}")
     for n in notes:

@@ -91,8 +91,8 @@ def render(doc: dict, wide: bool = False) -> None:
         m = e.get("measured")
         if m:
             n, slow = len(m["windows_ms"]), m.get("slow_state_windows", 0)
-            how = (f"median of {n} window{'s' if n > 1 else ''}" if not slow
-                   else f"median of the {n - slow} fast-state windows of {n}")
+            how = (f"the faster half of {n} window{'s' if n > 1 else ''}" if not slow
+                   else f"the faster half of the {n - slow} fast-state windows of {n}")
             stdout.print(f"measured on this host: {m['ms']:.3f} ms ({how}, {m['threads']} thread"
                          f"{'s' if m['threads'] > 1 else ''}, graph optimizations {m['graph_optimization']}); "
                          f"the prediction is {m['error_pct']:+.1f}% off")

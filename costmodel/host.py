@@ -106,7 +106,7 @@ def host_notes(target) -> list[str]:
         return []
     return [f"the estimate is for another host: target {target.name} was measured on {_describe(recorded)}, "
             f"not on this host ({_describe(machine())}), and its latencies may be tens of % off here; adapt it to this host with about {ADAPT_BUDGET_S} s of "
-            f"measurement (about 2 minutes in all): {adapt_command(target)}"]
+            f"measurement (about 4 minutes in all, the timing spread over them): {adapt_command(target)}"]
 
 
 __all__ = ["machine", "host_id", "fingerprint", "same_machine", "host_notes", "adapt_command", "MACHINE_KEYS"]

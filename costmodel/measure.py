@@ -11,8 +11,15 @@ percentile, :func:`~archpass.costmodel.hoststate.run_statistic`); with several t
 probe read before and after each window detects the host's slow state
 (:mod:`~archpass.costmodel.hoststate`).  A window taken while other processes kept a
 needed core busy, or in the slow state, is taken again (up to ``retries`` times).  The
-latency is the median of the fast-state windows (of every window with one thread): the
-host's undisturbed latency, which is what a target predicts.
+latency is the mean of the faster half of the fast-state windows (of every window with one
+thread; :func:`~archpass.costmodel.adapt.window_level`, the adaptation's statistic): the
+host's undisturbed latency, which is what a target predicts.  Other load only ever slows a
+window down, and on a noisy shared host whole stretches of windows run 5-20% slow; the
+median follows them when they take half of the windows.  Twelve truth measurements of 20
+models on such a host (``benchmarks/adapt.py``, 7 windows each) differed pairwise by a
+median 4.5% and a 90th percentile 13.9% at 2 threads with the median, 2.8% and 8.2% with
+the faster half (one thread 3.0/10.3 against 2.1/6.0%, basic optimizations 2.8/9.3
+against 1.9/5.8%).
 """
 
 from __future__ import annotations
@@ -72,12 +79,14 @@ def timed_window(session, feeds: dict, threads: int, probe=None, runs: int = RUN
 
 
 def combine(windows_ms, probe_ms, best: float | None) -> float:
-    """The latency of a model's windows: the median of the fast-state ones against the best
+    """The latency of a model's windows: the mean of the faster half
+    (:func:`~archpass.costmodel.adapt.window_level`) of the fast-state ones against the best
     probe reading ``best`` (of every window without a probe)."""
+    from archpass.costmodel.adapt import window_level
     from archpass.costmodel.hoststate import fast_windows
 
     idx = fast_windows(probe_ms, best) if best else range(len(windows_ms))
-    return float(np.median([windows_ms[i] for i in idx]))
+    return window_level([windows_ms[i] for i in idx])
 
 
 def runtime_settings(target) -> tuple[str, int, str]:
@@ -123,8 +132,8 @@ def measure_latency(proto, target, windows: int = WINDOWS, runs: int = RUNS, min
     return {
         "ms": combine([g.ms for g in got], states, best),
         "windows_ms": [round(g.ms, 4) for g in got],
-        "statistic": "median of the windows" if threads <= 1
-        else "median of the fast-state windows, each its runs' 25th percentile",
+        "statistic": "mean of the faster half of the windows, each its runs' median" if threads <= 1
+        else "mean of the faster half of the fast-state windows, each its runs' 25th percentile",
         "slow_state_windows": int(sum(slow_state(s, best) for s in states)) if best else 0,
         "retaken": int(sum(g.retaken for g in got)),
         "waited_s": round(anchor_s + sum(g.waited_s for g in got), 1),

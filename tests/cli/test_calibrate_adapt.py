@@ -34,6 +34,7 @@ def tiny(tmp_path):
     (["--adapt", "cpu", "--backend", "onnxruntime", "--models", "missing.onnx"], "--models file not found"),
     (["--adapt", "edgetpu", "--backend", "zigzag"], "needs --hardware and --mapping"),
     (["--adapt", "cpu", "--backend", "onnxruntime", "--correction", "magic"], "unknown --correction 'magic'"),
+    (["--adapt", "cpu", "--backend", "onnxruntime", "--spread-s", "-1"], "--spread-s -1 is negative"),
 ])
 def test_adapt_bad_input_is_one_line_exit_2(tmp_path, args, expect):
     r = runner.invoke(app, ["calibrate", *args, "--name", "x", "-o", str(tmp_path / "x")])
@@ -117,6 +118,8 @@ def test_adapt_install_makes_the_adapted_target_the_default_here(tiny, tmp_path,
     doc = json.loads(r.stdout)
     m = doc["accuracy"]["measurement"]
     assert doc["target"]["adapted_from"] == "cpu" and m["networks"] >= 2 and m["models"] == ["m.onnx"]
+    # the window rounds are spread by default, at most 1.25x the budget (5 s for 4 s)
+    assert m["spread_s"] == pytest.approx(5.0) and m["spread_waited_s"] > 0
     assert (user / "cpu-here" / "target.json").is_file() and (user / "cpu-here" / "prior" / "target.json").is_file()
     t = load_target("cpu")
     assert t.name == "cpu-here" and t.origin == "user"
@@ -143,7 +146,7 @@ def test_adapt_notes_a_measurement_taken_on_a_busy_host(tiny, tmp_path, monkeypa
     monkeypatch.setattr(ad, "adapt_onnxruntime", functools.partial(ad.adapt_onnxruntime, pool=3, windows=2, runs=3))
     out = tmp_path / "busy"
     r = runner.invoke(app, ["calibrate", "--adapt", "cpu", "--backend", "onnxruntime", "--budget-s", "4",
-                            "--name", "cpu-busy", "-o", str(out), "--json"])
+                            "--spread-s", "0", "--name", "cpu-busy", "-o", str(out), "--json"])
     assert r.exit_code == 0, r.output
     notes = json.loads(r.stdout)["notes"]
     assert len(notes) == 1 and "kept while other processes kept a needed core busy" in notes[0]

@@ -161,14 +161,14 @@ def test_measure_times_the_model_as_the_target_runs_it(small):
     assert m["error_pct"] == pytest.approx((e["latency_ms"] / m["ms"] - 1) * 100, abs=0.01)
     r = runner.invoke(app, ["inspect", str(small), "--target", "cpu", "--measure", "--windows", "1"])
     assert r.exit_code == 0, r.output
-    assert "measured on this host:" in r.stdout and "median of 1 window, 1 thread," in r.stdout
+    assert "measured on this host:" in r.stdout and "the faster half of 1 window, 1 thread," in r.stdout
     assert "measure: window 1/1" in r.stderr
 
 
 def test_a_prediction_far_from_the_measurement_gets_a_note(small, monkeypatch):
     import archpass.costmodel.measure as measure
 
-    seen = {"ms": 1000.0, "windows_ms": [1000.0], "statistic": "median of the windows", "slow_state_windows": 0,
+    seen = {"ms": 1000.0, "windows_ms": [1000.0], "statistic": "mean of the faster half of the windows", "slow_state_windows": 0,
             "retaken": 0, "waited_s": 0.0, "other_cores_max": 0.0, "provider": "CPUExecutionProvider", "threads": 1,
             "graph_optimization": "all"}
     monkeypatch.setattr(measure, "measure_latency", lambda proto, target, **kw: seen)
@@ -183,7 +183,7 @@ def test_a_prediction_far_from_the_measurement_gets_a_note(small, monkeypatch):
 def test_a_measurement_never_in_parallel_gets_a_note(small, monkeypatch):
     import archpass.costmodel.measure as measure
 
-    seen = {"ms": 1.0, "windows_ms": [1.0], "statistic": "median of the fast-state windows", "slow_state_windows": 0,
+    seen = {"ms": 1.0, "windows_ms": [1.0], "statistic": "mean of the faster half of the fast-state windows", "slow_state_windows": 0,
             "retaken": 0, "waited_s": 30.0, "other_cores_max": 0.0, "provider": "CPUExecutionProvider", "threads": 2,
             "graph_optimization": "all", "parallel_state_seen": False}
     monkeypatch.setattr(measure, "measure_latency", lambda proto, target, **kw: seen)

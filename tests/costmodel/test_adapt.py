@@ -104,7 +104,7 @@ def test_representatives_keep_fixed_rows_and_spread():
 def test_onnxruntime_adaptation_on_this_host(tmp_path, threads):
     """A real (small) adaptation of the cpu target: timed in windows, host recorded, no host note here."""
     t = adapt_onnxruntime(base="cpu", name="cpu-here", out_dir=tmp_path / "a", threads=threads, budget_s=4, pool=4,
-                          windows=2, runs=3)
+                          windows=2, runs=3, spread_s=0)
     back = load_target(tmp_path / "a")
     assert back.source["host"] == fingerprint("CPUExecutionProvider", threads, "all")
     assert host_notes(back) == [] and host_notes(load_target("cpu"))  # the built-in's host is unrecorded
@@ -464,6 +464,9 @@ def test_measurement_notes_flag_an_unstable_or_busy_host():
     edge = int(UNSTABLE_SHARE * 116)
     assert measurement_notes({**slow, "slow_state_windows": edge}, 60.0) == []  # at the share: no note
     assert "used up" not in measurement_notes({**slow, "waited_s": 10.0}, 60.0)[0]
+    # the pauses that spread the window rounds are not waits for the fast state
+    spread = {**slow, "waited_s": WAIT_FACTOR * 60.0, "spread_waited_s": 120.0}
+    assert "used up" not in measurement_notes(spread, 60.0)[0]
     busy = {"kept_busy": 40, "other_cores": [1.0] * 100}
     (note,) = measurement_notes(busy, 60.0)
     assert "40 of 100 measurements" in note and "busy" in note

@@ -4,6 +4,8 @@ windows."""
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -176,3 +178,25 @@ def test_run_statistic_is_the_median_with_one_thread_and_a_low_percentile_with_s
     runs = [1.0, 1.0, 1.1, 1.2, 3.0]  # the state changed during the window: two slow runs
     assert hoststate.run_statistic(runs, 1) == 1.1
     assert hoststate.run_statistic(runs, 2) == 1.0
+
+
+def test_window_rounds_are_spread_and_the_pause_is_not_measurement(tmp_path, monkeypatch):
+    """With ``spread_s`` each window round starts at least that long after the one before;
+    the pause is a wait (recorded), not measurement."""
+    base = load_target("cpu")
+    proto = NetBuilder((1, 3, 32, 32)).conv(16, 3, stride=2, act="relu").head(10).build()
+    nets = [adapt._network(f"n{i}", "n", _loaded(tmp_path, proto), base, 3, 2, 1) for i in range(2)]
+    starts = []
+    real = adapt.OtherLoad.__enter__
+
+    def enter(self):  # the start of every window
+        starts.append(time.perf_counter())
+        return real(self)
+
+    monkeypatch.setattr(adapt.OtherLoad, "__enter__", enter)
+    got = adapt.measure_networks(nets, "CPUExecutionProvider", 1, "all", budget_s=30.0, windows=3, runs=2, spread_s=0.6)
+    seen = got["seen"]
+    span = starts[-1] - starts[0]  # the last round started at least two spreads after the first
+    assert all(len(n.plain) == 3 for n in nets) and span >= 2 * 0.6 - 0.02, starts
+    assert seen["spread_waited_s"] >= 0.6 and seen["waited_s"] >= seen["spread_waited_s"]
+    assert seen["seconds"] < span - 0.6  # the pauses are not counted as measurement
