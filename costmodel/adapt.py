@@ -1150,12 +1150,12 @@ def measure_networks(nets: list[Network], provider: str, threads: int, graph_opt
         seen["waited_s"] += probe.anchor(min(ANCHOR_WAIT_S, WAIT_FACTOR * budget_s))
 
     def elapsed() -> float:
-        """Seconds of measurement so far: wall time less the waits for a quiet host."""
-        return time.perf_counter() - t0 - seen["waited_s"]
+        """Seconds of measurement so far: wall time less the waits for a quiet host and the
+        pauses that spread the window rounds."""
+        return time.perf_counter() - t0 - seen["waited_s"] - seen["spread_waited_s"]
 
     def wait_allowance() -> float:
-        # the spread's pauses are not waits for a quiet host: they leave its allowance alone
-        return min(MAX_WAIT_S, max(WAIT_FACTOR * budget_s - (seen["waited_s"] - seen["spread_waited_s"]), 0.0))
+        return min(MAX_WAIT_S, max(WAIT_FACTOR * budget_s - seen["waited_s"], 0.0))
 
     try_s: dict[str, float] = {}  # per network: how long its last try took (measurement time)
 
@@ -1235,7 +1235,6 @@ def measure_networks(nets: list[Network], provider: str, threads: int, graph_opt
             pause = round_start + spread_s - time.perf_counter()
             if pause > 0:  # spread the rounds over the host's phases (a wait, not measurement)
                 time.sleep(pause)
-                seen["waited_s"] += pause
                 seen["spread_waited_s"] += pause
             round_start = time.perf_counter()
             for n in admitted:
@@ -1277,8 +1276,7 @@ def measurement_notes(m: dict, budget_s: float) -> list[str]:
                      "and predictions are likely high, small models' most; adapt again when the host is quiet")
     windows = int(m.get("windows_kept") or 0)
     slow = int(m.get("slow_state_windows") or 0)
-    used_up = (float(m.get("waited_s") or 0.0) - float(m.get("spread_waited_s") or 0.0)
-               >= WAIT_FACTOR * budget_s - MAX_WAIT_S)
+    used_up = float(m.get("waited_s") or 0.0) >= WAIT_FACTOR * budget_s - MAX_WAIT_S
     if windows and slow > UNSTABLE_SHARE * windows:
         notes.append(f"the host ran multi-threaded work slowly during {slow} of {windows} windows"
                      + (f" (waits for its fast state used up their {WAIT_FACTOR * budget_s:g} s)" if used_up else "")
@@ -1311,7 +1309,8 @@ def window_level(ms) -> float:
     that ran through a slow spell: 35% with the median, 75% with the faster half).
     Timing the held-out models with the adaptation's protocol in a calm period put the
     faster half 1-2% below the truths' median of many windows, the minimum 2-4% below,
-    the median within 1%."""
+    the median within 1%.  (These figures are against truths taken as the median of their
+    windows; the truths now take the faster half too, :func:`~archpass.costmodel.measure.combine`.)"""
     w = sorted(float(x) for x in ms)
     if not w:
         raise ValueError("no timing window")

@@ -168,6 +168,8 @@ def test_single_thread_blocks_start_after_untimed_runs(tmp_path, monkeypatch):
     proto = NetBuilder((1, 3, 32, 32)).conv(16, 3, stride=2, act="relu").head(10).build()
     n = adapt._network("one", "one", _loaded(tmp_path, proto), base, 2, 2, 1)
     monkeypatch.setattr(adapt, "WARMUP_RUNS_1T", 3)
+    # no window is taken again because of other load on the machine (that adds runs)
+    monkeypatch.setattr(adapt, "allowed_other_cores", lambda threads: float("inf"))
     adapt.measure_networks([n], "CPUExecutionProvider", 1, "all", budget_s=30.0, windows=2, runs=2)
     # one run when the session is built, then per window 3 untimed and 2 timed profiled runs
     assert [(w[0], w[1]) for w in n.windows] == [(1 + 3, 2), (1 + 3 + 2 + 3, 2)]
@@ -198,5 +200,5 @@ def test_window_rounds_are_spread_and_the_pause_is_not_measurement(tmp_path, mon
     seen = got["seen"]
     span = starts[-1] - starts[0]  # the last round started at least two spreads after the first
     assert all(len(n.plain) == 3 for n in nets) and span >= 2 * 0.6 - 0.02, starts
-    assert seen["spread_waited_s"] >= 0.6 and seen["waited_s"] >= seen["spread_waited_s"]
+    assert seen["spread_waited_s"] >= 0.6
     assert seen["seconds"] < span - 0.6  # the pauses are not counted as measurement
