@@ -49,6 +49,7 @@ from archpass.costmodel.estimate import MIN_KERNEL_SHARE, predict_kernels
 from archpass.costmodel.features import blocked_layout, correction_rows, layer_features
 from archpass.costmodel.hoststate import SETTLE_S as PROBE_SETTLE_S
 from archpass.costmodel.kernels import CONV_KINDS, GENERIC_OP, LAYER_KINDS, LAYOUT_FLAGS, FusionRules, Kernel, decompose
+from archpass.costmodel.measure import window_level
 from archpass.costmodel.predictor import LAYER_TERMS, OP_TERMS, Correction
 from archpass.costmodel.target import Target, load_target, save_target
 from archpass.errors import TargetError
@@ -1233,6 +1234,8 @@ def measure_networks(nets: list[Network], provider: str, threads: int, graph_opt
         if progress:
             progress(f"window 1/{windows}: {len(admitted)} networks after {elapsed():.1f} s")
         for w in range(1, windows):
+            if not admitted or elapsed() + try_s[admitted[0].key] > budget_s:
+                break  # no window of this round would fit the budget: no pause for it either
             pause = round_start + spread_s - time.perf_counter()
             if pause > 0:  # spread the rounds over the host's phases (a wait, not measurement)
                 time.sleep(pause)
@@ -1288,34 +1291,6 @@ def measurement_notes(m: dict, budget_s: float) -> list[str]:
         notes.append(f"{busy} of {taken} measurements were kept while other processes kept a needed core busy: "
                      "predictions may be high; adapt again when the machine is idle")
     return notes
-
-
-def window_level(ms) -> float:
-    """A network's latency from its timing windows: the mean of their faster half (of
-    three windows the two fastest; of two, the faster; of one, itself).  Other load only
-    ever slows a window down, and with three windows a slow spell can take two of them:
-    on a shared 2-core host here, refits of 13 stored adaptations gave these
-    shares of held-out models within ±10% (pooled; the same measurements):
-
-    ============  ==========  ==========  ===========
-    statistic     2 threads   1 thread    basic opt.
-    ============  ==========  ==========  ===========
-    median        76.4%       75.0%       85.0%
-    faster half   79.3%       90.0%       90.0%
-    minimum       80.0%       88.3%       91.7%
-    ============  ==========  ==========  ===========
-
-    (seven, three and three adaptations; MAPE 7.3, 7.1, 4.6% with the median, 6.6, 5.3,
-    4.7% with the faster half, 6.9, 5.0, 5.9% with the minimum.  A 1-thread adaptation
-    that ran through a slow spell: 35% with the median, 75% with the faster half).
-    Timing the held-out models with the adaptation's protocol in a calm period put the
-    faster half 1-2% below the truths' median of many windows, the minimum 2-4% below,
-    the median within 1%.  (These figures are against truths taken as the median of their
-    windows; the truths now take the faster half too, :func:`~archpass.costmodel.measure.combine`.)"""
-    w = sorted(float(x) for x in ms)
-    if not w:
-        raise ValueError("no timing window")
-    return float(np.mean(w[: (len(w) + 1) // 2]))
 
 
 def network_ms(n: Network) -> float:

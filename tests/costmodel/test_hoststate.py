@@ -202,3 +202,15 @@ def test_window_rounds_are_spread_and_the_pause_is_not_measurement(tmp_path, mon
     assert all(len(n.plain) == 3 for n in nets) and span >= 2 * 0.6 - 0.02, starts
     assert seen["spread_waited_s"] >= 0.6
     assert seen["seconds"] < span - 0.6  # the pauses are not counted as measurement
+
+
+def test_no_spread_pause_when_no_later_round_fits_the_budget(tmp_path):
+    """The first network is always timed; when its first window already used the budget no
+    later round runs, and none is paused for."""
+    base = load_target("cpu")
+    proto = NetBuilder((1, 3, 32, 32)).conv(16, 3, stride=2, act="relu").head(10).build()
+    n = adapt._network("n", "n", _loaded(tmp_path, proto), base, 3, 2, 1)
+    t0 = time.perf_counter()
+    got = adapt.measure_networks([n], "CPUExecutionProvider", 1, "all", budget_s=1e-3, windows=3, runs=2, spread_s=30.0)
+    assert len(n.plain) == 1 and got["seen"]["spread_waited_s"] == 0.0
+    assert time.perf_counter() - t0 < 20.0
