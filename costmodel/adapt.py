@@ -103,7 +103,8 @@ WAIT_FACTOR = 3.0
 #: eight adaptations of three scenarios in one hour came out -3.1..+0.9% (-1.2% on
 #: average), each with at least 90% of the held-out models within ±10%; two 2-thread ones
 #: later, next to truth measurements of a slow period, 80 and 55%; three 2-thread ones an
-#: hour after those 85, 80 and 75% (their misses per-model: small models high).
+#: hour after those 85, 80 and 75%, two more later 90 and 75% (their misses per-model:
+#: small models high).
 SPREAD_S = 75.0
 SPREAD_FACTOR = 1.25
 #: a measurement with more than this share of its windows in the host's slow state, or
