@@ -463,7 +463,8 @@ def _fit_method(method: str, kernels, z, y, bt, lp, rows: Rows | None = None) ->
 def layout_blocks(shell: Target) -> list[Target]:
     """The channel blocks an adapted target's features may pad to: the base's parallelism,
     and where onnxruntime runs its blocked NCHWc layout (:func:`~archpass.costmodel.features.blocked_layout`:
-    the CPU provider with every graph optimization) twice it.
+    the CPU provider with every graph optimization) the host's NCHWc block
+    (``shell.fusion.nchwc_block``) when it is a larger multiple of the base's.
     On an AVX-512 host onnxruntime's NCHWc block is 16 channels against the base's 8: out
     of fold, 1x1 convs whose output channels are 8 mod 16 took 10-14% longer than the
     8-channel features predicted, while with basic optimizations (no NCHWc) 16-channel
@@ -473,10 +474,23 @@ def layout_blocks(shell: Target) -> list[Target]:
     if prior is None or (shell.source or {}).get("backend") != "onnxruntime":
         return [shell]
     base = replace(shell, parallelism=prior.parallelism, unroll=dict(prior.unroll))
-    if not blocked_layout(shell):
+    block = shell.fusion.nchwc_block
+    if not blocked_layout(shell) or block <= prior.parallelism or block % prior.parallelism:
         return [base]
-    return [base, replace(shell, parallelism=2 * prior.parallelism,
-                          unroll={k: 2 * int(v) for k, v in prior.unroll.items()})]
+    f = block // prior.parallelism
+    return [base, replace(shell, parallelism=block, unroll={k: f * int(v) for k, v in prior.unroll.items()})]
+
+
+def host_fusion(prior: Target, provider: str, graph_opt: str) -> FusionRules:
+    """``prior``'s fusion rules with this host's NCHWc block (:func:`~archpass.costmodel.host.nchwc_block`)
+    where onnxruntime runs its blocked layout (the CPU provider with every graph
+    optimization; elsewhere the layout flags are not read): an adaptation plans, records
+    and later decomposes models with the layout of the host it measured."""
+    from archpass.costmodel.host import nchwc_block
+
+    if provider != "CPUExecutionProvider" or graph_opt != "all":
+        return prior.fusion
+    return replace(prior.fusion, nchwc_block=nchwc_block(provider))
 
 
 def fit_target(shell: Target, points: Points, method: str | None = None) -> Target:
@@ -1374,7 +1388,11 @@ def adapt_onnxruntime(*, base: str | Path | Target, name: str, out_dir: str | Pa
         raise TargetError(f"--spread-s {spread_s:g} is negative", "pass 0 (rounds back to back) or more")
     out = Path(out_dir)
     t_all = time.time()
-    nets = select_networks(prior, budget_s, windows, runs, threads, seed, models, pool, progress=progress)
+    fusion = host_fusion(prior, provider, graph_opt)
+    # the plan decomposes its networks with this host's layout (the prior's own predictions
+    # do not read the layout flags)
+    nets = select_networks(replace(prior, fusion=fusion), budget_s, windows, runs, threads, seed, models, pool,
+                           progress=progress)
     got = measure_networks(nets, provider, threads, graph_opt, budget_s, windows, runs, spread_s=spread_s,
                            progress=progress)
     seen = got["seen"]
@@ -1411,7 +1429,7 @@ def adapt_onnxruntime(*, base: str | Path | Target, name: str, out_dir: str | Pa
         description=description or f"onnxruntime {provider}, {threads} thread(s)"
         + (f", graph optimizations {graph_opt}" if graph_opt != "all" else "") + f", adapted from {prior.name}",
         parallelism=prior.parallelism, dtype=prior.dtype, bytes_per_element=prior.bytes_per_element, clock_hz=None,
-        unroll=prior.unroll, mem_bits_per_step=prior.mem_bits_per_step, fusion=prior.fusion,
+        unroll=prior.unroll, mem_bits_per_step=prior.mem_bits_per_step, fusion=fusion,
         source={"backend": "onnxruntime", "provider": provider, "threads": threads, "graph_optimization": graph_opt,
                 "onnxruntime_version": package_version("onnxruntime"), "host": fingerprint(provider, threads, graph_opt),
                 "profiler_overhead_ms_per_node": overhead, "adapted_from": prior.name, "budget_s": budget_s},
@@ -1421,5 +1439,5 @@ def adapt_onnxruntime(*, base: str | Path | Target, name: str, out_dir: str | Pa
 
 
 __all__ = ["adapt_zigzag", "adapt_onnxruntime", "adapt_layers", "dataset_points", "refit", "fit_corrections", "fit_target",
-           "layout_blocks", "Points", "select_layers", "select_networks",
+           "layout_blocks", "host_fusion", "Points", "select_layers", "select_networks",
            "measure_networks", "measurement_notes", "load_base", "METHODS", "PER_KIND"]

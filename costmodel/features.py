@@ -228,10 +228,12 @@ def residual_rows(kernels: list[Kernel], target, prior_ms) -> np.ndarray:
 
 def blocked_layout(target) -> bool:
     """Whether ``target`` runs onnxruntime's blocked NCHWc layout: an onnxruntime CPU
-    target with every graph optimization (the layout rewrite is one of them)."""
+    target with every graph optimization (the layout rewrite is one of them) on a host
+    that has one (``FusionRules.nchwc_block``)."""
     src = getattr(target, "source", None) or {}
+    fusion = getattr(target, "fusion", None)
     return (src.get("backend") == "onnxruntime" and src.get("provider", "CPUExecutionProvider") == "CPUExecutionProvider"
-            and src.get("graph_optimization", "all") == "all")
+            and src.get("graph_optimization", "all") == "all" and (fusion is None or fusion.nchwc_block > 0))
 
 
 def group_work(k: Kernel) -> tuple[float, float]:

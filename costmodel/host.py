@@ -61,22 +61,69 @@ def host_id() -> str:
     return hashlib.sha1(json.dumps(machine(), sort_keys=True).encode()).hexdigest()[:12]
 
 
+@functools.lru_cache(maxsize=None)
+def nchwc_block(provider: str = "CPUExecutionProvider") -> int:
+    """onnxruntime's NCHWc channel block on this machine, 0 when ``provider`` does not run
+    the blocked layout.  MLAS picks it from the CPU (16 with AVX-512F, 8 on other x86-64
+    CPUs; on ARM64 only builds with its NEON NCHWc kernels have one), so it is read from
+    onnxruntime itself: a 3x3 conv with 4 input channels and 1 output channel, optimized
+    with every graph optimization, gets its filter reordered and padded to one block of
+    output channels (the first dimension of the reordered filter)."""
+    if provider != "CPUExecutionProvider":
+        return 0
+    import tempfile
+
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.zeros((1, 4, 3, 3), np.float32), "w")
+    graph = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1])], "nchwc_probe",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1, 8, 8])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    with tempfile.TemporaryDirectory(prefix="archpass-nchwc-") as d:
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.optimized_model_filepath = os.path.join(d, "optimized.onnx")
+        so.log_severity_level = 3  # the warning that an NCHWc model is hardware specific
+        ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        optimized = onnx.load(so.optimized_model_filepath)
+    dims = {i.name: list(i.dims) for i in optimized.graph.initializer}
+    for n in optimized.graph.node:
+        if n.op_type == "Conv" and n.domain == "com.microsoft.nchwc" and len(n.input) > 1 and dims.get(n.input[1]):
+            return int(dims[n.input[1]][0])
+    return 0
+
+
 def fingerprint(provider: str, threads: int, graph_optimization: str = "all") -> dict:
-    """What an onnxruntime target records about the host it is measured on."""
-    return {**machine(), "provider": provider, "threads": int(threads), "graph_optimization": graph_optimization}
+    """What an onnxruntime target records about the host it is measured on (with the
+    CPU provider also onnxruntime's NCHWc channel block here, :func:`nchwc_block`)."""
+    fp = {**machine(), "provider": provider, "threads": int(threads), "graph_optimization": graph_optimization}
+    if provider == "CPUExecutionProvider":
+        fp["nchwc_block"] = nchwc_block(provider)
+    return fp
 
 
 def same_machine(recorded: dict | None) -> bool:
+    """Whether a recorded fingerprint is this machine's: CPU model, cores, onnxruntime
+    version and, where recorded, onnxruntime's NCHWc block (virtual machines can show one
+    CPU model name with and without AVX-512)."""
     if not recorded or recorded.get("known") is False:
         return False
     here = machine()
-    return all(recorded.get(k) == here[k] for k in MACHINE_KEYS)
+    if not all(recorded.get(k) == here[k] for k in MACHINE_KEYS):
+        return False
+    return "nchwc_block" not in recorded or recorded["nchwc_block"] == nchwc_block(
+        recorded.get("provider", "CPUExecutionProvider"))
 
 
 def _describe(fp: dict | None) -> str:
     if not fp or fp.get("known") is False or not fp.get("cpu_model"):
         return "an unrecorded host"
-    return f"{fp.get('cpu_model')}, {fp.get('cores')} cores, onnxruntime {fp.get('onnxruntime_version')}"
+    block = f", NCHWc block {fp['nchwc_block']}" if fp.get("nchwc_block") is not None else ""
+    return f"{fp.get('cpu_model')}, {fp.get('cores')} cores, onnxruntime {fp.get('onnxruntime_version')}{block}"
 
 
 def adapt_command(target, base: str | None = None, name: str | None = None) -> str:
@@ -104,9 +151,12 @@ def host_notes(target) -> list[str]:
     recorded = target.source.get("host")
     if same_machine(recorded):
         return []
+    here = machine()
+    if recorded and "nchwc_block" in recorded:  # described side by side
+        here["nchwc_block"] = nchwc_block(recorded.get("provider", "CPUExecutionProvider"))
     return [f"the estimate is for another host: target {target.name} was measured on {_describe(recorded)}, "
-            f"not on this host ({_describe(machine())}), and its latencies may be tens of % off here; adapt it to this host with about {ADAPT_BUDGET_S} s of "
+            f"not on this host ({_describe(here)}), and its latencies may be tens of % off here; adapt it to this host with about {ADAPT_BUDGET_S} s of "
             f"measurement (about 4 minutes in all, the timing spread over them): {adapt_command(target)}"]
 
 
-__all__ = ["machine", "host_id", "fingerprint", "same_machine", "host_notes", "adapt_command", "MACHINE_KEYS"]
+__all__ = ["machine", "host_id", "fingerprint", "nchwc_block", "same_machine", "host_notes", "adapt_command", "MACHINE_KEYS"]

@@ -63,6 +63,10 @@ OP_KINDS = {
     "InstanceNormalization": "norm",
 }
 ACTIVATIONS = ("relu", "relu6", "hardswish", "sigmoid", "swish", "hardsigmoid", "gelu", "clip")
+#: onnxruntime's NCHWc channel block where the layout rules were measured (AVX-512; MLAS
+#: uses 8 on other x86-64 CPUs): what a concatenation's inputs and a grouped conv's groups
+#: must be multiples of to stay blocked.  A target's own is ``FusionRules.nchwc_block``.
+NCHWC_BLOCK = 16
 
 
 @dataclass(frozen=True)
@@ -75,6 +79,11 @@ class FusionRules:
     are kernels (every other op costs nothing at the source).  ``split_slices``: Slices
     that together partition one tensor run as one Split (onnxruntime's
     GatherSliceToSplitFusion; exporters write a channel split as two Slices).
+    ``nchwc_block``: onnxruntime's NCHWc channel block on the target's host (the CPU
+    provider with every graph optimization runs blocked tensors of that many channels;
+    0 for none): where :func:`layout_flags` puts the blocked layout.  It is the host's, read
+    by :func:`~archpass.costmodel.host.nchwc_block` when a target is adapted there; targets
+    without it in their file were measured where it is :data:`NCHWC_BLOCK`.
     """
 
     activations: tuple[str, ...] = ACTIVATIONS
@@ -82,19 +91,24 @@ class FusionRules:
     post_add_activations: tuple[str, ...] = ("relu", "relu6", "clip")
     layers_only: bool = False
     split_slices: bool = False
+    nchwc_block: int = NCHWC_BLOCK
 
     def to_json(self) -> dict:
-        return {
+        out = {
             "activations": list(self.activations),
             "residual_add": self.residual_add,
             "post_add_activations": list(self.post_add_activations),
             "layers_only": self.layers_only,
             "split_slices": self.split_slices,
         }
+        if self.nchwc_block != NCHWC_BLOCK:  # older files (and every target measured where it is) lack the key
+            out["nchwc_block"] = self.nchwc_block
+        return out
 
     @classmethod
     def from_json(cls, d: dict) -> "FusionRules":
-        unknown = set(d) - {"activations", "residual_add", "post_add_activations", "layers_only", "split_slices"}
+        unknown = set(d) - {"activations", "residual_add", "post_add_activations", "layers_only", "split_slices",
+                            "nchwc_block"}
         if unknown:
             raise ValueError(f"unknown fusion rule keys {sorted(unknown)}")
         return cls(
@@ -103,6 +117,7 @@ class FusionRules:
             post_add_activations=tuple(d.get("post_add_activations", ("relu", "relu6", "clip"))),
             layers_only=bool(d.get("layers_only", False)),
             split_slices=bool(d.get("split_slices", False)),
+            nchwc_block=int(d.get("nchwc_block", NCHWC_BLOCK)),
         )
 
 
@@ -379,8 +394,9 @@ def decompose(structure: Structure, rules: FusionRules) -> list[Kernel]:
     seen = {k.id for k in kernels}
     kernels.extend(k for k in layer_kernels.values() if k.id not in seen)
     names, flags = ("in_from_op", "out_to_op"), _edge_flags(structure, kernels, producer, outputs)
-    if not rules.layers_only:  # the blocked layout is a runtime's (layers-only targets count layers)
-        names, flags = names + LAYOUT_FLAGS, flags + layout_flags(structure, kernels, producer, outputs)
+    if not rules.layers_only and rules.nchwc_block > 0:  # the blocked layout is a runtime's (layers-only targets count layers)
+        names, flags = names + LAYOUT_FLAGS, flags + layout_flags(structure, kernels, producer, outputs,
+                                                                  rules.nchwc_block)
     for i, k in enumerate(kernels):
         for f, v in zip(names, flags):
             if v[i]:
@@ -445,9 +461,6 @@ def _edge_flags(structure: Structure, kernels: list[Kernel], producer: dict[str,
 
 
 # ---------------------------------------------------------------- blocked layout
-#: onnxruntime's NCHWc channel block on this kind of CPU (AVX-512; 8 with AVX2): what a
-#: concatenation's inputs and a grouped conv's groups must be multiples of to stay blocked
-NCHWC_BLOCK = 16
 #: ops that run on blocked tensors as they are (onnxruntime 1.32, measured here): pooling,
 #: and unary activations (fused into the conv or run elementwise on the blocked tensor)
 LAYOUT_FREE_OPS = frozenset({"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Relu", "Clip",
@@ -455,23 +468,23 @@ LAYOUT_FREE_OPS = frozenset({"MaxPool", "AveragePool", "GlobalAveragePool", "Glo
 ELEMENTWISE_OPS = frozenset({"Add", "Sum", "Mul", "Sub", "Div"})
 
 
-def blocked_conv(k: Kernel) -> bool:
-    """Whether onnxruntime runs a conv kernel in its NCHWc layout (measured on onnxruntime
-    1.32: a dense conv with a multiple of 4 input channels or fewer than a block, a
-    depthwise conv with a multiple of 4 channels, a grouped conv whose groups are whole
-    blocks on both sides; others run as plain convs)."""
-    if k.kind not in CONV_KINDS or k.op != "Conv":
+def blocked_conv(k: Kernel, block: int = NCHWC_BLOCK) -> bool:
+    """Whether onnxruntime runs a conv kernel in its NCHWc layout of ``block`` channels
+    (measured on onnxruntime 1.32: a dense conv with a multiple of 4 input channels or
+    fewer than a block, a depthwise conv with a multiple of 4 channels, a grouped conv
+    whose groups are whole blocks on both sides; others run as plain convs)."""
+    if k.kind not in CONV_KINDS or k.op != "Conv" or block <= 0:
         return False
     g = max(k.groups, 1)
     if g == 1:
-        return k.cin < NCHWC_BLOCK or k.cin % 4 == 0
+        return k.cin < block or k.cin % 4 == 0
     if k.kind == "dwconv" or (g == k.cin and k.cout == k.cin):
         return k.cin % 4 == 0 and k.cout == k.cin
-    return (k.cin // g) % NCHWC_BLOCK == 0 and (k.cout // g) % NCHWC_BLOCK == 0
+    return (k.cin // g) % block == 0 and (k.cout // g) % block == 0
 
 
 def layout_flags(structure: Structure, kernels: list[Kernel], producer: dict[str, Node],
-                 outputs: set[str]) -> tuple[list[bool], list[bool], list[bool]]:
+                 outputs: set[str], block: int = NCHWC_BLOCK) -> tuple[list[bool], list[bool], list[bool]]:
     """``blocked`` / ``in_reorder`` / ``out_reorder`` of every kernel (see :class:`Kernel`):
     follow onnxruntime's NCHWc rewrite over the graph in execution order (the rules
     measured on onnxruntime 1.32).  A blocked conv (:func:`blocked_conv`) makes a blocked tensor; its
@@ -479,14 +492,14 @@ def layout_flags(structure: Structure, kernels: list[Kernel], producer: dict[str
     residual add) keep it (but an activation after the add other than ReLU).  Standalone
     pooling and unary activations (:data:`LAYOUT_FREE_OPS`), elementwise ops over blocked
     tensors of one shape, and concatenations keep blocked tensors blocked when their
-    channels are whole blocks (:data:`NCHWC_BLOCK`); anything else, and a dense conv with
+    channels are whole blocks of ``block``; anything else, and a dense conv with
     fewer input channels than a block, reads plain tensors.  A blocked tensor read as
     plain (or a model output) is converted once, timed with the kernel that made it; a
     blocked conv reading a plain tensor converts it first, timed with the first conv
     that reads it."""
     owner = {n: i for i, k in enumerate(kernels) for n in k.nodes}
     conv_at = {k.nodes[0]: i for i, k in enumerate(kernels) if k.kind in CONV_KINDS}
-    blocked_k = [blocked_conv(k) for k in kernels]
+    blocked_k = [blocked_conv(k, block) for k in kernels]
     blocked_t: dict[str, bool] = {}
     in_re = [False] * len(kernels)
     out_re = [False] * len(kernels)
@@ -503,7 +516,7 @@ def layout_flags(structure: Structure, kernels: list[Kernel], producer: dict[str
 
     def whole(t: str) -> bool:
         shape = _shape(structure, t)
-        return bool(blocked_t.get(t)) and len(shape) == 4 and shape[1] % NCHWC_BLOCK == 0
+        return bool(blocked_t.get(t)) and len(shape) == 4 and shape[1] % block == 0
 
     for n in structure.nodes:
         me = owner.get(n.name)
@@ -512,7 +525,7 @@ def layout_flags(structure: Structure, kernels: list[Kernel], producer: dict[str
             i = conv_at[n.name]
             k = kernels[i]
             src = data[0] if data else None
-            direct = max(k.groups, 1) == 1 and k.cin < NCHWC_BLOCK  # reads the plain tensor as it is
+            direct = max(k.groups, 1) == 1 and k.cin < block  # reads the plain tensor as it is
             if src is not None and (direct or not blocked_k[i]):
                 plain_read(src)
             elif src is not None and not blocked_t.get(src) and src not in into:

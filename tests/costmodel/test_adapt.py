@@ -108,6 +108,7 @@ def test_onnxruntime_adaptation_on_this_host(tmp_path, threads):
     back = load_target(tmp_path / "a")
     assert back.source["host"] == fingerprint("CPUExecutionProvider", threads, "all")
     assert host_notes(back) == [] and host_notes(load_target("cpu"))  # the built-in's host is unrecorded
+    assert back.fusion.nchwc_block == back.source["host"]["nchwc_block"] > 0  # the plan's and later models' layout
     m = back.accuracy["measurement"]
     assert m["networks"] >= 2 and m["seconds"] <= 4 + 4  # the budget is kept (the last network may overrun it)
     for key in ("remeasured", "kept_busy", "other_cores_median", "allowed_other_cores", "windows"):
@@ -517,6 +518,28 @@ def test_onnxruntime_layout_block_is_chosen_by_held_out_networks():
     assert [b.parallelism for b in A.layout_blocks(basic)] == [8]
     zz = replace(cpu, prior=cpu, predictors={}, source={"backend": "zigzag"}, parallelism=32)
     assert A.layout_blocks(zz) == [zz]
+    # the candidate block is the host's NCHWc block: none beyond the base's on an AVX2 host
+    # (8 channels) or one without the layout, 32 with unroll scaled to it
+    on = {b: replace(shell, fusion=replace(cpu.fusion, nchwc_block=b)) for b in (8, 0, 32, 12)}
+    assert [t.parallelism for t in A.layout_blocks(on[8])] == [8]
+    assert [t.parallelism for t in A.layout_blocks(on[0])] == [8]
+    assert [t.parallelism for t in A.layout_blocks(on[12])] == [8]  # not a multiple of the base's
+    wide = A.layout_blocks(on[32])
+    assert [t.parallelism for t in wide] == [8, 32] and wide[1].unroll == {"K": 32, "C": 32, "G": 32}
+
+
+def test_an_adaptation_plans_and_records_the_hosts_layout():
+    """``host_fusion``: where onnxruntime runs its blocked layout the adapted target's
+    fusion rules carry this host's NCHWc block (what the plan's networks and later models
+    decompose with); elsewhere the prior's rules stay."""
+    from archpass.costmodel import adapt as A
+    from archpass.costmodel.host import nchwc_block
+
+    cpu = load_target("cpu")
+    stale = replace(cpu, fusion=replace(cpu.fusion, nchwc_block=4))
+    assert A.host_fusion(stale, "CPUExecutionProvider", "all").nchwc_block == nchwc_block() > 0
+    assert A.host_fusion(stale, "CPUExecutionProvider", "all") == replace(cpu.fusion, nchwc_block=nchwc_block())
+    assert A.host_fusion(stale, "CPUExecutionProvider", "basic") == stale.fusion
 
 
 def test_a_network_latency_is_the_mean_of_its_faster_half_of_windows(tmp_path):

@@ -186,6 +186,10 @@ def test_fusion_rules_defaults_and_json_round_trip():
     r = FusionRules(activations=("relu",), residual_add=True, post_add_activations=("relu",), layers_only=True,
                     split_slices=True)
     assert FusionRules.from_json(r.to_json()) == r
+    # the NCHWc block: written only where it is not the default (older files lack it)
+    assert "nchwc_block" not in d.to_json() and d.nchwc_block == 16
+    assert FusionRules.from_json(FusionRules(nchwc_block=8).to_json()).nchwc_block == 8
+    assert FusionRules.from_json({"nchwc_block": 0}).nchwc_block == 0
     with pytest.raises(ValueError, match=r"unknown fusion rule keys \['residual'\]"):
         FusionRules.from_json({"residual": True})
 
@@ -392,3 +396,39 @@ def test_layout_flags_match_where_onnxruntime_converts():
     # project conv after it converts in
     se_dw = next(k for k in ks if k.kind == "dwconv" and k.out_to_op)
     assert se_dw.out_reorder and by[se_dw.id].blocked
+
+
+def test_layout_flags_follow_the_hosts_nchwc_block():
+    """The blocked layout is the host's (``FusionRules.nchwc_block``): a concatenation of
+    8-channel branches and a grouped conv of 8-channel groups stay blocked with 8-channel
+    blocks (AVX2) and not with 16 (AVX-512); a host without one has no layout flags."""
+    from archpass.costmodel.kernels import blocked_conv
+
+    proto = (
+        NetBuilder((1, 16, 16, 16))
+        .conv(32, k=1, act="relu")
+        .concat(lambda b: b.conv(8, 1, act="relu"), lambda b: b.conv(8, 3, act="relu"))
+        .conv(32, k=3, groups=2, act="relu")  # groups of 8 input channels
+        .conv(32, k=1, act="relu")
+        .head(10)
+        .build()
+    )
+    s = analyze(proto)
+    by16 = {k.id: k for k in decompose(s, RUNTIME)}
+    by8 = {k.id: k for k in decompose(s, FusionRules(residual_add=True, nchwc_block=8))}
+    branches = [k for k in by16.values() if k.kind == "conv" and k.cout == 8]
+    assert len(branches) == 2
+    assert all(by16[k.id].out_reorder and not by8[k.id].out_reorder for k in branches)  # the concat reads them
+    grouped = next(k for k in by16.values() if k.groups == 2)
+    assert not blocked_conv(grouped) and blocked_conv(grouped, 8)
+    assert not by16[grouped.id].blocked and by8[grouped.id].blocked
+    none = decompose(s, FusionRules(residual_add=True, nchwc_block=0))
+    assert not any(k.blocked or k.in_reorder or k.out_reorder for k in none)
+    assert [k.id for k in none] == list(by16)  # the same kernels, only the flags differ
+    assert not blocked_conv(grouped, 0)
+    # and on this host the flags at its own block are where onnxruntime converts
+    pytest.importorskip("onnxruntime")
+    from archpass.costmodel.host import nchwc_block
+
+    here = decompose(s, FusionRules(residual_add=True, nchwc_block=nchwc_block()))
+    assert {k.id: [k.in_reorder, k.out_reorder] for k in here} == _onnxruntime_reorders(proto, here)
