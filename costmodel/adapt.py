@@ -481,18 +481,6 @@ def layout_blocks(shell: Target) -> list[Target]:
     return [base, replace(shell, parallelism=block, unroll={k: f * int(v) for k, v in prior.unroll.items()})]
 
 
-def host_fusion(prior: Target, provider: str, graph_opt: str) -> FusionRules:
-    """``prior``'s fusion rules with this host's NCHWc block (:func:`~archpass.costmodel.host.nchwc_block`)
-    where onnxruntime runs its blocked layout (the CPU provider with every graph
-    optimization; elsewhere the layout flags are not read): an adaptation plans, records
-    and later decomposes models with the layout of the host it measured."""
-    from archpass.costmodel.host import nchwc_block
-
-    if provider != "CPUExecutionProvider" or graph_opt != "all":
-        return prior.fusion
-    return replace(prior.fusion, nchwc_block=nchwc_block(provider))
-
-
 def fit_target(shell: Target, points: Points, method: str | None = None) -> Target:
     """``shell`` with corrections fitted on ``points`` (:func:`fit_corrections`) for each
     of its :func:`layout_blocks`, the simplest block (the base's first) kept unless another
@@ -1372,7 +1360,7 @@ def adapt_onnxruntime(*, base: str | Path | Target, name: str, out_dir: str | Pa
     import shutil
 
     from archpass.costmodel.backends.onnxruntime import check_graph_opt, check_provider
-    from archpass.costmodel.host import fingerprint, package_version
+    from archpass.costmodel.host import fingerprint, host_fusion, package_version
 
     prior = load_base(base, "onnxruntime")
     check_provider(provider)
@@ -1388,7 +1376,7 @@ def adapt_onnxruntime(*, base: str | Path | Target, name: str, out_dir: str | Pa
         raise TargetError(f"--spread-s {spread_s:g} is negative", "pass 0 (rounds back to back) or more")
     out = Path(out_dir)
     t_all = time.time()
-    fusion = host_fusion(prior, provider, graph_opt)
+    fusion = host_fusion(prior.fusion, provider, graph_opt)
     # the plan decomposes its networks with this host's layout (the prior's own predictions
     # do not read the layout flags)
     nets = select_networks(replace(prior, fusion=fusion), budget_s, windows, runs, threads, seed, models, pool,
@@ -1439,5 +1427,5 @@ def adapt_onnxruntime(*, base: str | Path | Target, name: str, out_dir: str | Pa
 
 
 __all__ = ["adapt_zigzag", "adapt_onnxruntime", "adapt_layers", "dataset_points", "refit", "fit_corrections", "fit_target",
-           "layout_blocks", "host_fusion", "Points", "select_layers", "select_networks",
+           "layout_blocks", "Points", "select_layers", "select_networks",
            "measure_networks", "measurement_notes", "load_base", "METHODS", "PER_KIND"]

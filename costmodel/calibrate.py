@@ -391,8 +391,7 @@ def calibrate_onnxruntime(*, name: str, out_dir: str | Path, provider: str = "CP
     (:meth:`ChainBuilder.build_network`).  ``style="chain"`` measures short fragments
     instead (the older context)."""
     from archpass.costmodel.backends.onnxruntime import check_graph_opt, check_provider
-    from archpass.costmodel.host import fingerprint, nchwc_block
-    from archpass.costmodel.kernels import NCHWC_BLOCK
+    from archpass.costmodel.host import fingerprint, host_fusion
 
     check_provider(provider)
     check_graph_opt(graph_opt)
@@ -402,8 +401,7 @@ def calibrate_onnxruntime(*, name: str, out_dir: str | Path, provider: str = "CP
     # channel splits as Split, so the runtime's Slice->Split fusion (on in the target) does
     # not change how they decompose; the host's NCHWc block (in the fusion, and so in the
     # keys, only where it is not the default) places the blocked layout in the decompositions
-    fusion = FusionRules(residual_add=True,
-                         nchwc_block=nchwc_block(provider) if graph_opt == "all" else NCHWC_BLOCK)
+    fusion = host_fusion(FusionRules(residual_add=True), provider, graph_opt)
     out = check_output_dir(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     dataset = Dataset(out / DATASET)

@@ -106,6 +106,19 @@ def _probe_nchwc_block() -> int:
     return 0
 
 
+def host_fusion(fusion, provider: str, graph_optimization: str):
+    """``fusion`` (:class:`~archpass.costmodel.kernels.FusionRules`) with this host's NCHWc
+    block where onnxruntime runs its blocked layout (the CPU provider with every graph
+    optimization; elsewhere the layout flags are not read and the rules stay as they are,
+    keys included): a calibration or adaptation plans, records and later decomposes models
+    with the layout of the host it measured."""
+    from dataclasses import replace
+
+    if provider != "CPUExecutionProvider" or graph_optimization != "all":
+        return fusion
+    return replace(fusion, nchwc_block=nchwc_block(provider))
+
+
 def fingerprint(provider: str, threads: int, graph_optimization: str = "all") -> dict:
     """What an onnxruntime target records about the host it is measured on (with the
     CPU provider also onnxruntime's NCHWc channel block here, :func:`nchwc_block`)."""
@@ -168,4 +181,4 @@ def host_notes(target) -> list[str]:
             f"measurement (about 4 minutes in all, the timing spread over them): {adapt_command(target)}"]
 
 
-__all__ = ["machine", "host_id", "fingerprint", "nchwc_block", "same_machine", "host_notes", "adapt_command", "MACHINE_KEYS"]
+__all__ = ["machine", "host_id", "fingerprint", "nchwc_block", "host_fusion", "same_machine", "host_notes", "adapt_command", "MACHINE_KEYS"]

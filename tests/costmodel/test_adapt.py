@@ -529,17 +529,17 @@ def test_onnxruntime_layout_block_is_chosen_by_held_out_networks():
 
 
 def test_an_adaptation_plans_and_records_the_hosts_layout():
-    """``host_fusion``: where onnxruntime runs its blocked layout the adapted target's
-    fusion rules carry this host's NCHWc block (what the plan's networks and later models
-    decompose with); elsewhere the prior's rules stay."""
-    from archpass.costmodel import adapt as A
-    from archpass.costmodel.host import nchwc_block
+    """``host_fusion``: where onnxruntime runs its blocked layout the fusion rules of a
+    calibration or adaptation carry this host's NCHWc block (what the plan's networks and
+    later models decompose with); elsewhere the rules stay as they are."""
+    from archpass.costmodel.host import host_fusion, nchwc_block
 
     cpu = load_target("cpu")
-    stale = replace(cpu, fusion=replace(cpu.fusion, nchwc_block=4))
-    assert A.host_fusion(stale, "CPUExecutionProvider", "all").nchwc_block == nchwc_block() > 0
-    assert A.host_fusion(stale, "CPUExecutionProvider", "all") == replace(cpu.fusion, nchwc_block=nchwc_block())
-    assert A.host_fusion(stale, "CPUExecutionProvider", "basic") == stale.fusion
+    stale = replace(cpu.fusion, nchwc_block=4)
+    assert host_fusion(stale, "CPUExecutionProvider", "all").nchwc_block == nchwc_block() > 0
+    assert host_fusion(stale, "CPUExecutionProvider", "all") == replace(cpu.fusion, nchwc_block=nchwc_block())
+    assert host_fusion(stale, "CPUExecutionProvider", "basic") == stale
+    assert host_fusion(stale, "CUDAExecutionProvider", "all") == stale
 
 
 def test_a_network_latency_is_the_mean_of_its_faster_half_of_windows(tmp_path):
