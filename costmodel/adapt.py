@@ -1043,8 +1043,10 @@ def coverage_cell(k: Kernel, parallelism: int) -> tuple:
     """The coverage cell of a kernel in the adaptation's plan: kind, kernel size (or op),
     stride, grouping (:func:`group_bucket`), log2 MACs (or output elements), and for convs
     whether the channels are multiples of the target's parallelism (a CPU runs unaligned
-    ones outside its blocked layout, up to 9x slower for a depthwise conv) and the output
-    resolution class (:data:`RESOLUTION_CLASSES`: how a conv splits over threads).
+    ones outside its blocked layout, up to 9x slower for a depthwise conv), the output
+    resolution class (:data:`RESOLUTION_CLASSES`: how a conv splits over threads) and
+    whether the blocked layout converts its output (``out_reorder``: it feeds an op, as a
+    depthwise conv before a squeeze-excitation gate does).
     Rewritten networks (channel changes, IBN fusion, resolution) reach cells the families
     alone do not."""
     cell = (k.kind, k.op if k.kind not in LAYER_KINDS else k.kernel[0], k.stride[0], group_bucket(k),
@@ -1052,7 +1054,7 @@ def coverage_cell(k: Kernel, parallelism: int) -> tuple:
     if k.kind not in CONV_KINDS:
         return cell
     aligned = k.cin % parallelism == 0 and k.cout % parallelism == 0
-    return (*cell, aligned, bisect.bisect_right(RESOLUTION_CLASSES, k.out_hw[0]))
+    return (*cell, aligned, bisect.bisect_right(RESOLUTION_CLASSES, k.out_hw[0]), bool(getattr(k, "out_reorder", False)))
 
 
 def select_networks(base: Target, budget_s: float, windows: int, runs: int, threads: int, seed: int = 0,

@@ -317,7 +317,9 @@ class ChainBuilder:
             uniform = rng.random() < 0.45
             t_all, k_all = rng.choice([4, 6, 6]), rng.choice([3, 3, 5])
             fused_upto = rng.choice([0, 0, 0, 1, 2, 3])  # EfficientNetV2-style fused early stages
-            se_from = rng.choice([99, 99, 2, 3, 1])  # SE from this stage on (MobileNetV3/EfficientNet)
+            # SE from this stage on (MobileNetV3/EfficientNet; 0: in the first, expansion-1
+            # block too, as MobileNetV3-Small and EfficientNet have it)
+            se_from = rng.choice([99, 99, 2, 3, 1, 0])
             gate = rng.choice(["hardsigmoid", "sigmoid"])
             for i, (t, c, n, s) in enumerate(plan):
                 n = max(1, n + rng.choice([-1, 0, 0, 1]))
@@ -329,6 +331,8 @@ class ChainBuilder:
                     stride = s if j == 0 else 1
                     if t == 1:
                         y, sh = self.conv(x, shape, shape[0], 3, stride, shape[0], stage_act)
+                        if i >= se_from:
+                            y = self.se(y, sh[0], gate)
                         x, shape = self.conv(y, sh, cout, 1, 1, 1, None)
                     elif i <= fused_upto:
                         x, shape = self.fused(x, shape, cout, rng.choice([1, 4]), k, stride, stage_act,

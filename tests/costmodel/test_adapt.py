@@ -327,8 +327,8 @@ def test_candidates_rotate_styles_and_the_plan_covers_many_group_convs():
 
 
 def test_coverage_cells_tell_alignment_and_resolution_apart_and_the_plan_chooses():
-    """Two convs alike but for aligned channels, or for their output resolution, fall in
-    different coverage cells (ops keep the short cell); the plan picks at most
+    """Two convs alike but for aligned channels, their output resolution, or a layout
+    reorder of their output, fall in different coverage cells (ops keep the short cell); the plan picks at most
     PICKS_PER_BATCH networks per generated batch, so it chooses among more candidates than
     it takes, and covers more cells per planned second than the candidates in order."""
     from archpass.costmodel import adapt as A
@@ -338,10 +338,13 @@ def test_coverage_cells_tell_alignment_and_resolution_apart_and_the_plan_chooses
     a = A.coverage_cell(Kernel(**conv), 8)
     assert A.coverage_cell(Kernel(**{**conv, "cout": 60}), 8) != a  # unaligned
     assert A.coverage_cell(Kernel(**{**conv, "cout": 64}), 16) == a  # aligned on both
-    assert A.coverage_cell(Kernel(**{**conv, "out_hw": (112, 112), "in_hw": (112, 112)}), 8)[-1] == 4
-    assert A.coverage_cell(Kernel(**{**conv, "out_hw": (7, 7), "in_hw": (7, 7)}), 8)[-1] == 0
-    assert [A.coverage_cell(Kernel(**{**conv, "out_hw": (h, h)}), 8)[-1] for h in (8, 14, 27, 28, 55, 56, 111)] == [
+    assert A.coverage_cell(Kernel(**{**conv, "out_hw": (112, 112), "in_hw": (112, 112)}), 8)[-2] == 4
+    assert A.coverage_cell(Kernel(**{**conv, "out_hw": (7, 7), "in_hw": (7, 7)}), 8)[-2] == 0
+    assert [A.coverage_cell(Kernel(**{**conv, "out_hw": (h, h)}), 8)[-2] for h in (8, 14, 27, 28, 55, 56, 111)] == [
         1, 1, 1, 2, 2, 3, 3]
+    # a conv whose output the blocked layout converts (it feeds an op) is another cell
+    assert A.coverage_cell(Kernel(**{**conv, "blocked": True, "out_reorder": True}), 8) != A.coverage_cell(
+        Kernel(**{**conv, "blocked": True}), 8)
     op = Kernel(id="o", kind="op", op="Add", nodes=("a",), cin=64, cout=64, out_elems=4096)
     assert len(A.coverage_cell(op, 8)) == 5
     cpu = load_target("cpu")

@@ -86,6 +86,22 @@ def test_templates_follow_architecture_families():
     assert {"ibn", "residual"} <= kinds
 
 
+def test_templates_put_squeeze_excitation_in_expansion_1_blocks_too():
+    """MobileNetV3-Small's and EfficientNet's first block (depthwise conv, squeeze-excitation,
+    1x1 projection, no expansion) is in the templates: some seed puts a squeeze-excitation
+    gate right after the network's first depthwise conv, before any expansion conv."""
+    found = []
+    for seed in range(40):
+        nodes = list(build_template(seed).graph.node)
+        convs = [n for n in nodes if n.op_type == "Conv"]
+        if len(convs) < 2 or dict((a.name, a.i) for a in convs[1].attribute).get("group", 1) == 1:
+            continue  # not an inverted-residual template starting with an expansion-1 block
+        after = nodes[nodes.index(convs[1]) + 1:nodes.index(convs[2])]
+        if any(n.op_type == "GlobalAveragePool" for n in after):
+            found.append(seed)
+    assert found
+
+
 def test_shuffle_networks_are_shufflenet_v2_like():
     """A stem and max-pool, three stages of a downsampling unit and split units (each a
     Split, a branch of 1x1, depthwise 3x3 and 1x1, a Concat and a channel shuffle of
