@@ -1019,12 +1019,13 @@ def _network(key: str, label: str, proto, base: Target, windows: int, runs: int,
 
 
 #: the rotation of generator styles (costmodel/chains.py ``BUILDERS``) the candidate
-#: networks follow: families' stage plans, freely drawn networks, and one in six each of
+#: networks follow: families' stage plans (``template2``: SE blocks may start in the first,
+#: expansion-1 block), freely drawn networks, and one in six each of
 #: RegNet/ResNeXt-like grouped networks (grouped convs with many groups, which onnxruntime
 #: runs group by group, are rare in the other styles) and ShuffleNetV2-like networks
 #: (splits, concats and channel shuffles between most convs: a network of mostly small
 #: data-movement kernels, which the other styles have a few of at most)
-STYLES = ("template", "network", "grouped", "template", "network", "shuffle")
+STYLES = ("template2", "network", "grouped", "template2", "network", "shuffle")
 
 
 def group_bucket(k: Kernel) -> int:

@@ -295,12 +295,14 @@ class ChainBuilder:
             x, shape = self.head(x, shape, rng.choice([10, 100, 1000, 1000, 1000]))
         return self._model(x, inp, shape, "network")
 
-    def build_template(self) -> onnx.ModelProto:
+    def build_template(self, se_first: bool = False) -> onnx.ModelProto:
         """A network on the stage plan of a known architecture family, as the passes rewrite
         them: MobileNetV2/MnasNet/EfficientNet/MobileNetV3-like inverted-residual nets (any
         width multiplier, expansion, kernel sizes, SE, activations, early blocks fused) or
         ResNet/ResNeXt/RegNet-like nets (basic, bottleneck or grouped blocks), at input
-        resolutions 96-256, with their classifier heads."""
+        resolutions 96-256, with their classifier heads.  ``se_first`` lets the SE blocks
+        start in the first, expansion-1 block (style ``template2``; without it a seed's
+        network stays what calibration datasets measured for it)."""
         rng = self.rng
         shape, inp = self.image_input(0.6)
         mult = loguniform(rng, 0.25, 1.5)
@@ -317,9 +319,9 @@ class ChainBuilder:
             uniform = rng.random() < 0.45
             t_all, k_all = rng.choice([4, 6, 6]), rng.choice([3, 3, 5])
             fused_upto = rng.choice([0, 0, 0, 1, 2, 3])  # EfficientNetV2-style fused early stages
-            # SE from this stage on (MobileNetV3/EfficientNet; 0: in the first, expansion-1
-            # block too, as MobileNetV3-Small and EfficientNet have it)
-            se_from = rng.choice([99, 99, 2, 3, 1, 0])
+            # SE from this stage on (MobileNetV3/EfficientNet; with se_first 0 too: in the
+            # first, expansion-1 block, as MobileNetV3-Small and EfficientNet have it)
+            se_from = rng.choice([99, 99, 2, 3, 1, 0] if se_first else [99, 99, 2, 3, 1])
             gate = rng.choice(["hardsigmoid", "sigmoid"])
             for i, (t, c, n, s) in enumerate(plan):
                 n = max(1, n + rng.choice([-1, 0, 0, 1]))
@@ -524,6 +526,12 @@ def build_template(seed: int) -> onnx.ModelProto:
     return ChainBuilder(seed).build_template()
 
 
+def build_template2(seed: int) -> onnx.ModelProto:
+    """:func:`build_template` whose SE blocks may start in the first, expansion-1 block
+    (MobileNetV3-Small's and EfficientNet's first block: depthwise conv, SE, projection)."""
+    return ChainBuilder(seed).build_template(se_first=True)
+
+
 def build_grouped(seed: int) -> onnx.ModelProto:
     """A generated RegNet/ResNeXt-like network of grouped bottlenecks."""
     return ChainBuilder(seed).build_grouped()
@@ -534,5 +542,5 @@ def build_shuffle(seed: int) -> onnx.ModelProto:
     return ChainBuilder(seed).build_shuffle()
 
 
-BUILDERS = {"chain": build_chain, "network": build_network, "template": build_template, "grouped": build_grouped,
-            "shuffle": build_shuffle}
+BUILDERS = {"chain": build_chain, "network": build_network, "template": build_template, "template2": build_template2,
+            "grouped": build_grouped, "shuffle": build_shuffle}

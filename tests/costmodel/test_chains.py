@@ -66,7 +66,7 @@ def test_network_points_keep_stem_and_last_kernel_chain_points_do_not(tmp_path):
 
 
 def test_every_style_is_registered():
-    assert set(BUILDERS) == {"network", "template", "chain", "grouped", "shuffle"}
+    assert set(BUILDERS) == {"network", "template", "template2", "chain", "grouped", "shuffle"}
     onnx.checker.check_model(BUILDERS["chain"](2), full_check=True)
 
 
@@ -88,18 +88,21 @@ def test_templates_follow_architecture_families():
 
 def test_templates_put_squeeze_excitation_in_expansion_1_blocks_too():
     """MobileNetV3-Small's and EfficientNet's first block (depthwise conv, squeeze-excitation,
-    1x1 projection, no expansion) is in the templates: some seed puts a squeeze-excitation
-    gate right after the network's first depthwise conv, before any expansion conv."""
-    found = []
-    for seed in range(40):
-        nodes = list(build_template(seed).graph.node)
+    1x1 projection, no expansion) is in the ``template2`` style: some seed puts a
+    squeeze-excitation gate right after the network's first depthwise conv.  The
+    ``template`` style never does, and its networks are those of the same seeds before."""
+    from archpass.costmodel.chains import build_template2
+
+    def se_first(model) -> bool:
+        nodes = list(model.graph.node)
         convs = [n for n in nodes if n.op_type == "Conv"]
-        if len(convs) < 2 or dict((a.name, a.i) for a in convs[1].attribute).get("group", 1) == 1:
-            continue  # not an inverted-residual template starting with an expansion-1 block
-        after = nodes[nodes.index(convs[1]) + 1:nodes.index(convs[2])]
-        if any(n.op_type == "GlobalAveragePool" for n in after):
-            found.append(seed)
-    assert found
+        if len(convs) < 3 or dict((a.name, a.i) for a in convs[1].attribute).get("group", 1) == 1:
+            return False  # not an inverted-residual template starting with an expansion-1 block
+        return any(n.op_type == "GlobalAveragePool" for n in nodes[nodes.index(convs[1]) + 1:nodes.index(convs[2])])
+
+    assert any(se_first(build_template2(seed)) for seed in range(40))
+    assert not any(se_first(build_template(seed)) for seed in range(40))
+    onnx.checker.check_model(build_template2(3), full_check=True)
 
 
 def test_shuffle_networks_are_shufflenet_v2_like():
