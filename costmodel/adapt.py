@@ -1055,7 +1055,7 @@ def coverage_cell(k: Kernel, parallelism: int) -> tuple:
     if k.kind not in CONV_KINDS:
         return cell
     aligned = k.cin % parallelism == 0 and k.cout % parallelism == 0
-    return (*cell, aligned, bisect.bisect_right(RESOLUTION_CLASSES, k.out_hw[0]), bool(getattr(k, "out_reorder", False)))
+    return (*cell, aligned, bisect.bisect_right(RESOLUTION_CLASSES, k.out_hw[0]), k.out_reorder)
 
 
 def select_networks(base: Target, budget_s: float, windows: int, runs: int, threads: int, seed: int = 0,

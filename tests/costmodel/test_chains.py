@@ -89,8 +89,8 @@ def test_templates_follow_architecture_families():
 def test_templates_put_squeeze_excitation_in_expansion_1_blocks_too():
     """MobileNetV3-Small's and EfficientNet's first block (depthwise conv, squeeze-excitation,
     1x1 projection, no expansion) is in the ``template2`` style: some seed puts a
-    squeeze-excitation gate right after the network's first depthwise conv.  The
-    ``template`` style never does, and its networks are those of the same seeds before."""
+    squeeze-excitation gate right after the network's first depthwise conv; the
+    ``template`` style never does."""
     from archpass.costmodel.chains import build_template2
 
     def se_first(model) -> bool:
@@ -103,6 +103,31 @@ def test_templates_put_squeeze_excitation_in_expansion_1_blocks_too():
     assert any(se_first(build_template2(seed)) for seed in range(40))
     assert not any(se_first(build_template(seed)) for seed in range(40))
     onnx.checker.check_model(build_template2(3), full_check=True)
+
+
+def test_template_seeds_still_build_what_the_cpu_dataset_measured():
+    """Calibration datasets key generated networks by style and seed and rebuild them
+    (``calibrate.refresh_specs``, ``benchmarks/predictor_accuracy.py``): the shipped ``cpu``
+    target's template records of seeds 17, 24 and 31 (which a change of ``template``'s own
+    draws once rebuilt as other networks) still decompose into every kernel they measured."""
+    import json
+    from pathlib import Path
+
+    from archpass.costmodel import load_target
+
+    cpu = load_target("cpu")
+    seen = set()
+    for line in (Path(cpu.path) / "dataset.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        payload = rec.get("payload") or {}
+        if payload.get("style") != "template" or payload.get("seed") not in (17, 24, 31):
+            continue
+        ks = {k.id: k for k in decompose(analyze(build_template(payload["seed"])), cpu.fusion)}
+        for p in rec["points"]:
+            k, want = ks[p["id"]], p["spec"]
+            assert (k.kind, k.cin, k.cout, list(k.in_hw)) == (want["kind"], want["cin"], want["cout"], list(want["in_hw"]))
+        seen.add(payload["seed"])
+    assert seen == {17, 24, 31}
 
 
 def test_shuffle_networks_are_shufflenet_v2_like():
