@@ -23,7 +23,9 @@ archpass's passes; the set of ``predictor_accuracy.py``):
   truth measurements taken within ``NEARBY_S`` before and after it, combined (the host in
   the same period: take a truth, adapt, take a truth).  Adaptations with other plan seeds
   (``--seed``: which networks the plan draws) show how much a result depends on the draw;
-  the report pools every adaptation of a scenario.
+  the report pools every adaptation of a scenario, and apart those that timed the networks
+  today's plan draws (:func:`plan_is_current`: older ones timed an earlier generator's),
+  with the drift between two of those with the same seed.
 
     python benchmarks/adapt.py --phase truths|zigzag-measure|zigzag|prepare|report   # truths, zigzag-measure: ZigZag runs
     quiet.sh python benchmarks/adapt.py --phase ort-truth --tag first          # one quiet section each
@@ -453,6 +455,42 @@ def nearby_truths(doc: dict, run: dict, within_s: float = NEARBY_S) -> dict[str,
     return out
 
 
+def pooled(near: dict) -> dict:
+    """Adaptations scored against their nearby truths, together: each one's share within
+    ±10% and the share over all their models."""
+    import numpy as np
+
+    each = [v["within_10pct"] for v in near.values()]
+    errs = np.array([r["error_pct"] for v in near.values() for r in v["rows"]])
+    return {"adaptations": len(near), "seeds": sorted({v["seed"] for v in near.values()}),
+            "within_10pct_each": each, "within_10pct_min": min(each), "within_10pct_median": float(np.median(each)),
+            "within_10pct_pooled": float(np.mean(np.abs(errs) <= 10) * 100), "mape_pct_pooled": float(np.mean(np.abs(errs))),
+            "adaptations_meeting_90pct": int(sum(w >= 90 for w in each))}
+
+
+def plan_is_current(run: dict, sc: str, _cache: dict = {}) -> bool:
+    """Whether every network an adaptation timed is one that today's plan
+    (:func:`archpass.costmodel.adapt.select_networks`, same seed and scenario) draws:
+    the adaptation measured what ``calibrate --adapt`` measures now (networks compared by
+    their kernels, since a generator style may since have been renamed)."""
+    from dataclasses import replace
+
+    from archpass.costmodel import load_target
+    from archpass.costmodel.adapt import select_networks
+    from archpass.costmodel.calibrate import DATASET, Dataset
+    from archpass.costmodel.host import host_fusion
+
+    sig = lambda ks: json.dumps(ks, sort_keys=True)  # noqa: E731
+    key = (sc, run.get("seed", 0), run.get("windows", 3))
+    if key not in _cache:
+        prior = load_target("cpu")
+        fusion = host_fusion(prior.fusion, "CPUExecutionProvider", SCENARIOS[sc]["graph_opt"])
+        nets = select_networks(replace(prior, fusion=fusion), BUDGET_S, key[2], 5, SCENARIOS[sc]["threads"], key[1])
+        _cache[key] = {sig([{"id": k.id, "spec": k.spec()} for k in n.kernels]) for n in nets}
+    records = Dataset(Path(run["dir"]) / DATASET).records.values()
+    return all(sig(r["all_kernels"]) in _cache[key] for r in records if "all_kernels" in r)
+
+
 # ------------------------------------------------------------------ report
 def phase_report(args) -> None:
     import numpy as np
@@ -548,15 +586,31 @@ def phase_report(args) -> None:
                       f"max {res['max_abs_error_pct']:.1f}%  mean {res['mean_error_pct']:+.1f}%")
             entry["targets_against_nearby_truths"] = near
             if near:  # every adaptation of the scenario together: how much a result depends on the plan's draw and the hour
-                each = [v["within_10pct"] for v in near.values()]
-                errs = np.array([r["error_pct"] for v in near.values() for r in v["rows"]])
-                entry["nearby_truths_all_adaptations"] = {
-                    "adaptations": len(near), "seeds": sorted({v["seed"] for v in near.values()}),
-                    "within_10pct_each": each, "within_10pct_min": min(each), "within_10pct_median": float(np.median(each)),
-                    "within_10pct_pooled": float(np.mean(np.abs(errs) <= 10) * 100), "mape_pct_pooled": float(np.mean(np.abs(errs))),
-                    "adaptations_meeting_90pct": int(sum(w >= 90 for w in each))}
+                entry["nearby_truths_all_adaptations"] = pooled(near)
                 print(f"ort {sc}: {len(near)} adaptations, within ±10% of their nearby truths: "
-                      f"{', '.join(f'{w:.0f}%' for w in each)} (pooled {entry['nearby_truths_all_adaptations']['within_10pct_pooled']:.1f}%)")
+                      f"{', '.join(f'{w:.0f}%' for w in entry['nearby_truths_all_adaptations']['within_10pct_each'])} "
+                      f"(pooled {entry['nearby_truths_all_adaptations']['within_10pct_pooled']:.1f}%)")
+                # the adaptations that timed what calibrate --adapt plans today (older ones
+                # timed networks of an earlier plan generator; the fit is today's for all)
+                current = {k: v for k, v in near.items() if plan_is_current(doc["adaptations"][k[len("adapted_"):]][sc], sc)}
+                if current:
+                    entry["nearby_truths_current_plans"] = {"tags": [k[len("adapted_"):] for k in current], **pooled(current)}
+                    print(f"ort {sc}: {len(current)} adaptations with today's plans ({', '.join(current)}): "
+                          f"{', '.join(f'{w:.0f}%' for w in entry['nearby_truths_current_plans']['within_10pct_each'])} "
+                          f"(pooled {entry['nearby_truths_current_plans']['within_10pct_pooled']:.1f}%)")
+            cur = entry.get("nearby_truths_current_plans", {}).get("tags", [])
+            same = next(((a, b) for i, a in enumerate(cur) for b in cur[i + 1:]
+                         if doc["adaptations"][a][sc].get("seed", 0) == doc["adaptations"][b][sc].get("seed", 0)), None)
+            if same:  # the same adaptation (today's plan, same seed) at two times
+                a = np.array([r["predicted_ms"] for r in entry["targets"][f"adapted_{same[0]}"]["rows"]])
+                b = np.array([r["predicted_ms"] for r in entry["targets"][f"adapted_{same[1]}"]["rows"]])
+                moves = np.abs(b / a - 1) * 100
+                entry["drift_current_plans"] = {"tags": list(same), "median_abs_move_pct": float(np.median(moves)),
+                                                "max_abs_move_pct": float(moves.max()),
+                                                "first": doc["adaptations"][same[0]][sc]["when"],
+                                                "second": doc["adaptations"][same[1]][sc]["when"]}
+                print(f"ort {sc} drift between {same[0]} and {same[1]} (today's plan, same seed): "
+                      f"median {np.median(moves):.1f}%, max {moves.max():.1f}%")
             if len(tags) >= 2:
                 a = np.array([r["predicted_ms"] for r in entry["targets"][f"adapted_{tags[0]}"]["rows"]])
                 b = np.array([r["predicted_ms"] for r in entry["targets"][f"adapted_{tags[1]}"]["rows"]])

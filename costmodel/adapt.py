@@ -345,6 +345,12 @@ def _terms(kernels, prior_ms: np.ndarray, target: Target) -> tuple[np.ndarray, n
 # ---------------------------------------------------------------- whole-network fit
 #: kernel classes whose summed time gets its own factor against whole-network latency
 CLASSES = (*LAYER_KINDS, GENERIC_OP)
+#: the whole-network fit's per-kernel terms (ms a kernel, either sign): one for layer
+#: kernels (convs, gemms), one for standalone ops, whose dispatch and profiler bookkeeping
+#: differ (one term for both: 83.7% of the held-out models within ±10% pooled over 27
+#: two-thread adaptations, two terms 85.9%; 1 thread and basic graph optimizations as
+#: before, see docs/architecture.md)
+KERNEL_TERMS = ("layer", "op")
 #: ridge strengths (per network) pulling the class factors towards one common factor;
 #: None = one common factor (the sum of kernels scaled to the networks' latency)
 NET_RIDGE: tuple[float | None, ...] = (None, 1.0, 0.1, 0.01, 0.001)
@@ -377,18 +383,21 @@ def _nets(points: Points, target: Target) -> dict[str, _Net]:
 
 
 def _net_design(nets: list[_Net], corr: dict[str, Correction]) -> np.ndarray:
-    """Per network: the corrected kernel time summed per class, and the kernel count."""
-    x = np.zeros((len(nets), len(CLASSES) + 1))
+    """Per network: the corrected kernel time summed per class, then its kernel count per
+    :data:`KERNEL_TERMS` (layer kernels, standalone ops)."""
+    nc = len(CLASSES)
+    x = np.zeros((len(nets), nc + len(KERNEL_TERMS)))
     for r, n in enumerate(nets):
         np.add.at(x[r], n.cls, np.exp(n.lp + _apply(corr, n.kernels, n.z, n.bt, n.lp, rows=n.rows)))
-        x[r, -1] = len(n.kernels)
+        layer = int(np.sum(n.cls < len(LAYER_KINDS)))
+        x[r, nc:] = (layer, len(n.kernels) - layer)
     return x
 
 
 def _oof_design(nets: list[_Net], fold: np.ndarray, fold_corr: dict[int, dict]) -> np.ndarray:
     """:func:`_net_design` rows, each network's from the correction fitted without its
     fold (NaN for a fold without one)."""
-    x = np.full((len(nets), len(CLASSES) + 1), np.nan)
+    x = np.full((len(nets), len(CLASSES) + len(KERNEL_TERMS)), np.nan)
     for f, corr in fold_corr.items():
         idx = np.flatnonzero(fold == f)
         if len(idx):
@@ -402,35 +411,41 @@ def _net_ok(x: np.ndarray) -> np.ndarray:
 
 
 def _net_fit(x: np.ndarray, t: np.ndarray, lam: float | None) -> np.ndarray:
-    """Coefficients (one factor per class, then ms per kernel) with ``x @ coef`` ≈ ``t``:
-    least squares of relative errors, the class factors non-negative and pulled towards
-    the common factor (the median ratio of measured to summed kernels) with strength
-    ``lam`` per network; ``lam`` None keeps the common factor alone.  The per-kernel term
-    has either sign: dispatch the profiled kernels do not show, or (negative) profiler
-    bookkeeping they still hold (the adaptation takes out the base's per-node profiler
-    cost, measured on the base's host: at 2 threads here the held-out network error fell
-    from 8.1% to 7.4% over four adaptations when this term could be negative)."""
+    """Coefficients (one factor per class, then ms per kernel for each of the design's
+    per-kernel columns, :data:`KERNEL_TERMS`) with ``x @ coef`` ≈ ``t``: least squares of
+    relative errors, the class factors non-negative and pulled towards the common factor
+    (the median ratio of measured to summed kernels) with strength ``lam`` per network;
+    ``lam`` None keeps the common factor alone.  The per-kernel terms have either sign:
+    dispatch the profiled kernels do not show, or (negative) profiler bookkeeping they
+    still hold (the adaptation takes out the base's per-node profiler cost, measured on the
+    base's host: at 2 threads here the held-out network error fell from 8.1% to 7.4% over
+    four adaptations when this term could be negative)."""
     from archpass.costmodel.predictor import nnls
 
     nc = len(CLASSES)
+    nk = x.shape[1] - nc
     a0 = float(np.median(t / np.maximum(x[:, :nc].sum(axis=1), 1e-12)))
     if lam is None or len(t) < 3:
-        return np.r_[np.full(nc, a0), 0.0]
+        return np.r_[np.full(nc, a0), np.zeros(nk)]
     w = 1.0 / t
     reg = np.sqrt(lam * len(t))
-    xs = np.hstack([x, -x[:, nc:]])  # the per-kernel term as a difference of two non-negative ones
-    prior_rows = np.zeros((nc + 2, nc + 2))
+    xs = np.hstack([x, -x[:, nc:]])  # each per-kernel term as a difference of two non-negative ones
+    m = nc + 2 * nk
+    prior_rows = np.zeros((m, m))
     prior_rows[:nc, :nc] = reg * np.eye(nc)
-    prior_rows[nc, nc] = prior_rows[nc + 1, nc + 1] = 1e-3  # the per-kernel term: no prior, but determined
+    prior_rows[nc:, nc:] = 1e-3 * np.eye(2 * nk)  # the per-kernel terms: no prior, but determined
     a = np.vstack([xs * w[:, None], prior_rows])
-    b = np.r_[np.ones(len(t)), np.full(nc, reg * a0), 0.0, 0.0]
+    b = np.r_[np.ones(len(t)), np.full(nc, reg * a0), np.zeros(2 * nk)]
     coef = nnls(a, b)
     coef[:nc] = np.maximum(coef[:nc], 0.2 * a0)  # a class never vanishes
-    return np.r_[coef[:nc], coef[nc] - coef[nc + 1]]
+    return np.r_[coef[:nc], coef[nc:nc + nk] - coef[nc + nk:]]
 
 
 def _with_net_fit(corr: dict[str, Correction], coef: np.ndarray, method: str) -> dict[str, Correction]:
-    """``corr`` with every class's factor and the per-kernel term of the whole-network fit."""
+    """``corr`` with every class's factor and the per-kernel terms of the whole-network fit
+    (:data:`KERNEL_TERMS`: layer kinds take the first, standalone ops the second)."""
+    nc = len(CLASSES)
+    add = dict(zip(KERNEL_TERMS, (float(v) for v in coef[nc:])))
     out = dict(corr)
     for i, kd in enumerate(CLASSES):
         c = out.get(kd) or (out.get("layer") if kd in LAYER_KINDS else None)
@@ -439,11 +454,11 @@ def _with_net_fit(corr: dict[str, Correction], coef: np.ndarray, method: str) ->
             c = Correction(kind=kd, method=method, terms=terms, center=(0.0,) * len(terms), coef=(0.0,) * len(terms),
                            transfer=method.startswith(TRANSFER))
         out[kd] = replace(c, kind=kd, coef=(c.coef[0] + math.log(max(coef[i], 1e-9)), *c.coef[1:]),
-                          add_ms=float(coef[-1]))
+                          add_ms=add["layer" if kd in LAYER_KINDS else "op"])
     if "layer" in out:  # every layer kind has its own entry now; the pooled one keeps the common factor
         c = out["layer"]
         out["layer"] = replace(c, coef=(c.coef[0] + math.log(max(float(np.median(coef[: len(LAYER_KINDS)])), 1e-9)),
-                                        *c.coef[1:]), add_ms=float(coef[-1]))
+                                        *c.coef[1:]), add_ms=add["layer"])
     return out
 
 
@@ -566,7 +581,8 @@ def fit_corrections(points: Points, target: Target, method: str | None = None) -
     op) the method with the lowest held-out error on that class (chosen, for each fold's
     held-out figures, on the other folds' points).  With whole networks (runtime targets)
     the choice is made on held-out *networks*.  The whole-network fit (a factor per kernel
-    class and a per-kernel term of either sign, pulled towards one common factor at one of
+    class and per-kernel terms of either sign for layer kernels and for standalone ops,
+    :data:`KERNEL_TERMS`; the factors pulled towards one common factor at one of
     :data:`NET_RIDGE`'s strengths) is stacked: it reads each network's kernel sums from the
     fold's kernel correction that did not see that network (out-of-fold rows), since the
     full fit has seen every network and its in-sample sums hide how it errs on a new one
@@ -706,7 +722,8 @@ def fit_corrections(points: Points, target: Target, method: str | None = None) -
         corr = _with_net_fit(corr, coef, chosen)
         summary["network_fit"] = {
             "chosen": _net_label(lam), "class_factors": {c: float(coef[i]) for i, c in enumerate(CLASSES)},
-            "overhead_ms_per_kernel": float(coef[-1]), "networks": len(net_keys),
+            "overhead_ms_per_kernel": {k: float(v) for k, v in zip(KERNEL_TERMS, coef[len(CLASSES):])},
+            "networks": len(net_keys),
             "rows": "out of fold" if stacked else "in sample",
             "in_sample": accuracy_stats(x[ok] @ coef, net_t[ok]), "cross_validation": net_cv}
         summary["chains"] = net_cv[_net_label(lam)][chosen]
