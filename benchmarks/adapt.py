@@ -468,7 +468,15 @@ def pooled(near: dict) -> dict:
             "adaptations_meeting_90pct": int(sum(w >= 90 for w in each))}
 
 
-def plan_is_current(run: dict, sc: str, _cache: dict = {}) -> bool:
+#: (scenario, seed, windows) -> the kernels of every network today's plan draws
+_PLANS: dict[tuple, set[str]] = {}
+
+
+def _kernels_key(kernels: list[dict]) -> str:
+    return json.dumps(kernels, sort_keys=True)
+
+
+def plan_is_current(run: dict, sc: str) -> bool:
     """Whether every network an adaptation timed is one that today's plan
     (:func:`archpass.costmodel.adapt.select_networks`, same seed and scenario) draws:
     the adaptation measured what ``calibrate --adapt`` measures now (networks compared by
@@ -476,19 +484,19 @@ def plan_is_current(run: dict, sc: str, _cache: dict = {}) -> bool:
     from dataclasses import replace
 
     from archpass.costmodel import load_target
-    from archpass.costmodel.adapt import select_networks
+    from archpass.costmodel.adapt import adapt_onnxruntime, select_networks
     from archpass.costmodel.calibrate import DATASET, Dataset
     from archpass.costmodel.host import host_fusion
 
-    sig = lambda ks: json.dumps(ks, sort_keys=True)  # noqa: E731
     key = (sc, run.get("seed", 0), run.get("windows", 3))
-    if key not in _cache:
+    if key not in _PLANS:
         prior = load_target("cpu")
         fusion = host_fusion(prior.fusion, "CPUExecutionProvider", SCENARIOS[sc]["graph_opt"])
-        nets = select_networks(replace(prior, fusion=fusion), BUDGET_S, key[2], 5, SCENARIOS[sc]["threads"], key[1])
-        _cache[key] = {sig([{"id": k.id, "spec": k.spec()} for k in n.kernels]) for n in nets}
+        runs = adapt_onnxruntime.__kwdefaults__["runs"]  # adapt_run takes calibrate --adapt's
+        nets = select_networks(replace(prior, fusion=fusion), BUDGET_S, key[2], runs, SCENARIOS[sc]["threads"], key[1])
+        _PLANS[key] = {_kernels_key([{"id": k.id, "spec": k.spec()} for k in n.kernels]) for n in nets}
     records = Dataset(Path(run["dir"]) / DATASET).records.values()
-    return all(sig(r["all_kernels"]) in _cache[key] for r in records if "all_kernels" in r)
+    return all(_kernels_key(r["all_kernels"]) in _PLANS[key] for r in records if "all_kernels" in r)
 
 
 # ------------------------------------------------------------------ report
