@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from archpass.cli.main import app
 from archpass.costmodel import load_target, save_target
+from archpass.costmodel.calibrate import DATASET, Dataset
 from archpass.costmodel.host import fingerprint
 
 runner = CliRunner()
@@ -118,9 +119,13 @@ def test_adapt_install_makes_the_adapted_target_the_default_here(tiny, tmp_path,
     doc = json.loads(r.stdout)
     m = doc["accuracy"]["measurement"]
     assert doc["target"]["adapted_from"] == "cpu" and m["networks"] >= 2 and m["models"] == ["m.onnx"]
-    # the window rounds are spread by default, at most 1.25x the budget (5 s for 4 s)
-    assert m["spread_s"] == pytest.approx(5.0) and m["spread_waited_s"] > 0
+    # the window rounds are spread by default, at most 1.25x the budget (5 s for 4 s); how
+    # long a round waited depends on how long the one before took, which a loaded machine
+    # stretches (tests/costmodel/test_hoststate.py times the spreading itself)
+    assert m["spread_s"] == pytest.approx(5.0)
     assert (user / "cpu-here" / "target.json").is_file() and (user / "cpu-here" / "prior" / "target.json").is_file()
+    rounds = max(len(r["window_plain_ms"]) for r in Dataset(user / "cpu-here" / DATASET).records.values())
+    assert 0 <= m["spread_waited_s"] <= 5.0 * (rounds - 1) + 0.1
     t = load_target("cpu")
     assert t.name == "cpu-here" and t.origin == "user"
     r = runner.invoke(app, ["inspect", str(tiny), "--target", "cpu", "--json"])
