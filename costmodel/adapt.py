@@ -348,8 +348,8 @@ CLASSES = (*LAYER_KINDS, GENERIC_OP)
 #: the whole-network fit's per-kernel terms (ms a kernel, either sign): one for layer
 #: kernels (convs, gemms), one for standalone ops, whose dispatch and profiler bookkeeping
 #: differ (one term for both: 83.7% of the held-out models within ±10% pooled over 27
-#: two-thread adaptations, two terms 85.9%; 1 thread and basic graph optimizations as
-#: before, see docs/architecture.md)
+#: two-thread adaptations, two terms 85.9%; 1 thread and basic graph optimizations one
+#: model fewer each, 92.0 and 91.0%; see docs/architecture.md)
 KERNEL_TERMS = ("layer", "op")
 #: ridge strengths (per network) pulling the class factors towards one common factor;
 #: None = one common factor (the sum of kernels scaled to the networks' latency)
