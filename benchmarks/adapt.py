@@ -484,7 +484,7 @@ def plan_is_current(run: dict, sc: str) -> bool:
     from dataclasses import replace
 
     from archpass.costmodel import load_target
-    from archpass.costmodel.adapt import adapt_onnxruntime, select_networks
+    from archpass.costmodel.adapt import RUNS, select_networks
     from archpass.costmodel.calibrate import DATASET, Dataset
     from archpass.costmodel.host import host_fusion
 
@@ -492,11 +492,21 @@ def plan_is_current(run: dict, sc: str) -> bool:
     if key not in _PLANS:
         prior = load_target("cpu")
         fusion = host_fusion(prior.fusion, "CPUExecutionProvider", SCENARIOS[sc]["graph_opt"])
-        runs = adapt_onnxruntime.__kwdefaults__["runs"]  # adapt_run takes calibrate --adapt's
-        nets = select_networks(replace(prior, fusion=fusion), BUDGET_S, key[2], runs, SCENARIOS[sc]["threads"], key[1])
+        # adapt_run takes calibrate --adapt's default runs
+        nets = select_networks(replace(prior, fusion=fusion), BUDGET_S, key[2], RUNS, SCENARIOS[sc]["threads"], key[1])
         _PLANS[key] = {_kernels_key([{"id": k.id, "spec": k.spec()} for k in n.kernels]) for n in nets}
     records = Dataset(Path(run["dir"]) / DATASET).records.values()
     return all(_kernels_key(r["all_kernels"]) in _PLANS[key] for r in records if "all_kernels" in r)
+
+
+def drift(entry: dict, first: str, second: str) -> dict:
+    """How far adaptation ``second``'s predictions of the held-out models moved from ``first``'s."""
+    import numpy as np
+
+    a = np.array([r["predicted_ms"] for r in entry["targets"][f"adapted_{first}"]["rows"]])
+    b = np.array([r["predicted_ms"] for r in entry["targets"][f"adapted_{second}"]["rows"]])
+    moves = np.abs(b / a - 1) * 100
+    return {"median_abs_move_pct": float(np.median(moves)), "max_abs_move_pct": float(moves.max())}
 
 
 # ------------------------------------------------------------------ report
@@ -610,27 +620,21 @@ def phase_report(args) -> None:
             same = next(((a, b) for i, a in enumerate(cur) for b in cur[i + 1:]
                          if doc["adaptations"][a][sc].get("seed", 0) == doc["adaptations"][b][sc].get("seed", 0)), None)
             if same:  # the same adaptation (today's plan, same seed) at two times
-                a = np.array([r["predicted_ms"] for r in entry["targets"][f"adapted_{same[0]}"]["rows"]])
-                b = np.array([r["predicted_ms"] for r in entry["targets"][f"adapted_{same[1]}"]["rows"]])
-                moves = np.abs(b / a - 1) * 100
-                entry["drift_current_plans"] = {"tags": list(same), "median_abs_move_pct": float(np.median(moves)),
-                                                "max_abs_move_pct": float(moves.max()),
+                d = drift(entry, *same)
+                entry["drift_current_plans"] = {"tags": list(same), **d,
                                                 "first": doc["adaptations"][same[0]][sc]["when"],
                                                 "second": doc["adaptations"][same[1]][sc]["when"]}
                 print(f"ort {sc} drift between {same[0]} and {same[1]} (today's plan, same seed): "
-                      f"median {np.median(moves):.1f}%, max {moves.max():.1f}%")
+                      f"median {d['median_abs_move_pct']:.1f}%, max {d['max_abs_move_pct']:.1f}%")
             if len(tags) >= 2:
-                a = np.array([r["predicted_ms"] for r in entry["targets"][f"adapted_{tags[0]}"]["rows"]])
-                b = np.array([r["predicted_ms"] for r in entry["targets"][f"adapted_{tags[1]}"]["rows"]])
-                moves = np.abs(b / a - 1) * 100
+                d = drift(entry, tags[0], tags[1])
                 seeds = [doc["adaptations"][t][sc].get("seed", 0) for t in tags[:2]]
-                entry["drift"] = {"median_abs_move_pct": float(np.median(moves)), "max_abs_move_pct": float(moves.max()),
-                                  "first": entry[f"adaptation_{tags[0]}"]["when"],
+                entry["drift"] = {**d, "first": entry[f"adaptation_{tags[0]}"]["when"],
                                   "second": entry[f"adaptation_{tags[1]}"]["when"], "seeds": seeds,
                                   "same_plan": seeds[0] == seeds[1]}
                 print(f"ort {sc} drift between the two adaptations (seeds {seeds[0]}, {seeds[1]}"
                       f"{'' if seeds[0] == seeds[1] else ': two plans, not the same adaptation'}): "
-                      f"median {np.median(moves):.1f}%, max {moves.max():.1f}%")
+                      f"median {d['median_abs_move_pct']:.1f}%, max {d['max_abs_move_pct']:.1f}%")
             ort["scenarios"][sc] = entry
         figures["onnxruntime"] = ort
     else:

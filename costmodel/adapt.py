@@ -123,6 +123,8 @@ SPIN_SETTLE_S = 0.03
 #: window's latency is a low percentile of its runs (``hoststate.run_statistic``), and a
 #: small network's five runs (2 ms) often fall entirely into a short slow state
 MIN_BLOCK_S = 0.03
+#: timed runs per block and window (each block with the profiler and again without)
+RUNS = 5
 #: with one thread each timed block is preceded by this many untimed runs of its session:
 #: a network timed right after others starts slower (in three interleaved comparisons
 #: here five runs, their median, came out a median 7.5% and up to 17% slower than long
@@ -1131,7 +1133,7 @@ def select_networks(base: Target, budget_s: float, windows: int, runs: int, thre
 
 
 def measure_networks(nets: list[Network], provider: str, threads: int, graph_opt: str, budget_s: float,
-                     windows: int = 3, runs: int = 5, retries: int = 2, spread_s: float = 0.0,
+                     windows: int = 3, runs: int = RUNS, retries: int = 2, spread_s: float = 0.0,
                      progress: Callable[[str], None] | None = None) -> dict:
     """Time ``nets`` in ``windows`` interleaved windows (each window: every network
     ``runs`` times with onnxruntime's profiler and ``runs`` times without, each block after
@@ -1370,7 +1372,7 @@ def network_points(n: Network, profile_path: str, optimized_path: str, overhead_
 
 def adapt_onnxruntime(*, base: str | Path | Target, name: str, out_dir: str | Path,
                       provider: str = "CPUExecutionProvider", threads: int = 1, graph_opt: str = "all",
-                      budget_s: float = 60.0, seed: int = 0, models=(), windows: int = 3, runs: int = 5,
+                      budget_s: float = 60.0, seed: int = 0, models=(), windows: int = 3, runs: int = RUNS,
                       spread_s: float | None = None,
                       description: str = "", method: str | None = None, pool: int = 96,
                       progress: Callable[[str], None] | None = None) -> Target:
