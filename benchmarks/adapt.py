@@ -25,11 +25,15 @@ archpass's passes; the set of ``predictor_accuracy.py``):
   (``--seed``: which networks the plan draws) show how much a result depends on the draw;
   the report pools every adaptation of a scenario, and apart those that timed the networks
   today's plan draws (:func:`plan_is_current`: older ones timed an earlier generator's),
-  with the drift between two of those with the same seed.
+  with the drift between two of those with the same seed.  For comparison, a full
+  calibration in a scenario's setting (``--phase ort-full``: ``calibrate --backend
+  onnxruntime`` of 1000 generated networks, as the built-in ``cpu`` was made) is scored
+  the same way against its nearby truths.
 
     python benchmarks/adapt.py --phase truths|zigzag-measure|zigzag|prepare|report   # truths, zigzag-measure: ZigZag runs
     quiet.sh python benchmarks/adapt.py --phase ort-truth --tag first          # one quiet section each
     quiet.sh python benchmarks/adapt.py --phase ort-adapt --scenario 2threads --tag first [--seed 0] [--windows 3]
+    quiet.sh python benchmarks/adapt.py --phase ort-full --scenario 2threads --tag f1   # about 20 min
     python benchmarks/adapt.py --phase report --adapt-tags first,second   # the adaptations scored; drift between them
         [--scenario-tags basic=third,fourth]                               # other adaptations for one scenario
 
@@ -376,6 +380,36 @@ def phase_ort_adapt(args) -> None:
     adapt_run(args.scenario, args.tag, args.seed, args.windows, args.spread_s)
 
 
+#: generated networks of a full onnxruntime calibration (the built-in ``cpu``'s count,
+#: ``costmodel/build_targets.py``)
+FULL_SAMPLES = 1000
+
+
+def phase_ort_full(args) -> None:
+    """A full calibration (``archpass calibrate --backend onnxruntime``, no ``--adapt``) in
+    a scenario's setting, its own quiet section: what the adaptation's 60 s are compared
+    with.  Recorded in ort_runs.json under ``full``, scored by the report against the truth
+    measurements taken within :data:`NEARBY_S` of it."""
+    import shutil
+
+    from archpass.costmodel.calibrate import DATASET, Dataset, calibrate_onnxruntime
+
+    settle()
+    d = work_dir() / f"ort_full_{args.scenario}_{args.tag}"
+    shutil.rmtree(d, ignore_errors=True)
+    t0 = time.time()
+    t = calibrate_onnxruntime(name=f"cpu_{args.scenario}_full", out_dir=d, samples=FULL_SAMPLES, workers=1,
+                              **SCENARIOS[args.scenario])
+    entry = {"dir": str(d), "samples": FULL_SAMPLES, "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+             "wall_seconds": round(time.time() - t0, 1), "accuracy": t.accuracy}
+    print(f"full calibration {args.scenario} ({args.tag}): {entry['wall_seconds']:.0f} s, "
+          f"{len(Dataset(d / DATASET).records)} networks", file=sys.stderr)
+    path = work_dir() / "ort_runs.json"
+    doc = _json(path, {})
+    doc.setdefault("full", {}).setdefault(args.tag, {})[args.scenario] = entry
+    _save(path, doc)
+
+
 def phase_prepare(args) -> None:
     """Export and canonicalize the held-out models (CPU work, outside any quiet section)."""
     load_models(ORT_MODELS)
@@ -603,6 +637,26 @@ def phase_report(args) -> None:
                       f"within ±10%: {res['within_10pct']:.1f}% of {res['models']}  MAPE {res['mape_pct']:.1f}%  "
                       f"max {res['max_abs_error_pct']:.1f}%  mean {res['mean_error_pct']:+.1f}%")
             entry["targets_against_nearby_truths"] = near
+            # full calibrations in this scenario's setting (--phase ort-full), against
+            # their own nearby truths
+            full: dict = {}
+            for ftag, runs in doc.get("full", {}).items():
+                if sc not in runs:
+                    continue
+                close = nearby_truths(doc, runs[sc])
+                if not close:
+                    continue
+                local, _ = combined_truths(doc, set(close))
+                rows = rows_for(load_target(runs[sc]["dir"]), models, local[sc])
+                res = score(rows)
+                full[f"full_{ftag}"] = {"truths_minutes_from_calibration": close, "when": runs[sc]["when"],
+                                        "calibration_seconds": runs[sc]["wall_seconds"],
+                                        "networks": runs[sc]["samples"], **res, "rows": rows}
+                print(f"ort {sc} full calibration {ftag} ({runs[sc]['samples']} networks, {runs[sc]['wall_seconds']:.0f} s) "
+                      f"against the truths within {NEARBY_S / 60:.0f} min ({', '.join(close)}): within ±10%: "
+                      f"{res['within_10pct']:.1f}% of {res['models']}  MAPE {res['mape_pct']:.1f}%  mean {res['mean_error_pct']:+.1f}%")
+            if full:
+                entry["full_calibration_against_nearby_truths"] = full
             if near:  # every adaptation of the scenario together: how much a result depends on the plan's draw and the hour
                 entry["nearby_truths_all_adaptations"] = pooled(near)
                 print(f"ort {sc}: {len(near)} adaptations, within ±10% of their nearby truths: "
@@ -647,7 +701,7 @@ def phase_report(args) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--phase", required=True,
-                    choices=["truths", "zigzag-measure", "zigzag", "prepare", "ort-truth", "ort-adapt", "report"])
+                    choices=["truths", "zigzag-measure", "zigzag", "prepare", "ort-truth", "ort-adapt", "ort-full", "report"])
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--tag", default="first", help="ort-truth / ort-adapt: which measurement (first, second, ...)")
     ap.add_argument("--scenario", choices=list(SCENARIOS), help="ort-adapt: which adaptation")
@@ -662,7 +716,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="report: the adaptations scored for one scenario, instead of --adapt-tags (repeatable)")
     args = ap.parse_args(argv)
     {"truths": phase_truths, "zigzag-measure": phase_zigzag_measure, "zigzag": phase_zigzag, "prepare": phase_prepare,
-     "ort-truth": phase_ort_truth, "ort-adapt": phase_ort_adapt, "report": phase_report}[args.phase](args)
+     "ort-truth": phase_ort_truth, "ort-adapt": phase_ort_adapt, "ort-full": phase_ort_full, "report": phase_report}[args.phase](args)
     return 0
 
 

@@ -149,7 +149,7 @@ def _adapt(base, backend, name, output, hardware, mapping, clock_hz, lpf_limit, 
 def _report(target, output, json_out: bool) -> None:
     name = target.name
     acc = target.accuracy
-    notes = list((acc.get("measurement") or {}).get("notes") or [])
+    notes = list(acc.get("notes") or []) + list((acc.get("measurement") or {}).get("notes") or [])
     if json_out:
         print_json({"target": target.summary(), "path": str(output), "accuracy": acc, "notes": notes})
         return
