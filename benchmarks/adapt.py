@@ -394,6 +394,8 @@ def phase_ort_full(args) -> None:
 
     from archpass.costmodel.calibrate import DATASET, Dataset, calibrate_onnxruntime
 
+    if args.scenario is None:
+        raise SystemExit("--phase ort-full needs --scenario (" + ", ".join(SCENARIOS) + ")")
     settle()
     d = work_dir() / f"ort_full_{args.scenario}_{args.tag}"
     shutil.rmtree(d, ignore_errors=True)
@@ -703,8 +705,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--phase", required=True,
                     choices=["truths", "zigzag-measure", "zigzag", "prepare", "ort-truth", "ort-adapt", "ort-full", "report"])
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--tag", default="first", help="ort-truth / ort-adapt: which measurement (first, second, ...)")
-    ap.add_argument("--scenario", choices=list(SCENARIOS), help="ort-adapt: which adaptation")
+    ap.add_argument("--tag", default="first", help="ort-truth / ort-adapt / ort-full: which measurement (first, second, ...)")
+    ap.add_argument("--scenario", choices=list(SCENARIOS), help="ort-adapt / ort-full: which scenario's setting")
     ap.add_argument("--seed", type=int, default=0, help="ort-adapt: the seed the plan's networks are drawn from")
     ap.add_argument("--spread-s", type=float, default=None,
                     help="ort-adapt: seconds between the starts of window rounds (the adaptation's default when omitted)")
