@@ -27,7 +27,7 @@ archpass's passes; the set of ``predictor_accuracy.py``):
   today's plan draws (:func:`plan_is_current`: older ones timed an earlier generator's),
   with the drift between two of those with the same seed.  For comparison, a full
   calibration in a scenario's setting (``--phase ort-full``: ``calibrate --backend
-  onnxruntime`` of 1000 generated networks, as the built-in ``cpu`` was made) is scored
+  onnxruntime`` of as many generated networks as the built-in ``cpu`` was made from, 1000) is scored
   the same way against its nearby truths.
 
     python benchmarks/adapt.py --phase truths|zigzag-measure|zigzag|prepare|report   # truths, zigzag-measure: ZigZag runs
@@ -380,9 +380,12 @@ def phase_ort_adapt(args) -> None:
     adapt_run(args.scenario, args.tag, args.seed, args.windows, args.spread_s)
 
 
-#: generated networks of a full onnxruntime calibration (the built-in ``cpu``'s count,
-#: ``costmodel/build_targets.py``)
-FULL_SAMPLES = 1000
+def full_samples() -> int:
+    """Generated networks of a full onnxruntime calibration: as many as the built-in
+    ``cpu`` was made from (``costmodel/build_targets.py``)."""
+    from archpass.costmodel.build_targets import BUILTINS
+
+    return int(BUILTINS["cpu"]["samples"])
 
 
 def phase_ort_full(args) -> None:
@@ -400,9 +403,10 @@ def phase_ort_full(args) -> None:
     d = work_dir() / f"ort_full_{args.scenario}_{args.tag}"
     shutil.rmtree(d, ignore_errors=True)
     t0 = time.time()
-    t = calibrate_onnxruntime(name=f"cpu_{args.scenario}_full", out_dir=d, samples=FULL_SAMPLES, workers=1,
+    n = full_samples()
+    t = calibrate_onnxruntime(name=f"cpu_{args.scenario}_full", out_dir=d, samples=n, workers=1,
                               **SCENARIOS[args.scenario])
-    entry = {"dir": str(d), "samples": FULL_SAMPLES, "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    entry = {"dir": str(d), "samples": n, "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
              "wall_seconds": round(time.time() - t0, 1), "accuracy": t.accuracy}
     print(f"full calibration {args.scenario} ({args.tag}): {entry['wall_seconds']:.0f} s, "
           f"{len(Dataset(d / DATASET).records)} networks", file=sys.stderr)

@@ -486,10 +486,11 @@ def _finish_runtime(target: Target, dataset: Dataset, out: Path, keys, t0: float
 
 #: held-out whole-network MAPE above which a full onnxruntime calibration says that its
 #: kernel sums miss whole networks, and names the adaptation (the built-in ``cpu``, 1
-#: thread: 3.4%; two full 2-thread calibrations of 1000 networks on the shared 2-core host
-#: here: 17.7 and 14.0%, their held-out models +15 and +18% on average, 35 and 30% within
-#: ±10%, where 60 s adaptations of ``cpu`` in the same hours were within ±10% on 90-95% of
-#: them; docs/architecture.md)
+#: thread: 3.4%; a full 2-thread calibration of 1000 networks on the shared 2-core host
+#: here, ``benchmarks/adapt.py --phase ort-full``: 14.0%, its held-out models +17.7% on
+#: average, 30% within ±10%, where 60 s adaptations of ``cpu`` in the same hours were
+#: within ±10% on 90-95% of them; one more such calibration outside the benchmark: 17.7%,
+#: docs/architecture.md)
 NETWORK_MAPE_NOTE = 10.0
 
 
