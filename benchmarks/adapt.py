@@ -38,7 +38,10 @@ archpass's passes; the set of ``predictor_accuracy.py``):
         [--scenario-tags basic=third,fourth]                               # other adaptations for one scenario
 
 Phases write into the benchmark cache (``$ARCHPASS_BENCH_CACHE``/adapt) and
-``report`` writes ``benchmarks/results/adapt.json``.
+``report`` writes ``benchmarks/results/adapt.json``.  The onnxruntime figures are this
+machine's (its fingerprint is ``onnxruntime.host``); a report on another machine, whose
+cache starts empty, keeps the earlier machines' figures in brief under
+``onnxruntime.other_hosts`` (the full ones are in the repository's history).
 """
 
 from __future__ import annotations
@@ -376,6 +379,8 @@ def settle(threads: int = 2, max_wait: float = 180.0) -> float:
 
 
 def phase_ort_adapt(args) -> None:
+    if args.scenario is None:
+        raise SystemExit("--phase ort-adapt needs --scenario (" + ", ".join(SCENARIOS) + ")")
     settle()
     adapt_run(args.scenario, args.tag, args.seed, args.windows, args.spread_s)
 
@@ -468,7 +473,10 @@ def combined_truths(doc: dict, keys=None) -> tuple[dict, dict]:
             d = np.array(diffs)
             stability[sc] = {"median_abs_diff_pct": float(np.median(d)), "p90_abs_diff_pct": float(np.quantile(d, 0.9)),
                              "max_abs_diff_pct": float(d.max()),
-                             "pairs_over_5pct": int((d > 5).sum()), "model_pairs": len(d)}
+                             "pairs_over_5pct": int((d > 5).sum()), "model_pairs": len(d),
+                             # the host's own ceiling for the goal: how often two truth
+                             # measurements of a model agree within ±10%
+                             "pairs_within_10pct_pct": float(np.mean(d <= 10) * 100)}
     return out, stability
 
 
@@ -549,6 +557,42 @@ def drift(entry: dict, first: str, second: str) -> dict:
     return {"median_abs_move_pct": float(np.median(moves)), "max_abs_move_pct": float(moves.max())}
 
 
+def this_host() -> dict:
+    """The machine the onnxruntime figures were measured on (the fingerprint a target
+    records, :mod:`archpass.costmodel.host`, and onnxruntime's NCHWc block here)."""
+    from archpass.costmodel.host import machine, nchwc_block
+
+    return {**machine(), "nchwc_block": nchwc_block()}
+
+
+#: what is carried of another host's onnxruntime figures (per scenario; rows left out)
+CARRIED_KEYS = ("nearby_truths_current_plans", "nearby_truths_all_adaptations", "drift_current_plans", "drift",
+                "full_calibration_against_nearby_truths")
+
+
+def _no_rows(v):
+    if isinstance(v, dict):
+        return {k: _no_rows(x) for k, x in v.items() if k != "rows"}
+    return v
+
+
+def other_hosts(earlier: dict, host: dict) -> list[dict]:
+    """The results file's onnxruntime figures from other hosts, in brief: each machine's
+    cache stays on it, so a report on a new machine measures only its own adaptations; the
+    summaries of earlier machines (and those they carried) stay in the results file, with
+    the host when it was recorded (the full figures are in the repository's history)."""
+    ort = earlier.get("onnxruntime") or {}
+    out = list(ort.get("other_hosts", []))
+    if "scenarios" in ort and ort.get("host") != host:
+        out.insert(0, {
+            "host": ort.get("host", "not recorded (a host before the results file recorded one)"),
+            "results_file_of": earlier.get("when"), "truth_measurements": len(ort.get("truth_measurements", {})),
+            "truth_stability_between_measurements": ort.get("truth_stability_between_measurements"),
+            "base_cpu_on_that_host_1thread": _no_rows(ort.get("base_cpu_on_this_host_1thread")),
+            "scenarios": {sc: _no_rows({k: e[k] for k in CARRIED_KEYS if k in e}) for sc, e in ort["scenarios"].items()}})
+    return out
+
+
 # ------------------------------------------------------------------ report
 def phase_report(args) -> None:
     import numpy as np
@@ -575,8 +619,11 @@ def phase_report(args) -> None:
     if doc.get("truths"):
         models = load_models(ORT_MODELS)
         truths_all, stability = combined_truths(doc)
+        for sc, st in stability.items():
+            print(f"ort {sc} truth measurements against each other: median {st['median_abs_diff_pct']:.1f}% apart, "
+                  f"{st['pairs_within_10pct_pct']:.0f}% of {st['model_pairs']} model pairs within ±10%", file=sys.stderr)
         current = {k: v for k, v in doc["truths"].items() if v.get("protocol") == TRUTH_PROTOCOL}
-        ort: dict = {"held_out_models": ORT_MODELS,
+        ort: dict = {"host": this_host(), "held_out_models": ORT_MODELS,
                      "truth": "whole-model latency: the median over truth measurements of each one's latency, the mean of "
                      "the faster half of its window latencies (as inspect --measure takes it) "
                      f"({len(current)} measurements at different times, {TRUTH_WINDOWS} interleaved windows each, "
@@ -696,6 +743,7 @@ def phase_report(args) -> None:
                       f"{'' if seeds[0] == seeds[1] else ': two plans, not the same adaptation'}): "
                       f"median {d['median_abs_move_pct']:.1f}%, max {d['max_abs_move_pct']:.1f}%")
             ort["scenarios"][sc] = entry
+        ort["other_hosts"] = other_hosts(_json(RESULTS, {}), ort["host"])
         figures["onnxruntime"] = ort
     else:
         figures["onnxruntime"] = {"not_measured": "no truth measurement (benchmarks/adapt.py --phase ort-truth via "
