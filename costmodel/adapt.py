@@ -1309,8 +1309,9 @@ def measurement_notes(m: dict, budget_s: float) -> list[str]:
     waits = f" (waits for its fast state used up their {WAIT_FACTOR * budget_s:g} s)" if used_up else ""
     if windows and slow >= windows:
         # no network timed in the fast state: the level is the slow state's (two 2-thread
-        # adaptations on a host that ran 2 threads in parallel for a few % of probe
-        # readings came out +17 and +29% on average against the fast state's truths)
+        # adaptations on a host whose median probe reading at 2 threads was 0.91 and 1.07
+        # of its one-thread time came out +17 and +29% on average against the fast
+        # state's truths)
         notes.append(f"the host ran multi-threaded work slowly during all {windows} windows{waits}: no network was "
                      "timed in its fast state, so predictions are likely high by tens of percent; adapt again when "
                      "the host is quiet")
