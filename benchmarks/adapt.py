@@ -378,9 +378,14 @@ def settle(threads: int = 2, max_wait: float = 180.0) -> float:
     return waited
 
 
-def phase_ort_adapt(args) -> None:
+def need_scenario(args) -> None:
+    """The one-line message of a phase that times a scenario's setting run without ``--scenario``."""
     if args.scenario is None:
-        raise SystemExit("--phase ort-adapt needs --scenario (" + ", ".join(SCENARIOS) + ")")
+        raise SystemExit(f"--phase {args.phase} needs --scenario (" + ", ".join(SCENARIOS) + ")")
+
+
+def phase_ort_adapt(args) -> None:
+    need_scenario(args)
     settle()
     adapt_run(args.scenario, args.tag, args.seed, args.windows, args.spread_s)
 
@@ -402,8 +407,7 @@ def phase_ort_full(args) -> None:
 
     from archpass.costmodel.calibrate import DATASET, Dataset, calibrate_onnxruntime
 
-    if args.scenario is None:
-        raise SystemExit("--phase ort-full needs --scenario (" + ", ".join(SCENARIOS) + ")")
+    need_scenario(args)
     settle()
     d = work_dir() / f"ort_full_{args.scenario}_{args.tag}"
     shutil.rmtree(d, ignore_errors=True)
@@ -576,14 +580,18 @@ def _no_rows(v):
     return v
 
 
-def other_hosts(earlier: dict, host: dict) -> list[dict]:
-    """The results file's onnxruntime figures from other hosts, in brief: each machine's
+def other_hosts(earlier: dict, truths: dict) -> list[dict]:
+    """The results file's onnxruntime figures from other caches, in brief: each machine's
     cache stays on it, so a report on a new machine measures only its own adaptations; the
     summaries of earlier machines (and those they carried) stay in the results file, with
-    the host when it was recorded (the full figures are in the repository's history)."""
+    the host when it was recorded (the full figures are in the repository's history).  The
+    earlier figures count as another cache's when one of their truth measurements is not
+    among ``truths`` (this report's: tag -> its time), whatever the host's fingerprint:
+    two virtual machines of one kind share it."""
     ort = earlier.get("onnxruntime") or {}
     out = list(ort.get("other_hosts", []))
-    if "scenarios" in ort and ort.get("host") != host:
+    theirs = {k: v.get("when") for k, v in (ort.get("truth_measurements") or {}).items()}
+    if "scenarios" in ort and any(truths.get(k) != w for k, w in theirs.items()):
         out.insert(0, {
             "host": ort.get("host", "not recorded (a host before the results file recorded one)"),
             "results_file_of": earlier.get("when"), "truth_measurements": len(ort.get("truth_measurements", {})),
@@ -743,8 +751,11 @@ def phase_report(args) -> None:
                       f"{'' if seeds[0] == seeds[1] else ': two plans, not the same adaptation'}): "
                       f"median {d['median_abs_move_pct']:.1f}%, max {d['max_abs_move_pct']:.1f}%")
             ort["scenarios"][sc] = entry
-        ort["other_hosts"] = other_hosts(_json(RESULTS, {}), ort["host"])
+        ort["other_hosts"] = other_hosts(_json(RESULTS, {}), {k: v["when"] for k, v in ort["truth_measurements"].items()})
         figures["onnxruntime"] = ort
+    elif "onnxruntime" in _json(RESULTS, {}):  # this cache has no truths: keep the results file's, saying so
+        figures["onnxruntime"] = {**_json(RESULTS, {})["onnxruntime"], "carried": "not measured again in this report: "
+                                  "the cache had no truth measurement (--phase ort-truth)"}
     else:
         figures["onnxruntime"] = {"not_measured": "no truth measurement (benchmarks/adapt.py --phase ort-truth via "
                                   "/work/notes/quiet.sh) was taken"}
