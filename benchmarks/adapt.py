@@ -309,7 +309,7 @@ TRUTH_RUNS, TRUTH_MIN_S = 10, 0.15
 NEARBY_S = 20 * 60
 
 
-def ort_truths(protos: dict, windows: int = TRUTH_WINDOWS) -> dict:
+def ort_truths(protos: dict, windows: int = TRUTH_WINDOWS, only: str | None = None) -> dict:
     """Whole-model latency per scenario: ``windows`` interleaved windows (every model and
     scenario once per window, sessions built once, so a model's windows spread over the
     whole measurement), each the protocol of :func:`archpass.costmodel.measure.timed_window`
@@ -318,14 +318,14 @@ def ort_truths(protos: dict, windows: int = TRUTH_WINDOWS) -> dict:
     twice when other processes kept a needed core busy or the probe showed the slow
     state); a model's latency is :func:`~archpass.costmodel.measure.combine` of its
     windows (the mean of the faster half of the fast-state ones), as ``inspect --measure``
-    times a model."""
+    times a model.  ``only``: that scenario alone (a shorter measurement)."""
     import onnxruntime as ort
 
     from archpass.costmodel.backends.onnxruntime import random_feeds, session_options
     from archpass.costmodel.hoststate import ParallelProbe
     from archpass.costmodel.measure import combine, timed_window
 
-    scen = {**BASE_SCENARIO, **SCENARIOS}
+    scen = {sc: kw for sc, kw in {**BASE_SCENARIO, **SCENARIOS}.items() if only is None or sc == only}
     res = {sc: {n: {"windows": [], "other_cores": [], "probe_ms": []} for n in protos} for sc in scen}
     probes = {kw["threads"]: ParallelProbe(kw["threads"]) for kw in scen.values() if kw["threads"] > 1}
     sessions = {}
@@ -355,11 +355,12 @@ def ort_truths(protos: dict, windows: int = TRUTH_WINDOWS) -> dict:
 
 
 def phase_ort_truth(args) -> None:
-    """One truth measurement of every held-out model in every scenario (its own quiet section)."""
+    """One truth measurement of every held-out model in every scenario, or in ``--scenario``
+    alone (its own quiet section)."""
     protos = canonical_protos(ORT_MODELS)
     settle()
     t0 = time.time()
-    truths = ort_truths(protos)
+    truths = ort_truths(protos, only=args.scenario)
     path = work_dir() / "ort_runs.json"
     doc = _json(path, {})
     doc.setdefault("truths", {})[args.tag] = {"when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -769,7 +770,7 @@ def main(argv: list[str] | None = None) -> int:
                     choices=["truths", "zigzag-measure", "zigzag", "prepare", "ort-truth", "ort-adapt", "ort-full", "report"])
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--tag", default="first", help="ort-truth / ort-adapt / ort-full: which measurement (first, second, ...)")
-    ap.add_argument("--scenario", choices=list(SCENARIOS), help="ort-adapt / ort-full: which scenario's setting")
+    ap.add_argument("--scenario", choices=list(SCENARIOS), help="ort-adapt / ort-full: which scenario's setting; ort-truth: that scenario alone")
     ap.add_argument("--seed", type=int, default=0, help="ort-adapt: the seed the plan's networks are drawn from")
     ap.add_argument("--spread-s", type=float, default=None,
                     help="ort-adapt: seconds between the starts of window rounds (the adaptation's default when omitted)")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import pytest
+
 from archpass.costmodel import load_target
 from archpass.costmodel.host import fingerprint, host_notes, machine, same_machine
 
@@ -49,3 +51,47 @@ def test_nchwc_block_is_read_from_onnxruntime_on_this_host():
     (note,) = host_notes(replace(cpu, source={**cpu.source, "host": fp}))
     assert f"NCHWc block {fp['nchwc_block']}" in note and f"NCHWc block {block})" in note
     assert "nchwc_block" not in fingerprint("CUDAExecutionProvider", 1)
+
+
+@pytest.mark.parametrize("level", ["disabled", "basic", "extended"])
+def test_below_the_all_level_models_decompose_into_the_kernels_onnxruntime_runs(tmp_path, level):
+    """``host_fusion``: below every graph optimization onnxruntime's CPU provider leaves
+    activations (extended: those ``FusedConv`` cannot take) and the residual Add as nodes of
+    their own; a model decomposed with the rules for that level has one standalone kernel
+    per such node of onnxruntime's optimized graph (hardswish, HardSigmoid and Mul there, is
+    one kernel), and the rules of the NCHWc layout stay with the all level."""
+    import collections
+
+    import onnx
+    import onnxruntime as ort
+    from builders import NetBuilder
+
+    from archpass.analysis import analyze
+    from archpass.costmodel.backends.onnxruntime import session_options
+    from archpass.costmodel.host import host_fusion, nchwc_block
+    from archpass.costmodel.kernels import decompose
+    from archpass.model import load_model
+
+    net = (NetBuilder((1, 3, 32, 32)).conv(16, 3, stride=2, act="relu").ibn(16, expand=4).conv(24, 1, act="silu")
+           .se("sigmoid").conv(24, 1, act="hardswish").conv(24, 3, act="sigmoid"))
+    path = tmp_path / "m.onnx"
+    onnx.save(net.head(10).build(), path)
+    so = session_options(1, graph_opt=level)
+    so.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    ran = collections.Counter(n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node)
+    cpu = load_target("cpu")
+    rules = host_fusion(cpu.fusion, "CPUExecutionProvider", level)
+    got = collections.Counter(k.op for k in decompose(analyze(load_model(path)), rules))
+    assert got["Add"] == ran["Add"] == 1  # the IBN's residual
+    assert got["Conv"] == ran["Conv"] + ran["FusedConv"] == 9
+    if level == "extended":
+        # FusedConv takes Relu, Clip and Sigmoid; the swish runs as one QuickGelu (two kernels here)
+        assert got["Relu"] == got["Clip"] == ran["Relu"] == ran["Clip"] == 0
+        assert ran["QuickGelu"] == 1 and got["Sigmoid"] == 1 and got["Mul"] == ran["Mul"] == 2
+    else:
+        for op in ("Relu", "Clip", "Sigmoid"):
+            assert got[op] == ran[op] > 0, op
+        assert got["HardSwish"] == ran["HardSigmoid"] == 1 and got["Mul"] + 1 == ran["Mul"] == 3
+    assert rules.nchwc_block == cpu.fusion.nchwc_block  # not read below the all level
+    assert host_fusion(cpu.fusion, "CPUExecutionProvider", "all") == replace(cpu.fusion, nchwc_block=nchwc_block())
