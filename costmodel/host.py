@@ -106,8 +106,8 @@ def _probe_nchwc_block() -> int:
     return 0
 
 
-#: activations onnxruntime's CPU provider fuses into a Conv below every graph optimization
-#: (``FusedConv``, at the extended level; the blocked layout of the all level fuses more)
+#: activations onnxruntime's CPU provider fuses into a Conv at the extended graph
+#: optimization level (``FusedConv``; the blocked layout of the all level fuses more)
 EXTENDED_ACTIVATIONS = ("relu", "relu6", "clip", "sigmoid", "hardsigmoid")
 
 
@@ -118,8 +118,9 @@ def host_fusion(fusion, provider: str, graph_optimization: str):
 
     * ``all``: this host's NCHWc block (the blocked layout: activations and the residual
       Add fused into the conv).
-    * ``extended``: ``FusedConv`` fuses only :data:`EXTENDED_ACTIVATIONS`; a residual Add,
-      a swish (``QuickGelu``) or a hardswish stays its own kernel.
+    * ``extended``: ``FusedConv`` fuses only :data:`EXTENDED_ACTIVATIONS`; a residual Add or
+      a hardswish stays a kernel of its own, a swish two (its Sigmoid and Mul; onnxruntime
+      runs them as one ``QuickGelu``).
     * ``basic`` and ``disabled``: no activation and no Add is fused (ResNet-18 runs 17 Relu
       and 8 Add nodes besides its 20 Convs; with the ``all`` level's rules an adaptation to
       basic put their time on the convs, and its held-out errors followed the architecture:
