@@ -73,7 +73,7 @@ def test_below_the_all_level_models_decompose_into_the_kernels_onnxruntime_runs(
     from archpass.model import load_model
 
     net = (NetBuilder((1, 3, 32, 32)).conv(16, 3, stride=2, act="relu").ibn(16, expand=4).conv(24, 1, act="silu")
-           .se("sigmoid").conv(24, 1, act="hardswish").conv(24, 3, act="sigmoid"))
+           .se("sigmoid").conv(24, 1, act="hardswish").conv(24, 3, act="hardsigmoid").conv(24, 3, act="sigmoid"))
     path = tmp_path / "m.onnx"
     onnx.save(net.head(10).build(), path)
     so = session_options(1, graph_opt=level)
@@ -84,14 +84,17 @@ def test_below_the_all_level_models_decompose_into_the_kernels_onnxruntime_runs(
     rules = host_fusion(cpu.fusion, "CPUExecutionProvider", level)
     got = collections.Counter(k.op for k in decompose(analyze(load_model(path)), rules))
     assert got["Add"] == ran["Add"] == 1  # the IBN's residual
-    assert got["Conv"] == ran["Conv"] + ran["FusedConv"] == 9
+    assert got["Conv"] == ran["Conv"] + ran["FusedConv"] == 10
     if level == "extended":
-        # FusedConv takes Relu, Clip and Sigmoid; the swish runs as one QuickGelu (two kernels here)
-        assert got["Relu"] == got["Clip"] == ran["Relu"] == ran["Clip"] == 0
+        # FusedConv takes Relu, Clip, Sigmoid and HardSigmoid (the hardswish's stays); the
+        # swish runs as one QuickGelu (two kernels here)
+        assert got["Relu"] == got["Clip"] == got["HardSigmoid"] == ran["Relu"] == ran["Clip"] == 0
+        assert got["HardSwish"] == ran["HardSigmoid"] == 1
         assert ran["QuickGelu"] == 1 and got["Sigmoid"] == 1 and got["Mul"] == ran["Mul"] == 2
     else:
         for op in ("Relu", "Clip", "Sigmoid"):
             assert got[op] == ran[op] > 0, op
-        assert got["HardSwish"] == ran["HardSigmoid"] == 1 and got["Mul"] + 1 == ran["Mul"] == 3
+        assert got["HardSwish"] == got["HardSigmoid"] == 1 and ran["HardSigmoid"] == 2
+        assert got["Mul"] + 1 == ran["Mul"] == 3
     assert rules.nchwc_block == cpu.fusion.nchwc_block  # not read below the all level
     assert host_fusion(cpu.fusion, "CPUExecutionProvider", "all") == replace(cpu.fusion, nchwc_block=nchwc_block())
