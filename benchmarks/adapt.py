@@ -571,9 +571,9 @@ def drift(entry: dict, first: str, second: str) -> dict:
 def this_host() -> dict:
     """The machine the onnxruntime figures were measured on (the fingerprint a target
     records, :mod:`archpass.costmodel.host`, and onnxruntime's NCHWc block here)."""
-    from archpass.costmodel.host import machine, nchwc_block
+    from archpass.costmodel.host import cpu_signature, machine, nchwc_block
 
-    return {**machine(), "nchwc_block": nchwc_block()}
+    return {**machine(), "cpu_signature": cpu_signature(), "nchwc_block": nchwc_block()}
 
 
 #: what is carried of another host's onnxruntime figures (per scenario; rows left out)

@@ -98,3 +98,57 @@ def test_below_the_all_level_models_decompose_into_the_kernels_onnxruntime_runs(
         assert got["Mul"] + 1 == ran["Mul"] == 3
     assert rules.nchwc_block == cpu.fusion.nchwc_block  # not read below the all level
     assert host_fusion(cpu.fusion, "CPUExecutionProvider", "all") == replace(cpu.fusion, nchwc_block=nchwc_block())
+
+
+X86_CPUINFO = """processor\t: 0
+vendor_id\t: AuthenticAMD
+cpu family\t: 23
+model\t\t: 1
+model name\t: AMD EPYC
+stepping\t: 2
+
+processor\t: 1
+vendor_id\t: AuthenticAMD
+cpu family\t: 25
+model\t\t: 17
+model name\t: AMD EPYC
+stepping\t: 1
+"""
+ARM_CPUINFO = """processor\t: 0
+BogoMIPS\t: 243.75
+CPU implementer\t: 0x41
+CPU architecture: 8
+CPU variant\t: 0x3
+CPU part\t: 0xd0c
+"""
+
+
+def test_cpu_signature_tells_apart_processors_with_one_generic_name(tmp_path, monkeypatch):
+    """Virtual machines name processors of different generations alike ("AMD EPYC"): the
+    fingerprint also records vendor, family, model and stepping (ARM: implementer, part,
+    variant), and a target recorded with another signature gets the other-host note."""
+    from archpass.costmodel import host
+
+    x86, arm, empty = tmp_path / "x86", tmp_path / "arm", tmp_path / "empty"
+    x86.write_text(X86_CPUINFO)
+    arm.write_text(ARM_CPUINFO)
+    empty.write_text("")
+    # the first processor's block only
+    assert host._cpu_signature(str(x86)) == "vendor AuthenticAMD family 23 model 1 stepping 2"
+    assert host._cpu_signature(str(arm)) == "implementer 0x41 part 0xd0c variant 0x3"
+    assert host._cpu_signature(str(empty)) is None
+    assert host._cpu_signature(str(tmp_path / "missing")) is None
+
+    monkeypatch.setattr(host, "cpu_signature", lambda: "vendor AuthenticAMD family 23 model 1 stepping 2")
+    fp = fingerprint("CPUExecutionProvider", 1)
+    assert fp["cpu_signature"] == "vendor AuthenticAMD family 23 model 1 stepping 2" and same_machine(fp)
+    other = {**fp, "cpu_signature": "vendor AuthenticAMD family 25 model 17 stepping 1"}
+    assert not same_machine(other)
+    assert same_machine({k: v for k, v in fp.items() if k != "cpu_signature"})  # recorded before signatures
+    cpu = load_target("cpu")
+    (note,) = host_notes(replace(cpu, source={**cpu.source, "host": other}))
+    assert "family 25 model 17" in note and "family 23 model 1 stepping 2)" in note
+    # per-user defaults stay keyed as before: the signature is not part of the id
+    before = host.host_id()
+    monkeypatch.setattr(host, "cpu_signature", lambda: "vendor AuthenticAMD family 25 model 17 stepping 1")
+    assert host.host_id() == before and not same_machine(fp)
