@@ -103,14 +103,16 @@ def test_representatives_keep_fixed_rows_and_spread():
 @pytest.mark.parametrize("threads", [1, 2])
 def test_onnxruntime_adaptation_on_this_host(tmp_path, threads):
     """A real (small) adaptation of the cpu target: timed in windows, host recorded, no host note here."""
-    t = adapt_onnxruntime(base="cpu", name="cpu-here", out_dir=tmp_path / "a", threads=threads, budget_s=4, pool=4,
+    # 6 s: at 2 threads, with its probe around every window, a slower core of the machines
+    # here timed too few networks in 4 s for a held-out network fold
+    t = adapt_onnxruntime(base="cpu", name="cpu-here", out_dir=tmp_path / "a", threads=threads, budget_s=6, pool=4,
                           windows=2, runs=3, spread_s=0)
     back = load_target(tmp_path / "a")
     assert back.source["host"] == fingerprint("CPUExecutionProvider", threads, "all")
     assert host_notes(back) == [] and host_notes(load_target("cpu"))  # the built-in's host is unrecorded
     assert back.fusion.nchwc_block == back.source["host"]["nchwc_block"] > 0  # the plan's and later models' layout
     m = back.accuracy["measurement"]
-    assert m["networks"] >= 2 and m["seconds"] <= 4 + 4  # the budget is kept (the last network may overrun it)
+    assert m["networks"] >= 2 and m["seconds"] <= 6 + 4  # the budget is kept (the last network may overrun it)
     for key in ("remeasured", "kept_busy", "other_cores_median", "allowed_other_cores", "windows"):
         assert key in m
     assert m["window_statistic"] == ("mean of the faster half of the windows" if threads == 1
@@ -535,8 +537,10 @@ def test_later_windows_start_only_when_they_still_end_within_the_budget(tmp_path
     b = NetBuilder((1, 64, 56, 56))
     b.conv(64, 3)
     onnx.save(b.build(), str(tmp_path / "conv.onnx"))
-    net = _network("k0", "conv", load_model(tmp_path / "conv.onnx").proto, cpu, 80, 120, 1)
-    got = measure_networks([net], "CPUExecutionProvider", 1, "all", 3.0, windows=80, runs=120)
+    # 40 runs: a window of 0.25-0.5 s on the machines here (MobileNetV2's cores differ
+    # twofold between them), so a few windows fit in the budget on each
+    net = _network("k0", "conv", load_model(tmp_path / "conv.onnx").proto, cpu, 80, 40, 1)
+    got = measure_networks([net], "CPUExecutionProvider", 1, "all", 3.0, windows=80, runs=40)
     seen = got["seen"]
     assert 2 <= len(net.windows) < 80  # the budget, not the windows, ended it
     assert seen["seconds"] <= 3.0 + 0.1, seen["seconds"]
