@@ -25,7 +25,11 @@ archpass's passes; the set of ``predictor_accuracy.py``):
   (``--seed``: which networks the plan draws) show how much a result depends on the draw;
   the report pools every adaptation of a scenario, and apart those that timed the networks
   today's plan draws (:func:`plan_is_current`: older ones timed an earlier generator's),
-  with the drift between two of those with the same seed.  For comparison, a full
+  with the drift between two of those with the same seed.  ``--phase ort-split`` times the
+  held-out models together with the adaptations' own generated networks (rebuilt from their
+  labels), and the report splits each adaptation's error into the host's level (its
+  networks now against then) and the model's (held-out models against its own networks in
+  the same minutes).  For comparison, a full
   calibration in a scenario's setting (``--phase ort-full``: ``calibrate --backend
   onnxruntime`` of as many generated networks as the built-in ``cpu`` was made from, 1000) is scored
   the same way against its nearby truths.
@@ -34,6 +38,7 @@ archpass's passes; the set of ``predictor_accuracy.py``):
     quiet.sh python benchmarks/adapt.py --phase ort-truth --tag first          # one quiet section each
     quiet.sh python benchmarks/adapt.py --phase ort-adapt --scenario 2threads --tag first [--seed 0] [--windows 3]
     quiet.sh python benchmarks/adapt.py --phase ort-full --scenario 2threads --tag f1   # about 20 min
+    quiet.sh python benchmarks/adapt.py --phase ort-split --scenario 1thread --tag s1 --adapt-tags first,second
     python benchmarks/adapt.py --phase report --adapt-tags first,second   # the adaptations scored; drift between them
         [--scenario-tags basic=third,fourth]                               # other adaptations for one scenario
 
@@ -432,6 +437,110 @@ def phase_ort_full(args) -> None:
     _save(path, doc)
 
 
+def generated_protos(run: dict, sc: str) -> dict:
+    """The generated networks an adaptation timed, rebuilt from their records' labels
+    (``style-seed``, :data:`archpass.costmodel.chains.BUILDERS`), keyed ``gen:label``: with
+    their kernels as the adaptation decomposed them, which a record must match (a network
+    an earlier generator drew is left out, as is a ``--models`` file)."""
+    from dataclasses import replace
+
+    from archpass.costmodel import load_target
+    from archpass.costmodel.adapt import _network
+    from archpass.costmodel.calibrate import DATASET, Dataset
+    from archpass.costmodel.chains import BUILDERS
+    from archpass.costmodel.host import host_fusion
+
+    prior = load_target("cpu")
+    shell = replace(prior, fusion=host_fusion(prior.fusion, "CPUExecutionProvider", SCENARIOS[sc]["graph_opt"]))
+    out = {}
+    for r in Dataset(Path(run["dir"]) / DATASET).records.values():
+        label = str((r.get("payload") or {}).get("label", ""))
+        style, _, seed = label.rpartition("-")
+        if style not in BUILDERS or not seed.isdigit() or "all_kernels" not in r:
+            continue
+        proto = BUILDERS[style](int(seed))
+        n = _network(label, label, proto, shell, 1, 1, 1)
+        if _kernels_key([{"id": k.id, "spec": k.spec()} for k in n.kernels]) == _kernels_key(r["all_kernels"]):
+            out[f"gen:{label}"] = (proto, float(r["plain_ms"]))
+    return out
+
+
+def phase_ort_split(args) -> None:
+    """The held-out models and the generated networks the adaptations ``--adapt-tags`` of
+    ``--scenario`` timed, measured together in interleaved windows with the truth protocol
+    (its own quiet section; recorded in ort_runs.json under ``splits``).  The report splits
+    each adaptation's error on the held-out models into the host's level (its own networks
+    timed again now, against what it timed then) and the model's (held-out models against
+    its own networks, measured in the same minutes)."""
+    need_scenario(args)
+    sc = args.scenario
+    path = work_dir() / "ort_runs.json"
+    doc = _json(path, {})
+    tags = [t for t in args.adapt_tags.split(",") if sc in doc.get("adaptations", {}).get(t, {})]
+    if not tags:
+        raise SystemExit(f"--phase ort-split: no adaptation {args.adapt_tags} of {sc} in the cache: run --phase ort-adapt first")
+    gen: dict = {}
+    for t in tags:
+        gen.update({k: v[0] for k, v in generated_protos(doc["adaptations"][t][sc], sc).items()})
+    protos = {**canonical_protos(ORT_MODELS), **gen}
+    print(f"split {sc}: {len(ORT_MODELS)} held-out models and {len(gen)} generated networks of {', '.join(tags)}",
+          file=sys.stderr, flush=True)
+    settle()
+    t0 = time.time()
+    res = ort_truths(protos, only=sc)[sc]
+    doc = _json(path, {})  # re-read: another phase may have written meanwhile
+    doc.setdefault("splits", {}).setdefault(args.tag, {})[sc] = {
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "seconds": round(time.time() - t0, 1),
+        "protocol": TRUTH_PROTOCOL, "adaptations": tags, "models": res}
+    _save(path, doc)
+
+
+def split_level_and_model(doc: dict, sc: str, targets: dict, models: dict) -> dict:
+    """Per split measurement (``--phase ort-split``) and adaptation: its error on the
+    held-out models, on its own generated networks (timed again, in the same minutes), how
+    much slower those networks ran now than when the adaptation timed them (the host's level
+    then against now, the truth protocol now against the adaptation's then), and the
+    held-out models' error relative to its own networks' (the model's share, which the
+    host's level in the adaptation's minute does not touch)."""
+    import numpy as np
+
+    from archpass.analysis import analyze
+    from archpass.costmodel import estimate
+
+    out: dict = {}
+    for stag, split in doc.get("splits", {}).items():
+        if sc not in split:
+            continue
+        ms = {n: d["ms"] for n, d in split[sc]["models"].items()}
+        for atag in split[sc]["adaptations"]:
+            key = f"adapted_{atag}"
+            if key not in targets:
+                continue
+            t = targets[key]
+            real = np.array([(estimate(models[n][1], t, best_order=False).latency_ms / ms[n] - 1) * 100
+                             for n in ORT_MODELS if n in ms])
+            own = generated_protos(doc["adaptations"][atag][sc], sc)
+            own = {k: v for k, v in own.items() if k in ms}
+            gen = np.array([(estimate(analyze(p), t, best_order=False).latency_ms / ms[k] - 1) * 100
+                            for k, (p, _) in own.items()])
+            now_then = np.array([ms[k] / then for k, (_, then) in own.items()])
+            res = {"split_when": split[sc]["when"], "adaptation_when": doc["adaptations"][atag][sc]["when"],
+                   "held_out_models": len(real), "held_out_mean_error_pct": float(real.mean()),
+                   "held_out_within_10pct": float(np.mean(np.abs(real) <= 10) * 100),
+                   "own_networks": len(gen), "own_networks_mean_error_pct": float(gen.mean()),
+                   "own_networks_within_10pct": float(np.mean(np.abs(gen) <= 10) * 100),
+                   "own_networks_now_over_then_median": float(np.median(now_then)),
+                   "held_out_relative_to_own_networks_pct": float(
+                       (np.exp(np.mean(np.log1p(real / 100))) / np.exp(np.mean(np.log1p(gen / 100))) - 1) * 100)}
+            out[f"{stag}/{atag}"] = res
+            print(f"ort {sc} split {stag}, adapted_{atag}: held-out mean {res['held_out_mean_error_pct']:+.1f}% "
+                  f"({res['held_out_within_10pct']:.0f}% within ±10%), its own {len(gen)} networks "
+                  f"{res['own_networks_mean_error_pct']:+.1f}%, timed {res['own_networks_now_over_then_median']:.3f}x "
+                  f"what the adaptation timed; held-out relative to own networks "
+                  f"{res['held_out_relative_to_own_networks_pct']:+.1f}%", file=sys.stderr)
+    return out
+
+
 def phase_prepare(args) -> None:
     """Export and canonicalize the held-out models (CPU work, outside any quiet section)."""
     load_models(ORT_MODELS)
@@ -706,6 +815,9 @@ def phase_report(args) -> None:
                       f"max {res['max_abs_error_pct']:.1f}%  mean {res['mean_error_pct']:+.1f}%  "
                       f"(level taken out: {res['within_10pct_level_taken_out']:.0f}% within ±10%)")
             entry["targets_against_nearby_truths"] = near
+            split = split_level_and_model(doc, sc, adapted, models)
+            if split:
+                entry["split_level_and_model"] = split
             # full calibrations in this scenario's setting (--phase ort-full), against
             # their own nearby truths
             full: dict = {}
@@ -774,22 +886,27 @@ def phase_report(args) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--phase", required=True,
-                    choices=["truths", "zigzag-measure", "zigzag", "prepare", "ort-truth", "ort-adapt", "ort-full", "report"])
+                    choices=["truths", "zigzag-measure", "zigzag", "prepare", "ort-truth", "ort-adapt", "ort-full", "ort-split",
+                             "report"])
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--tag", default="first", help="ort-truth / ort-adapt / ort-full: which measurement (first, second, ...)")
-    ap.add_argument("--scenario", choices=list(SCENARIOS), help="ort-adapt / ort-full: which scenario's setting; ort-truth: that scenario alone")
+    ap.add_argument("--tag", default="first",
+                    help="ort-truth / ort-adapt / ort-full / ort-split: which measurement (first, second, ...)")
+    ap.add_argument("--scenario", choices=list(SCENARIOS),
+                    help="ort-adapt / ort-full / ort-split: which scenario's setting; ort-truth: that scenario alone")
     ap.add_argument("--seed", type=int, default=0, help="ort-adapt: the seed the plan's networks are drawn from")
     ap.add_argument("--spread-s", type=float, default=None,
                     help="ort-adapt: seconds between the starts of window rounds (the adaptation's default when omitted)")
     ap.add_argument("--windows", type=int, default=3,
                     help="ort-adapt: timing windows per network (calibrate --adapt's default: 3)")
     ap.add_argument("--adapt-tags", default="first,second",
-                    help="report: the adaptations scored (the first two give the drift; the first the per-method refits)")
+                    help="report: the adaptations scored (the first two give the drift; the first the per-method refits); "
+                         "ort-split: the adaptations whose networks are timed with the held-out models")
     ap.add_argument("--scenario-tags", action="append", default=[], metavar="SCENARIO=T1,T2",
                     help="report: the adaptations scored for one scenario, instead of --adapt-tags (repeatable)")
     args = ap.parse_args(argv)
     {"truths": phase_truths, "zigzag-measure": phase_zigzag_measure, "zigzag": phase_zigzag, "prepare": phase_prepare,
-     "ort-truth": phase_ort_truth, "ort-adapt": phase_ort_adapt, "ort-full": phase_ort_full, "report": phase_report}[args.phase](args)
+     "ort-truth": phase_ort_truth, "ort-adapt": phase_ort_adapt, "ort-full": phase_ort_full, "ort-split": phase_ort_split,
+     "report": phase_report}[args.phase](args)
     return 0
 
 
