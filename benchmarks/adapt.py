@@ -26,8 +26,8 @@ archpass's passes; the set of ``predictor_accuracy.py``):
   the report pools every adaptation of a scenario, and apart those that timed the networks
   today's plan draws (:func:`plan_is_current`: older ones timed an earlier generator's),
   with the drift between two of those with the same seed.  ``--phase ort-split`` times the
-  held-out models together with the adaptations' own generated networks (rebuilt from their
-  labels), and the report splits each adaptation's error into the host's level (its
+  held-out models together with the adaptations' own generated networks (drawn again
+  from today's plan for their seed), and the report splits each adaptation's error into the host's level (its
   networks now against then) and the model's (held-out models against its own networks in
   the same minutes).  For comparison, a full
   calibration in a scenario's setting (``--phase ort-full``: ``calibrate --backend
@@ -438,30 +438,18 @@ def phase_ort_full(args) -> None:
 
 
 def generated_protos(run: dict, sc: str) -> dict:
-    """The generated networks an adaptation timed, rebuilt from their records' labels
-    (``style-seed``, :data:`archpass.costmodel.chains.BUILDERS`), keyed ``gen:label``: with
-    their kernels as the adaptation decomposed them, which a record must match (a network
-    an earlier generator drew is left out, as is a ``--models`` file)."""
-    from dataclasses import replace
-
-    from archpass.costmodel import load_target
-    from archpass.costmodel.adapt import _network
+    """The generated networks an adaptation timed, from today's plan for its seed
+    (:func:`current_plan`), keyed ``gen:label``, with the latency the adaptation measured: a
+    record must match a planned network's kernels (a network an earlier generator drew is
+    left out, as is a ``--models`` file)."""
     from archpass.costmodel.calibrate import DATASET, Dataset
-    from archpass.costmodel.chains import BUILDERS
-    from archpass.costmodel.host import host_fusion
 
-    prior = load_target("cpu")
-    shell = replace(prior, fusion=host_fusion(prior.fusion, "CPUExecutionProvider", SCENARIOS[sc]["graph_opt"]))
+    plan = current_plan(sc, run.get("seed", 0), run.get("windows", 3))
     out = {}
     for r in Dataset(Path(run["dir"]) / DATASET).records.values():
-        label = str((r.get("payload") or {}).get("label", ""))
-        style, _, seed = label.rpartition("-")
-        if style not in BUILDERS or not seed.isdigit() or "all_kernels" not in r:
-            continue
-        proto = BUILDERS[style](int(seed))
-        n = _network(label, label, proto, shell, 1, 1, 1)
-        if _kernels_key([{"id": k.id, "spec": k.spec()} for k in n.kernels]) == _kernels_key(r["all_kernels"]):
-            out[f"gen:{label}"] = (proto, float(r["plain_ms"]))
+        n = plan.get(_kernels_key(r["all_kernels"])) if "all_kernels" in r else None
+        if n is not None and n.label == (r.get("payload") or {}).get("label"):
+            out[f"gen:{n.label}"] = (n.proto, float(r["plain_ms"]))
     return out
 
 
@@ -636,35 +624,43 @@ def pooled(near: dict) -> dict:
             "adaptations_meeting_90pct": int(sum(w >= 90 for w in each))}
 
 
-#: (scenario, seed, windows) -> the kernels of every network today's plan draws
-_PLANS: dict[tuple, set[str]] = {}
+#: (scenario, seed, windows) -> today's plan: its networks by their kernels
+_PLANS: dict[tuple, dict] = {}
 
 
 def _kernels_key(kernels: list[dict]) -> str:
     return json.dumps(kernels, sort_keys=True)
 
 
-def plan_is_current(run: dict, sc: str) -> bool:
-    """Whether every network an adaptation timed is one that today's plan
-    (:func:`archpass.costmodel.adapt.select_networks`, same seed and scenario) draws:
-    the adaptation measured what ``calibrate --adapt`` measures now (networks compared by
-    their kernels, since a generator style may since have been renamed)."""
+def current_plan(sc: str, seed: int = 0, windows: int = 3) -> dict:
+    """The networks today's plan (:func:`archpass.costmodel.adapt.select_networks`) draws
+    for scenario ``sc`` with ``seed``, as ``adapt_run`` plans them (calibrate --adapt's
+    default runs), keyed by their kernels (a generator style may since have been renamed);
+    made once per report."""
     from dataclasses import replace
 
     from archpass.costmodel import load_target
     from archpass.costmodel.adapt import RUNS, select_networks
-    from archpass.costmodel.calibrate import DATASET, Dataset
     from archpass.costmodel.host import host_fusion
 
-    key = (sc, run.get("seed", 0), run.get("windows", 3))
+    key = (sc, seed, windows)
     if key not in _PLANS:
         prior = load_target("cpu")
         fusion = host_fusion(prior.fusion, "CPUExecutionProvider", SCENARIOS[sc]["graph_opt"])
-        # adapt_run takes calibrate --adapt's default runs
-        nets = select_networks(replace(prior, fusion=fusion), BUDGET_S, key[2], RUNS, SCENARIOS[sc]["threads"], key[1])
-        _PLANS[key] = {_kernels_key([{"id": k.id, "spec": k.spec()} for k in n.kernels]) for n in nets}
+        nets = select_networks(replace(prior, fusion=fusion), BUDGET_S, windows, RUNS, SCENARIOS[sc]["threads"], seed)
+        _PLANS[key] = {_kernels_key([{"id": k.id, "spec": k.spec()} for k in n.kernels]): n for n in nets}
+    return _PLANS[key]
+
+
+def plan_is_current(run: dict, sc: str) -> bool:
+    """Whether every network an adaptation timed is one that today's plan
+    (:func:`current_plan`, same seed and scenario) draws: the adaptation measured what
+    ``calibrate --adapt`` measures now."""
+    from archpass.costmodel.calibrate import DATASET, Dataset
+
+    plan = current_plan(sc, run.get("seed", 0), run.get("windows", 3))
     records = Dataset(Path(run["dir"]) / DATASET).records.values()
-    return all(_kernels_key(r["all_kernels"]) in _PLANS[key] for r in records if "all_kernels" in r)
+    return all(_kernels_key(r["all_kernels"]) in plan for r in records if "all_kernels" in r)
 
 
 def drift(entry: dict, first: str, second: str) -> dict:
