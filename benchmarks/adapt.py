@@ -682,7 +682,8 @@ def this_host() -> dict:
 
 
 #: what is carried of another host's onnxruntime figures (per scenario; rows left out)
-CARRIED_KEYS = ("nearby_truths_current_plans", "nearby_truths_all_adaptations", "drift_current_plans", "drift",
+CARRIED_KEYS = ("nearby_truths_current_plans", "nearby_truths_all_adaptations", "drift_current_plans",
+                "drift_same_plan_pairs", "drift",
                 "full_calibration_against_nearby_truths")
 
 
@@ -857,6 +858,20 @@ def phase_report(args) -> None:
                                                 "second": doc["adaptations"][same[1]][sc]["when"]}
                 print(f"ort {sc} drift between {same[0]} and {same[1]} (today's plan, same seed): "
                       f"median {d['median_abs_move_pct']:.1f}%, max {d['max_abs_move_pct']:.1f}%")
+            # every pair of runs of the same plan (same seed), however far apart in time
+            pairs = []
+            for i, a in enumerate(cur):
+                for b in cur[i + 1:]:
+                    ra, rb = doc["adaptations"][a][sc], doc["adaptations"][b][sc]
+                    if ra.get("seed", 0) != rb.get("seed", 0):
+                        continue
+                    hours = abs(_span(rb, "wall_seconds")[0] - _span(ra, "wall_seconds")[0]) / 3600.0
+                    pairs.append({"tags": [a, b], "seed": ra.get("seed", 0), "hours_apart": round(hours, 2),
+                                  **drift(entry, a, b)})
+                    print(f"ort {sc} drift {a} -> {b} (seed {ra.get('seed', 0)}, {hours:.1f} h apart): median "
+                          f"{pairs[-1]['median_abs_move_pct']:.1f}%, max {pairs[-1]['max_abs_move_pct']:.1f}%")
+            if pairs:
+                entry["drift_same_plan_pairs"] = pairs
             if len(tags) >= 2:
                 d = drift(entry, tags[0], tags[1])
                 seeds = [doc["adaptations"][t][sc].get("seed", 0) for t in tags[:2]]
