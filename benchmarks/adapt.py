@@ -681,6 +681,20 @@ def this_host() -> dict:
     return {**machine(), "cpu_signature": cpu_signature(), "nchwc_block": nchwc_block()}
 
 
+def same_plan_pairs(doc: dict, entry: dict, sc: str, tags: list[str]) -> list[dict]:
+    """The drift (:func:`drift`) of every pair of ``tags`` that ran the same plan (same
+    seed) in scenario ``sc``, in order, with how many hours apart their measurements began."""
+    out = []
+    for i, a in enumerate(tags):
+        for b in tags[i + 1:]:
+            ra, rb = doc["adaptations"][a][sc], doc["adaptations"][b][sc]
+            if ra.get("seed", 0) != rb.get("seed", 0):
+                continue
+            hours = abs(_span(rb, "wall_seconds")[0] - _span(ra, "wall_seconds")[0]) / 3600.0
+            out.append({"tags": [a, b], "seed": ra.get("seed", 0), "hours_apart": round(hours, 2), **drift(entry, a, b)})
+    return out
+
+
 #: what is carried of another host's onnxruntime figures (per scenario; rows left out)
 CARRIED_KEYS = ("nearby_truths_current_plans", "nearby_truths_all_adaptations", "drift_current_plans",
                 "drift_same_plan_pairs", "drift",
@@ -849,29 +863,20 @@ def phase_report(args) -> None:
                           f"{', '.join(f'{w:.0f}%' for w in entry['nearby_truths_current_plans']['within_10pct_each'])} "
                           f"(pooled {entry['nearby_truths_current_plans']['within_10pct_pooled']:.1f}%)")
             cur = entry.get("nearby_truths_current_plans", {}).get("tags", [])
-            same = next(((a, b) for i, a in enumerate(cur) for b in cur[i + 1:]
-                         if doc["adaptations"][a][sc].get("seed", 0) == doc["adaptations"][b][sc].get("seed", 0)), None)
-            if same:  # the same adaptation (today's plan, same seed) at two times
-                d = drift(entry, *same)
-                entry["drift_current_plans"] = {"tags": list(same), **d,
-                                                "first": doc["adaptations"][same[0]][sc]["when"],
-                                                "second": doc["adaptations"][same[1]][sc]["when"]}
-                print(f"ort {sc} drift between {same[0]} and {same[1]} (today's plan, same seed): "
-                      f"median {d['median_abs_move_pct']:.1f}%, max {d['max_abs_move_pct']:.1f}%")
-            # every pair of runs of the same plan (same seed), however far apart in time
-            pairs = []
-            for i, a in enumerate(cur):
-                for b in cur[i + 1:]:
-                    ra, rb = doc["adaptations"][a][sc], doc["adaptations"][b][sc]
-                    if ra.get("seed", 0) != rb.get("seed", 0):
-                        continue
-                    hours = abs(_span(rb, "wall_seconds")[0] - _span(ra, "wall_seconds")[0]) / 3600.0
-                    pairs.append({"tags": [a, b], "seed": ra.get("seed", 0), "hours_apart": round(hours, 2),
-                                  **drift(entry, a, b)})
-                    print(f"ort {sc} drift {a} -> {b} (seed {ra.get('seed', 0)}, {hours:.1f} h apart): median "
-                          f"{pairs[-1]['median_abs_move_pct']:.1f}%, max {pairs[-1]['max_abs_move_pct']:.1f}%")
+            # every pair of runs of the same plan (same seed, today's plan), however far apart
+            # in time: the same adaptation at two times; the first pair is `drift_current_plans`
+            pairs = same_plan_pairs(doc, entry, sc, cur)
+            for p in pairs:
+                print(f"ort {sc} drift {p['tags'][0]} -> {p['tags'][1]} (today's plan, seed {p['seed']}, "
+                      f"{p['hours_apart']:.1f} h apart): median {p['median_abs_move_pct']:.1f}%, "
+                      f"max {p['max_abs_move_pct']:.1f}%")
             if pairs:
                 entry["drift_same_plan_pairs"] = pairs
+                first = pairs[0]
+                entry["drift_current_plans"] = {"tags": first["tags"], "median_abs_move_pct": first["median_abs_move_pct"],
+                                                "max_abs_move_pct": first["max_abs_move_pct"],
+                                                "first": doc["adaptations"][first["tags"][0]][sc]["when"],
+                                                "second": doc["adaptations"][first["tags"][1]][sc]["when"]}
             if len(tags) >= 2:
                 d = drift(entry, tags[0], tags[1])
                 seeds = [doc["adaptations"][t][sc].get("seed", 0) for t in tags[:2]]
