@@ -26,6 +26,7 @@ from archpass.blocks import find_blocks
 from archpass.errors import AnalysisError, ArchpassError
 from archpass.model import Model
 from archpass.record import read_provenance
+from archpass.spatial import linear_hw, model_batch
 from archpass.structure import ChannelGroup, Fix, Layer, Member, Node, Structure, Tensor
 
 ELEMENTWISE_UNARY = {
@@ -117,6 +118,8 @@ class _Analyzer:
         for i in g.initializer:
             self.shapes[i.name] = tuple(i.dims)
             self.dtypes[i.name] = i.data_type
+        inits = set(self.shapes) & {i.name for i in g.initializer}
+        self.batch = model_batch([(vi.name, self.shapes.get(vi.name, ())) for vi in g.input if vi.name not in inits])
         self.consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
         self.producer: dict[str, onnx.NodeProto] = {}
         for n in g.node:
@@ -428,9 +431,7 @@ class _Analyzer:
             self.fresh(y, 1, reason=why, member=Member(n.name, "Conv", "producer"))
 
     def _linear(self, n, cin, cout, x, y, w, bias, in_axis_ok: bool, out_axis: int) -> None:
-        xs = self.shape(x)
-        hw = tuple(int(d) for d in xs[1:-1]) if len(xs) > 2 else (1,)
-        in_hw = (hw[0], int(np.prod(hw[1:])) if len(hw) > 1 else 1) if hw else (1, 1)
+        in_hw = linear_hw(self.shape(x), self.batch)
         self._register_layer(n, n.op_type, cin, cout, (1, 1), (1, 1), 1, in_hw, in_hw, (0, 0, 0, 0), (1, 1),
                              bias, x, y, w)
         xi = self.info(x)

@@ -165,9 +165,22 @@ def _with(obj, **changes):
     return new
 
 
-def _linear_hw(shape: tuple[int, ...]) -> HW:
-    hw = tuple(int(d) for d in shape[1:-1]) if len(shape) > 2 else (1,)
-    return (hw[0], int(math.prod(hw[1:])) if len(hw) > 1 else 1)
+def linear_hw(shape: tuple[int, ...], batch: int = 1) -> HW:
+    """The positions a Gemm or MatMul layer runs over, per sample, as (H, W): every axis of
+    its input but the batch and the channels (the last).  A 2-D input is rows of channels:
+    one row per sample after a flatten, but H*W rows per sample for a Linear over the
+    flattened positions ([N*H*W, C], as exports write ConvNeXt's and transformers' Linears)."""
+    if len(shape) > 2:
+        hw = tuple(int(d) for d in shape[1:-1])
+        return (hw[0], int(math.prod(hw[1:])) if len(hw) > 1 else 1)
+    rows = int(shape[0]) if shape else 1
+    batch = max(1, int(batch))
+    return (rows // batch if rows % batch == 0 else rows, 1) if rows > 0 else (1, 1)
+
+
+def model_batch(inputs) -> int:
+    """The batch size of a model: the smallest positive dim 0 of its (name, shape) inputs."""
+    return min((int(shp[0]) for _, shp in inputs if len(shp) and shp[0] > 0), default=1)
 
 
 def propagate_hw(s: Structure, hw: HW) -> Structure:
@@ -205,7 +218,8 @@ def propagate_hw(s: Structure, hw: HW) -> Structure:
             if l.op == "Conv":
                 layers.append(_with(l, in_hw=(xs[2], xs[3]), out_hw=(ys[2], ys[3])))
             else:
-                layers.append(_with(l, in_hw=_linear_hw(xs), out_hw=_linear_hw(xs)))
+                hw = linear_hw(xs, model_batch(s.inputs))
+                layers.append(_with(l, in_hw=hw, out_hw=hw))
         else:
             layers.append(l)
     by_id = {l.id: l for l in layers}

@@ -290,6 +290,14 @@ def row_budget(dim: int, max_rows: int = MAX_ROWS) -> int:
     return int(max(4 * dim, min(max_rows, GRAM_FLOPS // max(dim, 1) ** 2)))
 
 
+def _rows(total: int, rows: int, key: str, seed: int) -> np.ndarray:
+    """``rows`` of ``total`` rows, seeded by the layer, in order (all when they fit)."""
+    if rows >= total:
+        return np.arange(total)
+    rng = np.random.default_rng([seed, zlib.crc32(key.encode())])
+    return np.sort(rng.choice(total, size=rows, replace=False))
+
+
 def _positions(n: int, h: int, w: int, rows: int, key: str, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     total = n * h * w
     rng = np.random.default_rng([seed, zlib.crc32(key.encode())])
@@ -439,21 +447,29 @@ def recover(applied: Applied, reference: ReferenceRows, feeds: Mapping[str, np.n
             pos_key = (n, ho, wo, rows, seed, l.id)
             w_naive = w0.reshape(w0.shape[0], -1).T
         else:
-            x2 = x.reshape(n, -1)
-            ni = np.arange(n)
-            a = x2
+            # a Gemm's or MatMul's channels are the last axis; every other element is a row:
+            # one per sample after a flatten, one per position for a Linear over [N, H, W, C]
+            # or over the flattened [N*H*W, C] an export writes
+            x2 = x.reshape(-1, x.shape[-1])
+            total = x2.shape[0]
             dim = x2.shape[1]
+            samples = len(next(iter(feeds.values()))) if feeds else total
+            per = total // samples if samples and total % samples == 0 else 1
+            rows = min(total, row_budget(dim, max_rows))
+            sel = _rows(total, rows, l.id, seed)
+            ni = sel // per
+            a = x2[sel]
 
-            def pick(t):
-                return t.reshape(t.shape[0], -1)
-            pos_key = (n, l.id)
+            def pick(t, sel=sel):
+                return t.reshape(-1, t.shape[-1])[sel]
+            pos_key = (total, rows, seed, l.id)
             trans_b = _attr(node, "transB", 0) if l.op == "Gemm" else 0
             w_naive = w0.T if trans_b else w0
         target = _mapped(reference.rows(partner[0] if partner else l.output, pos_key, pick),
                          channel_index(partner[0] if partner else l.output, final, source, applied.channel_maps))
         if partner:
             other = vals[1]
-            target = target - (other[ni, :, hi, wi] if l.op == "Conv" else other.reshape(n, -1))
+            target = target - (other[ni, :, hi, wi] if l.op == "Conv" else other.reshape(-1, other.shape[-1])[sel])
         bias_naive = b0.reshape(-1) if b0 is not None else None
         intercept = l.op != "MatMul"
         w, b, info = ridge_fit(a, target, intercept=intercept, activation=l.activation if not partner else None,

@@ -50,7 +50,9 @@ def _session(proto: onnx.ModelProto):
 
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.log_severity_level = 3
+    # fatal only: a failed batch probe (a graph that spells its batch size) raises and is
+    # handled; onnxruntime's own ERROR line for it would only alarm the user
+    opts.log_severity_level = 4
     # no busy-waiting between the many short runs of recovery (it only burns a shared CPU)
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
@@ -64,9 +66,13 @@ class Runner:
         self.proto = proto
         self.outputs = list(outputs) if outputs is not None else [o.name for o in proto.graph.output]
         self.inputs = [i.name for i in proto.graph.input]
+        # rows of each input in one run of the static model: its batch for a model input, but
+        # for a segment's input any leading dim (a Linear over flattened positions reads
+        # [N*H*W, C]); a value is the concatenation of such runs along axis 0
         self.static_batch = {i.name: (i.type.tensor_type.shape.dim[0].dim_value if len(i.type.tensor_type.shape.dim) else 1)
                              for i in proto.graph.input}
-        self.chunk = chunk or chunk_size(proto)
+        self.rows = {k: max(1, v) for k, v in self.static_batch.items()}
+        self.chunk = chunk or run_chunk(proto)
         self._types = _elem_types(proto)
         self._dynamic = dynamic  # None: decided on the first run
         self._sess = _session(_batch_free(proto, self.outputs, self._types)) if dynamic is not False else self._static()
@@ -85,38 +91,53 @@ class Runner:
         return _session(out)
 
     def run(self, feeds: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None) -> list[np.ndarray]:
-        """Outputs for every sample of ``feeds`` (arrays stacked along axis 0)."""
+        """Outputs for every sample of ``feeds`` (arrays stacked along axis 0, each input
+        the concatenation of whole runs of the static model)."""
         names = list(outputs) if outputs is not None else self.outputs
-        n = len(next(iter(feeds.values())))
+        runs = self._runs(feeds)
         if self._dynamic is None:
-            self._dynamic = self._probe(feeds)
+            self._dynamic = self._probe(feeds, runs)
             if not self._dynamic:
                 self._sess = self._static()
-        step = self.chunk if self._dynamic else max(1, min(self.static_batch.values()))
+        step = self.chunk if self._dynamic else 1
         parts: list[list[np.ndarray]] = [[] for _ in names]
-        for i in range(0, n, step):
-            res = self._sess.run(names, {k: np.ascontiguousarray(v[i:i + step]) for k, v in feeds.items()})
+        for i in range(0, runs, step):
+            res = self._sess.run(names, self._slice(feeds, i, min(runs, i + step)))
             for p, r in zip(parts, res):
                 p.append(r)
         return [np.concatenate(p, axis=0) if len(p) > 1 else p[0] for p in parts]
 
-    def _probe(self, feeds: Mapping[str, np.ndarray]) -> bool:
-        """Whether the batch-free copy runs 2 samples as the original runs them one by one."""
-        b = min(self.static_batch.values()) or 1
-        n = len(next(iter(feeds.values())))
-        if n < 2 * b:
-            return n == b  # a single batch: the dynamic copy is only used at the model's own batch size
-        two = {k: np.ascontiguousarray(v[: 2 * b]) for k, v in feeds.items()}
+    def _runs(self, feeds: Mapping[str, np.ndarray]) -> int:
+        """How many runs of the static model ``feeds`` hold (the same for every input)."""
+        counts = {k: len(v) // self.rows.get(k, 1) for k, v in feeds.items()}
+        bad = [k for k, v in feeds.items() if len(v) % self.rows.get(k, 1)]
+        if bad or len(set(counts.values())) > 1:
+            raise ValueError("inputs hold different numbers of the model's runs: "
+                             + ", ".join(f"{k}: {len(v)} rows of {self.rows.get(k, 1)}" for k, v in feeds.items()))
+        return next(iter(counts.values()), 0)
+
+    def _slice(self, feeds: Mapping[str, np.ndarray], start: int, stop: int) -> dict[str, np.ndarray]:
+        """Runs ``start`` to ``stop`` of every input."""
+        return {k: np.ascontiguousarray(v[start * self.rows.get(k, 1):stop * self.rows.get(k, 1)]) for k, v in feeds.items()}
+
+    def _probe(self, feeds: Mapping[str, np.ndarray], runs: int) -> bool:
+        """Whether the batch-free copy runs two runs' inputs at once as the static model
+        runs them one by one."""
+        if runs < 2:
+            return runs == 1  # a single run: the dynamic copy is only used at the model's own size
+        two = self._slice(feeds, 0, 2)
         try:
             got = self._sess.run(self.outputs, two)
         except Exception:  # noqa: BLE001 - onnxruntime raises its own error types
             return False
         ref_sess = self._static()
-        for part in range(2):
-            ref = ref_sess.run(self.outputs, {k: v[part * b:(part + 1) * b] for k, v in two.items()})
-            for g, r in zip(got, ref):
-                if g.shape[0] != 2 * b or not np.allclose(g[part * b:(part + 1) * b], r, rtol=1e-4, atol=1e-5):
-                    return False
+        refs = [ref_sess.run(self.outputs, self._slice(feeds, part, part + 1)) for part in range(2)]
+        for j, g in enumerate(got):
+            r0, r1 = refs[0][j], refs[1][j]
+            if r0.ndim == 0 or g.shape[0] != len(r0) + len(r1):
+                return False
+            if not (np.allclose(g[:len(r0)], r0, rtol=1e-4, atol=1e-5) and np.allclose(g[len(r0):], r1, rtol=1e-4, atol=1e-5)):
+                return False
         return True
 
 
@@ -128,6 +149,13 @@ def chunk_size(proto: onnx.ModelProto) -> int:
         if len(dims) > 1 and all(d > 0 for d in dims[1:]):
             largest = max(largest, int(np.prod(dims[1:])))
     return int(max(1, min(MAX_CHUNK, CHUNK_BYTES // (4 * largest))))
+
+
+def run_chunk(proto: onnx.ModelProto) -> int:
+    """Runs of the static model per onnxruntime call: :func:`chunk_size` samples, in runs of
+    the model's own batch size."""
+    batch = [i.type.tensor_type.shape.dim[0].dim_value for i in proto.graph.input if len(i.type.tensor_type.shape.dim)]
+    return max(1, chunk_size(proto) // max(1, min((b for b in batch if b > 0), default=1)))
 
 
 def needed_nodes(proto: onnx.ModelProto, outputs: Iterable[str], known: Iterable[str]) -> list[int]:
@@ -193,7 +221,7 @@ class Stepper:
         self.feeds = dict(feeds)
         self.values: dict[str, np.ndarray] = {}
         self.dynamic = dynamic
-        self.chunk = chunk_size(proto)
+        self.chunk = run_chunk(proto)
         nodes = proto.graph.node
         self._consumers: dict[str, list[int]] = {}
         for i, n in enumerate(nodes):
@@ -219,7 +247,11 @@ class Stepper:
             runner = Runner(seg, outs, chunk=self.chunk, dynamic=self.dynamic)
             for o, v in zip(outs, runner.run(feeds)):
                 self.values[o] = v
-            self.dynamic = runner.dynamic
+            if runner.dynamic is False:
+                # a segment that spells its batch size: run every later segment at the model's
+                # own batch too.  A segment that runs batch-free says nothing of the next one
+                # (a Reshape to [1, -1] may lie ahead), so that one probes for itself.
+                self.dynamic = False
             self._done |= in_seg
             self.runs += 1
             wanted = set(names)

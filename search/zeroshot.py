@@ -124,11 +124,25 @@ def layer_scores(proto_or_model, *, seed: int = 0, batch: int = 32, data=None) -
     for i in range(0, n, static):
         outs = sess.run(names, {k: v[i:i + static] for k, v in feeds.items()})
         for j, a in enumerate(outs):
-            flat = a.reshape(a.shape[0], a.shape[1], -1) if a.ndim > 1 else a.reshape(a.shape[0], 1, 1)
+            flat = _samples_channels_positions(a, layers[j].op, static)
             for x in flat:
                 pos = rng.choice(x.shape[1], min(POSITIONS, x.shape[1]), replace=False)
                 codes[j].append(x[:, pos].T > 0)
     return {l.id: code_score(np.concatenate(c, axis=0)) for l, c in zip(layers, codes)}
+
+
+def _samples_channels_positions(a: np.ndarray, op: str, samples: int) -> np.ndarray:
+    """A layer's output as (samples, channels, positions).  A conv's channels are axis 1
+    (NCHW); a Gemm's or MatMul's are the last axis, every other element of a run being a
+    position of its samples: a MatMul over [N, H, W, C] (ConvNeXt, transformers) or over
+    the rows of a flattened [N*H*W, C] (as exports write a Linear over positions)."""
+    if a.ndim < 2:
+        return a.reshape(a.shape[0], 1, 1)
+    if op == "Conv":
+        return a.reshape(a.shape[0], a.shape[1], -1)
+    rows = a.reshape(-1, a.shape[-1])
+    per = rows.shape[0] // samples if rows.shape[0] % samples == 0 else rows.shape[0]
+    return rows.reshape(-1, per, a.shape[-1]).transpose(0, 2, 1)
 
 
 def trainability(proto_or_model, *, seed: int = 0, batch: int = 32, data=None) -> float:

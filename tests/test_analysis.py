@@ -238,6 +238,32 @@ def test_matmul_layer_after_transpose_tracks_channel_axis():
     assert s.tensors["y"].channel_axis == 1 and s.tensors["y"].segments == (fc.out_group,)
 
 
+@pytest.mark.parametrize("batch", [1, 2])
+def test_linear_over_flattened_positions_counts_every_position(batch):
+    """MatMul + Add over NHWC canonicalizes (onnxslim) to Reshape -> Gemm over [N*H*W, C]
+    rows -> Reshape: the layer still runs over H*W positions per sample (ConvNeXt's
+    Linears, 90% of its MACs, once counted as one row each)."""
+    rng = np.random.default_rng(0)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 8, 4, 5])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 16, 4, 5])
+    inits = [numpy_helper.from_array(rng.standard_normal((8, 16)).astype(np.float32), "w"),
+             numpy_helper.from_array(rng.standard_normal(16).astype(np.float32), "b")]
+    nodes = [
+        helper.make_node("Transpose", ["x"], ["t"], name="to_nhwc", perm=[0, 2, 3, 1]),
+        helper.make_node("MatMul", ["t", "w"], ["m"], name="fc"),
+        helper.make_node("Add", ["m", "b"], ["mb"], name="fc_bias"),
+        helper.make_node("Relu", ["mb"], ["r"], name="act"),
+        helper.make_node("Transpose", ["r"], ["y"], name="to_nchw", perm=[0, 3, 1, 2]),
+    ]
+    proto = helper.make_model(helper.make_graph(nodes, "g", [x], [y], inits), opset_imports=[helper.make_opsetid("", 17)])
+    m = model_from_proto(proto)
+    (fc,) = analyze(m).layers
+    gemm_in = next(n for n in m.proto.graph.node if n.op_type == "Gemm").input[0]
+    assert analyze(m).tensors[gemm_in].shape == (batch * 20, 8)  # the canonical form this test is about
+    assert (fc.op, fc.cin, fc.cout, fc.in_hw, fc.out_hw) == ("Gemm", 8, 16, (20, 1), (20, 1))
+    assert fc.macs == 20 * 8 * 16
+
+
 def _model(nodes, inputs, outputs, inits=()):
     proto = helper.make_model(helper.make_graph(nodes, "g", inputs, outputs, list(inits)),
                               opset_imports=[helper.make_opsetid("", 17)])

@@ -88,3 +88,12 @@ def test_fast_canonical_path_matches_onnxslim(zoo_model, name, monkeypatch):
     fast = analyze(load_model(path)).to_json()
     monkeypatch.setattr(am, "_trivially_canonical", lambda proto: None)
     assert analyze(load_model(path)).to_json() == fast
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,published", [("convnext_tiny", 4.47e9), ("resnet50", 4.11e9), ("mobilenet_v2", 0.30e9)])
+def test_macs_match_the_published_figures(zoo_model, name, published):
+    """Multiply-accumulates as torchvision's model cards give them (GFLOPS there are MACs),
+    within 3%: ConvNeXt's Linears run over every position, not once per image."""
+    s = analyze(load_model(zoo_model(name)))
+    assert s.macs == pytest.approx(published, rel=0.03)

@@ -85,3 +85,37 @@ def test_shape_only_rewrite_changes_the_estimate():
     g = next(g for g in s.groups if g.adjustable and g.channels == 128)
     narrower = resize_shapes(s, {g.id: 64})
     assert estimate(narrower, t).latency_ms < estimate(s, t).latency_ms
+
+
+@pytest.mark.parametrize("name", ["edgetpu", "tpu", "cpu"])
+def test_a_linear_over_positions_is_predicted_as_its_pointwise_conv(name):
+    """A Gemm over 56x56 positions (ConvNeXt's Linears, flattened to [3136, C] rows) is the
+    1x1 conv over them: calibration measured one-row Gemms only, so it is scored as that
+    conv, not extrapolated 3136x from a weight-bound one-row product."""
+    from dataclasses import replace
+
+    from archpass.costmodel.estimate import pointwise_equivalents, predict_kernels
+    from archpass.costmodel.kernels import Kernel
+
+    t = load_target(name)
+    rows = Kernel(id="fc", kind="gemm", op="Gemm", nodes=("fc",), layers=("fc",), cin=96, cout=384,
+                  in_hw=(3136, 1), out_hw=(3136, 1))
+    conv = replace(rows, kind="conv", op="Conv", in_hw=(56, 56), out_hw=(56, 56))
+    head = replace(rows, id="head", nodes=("head",), layers=("head",), cin=768, cout=1000, in_hw=(1, 1), out_hw=(1, 1))
+    (eq, same_head) = pointwise_equivalents([rows, head], t)
+    assert eq == conv and same_head == head  # a classifier's one row stays a Gemm
+    ms, used = predict_kernels([conv, rows, head], t)
+    assert used == ["conv", "conv", "gemm" if "gemm" in t.predictors else "conv"]
+    assert ms[1] == pytest.approx(ms[0], rel=1e-9)
+    assert ms[1] > 0
+
+
+def test_convnext_estimate_has_no_extrapolated_linears(zoo_model):
+    from archpass.model import load_model
+
+    est = estimate(analyze(load_model(zoo_model("convnext_tiny"))), "cpu")
+    assert not [n for n in est.notes if "outside the range" in n], est.notes
+    linears = [k for k in est.kernels if k.kernel.id.endswith("MatMul_output_0")]
+    assert len(linears) == 36 and all(k.predictor == "conv" for k in linears)
+    # the Linears are ~90% of ConvNeXt's MACs: they carry most of its latency
+    assert sum(k.latency_ms for k in linears) > 0.5 * est.latency_ms

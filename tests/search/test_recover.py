@@ -144,6 +144,64 @@ def test_recovery_only_touches_the_layers_the_recipe_changed():
     onnx.checker.check_model(rec.proto, full_check=True)
 
 
+def _linear_over_positions_net(seed: int = 0) -> onnx.ModelProto:
+    """Conv -> NHWC -> Linear(16) -> ReLU -> Linear(8) -> NCHW, plus the conv's output (a
+    residual) -> pool -> classifier, the Linears as MatMul + Add over [N, H, W, C] (a
+    ConvNeXt block's pointwise layers; canonical form flattens them to Gemms over
+    [N*H*W, C] rows, shapes that spell the batch)."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(seed)
+
+    def t(name, shape):
+        return numpy_helper.from_array((rng.standard_normal(shape) * 0.5).astype(np.float32), name)
+
+    inits = [t("c1_w", (8, 4, 1, 1)), t("c1_b", (8,)), t("m1_w", (8, 16)), t("m1_b", (16,)), t("m2_w", (16, 8)),
+             t("m2_b", (8,)), t("fc_w", (3, 8)), t("fc_b", (3,))]
+    mk = helper.make_node
+    nodes = [mk("Conv", ["input", "c1_w", "c1_b"], ["c1"], name="c1"),
+             mk("Transpose", ["c1"], ["nhwc"], name="to_nhwc", perm=[0, 2, 3, 1]),
+             mk("MatMul", ["nhwc", "m1_w"], ["m1"], name="m1"), mk("Add", ["m1", "m1_b"], ["m1a"], name="m1_add"),
+             mk("Relu", ["m1a"], ["r1"], name="r1"),
+             mk("MatMul", ["r1", "m2_w"], ["m2"], name="m2"), mk("Add", ["m2", "m2_b"], ["m2a"], name="m2_add"),
+             mk("Transpose", ["m2a"], ["nchw"], name="to_nchw", perm=[0, 3, 1, 2]),
+             mk("Add", ["nchw", "c1"], ["res"], name="residual"),
+             mk("GlobalAveragePool", ["res"], ["gap"], name="gap"), mk("Flatten", ["gap"], ["flat"], name="flat"),
+             mk("Gemm", ["flat", "fc_w", "fc_b"], ["output"], name="fc", transB=1)]
+    g = helper.make_graph(nodes, "linear_over_positions", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 4, 6, 6])],
+                          [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 3])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m
+
+
+def test_a_linear_over_positions_is_refitted_row_by_position():
+    """A Linear over positions reads rows of channels (the last axis).  Zero-pad the group
+    the residual ties together, spoil both of its consumers, and recovery must find their
+    exact weights again: the Linear from 40 samples x 36 positions, the classifier from
+    40 rows, its inputs computed from a flattened [N*H*W, C] tensor and an NCHW one at once."""
+    m = model_from_proto(_linear_over_positions_net())
+    s = analyze(m)
+    m1 = next(l for l in s.layers if l.id == "m1")
+    assert m1.op == "Gemm" and m1.cin == 8
+    grp = m1.in_groups[0]
+    assert s.layer("fc").in_groups == (grp,)
+    applied = _lossy(apply_recipe(m, Recipe.of([{"pass": "channels", "site": grp, "channels": 16}]), structure=s))
+    assert [r.layer for r in refits(applied)] == ["m1", "fc"]
+    good = {}
+    for k, layer in enumerate(("m1", "fc")):
+        w = _node_input(applied.proto, layer, 1)
+        good[layer] = _get(applied.proto, w)
+        _set(applied.proto, w, good[layer] + 3 * np.random.default_rng(k).standard_normal(good[layer].shape))
+    data = CalibData({"input": np.random.default_rng(1).standard_normal((40, 4, 6, 6)).astype(np.float32)}, True, "t")
+    spoilt = compare(Runner(m.proto).run(data.arrays), Runner(applied.proto).run(data.arrays)).score
+    score, rec = _recovered_score(m, s, applied, data)
+    assert spoilt < 0.9
+    assert score > 1 - 1e-6  # SNR above 60 dB
+    assert [(f.layer, f.kept, f.rows) for f in rec.fits] == [("m1", "refit", 40 * 36), ("fc", "refit", 40)]
+    onnx.checker.check_model(rec.proto, full_check=True)
+
+
 @pytest.mark.slow
 def test_recovery_raises_fidelity_on_mobilenet_v2(zoo_model):
     from archpass.model import load_model

@@ -13,7 +13,7 @@ from archpass.passes.engine import apply_recipe
 from archpass.recipe import Recipe, Rewrite
 from archpass.search.fidelity import trainability
 from archpass.search.guard import PROXY_TOLERANCE, proxy_guard
-from archpass.search.zeroshot import EPS, code_score, layer_scores, naswot_logdet
+from archpass.search.zeroshot import EPS, _samples_channels_positions, code_score, layer_scores, naswot_logdet
 from builders import NetBuilder
 
 
@@ -69,6 +69,32 @@ def test_damaged_builder_nets_score_lower(damage):
     bad_net = _net(32, 3, dead=True) if damage == "dead" else _net(32, 3, bottleneck=8)
     bad = np.max([trainability(bad_net, seed=k, batch=16) for k in range(2)])
     assert bad < good - 2 * PROXY_TOLERANCE
+
+
+def test_linear_layers_code_their_last_axis():
+    """A conv's channels are axis 1; a Gemm's or MatMul's are the last axis, whether it runs
+    over [N, H, W, C] or over the flattened [N*H*W, C] rows an export writes."""
+    x = np.arange(2 * 5 * 5 * 7).reshape(2, 5, 5, 7).astype(np.float32)
+    nhwc = _samples_channels_positions(x, "MatMul", 2)
+    assert nhwc.shape == (2, 7, 25)
+    np.testing.assert_array_equal(nhwc[1, 3], x[1, :, :, 3].reshape(-1))
+    rows = _samples_channels_positions(x.reshape(50, 7), "Gemm", 2)  # the same data, flattened
+    np.testing.assert_array_equal(rows, nhwc)
+    assert _samples_channels_positions(np.zeros((4, 10)), "Gemm", 4).shape == (4, 10, 1)  # after a flatten
+    nchw = np.zeros((2, 3, 4, 4))
+    assert _samples_channels_positions(nchw, "Conv", 2).shape == (2, 3, 16)
+
+
+@pytest.mark.slow
+def test_convnext_scores_every_layer(zoo_model):
+    """ConvNeXt's Linears run over the positions of each image: 3136 rows per image in the
+    first stage, which counted as samples once asked for a 100352 x 100352 kernel."""
+    m = load_model(zoo_model("convnext_tiny"))
+    scores = layer_scores(m, seed=0, batch=8)
+    layers = [l for l in analyze(m).layers if l.op != "Conv"]
+    assert len(layers) > 30
+    assert set(scores) >= {l.id for l in layers[:-1]}
+    assert all(np.isfinite(v) and v <= 0 for v in scores.values())
 
 
 @pytest.fixture(scope="module")
