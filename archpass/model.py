@@ -537,6 +537,11 @@ def load_model(
     return model_from_proto(proto, shapes, path=path, sha256=_sha256(path), canonical=canonical)
 
 
+#: ops whose output shape depends on the values of their inputs, not only their shapes
+DATA_DEPENDENT_OPS = frozenset({"NonZero", "NonMaxSuppression", "Unique", "Compress", "TopK", "Loop", "If", "Scan",
+                                "RoiAlign", "StringSplit"})
+
+
 def model_from_proto(
     proto: ModelProto,
     input_shapes: Mapping[str, Sequence[int]] | None = None,
@@ -574,6 +579,15 @@ def model_from_proto(
     missing = _unshaped(work)
     if missing:
         node, tensor = missing
+        op = next((n.op_type for n in work.graph.node if n.name == node), "")
+        if op in DATA_DEPENDENT_OPS:
+            raise ModelLoadError(
+                f"cannot infer a static shape for tensor '{tensor}': node '{node}' ({op}) gives a shape that "
+                "depends on the data",
+                "archpass needs static shapes throughout: export the network without its data-dependent "
+                "post-processing (a detector's box decoding and NMS, for instance) and run that part after "
+                "the optimized model",
+            )
         raise ModelLoadError(
             f"cannot infer a static shape for tensor '{tensor}' (output of node '{node}')",
             "pin every dynamic input with --input-shape or re-export with static shapes",

@@ -100,8 +100,22 @@ def test_a_data_dependent_shape_is_refused_naming_the_tensor(tmp_path):
     y = helper.make_tensor_value_info("y", TensorProto.INT64, [2, "n"])
     proto = helper.make_model(helper.make_graph([helper.make_node("NonZero", ["x"], ["y"], name="nz")], "g", [x], [y]),
                               opset_imports=[helper.make_opsetid("", 17)])
-    with pytest.raises(ModelLoadError, match=r"static shape for tensor 'y' \(output of node 'nz'\)"):
+    with pytest.raises(ModelLoadError, match=r"static shape for tensor 'y': node 'nz' \(NonZero\) gives a shape "
+                                             r"that depends on the data") as e:
         load_model(write(tmp_path, proto))
+    # the input is static already: the fix is to leave the post-processing out, not to pin inputs
+    assert "post-processing" in e.value.fix and "--input-shape" not in e.value.fix
+
+
+def test_an_unpinned_dynamic_input_is_refused_naming_the_tensor(tmp_path):
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])
+    s = helper.make_tensor_value_info("s", TensorProto.INT64, [2])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["a", "b"])
+    proto = helper.make_model(helper.make_graph([helper.make_node("Reshape", ["x", "s"], ["y"], name="rs")], "g", [x, s], [y]),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    with pytest.raises(ModelLoadError, match=r"static shape for tensor 'y' \(output of node 'rs'\)") as e:
+        load_model(write(tmp_path, proto))
+    assert "--input-shape" in e.value.fix
 
 
 def test_an_old_ir_version_is_refused_by_the_checker_not_as_garbage(tmp_path):
