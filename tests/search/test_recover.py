@@ -212,3 +212,21 @@ def test_recovery_raises_fidelity_on_mobilenet_v2(zoo_model):
     ev = FidelityEvaluator(m, load_calibration(None, m, samples=4), structure=s)
     e = ev.evaluate(Recipe.of([{"pass": "fuse_ibn", "site": "block3"}]))
     assert e.after is not None and e.after.score > e.before.score
+
+
+@pytest.mark.slow
+def test_recovery_runs_through_convnext(zoo_model):
+    """ConvNeXt's Linears run over flattened positions ([N*H*W, C] after canonicalization)
+    next to NCHW residuals: recovery computed their inputs from both at once and crashed."""
+    from archpass.model import load_model
+    from archpass.search.fidelity import FidelityEvaluator, load_calibration
+
+    m = load_model(zoo_model("convnext_tiny"))
+    s = analyze(m)
+    ev = FidelityEvaluator(m, load_calibration(None, m, samples=2), structure=s)
+    group = next(l.in_groups[0] for l in s.layers if l.op == "Gemm" and l.in_hw[0] == 3136)
+    e = ev.evaluate(Recipe.of([{"pass": "channels", "site": group, "channels": 64}]))
+    fits = {f.layer: f for f in e.fits}
+    linears = [f for f in fits.values() if f.rows and s.layer(f.layer).op == "Gemm" and s.layer(f.layer).in_hw[0] == 3136]
+    assert linears and all(f.kept in ("refit", "naive") for f in linears)
+    assert e.after is not None and e.after.score >= e.before.score
