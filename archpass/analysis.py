@@ -118,7 +118,7 @@ class _Analyzer:
         for i in g.initializer:
             self.shapes[i.name] = tuple(i.dims)
             self.dtypes[i.name] = i.data_type
-        inits = set(self.shapes) & {i.name for i in g.initializer}
+        inits = {i.name for i in g.initializer}
         self.batch = model_batch([(vi.name, self.shapes.get(vi.name, ())) for vi in g.input if vi.name not in inits])
         self.consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
         self.producer: dict[str, onnx.NodeProto] = {}

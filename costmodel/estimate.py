@@ -103,7 +103,7 @@ def corrected(kernels: list[Kernel], target: Target, prior_ms: np.ndarray,
         ref_ms = prior[idx]
         if c.transfer:
             if transfer_ms is None:
-                transfer_ms = predict_kernels(kernels, transferred_prior(target))[0]
+                transfer_ms = _predict(kernels, transferred_prior(target))[0]
             ref_ms = np.asarray(transfer_ms, dtype=np.float64)[idx]
         z = correction_rows(ks, target, ref_ms)
         ref = c.reference(ref_ms, feature_rows(ks, target)[1] if c.baseline else None)
@@ -156,9 +156,13 @@ def predict_kernels(kernels: list[Kernel], target: Target) -> tuple[np.ndarray, 
     ``kernels`` is a whole network: predictors of runtime targets read its size.  An
     adapted target corrects its prior's predictions (:func:`corrected`).  A Gemm over
     many positions is predicted as its pointwise conv (:func:`pointwise_equivalents`)."""
-    kernels = pointwise_equivalents(kernels, target)
+    return _predict(pointwise_equivalents(kernels, target), target)
+
+
+def _predict(kernels: list[Kernel], target: Target) -> tuple[np.ndarray, list[str | None]]:
+    """:func:`predict_kernels` of kernels already mapped by :func:`pointwise_equivalents`."""
     if target.prior is not None:
-        prior_ms, used = predict_kernels(kernels, target.prior)
+        prior_ms, used = _predict(kernels, target.prior)
         return corrected(kernels, target, prior_ms), used
     out = np.zeros(len(kernels))
     context = None
@@ -188,7 +192,7 @@ def estimate(structure: Structure, target: Target | str, *, best_order: bool = T
     on large graphs; the search can turn it off)."""
     t = load_target(target) if not isinstance(target, Target) else target
     kernels = pointwise_equivalents(decompose(structure, t.fusion), t)
-    lat, used = predict_kernels(kernels, t)
+    lat, used = _predict(kernels, t)
     notes = []
     missing = sorted({k.kind for k, u in zip(kernels, used) if u is None})
     if missing:

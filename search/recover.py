@@ -299,9 +299,7 @@ def _rows(total: int, rows: int, key: str, seed: int) -> np.ndarray:
 
 
 def _positions(n: int, h: int, w: int, rows: int, key: str, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    total = n * h * w
-    rng = np.random.default_rng([seed, zlib.crc32(key.encode())])
-    flat = np.sort(rng.choice(total, size=rows, replace=False)) if rows < total else np.arange(total)
+    flat = _rows(n * h * w, rows, key, seed)
     return flat // (h * w), (flat // w) % h, flat % w
 
 

@@ -17,6 +17,8 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from archpass.spatial import model_batch
+
 CHUNK_BYTES = 256 * 2**20  # activation bytes per chunk (the largest tensor of one sample times the chunk)
 MAX_CHUNK = 512
 
@@ -69,9 +71,7 @@ class Runner:
         # rows of each input in one run of the static model: its batch for a model input, but
         # for a segment's input any leading dim (a Linear over flattened positions reads
         # [N*H*W, C]); a value is the concatenation of such runs along axis 0
-        self.static_batch = {i.name: (i.type.tensor_type.shape.dim[0].dim_value if len(i.type.tensor_type.shape.dim) else 1)
-                             for i in proto.graph.input}
-        self.rows = {k: max(1, v) for k, v in self.static_batch.items()}
+        self.rows = {k: max(1, shape[0]) if shape else 1 for k, shape in _input_shapes(proto)}
         self.chunk = chunk or run_chunk(proto)
         self._types = _elem_types(proto)
         self._dynamic = dynamic  # None: decided on the first run
@@ -151,11 +151,15 @@ def chunk_size(proto: onnx.ModelProto) -> int:
     return int(max(1, min(MAX_CHUNK, CHUNK_BYTES // (4 * largest))))
 
 
+def _input_shapes(proto: onnx.ModelProto) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, dims) of the graph inputs; 0 for a dim without a value."""
+    return [(i.name, tuple(d.dim_value for d in i.type.tensor_type.shape.dim)) for i in proto.graph.input]
+
+
 def run_chunk(proto: onnx.ModelProto) -> int:
     """Runs of the static model per onnxruntime call: :func:`chunk_size` samples, in runs of
     the model's own batch size."""
-    batch = [i.type.tensor_type.shape.dim[0].dim_value for i in proto.graph.input if len(i.type.tensor_type.shape.dim)]
-    return max(1, chunk_size(proto) // max(1, min((b for b in batch if b > 0), default=1)))
+    return max(1, chunk_size(proto) // model_batch(_input_shapes(proto)))
 
 
 def needed_nodes(proto: onnx.ModelProto, outputs: Iterable[str], known: Iterable[str]) -> list[int]:
