@@ -133,7 +133,7 @@ def pointwise_equivalents(kernels: list[Kernel], target: Target) -> list[Kernel]
     the same matrix product, wherever the target's gemm predictor was fitted on far fewer
     rows (calibration samples classifier Gemms: one row) and a conv predictor exists.  A
     gemm predictor asked for 3136 rows extrapolates from one-row, weight-bound products
-    (ConvNeXt-T on ``cpu``: 970 ms predicted, 131 ms measured); pointwise convs over
+    (ConvNeXt-T on ``cpu``: 970 ms predicted, 110 ms measured); pointwise convs over
     thousands of positions are what calibration measured most."""
     root = _root(target)
     if "conv" not in root.predictors:
