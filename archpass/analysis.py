@@ -40,6 +40,11 @@ CHANNEL_PRESERVING = {
     "Pad", "Softmax", "LogSoftmax", "LRN", "MaxUnpool",
 }
 NORMS = {"BatchNormalization", "InstanceNormalization"}
+#: ops of an already-quantized graph (QDQ pairs around the layers, or quantized kernels)
+QUANTIZED_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul",
+                           "ConvInteger", "MatMulInteger", "QGemm", "QLinearAdd", "QLinearMul"})
+QUANTIZED_NOTE = ("the model is already quantized ({ops}): archpass rewrites float layers and leaves quantized "
+                  "ones alone, so optimize the float export and quantize the optimized model after")
 ELEM_BYTES = {1: 4, 2: 1, 3: 1, 4: 2, 5: 2, 6: 4, 7: 8, 9: 1, 10: 2, 11: 8, 12: 4, 13: 8, 16: 2}
 
 
@@ -269,6 +274,9 @@ class _Analyzer:
         blocks, stages = find_blocks(layers, g.node, self.consumers)
         inputs = tuple((vi.name, self.shape(vi.name)) for vi in graph_inputs)
         outputs = tuple((vi.name, self.shape(vi.name)) for vi in g.output)
+        quantized = sorted({n.op_type for n in g.node} & QUANTIZED_OPS)
+        if quantized:
+            self.notes.append(QUANTIZED_NOTE.format(ops=", ".join(quantized)))
         return Structure(
             inputs=inputs, outputs=outputs, layers=tuple(layers), blocks=tuple(blocks), stages=tuple(stages),
             groups=tuple(groups), nodes=tuple(nodes), tensors=tensors,

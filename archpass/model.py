@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
+import numpy as np
 import onnx
 from onnx import ModelProto
 
@@ -199,6 +200,14 @@ def _check(proto: ModelProto, path: Path | None) -> None:
 def _graph_inputs(proto: ModelProto):
     inits = {i.name for i in proto.graph.initializer}
     return [i for i in proto.graph.input if i.name not in inits]
+
+
+def input_dtypes(proto: ModelProto) -> dict[str, np.dtype]:
+    """The NumPy dtype of every graph input (float16 for a half-precision export): what
+    onnxruntime must be fed, whatever precision calibration data or random inputs are in."""
+    from onnx import helper
+
+    return {vi.name: np.dtype(helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type)) for vi in _graph_inputs(proto)}
 
 
 def _dims(vi) -> list[int | str | None]:

@@ -137,11 +137,14 @@ def input_shapes(proto: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
 
 def feeds_for(proto: onnx.ModelProto, arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """``arrays`` fitted to ``proto``'s inputs: an image batch whose model input has another
-    height/width (a ``resolution`` rewrite) is resized bilinearly."""
+    height/width (a ``resolution`` rewrite) is resized bilinearly, and each array is cast to
+    its input's dtype (float16 for a half-precision export)."""
     from scipy.ndimage import zoom
 
     from archpass.errors import CalibrationError
+    from archpass.model import input_dtypes
 
+    dtypes = input_dtypes(proto)
     out = {}
     for name, shape in input_shapes(proto).items():
         if name not in arrays:
@@ -155,7 +158,7 @@ def feeds_for(proto: onnx.ModelProto, arrays: Mapping[str, np.ndarray]) -> dict[
             else:
                 raise CalibrationError(f"calibration array for input '{name}' has shape {a.shape[1:]} per sample, "
                                        f"the model expects {tuple(shape[1:])}", "pass data made for this model")
-        out[name] = a
+        out[name] = a.astype(dtypes.get(name, a.dtype), copy=False)
     return out
 
 

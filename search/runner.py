@@ -23,7 +23,9 @@ CHUNK_BYTES = 256 * 2**20  # activation bytes per chunk (the largest tensor of o
 MAX_CHUNK = 512
 
 
-def _elem_types(proto: onnx.ModelProto) -> dict[str, int]:
+def elem_types(proto: onnx.ModelProto) -> dict[str, int]:
+    """The ONNX element type of every tensor with a declared type (inputs, outputs,
+    inferred value_info, initializers)."""
     g = proto.graph
     types = {vi.name: vi.type.tensor_type.elem_type for vi in list(g.value_info) + list(g.input) + list(g.output)}
     types.update({t.name: t.data_type for t in g.initializer})
@@ -73,7 +75,7 @@ class Runner:
         # [N*H*W, C]); a value is the concatenation of such runs along axis 0
         self.rows = {k: max(1, shape[0]) if shape else 1 for k, shape in _input_shapes(proto)}
         self.chunk = chunk or run_chunk(proto)
-        self._types = _elem_types(proto)
+        self._types = elem_types(proto)
         self._dynamic = dynamic  # None: decided on the first run
         self._sess = _session(_batch_free(proto, self.outputs, self._types)) if dynamic is not False else self._static()
 
@@ -196,7 +198,7 @@ def build_segment(proto: onnx.ModelProto, nodes: Sequence[int], outputs: Sequenc
         for t in n.input:
             if t and t not in produced and t not in inits and t not in reads:
                 reads.append(t)
-    types = _elem_types(proto)
+    types = elem_types(proto)
     infos = {vi.name: vi for vi in list(g.value_info) + list(g.input) + list(g.output)}
     ins = []
     for t in reads:

@@ -155,7 +155,9 @@ class Space:
             elif p != "resolution" and any(not self.is_frozen(s) for s in pass_sites(p, self.structure)):
                 return None
         what = ", ".join(self.passes) or "no pass"
-        return f"no site of {what} applies to this model" + (" outside the frozen sites" if self.frozen else "")
+        why = f"no site of {what} applies to this model" + (" outside the frozen sites" if self.frozen else "")
+        quantized = [n for n in self.structure.notes if n.startswith("the model is already quantized")]
+        return why + (f" ({quantized[0]})" if quantized else "")
 
     # ------------------------------------------------------------------ define by run
     def suggest(self, trial) -> tuple[Recipe, Structure]:

@@ -75,6 +75,26 @@ def _fresh_weights(proto: onnx.ModelProto, layers, rng) -> onnx.ModelProto:
     return out
 
 
+def _typed(proto: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``feeds`` in the dtypes of ``proto``'s inputs (float16 for a half-precision export)."""
+    from archpass.model import input_dtypes
+
+    dtypes = input_dtypes(proto)
+    return {k: v.astype(dtypes.get(k, np.float32), copy=False) for k, v in feeds.items()}
+
+
+def _expose(proto: onnx.ModelProto, names) -> None:
+    """Make the tensors ``names`` graph outputs of ``proto`` (in place), typed as inferred."""
+    from onnx import helper
+
+    from archpass.search.runner import elem_types
+
+    types = elem_types(proto)
+    have = {o.name for o in proto.graph.output}
+    proto.graph.output.extend(helper.make_tensor_value_info(n, types.get(n, onnx.TensorProto.FLOAT), None)
+                              for n in dict.fromkeys(names) if n not in have)
+
+
 def code_score(codes: np.ndarray) -> float:
     """``log det(K + EPS I) / n`` of the normalized agreement kernel of ``codes``
     (n samples x C binary units): 0 for n mutually orthogonal-ish codes is the ceiling
@@ -90,7 +110,6 @@ def layer_scores(proto_or_model, *, seed: int = 0, batch: int = 32, data=None) -
     """The per-layer, per-position score of every conv/gemm layer (see the module doc),
     by layer id, in execution order."""
     import onnxruntime as ort
-    from onnx import helper
 
     from archpass.analysis import analyze
     from archpass.model import Model, model_from_proto
@@ -107,11 +126,10 @@ def layer_scores(proto_or_model, *, seed: int = 0, batch: int = 32, data=None) -
     if data is not None:
         feeds = {k: v[:batch] for k, v in data.arrays.items()}
     else:
-        feeds = {name: rng.standard_normal((batch, *shape[1:])).astype(np.float32) for name, shape in model.input_shapes}
+        feeds = {name: rng.standard_normal((batch, *shape[1:])) for name, shape in model.input_shapes}
+    feeds = _typed(proto, feeds)
     names = [l.output for l in layers]
-    have = {o.name for o in proto.graph.output}
-    proto.graph.output.extend(helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None)
-                              for n in dict.fromkeys(names) if n not in have)
+    _expose(proto, names)
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     opts.log_severity_level = 3
@@ -157,7 +175,6 @@ def naswot_logdet(proto_or_model, *, seed: int = 0, batch: int = 32, units_per_l
     the activation layers, at most ``units_per_layer`` units each), kept to show the size
     effect the score above removes (benchmarks/search.py ``proxy``)."""
     import onnxruntime as ort
-    from onnx import helper
 
     from archpass.analysis import analyze
     from archpass.model import Model, model_from_proto
@@ -169,10 +186,9 @@ def naswot_logdet(proto_or_model, *, seed: int = 0, batch: int = 32, units_per_l
     if not layers:
         return 0.0
     proto = _fresh_weights(model.proto, structure.layers, rng)
-    feeds = {name: rng.standard_normal((batch, *shape[1:])).astype(np.float32) for name, shape in model.input_shapes}
+    feeds = _typed(proto, {name: rng.standard_normal((batch, *shape[1:])) for name, shape in model.input_shapes})
     names = [l.output for l in layers]
-    have = {o.name for o in proto.graph.output}
-    proto.graph.output.extend(helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in names if n not in have)
+    _expose(proto, names)
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     opts.log_severity_level = 3

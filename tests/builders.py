@@ -423,6 +423,33 @@ def messy_model(seed: int = 0) -> onnx.ModelProto:
     return b.build()
 
 
+def half_precision(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` in float16 as a half-precision export writes it: every float32 initializer,
+    Constant value, graph input/output and value_info in float16 (the builders' nets use no
+    op whose float inputs must stay float32)."""
+    from onnx import numpy_helper
+
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    g = out.graph
+
+    def half(t: onnx.TensorProto) -> None:
+        if t.data_type == TensorProto.FLOAT:
+            t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float16), t.name))
+
+    for t in g.initializer:
+        half(t)
+    for n in g.node:
+        for a in n.attribute:
+            if a.type == onnx.AttributeProto.TENSOR:
+                half(a.t)
+    for vi in list(g.input) + list(g.output) + list(g.value_info):
+        if vi.type.tensor_type.elem_type == TensorProto.FLOAT:
+            vi.type.tensor_type.elem_type = TensorProto.FLOAT16
+    onnx.checker.check_model(out, full_check=True)
+    return out
+
+
 def random_input(shape: Sequence[int], seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal(tuple(shape)).astype(np.float32)
 
@@ -439,3 +466,32 @@ def run_ort(model: onnx.ModelProto | str, feeds: dict[str, np.ndarray], *, optim
     src = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
     sess = ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
     return sess.run(None, feeds)
+
+
+def qdq_model() -> onnx.ModelProto:
+    """A quantized (QDQ) two-conv net as onnxruntime's static quantizer writes it: int8
+    weights through DequantizeLinear, activations through QuantizeLinear/DequantizeLinear."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper_from(np.array(0.02, np.float32), "s"), numpy_helper_from(np.array(0, np.int8), "z")]
+    nodes, x = [], "input"
+    for i, (cin, cout) in enumerate([(3, 16), (16, 32)]):
+        y = "r0" if i == 0 else "output"
+        inits.append(numpy_helper_from(rng.integers(-127, 128, (cout, cin, 3, 3)).astype(np.int8), f"w{i}_q"))
+        nodes += [helper.make_node("QuantizeLinear", [x, "s", "z"], [f"x{i}_q"], name=f"q{i}"),
+                  helper.make_node("DequantizeLinear", [f"x{i}_q", "s", "z"], [f"x{i}_dq"], name=f"dq{i}"),
+                  helper.make_node("DequantizeLinear", [f"w{i}_q", "s", "z"], [f"w{i}"], name=f"dqw{i}"),
+                  helper.make_node("Conv", [f"x{i}_dq", f"w{i}"], [f"c{i}"], name=f"conv{i}", pads=[1, 1, 1, 1]),
+                  helper.make_node("Relu", [f"c{i}"], [y], name=f"relu{i}")]
+        x = y
+    graph = helper.make_graph(nodes, "qdq", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 16, 16])],
+                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 32, 16, 16])], initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="archpass-tests")
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def numpy_helper_from(a: np.ndarray, name: str) -> onnx.TensorProto:
+    from onnx import numpy_helper
+
+    return numpy_helper.from_array(a, name)

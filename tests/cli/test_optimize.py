@@ -251,3 +251,26 @@ def test_recipe_found_on_mobilenet_v2_seeds_its_width_075_and_160_siblings(zoo_m
         assert trials[2].user_attrs["recipe"] == s_hand["recipe"]
         md = (out.parent / "report" / "report.md").read_text()
         assert "## Seed recipes" in md and md.count("**not resolved**") == 2
+
+
+@pytest.mark.parametrize("calib", [[], ["--calib", "random", "--samples", "16"]], ids=["retrain", "post-training"])
+def test_half_precision_export_optimizes_and_stays_float16(tmp_path, calib):
+    """A float16 export through both modes (it crashed with an onnxruntime type error):
+    the emitted model keeps float16 inputs and weights, passes the checker and runs."""
+    from builders import half_precision
+
+    src = tmp_path / "net16.onnx"
+    b = NetBuilder((1, 3, 32, 32), seed=4).conv(16, 3, stride=2).ibn(16, expand=4).ibn(24, expand=4, stride=2)
+    onnx.save(half_precision(b.ibn(24, expand=4).head(5).build()), str(src))
+    before = src.read_bytes()
+    out = tmp_path / "out.onnx"
+    r = runner.invoke(app, ["optimize", str(src), "-o", str(out), "--trials", "15", "--json", *calib])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert doc["mode"] == ("post-training" if calib else "retrain") and doc["improved"]
+    assert src.read_bytes() == before
+    emitted = onnx.load(str(out))
+    onnx.checker.check_model(emitted, full_check=True)
+    assert {t.data_type for t in emitted.graph.initializer} == {onnx.TensorProto.FLOAT16}
+    y = run_ort(emitted, {"input": random_input((1, 3, 32, 32)).astype(np.float16)})[0]
+    assert y.dtype == np.float16 and np.isfinite(y).all()

@@ -116,3 +116,27 @@ def test_emit_false_scores_the_same_without_the_refit_on_every_sample(setup):
     assert notes == ["every sample", "the samples not held out"]
     w = [{t.name: numpy_helper.to_array(t) for t in e.proto.graph.initializer} for e in (full, quick)]
     assert any(not np.array_equal(w[0][k], w[1][k]) for k in w[0] if k in w[1])  # the refit differs
+
+
+def test_half_precision_export_is_fed_scored_and_recovered_in_float16(setup):
+    """A float16 export (its inputs float16): calibration data is cast at the onnxruntime
+    boundary, lossy candidates score as in float32, and recovered weights stay float16."""
+    import onnx
+    from onnx import TensorProto
+
+    from builders import half_precision, run_ort
+
+    m32, _, data, ev32 = setup
+    m16 = model_from_proto(half_precision(m32.proto))
+    ev16 = FidelityEvaluator(m16, data)
+    recipe = Recipe.of([{"pass": "width_multiplier", "multiplier": 0.75}])
+    e16, e32 = ev16.evaluate(recipe), ev32.evaluate(recipe)
+    assert e16.before.score < 0.999 and e16.after.score > e16.before.score
+    assert e16.before.score == pytest.approx(e32.before.score, abs=0.01)
+    assert e16.after.score == pytest.approx(e32.after.score, abs=0.01)
+    onnx.checker.check_model(e16.proto, full_check=True)
+    assert {t.data_type for t in e16.proto.graph.initializer} == {TensorProto.FLOAT16}
+    x = data.arrays["input"][:1].astype(np.float16)
+    out = run_ort(e16.proto, {"input": x})[0]
+    assert out.dtype == np.float16 and np.isfinite(out).all()
+    assert fidelity(m16, e16.proto, ev16.score_data).score == pytest.approx(e16.after.score, abs=0.02)

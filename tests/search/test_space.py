@@ -137,3 +137,14 @@ def test_retrain_default_guard_sets_the_floor_others_do_not(tmp_path):
     assert prepare(Job(**kw), guard_factory=fake.factory).space.min_width == 16
     assert prepare(Job(**kw, guard=False)).space.min_width == 0
     assert prepare(Job(**kw, min_proxy=-5.0), guard_factory=fake.factory).space.min_width == 0
+
+
+def test_an_already_quantized_model_says_to_optimize_the_float_export():
+    from builders import qdq_model
+
+    s = analyze(model_from_proto(qdq_model()))
+    assert any("already quantized (DequantizeLinear, QuantizeLinear)" in n for n in s.notes)
+    reason = Space.build(s, parallelism=8).empty_reason()
+    assert "no site" in reason and "optimize the float export and quantize the optimized model" in reason
+    # a float model gets no such note
+    assert not any("quantized" in n for n in analyze(model_from_proto(NetBuilder((1, 3, 8, 8)).conv(8, 3).build())).notes)

@@ -128,3 +128,17 @@ def test_default_guard_on_mobilenet_v2_passes_fusion_and_rejects_real_damage(mbv
     for name, r in damaged.items():
         res = guard.check(r)
         assert not res.ok, f"{name} passed the default guard ({res.score:.3f} >= {res.threshold:.3f})"
+
+
+def test_half_precision_export_scores_like_its_float32_original():
+    """A float16 export: inputs fed in float16, layer outputs exposed with their own type
+    (a float32-typed output made onnxruntime refuse the session)."""
+    from builders import half_precision
+
+    m32 = _net(16)
+    m16 = model_from_proto(half_precision(m32.proto))
+    s32, s16 = layer_scores(m32, seed=1, batch=16), layer_scores(m16, seed=1, batch=16)
+    assert s16.keys() == s32.keys()
+    assert all(np.isfinite(v) for v in s16.values())
+    assert trainability(m16, seed=1, batch=16) == pytest.approx(trainability(m32, seed=1, batch=16), abs=0.15)
+    assert np.isfinite(naswot_logdet(m16, seed=1, batch=16))
