@@ -43,7 +43,8 @@ NORMS = {"BatchNormalization", "InstanceNormalization"}
 #: ops of an already-quantized graph (QDQ pairs around the layers, or quantized kernels)
 QUANTIZED_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul",
                            "ConvInteger", "MatMulInteger", "QGemm", "QLinearAdd", "QLinearMul"})
-QUANTIZED_NOTE = ("the model is already quantized ({ops}): archpass rewrites float layers and leaves quantized "
+QUANTIZED_PREFIX = "the model is already quantized"
+QUANTIZED_NOTE = (QUANTIZED_PREFIX + " ({ops}): archpass rewrites float layers and leaves quantized "
                   "ones alone, so optimize the float export and quantize the optimized model after")
 ELEM_BYTES = {1: 4, 2: 1, 3: 1, 4: 2, 5: 2, 6: 4, 7: 8, 9: 1, 10: 2, 11: 8, 12: 4, 13: 8, 16: 2}
 

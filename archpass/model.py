@@ -203,11 +203,18 @@ def _graph_inputs(proto: ModelProto):
 
 
 def input_dtypes(proto: ModelProto) -> dict[str, np.dtype]:
-    """The NumPy dtype of every graph input (float16 for a half-precision export): what
-    onnxruntime must be fed, whatever precision calibration data or random inputs are in."""
+    """The NumPy dtype of every tensor graph input (float16 for a half-precision export):
+    what onnxruntime must be fed, whatever precision calibration data or random inputs are in."""
     from onnx import helper
 
-    return {vi.name: np.dtype(helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type)) for vi in _graph_inputs(proto)}
+    return {vi.name: np.dtype(helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type))
+            for vi in _graph_inputs(proto) if vi.type.tensor_type.elem_type}
+
+
+def typed_feeds(proto: ModelProto, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``feeds`` cast to the dtypes of ``proto``'s inputs (:func:`input_dtypes`; others as they are)."""
+    dtypes = input_dtypes(proto)
+    return {k: v.astype(dtypes.get(k, v.dtype), copy=False) for k, v in feeds.items()}
 
 
 def _dims(vi) -> list[int | str | None]:

@@ -142,9 +142,8 @@ def feeds_for(proto: onnx.ModelProto, arrays: Mapping[str, np.ndarray]) -> dict[
     from scipy.ndimage import zoom
 
     from archpass.errors import CalibrationError
-    from archpass.model import input_dtypes
+    from archpass.model import typed_feeds
 
-    dtypes = input_dtypes(proto)
     out = {}
     for name, shape in input_shapes(proto).items():
         if name not in arrays:
@@ -158,8 +157,8 @@ def feeds_for(proto: onnx.ModelProto, arrays: Mapping[str, np.ndarray]) -> dict[
             else:
                 raise CalibrationError(f"calibration array for input '{name}' has shape {a.shape[1:]} per sample, "
                                        f"the model expects {tuple(shape[1:])}", "pass data made for this model")
-        out[name] = a.astype(dtypes.get(name, a.dtype), copy=False)
-    return out
+        out[name] = a
+    return typed_feeds(proto, out)
 
 
 def fidelity(reference, candidate, data: CalibData) -> Fidelity:

@@ -261,7 +261,7 @@ def ridge_fit(a: np.ndarray, y: np.ndarray, *, intercept: bool = True, activatio
     rhs_tr = (a_tr.T @ y_tr).astype(np.float64)  # the same for every ridge strength
     best = None
     for i, lam in enumerate(alphas):
-        # a ridge too weak to factor is skipped (numerically it does not regularize), unless it is the last
+        # a ridge too weak to factor is skipped (its solution would fit float32 rounding), unless it is the last
         w = fitted(g_tr, a_tr, y_tr, lam, censor=False, rhs=rhs_tr, exact_only=best is not None or i < len(alphas) - 1)
         if w is None:
             continue

@@ -156,7 +156,9 @@ class Space:
                 return None
         what = ", ".join(self.passes) or "no pass"
         why = f"no site of {what} applies to this model" + (" outside the frozen sites" if self.frozen else "")
-        quantized = [n for n in self.structure.notes if n.startswith("the model is already quantized")]
+        from archpass.analysis import QUANTIZED_PREFIX
+
+        quantized = [n for n in self.structure.notes if n.startswith(QUANTIZED_PREFIX)]
         return why + (f" ({quantized[0]})" if quantized else "")
 
     # ------------------------------------------------------------------ define by run

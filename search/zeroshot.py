@@ -75,14 +75,6 @@ def _fresh_weights(proto: onnx.ModelProto, layers, rng) -> onnx.ModelProto:
     return out
 
 
-def _typed(proto: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """``feeds`` in the dtypes of ``proto``'s inputs (float16 for a half-precision export)."""
-    from archpass.model import input_dtypes
-
-    dtypes = input_dtypes(proto)
-    return {k: v.astype(dtypes.get(k, np.float32), copy=False) for k, v in feeds.items()}
-
-
 def _expose(proto: onnx.ModelProto, names) -> None:
     """Make the tensors ``names`` graph outputs of ``proto`` (in place), typed as inferred."""
     from onnx import helper
@@ -112,7 +104,7 @@ def layer_scores(proto_or_model, *, seed: int = 0, batch: int = 32, data=None) -
     import onnxruntime as ort
 
     from archpass.analysis import analyze
-    from archpass.model import Model, model_from_proto
+    from archpass.model import Model, model_from_proto, typed_feeds
 
     model = proto_or_model if isinstance(proto_or_model, Model) else model_from_proto(proto_or_model)
     structure = analyze(model)
@@ -127,7 +119,7 @@ def layer_scores(proto_or_model, *, seed: int = 0, batch: int = 32, data=None) -
         feeds = {k: v[:batch] for k, v in data.arrays.items()}
     else:
         feeds = {name: rng.standard_normal((batch, *shape[1:])) for name, shape in model.input_shapes}
-    feeds = _typed(proto, feeds)
+    feeds = typed_feeds(proto, feeds)
     names = [l.output for l in layers]
     _expose(proto, names)
     opts = ort.SessionOptions()
@@ -177,7 +169,7 @@ def naswot_logdet(proto_or_model, *, seed: int = 0, batch: int = 32, units_per_l
     import onnxruntime as ort
 
     from archpass.analysis import analyze
-    from archpass.model import Model, model_from_proto
+    from archpass.model import Model, model_from_proto, typed_feeds
 
     model = proto_or_model if isinstance(proto_or_model, Model) else model_from_proto(proto_or_model)
     structure = analyze(model)
@@ -186,7 +178,7 @@ def naswot_logdet(proto_or_model, *, seed: int = 0, batch: int = 32, units_per_l
     if not layers:
         return 0.0
     proto = _fresh_weights(model.proto, structure.layers, rng)
-    feeds = _typed(proto, {name: rng.standard_normal((batch, *shape[1:])) for name, shape in model.input_shapes})
+    feeds = typed_feeds(proto, {name: rng.standard_normal((batch, *shape[1:])) for name, shape in model.input_shapes})
     names = [l.output for l in layers]
     _expose(proto, names)
     opts = ort.SessionOptions()
