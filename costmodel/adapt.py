@@ -575,6 +575,58 @@ def _class_errors(pred_log: np.ndarray, ms: np.ndarray, prior_ms: np.ndarray, ki
     return out
 
 
+#: a candidate's held-out network error ties with the best one's when the paired
+#: difference over the networks is within this many standard errors of zero (or within
+#: 2% of the best): then the network times cannot tell the two apart
+TIE_SE = 2.0
+
+
+def _choose_runtime(choices: list[tuple], err: dict, ape: dict, kernel_err: dict) -> tuple:
+    """(ridge, method, how it was chosen) for a runtime target.  The pairs whose held-out
+    network MAPE ties with the lowest (within 2%, or a paired difference over the networks
+    within :data:`TIE_SE` standard errors) are the ones the network times cannot tell
+    apart; among them the kernel correction with the lowest held-out latency-weighted
+    kernel error is kept, with the simplest network fit (common factor first, then
+    stronger ridges) within 2% of that correction's lowest network MAPE.
+
+    Why the kernels break the tie: network times on a shared host are noisy (one-sided:
+    another tenant only slows a window down), while every network holds tens of profiled
+    kernels.  At 2 threads here, the adaptations' 37-41 networks ran 0.50-1.02x (median
+    0.90-0.94) their adaptation-time latency when timed again by the truth protocol, so
+    their held-out MAPE put one scale per kernel class (15.0%) just ahead of residual
+    trees (15.5%), while the kernels said 57% against 20%: a scale cannot follow that at 2
+    threads small kernels and layout conversions hardly speed up, and real models hold
+    fewer of them than generated networks (held-out models +11 to +13% with the scale,
+    -2 to -1% with the trees, against their times in the same minutes)."""
+    best_c = min(choices, key=lambda c: err[c])
+    best = err[best_c]
+
+    def ties(c) -> bool:
+        if err[c] <= best * 1.02 + 0.05:
+            return True
+        a, b = ape.get(c), ape.get(best_c)
+        if a is None or b is None:
+            return False
+        ok = ~(np.isnan(a) | np.isnan(b))
+        d = a[ok] - b[ok]
+        if len(d) < 5:
+            return False
+        se = float(np.std(d, ddof=1)) / math.sqrt(len(d))
+        return float(np.mean(d)) <= TIE_SE * se
+
+    tied = [c for c in choices if ties(c)]
+    method = min(dict.fromkeys(c[1] for c in tied), key=lambda m: kernel_err.get(m, math.inf))
+    own = [c for c in choices if c[1] == method]
+    own_best = min(err[c] for c in own)
+    lam = next(c[0] for c in own if err[c] <= own_best * 1.02 + 0.05)
+    return lam, method, {"lowest_network_mape": {"method": best_c[1], "network_fit": _net_label(best_c[0]),
+                                                 "mape_pct": best},
+                         "tied_methods": sorted({c[1] for c in tied}),
+                         "rule": "among the pairs whose held-out network error ties with the lowest (2%, or a paired "
+                                 f"difference within {TIE_SE:g} standard errors), the lowest held-out latency-weighted "
+                                 "kernel error, then the simplest network fit"}
+
+
 def fit_corrections(points: Points, target: Target, method: str | None = None) -> tuple[dict[str, Correction], dict]:
     """Corrections of ``target``'s prior from ``points``, by the method with the lowest
     cross-validated error (or ``method``), and the held-out summary of every method.
@@ -651,6 +703,7 @@ def fit_corrections(points: Points, target: Target, method: str | None = None) -
     candidates = methods + [PER_KIND]
     cv: dict[str, dict] = {}
     net_cv: dict[str, dict[str, dict]] = {}
+    net_ape: dict[tuple, np.ndarray] = {}  # (ridge, method) -> each network's held-out error, %
     for m in candidates:
         ok = ~np.isnan(pred_logs[m])
         pred = points.prior_ms[ok] * np.exp(pred_logs[m][ok])
@@ -675,16 +728,15 @@ def fit_corrections(points: Points, target: Target, method: str | None = None) -
             for lam in NET_RIDGE:
                 okn = ~np.isnan(net_pred[lam])
                 net_cv.setdefault(_net_label(lam), {})[m] = accuracy_stats(net_pred[lam][okn], net_t[okn])
+                net_ape[lam, m] = np.abs(net_pred[lam] / net_t - 1) * 100
             cv[m]["networks"] = net_cv[_net_label(None)][m]
     prior_stats = accuracy_stats(points.prior_ms, points.ms)
     if runtime:
         metric = "held-out network MAPE"
         choices = [(lam, m) for lam in NET_RIDGE for m in candidates if method in (None, m)]
         err = {c: net_cv[_net_label(c[0])][c[1]].get("mape_pct", float("inf")) for c in choices}
-        best = min(err.values())
-        # the simplest pair (common factor first, then stronger ridges; simpler kernel
-        # corrections first) whose held-out error is within noise of the best
-        lam, chosen = next(c for c in choices if err[c] <= best * 1.02 + 0.05)
+        lam, chosen, tie = _choose_runtime(choices, err, net_ape, {m: cv[m]["kernels"]["latency_weighted_mape_pct"]
+                                                                    for m in candidates})
     else:
         metric = "latency-weighted held-out layer MAPE"
         lam, chosen = None, method or min(candidates, key=lambda m: cv[m]["kernels"]["latency_weighted_mape_pct"])
@@ -729,6 +781,7 @@ def fit_corrections(points: Points, target: Target, method: str | None = None) -
             "rows": "out of fold" if stacked else "in sample",
             "in_sample": accuracy_stats(x[ok] @ coef, net_t[ok]), "cross_validation": net_cv}
         summary["chains"] = net_cv[_net_label(lam)][chosen]
+        summary["selection"] = tie
     return corr, summary
 
 
