@@ -856,10 +856,10 @@ def phase_report(args) -> None:
                       f"(pooled {entry['nearby_truths_all_adaptations']['within_10pct_pooled']:.1f}%)")
                 # the adaptations that timed what calibrate --adapt plans today (older ones
                 # timed networks of an earlier plan generator; the fit is today's for all)
-                current = {k: v for k, v in near.items() if plan_is_current(doc["adaptations"][k[len("adapted_"):]][sc], sc)}
-                if current:
-                    entry["nearby_truths_current_plans"] = {"tags": [k[len("adapted_"):] for k in current], **pooled(current)}
-                    print(f"ort {sc}: {len(current)} adaptations with today's plans ({', '.join(current)}): "
+                today = {k: v for k, v in near.items() if plan_is_current(doc["adaptations"][k[len("adapted_"):]][sc], sc)}
+                if today:
+                    entry["nearby_truths_current_plans"] = {"tags": [k[len("adapted_"):] for k in today], **pooled(today)}
+                    print(f"ort {sc}: {len(today)} adaptations with today's plans ({', '.join(today)}): "
                           f"{', '.join(f'{w:.0f}%' for w in entry['nearby_truths_current_plans']['within_10pct_each'])} "
                           f"(pooled {entry['nearby_truths_current_plans']['within_10pct_pooled']:.1f}%)")
             cur = entry.get("nearby_truths_current_plans", {}).get("tags", [])
