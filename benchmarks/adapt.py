@@ -790,7 +790,13 @@ def phase_report(args) -> None:
                 entry[f"adaptation_{tag}"] = {**{k: v for k, v in run.items() if k not in ("cross_validation", "method",
                                                                                           "network_fit")},
                                               "method": t.accuracy["method"], "network_fit": t.accuracy["network_fit"],
-                                              "layout_block": t.accuracy.get("layout_block")}
+                                              "layout_block": t.accuracy.get("layout_block"),
+                                              # how the correction was chosen, and what the kernels said of each
+                                              "selection": t.accuracy.get("selection"),
+                                              "held_out_kernel_lw_mape_pct": {
+                                                  m: v["kernels"]["latency_weighted_mape_pct"]
+                                                  for m, v in t.accuracy.get("cross_validation", {}).items()
+                                                  if isinstance(v, dict) and "kernels" in v}}
             if tags:
                 for m in OWN_METHODS:  # the transfer_* ones equal them (same hardware description)
                     variants[f"adapted_{tags[0]}[{m}]"] = refit(doc["adaptations"][tags[0]][sc]["dir"], m)
