@@ -35,10 +35,10 @@ archpass's passes; the set of ``predictor_accuracy.py``):
   the same way against its nearby truths.
 
     python benchmarks/adapt.py --phase truths|zigzag-measure|zigzag|prepare|report   # truths, zigzag-measure: ZigZag runs
-    quiet.sh python benchmarks/adapt.py --phase ort-truth --tag first          # one quiet section each
-    quiet.sh python benchmarks/adapt.py --phase ort-adapt --scenario 2threads --tag first [--seed 0] [--windows 3]
-    quiet.sh python benchmarks/adapt.py --phase ort-full --scenario 2threads --tag f1   # about 20 min
-    quiet.sh python benchmarks/adapt.py --phase ort-split --scenario 1thread --tag s1 --adapt-tags first,second
+    benchmarks/quiet.sh python benchmarks/adapt.py --phase ort-truth --tag first          # one quiet section each
+    benchmarks/quiet.sh python benchmarks/adapt.py --phase ort-adapt --scenario 2threads --tag first [--seed 0] [--windows 3]
+    benchmarks/quiet.sh python benchmarks/adapt.py --phase ort-full --scenario 2threads --tag f1   # about 20 min
+    benchmarks/quiet.sh python benchmarks/adapt.py --phase ort-split --scenario 1thread --tag s1 --adapt-tags first,second
     python benchmarks/adapt.py --phase report --adapt-tags first,second   # the adaptations scored; drift between them
         [--scenario-tags basic=third,fourth]                               # other adaptations for one scenario
 
@@ -249,7 +249,7 @@ def phase_zigzag(args) -> dict:
     return out
 
 
-# ------------------------------------------------------------------ phase: onnxruntime (each run via /work/notes/quiet.sh)
+# ------------------------------------------------------------------ phase: onnxruntime (each run via benchmarks/quiet.sh)
 #: the issue's two simulated new hosts, and the base's own setting adapted to this host
 #: (what ``calibrate --adapt cpu`` does by default: it separates what full graph
 #: optimizations cost the adaptation from what a second thread does)
@@ -765,7 +765,7 @@ def phase_report(args) -> None:
                      f">= {TRUTH_RUNS} runs >= {TRUTH_MIN_S} s per window, their median, each window started in a quiet "
                      "moment); with several threads a window is the 25th percentile of its runs and only the "
                      "fast-state windows count (a probe read around every window, archpass.costmodel.hoststate), "
-                     "via /work/notes/quiet.sh",
+                     "via benchmarks/quiet.sh",
                      "truth_measurements": {k: {"when": v["when"], "seconds": v["seconds"]} for k, v in current.items()},
                      "truth_stability_between_measurements": stability,
                      "fit": "each adaptation's stored measurement fitted by the current code (costmodel.adapt.refit)",
@@ -900,7 +900,7 @@ def phase_report(args) -> None:
                                   "the cache had no truth measurement (--phase ort-truth)"}
     else:
         figures["onnxruntime"] = {"not_measured": "no truth measurement (benchmarks/adapt.py --phase ort-truth via "
-                                  "/work/notes/quiet.sh) was taken"}
+                                  "benchmarks/quiet.sh) was taken"}
     path = write_results("adapt", figures)
     print(f"wrote {path}", file=sys.stderr)
 

@@ -16,7 +16,7 @@ Timing is ``measure.measure_latency`` (the truths' protocol: interleaved windows
 host's fast-state windows) at the adaptations' 2 threads, all graph optimizations; run it
 alone on the machine::
 
-    quiet.sh python benchmarks/adapt_twin.py [--tags s14,s16,s12,s3] [--rounds 8]
+    benchmarks/quiet.sh python benchmarks/adapt_twin.py [--tags s14,s16,s12,s3] [--rounds 8]
 
 It writes ``benchmarks/results/adapt_twin.json``.
 """

@@ -160,7 +160,9 @@ def _report(target, output, json_out: bool) -> None:
     if acc.get("all_kernels"):
         rows["all"] = {**acc["all_kernels"], "n_points": acc.get("measured_points")}
     if acc.get("chains", {}).get("n"):
-        rows["whole networks"] = {**acc["chains"], "n_points": acc.get("jobs")}
+        # a full calibration's timed jobs; an adaptation's timed networks
+        timed = acc.get("jobs") or (acc.get("network_fit") or {}).get("networks")
+        rows["whole networks"] = {**acc["chains"], "n_points": timed if timed is not None else ""}
     for method, cv in (acc.get("cross_validation") or {}).items():
         for what, s in cv.items():
             if s.get("n") and "within_10pct" in s:
@@ -176,6 +178,10 @@ def _report(target, output, json_out: bool) -> None:
         weighted = (chosen.get("kernels") or {}).get("latency_weighted_mape_pct")
         stderr.print(f"correction: {acc['method']}, {acc.get('selected_by')}"
                      + (f" (latency-weighted kernel MAPE {weighted:.1f}%)" if weighted is not None else ""))
+        tied = (acc.get("selection") or {}).get("tied_methods") or []
+        if len(tied) > 1:
+            stderr.print(f"the held-out networks could not tell {', '.join(tied)} apart; {acc['method']} had the lowest "
+                         "held-out kernel error of them")
     m = acc.get("measurement") or {}
     if "other_cores_median" in m:
         stderr.print(f"measured {m.get('networks')} networks in {m.get('seconds')} s ({m.get('windows')} windows); other "

@@ -757,7 +757,8 @@ def fit_corrections(points: Points, target: Target, method: str | None = None) -
         "method": chosen,
         "reference": "the base's predictors on this hardware" if chosen.startswith(TRANSFER)
         else "the base's prediction",
-        "selected_by": f"lowest {metric} ({FOLDS} folds by {'network' if runtime else 'layer'})"
+        "selected_by": (f"lowest {metric} ({FOLDS} folds by {'network' if runtime else 'layer'})"
+                        + ("; a tie on it broken by the held-out latency-weighted kernel MAPE" if runtime else ""))
         if method is None else "given",
         "cross_validation": cv,
         "all_kernels": cv[chosen]["kernels"],

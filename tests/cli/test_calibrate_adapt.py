@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from dataclasses import replace
@@ -159,4 +160,14 @@ def test_adapt_notes_a_measurement_taken_on_a_busy_host(tiny, tmp_path, monkeypa
     assert t.accuracy["measurement"]["notes"] == notes  # recorded in the target
     capsys.readouterr()
     _report(t, out, False)
-    assert f"note: {notes[0]}" in " ".join(capsys.readouterr().out.split())
+    printed = capsys.readouterr()
+    assert f"note: {notes[0]}" in " ".join(printed.out.split())
+    # the table's whole-network row counts the timed networks (it printed "None" before)
+    assert "None" not in printed.out
+    assert re.search(rf"whole networks\W+{t.accuracy['network_fit']['networks']}\b", printed.out)
+    # a tie on the held-out networks is said, with what broke it
+    tied = replace(t, accuracy={**t.accuracy, "method": "residual_trees",
+                                "selection": {"tied_methods": ["class_scale", "residual_trees"]}})
+    _report(tied, out, False)
+    err = " ".join(capsys.readouterr().err.split())
+    assert "could not tell class_scale, residual_trees apart; residual_trees had the lowest held-out kernel error" in err
