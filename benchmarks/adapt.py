@@ -729,6 +729,45 @@ def other_hosts(earlier: dict, truths: dict) -> list[dict]:
 
 
 # ------------------------------------------------------------------ report
+def two_rounds(doc: dict, sc: str, tags: list[str], models, variants: dict) -> dict:
+    """What ``calibrate --adapt ... --add`` does with two rounds: each pair of consecutive
+    adaptations (in ``tags`` order) fitted together (the second's networks as round 2),
+    against the truths timed within NEARBY_S of either, beside each one alone against the
+    same truths."""
+    import numpy as np
+
+    from archpass.costmodel.adapt import dataset_points, fit_target
+    from archpass.costmodel.calibrate import DATASET, Dataset
+    from archpass.costmodel.target import load_target
+
+    pairs, rows = [], {"two_rounds": [], "first_alone": [], "second_alone": []}
+    for a, b in zip(tags, tags[1:]):
+        ra, rb = doc["adaptations"][a][sc], doc["adaptations"][b][sc]
+        close = {**nearby_truths(doc, ra), **nearby_truths(doc, rb)}
+        if not close:
+            continue
+        shell = load_target(ra["dir"])
+        data = Dataset(Path(ra["dir"]) / DATASET)
+        for k, rec in Dataset(Path(rb["dir"]) / DATASET).records.items():
+            data.records[f"r2/{k}"] = {**rec, "key": f"r2/{k}"}
+        both = fit_target(shell, dataset_points(data, shell.prior))
+        local = combined_truths(doc, set(close))[0][sc]
+        got = {"two_rounds": rows_for(both, models, local), "first_alone": rows_for(variants[f"adapted_{a}"], models, local),
+               "second_alone": rows_for(variants[f"adapted_{b}"], models, local)}
+        entry = {"tags": [a, b], "truths": sorted(close), "method": both.accuracy["method"]}
+        for k, r in got.items():
+            rows[k] += r
+            entry[k] = score(r)
+        pairs.append(entry)
+        print(f"ort {sc} two rounds {a}+{b} against {', '.join(sorted(close))}: within ±10% "
+              f"{entry['two_rounds']['within_10pct']:.0f}% (mean {entry['two_rounds']['mean_error_pct']:+.1f}%); "
+              f"alone {entry['first_alone']['within_10pct']:.0f}% and {entry['second_alone']['within_10pct']:.0f}%")
+    if not pairs:
+        return {}
+    return {"pairs": pairs, "pooled_within_10pct": {k: float(np.mean([abs(r["error_pct"]) <= 10 for r in v]) * 100)
+                                                    for k, v in rows.items()}}
+
+
 def phase_report(args) -> None:
     import numpy as np
 
@@ -832,6 +871,9 @@ def phase_report(args) -> None:
                       f"max {res['max_abs_error_pct']:.1f}%  mean {res['mean_error_pct']:+.1f}%  "
                       f"(level taken out: {res['within_10pct_level_taken_out']:.0f}% within ±10%)")
             entry["targets_against_nearby_truths"] = near
+            two = two_rounds(doc, sc, tags, models, variants)
+            if two:
+                entry["two_rounds_pooled"] = two
             split = split_level_and_model(doc, sc, adapted, models)
             if split:
                 entry["split_level_and_model"] = split

@@ -41,6 +41,7 @@ def calibrate(
     samples: Annotated[int | None, typer.Option("--samples", help="Layers (zigzag) or generated networks (onnxruntime) to measure (default 400; 50 layers with --adapt).", show_default=False)] = None,
     workers: Annotated[int | None, typer.Option("--workers", help="Parallel measurement processes (default: 2 for zigzag, 1 for onnxruntime, whose timings would disturb each other).", show_default=False)] = None,
     seed: Annotated[int, typer.Option("--seed", help="Sampling seed (keep it to resume).")] = 0,
+    add: Annotated[bool, typer.Option("--add", help="--adapt with onnxruntime: measure another round into the adapted target in -o (same base and settings, this host) and fit on every round's networks; on a host whose speed wanders, two rounds at different times average its level out.")] = False,
     max_wait: Annotated[float, typer.Option("--max-wait", help="onnxruntime: wait up to this many seconds per network for a core no other process uses.")] = 3.0,
     json_out: JsonOpt = False,
     debug: DebugOpt = False,
@@ -54,11 +55,15 @@ def calibrate(
     predictions and write a target that keeps BASE as its prior."""
     from archpass.costmodel import calibrate as cal
 
+    if add and (adapt is None or backend is not Backend.onnxruntime):
+        with handled(debug):
+            raise TargetError("--add needs --adapt with --backend onnxruntime",
+                              "pass --adapt BASE --backend onnxruntime -o DIR with the directory of the first round")
     if adapt is not None:
         with handled(debug):
             target, out = _adapt(adapt, backend, name, output, hardware, mapping, clock_hz, lpf_limit, provider,
                                  threads, samples, workers, seed, budget_s, models, install, graph_opt, correction,
-                                 spread_s)
+                                 spread_s, add)
         _report(target, out, json_out)
         return
     samples = 400 if samples is None else samples
@@ -99,7 +104,7 @@ def calibrate(
 
 
 def _adapt(base, backend, name, output, hardware, mapping, clock_hz, lpf_limit, provider, threads, samples, workers,
-           seed, budget_s, models, install, graph_opt, correction, spread_s=None):
+           seed, budget_s, models, install, graph_opt, correction, spread_s=None, add=False):
     from archpass.costmodel import adapt as ad
     from archpass.costmodel.target import install_target, set_default, user_dir
 
@@ -131,7 +136,7 @@ def _adapt(base, backend, name, output, hardware, mapping, clock_hz, lpf_limit, 
     else:
         target = ad.adapt_onnxruntime(base=prior, name=name, out_dir=out, provider=provider, threads=threads,
                                       graph_opt=graph_opt, budget_s=budget_s, seed=seed, models=model_paths,
-                                      method=correction, spread_s=spread_s,
+                                      method=correction, spread_s=spread_s, add=add,
                                       progress=lambda msg: stderr.print(f"adapt {name}: {msg}"))
     if install:
         if output is not None:
@@ -190,6 +195,11 @@ def _report(target, output, json_out: bool) -> None:
                      f"{m.get('kept_busy')} kept busy"
                      + (f"; window rounds spread over {m['spread_waited_s']:.0f} s of pauses" if m.get("spread_waited_s")
                         else ""))
+    rounds = m.get("rounds") or []
+    if len(rounds) > 1:
+        stderr.print(f"round {len(rounds)}: the fit pools {len(rounds)} rounds, "
+                     f"{sum(len(r.get('keys') or []) for r in rounds)} networks ("
+                     + ", ".join(f"{r.get('networks')} at {r.get('when', '?')}" for r in rounds) + ")")
     if acc.get("failed_jobs"):
         stderr.print(f"{acc['failed_jobs']} measurements failed and were skipped, e.g. {acc['failure_examples'][:2]}")
     for n in notes:

@@ -37,6 +37,7 @@ import bisect
 import hashlib
 import math
 import os
+import re
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -1432,15 +1433,53 @@ def network_points(n: Network, profile_path: str, optimized_path: str, overhead_
     return out
 
 
+#: what each round of an onnxruntime adaptation records (``accuracy.measurement.rounds``)
+ROUND_KEYS = ("when", "seed", "seconds", "networks", "notes", "other_cores_median", "spread_waited_s", "models")
+
+
+def earlier_rounds(out: Path, prior: Target, provider: str, threads: int, graph_opt: str) -> list[dict]:
+    """The measurement rounds of the adapted target in ``out`` that another round
+    (``calibrate --adapt ... --add``) joins: it must have been adapted from the same base
+    with the same provider, threads and graph optimization level, on this machine."""
+    from archpass.costmodel.host import same_machine
+
+    fix = "run it once without --add (the same -o), or pass the settings it was adapted with"
+    if not (out / "target.json").is_file():
+        raise TargetError(f"--add: {out} holds no adapted target", fix)
+    try:
+        before = load_target(out)
+    except TargetError as e:
+        raise TargetError(f"--add: {out} holds no readable target ({e.problem})", fix) from None
+    src = before.source or {}
+    want = {"backend": "onnxruntime", "adapted_from": prior.name, "provider": provider, "threads": threads,
+            "graph_optimization": graph_opt}
+    other = [f"{k} {src.get(k)!r}, not {v!r}" for k, v in want.items() if src.get(k) != v]
+    if before.prior is None or other:
+        raise TargetError(f"--add: {out} was adapted otherwise ({'; '.join(other) or 'not an adaptation'})", fix)
+    if not same_machine(src.get("host")):
+        raise TargetError(f"--add: {out} was measured on another machine",
+                          "adapt into a new -o here (rounds of different machines do not pool)")
+    m = before.accuracy.get("measurement") or {}
+    rounds = list(m.get("rounds") or [])
+    if not rounds:  # a target adapted before rounds were recorded: its networks are the unprefixed records
+        keys = [k for k in Dataset(out / DATASET).records if not re.match(r"r\d+/", k)]
+        rounds = [{k: m[k] for k in ROUND_KEYS if k in m} | {"keys": keys}]
+    return rounds
+
+
 def adapt_onnxruntime(*, base: str | Path | Target, name: str, out_dir: str | Path,
                       provider: str = "CPUExecutionProvider", threads: int = 1, graph_opt: str = "all",
                       budget_s: float = 60.0, seed: int = 0, models=(), windows: int = 3, runs: int = RUNS,
                       spread_s: float | None = None,
-                      description: str = "", method: str | None = None, pool: int = 96,
+                      description: str = "", method: str | None = None, pool: int = 96, add: bool = False,
                       progress: Callable[[str], None] | None = None) -> Target:
     """Adapt an onnxruntime target to this host / provider / threads / graph optimization
     level from at most ``budget_s`` seconds of measurement, its window rounds ``spread_s``
-    apart (by default :data:`SPREAD_S`, at most :data:`SPREAD_FACTOR` x ``budget_s``)."""
+    apart (by default :data:`SPREAD_S`, at most :data:`SPREAD_FACTOR` x ``budget_s``).
+
+    ``add``: ``out_dir`` holds a target this function adapted with the same base and
+    settings on this host; measure another round (its own networks, drawn with the next
+    seed) and fit on every round's networks (:func:`earlier_rounds`)."""
     import shutil
 
     from archpass.costmodel.backends.onnxruntime import check_graph_opt, check_provider
@@ -1459,6 +1498,9 @@ def adapt_onnxruntime(*, base: str | Path | Target, name: str, out_dir: str | Pa
     if spread_s < 0:
         raise TargetError(f"--spread-s {spread_s:g} is negative", "pass 0 (rounds back to back) or more")
     out = Path(out_dir)
+    rounds = earlier_rounds(out, prior, provider, threads, graph_opt) if add else []
+    seed += len(rounds)  # another round draws other networks
+    prefix = f"r{len(rounds) + 1}/" if rounds else ""
     t_all = time.time()
     fusion = host_fusion(prior.fusion, provider, graph_opt)
     # the plan decomposes its networks with this host's layout (the prior's own predictions
@@ -1476,16 +1518,19 @@ def adapt_onnxruntime(*, base: str | Path | Target, name: str, out_dir: str | Pa
             if n.key not in got["profiles"]:
                 continue
             pts = network_points(n, *got["profiles"][n.key], overhead, threads)
-            dataset.add({"key": n.key, "group": "network", "payload": {"label": n.label}, "points": pts,
+            dataset.add({"key": prefix + n.key, "group": "network", "payload": {"label": n.label}, "points": pts,
                          "all_kernels": [{"id": k.id, "spec": k.spec()} for k in n.kernels],
                          "plain_ms": network_ms(n), "window_plain_ms": n.plain,
                          "other_cores": [w[2] for w in n.windows], "probe_ms": [w[3] for w in n.windows],
                          "fast_windows": n.fast})
     finally:
         shutil.rmtree(got["tmp"], ignore_errors=True)
-    keys = [n.key for n in nets if n.key in got["profiles"]]
-    points = dataset_points(dataset, prior, set(keys))
-    if len(points) < 5 or len(keys) < 2:
+    keys = [prefix + n.key for n in nets if n.key in got["profiles"]]
+    if len(keys) < 2:
+        raise TargetError(f"--budget-s {budget_s:g} measured only {len(keys)} network(s)",
+                          "raise --budget-s (60 s is the default)")
+    points = dataset_points(dataset, prior, set(keys).union(*(r["keys"] for r in rounds)))
+    if len(points) < 5:
         raise TargetError(f"--budget-s {budget_s:g} measured only {len(keys)} network(s)",
                           "raise --budget-s (60 s is the default)")
     notes = measurement_notes(seen, budget_s)
@@ -1495,7 +1540,13 @@ def adapt_onnxruntime(*, base: str | Path | Target, name: str, out_dir: str | Pa
                    "kernel_window_statistic": "median" if threads <= 1 else "min of fast-state windows",
                    "networks": len(keys), "other_cores_median": float(np.median(oc)) if oc else None,
                    "other_cores_max": float(np.max(oc)) if oc else None, "total_seconds": round(time.time() - t_all, 1),
-                   "models": [Path(p).name for p in models]}
+                   "models": [Path(p).name for p in models], "seed": seed,
+                   "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    # every round's own record (the fit pools their networks); the target's measurement
+    # figures are the latest round's, its notes every round's
+    measurement["rounds"] = [*rounds, {k: measurement[k] for k in ROUND_KEYS if k in measurement} | {"keys": keys}]
+    measurement["notes"] = [*(f"round {i + 1}: {n}" for i, r in enumerate(rounds) for n in r.get("notes") or []),
+                            *((f"round {len(rounds) + 1}: {n}" for n in notes) if rounds else notes)]
     shell = Target(
         name=name,
         description=description or f"onnxruntime {provider}, {threads} thread(s)"

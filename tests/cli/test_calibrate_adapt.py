@@ -171,3 +171,39 @@ def test_adapt_notes_a_measurement_taken_on_a_busy_host(tiny, tmp_path, monkeypa
     _report(tied, out, False)
     err = " ".join(capsys.readouterr().err.split())
     assert "could not tell class_scale, residual_trees apart; residual_trees had the lowest held-out kernel error" in err
+
+
+def test_adapt_add_pools_a_second_round(tiny, tmp_path, monkeypatch):
+    """--add measures another round into the same directory (other networks: the next seed)
+    and fits on both rounds' networks; a directory adapted otherwise, or none, is refused."""
+    import functools
+
+    from archpass.costmodel import adapt as ad
+
+    monkeypatch.setattr(ad, "adapt_onnxruntime", functools.partial(ad.adapt_onnxruntime, pool=3, windows=2, runs=3))
+    out = tmp_path / "here"
+    common = ["calibrate", "--adapt", "cpu", "--backend", "onnxruntime", "--budget-s", "3", "--spread-s", "0",
+              "--name", "cpu-here", "-o", str(out)]
+    r = runner.invoke(app, [*common, "--json"])
+    assert r.exit_code == 0, r.output
+    first = json.loads(r.stdout)["accuracy"]["measurement"]
+    assert len(first["rounds"]) == 1 and first["rounds"][0]["keys"] and first["rounds"][0]["seed"] == 0
+    r = runner.invoke(app, [*common, "--add", "--json"])
+    assert r.exit_code == 0, r.output
+    m = json.loads(r.stdout)["accuracy"]["measurement"]
+    assert [x["seed"] for x in m["rounds"]] == [0, 1]
+    assert m["rounds"][0]["keys"] == first["rounds"][0]["keys"]  # the first round is kept as it was
+    second = m["rounds"][1]["keys"]
+    assert second and all(k.startswith("r2/") for k in second)
+    t = load_target(out)
+    assert t.accuracy["network_fit"]["networks"] == len(first["rounds"][0]["keys"]) + len(second)
+    records = Dataset(out / DATASET).records
+    assert set(first["rounds"][0]["keys"]) | set(second) <= set(records)
+    # another thread count, no target, or --add without --adapt: one line, exit 2
+    r = runner.invoke(app, [*common, "--add", "--threads", "2"])
+    assert r.exit_code == 2 and "was adapted otherwise (threads 1, not 2)" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    r = runner.invoke(app, [*common[:-1], str(tmp_path / "none"), "--add"])
+    assert r.exit_code == 2 and "holds no adapted target" in r.stderr
+    r = runner.invoke(app, ["calibrate", "--backend", "onnxruntime", "--name", "x", "-o", str(tmp_path / "x"), "--add"])
+    assert r.exit_code == 2 and "--add needs --adapt" in r.stderr
