@@ -152,8 +152,15 @@ def _kind_key(k: Kernel) -> str:
     return k.kind if k.kind in LAYER_KINDS else GENERIC_OP
 
 
+#: the prefix of a later round's records (``calibrate --adapt --add``: ``r2/<key>``)
+ROUND_PREFIX = re.compile(r"^r\d+/")
+
+
 def _fold(group: str) -> int:
-    return int(hashlib.sha1(group.encode()).hexdigest()[:8], 16) % FOLDS
+    """A group's cross-validation fold.  A network timed in two rounds (the same key after
+    the round prefix, e.g. a ``--models`` model) stays in one fold: with its twin on the
+    training side a held-out network would not be held out."""
+    return int(hashlib.sha1(ROUND_PREFIX.sub("", group).encode()).hexdigest()[:8], 16) % FOLDS
 
 
 def _scale(y: np.ndarray) -> float:
@@ -1462,7 +1469,7 @@ def earlier_rounds(out: Path, prior: Target, provider: str, threads: int, graph_
     m = before.accuracy.get("measurement") or {}
     rounds = list(m.get("rounds") or [])
     if not rounds:  # a target adapted before rounds were recorded: its networks are the unprefixed records
-        keys = [k for k in Dataset(out / DATASET).records if not re.match(r"r\d+/", k)]
+        keys = [k for k in Dataset(out / DATASET).records if not ROUND_PREFIX.match(k)]
         rounds = [{k: m[k] for k in ROUND_KEYS if k in m} | {"keys": keys}]
     return rounds
 

@@ -689,3 +689,16 @@ def test_noisy_networks_leave_the_correction_to_the_kernels():
     assert summary["method"] in ("residual_trees", "per_kind") and summary["method"] in sel["tied_methods"]
     assert cv[summary["method"]]["kernels"]["latency_weighted_mape_pct"] < \
         0.5 * cv["class_scale"]["kernels"]["latency_weighted_mape_pct"]
+
+
+def test_a_network_timed_in_two_rounds_stays_in_one_fold():
+    """calibrate --adapt --add prefixes a later round's records (r2/...): the same network
+    timed in two rounds must fall in one cross-validation fold, or its twin would train the
+    correction that is scored on it."""
+    from archpass.costmodel import adapt as A
+
+    keys = [f"net-{i}" for i in range(40)]
+    assert all(A._fold(f"r2/{k}") == A._fold(k) == A._fold(f"r13/{k}") for k in keys)
+    assert len({A._fold(k) for k in keys}) == A.FOLDS  # the folds still spread
+    # only a leading round prefix goes
+    assert [A.ROUND_PREFIX.sub("", k) for k in ("rr/x", "net/r2/x", "r2x", "r2/x")] == ["rr/x", "net/r2/x", "r2x", "x"]
