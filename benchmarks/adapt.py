@@ -736,7 +736,7 @@ def two_rounds(doc: dict, sc: str, tags: list[str], models, variants: dict) -> d
     same truths."""
     import numpy as np
 
-    from archpass.costmodel.adapt import dataset_points, fit_target
+    from archpass.costmodel.adapt import dataset_points, fit_target, round_key
     from archpass.costmodel.calibrate import DATASET, Dataset
     from archpass.costmodel.target import load_target
 
@@ -752,7 +752,7 @@ def two_rounds(doc: dict, sc: str, tags: list[str], models, variants: dict) -> d
         shell = load_target(ra["dir"])
         data = Dataset(Path(ra["dir"]) / DATASET)
         for k, rec in Dataset(Path(rb["dir"]) / DATASET).records.items():
-            data.records[f"r2/{k}"] = {**rec, "key": f"r2/{k}"}
+            data.records[round_key(k, 2)] = {**rec, "key": round_key(k, 2)}
         both = fit_target(shell, dataset_points(data, shell.prior))
         local = combined_truths(doc, set(close))[0][sc]
         got = {"two_rounds": rows_for(both, models, local), "first_alone": rows_for(variants[f"adapted_{a}"], models, local),

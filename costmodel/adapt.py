@@ -156,6 +156,11 @@ def _kind_key(k: Kernel) -> str:
 ROUND_PREFIX = re.compile(r"^r\d+/")
 
 
+def round_key(key: str, round_no: int) -> str:
+    """A record's key in round ``round_no`` (1: the key itself) of an adaptation."""
+    return key if round_no <= 1 else f"r{round_no}/{key}"
+
+
 def _fold(group: str) -> int:
     """A group's cross-validation fold.  A network timed in two rounds (the same key after
     the round prefix, e.g. a ``--models`` model) stays in one fold: with its twin on the
@@ -1507,7 +1512,7 @@ def adapt_onnxruntime(*, base: str | Path | Target, name: str, out_dir: str | Pa
     out = Path(out_dir)
     rounds = earlier_rounds(out, prior, provider, threads, graph_opt) if add else []
     seed += len(rounds)  # another round draws other networks
-    prefix = f"r{len(rounds) + 1}/" if rounds else ""
+    this_round = len(rounds) + 1
     t_all = time.time()
     fusion = host_fusion(prior.fusion, provider, graph_opt)
     # the plan decomposes its networks with this host's layout (the prior's own predictions
@@ -1525,19 +1530,16 @@ def adapt_onnxruntime(*, base: str | Path | Target, name: str, out_dir: str | Pa
             if n.key not in got["profiles"]:
                 continue
             pts = network_points(n, *got["profiles"][n.key], overhead, threads)
-            dataset.add({"key": prefix + n.key, "group": "network", "payload": {"label": n.label}, "points": pts,
+            dataset.add({"key": round_key(n.key, this_round), "group": "network", "payload": {"label": n.label}, "points": pts,
                          "all_kernels": [{"id": k.id, "spec": k.spec()} for k in n.kernels],
                          "plain_ms": network_ms(n), "window_plain_ms": n.plain,
                          "other_cores": [w[2] for w in n.windows], "probe_ms": [w[3] for w in n.windows],
                          "fast_windows": n.fast})
     finally:
         shutil.rmtree(got["tmp"], ignore_errors=True)
-    keys = [prefix + n.key for n in nets if n.key in got["profiles"]]
-    if len(keys) < 2:
-        raise TargetError(f"--budget-s {budget_s:g} measured only {len(keys)} network(s)",
-                          "raise --budget-s (60 s is the default)")
+    keys = [round_key(n.key, this_round) for n in nets if n.key in got["profiles"]]
     points = dataset_points(dataset, prior, set(keys).union(*(r["keys"] for r in rounds)))
-    if len(points) < 5:
+    if len(points) < 5 or len(keys) < 2:
         raise TargetError(f"--budget-s {budget_s:g} measured only {len(keys)} network(s)",
                           "raise --budget-s (60 s is the default)")
     notes = measurement_notes(seen, budget_s)
@@ -1570,4 +1572,4 @@ def adapt_onnxruntime(*, base: str | Path | Target, name: str, out_dir: str | Pa
 
 __all__ = ["adapt_zigzag", "adapt_onnxruntime", "adapt_layers", "dataset_points", "refit", "fit_corrections", "fit_target",
            "layout_blocks", "Points", "select_layers", "select_networks",
-           "measure_networks", "measurement_notes", "load_base", "METHODS", "PER_KIND"]
+           "measure_networks", "measurement_notes", "load_base", "earlier_rounds", "round_key", "METHODS", "PER_KIND"]
