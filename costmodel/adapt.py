@@ -1383,8 +1383,12 @@ def measurement_notes(m: dict, budget_s: float) -> list[str]:
                      "timed in its fast state, so predictions are likely high by tens of percent; adapt again when "
                      "the host is quiet")
     elif windows and slow > UNSTABLE_SHARE * windows:
+        # two such 2-thread adaptations (50 of 63 and 34 of 111 windows slow) came out +14.8
+        # and +18.7% on average, where the host's other adaptations of those hours were
+        # within 5% (docs/architecture.md, fifth and seventh machines)
         notes.append(f"the host ran multi-threaded work slowly during {slow} of {windows} windows{waits}"
-                     ": predictions may be high by several percent; adapt again when the host is quiet")
+                     ": predictions may be high by up to about 20%; adapt again when the host is quiet, "
+                     "or add a round later with --add")
     taken = windows or len(m.get("other_cores") or ())
     busy = int(m.get("kept_busy") or 0)
     if taken and busy > UNSTABLE_SHARE * taken:
