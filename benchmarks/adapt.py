@@ -611,6 +611,35 @@ def nearby_truths(doc: dict, run: dict, within_s: float = NEARBY_S) -> dict[str,
     return out
 
 
+#: a predeclared mark of a minute the host spent above its fast state (not a rule of the
+#: product): fewer than this share of the kept windows' probe readings within 10% of the
+#: adaptation's best reading (the seventh machine's 2-thread q3: 1%, its other rounds 37-71%)
+PLATEAU_SHARE = 0.10
+
+
+def probe_profile(run: dict) -> dict | None:
+    """How the probe read during a multi-threaded adaptation's kept (fast-state) windows,
+    against the adaptation's best reading: their median ratio and the share within 10%
+    (None with one thread: no probe)."""
+    import numpy as np
+
+    best = (run.get("measurement") or {}).get("probe_best_ms")
+    path = Path(run["dir"]) / "dataset.jsonl"
+    if not best or not path.is_file():
+        return None
+    kept = []
+    for line in path.read_text().splitlines():
+        rec = json.loads(line)
+        probe = rec.get("probe_ms") or []
+        fast = rec.get("fast_windows") or range(len(probe))
+        kept += [probe[i] / best for i in fast if i < len(probe) and probe[i]]
+    if not kept:
+        return None
+    share = float(np.mean(np.array(kept) <= 1.1))
+    return {"probe_best_ms": best, "kept_windows": len(kept), "kept_probe_median_over_best": round(float(np.median(kept)), 3),
+            "kept_probe_share_within_10pct_of_best": round(share, 3), "plateau": share < PLATEAU_SHARE}
+
+
 def pooled(near: dict) -> dict:
     """Adaptations scored against their nearby truths, together: each one's share within
     ±10% and the share over all their models."""
@@ -621,7 +650,8 @@ def pooled(near: dict) -> dict:
     return {"adaptations": len(near), "seeds": sorted({v["seed"] for v in near.values()}),
             "within_10pct_each": each, "within_10pct_min": min(each), "within_10pct_median": float(np.median(each)),
             "within_10pct_pooled": float(np.mean(np.abs(errs) <= 10) * 100), "mape_pct_pooled": float(np.mean(np.abs(errs))),
-            "adaptations_meeting_90pct": int(sum(w >= 90 for w in each))}
+            "adaptations_meeting_90pct": int(sum(w >= 90 for w in each)),
+            "probe_plateau": [k for k, v in near.items() if (v.get("probe") or {}).get("plateau")]}
 
 
 #: (scenario, seed, windows) -> today's plan: its networks by their kernels
@@ -870,7 +900,9 @@ def phase_report(args) -> None:
                 rows = rows_for(variants[f"adapted_{tag}"], models, local[sc])
                 res = score(rows)
                 seed = doc["adaptations"][tag][sc].get("seed", 0)
-                near[f"adapted_{tag}"] = {"truths_minutes_from_adaptation": close, "seed": seed, **res, "rows": rows}
+                profile = probe_profile(doc["adaptations"][tag][sc])
+                near[f"adapted_{tag}"] = {"truths_minutes_from_adaptation": close, "seed": seed, **res,
+                                          **({"probe": profile} if profile else {}), "rows": rows}
                 print(f"ort {sc} adapted_{tag} (seed {seed}) against the truths within {NEARBY_S / 60:.0f} min ({', '.join(close)}): "
                       f"within ±10%: {res['within_10pct']:.1f}% of {res['models']}  MAPE {res['mape_pct']:.1f}%  "
                       f"max {res['max_abs_error_pct']:.1f}%  mean {res['mean_error_pct']:+.1f}%  "
