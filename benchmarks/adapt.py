@@ -906,7 +906,10 @@ def phase_report(args) -> None:
                 print(f"ort {sc} adapted_{tag} (seed {seed}) against the truths within {NEARBY_S / 60:.0f} min ({', '.join(close)}): "
                       f"within ±10%: {res['within_10pct']:.1f}% of {res['models']}  MAPE {res['mape_pct']:.1f}%  "
                       f"max {res['max_abs_error_pct']:.1f}%  mean {res['mean_error_pct']:+.1f}%  "
-                      f"(level taken out: {res['within_10pct_level_taken_out']:.0f}% within ±10%)")
+                      f"(level taken out: {res['within_10pct_level_taken_out']:.0f}% within ±10%)"
+                      + (f"; probe {profile['kept_probe_median_over_best']:.3f}x best, "
+                         f"{100 * profile['kept_probe_share_within_10pct_of_best']:.0f}% within 10%"
+                         f"{' (plateau)' if profile['plateau'] else ''}" if profile else ""))
             entry["targets_against_nearby_truths"] = near
             two = two_rounds(doc, sc, tags, models, variants)
             if two:
