@@ -188,7 +188,8 @@ def score(rows: list[dict]) -> dict:
 
 
 def score_variants(prefix: str, variants: dict, models, truths: dict) -> dict:
-    """Rows and figures of every target in ``variants`` against ``truths``, printed."""
+    """Rows and figures of every target in ``variants`` (a target, or its predictions from
+    :func:`predict`) against ``truths``, printed."""
     out = {}
     for label, t in variants.items():
         rows = rows_for(t, models, truths)
@@ -198,18 +199,34 @@ def score_variants(prefix: str, variants: dict, models, truths: dict) -> dict:
     return out
 
 
-def rows_for(target, models, truths: dict) -> list[dict]:
+def predict(target, models) -> dict[str, float]:
+    """A target's whole-model latency of each model, in ms: what the report scores against
+    every set of truths (a target's predictions do not change with the truths), so that a
+    report holds no more than one fitted target at a time."""
     from archpass.costmodel import estimate
 
+    return {name: estimate(structure, target, best_order=False).latency_ms
+            for name, (_, structure, _) in models.items()}
+
+
+def rows_for(target, models, truths: dict) -> list[dict]:
+    """Each model's prediction by ``target`` (a target, or its :func:`predict` dict) against ``truths``."""
+    pred = target if isinstance(target, dict) else predict(target, models)
     rows = []
-    for name, (_, structure, _) in models.items():
-        est = estimate(structure, target, best_order=False)
-        row = {"model": name, "predicted_ms": est.latency_ms}
+    for name in models:
+        row = {"model": name, "predicted_ms": pred[name]}
         t = truths.get(name) or {}
         if "ms" in t:
-            row.update(measured_ms=t["ms"], error_pct=(est.latency_ms / t["ms"] - 1) * 100)
+            row.update(measured_ms=t["ms"], error_pct=(pred[name] / t["ms"] - 1) * 100)
         rows.append(row)
     return rows
+
+
+def rss_gib() -> float:
+    """This process's peak resident memory, in GiB (the report prints it as it goes)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 # ------------------------------------------------------------------ phase: ZigZag comparison
@@ -234,8 +251,9 @@ def phase_zigzag(args) -> dict:
     full = replace(shell, predictors=fit_predictors(shell, full_pts)[0])
     base = load_target("edgetpu")
     variants = {"adapted": adapted, "from_scratch_same_50": scratch, "full_calibration": full, "base_edgetpu_as_is": base}
+    variants = {k: predict(t, models) for k, t in variants.items()}
     for m in (*METHODS, PER_KIND):
-        variants[f"adapted[{m}]"] = refit(work_dir() / "ascend_adapted", m)
+        variants[f"adapted[{m}]"] = predict(refit(work_dir() / "ascend_adapted", m), models)
     out = {"measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "held_out_models": names,
            "truth": "ZigZag whole-model evaluation, ascend_like (16x16 K x C, 2x2 OX x OY), "
            f"lpf_limit 4, {CLOCK_HZ / 1e6:.0f} MHz",
@@ -439,12 +457,12 @@ def phase_ort_full(args) -> None:
 
 def generated_protos(run: dict, sc: str) -> dict:
     """The generated networks an adaptation timed, from today's plan for its seed
-    (:func:`current_plan`), keyed ``gen:label``, with the latency the adaptation measured: a
+    (:func:`plan_networks`), keyed ``gen:label``, with the latency the adaptation measured: a
     record must match a planned network's kernels (a network an earlier generator drew is
     left out, as is a ``--models`` file)."""
     from archpass.costmodel.calibrate import DATASET, Dataset
 
-    plan = current_plan(sc, run.get("seed", 0), run.get("windows", 3))
+    plan = plan_networks(sc, run.get("seed", 0), run.get("windows", 3))
     out = {}
     for r in Dataset(Path(run["dir"]) / DATASET).records.values():
         n = plan.get(_kernels_key(r["all_kernels"])) if "all_kernels" in r else None
@@ -483,7 +501,7 @@ def phase_ort_split(args) -> None:
     _save(path, doc)
 
 
-def split_level_and_model(doc: dict, sc: str, targets: dict, models: dict) -> dict:
+def split_level_and_model(doc: dict, sc: str, tags: list[str], models: dict) -> dict:
     """Per split measurement (``--phase ort-split``) and adaptation: its error on the
     held-out models, on its own generated networks (timed again, in the same minutes), how
     much slower those networks ran now than when the adaptation timed them (the host's level
@@ -494,6 +512,7 @@ def split_level_and_model(doc: dict, sc: str, targets: dict, models: dict) -> di
 
     from archpass.analysis import analyze
     from archpass.costmodel import estimate
+    from archpass.costmodel.adapt import refit
 
     out: dict = {}
     for stag, split in doc.get("splits", {}).items():
@@ -501,12 +520,11 @@ def split_level_and_model(doc: dict, sc: str, targets: dict, models: dict) -> di
             continue
         ms = {n: d["ms"] for n, d in split[sc]["models"].items()}
         for atag in split[sc]["adaptations"]:
-            key = f"adapted_{atag}"
-            if key not in targets:
+            if atag not in tags:
                 continue
-            t = targets[key]
-            real = np.array([(estimate(models[n][1], t, best_order=False).latency_ms / ms[n] - 1) * 100
-                             for n in ORT_MODELS if n in ms])
+            t = refit(doc["adaptations"][atag][sc]["dir"])
+            pred = predict(t, models)
+            real = np.array([(pred[n] / ms[n] - 1) * 100 for n in ORT_MODELS if n in ms])
             own = generated_protos(doc["adaptations"][atag][sc], sc)
             own = {k: v for k, v in own.items() if k in ms}
             gen = np.array([(estimate(analyze(p), t, best_order=False).latency_ms / ms[k] - 1) * 100
@@ -654,31 +672,36 @@ def pooled(near: dict) -> dict:
             "probe_plateau": [k for k, v in near.items() if (v.get("probe") or {}).get("plateau")]}
 
 
-#: (scenario, seed, windows) -> today's plan: its networks by their kernels
-_PLANS: dict[tuple, dict] = {}
+#: (scenario, seed, windows) -> today's plan: its networks' labels by their kernels (not the
+#: networks: their protos hold weights, and a report over many seeds ran out of memory)
+_PLANS: dict[tuple, dict[str, str]] = {}
 
 
 def _kernels_key(kernels: list[dict]) -> str:
     return json.dumps(kernels, sort_keys=True)
 
 
-def current_plan(sc: str, seed: int = 0, windows: int = 3) -> dict:
+def plan_networks(sc: str, seed: int = 0, windows: int = 3) -> dict:
     """The networks today's plan (:func:`archpass.costmodel.adapt.select_networks`) draws
     for scenario ``sc`` with ``seed``, as ``adapt_run`` plans them (calibrate --adapt's
-    default runs), keyed by their kernels (a generator style may since have been renamed);
-    made once per report."""
+    default runs), keyed by their kernels (a generator style may since have been renamed)."""
     from dataclasses import replace
 
     from archpass.costmodel import load_target
     from archpass.costmodel.adapt import RUNS, select_networks
     from archpass.costmodel.host import host_fusion
 
+    prior = load_target("cpu")
+    fusion = host_fusion(prior.fusion, "CPUExecutionProvider", SCENARIOS[sc]["graph_opt"])
+    nets = select_networks(replace(prior, fusion=fusion), BUDGET_S, windows, RUNS, SCENARIOS[sc]["threads"], seed)
+    return {_kernels_key([{"id": k.id, "spec": k.spec()} for k in n.kernels]): n for n in nets}
+
+
+def current_plan(sc: str, seed: int = 0, windows: int = 3) -> dict[str, str]:
+    """:func:`plan_networks`' labels by kernels, made once per report."""
     key = (sc, seed, windows)
     if key not in _PLANS:
-        prior = load_target("cpu")
-        fusion = host_fusion(prior.fusion, "CPUExecutionProvider", SCENARIOS[sc]["graph_opt"])
-        nets = select_networks(replace(prior, fusion=fusion), BUDGET_S, windows, RUNS, SCENARIOS[sc]["threads"], seed)
-        _PLANS[key] = {_kernels_key([{"id": k.id, "spec": k.spec()} for k in n.kernels]): n for n in nets}
+        _PLANS[key] = {k: n.label for k, n in plan_networks(sc, seed, windows).items()}
     return _PLANS[key]
 
 
@@ -784,10 +807,12 @@ def two_rounds(doc: dict, sc: str, tags: list[str], models, variants: dict) -> d
         for k, rec in Dataset(Path(rb["dir"]) / DATASET).records.items():
             data.records[round_key(k, 2)] = {**rec, "key": round_key(k, 2)}
         both = fit_target(shell, dataset_points(data, shell.prior))
+        method, both = both.accuracy["method"], predict(both, models)
+        del shell, data
         local = combined_truths(doc, set(close))[0][sc]
         got = {"two_rounds": rows_for(both, models, local), "first_alone": rows_for(variants[f"adapted_{a}"], models, local),
                "second_alone": rows_for(variants[f"adapted_{b}"], models, local)}
-        entry = {"tags": [a, b], "truths": sorted(close), "method": both.accuracy["method"], "same_plan": same_plan}
+        entry = {"tags": [a, b], "truths": sorted(close), "method": method, "same_plan": same_plan}
         for k, r in got.items():
             if not same_plan:
                 rows[k] += r
@@ -804,6 +829,8 @@ def two_rounds(doc: dict, sc: str, tags: list[str], models, variants: dict) -> d
 
 
 def phase_report(args) -> None:
+    import gc
+
     import numpy as np
 
     from archpass.costmodel import load_target
@@ -844,7 +871,7 @@ def phase_report(args) -> None:
                      "truth_stability_between_measurements": stability,
                      "fit": "each adaptation's stored measurement fitted by the current code (costmodel.adapt.refit)",
                      "scenarios": {}}
-        base = load_target("cpu")
+        base = predict(load_target("cpu"), models)
         if "1thread" in truths_all:
             ort["base_cpu_on_this_host_1thread"] = score_variants("ort 1thread", {"cpu_as_is": base}, models,
                                                                   truths_all["1thread"])["cpu_as_is"]
@@ -860,7 +887,8 @@ def phase_report(args) -> None:
                 run = doc["adaptations"][tag][sc]
                 # the adaptation's stored measurement, fitted by the current code (what
                 # `calibrate --adapt` would write from the same measurement today)
-                t = variants[f"adapted_{tag}"] = refit(run["dir"])
+                t = refit(run["dir"])
+                variants[f"adapted_{tag}"] = predict(t, models)
                 entry[f"adaptation_{tag}"] = {**{k: v for k, v in run.items() if k not in ("cross_validation", "method",
                                                                                           "network_fit")},
                                               "method": t.accuracy["method"], "network_fit": t.accuracy["network_fit"],
@@ -871,9 +899,13 @@ def phase_report(args) -> None:
                                                   m: v["kernels"]["latency_weighted_mape_pct"]
                                                   for m, v in t.accuracy.get("cross_validation", {}).items()
                                                   if isinstance(v, dict) and "kernels" in v}}
+                del t
+                gc.collect()
+                print(f"ort {sc} adapted_{tag} refitted (peak memory {rss_gib():.1f} GiB)", file=sys.stderr, flush=True)
             if tags:
                 for m in OWN_METHODS:  # the transfer_* ones equal them (same hardware description)
-                    variants[f"adapted_{tags[0]}[{m}]"] = refit(doc["adaptations"][tags[0]][sc]["dir"], m)
+                    variants[f"adapted_{tags[0]}[{m}]"] = predict(refit(doc["adaptations"][tags[0]][sc]["dir"], m), models)
+                    gc.collect()
             entry["targets"] = score_variants(f"ort {sc}", variants, models, truths)
             # the same against the median of every window, slow states included
             every = {n: {"ms": t["median_window_ms"]} for n, t in truths.items()}
@@ -914,7 +946,7 @@ def phase_report(args) -> None:
             two = two_rounds(doc, sc, tags, models, variants)
             if two:
                 entry["two_rounds_pooled"] = two
-            split = split_level_and_model(doc, sc, adapted, models)
+            split = split_level_and_model(doc, sc, tags, models)
             if split:
                 entry["split_level_and_model"] = split
             # full calibrations in this scenario's setting (--phase ort-full), against
