@@ -308,13 +308,28 @@ class Structure:
         return group_id in self._group_idx  # type: ignore[attr-defined]
 
     def producer_of(self, tensor: str) -> Node | None:
-        for n in self.nodes:
-            if tensor in n.outputs:
-                return n
-        return None
+        return self._edges()[0].get(tensor)
 
     def consumers_of(self, tensor: str) -> list[Node]:
-        return [n for n in self.nodes if tensor in n.inputs]
+        return list(self._edges()[1].get(tensor, ()))
+
+    def _edges(self) -> tuple[dict[str, Node], dict[str, tuple[Node, ...]]]:
+        """Producer and consumers of every tensor, indexed on first use (a search asks a
+        structure for them once per pass check; the structure never changes)."""
+        idx = self.__dict__.get("_edge_idx")
+        if idx is None:
+            prod: dict[str, Node] = {}
+            cons: dict[str, list[Node]] = {}
+            for n in self.nodes:
+                for o in n.outputs:
+                    prod.setdefault(o, n)
+                for i in n.inputs:
+                    users = cons.setdefault(i, [])
+                    if not users or users[-1] is not n:
+                        users.append(n)
+            idx = (prod, {t: tuple(v) for t, v in cons.items()})
+            object.__setattr__(self, "_edge_idx", idx)
+        return idx
 
     @property
     def input_hw(self) -> HW | None:

@@ -51,7 +51,7 @@ from archpass.costmodel.features import blocked_layout, correction_rows, layer_f
 from archpass.costmodel.hoststate import SETTLE_S as PROBE_SETTLE_S
 from archpass.costmodel.kernels import CONV_KINDS, GENERIC_OP, LAYER_KINDS, LAYOUT_FLAGS, FusionRules, Kernel, decompose
 from archpass.costmodel.measure import window_level
-from archpass.costmodel.predictor import LAYER_TERMS, OP_TERMS, Correction
+from archpass.costmodel.predictor import LAYER_TERMS, OP_TERMS, Correction, lightgbm
 from archpass.costmodel.target import Target, load_target, save_target
 from archpass.errors import TargetError
 
@@ -201,8 +201,7 @@ def _fit_trees(kernels: list[Kernel], z: np.ndarray, y: np.ndarray, rows: "Rows"
     """Residual trees over a pooled scale, per pool (layer kinds, standalone ops): the log
     ratio less its median, learnt from the residual rows (weights: the square root of the
     measured latency, between counting kernels and counting time)."""
-    import lightgbm as lgb
-
+    lgb = lightgbm()
     layer = np.array([k.kind in LAYER_KINDS for k in kernels])
     out: dict[str, Correction] = {}
     for key, mask, x in (("layer", layer, rows.layer), (GENERIC_OP, ~layer, rows.op)):

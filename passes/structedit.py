@@ -11,10 +11,7 @@ from archpass.structure import ChannelGroup, Member, Node, Structure, Tensor
 def chain_between(s: Structure, start: str, end: str) -> tuple[list[Node], set[str]] | None:
     """The nodes and tensors strictly between tensor ``start`` and tensor ``end`` when every
     path from ``start`` leads to ``end`` (an activation chain); None when ``start`` escapes."""
-    cons: dict[str, list[Node]] = {}
-    for n in s.nodes:
-        for i in n.inputs:
-            cons.setdefault(i, []).append(n)
+    cons = s._edges()[1]
     nodes: list[Node] = []
     seen_nodes: set[str] = set()
     tensors = {start}

@@ -277,19 +277,22 @@ def _job_diff(study: optuna.Study, job: Job) -> list[str]:
 def enqueue_first(study: optuna.Study, prep: Prepared, seeds: Sequence = ()) -> None:
     """The first trials of a new study: the unchanged model, then each ``--seed-recipe``
     (``seeds``: SeedResolution per file) that resolved to at least one rewrite, then the
-    coordinate-descent starting points (:mod:`archpass.search.warmstart`); the seeds'
-    resolution is stored for the report (``archpass.seed``)."""
+    coordinate-descent starting points (:mod:`archpass.search.warmstart`) when ``--trials``
+    leaves room for them; the seeds' resolution is stored for the report (``archpass.seed``)."""
     from archpass.search.objective import SEED_RECIPE_ATTR
     from archpass.search.report import SEED_ATTR
     from archpass.search.seed import SEED_ATTR as SEED_TRIAL_ATTR
 
     study.enqueue_trial(prep.space.neutral_params(), skip_if_exists=True)
+    first = 1
     for i, res in enumerate(seeds):
         if len(res.recipe):
             study.enqueue_trial({}, user_attrs={SEED_RECIPE_ATTR: res.recipe.to_json(), SEED_TRIAL_ATTR: i})
+            first += 1
     if seeds:
         study.set_user_attr(SEED_ATTR, seed_entries(seeds))
-    if prep.space.empty_reason() is None:
+    # the descent scores hundreds of points; skip it when --trials leaves none of its points a trial
+    if prep.space.empty_reason() is None and first < prep.job.trials:
         from archpass.search.warmstart import warm_start
 
         for params in warm_start(prep.objective):

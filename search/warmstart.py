@@ -68,6 +68,21 @@ def coordinates(trial: DefaultTrial) -> list[tuple[str, list[Any]]]:
     return [(name, list(trial.choices[name])) for name in trial.used]
 
 
+def _memoized(evaluate: Callable) -> Callable:
+    """``evaluate`` once per distinct parameter dict: the sweep that confirms the descent's
+    end, and the fusion probes the descent tries again, ask for points already scored."""
+    seen: dict[tuple, Any] = {}
+
+    def cached(params):
+        key = tuple(sorted(params.items(), key=lambda kv: kv[0]))
+        if key not in seen:
+            seen[key] = evaluate(params)
+        return seen[key]
+
+    cached.seen = seen
+    return cached
+
+
 def warm_start(objective, *, sweeps: int = SWEEPS, evaluate: Callable | None = None) -> list[dict[str, Any]]:
     """Starting points for ``objective``'s space (see the module doc): a list of parameter
     dicts, the fusion-only point first (when it differs from the unchanged model), the
@@ -86,7 +101,7 @@ def warm_start(objective, *, sweeps: int = SWEEPS, evaluate: Callable | None = N
             sc = Score(Recipe(), None, None, reason=exc.line())
         return sc, t
 
-    evaluate = evaluate or run
+    evaluate = _memoized(evaluate or run)
     cur_score, cur_trial = evaluate(space.neutral_params())
     cur = dict(cur_trial.used)
     start = dict(cur)

@@ -87,17 +87,17 @@ def test_calibrate_zigzag_bad_hardware_exit_2(tmp_path):
 @pytest.mark.slow
 def test_calibrate_onnxruntime_small_and_resume(tmp_path):
     out = tmp_path / "mycpu"
-    args = ["calibrate", "--backend", "onnxruntime", "--name", "mycpu", "-o", str(out), "--samples", "12",
+    args = ["calibrate", "--backend", "onnxruntime", "--name", "mycpu", "-o", str(out), "--samples", "10",
             "--workers", "1", "--max-wait", "0", "--json"]
     r = runner.invoke(app, args)
     assert r.exit_code == 0, r.output
     doc = json.loads(r.stdout)
-    assert doc["target"]["name"] == "mycpu" and doc["accuracy"]["measured_points"] > 12
+    assert doc["target"]["name"] == "mycpu" and doc["accuracy"]["measured_points"] > 10
     lines = (out / "dataset.jsonl").read_text().splitlines()
-    assert len(lines) == 12
+    assert len(lines) == 10
     # a rerun measures nothing new (every chain is cached) and rewrites the same target
     r = runner.invoke(app, args)
-    assert r.exit_code == 0 and len((out / "dataset.jsonl").read_text().splitlines()) == 12
+    assert r.exit_code == 0 and len((out / "dataset.jsonl").read_text().splitlines()) == 10
     r = runner.invoke(app, ["targets", str(out), "--json"])
     assert "mycpu" in {t["name"] for t in json.loads(r.stdout)["targets"]}
 

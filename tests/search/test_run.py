@@ -183,6 +183,27 @@ def test_seed_recipes_are_the_first_trials(small_model, tmp_path):
     assert [(e["file"], e["index"], e["ok"]) for e in report["seed"]] == [(0, 0, True), (0, 1, False), (1, 0, False)]
 
 
+def test_no_descent_when_the_seeds_fill_the_trials(small_model, tmp_path, monkeypatch):
+    """--trials 2 with one seed recipe: the unchanged model and the seed are the two trials,
+    so the warm start's descent (hundreds of scores) is not run, and nothing is left WAITING."""
+    from optuna.trial import TrialState
+
+    from archpass.search import study as st
+    from archpass.search import warmstart
+
+    calls = []
+    real = warmstart.warm_start
+    monkeypatch.setattr(warmstart, "warm_start", lambda *a, **k: calls.append(1) or real(*a, **k))
+    seed = tmp_path / "seed.json"
+    seed.write_text(json.dumps({"rewrites": [{"pass": "fuse_ibn", "site": "block2"}]}))
+    _run(small_model, tmp_path, trials=2, seed_recipes=[seed])
+    assert calls == []
+    states = [t.state for t in st.load_study(tmp_path / "out.study.jsonl", sampler=None).trials]
+    assert states == [TrialState.COMPLETE] * 2
+    _run(small_model, tmp_path / "more", trials=3, seed_recipes=[seed])
+    assert calls == [1]  # one trial left for the descent's points: it runs
+
+
 def test_report_of_the_run_is_the_report_of_its_storage(small_model, tmp_path):
     doc = _run(small_model, tmp_path, trials=15, guard=True, finalists=3, report=tmp_path / "run")
     again = api.report(doc["storage"], tmp_path / "later")
