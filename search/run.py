@@ -15,7 +15,10 @@ The choice keeps the promises of ``archpass optimize``:
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
+import signal
+import threading
 import time
 import zlib
 from dataclasses import asdict, dataclass, field, replace
@@ -188,6 +191,36 @@ def default_guard(job: Job, model, structure):
 def _sampler(job: Job, worker: int = 0):
     return st.make_sampler(job.sampler_name, seed=job.seed, n_objectives=len(job.objectives),
                            constraints_func=constraints, worker=worker, workers=job.workers)
+
+
+@contextlib.contextmanager
+def _ctrl_c_stops(study: optuna.Study):
+    """Ctrl-C stops the study even when Python swallows the KeyboardInterrupt.
+
+    Python raises KeyboardInterrupt wherever the main thread is; in a finalizer (for
+    instance LightGBM's ``_InnerPredictor.__del__``, run after every prediction) it is
+    printed as "Exception ignored" and lost, and the search went on (1 in 124 interrupted
+    runs here).  While the study runs, SIGINT also asks Optuna to stop after the current
+    trial; the caller counts it as an interruption (``seen["n"]``) either way."""
+    seen = {"n": 0}
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield seen  # a worker thread, or an embedding program that handles SIGINT itself
+        return
+
+    def handler(signum, frame):
+        seen["n"] += 1
+        try:
+            study.stop()
+        except RuntimeError:  # between trials, outside Optuna's loop: the raise below stops it
+            pass
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield seen
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _optimize(study: optuna.Study, prep: Prepared, callbacks: Sequence = (), shared: bool = False) -> None:
@@ -376,7 +409,9 @@ def search(prep: Prepared, storage: Path, *, resume: bool = False, progress: Cal
                     pass
         cbs = [progress] if progress else []
         try:
-            _optimize(study, prep, cbs, shared=shared)
+            with _ctrl_c_stops(study) as ctrl_c:
+                _optimize(study, prep, cbs, shared=shared)
+            interrupted = ctrl_c["n"] > 0  # its KeyboardInterrupt was lost, its stop was not
         except KeyboardInterrupt:
             interrupted = True
         except UnboundLocalError as exc:

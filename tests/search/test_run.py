@@ -204,6 +204,27 @@ def test_no_descent_when_the_seeds_fill_the_trials(small_model, tmp_path, monkey
     assert calls == [1]  # one trial left for the descent's points: it runs
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the dropped interrupt, on purpose
+def test_ctrl_c_lost_in_a_finalizer_still_stops_the_search(small_model, tmp_path):
+    """Python prints and drops a KeyboardInterrupt raised inside a ``__del__`` (LightGBM
+    frees a predictor after every prediction): the search still stops after that trial."""
+    import os
+    import signal
+
+    class Dies:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(10000):  # the handler runs here, inside the finalizer
+                pass
+
+    def progress(study, trial):
+        if trial.number == 3:
+            Dies()
+
+    doc = _run(small_model, tmp_path, trials=60, progress=progress)
+    assert doc["interrupted"] and doc["trials"] <= 5
+
+
 def test_report_of_the_run_is_the_report_of_its_storage(small_model, tmp_path):
     doc = _run(small_model, tmp_path, trials=15, guard=True, finalists=3, report=tmp_path / "run")
     again = api.report(doc["storage"], tmp_path / "later")

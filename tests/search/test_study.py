@@ -85,13 +85,19 @@ def test_ctrl_c_stops_cleanly_and_writes_the_best_so_far(small_model, tmp_path):
     store = st.storage_path(out)
     cmd = ARCHPASS + ["optimize", str(small_model), "-o", str(out), "--trials", "100000", "--no-guard", "--json"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONFAULTHANDLER": "1"},
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.time() + 120
         while time.time() < deadline and len(_poll_complete(store)) < 8:
             time.sleep(0.3)
         proc.send_signal(signal.SIGINT)
-        stdout, stderr = proc.communicate(timeout=120)
+        try:
+            stdout, stderr = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGABRT)  # faulthandler prints where every thread is
+            _, stderr = proc.communicate(timeout=30)
+            pytest.fail(f"optimize did not stop within 60 s of Ctrl-C:\n{stderr[-6000:]}")
     finally:
         if proc.poll() is None:
             proc.kill()
