@@ -201,7 +201,10 @@ def _ctrl_c_stops(study: optuna.Study):
     instance LightGBM's ``_InnerPredictor.__del__``, run after every prediction) it is
     printed as "Exception ignored" and lost, and the search went on (1 in 124 interrupted
     runs here).  While the study runs, SIGINT also asks Optuna to stop after the current
-    trial; the caller counts it as an interruption (``seen["n"]``) either way."""
+    trial; the caller counts it as an interruption (``seen["n"]``) either way.  Inside the
+    journal's lock (``study.in_locked_region``) the KeyboardInterrupt waits until the lock
+    is released: raised there it could leave the lock held and the process waiting on
+    itself."""
     seen = {"n": 0}
     if threading.current_thread() is not threading.main_thread() or \
             signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
@@ -214,12 +217,16 @@ def _ctrl_c_stops(study: optuna.Study):
             study.stop()
         except RuntimeError:  # between trials, outside Optuna's loop: the raise below stops it
             pass
-        raise KeyboardInterrupt
+        if st.in_locked_region():  # raising inside the journal's lock could leave it held
+            st.defer_interrupt()
+        else:
+            raise KeyboardInterrupt
 
     signal.signal(signal.SIGINT, handler)
     try:
         yield seen
     finally:
+        st._DEFERRED[0] = False
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
 

@@ -286,3 +286,36 @@ def test_ctrl_c_while_optuna_stores_a_result_is_an_interruption(small_model, tmp
     monkeypatch.setattr(run, "_sampler", lambda job, worker=0: Interrupting(seed=0))
     doc = _run(small_model, tmp_path, trials=50)
     assert doc["interrupted"] and 5 <= doc["trials"] < 50 and (tmp_path / "out.onnx").is_file()
+
+
+def test_ctrl_c_inside_the_journal_lock_raises_once_it_is_released(tmp_path):
+    """A KeyboardInterrupt between the journal's flock and the `try` that releases it left
+    the lock held, and the process's next write waited on itself: inside the lock, Ctrl-C
+    asks the study to stop and raises when the lock is released; outside it raises at once."""
+    import signal
+
+    from archpass.search import run
+    from archpass.search import study as st
+
+    class Study:
+        stops = 0
+
+        def stop(self):
+            Study.stops += 1
+
+    lock = st._lock(tmp_path / "j.jsonl")
+    with run._ctrl_c_stops(Study()) as seen:
+        lock.acquire()
+        assert st.in_locked_region()
+        signal.raise_signal(signal.SIGINT)  # no KeyboardInterrupt while the lock is held
+        with pytest.raises(KeyboardInterrupt):
+            lock.release()
+        assert not st.in_locked_region()
+        lock.acquire()
+        lock.release()  # raised once, not again
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
+    assert seen["n"] == 2 and Study.stops == 2
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    lock.acquire()  # not left held: a second acquire in this process does not wait
+    lock.release()
