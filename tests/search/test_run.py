@@ -16,6 +16,18 @@ from builders import random_input, run_ort
 from search_helpers import FakeGuard
 
 
+@pytest.fixture
+def python_sigint():
+    """Python's own Ctrl-C handler for the test: a suite started as a background job
+    without job control inherits SIGINT ignored, and Python then installs none (archpass
+    then leaves SIGINT alone, as for an embedding program that handles it)."""
+    import signal
+
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
 def _run(small_model, tmp_path, **kw):
     kw.setdefault("trials", 25)
     kw.setdefault("guard", False)
@@ -205,7 +217,7 @@ def test_no_descent_when_the_seeds_fill_the_trials(small_model, tmp_path, monkey
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the dropped interrupt, on purpose
-def test_ctrl_c_lost_in_a_finalizer_still_stops_the_search(small_model, tmp_path):
+def test_ctrl_c_lost_in_a_finalizer_still_stops_the_search(small_model, tmp_path, python_sigint):
     """Python prints and drops a KeyboardInterrupt raised inside a ``__del__`` (LightGBM
     frees a predictor after every prediction): the search still stops after that trial."""
     import os
@@ -288,7 +300,7 @@ def test_ctrl_c_while_optuna_stores_a_result_is_an_interruption(small_model, tmp
     assert doc["interrupted"] and 5 <= doc["trials"] < 50 and (tmp_path / "out.onnx").is_file()
 
 
-def test_ctrl_c_inside_the_journal_lock_raises_once_it_is_released(tmp_path):
+def test_ctrl_c_inside_the_journal_lock_raises_once_it_is_released(tmp_path, python_sigint):
     """A KeyboardInterrupt between the journal's flock and the `try` that releases it left
     the lock held, and the process's next write waited on itself: inside the lock, Ctrl-C
     asks the study to stop and raises when the lock is released; outside it raises at once."""
