@@ -744,8 +744,39 @@ def same_plan_pairs(doc: dict, entry: dict, sc: str, tags: list[str]) -> list[di
             if ra.get("seed", 0) != rb.get("seed", 0):
                 continue
             hours = abs(_span(rb, "wall_seconds")[0] - _span(ra, "wall_seconds")[0]) / 3600.0
-            out.append({"tags": [a, b], "seed": ra.get("seed", 0), "hours_apart": round(hours, 2), **drift(entry, a, b)})
+            out.append({"tags": [a, b], "seed": ra.get("seed", 0), "hours_apart": round(hours, 2), **drift(entry, a, b),
+                        **({"networks_timed_again": rep} if (rep := network_repeat(ra, rb)) else {})})
     return out
+
+
+def network_repeat(ra: dict, rb: dict) -> dict:
+    """The same plan's networks as two adaptations timed them: each network's latency in
+    the second over the first, divided by the median of those ratios (the host's level
+    taken out).  What is left is how far one network's measurement moves on its own, which
+    the fit reads as the shape of the host's costs."""
+    import re
+
+    import numpy as np
+
+    from archpass.costmodel import load_target
+    from archpass.costmodel.adapt import dataset_points
+    from archpass.costmodel.calibrate import DATASET, Dataset
+
+    ms = []
+    for r in (ra, rb):
+        d = Path(r["dir"])
+        if not (d / DATASET).exists():
+            return {}
+        got = dataset_points(Dataset(d / DATASET), load_target(d).prior).network_ms
+        ms.append({re.sub(r"^r\d+/", "", k): v for k, v in got.items()})  # a round's prefix (--add)
+    common = sorted(set(ms[0]) & set(ms[1]))
+    if len(common) < 3:
+        return {}
+    ratio = np.array([ms[1][k] / ms[0][k] for k in common])
+    rel = ratio / np.median(ratio)
+    return {"networks": len(common), "median_ratio": float(np.median(ratio)),
+            "p10_over_median": float(np.quantile(rel, 0.1)), "p90_over_median": float(np.quantile(rel, 0.9)),
+            "within_10pct_of_median_pct": float(np.mean(np.abs(rel - 1) <= 0.1) * 100)}
 
 
 #: what is carried of another host's onnxruntime figures (per scenario; rows left out)
@@ -987,9 +1018,13 @@ def phase_report(args) -> None:
             # in time: the same adaptation at two times; the first pair is `drift_current_plans`
             pairs = same_plan_pairs(doc, entry, sc, cur)
             for p in pairs:
+                rep = p.get("networks_timed_again")
                 print(f"ort {sc} drift {p['tags'][0]} -> {p['tags'][1]} (today's plan, seed {p['seed']}, "
                       f"{p['hours_apart']:.1f} h apart): median {p['median_abs_move_pct']:.1f}%, "
-                      f"max {p['max_abs_move_pct']:.1f}%")
+                      f"max {p['max_abs_move_pct']:.1f}%"
+                      + (f"; its {rep['networks']} networks timed again: {rep['median_ratio']:.3f}x (level), each "
+                         f"{rep['p10_over_median']:.2f}-{rep['p90_over_median']:.2f}x of that (p10-p90), "
+                         f"{rep['within_10pct_of_median_pct']:.0f}% within ±10%" if rep else ""))
             if pairs:
                 entry["drift_same_plan_pairs"] = pairs
                 first = pairs[0]
