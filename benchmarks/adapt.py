@@ -754,12 +754,10 @@ def network_repeat(ra: dict, rb: dict) -> dict:
     the second over the first, divided by the median of those ratios (the host's level
     taken out).  What is left is how far one network's measurement moves on its own, which
     the fit reads as the shape of the host's costs."""
-    import re
-
     import numpy as np
 
     from archpass.costmodel import load_target
-    from archpass.costmodel.adapt import dataset_points
+    from archpass.costmodel.adapt import ROUND_PREFIX, dataset_points
     from archpass.costmodel.calibrate import DATASET, Dataset
 
     ms = []
@@ -768,7 +766,7 @@ def network_repeat(ra: dict, rb: dict) -> dict:
         if not (d / DATASET).exists():
             return {}
         got = dataset_points(Dataset(d / DATASET), load_target(d).prior).network_ms
-        ms.append({re.sub(r"^r\d+/", "", k): v for k, v in got.items()})  # a round's prefix (--add)
+        ms.append({ROUND_PREFIX.sub("", k): v for k, v in got.items()})  # a round's prefix (--add)
     common = sorted(set(ms[0]) & set(ms[1]))
     if len(common) < 3:
         return {}

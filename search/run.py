@@ -226,7 +226,7 @@ def _ctrl_c_stops(study: optuna.Study):
     try:
         yield seen
     finally:
-        st._DEFERRED[0] = False
+        st.defer_interrupt(False)  # a deferred Ctrl-C belongs to this search only
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
 

@@ -73,9 +73,10 @@ def in_locked_region() -> bool:
     return _LOCKED[0] > 0
 
 
-def defer_interrupt() -> None:
-    """Raise KeyboardInterrupt when this process next leaves its journal lock."""
-    _DEFERRED[0] = True
+def defer_interrupt(on: bool = True) -> None:
+    """Raise KeyboardInterrupt when this process next leaves its journal lock (``on``
+    False: no longer)."""
+    _DEFERRED[0] = on
 
 
 def _lock(path: Path):
