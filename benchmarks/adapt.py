@@ -765,7 +765,9 @@ def network_repeat(ra: dict, rb: dict) -> dict:
         d = Path(r["dir"])
         if not (d / DATASET).exists():
             return {}
-        got = dataset_points(Dataset(d / DATASET), load_target(d).prior).network_ms
+        t = load_target(d)  # what the fit reads (as refit): the round's best probe reading for older records
+        got = dataset_points(Dataset(d / DATASET), t.prior,
+                             probe_best_ms=(t.accuracy.get("measurement") or {}).get("probe_best_ms")).network_ms
         ms.append({ROUND_PREFIX.sub("", k): v for k, v in got.items()})  # a round's prefix (--add)
     common = sorted(set(ms[0]) & set(ms[1]))
     if len(common) < 3:
@@ -833,8 +835,13 @@ def two_rounds(doc: dict, sc: str, tags: list[str], models, variants: dict) -> d
             continue
         shell = load_target(ra["dir"])
         data = Dataset(Path(ra["dir"]) / DATASET)
+        # each round's records judged against its own best probe reading (records written
+        # before they carried it take their adaptation's)
+        best_a, best_b = ((r.get("measurement") or {}).get("probe_best_ms") for r in (ra, rb))
+        for k, rec in data.records.items():
+            rec.setdefault("probe_best_ms", best_a)
         for k, rec in Dataset(Path(rb["dir"]) / DATASET).records.items():
-            data.records[round_key(k, 2)] = {**rec, "key": round_key(k, 2)}
+            data.records[round_key(k, 2)] = {"probe_best_ms": best_b, **rec, "key": round_key(k, 2)}
         both = fit_target(shell, dataset_points(data, shell.prior))
         method, both = both.accuracy["method"], predict(both, models)
         del shell, data
@@ -922,6 +929,8 @@ def phase_report(args) -> None:
                                                                                           "network_fit")},
                                               "method": t.accuracy["method"], "network_fit": t.accuracy["network_fit"],
                                               "layout_block": t.accuracy.get("layout_block"),
+                                              # networks timed only in the host's slow state (adapt.slow_only_levels)
+                                              "slow_state_scaling": t.accuracy.get("slow_state_scaling"),
                                               # how the correction was chosen, and what the kernels said of each
                                               "selection": t.accuracy.get("selection"),
                                               "held_out_kernel_lw_mape_pct": {

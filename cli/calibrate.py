@@ -200,6 +200,11 @@ def _report(target, output, json_out: bool) -> None:
         stderr.print(f"round {len(rounds)}: the fit pools {len(rounds)} rounds, "
                      f"{sum(len(r.get('keys') or []) for r in rounds)} networks ("
                      + ", ".join(f"{r.get('networks')} at {r.get('when', '?')}" for r in rounds) + ")")
+    for rnd, sc in (acc.get("slow_state_scaling") or {}).items():
+        stderr.print(f"{'round ' + rnd.lstrip('r') + ': ' if len(rounds) > 1 else ''}{sc['networks_scaled']} networks "
+                     "had no window in the host's fast state: their latency divided by "
+                     f"{sc['slow_over_fast']:.2f}, how much slower the slow state ran the "
+                     f"{sc['networks_in_both_states']} networks timed in both")
     if acc.get("failed_jobs"):
         stderr.print(f"{acc['failed_jobs']} measurements failed and were skipped, e.g. {acc['failure_examples'][:2]}")
     for n in notes:

@@ -49,6 +49,7 @@ from archpass.costmodel.calibrate import DATASET, Dataset, Job, Progress, accura
 from archpass.costmodel.estimate import MIN_KERNEL_SHARE, predict_kernels
 from archpass.costmodel.features import blocked_layout, correction_rows, layer_features
 from archpass.costmodel.hoststate import SETTLE_S as PROBE_SETTLE_S
+from archpass.costmodel.hoststate import slow_state
 from archpass.costmodel.kernels import CONV_KINDS, GENERIC_OP, LAYER_KINDS, LAYOUT_FLAGS, FusionRules, Kernel, decompose
 from archpass.costmodel.measure import window_level
 from archpass.costmodel.predictor import LAYER_TERMS, OP_TERMS, Correction, lightgbm
@@ -333,6 +334,7 @@ class Points:
     groups: tuple[str, ...]
     network_ms: dict = field(default_factory=dict)  # group -> latency measured without the profiler
     networks: dict = field(default_factory=dict)  # group -> (every kernel, their prior ms)
+    slow_state_scaling: dict = field(default_factory=dict)  # round -> what :func:`slow_only_levels` did
 
     def __len__(self) -> int:
         return len(self.kernels)
@@ -525,6 +527,8 @@ def fit_target(shell: Target, points: Points, method: str | None = None) -> Targ
     if len(fits) > 1:
         summary["layout_block"] = {"chosen": cand.parallelism, "network_cv_mape_pct": {
             str(f[0].parallelism): f[3] for f in fits}}
+    if points.slow_state_scaling:
+        summary["slow_state_scaling"] = points.slow_state_scaling
     return replace(cand, corrections=corr, accuracy=summary)
 
 
@@ -958,11 +962,65 @@ def adapt_layers(shell: Target, out: Path, work: Callable[[dict], dict], samples
     return _write(shell, points, Path(out), measurement, method)
 
 
-def dataset_points(dataset: Dataset, prior: Target, keys=None) -> Points:
+#: a round's networks timed in both host states needed to take the slow state out of the
+#: networks timed only in it (:func:`slow_only_levels`)
+MIN_BOTH_STATES = 3
+
+
+def slow_only_levels(records: dict, net: dict[str, float], probe_best_ms: float | None = None) -> tuple[dict, dict]:
+    """``net`` (record key -> network latency) with the slow state taken out of the
+    networks that no window of caught in the host's fast state (multi-threaded rounds):
+    their latency, the faster half of slow-state windows, is divided by how much slower the
+    slow state ran that round's networks timed in both states (the median over them of
+    the faster half of their slow windows over the faster half of their fast ones, at
+    least 1; only with :data:`MIN_BOTH_STATES` such networks in the round).  A record's
+    windows are judged against its round's best probe reading (``probe_best_ms`` of the
+    record, else the argument).  Returns the levels and, per round, the ratio and how many
+    networks gave and took it.
+
+    On a host that ran 2-thread work slowly most of the time (the tenth machine,
+    docs/architecture.md) 7-24 of a round's 27-29 networks had no fast window and held
+    the level up: refits of its four stored 2-thread adaptations put 43.8% of the held-out
+    models within ±10% of its three truths (means +5.9 to +32.2%) as measured, 70.0%
+    (means -1.1 to +9.9%) with this; two rounds measured after it was chosen, 80 and 30%
+    as measured, 80 and 50% with it.  A round whose every network had a fast window is
+    unchanged, as is, in ``--add``, an earlier round whose records were written before they
+    carried ``probe_best_ms`` (:func:`refit` gives such records the target's latest one)."""
+    rounds: dict[str, list[str]] = {}
+    for key in net:
+        m = ROUND_PREFIX.match(key)
+        rounds.setdefault(m.group(0) if m else "", []).append(key)
+    out, seen = dict(net), {}
+    for prefix, keys in rounds.items():
+        ratios, slow_only = [], []
+        for key in keys:
+            rec = records[key]
+            wins, probe = rec.get("window_plain_ms") or [], rec.get("probe_ms") or []
+            best = rec.get("probe_best_ms") or probe_best_ms
+            if not best or not wins or len(probe) != len(wins) or not all(probe):
+                continue  # one thread (no probe), or windows not all read
+            slow = [slow_state(p, best) for p in probe]
+            if any(slow) and not all(slow):
+                ratios.append(window_level([w for w, s in zip(wins, slow) if s])
+                              / window_level([w for w, s in zip(wins, slow) if not s]))
+            elif all(slow):
+                slow_only.append(key)
+        if slow_only and len(ratios) >= MIN_BOTH_STATES:
+            r = max(float(np.median(ratios)), 1.0)
+            for key in slow_only:
+                out[key] = net[key] / r
+            seen[prefix.rstrip("/") or "r1"] = {"slow_over_fast": round(r, 4), "networks_in_both_states": len(ratios),
+                                                "networks_scaled": len(slow_only)}
+    return out, seen
+
+
+def dataset_points(dataset: Dataset, prior: Target, keys=None, probe_best_ms: float | None = None) -> Points:
     """The adaptation points of a dataset's records (all, or ``keys``): each record's
     kernels predicted by the prior together (runtime predictors read the whole network:
     every kernel of it when the record lists them), grouped by record, with the record's
-    latency without the profiler when it has one."""
+    latency without the profiler when it has one (networks timed only in the host's slow
+    state: :func:`slow_only_levels`, ``probe_best_ms`` for records that do not carry their
+    round's best probe reading)."""
     kernels, ms, groups, prior_ms, net, whole = [], [], [], [], {}, {}
     for key, rec in dataset.records.items():
         pts = [p for p in rec.get("points") or [] if p.get("ms") and math.isfinite(p["ms"]) and p["ms"] > 0]
@@ -989,8 +1047,9 @@ def dataset_points(dataset: Dataset, prior: Target, keys=None) -> Points:
             fast = [wins[i] for i in (rec.get("fast_windows") or range(len(wins))) if i < len(wins)]
             net[key] = window_level(fast) if fast else float(rec["plain_ms"])
             whole.setdefault(key, (tuple(ks), prior_ms[-1]))
+    net, scaling = slow_only_levels(dataset.records, net, probe_best_ms)
     return Points(tuple(kernels), np.concatenate(prior_ms) if prior_ms else np.zeros(0), np.array(ms), tuple(groups),
-                  net, whole)
+                  net, whole, scaling)
 
 
 def refit(directory: str | Path, method: str | None = None) -> Target:
@@ -999,7 +1058,9 @@ def refit(directory: str | Path, method: str | None = None) -> Target:
     t = load_target(directory)
     if t.prior is None:
         raise TargetError(f"target {directory} is not an adapted target", "pass the directory 'calibrate --adapt' wrote")
-    points = dataset_points(Dataset(Path(t.path) / DATASET), t.prior)
+    # for records written before they carried their round's best probe reading
+    best = (t.accuracy.get("measurement") or {}).get("probe_best_ms")
+    points = dataset_points(Dataset(Path(t.path) / DATASET), t.prior, probe_best_ms=best)
     fitted = fit_target(t, points, method)
     return replace(fitted, accuracy={**t.accuracy, **fitted.accuracy})
 
@@ -1537,7 +1598,7 @@ def adapt_onnxruntime(*, base: str | Path | Target, name: str, out_dir: str | Pa
                          "all_kernels": [{"id": k.id, "spec": k.spec()} for k in n.kernels],
                          "plain_ms": network_ms(n), "window_plain_ms": n.plain,
                          "other_cores": [w[2] for w in n.windows], "probe_ms": [w[3] for w in n.windows],
-                         "fast_windows": n.fast})
+                         "fast_windows": n.fast, "probe_best_ms": seen.get("probe_best_ms")})
     finally:
         shutil.rmtree(got["tmp"], ignore_errors=True)
     keys = [round_key(n.key, this_round) for n in nets if n.key in got["profiles"]]
@@ -1573,6 +1634,6 @@ def adapt_onnxruntime(*, base: str | Path | Target, name: str, out_dir: str | Pa
     return _write(shell, points, out, measurement, method)
 
 
-__all__ = ["adapt_zigzag", "adapt_onnxruntime", "adapt_layers", "dataset_points", "refit", "fit_corrections", "fit_target",
-           "layout_blocks", "Points", "select_layers", "select_networks",
+__all__ = ["adapt_zigzag", "adapt_onnxruntime", "adapt_layers", "dataset_points", "slow_only_levels", "refit",
+           "fit_corrections", "fit_target", "layout_blocks", "Points", "select_layers", "select_networks",
            "measure_networks", "measurement_notes", "load_base", "earlier_rounds", "round_key", "METHODS", "PER_KIND"]

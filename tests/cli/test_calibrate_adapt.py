@@ -171,6 +171,13 @@ def test_adapt_notes_a_measurement_taken_on_a_busy_host(tiny, tmp_path, monkeypa
     _report(tied, out, False)
     err = " ".join(capsys.readouterr().err.split())
     assert "could not tell class_scale, residual_trees apart; residual_trees had the lowest held-out kernel error" in err
+    # networks timed only in the host's slow state (multi-threaded): what the fit did with them
+    slow = replace(t, accuracy={**t.accuracy, "slow_state_scaling": {
+        "r1": {"slow_over_fast": 1.2325, "networks_in_both_states": 4, "networks_scaled": 24}}})
+    _report(slow, out, False)
+    err = " ".join(capsys.readouterr().err.split())
+    assert ("24 networks had no window in the host's fast state: their latency divided by 1.23, how much slower the "
+            "slow state ran the 4 networks timed in both") in err
 
 
 def test_adapt_add_pools_a_second_round(tiny, tmp_path, monkeypatch):

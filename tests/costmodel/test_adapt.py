@@ -620,6 +620,54 @@ def test_a_network_latency_is_the_mean_of_its_faster_half_of_windows(tmp_path):
     assert pts.network_ms["n1"] == pytest.approx(0.275) and pts.network_ms["n2"] == pytest.approx(9.0)
 
 
+def test_networks_timed_only_in_the_slow_state_lose_the_rounds_slow_over_fast_ratio(tmp_path):
+    """A network no window of caught the host's fast state is divided by how much slower
+    the slow state ran its round's networks timed in both states; rounds are judged
+    apart, and one without enough such networks, or one-thread records, are left alone."""
+    from archpass.costmodel.adapt import MIN_BOTH_STATES, dataset_points, slow_only_levels, window_level
+
+    def rec(wins, probe, best=1.0):
+        return {"window_plain_ms": wins, "probe_ms": probe, **({"probe_best_ms": best} if best else {})}
+
+    fast, slow = 1.1, 1.6  # probe readings against a best of 1.0: FAST_RATIO 1.3 between them
+    records = {
+        # in both states: slow over fast (faster half of each) 1.2, 1.25, 1.2
+        "a": rec([1.0, 1.2, 1.3], [fast, slow, slow]), "b": rec([2.0, 2.5, 2.6], [fast, slow, 1.9]),
+        "c": rec([0.5, 0.6, 0.7], [fast, slow, slow]),
+        "d": rec([3.0, 3.3, 3.6], [slow, slow, 2.0]),  # only slow: its level over 1.2
+        "e": rec([0.9, 0.8, 1.0], [fast, fast, 1.2]),  # only fast: as measured
+        # a second round: one network in both states is too few to tell its slow state's cost
+        "r2/a": rec([1.0, 2.0, 2.0], [fast, slow, slow]), "r2/d": rec([3.0, 3.3, 3.6], [slow, slow, slow]),
+        # one thread: no probe
+        "r3/a": rec([1.0, 1.2, 1.3], [None, None, None], None), "r3/d": rec([3.0, 3.3, 3.6], [None] * 3, None),
+    }
+    assert MIN_BOTH_STATES > 1
+    net = {k: window_level(r["window_plain_ms"]) for k, r in records.items()}
+    got, seen = slow_only_levels(records, net)
+    assert got["d"] == pytest.approx(3.15 / 1.2)
+    assert {k: got[k] for k in records if k != "d"} == {k: net[k] for k in records if k != "d"}
+    assert seen == {"r1": {"slow_over_fast": 1.2, "networks_in_both_states": 3, "networks_scaled": 1}}
+    # records written before they carried their round's best take the argument's; a slow
+    # state no slower than the fast one changes nothing
+    old = {k: {kk: vv for kk, vv in r.items() if kk != "probe_best_ms"} for k, r in records.items()}
+    assert slow_only_levels(old, net) == (net, {})
+    assert slow_only_levels(old, net, probe_best_ms=1.0)[0]["d"] == pytest.approx(3.15 / 1.2)
+    faster = {**records, **{k: rec([1.0, 0.9, 0.95], [fast, slow, slow]) for k in "abc"}}
+    got, seen = slow_only_levels(faster, {**net, **{k: 0.95 for k in "abc"}})
+    assert got["d"] == net["d"] and seen["r1"]["slow_over_fast"] == 1.0
+
+    # through a dataset: the network levels the fit reads, and what was done, by round
+    cpu = load_target("cpu")
+    k = decompose(analyze(load_model(_tiny(tmp_path / "tiny.onnx"))), cpu.fusion)[0]
+    ds = Dataset(tmp_path / DATASET)
+    for key, r in records.items():
+        ds.records[key] = {"key": key, "group": "network", "payload": {}, "points": [{"spec": k.spec(), "id": "k", "ms": 0.2}],
+                           "plain_ms": 9.0, **r}
+    pts = dataset_points(ds, cpu)
+    assert pts.network_ms["d"] == pytest.approx(3.15 / 1.2) and pts.network_ms["r2/d"] == pytest.approx(3.15)
+    assert pts.slow_state_scaling["r1"]["networks_scaled"] == 1 and "r2" not in pts.slow_state_scaling
+
+
 def test_runtime_choice_breaks_a_network_tie_by_the_kernels():
     """Network times that cannot tell two corrections apart (a paired difference within
     noise) leave the choice to the held-out kernel error; a clear network winner keeps it."""
