@@ -101,8 +101,13 @@ def test_representatives_keep_fixed_rows_and_spread():
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-def test_onnxruntime_adaptation_on_this_host(tmp_path, threads):
+def test_onnxruntime_adaptation_on_this_host(tmp_path, threads, monkeypatch):
     """A real (small) adaptation of the cpu target: timed in windows, host recorded, no host note here."""
+    import archpass.costmodel.adapt as ad
+
+    # waits for a quiet host / the fast state capped at the budget (3x by default): on a
+    # host in its slow state they made this the suite's slowest test (23.7 s)
+    monkeypatch.setattr(ad, "WAIT_FACTOR", 1.0)
     # 6 s: at 2 threads, with its probe around every window, a slower core of the machines
     # here timed too few networks in 4 s for a held-out network fold
     t = adapt_onnxruntime(base="cpu", name="cpu-here", out_dir=tmp_path / "a", threads=threads, budget_s=6, pool=4,
@@ -113,6 +118,7 @@ def test_onnxruntime_adaptation_on_this_host(tmp_path, threads):
     assert back.fusion.nchwc_block == back.source["host"]["nchwc_block"] > 0  # the plan's and later models' layout
     m = back.accuracy["measurement"]
     assert m["networks"] >= 2 and m["seconds"] <= 6 + 4  # the budget is kept (the last network may overrun it)
+    assert m["waited_s"] <= 6 + ad.MAX_WAIT_S  # and so are the waits (one wait may start just under the cap)
     for key in ("remeasured", "kept_busy", "other_cores_median", "allowed_other_cores", "windows"):
         assert key in m
     assert m["window_statistic"] == ("mean of the faster half of the windows" if threads == 1
