@@ -757,7 +757,7 @@ def network_repeat(ra: dict, rb: dict) -> dict:
     import numpy as np
 
     from archpass.costmodel import load_target
-    from archpass.costmodel.adapt import ROUND_PREFIX, dataset_points
+    from archpass.costmodel.adapt import ROUND_PREFIX, dataset_points, target_probe_bests
     from archpass.costmodel.calibrate import DATASET, Dataset
 
     ms = []
@@ -765,9 +765,8 @@ def network_repeat(ra: dict, rb: dict) -> dict:
         d = Path(r["dir"])
         if not (d / DATASET).exists():
             return {}
-        t = load_target(d)  # what the fit reads (as refit): the round's best probe reading for older records
-        got = dataset_points(Dataset(d / DATASET), t.prior,
-                             probe_best_ms=(t.accuracy.get("measurement") or {}).get("probe_best_ms")).network_ms
+        t = load_target(d)  # the levels the fit reads (as refit)
+        got = dataset_points(Dataset(d / DATASET), t.prior, probe_bests=target_probe_bests(t)).network_ms
         ms.append({ROUND_PREFIX.sub("", k): v for k, v in got.items()})  # a round's prefix (--add)
     common = sorted(set(ms[0]) & set(ms[1]))
     if len(common) < 3:
@@ -820,7 +819,7 @@ def two_rounds(doc: dict, sc: str, tags: list[str], models, variants: dict) -> d
     same truths."""
     import numpy as np
 
-    from archpass.costmodel.adapt import dataset_points, fit_target, round_key
+    from archpass.costmodel.adapt import dataset_points, fit_target, round_key, round_probe_bests
     from archpass.costmodel.calibrate import DATASET, Dataset
     from archpass.costmodel.target import load_target
 
@@ -835,14 +834,11 @@ def two_rounds(doc: dict, sc: str, tags: list[str], models, variants: dict) -> d
             continue
         shell = load_target(ra["dir"])
         data = Dataset(Path(ra["dir"]) / DATASET)
-        # each round's records judged against its own best probe reading (records written
-        # before they carried it take their adaptation's)
-        best_a, best_b = ((r.get("measurement") or {}).get("probe_best_ms") for r in (ra, rb))
-        for k, rec in data.records.items():
-            rec.setdefault("probe_best_ms", best_a)
         for k, rec in Dataset(Path(rb["dir"]) / DATASET).records.items():
-            data.records[round_key(k, 2)] = {"probe_best_ms": best_b, **rec, "key": round_key(k, 2)}
-        both = fit_target(shell, dataset_points(data, shell.prior))
+            data.records[round_key(k, 2)] = {**rec, "key": round_key(k, 2)}
+        # each round judged against its own best probe reading, as --add records it
+        bests = round_probe_bests([(r.get("measurement") or {}) for r in (ra, rb)])
+        both = fit_target(shell, dataset_points(data, shell.prior, probe_bests=bests))
         method, both = both.accuracy["method"], predict(both, models)
         del shell, data
         local = combined_truths(doc, set(close))[0][sc]

@@ -967,16 +967,28 @@ def adapt_layers(shell: Target, out: Path, work: Callable[[dict], dict], samples
 MIN_BOTH_STATES = 3
 
 
-def slow_only_levels(records: dict, net: dict[str, float], probe_best_ms: float | None = None) -> tuple[dict, dict]:
+def round_probe_bests(rounds: list[dict], latest_ms: float | None = None) -> dict[str, float]:
+    """Each round's best probe reading by its records' key prefix (``""`` for round 1,
+    ``"r2/"`` ...), from the rounds' records (``accuracy.measurement.rounds``); the last
+    round, when it does not say, takes ``latest_ms`` (a target's ``measurement.probe_best_ms``
+    is its latest round's).  Rounds recorded before they carried theirs are left out."""
+    out = {round_key("", i + 1): float(r["probe_best_ms"]) for i, r in enumerate(rounds) if r.get("probe_best_ms")}
+    last = round_key("", max(len(rounds), 1))
+    if latest_ms and last not in out:
+        out[last] = float(latest_ms)
+    return out
+
+
+def slow_only_levels(records: dict, net: dict[str, float], probe_bests: dict[str, float]) -> tuple[dict, dict]:
     """``net`` (record key -> network latency) with the slow state taken out of the
     networks that no window of caught in the host's fast state (multi-threaded rounds):
     their latency, the faster half of slow-state windows, is divided by how much slower the
     slow state ran that round's networks timed in both states (the median over them of
     the faster half of their slow windows over the faster half of their fast ones, at
     least 1; only with :data:`MIN_BOTH_STATES` such networks in the round).  A record's
-    windows are judged against its round's best probe reading (``probe_best_ms`` of the
-    record, else the argument).  Returns the levels and, per round, the ratio and how many
-    networks gave and took it.
+    windows are judged against its round's best probe reading (``probe_bests``, by key
+    prefix: :func:`round_probe_bests`; a round without one is left as it is).  Returns the
+    levels and, per round, the ratio and how many networks gave and took it.
 
     On a host that ran 2-thread work slowly most of the time (the tenth machine,
     docs/architecture.md) 7-24 of a round's 27-29 networks had no fast window and held
@@ -984,21 +996,22 @@ def slow_only_levels(records: dict, net: dict[str, float], probe_best_ms: float 
     models within ±10% of its three truths (means +5.9 to +32.2%) as measured, 70.0%
     (means -1.1 to +9.9%) with this; two rounds measured after it was chosen, 80 and 30%
     as measured, 80 and 50% with it.  A round whose every network had a fast window is
-    unchanged, as is, in ``--add``, an earlier round whose records were written before they
-    carried ``probe_best_ms`` (:func:`refit` gives such records the target's latest one)."""
+    unchanged."""
     rounds: dict[str, list[str]] = {}
     for key in net:
         m = ROUND_PREFIX.match(key)
         rounds.setdefault(m.group(0) if m else "", []).append(key)
     out, seen = dict(net), {}
     for prefix, keys in rounds.items():
+        best = probe_bests.get(prefix)
+        if not best:
+            continue  # one thread (no probe), or a round recorded before it kept its best reading
         ratios, slow_only = [], []
         for key in keys:
             rec = records[key]
             wins, probe = rec.get("window_plain_ms") or [], rec.get("probe_ms") or []
-            best = rec.get("probe_best_ms") or probe_best_ms
-            if not best or not wins or len(probe) != len(wins) or not all(probe):
-                continue  # one thread (no probe), or windows not all read
+            if not wins or len(probe) != len(wins) or not all(probe):
+                continue  # windows not all read
             slow = [slow_state(p, best) for p in probe]
             if any(slow) and not all(slow):
                 ratios.append(window_level([w for w, s in zip(wins, slow) if s])
@@ -1014,13 +1027,12 @@ def slow_only_levels(records: dict, net: dict[str, float], probe_best_ms: float 
     return out, seen
 
 
-def dataset_points(dataset: Dataset, prior: Target, keys=None, probe_best_ms: float | None = None) -> Points:
+def dataset_points(dataset: Dataset, prior: Target, keys=None, probe_bests: dict[str, float] | None = None) -> Points:
     """The adaptation points of a dataset's records (all, or ``keys``): each record's
     kernels predicted by the prior together (runtime predictors read the whole network:
     every kernel of it when the record lists them), grouped by record, with the record's
     latency without the profiler when it has one (networks timed only in the host's slow
-    state: :func:`slow_only_levels`, ``probe_best_ms`` for records that do not carry their
-    round's best probe reading)."""
+    state: :func:`slow_only_levels`, with each round's best probe reading ``probe_bests``)."""
     kernels, ms, groups, prior_ms, net, whole = [], [], [], [], {}, {}
     for key, rec in dataset.records.items():
         pts = [p for p in rec.get("points") or [] if p.get("ms") and math.isfinite(p["ms"]) and p["ms"] > 0]
@@ -1047,9 +1059,15 @@ def dataset_points(dataset: Dataset, prior: Target, keys=None, probe_best_ms: fl
             fast = [wins[i] for i in (rec.get("fast_windows") or range(len(wins))) if i < len(wins)]
             net[key] = window_level(fast) if fast else float(rec["plain_ms"])
             whole.setdefault(key, (tuple(ks), prior_ms[-1]))
-    net, scaling = slow_only_levels(dataset.records, net, probe_best_ms)
+    net, scaling = slow_only_levels(dataset.records, net, probe_bests or {})
     return Points(tuple(kernels), np.concatenate(prior_ms) if prior_ms else np.zeros(0), np.array(ms), tuple(groups),
                   net, whole, scaling)
+
+
+def target_probe_bests(t: Target) -> dict[str, float]:
+    """An adapted target's :func:`round_probe_bests` (from its measurement record)."""
+    m = t.accuracy.get("measurement") or {}
+    return round_probe_bests(list(m.get("rounds") or []), m.get("probe_best_ms"))
 
 
 def refit(directory: str | Path, method: str | None = None) -> Target:
@@ -1058,9 +1076,7 @@ def refit(directory: str | Path, method: str | None = None) -> Target:
     t = load_target(directory)
     if t.prior is None:
         raise TargetError(f"target {directory} is not an adapted target", "pass the directory 'calibrate --adapt' wrote")
-    # for records written before they carried their round's best probe reading
-    best = (t.accuracy.get("measurement") or {}).get("probe_best_ms")
-    points = dataset_points(Dataset(Path(t.path) / DATASET), t.prior, probe_best_ms=best)
+    points = dataset_points(Dataset(Path(t.path) / DATASET), t.prior, probe_bests=target_probe_bests(t))
     fitted = fit_target(t, points, method)
     return replace(fitted, accuracy={**t.accuracy, **fitted.accuracy})
 
@@ -1510,7 +1526,8 @@ def network_points(n: Network, profile_path: str, optimized_path: str, overhead_
 
 
 #: what each round of an onnxruntime adaptation records (``accuracy.measurement.rounds``)
-ROUND_KEYS = ("when", "seed", "seconds", "networks", "notes", "other_cores_median", "spread_waited_s", "models")
+ROUND_KEYS = ("when", "seed", "seconds", "networks", "notes", "other_cores_median", "spread_waited_s", "models",
+              "probe_best_ms")
 
 
 def earlier_rounds(out: Path, prior: Target, provider: str, threads: int, graph_opt: str) -> list[dict]:
@@ -1598,11 +1615,12 @@ def adapt_onnxruntime(*, base: str | Path | Target, name: str, out_dir: str | Pa
                          "all_kernels": [{"id": k.id, "spec": k.spec()} for k in n.kernels],
                          "plain_ms": network_ms(n), "window_plain_ms": n.plain,
                          "other_cores": [w[2] for w in n.windows], "probe_ms": [w[3] for w in n.windows],
-                         "fast_windows": n.fast, "probe_best_ms": seen.get("probe_best_ms")})
+                         "fast_windows": n.fast})
     finally:
         shutil.rmtree(got["tmp"], ignore_errors=True)
     keys = [round_key(n.key, this_round) for n in nets if n.key in got["profiles"]]
-    points = dataset_points(dataset, prior, set(keys).union(*(r["keys"] for r in rounds)))
+    points = dataset_points(dataset, prior, set(keys).union(*(r["keys"] for r in rounds)),
+                            round_probe_bests([*rounds, {}], seen.get("probe_best_ms")))
     if len(points) < 5 or len(keys) < 2:
         raise TargetError(f"--budget-s {budget_s:g} measured only {len(keys)} network(s)",
                           "raise --budget-s (60 s is the default)")
@@ -1634,6 +1652,7 @@ def adapt_onnxruntime(*, base: str | Path | Target, name: str, out_dir: str | Pa
     return _write(shell, points, out, measurement, method)
 
 
-__all__ = ["adapt_zigzag", "adapt_onnxruntime", "adapt_layers", "dataset_points", "slow_only_levels", "refit",
+__all__ = ["adapt_zigzag", "adapt_onnxruntime", "adapt_layers", "dataset_points", "slow_only_levels", "round_probe_bests",
+           "target_probe_bests", "refit",
            "fit_corrections", "fit_target", "layout_blocks", "Points", "select_layers", "select_networks",
            "measure_networks", "measurement_notes", "load_base", "earlier_rounds", "round_key", "METHODS", "PER_KIND"]

@@ -126,6 +126,7 @@ def test_onnxruntime_adaptation_on_this_host(tmp_path, threads, monkeypatch):
     assert m["kernel_window_statistic"] == ("median" if threads == 1 else "min of fast-state windows")
     if threads > 1:  # the host's state was probed around every window and recorded
         assert m["probe_best_ms"] > 0 and 0 <= m["slow_state_windows"] <= m["windows_kept"]
+        assert m["rounds"][-1]["probe_best_ms"] == m["probe_best_ms"]  # the round keeps it (--add, refit)
         recs = Dataset(tmp_path / "a" / DATASET).records.values()
         assert all(len(r["probe_ms"]) == len(r["window_plain_ms"]) and r["fast_windows"] for r in recs)
     assert back.accuracy["chains"]["n"] >= 1
@@ -630,10 +631,10 @@ def test_networks_timed_only_in_the_slow_state_lose_the_rounds_slow_over_fast_ra
     """A network no window of caught the host's fast state is divided by how much slower
     the slow state ran its round's networks timed in both states; rounds are judged
     apart, and one without enough such networks, or one-thread records, are left alone."""
-    from archpass.costmodel.adapt import MIN_BOTH_STATES, dataset_points, slow_only_levels, window_level
+    from archpass.costmodel.adapt import MIN_BOTH_STATES, dataset_points, round_probe_bests, slow_only_levels, window_level
 
-    def rec(wins, probe, best=1.0):
-        return {"window_plain_ms": wins, "probe_ms": probe, **({"probe_best_ms": best} if best else {})}
+    def rec(wins, probe):
+        return {"window_plain_ms": wins, "probe_ms": probe}
 
     fast, slow = 1.1, 1.6  # probe readings against a best of 1.0: FAST_RATIO 1.3 between them
     records = {
@@ -645,21 +646,26 @@ def test_networks_timed_only_in_the_slow_state_lose_the_rounds_slow_over_fast_ra
         # a second round: one network in both states is too few to tell its slow state's cost
         "r2/a": rec([1.0, 2.0, 2.0], [fast, slow, slow]), "r2/d": rec([3.0, 3.3, 3.6], [slow, slow, slow]),
         # one thread: no probe
-        "r3/a": rec([1.0, 1.2, 1.3], [None, None, None], None), "r3/d": rec([3.0, 3.3, 3.6], [None] * 3, None),
+        "r3/a": rec([1.0, 1.2, 1.3], [None, None, None]), "r3/d": rec([3.0, 3.3, 3.6], [None] * 3),
     }
     assert MIN_BOTH_STATES > 1
+    # each round's best probe reading, as the rounds' records keep it (round 3: one thread)
+    rounds = [{"probe_best_ms": 1.0}, {"probe_best_ms": 1.0}, {"seed": 2}]
+    bests = round_probe_bests(rounds)
+    assert bests == {"": 1.0, "r2/": 1.0}
     net = {k: window_level(r["window_plain_ms"]) for k, r in records.items()}
-    got, seen = slow_only_levels(records, net)
+    got, seen = slow_only_levels(records, net, bests)
     assert got["d"] == pytest.approx(3.15 / 1.2)
     assert {k: got[k] for k in records if k != "d"} == {k: net[k] for k in records if k != "d"}
     assert seen == {"r1": {"slow_over_fast": 1.2, "networks_in_both_states": 3, "networks_scaled": 1}}
-    # records written before they carried their round's best take the argument's; a slow
-    # state no slower than the fast one changes nothing
-    old = {k: {kk: vv for kk, vv in r.items() if kk != "probe_best_ms"} for k, r in records.items()}
-    assert slow_only_levels(old, net) == (net, {})
-    assert slow_only_levels(old, net, probe_best_ms=1.0)[0]["d"] == pytest.approx(3.15 / 1.2)
+    # a round that did not record its best reading is left as it is; a target's measurement
+    # record gives its latest round's (rounds recorded before they kept theirs)
+    assert slow_only_levels(records, net, {}) == (net, {})
+    assert round_probe_bests([{"seed": 0}, {"seed": 1}], 0.9) == {"r2/": 0.9}
+    assert round_probe_bests([], 0.9) == {"": 0.9} and round_probe_bests([], None) == {}
+    # a slow state no slower than the fast one changes nothing
     faster = {**records, **{k: rec([1.0, 0.9, 0.95], [fast, slow, slow]) for k in "abc"}}
-    got, seen = slow_only_levels(faster, {**net, **{k: 0.95 for k in "abc"}})
+    got, seen = slow_only_levels(faster, {**net, **{k: 0.95 for k in "abc"}}, bests)
     assert got["d"] == net["d"] and seen["r1"]["slow_over_fast"] == 1.0
 
     # through a dataset: the network levels the fit reads, and what was done, by round
@@ -669,7 +675,8 @@ def test_networks_timed_only_in_the_slow_state_lose_the_rounds_slow_over_fast_ra
     for key, r in records.items():
         ds.records[key] = {"key": key, "group": "network", "payload": {}, "points": [{"spec": k.spec(), "id": "k", "ms": 0.2}],
                            "plain_ms": 9.0, **r}
-    pts = dataset_points(ds, cpu)
+    assert dataset_points(ds, cpu).slow_state_scaling == {}  # no best reading given: as measured
+    pts = dataset_points(ds, cpu, probe_bests=bests)
     assert pts.network_ms["d"] == pytest.approx(3.15 / 1.2) and pts.network_ms["r2/d"] == pytest.approx(3.15)
     assert pts.slow_state_scaling["r1"]["networks_scaled"] == 1 and "r2" not in pts.slow_state_scaling
 
