@@ -235,7 +235,8 @@ def phase_zigzag(args) -> dict:
     from dataclasses import replace
 
     from archpass.costmodel import load_target
-    from archpass.costmodel.adapt import METHODS, PER_KIND, refit
+    from archpass.costmodel.adapt import refit
+    from archpass.costmodel.adapt_fit import METHODS, PER_KIND
     from archpass.costmodel.calibrate import DATASET, Dataset, fit_predictors
 
     truths = _json(work_dir() / "zigzag_truths.json", {})
@@ -281,7 +282,8 @@ BUDGET_S = 60.0
 def adapt_run(sc: str, tag: str, seed: int = 0, windows: int = 3, spread_s: float | None = None) -> dict:
     """One adaptation of ``cpu`` to scenario ``sc`` with the plan drawn from ``seed`` (its
     own quiet section), recorded in ort_runs.json."""
-    from archpass.costmodel.adapt import WARMUP_RUNS_1T, WARMUP_RUNS_MT, adapt_onnxruntime
+    from archpass.costmodel.adapt import adapt_onnxruntime
+    from archpass.costmodel.adapt_measure import WARMUP_RUNS_1T, WARMUP_RUNS_MT
 
     import shutil
 
@@ -401,7 +403,7 @@ def phase_ort_truth(args) -> None:
 def settle(threads: int = 2, max_wait: float = 180.0) -> float:
     """Wait (inside the quiet section) until no other process keeps a core busy: processes
     that ignore the lock (or outlive it) would otherwise be timed with ours."""
-    from archpass.costmodel.adapt import wait_quiet
+    from archpass.costmodel.adapt_measure import wait_quiet
 
     waited = wait_quiet(threads, max_wait, window=1.0)
     print(f"waited {waited:.0f} s for a quiet host", file=sys.stderr, flush=True)
@@ -560,7 +562,7 @@ def combined_truths(doc: dict, keys=None) -> tuple[dict, dict]:
     how much two truth measurements (taken at different times) differ."""
     import numpy as np
 
-    from archpass.costmodel.adapt import allowed_other_cores
+    from archpass.costmodel.adapt_measure import allowed_other_cores
     from archpass.costmodel.hoststate import slow_state
     from archpass.costmodel.measure import combine
 
@@ -682,13 +684,14 @@ def _kernels_key(kernels: list[dict]) -> str:
 
 
 def plan_networks(sc: str, seed: int = 0, windows: int = 3) -> dict:
-    """The networks today's plan (:func:`archpass.costmodel.adapt.select_networks`) draws
+    """The networks today's plan (:func:`archpass.costmodel.adapt_plan.select_networks`) draws
     for scenario ``sc`` with ``seed``, as ``adapt_run`` plans them (calibrate --adapt's
     default runs), keyed by their kernels (a generator style may since have been renamed)."""
     from dataclasses import replace
 
     from archpass.costmodel import load_target
-    from archpass.costmodel.adapt import RUNS, select_networks
+    from archpass.costmodel.adapt_measure import RUNS
+    from archpass.costmodel.adapt_plan import select_networks
     from archpass.costmodel.host import host_fusion
 
     prior = load_target("cpu")
@@ -757,7 +760,8 @@ def network_repeat(ra: dict, rb: dict) -> dict:
     import numpy as np
 
     from archpass.costmodel import load_target
-    from archpass.costmodel.adapt import ROUND_PREFIX, dataset_points, target_probe_bests
+    from archpass.costmodel.adapt import dataset_points, target_probe_bests
+    from archpass.costmodel.adapt_fit import ROUND_PREFIX
     from archpass.costmodel.calibrate import DATASET, Dataset
 
     ms = []
@@ -819,7 +823,8 @@ def two_rounds(doc: dict, sc: str, tags: list[str], models, variants: dict) -> d
     same truths."""
     import numpy as np
 
-    from archpass.costmodel.adapt import dataset_points, fit_target, round_key, round_probe_bests
+    from archpass.costmodel.adapt import dataset_points, round_probe_bests
+    from archpass.costmodel.adapt_fit import fit_target, round_key
     from archpass.costmodel.calibrate import DATASET, Dataset
     from archpass.costmodel.target import load_target
 
@@ -866,7 +871,8 @@ def phase_report(args) -> None:
     import numpy as np
 
     from archpass.costmodel import load_target
-    from archpass.costmodel.adapt import OWN_METHODS, refit
+    from archpass.costmodel.adapt import refit
+    from archpass.costmodel.adapt_fit import OWN_METHODS
 
     sys.path.insert(0, str(ROOT))
     from _common import write_results

@@ -13,7 +13,7 @@
 # 3. Runs the command with the lock held; its exit code is this script's.
 #
 # The measuring code waits for quiet moments on its own as well (each timing window,
-# archpass.costmodel.adapt.wait_quiet); this script keeps whole steps apart.
+# archpass.costmodel.adapt_measure.wait_quiet); this script keeps whole steps apart.
 set -euo pipefail
 
 if [ "$#" -eq 0 ]; then

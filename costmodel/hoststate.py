@@ -5,7 +5,7 @@ waits for busy with other work (other tenants).  At 2 threads on the 2-core mach
 MobileNetV2 takes 1.8 ms, 2.7 ms or 7.8 ms depending on the moment, each state lasting
 from seconds to minutes, while the one-thread time of the same moments does not move and
 no process of the guest is busy: the guest's load accounting (:class:`OtherLoad
-<archpass.costmodel.adapt.OtherLoad>`) cannot see it.  A probe can: a small network of
+<archpass.costmodel.adapt_measure.OtherLoad>`) cannot see it.  A probe can: a small network of
 fork-join-bound layers, timed at the measurement's thread count, takes about 0.33 ms in
 the fast state here and 0.6-0.7 ms in the slow ones.
 

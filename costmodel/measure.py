@@ -3,7 +3,7 @@ threads and graph optimization level), robustly against a noisy, shared machine:
 check of a runtime target's prediction (``archpass inspect MODEL --target T --measure``)
 and the truth of ``benchmarks/adapt.py``.
 
-The protocol is the adaptation's (:mod:`archpass.costmodel.adapt`), with longer windows:
+The protocol is the adaptation's (:mod:`archpass.costmodel.adapt_measure`), with longer windows:
 ``windows`` windows, each started in a quiet moment (other processes leave the cores the
 timing needs free) after a pause and an untimed run, at least ``runs`` runs and ``min_s``
 seconds long, its latency the median of its runs (with several threads their 25th
@@ -56,7 +56,7 @@ class Window:
 def timed_window(session, feeds: dict, threads: int, probe=None, runs: int = RUNS, min_s: float = MIN_S,
                  retries: int = 2, max_wait: float = MAX_WAIT_S) -> Window:
     """One window of ``session`` (see the module's protocol)."""
-    from archpass.costmodel.adapt import SPIN_SETTLE_S, OtherLoad, allowed_other_cores, wait_quiet
+    from archpass.costmodel.adapt_measure import SPIN_SETTLE_S, OtherLoad, allowed_other_cores, wait_quiet
     from archpass.costmodel.backends.onnxruntime import timed_runs
     from archpass.costmodel.hoststate import run_statistic
 

@@ -11,7 +11,7 @@ import onnx
 import onnxruntime as ort
 from builders import NetBuilder
 
-from archpass.costmodel import adapt, hoststate, load_target
+from archpass.costmodel import adapt_measure, hoststate, load_target
 from archpass.costmodel.hoststate import FAST_RATIO, SERIAL_SHARE, ParallelProbe, fast_windows, probe_model, slow_state
 from archpass.model import load_model
 
@@ -86,10 +86,10 @@ def test_anchor_waits_until_the_threads_run_in_parallel(monkeypatch):
 def test_a_measurement_never_in_parallel_gets_a_note():
     seen = {"parallel_state_seen": False, "probe_best_ms": 0.62, "probe_one_thread_ms": 0.6, "windows_kept": 10,
             "slow_state_windows": 0}
-    notes = adapt.measurement_notes(seen, 60.0)
+    notes = adapt_measure.measurement_notes(seen, 60.0)
     assert len(notes) == 1 and "never ran the probe's threads in parallel" in notes[0] and "0.62 ms" in notes[0]
-    assert adapt.measurement_notes({**seen, "parallel_state_seen": True}, 60.0) == []
-    assert adapt.measurement_notes({"windows_kept": 10}, 60.0) == []  # one thread: no probe, no note
+    assert adapt_measure.measurement_notes({**seen, "parallel_state_seen": True}, 60.0) == []
+    assert adapt_measure.measurement_notes({"windows_kept": 10}, 60.0) == []  # one thread: no probe, no note
 
 
 def test_fast_windows():
@@ -111,7 +111,7 @@ def _nets(tmp_path, base, n=2):
     nets = []
     for i in range(n):
         proto = NetBuilder((1, 3, 32, 32)).conv(16 + 8 * i, 3, stride=2, act="relu").ibn(16 + 8 * i, expand=4).head(10).build()
-        nets.append(adapt._network(f"net{i}", f"net{i}", _loaded(tmp_path, proto), base, 3, 3, 2))
+        nets.append(adapt_measure.planned_network(f"net{i}", f"net{i}", _loaded(tmp_path, proto), base, 3, 3, 2))
     return nets
 
 
@@ -136,9 +136,10 @@ def test_slow_state_windows_are_measured_again_and_left_out(tmp_path, monkeypatc
     fast, slow = 1.0, 2.0
     script = [fast] + [fast, slow, fast, fast] * 5 + [fast, slow] * 3  # the anchor's reading, then the windows'
     _scripted(monkeypatch, script)
-    monkeypatch.setattr(adapt, "MAX_WAIT_S", 0.0)  # wait_fast reads once
-    monkeypatch.setattr(adapt, "OtherLoad", _Quiet)
-    got = adapt.measure_networks(nets, "CPUExecutionProvider", 2, "all", budget_s=60.0, windows=3, runs=2, retries=2)
+    monkeypatch.setattr(adapt_measure, "MAX_WAIT_S", 0.0)  # wait_fast reads once
+    monkeypatch.setattr(adapt_measure, "OtherLoad", _Quiet)
+    got = adapt_measure.measure_networks(nets, "CPUExecutionProvider", 2, "all", budget_s=60.0, windows=3, runs=2,
+                                         retries=2)
     seen = got["seen"]
     assert seen["slow_state_remeasured"] == 5 + 2 and seen["slow_state_kept"] == 1 and seen["remeasured"] == 0
     assert seen["slow_state_windows"] == 1 and seen["windows_kept"] == 6 and seen["probe_best_ms"] == fast
@@ -151,13 +152,13 @@ def test_slow_state_windows_are_measured_again_and_left_out(tmp_path, monkeypatc
 def test_single_thread_measurement_reads_no_probe(tmp_path, monkeypatch):
     base = load_target("cpu")
     proto = NetBuilder((1, 3, 32, 32)).conv(16, 3, stride=2, act="relu").head(10).build()
-    n = adapt._network("one", "one", _loaded(tmp_path, proto), base, 2, 2, 1)
+    n = adapt_measure.planned_network("one", "one", _loaded(tmp_path, proto), base, 2, 2, 1)
 
     def no_probe(*a, **k):
         raise AssertionError("a one-thread measurement must not probe")
 
     monkeypatch.setattr(hoststate, "ParallelProbe", no_probe)
-    got = adapt.measure_networks([n], "CPUExecutionProvider", 1, "all", budget_s=30.0, windows=2, runs=2)
+    got = adapt_measure.measure_networks([n], "CPUExecutionProvider", 1, "all", budget_s=30.0, windows=2, runs=2)
     assert "slow_state_windows" not in got["seen"] and n.fast == [] and len(n.fast_plain()) == 2
 
 
@@ -166,11 +167,11 @@ def test_single_thread_blocks_start_after_untimed_runs(tmp_path, monkeypatch):
     the profiled windows' first runs skip them (the profile holds every run)."""
     base = load_target("cpu")
     proto = NetBuilder((1, 3, 32, 32)).conv(16, 3, stride=2, act="relu").head(10).build()
-    n = adapt._network("one", "one", _loaded(tmp_path, proto), base, 2, 2, 1)
-    monkeypatch.setattr(adapt, "WARMUP_RUNS_1T", 3)
+    n = adapt_measure.planned_network("one", "one", _loaded(tmp_path, proto), base, 2, 2, 1)
+    monkeypatch.setattr(adapt_measure, "WARMUP_RUNS_1T", 3)
     # no window is taken again because of other load on the machine (that adds runs)
-    monkeypatch.setattr(adapt, "allowed_other_cores", lambda threads: float("inf"))
-    adapt.measure_networks([n], "CPUExecutionProvider", 1, "all", budget_s=30.0, windows=2, runs=2)
+    monkeypatch.setattr(adapt_measure, "allowed_other_cores", lambda threads: float("inf"))
+    adapt_measure.measure_networks([n], "CPUExecutionProvider", 1, "all", budget_s=30.0, windows=2, runs=2)
     # one run when the session is built, then per window 3 untimed and 2 timed profiled runs
     assert [(w[0], w[1]) for w in n.windows] == [(1 + 3, 2), (1 + 3 + 2 + 3, 2)]
     assert n.runs == 1 + 2 * (3 + 2)
@@ -187,16 +188,17 @@ def test_window_rounds_are_spread_and_the_pause_is_not_measurement(tmp_path, mon
     the pause is a wait (recorded), not measurement."""
     base = load_target("cpu")
     proto = NetBuilder((1, 3, 32, 32)).conv(16, 3, stride=2, act="relu").head(10).build()
-    nets = [adapt._network(f"n{i}", "n", _loaded(tmp_path, proto), base, 3, 2, 1) for i in range(2)]
+    nets = [adapt_measure.planned_network(f"n{i}", "n", _loaded(tmp_path, proto), base, 3, 2, 1) for i in range(2)]
     starts = []
-    real = adapt.OtherLoad.__enter__
+    real = adapt_measure.OtherLoad.__enter__
 
     def enter(self):  # the start of every window
         starts.append(time.perf_counter())
         return real(self)
 
-    monkeypatch.setattr(adapt.OtherLoad, "__enter__", enter)
-    got = adapt.measure_networks(nets, "CPUExecutionProvider", 1, "all", budget_s=30.0, windows=3, runs=2, spread_s=0.6)
+    monkeypatch.setattr(adapt_measure.OtherLoad, "__enter__", enter)
+    got = adapt_measure.measure_networks(nets, "CPUExecutionProvider", 1, "all", budget_s=30.0, windows=3, runs=2,
+                                         spread_s=0.6)
     seen = got["seen"]
     span = starts[-1] - starts[0]  # the last round started at least two spreads after the first
     assert all(len(n.plain) == 3 for n in nets) and span >= 2 * 0.6 - 0.02, starts
@@ -209,8 +211,9 @@ def test_no_spread_pause_when_no_later_round_fits_the_budget(tmp_path):
     later round runs, and none is paused for."""
     base = load_target("cpu")
     proto = NetBuilder((1, 3, 32, 32)).conv(16, 3, stride=2, act="relu").head(10).build()
-    n = adapt._network("n", "n", _loaded(tmp_path, proto), base, 3, 2, 1)
+    n = adapt_measure.planned_network("n", "n", _loaded(tmp_path, proto), base, 3, 2, 1)
     t0 = time.perf_counter()
-    got = adapt.measure_networks([n], "CPUExecutionProvider", 1, "all", budget_s=1e-3, windows=3, runs=2, spread_s=30.0)
+    got = adapt_measure.measure_networks([n], "CPUExecutionProvider", 1, "all", budget_s=1e-3, windows=3, runs=2,
+                                         spread_s=30.0)
     assert len(n.plain) == 1 and got["seen"]["spread_waited_s"] == 0.0
     assert time.perf_counter() - t0 < 20.0
