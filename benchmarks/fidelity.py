@@ -29,8 +29,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 from _common import write_results, zoo_path
 
 LOSS_POINTS = 0.5

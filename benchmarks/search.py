@@ -98,7 +98,6 @@ def edgetpu() -> dict:
     from archpass.model import load_model
     from archpass.search import guard as g
     from archpass.search import study as st
-    from archpass.search.run import pareto
 
     m = mobilenet()
     guarded = optimize("mbv2_edgetpu_retrain", m, "edgetpu", trials=TRIALS, mode="retrain")

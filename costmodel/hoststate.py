@@ -47,7 +47,6 @@ SETTLE_S = 0.03
 def probe_model(channels: int = 48, size: int = 56, blocks: int = 8):
     """The probe: ``blocks`` x (1x1 conv, 3x3 depthwise conv, ReLU) at ``size`` x ``size``
     with ``channels`` channels (multiples of 8: no layout reorders), fixed weights."""
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(0)

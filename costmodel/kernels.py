@@ -17,7 +17,7 @@ What counts as a kernel follows the target's measurement source:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 from archpass.structure import Layer, Node, Structure
 

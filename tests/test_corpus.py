@@ -19,7 +19,6 @@ import traceback
 from pathlib import Path
 
 import onnx
-import pytest
 from typer.testing import CliRunner
 
 from archpass import api

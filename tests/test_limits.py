@@ -11,7 +11,7 @@ import archpass.model as am
 from archpass import api
 from archpass.analysis import analyze
 from archpass.errors import RecipeError
-from archpass.limits import GROWTH_LIMIT, OutputSize, check_output_size, predict_output_size
+from archpass.limits import OutputSize, check_output_size, predict_output_size
 from archpass.model import load_model, weight_bytes
 from archpass.passes.engine import apply_recipe, plan
 from archpass.recipe import Recipe

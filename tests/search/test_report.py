@@ -16,7 +16,6 @@ from archpass.passes.engine import apply_recipe_shapes
 from archpass.recipe import Recipe
 from archpass.search.report import (
     FILES,
-    Summary,
     TrialRow,
     _best_row,
     block_latencies,

@@ -10,7 +10,7 @@ from archpass.costmodel import load_target
 from archpass.model import model_from_proto
 from archpass.passes.engine import apply_recipe_shapes
 from archpass.recipe import Recipe, Rewrite
-from archpass.search.objective import Budgets, Objective, Score
+from archpass.search.objective import Objective, Score
 from archpass.search.space import Space
 from archpass.search.warmstart import DefaultTrial, warm_start
 from search_helpers import ibn_net
@@ -36,7 +36,7 @@ def test_default_trial_gives_neutral_values_and_records_the_walk(objective):
 
 def test_fusion_point_is_the_block_by_block_best_set(objective):
     points = warm_start(objective)
-    s, t = objective.structure, objective.target
+    s = objective.structure
     base = objective.baseline.values[0]
     gains = {b.id for b in s.blocks if b.kind == "ibn"
              if objective.score(Recipe((Rewrite("fuse_ibn", b.id),))).values[0] < base}
