@@ -126,6 +126,7 @@ def adapt_layers(shell: Target, out: Path, work: Callable[[dict], dict], samples
     return _write(shell, points, Path(out), measurement, method)
 
 
+# ====================================================================== stored records -> the fit's points
 #: a round's networks timed in both host states needed to take the slow state out of the
 #: networks timed only in it (:func:`slow_only_levels`)
 MIN_BOTH_STATES = 3
@@ -256,6 +257,7 @@ def _write(shell: Target, points: Points, out: Path, measurement: dict, method: 
     return target
 
 
+# ====================================================================== onnxruntime
 #: what each round of an onnxruntime adaptation records (``accuracy.measurement.rounds``)
 ROUND_KEYS = ("when", "seed", "seconds", "networks", "notes", "other_cores_median", "spread_waited_s", "models",
               "probe_best_ms")
