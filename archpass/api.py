@@ -361,7 +361,14 @@ def optimize(
     recipe = out.best.recipe
     applied = apply_recipe(model, recipe, structure=prep.structure)
     recovered = prep.guard.model_for(recipe) if prep.guard is not None and len(recipe) else None
-    save_model(recovered if recovered is not None else applied.proto, dest)  # post-training: recovered weights
+    proto = recovered if recovered is not None else applied.proto  # post-training: recovered weights
+    notes = list(model.notes)
+    if model.symbolic:  # a dynamic batch pinned by --input-shape stays dynamic, as with apply
+        from archpass.dynamic import restore_dynamic_dims
+
+        proto, restored = restore_dynamic_dims(proto, model.symbolic, model.inputs)
+        notes += restored
+    save_model(proto, dest)
     recipe_path = dest.with_name(dest.stem + ".recipe.json")
     atomic_write_text(recipe_path, recipe.dumps())
     doc = {
@@ -386,6 +393,11 @@ def optimize(
                    ("unchanged (exact rewrites only)" if all(r["exact"] for r in applied.rewrites) else
                     "initialized from the original by the passes: retrain or recover them"),
     }
+    from archpass.costmodel import host_notes
+
+    # e.g. the estimate is for another host (an onnxruntime target measured elsewhere), random calibration data
+    notes += host_notes(prep.target) + list(getattr(prep.guard, "notes", ()))
+    doc["notes"] = list(dict.fromkeys(notes))
     if out.guard_info is not None:
         g = dict(out.guard or {})
         g.setdefault("threshold", out.guard_info["threshold"])

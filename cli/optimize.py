@@ -40,6 +40,16 @@ def _rewrites(recipe: dict) -> str:
     return ", ".join(f"{p} ×{n}" if n > 1 else p for p, n in counts.items()) or "none"
 
 
+def _guard_value(x: float) -> str:
+    """A guard's score with four significant digits, but never rounded up to a bound it
+    does not reach: a fidelity of 0.9999973 is not 1 (six digits, then as it is)."""
+    for digits in (4, 6):
+        text = f"{x:.{digits}g}"
+        if float(text) == x or not float(text).is_integer():
+            return text
+    return repr(x)
+
+
 def render(doc: dict) -> None:
     t = Table(title=f"{doc['input']} on {doc['target']} ({', '.join(doc['objectives'])}, {doc['trials']} trials)",
               title_justify="left")
@@ -52,11 +62,13 @@ def render(doc: dict) -> None:
     for kind in ("fidelity", "proxy"):
         g = doc.get(kind)
         if g:
-            base = g.get("baseline")
-            t.add_row(f"{kind} (≥ {g['threshold']:.4g})", "" if base is None else f"{base:.4g}",
-                      "" if g.get("score") is None else f"{g['score']:.4g}", "")
+            base, score = g.get("baseline"), g.get("score")
+            t.add_row(f"{kind} (≥ {_guard_value(g['threshold'])})", "" if base is None else _guard_value(base),
+                      "" if score is None else _guard_value(score), "")
     stdout.print(t)
     stdout.print(f"rewrites: {_rewrites(doc['recipe'])}")
+    for note in doc.get("notes", []):
+        stdout.print(f"note: {note}")
     for seed in doc.get("seeds", []):
         _render_seed(seed)
     ev = doc.get("evaluator")

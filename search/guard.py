@@ -70,6 +70,8 @@ class Guard:
     #: ``emitter(recipe) -> proto``: what to emit for a recipe that passed, built when first asked
     #: (post-training: the weights refitted on every calibration sample), or None
     emitter: Callable[[Recipe], object] | None = None
+    #: what the user should know about the guard's scores (for instance: measured on random inputs)
+    notes: tuple[str, ...] = ()
 
     def model_for(self, recipe: Recipe):
         """The ONNX proto to emit for ``recipe`` (recovered weights), or None: kept by the
@@ -123,8 +125,10 @@ def fidelity_guard(model, structure, data, *, min_fidelity: float = DEFAULT_MIN_
     def emit(recipe: Recipe):
         return evaluator.evaluate(recipe, recover=True).proto  # emitted with its recovered weights
 
-    guard = Guard("fidelity", float(min_fidelity), score, baseline=1.0, additive=True, emitter=emit)
-    return guard
+    from archpass.search.fidelity import RANDOM_DATA_NOTE
+
+    return Guard("fidelity", float(min_fidelity), score, baseline=1.0, additive=True, emitter=emit,
+                 notes=(RANDOM_DATA_NOTE,) if getattr(data, "random", False) else ())
 
 
 def proxy_guard(model, structure, *, min_proxy: float | None = None, seed: int = 0, scorer=None,

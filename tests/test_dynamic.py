@@ -43,6 +43,21 @@ def test_dynamic_batch_survives_input_shape(dyn, tmp_path, rewrite):
     np.testing.assert_allclose(y3[1:2], y1, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("calib", [None, "random"], ids=["retrain", "post-training"])
+def test_optimize_keeps_a_dynamic_batch_too(dyn, tmp_path, calib):
+    out = tmp_path / "o.onnx"
+    doc = api.optimize(dyn, out, "edgetpu", trials=12, input_shapes=["input:1,3,32,32"], calib=calib,
+                       guard=calib is not None)
+    assert doc["rewrites"] and any("dynamic dims input[0] dynamic" in n for n in doc["notes"])
+    assert any("random inputs" in n for n in doc["notes"]) == (calib == "random")
+    dims = _dims(out)
+    assert dims["input"][0] == "N" and dims["output"] == ["N", 5]
+    onnx.checker.check_model(str(out), full_check=True)
+    x = random_input((3, 3, 32, 32))
+    y3 = run_ort(str(out), {"input": x})[0]
+    np.testing.assert_allclose(y3[1:2], run_ort(str(out), {"input": x[1:2]})[0], rtol=1e-4, atol=1e-5)
+
+
 def test_dynamic_spatial_dims_stay_unless_the_recipe_changes_them(tmp_path):
     p = tmp_path / "messy.onnx"
     onnx.save(messy_model(), str(p))

@@ -76,6 +76,18 @@ def test_apply_notes_the_estimate_is_for_another_host(tiny, tmp_path):
     assert r.exit_code == 0 and r.stdout.count("not on this host") == 1
 
 
+def test_optimize_notes_the_estimate_is_for_another_host(tiny, tmp_path):
+    args = ["optimize", str(tiny), "-o", str(tmp_path / "o.onnx"), "--target", "cpu", "--trials", "5", "--no-guard"]
+    r = runner.invoke(app, [*args, "--json"])
+    assert r.exit_code == 0, r.output
+    notes = [n for n in json.loads(r.stdout)["notes"] if "not on this host" in n]
+    assert len(notes) == 1 and "archpass calibrate --adapt cpu" in notes[0]
+    r = runner.invoke(app, [*args, "--resume"])
+    assert r.exit_code == 0 and r.stdout.count("note: the estimate is for another host") == 1, r.output
+    r = runner.invoke(app, ["optimize", str(tiny), "-o", str(tmp_path / "e.onnx"), "--trials", "5", "--no-guard", "--json"])
+    assert r.exit_code == 0 and not [n for n in json.loads(r.stdout)["notes"] if "host" in n]  # edgetpu
+
+
 def test_user_target_becomes_the_default_on_this_host(tiny, tmp_path, monkeypatch):
     user = tmp_path / "user"
     monkeypatch.setenv("ARCHPASS_TARGETS", str(user))

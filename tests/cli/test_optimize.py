@@ -123,6 +123,22 @@ def test_default_retrain_guard_reports_the_proxy(model, tmp_path):
     assert p["ok"] and (p["score"] >= p["threshold"] or not doc["improved"])
 
 
+def test_table_never_rounds_a_fidelity_up_to_one(capsys):
+    """A fidelity of 0.9999973 is printed as such, not as 1 (a lossless-looking figure)."""
+    from archpass.cli.optimize import _guard_value, render
+
+    est = {"latency_ms": 1.0, "params_bytes": 1000, "peak_activation_bytes": 1000, "macs": 10}
+    doc = {"input": "m.onnx", "target": "edgetpu", "objectives": ["latency"], "trials": 3, "baseline": est,
+           "optimized": est, "recipe": {"rewrites": []}, "output": "o.onnx", "recipe_file": "o.recipe.json",
+           "storage": "o.study.jsonl", "study_name": "s",
+           "fidelity": {"threshold": 0.99, "baseline": 1.0, "score": 0.9999973313062179}}
+    render(doc)
+    row = next(line for line in capsys.readouterr().out.splitlines() if "fidelity" in line)
+    assert "0.999997" in row and "≥ 0.99" in row, row
+    assert [_guard_value(x) for x in (1.0, 0.9931234, -4.352944606614031, 0.99999999999)] == \
+        ["1", "0.9931", "-4.353", "0.99999999999"]
+
+
 def test_post_training_with_calibration_data(model, tmp_path):
     from archpass.model import load_model
 
