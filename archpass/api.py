@@ -145,7 +145,7 @@ def apply(
     if model.symbolic:  # keep what --input-shape pinned only for the analysis dynamic (archpass.dynamic)
         from archpass.dynamic import restore_dynamic_dims
 
-        proto, notes = restore_dynamic_dims(proto, model.symbolic, model.inputs)
+        proto, notes = restore_dynamic_dims(proto, model.symbolic, model.inputs, model.computed_shapes)
     written = save_model(proto, dest)
     after = applied.structure
     doc = {
@@ -366,7 +366,7 @@ def optimize(
     if model.symbolic:  # a dynamic batch pinned by --input-shape stays dynamic, as with apply
         from archpass.dynamic import restore_dynamic_dims
 
-        proto, restored = restore_dynamic_dims(proto, model.symbolic, model.inputs)
+        proto, restored = restore_dynamic_dims(proto, model.symbolic, model.inputs, model.computed_shapes)
         notes += restored
     save_model(proto, dest)
     recipe_path = dest.with_name(dest.stem + ".recipe.json")

@@ -4,8 +4,10 @@ Loading pins every dynamic input dim (``--input-shape``), because analysis and t
 need static shapes.  The output should not lose what the user did not ask to change: a
 dynamic batch stays dynamic.  :func:`restore_dynamic_dims` sets the source's symbolic
 names (``"N"``, ``"batch"``...) back on the emitted model's inputs and outputs wherever
-the recipe left the pinned value unchanged, drops the now stale intermediate shapes, and
-keeps the result only when it demonstrably works: it passes the ONNX checker, runs in
+the recipe left the pinned value unchanged, drops the now stale intermediate shapes, links
+the Resize sizes and Reshape shapes that the source computed from its batch (and
+canonicalization folded to the pinned one) to the batch again, and keeps the result only
+when it demonstrably works: it passes the ONNX checker, runs in
 onnxruntime at the pinned sizes and at twice them, and (for a symbolic dim 0, a batch)
 the first item of a batch of two equals the output for that item alone.  Otherwise the
 model keeps static dims and the returned note says why.
@@ -33,6 +35,91 @@ def symbolic_dims(proto: ModelProto) -> Dims:
         if any(not isinstance(d, int) for d in dims):
             out.append((vi.name, dims))
     return tuple(out)
+
+
+#: op -> the input that holds the target shape (Resize: ``sizes``; Reshape: ``shape``)
+SHAPE_INPUTS = {"Resize": 3, "Reshape": 1}
+
+
+def computed_shapes(proto: ModelProto) -> tuple[str, ...]:
+    """The output names of the Resize and Reshape nodes whose target shape ``proto``
+    computes at run time (from a Shape: exporters write a dynamic batch that way).
+    Canonicalization folds those to the pinned sizes, which would tie the optimized
+    model to the pinned batch; :func:`restore_dynamic_dims` links them to it again."""
+    constants = {i.name for i in proto.graph.initializer} | {
+        o for n in proto.graph.node if n.op_type == "Constant" for o in n.output}
+    return tuple(n.output[0] for n in proto.graph.node
+                 if n.op_type in SHAPE_INPUTS and n.domain in ("", "ai.onnx") and n.output
+                 and len(n.input) > SHAPE_INPUTS[n.op_type] and n.input[SHAPE_INPUTS[n.op_type]]
+                 and n.input[SHAPE_INPUTS[n.op_type]] not in constants)
+
+
+def _relink_batch(proto: ModelProto, computed: tuple[str, ...], batch: int) -> int:
+    """In ``proto`` (changed in place), give the ``computed`` Resize/Reshape nodes whose
+    folded target shape starts with ``batch`` their input's run-time batch again: Resize
+    ``sizes`` becomes Concat(Shape(X)[0:1], the rest), Reshape's leading dim 0 (copy the
+    input's).  Returns how many nodes were relinked; whether that is right is what
+    :func:`_runs_at_other_sizes` then checks."""
+    from onnx import helper, numpy_helper
+
+    inits = {i.name: i for i in proto.graph.initializer}
+    consts = {n.output[0]: n for n in proto.graph.node if n.op_type == "Constant" and n.output}
+    wanted = set(computed)
+    taken = {i.name for i in proto.graph.initializer} | {o for n in proto.graph.node for o in n.output}
+
+    def fresh(base: str) -> str:
+        name, k = base, 1
+        while name in taken:
+            name, k = f"{base}_{k}", k + 1
+        taken.add(name)
+        return name
+
+    def value(name: str):
+        if name in inits:
+            return numpy_helper.to_array(inits[name])
+        node = consts.get(name)
+        if node is not None and node.attribute and node.attribute[0].name == "value":
+            return numpy_helper.to_array(node.attribute[0].t)
+        return None
+
+    nodes, relinked, replaced = [], 0, set()
+    for n in proto.graph.node:
+        k = SHAPE_INPUTS.get(n.op_type)
+        target = value(n.input[k]) if k is not None and n.output and n.output[0] in wanted and len(n.input) > k else None
+        if target is None or target.ndim != 1 or len(target) < 1 or int(target[0]) != batch:
+            nodes.append(n)
+            continue
+        target_name = n.input[k]
+        if n.op_type == "Reshape":
+            if any(a.name == "allowzero" and a.i for a in n.attribute):
+                nodes.append(n)
+                continue
+            shape = target.astype(np.int64).copy()
+            shape[0] = 0  # copy the input's dim 0
+            name = fresh(f"{n.output[0]}_shape")
+            proto.graph.initializer.append(numpy_helper.from_array(shape, name))
+            n.input[k] = name
+        else:  # Resize: sizes = Concat(Shape(X)[0:1], the folded rest)
+            dims, idx, tail, sizes = (fresh(f"{n.output[0]}_{s}") for s in ("in_shape", "batch_index", "tail", "sizes"))
+            proto.graph.initializer.extend([numpy_helper.from_array(np.array([0], dtype=np.int64), idx),
+                                            numpy_helper.from_array(target[1:].astype(np.int64), tail)])
+            batch_of = fresh(f"{n.output[0]}_batch")
+            nodes += [helper.make_node("Shape", [n.input[0]], [dims], name=fresh(f"{n.name}_shape")),
+                      helper.make_node("Gather", [dims, idx], [batch_of], name=fresh(f"{n.name}_batch"), axis=0),
+                      helper.make_node("Concat", [batch_of, tail], [sizes], name=fresh(f"{n.name}_sizes"), axis=0)]
+            n.input[k] = sizes
+        replaced.add(target_name)
+        nodes.append(n)
+        relinked += 1
+    used = {i for n in nodes for i in n.input} | {o.name for o in proto.graph.output}
+    unused = replaced - used  # the folded shapes no node reads any more
+    nodes = [n for n in nodes if not (n.op_type == "Constant" and n.output and n.output[0] in unused)]
+    kept = [i for i in proto.graph.initializer if i.name not in unused]
+    del proto.graph.initializer[:]
+    proto.graph.initializer.extend(kept)
+    del proto.graph.node[:]
+    proto.graph.node.extend(nodes)
+    return relinked
 
 
 def _restorable(proto: ModelProto, source: Dims, pinned: dict[str, tuple[int, ...]]) -> dict[str, dict[int, str]]:
@@ -86,9 +173,13 @@ def random_feeds(proto: ModelProto, seed: int = 0, scale: dict[str, dict[int, in
     return feeds
 
 
-def restore_dynamic_dims(proto: ModelProto, source: Dims, pinned: dict[str, tuple[int, ...]]) -> tuple[ModelProto, list[str]]:
+def restore_dynamic_dims(proto: ModelProto, source: Dims, pinned: dict[str, tuple[int, ...]],
+                         computed: tuple[str, ...] = ()) -> tuple[ModelProto, list[str]]:
     """``proto`` with the source's symbolic dims restored where that is safe (see the
-    module), and notes for the user.  ``proto`` itself is never modified."""
+    module), and notes for the user.  ``computed`` (``Model.computed_shapes``): the
+    Resize/Reshape nodes whose target shape the source computed at run time; when only a
+    batch is restored, those folded to the pinned batch follow the input's batch again.
+    ``proto`` itself is never modified."""
     from archpass.model import is_large
 
     restore = _restorable(proto, source, pinned)
@@ -110,6 +201,9 @@ def restore_dynamic_dims(proto: ModelProto, source: Dims, pinned: dict[str, tupl
             d.Clear()
             d.dim_param = sym
     del out.graph.value_info[:]  # intermediate shapes were inferred at the pinned size
+    batches = {pinned[n][0] for n, ax in restore.items() if n in pinned}
+    if computed and all(set(ax) == {0} for ax in restore.values()) and len(batches) == 1:
+        _relink_batch(out, computed, batches.pop())
     try:
         out = onnx.shape_inference.infer_shapes(out, check_type=True)
         onnx.checker.check_model(out, full_check=True)
@@ -126,7 +220,7 @@ def _runs_at_other_sizes(static: ModelProto, dynamic: ModelProto, restore: dict[
 
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    opts.log_severity_level = 3
+    opts.log_severity_level = 4  # a failure here is an answer (the dims stay static), not an error to print
     sess = ort.InferenceSession(dynamic.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     base = random_feeds(static, 0)
     ref = sess.run(None, base)

@@ -39,6 +39,9 @@ class Model:
     notes: tuple[str, ...] = ()
     #: the source's inputs/outputs with symbolic dims, as declared (see archpass.dynamic)
     symbolic: tuple[tuple[str, tuple[int | str | None, ...]], ...] = ()
+    #: Resize/Reshape nodes whose target shape the source computed at run time (from a
+    #: Shape) and canonicalization folded to the pinned sizes (see archpass.dynamic)
+    computed_shapes: tuple[str, ...] = ()
 
     @property
     def inputs(self) -> dict[str, tuple[int, ...]]:
@@ -571,9 +574,10 @@ def model_from_proto(
     work.CopyFrom(proto)
     _check(work, path)
     declared = _custom_op_shapes(work)
-    from archpass.dynamic import symbolic_dims
+    from archpass.dynamic import computed_shapes, symbolic_dims
 
     symbolic = symbolic_dims(work)
+    computed = computed_shapes(work) if symbolic else ()
     pinned = _pin_inputs(work, {k: tuple(v) for k, v in (input_shapes or {}).items()})
     notes: list[str] = []
     if declared:
@@ -608,7 +612,8 @@ def model_from_proto(
             f"cannot infer a static shape for tensor '{tensor}' (output of node '{node}')",
             "pin every dynamic input with --input-shape or re-export with static shapes",
         )
-    return Model(proto=work, path=path, sha256=sha256, input_shapes=pinned, notes=tuple(notes), symbolic=symbolic)
+    return Model(proto=work, path=path, sha256=sha256, input_shapes=pinned, notes=tuple(notes), symbolic=symbolic,
+                 computed_shapes=computed)
 
 
 # --------------------------------------------------------------------------- saving

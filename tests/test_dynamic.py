@@ -86,5 +86,57 @@ def test_a_batch_baked_into_the_graph_keeps_the_output_static_and_says_why(tmp_p
     assert _dims(tmp_path / "o.onnx")["input"] == [1, 3, 8, 8]
 
 
+def _resize_head_model() -> onnx.ModelProto:
+    """A segmentation-style export with a dynamic batch: Conv -> Resize to 16x16 whose sizes
+    are Concat(Shape(x)[0:2], [16, 16]) -> Conv -> Reshape to Concat(Shape(y)[0:1], [-1])
+    (how torch's exporters spell a dynamic batch; canonicalization folds both to batch 1)."""
+    rng = np.random.default_rng(3)
+
+    def t(name, arr, dtype=TensorProto.FLOAT):
+        return helper.make_tensor(name, dtype, arr.shape, arr.ravel().tolist())
+
+    inits = [t("w1", rng.standard_normal((16, 3, 3, 3)).astype(np.float32)),
+             t("w2", rng.standard_normal((8, 16, 3, 3)).astype(np.float32)),
+             t("hw", np.array([16, 16], dtype=np.int64), TensorProto.INT64),
+             t("minus1", np.array([-1], dtype=np.int64), TensorProto.INT64),
+             t("i0", np.array([0], dtype=np.int64), TensorProto.INT64)]
+    nodes = [helper.make_node("Conv", ["input", "w1"], ["c1"], name="conv1", pads=[1, 1, 1, 1], strides=[2, 2]),
+             helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+             helper.make_node("Shape", ["r1"], ["s1"], name="shape1", start=0, end=2),
+             helper.make_node("Concat", ["s1", "hw"], ["sizes"], name="sizes", axis=0),
+             helper.make_node("Resize", ["r1", "", "", "sizes"], ["up"], name="resize", mode="linear"),
+             helper.make_node("Conv", ["up", "w2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
+             helper.make_node("Shape", ["c2"], ["s2"], name="shape2"),
+             helper.make_node("Gather", ["s2", "i0"], ["b"], name="batch", axis=0),
+             helper.make_node("Concat", ["b", "minus1"], ["flat"], name="flat", axis=0),
+             helper.make_node("Reshape", ["c2", "flat"], ["output"], name="reshape")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 16, 16])],
+                          [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", 2048])], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_shapes_the_source_computes_follow_the_batch_again(tmp_path):
+    """Canonicalization folds a Resize's sizes and a Reshape's shape to the pinned batch; the
+    output links them to the input's batch again (a literal batch stays, see above)."""
+    from archpass.model import load_model
+
+    p = tmp_path / "seg.onnx"
+    onnx.save(_resize_head_model(), str(p))
+    m = load_model(p, {"input": (1, 3, 16, 16)})
+    assert set(m.computed_shapes) == {"up", "output"}
+    group = next(g["id"] for g in api.inspect(p, ["input:1,3,16,16"])["channel_groups"] if g["channels"] == 16)
+    out = tmp_path / "o.onnx"
+    doc = api.apply(p, {"rewrites": [{"pass": "channels", "site": group, "channels": 8}]}, out, ["input:1,3,16,16"])
+    assert any("kept the source's dynamic dims input[0] dynamic" in n for n in doc["notes"]), doc["notes"]
+    assert _dims(out) == {"input": ["N", 3, 16, 16], "output": ["N", 2048]}
+    onnx.checker.check_model(str(out), full_check=True)
+    x = random_input((3, 3, 16, 16))
+    y3 = run_ort(str(out), {"input": x})[0]
+    np.testing.assert_allclose(y3[2:3], run_ort(str(out), {"input": x[2:3]})[0], rtol=1e-4, atol=1e-5)
+    # the folded shapes are replaced, not left behind
+    o = onnx.load(str(out))
+    assert {i.name for i in o.graph.initializer} <= {i for n in o.graph.node for i in n.input}
+
+
 def test_symbolic_dims():
     assert symbolic_dims(messy_model()) == (("input", ("N", 3, "H", "W")), ("output", ("N", 10)))
