@@ -107,8 +107,9 @@ class _TInfo:
 
 
 class _Analyzer:
-    def __init__(self, proto: onnx.ModelProto):
+    def __init__(self, proto: onnx.ModelProto, size_links=()):
         self.proto = proto
+        self.size_links = dict(size_links)  # Resize output -> what its sizes were computed from (archpass.sizelinks)
         g = proto.graph
         self.g = g
         self.source = ""  # the node (or graph input) being visited: the source of the fixes it makes
@@ -307,6 +308,8 @@ class _Analyzer:
                 spatial.append(("scales", tuple(float(s) for s in scales)))
             if sizes is not None and sizes.size:
                 spatial.append(("sizes", tuple(int(s) for s in sizes)))
+                if n.output and n.output[0] in self.size_links:  # computed from other tensors' dims in the source
+                    spatial.append(("sizes_from", self.size_links[n.output[0]]))
         elif n.op_type == "Gemm":  # the weight layout, which a square weight's shape cannot tell (resize's shape path)
             spatial.append(("transB", int(attr(n, "transB", 0))))
         elif n.op_type == "Transpose":
@@ -751,7 +754,7 @@ def analyze(model: Model | onnx.ModelProto) -> Structure:
     """Analyze a loaded (canonical, statically shaped) model."""
     proto = model.proto if isinstance(model, Model) else model
     with _unexpected("the model"):
-        structure = _Analyzer(proto).run()
+        structure = _Analyzer(proto, model.size_links if isinstance(model, Model) else ()).run()
     prov = read_provenance(proto)
     if prov:  # layers a pass rewrote carry its tag (see archpass.passes.base.tag)
         from dataclasses import replace

@@ -42,6 +42,9 @@ class Model:
     #: Resize/Reshape nodes whose target shape the source computed at run time (from a
     #: Shape) and canonicalization folded to the pinned sizes (see archpass.dynamic)
     computed_shapes: tuple[str, ...] = ()
+    #: the Resize nodes whose sizes the source computed from other tensors' dims, element by
+    #: element (see archpass.sizelinks): the analysis records them for the resolution pass
+    size_links: tuple = ()
 
     @property
     def inputs(self) -> dict[str, tuple[int, ...]]:
@@ -561,6 +564,29 @@ DATA_DEPENDENT_OPS = frozenset({"NonZero", "NonMaxSuppression", "Unique", "Compr
                                 "RoiAlign", "StringSplit"})
 
 
+def _computed_resize(proto: ModelProto) -> bool:
+    """Whether a Resize in ``proto`` takes ``sizes`` that no initializer or Constant holds."""
+    consts = {i.name for i in proto.graph.initializer} | {o for n in proto.graph.node if n.op_type == "Constant"
+                                                          for o in n.output}
+    return any(n.op_type == "Resize" and len(n.input) > 3 and n.input[3] and n.input[3] not in consts
+               for n in proto.graph.node)
+
+
+def _size_links(canonical: ModelProto, source_graph) -> tuple:
+    """:func:`archpass.sizelinks.size_links` of the source graph, with the canonical model's
+    tensor ranks; only links whose Resize and tensors the canonical model still has."""
+    from archpass.sizelinks import size_links
+
+    g = canonical.graph
+    ranks = {vi.name: len(vi.type.tensor_type.shape.dim) for vi in list(g.input) + list(g.value_info) + list(g.output)
+             if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape")}
+    ranks.update({i.name: len(i.dims) for i in g.initializer})
+    src = ModelProto()
+    src.graph.CopyFrom(source_graph)
+    return tuple((out, elems) for out, elems in size_links(src, ranks)
+                 if out in ranks and all(e[0] == "const" or e[1] in ranks for e in elems))
+
+
 def model_from_proto(
     proto: ModelProto,
     input_shapes: Mapping[str, Sequence[int]] | None = None,
@@ -595,7 +621,9 @@ def model_from_proto(
         canonical = False
     if canonical:
         _check_folding(work)
+    source_graph = work.graph if _computed_resize(work) else None  # canonicalize returns a new proto
     work = canonicalize(work) if canonical else _infer(work)
+    links = _size_links(work, source_graph) if source_graph is not None else ()
     missing = _unshaped(work)
     if missing:
         node, tensor = missing
@@ -613,7 +641,7 @@ def model_from_proto(
             "pin every dynamic input with --input-shape or re-export with static shapes",
         )
     return Model(proto=work, path=path, sha256=sha256, input_shapes=pinned, notes=tuple(notes), symbolic=symbolic,
-                 computed_shapes=computed)
+                 computed_shapes=computed, size_links=links)
 
 
 # --------------------------------------------------------------------------- saving

@@ -3,8 +3,9 @@
 :func:`propagate_hw` walks the structure's nodes in topological order and recomputes
 the shape of every tensor whose input changed: convolutions and pools from their
 kernel/stride/pads (``Node.spatial``), global pools to 1x1, elementwise ops by
-broadcasting, and the few layout ops whose axes the analysis records (Transpose,
-Flatten, Concat, Squeeze/Unsqueeze, reductions).  Anything that pins a spatial size
+broadcasting, Resize by its scales, its sizes, or the tensors its sizes follow
+(``sizes_from``, :mod:`archpass.sizelinks`), and the few layout ops whose axes the
+analysis records (Transpose, Flatten, Concat, Squeeze/Unsqueeze, reductions).  Anything that pins a spatial size
 (a Reshape, a Flatten of a spatial map into features, a Gemm fed by one, an op whose
 output depends on the input's size) raises :class:`SpatialError` naming the node, so
 the resolution pass can refuse with that reason.
@@ -94,6 +95,9 @@ def _out_shapes(node: Node, s: Structure, get, changed: set[str]) -> list[tuple[
         scales = node.attr("scales")
         if scales:
             return [tuple(int(math.floor(d * sc)) for d, sc in zip(x, scales))]
+        linked = node.attr("sizes_from")
+        if linked:  # the source computed them from these tensors' dims (archpass.sizelinks)
+            return [tuple(e[1] if e[0] == "const" else get(e[1])[e[2]] for e in linked)]
         if node.attr("sizes"):
             return [tuple(node.attr("sizes"))]
         raise SpatialError(f"{where} computes its output size at run time")
@@ -200,7 +204,8 @@ def propagate_hw(s: Structure, hw: HW) -> Structure:
         return got if got is not None else tensors[t].shape
 
     for node in s.nodes:
-        for i in node.inputs:
+        linked = tuple(e[1] for e in node.attr("sizes_from") or () if e[0] == "dim")
+        for i in (*node.inputs, *linked):
             if i in new:
                 break
         else:

@@ -1,7 +1,9 @@
 """``resolution``: change the static input height/width of the model.
 
 Valid where the network is fully convolutional up to a global pooling: every tensor's
-shape is recomputed along the graph (:mod:`archpass.spatial`), and the pass refuses,
+shape is recomputed along the graph (:mod:`archpass.spatial`; a Resize to another tensor's
+size follows that tensor, see :mod:`archpass.sizelinks`, and its sizes constant is
+rewritten), and the pass refuses,
 naming the node, where a Reshape, a Flatten of a spatial map, a Gemm fed by one, or a
 window larger than its input would make the model invalid.  Weights do not change; the
 function is not the same (other pixels), so the rewrite counts as **lossy** for
@@ -120,5 +122,42 @@ class Resolution(Pass):
                 for n in t.outputs:
                     tag(n, self.name, None)
                 break
+        changed |= _write_linked_sizes(graph, structure, match.found["structure"], self.name)
         # intermediate shapes are now stale; the engine re-infers every shape after the last rewrite
         return GraphResult(changed, not changed)
+
+
+def _write_linked_sizes(graph, before: Structure, after: Structure, pass_name: str) -> bool:
+    """Give every Resize whose sizes the source computed from other tensors' dims
+    (``sizes_from``, :mod:`archpass.sizelinks`) the spatial sizes of its new output; its
+    batch and channel entries stay as the graph has them (a channel pass may have changed
+    them).  Returns whether a constant changed."""
+    import numpy as np
+    import onnx_graphsurgeon as gs
+
+    linked = {n.outputs[0]: n for n in before.nodes if n.attr("sizes_from") and n.outputs}
+    if not linked:
+        return False
+    taken = set(graph.tensors())
+    changed = False
+    for gn in graph.nodes:
+        if gn.op != "Resize" or not gn.outputs or gn.outputs[0].name not in linked or len(gn.inputs) < 4:
+            continue
+        old = gn.inputs[3]
+        if not isinstance(old, gs.Constant):
+            continue
+        values = np.array(old.values, dtype=np.int64).copy()
+        new = after.tensors[gn.outputs[0].name].shape
+        if tuple(values[2:]) == tuple(new[2:]):
+            continue
+        values[2:] = new[2:]
+        # its sole user keeps the name, a shared one gets a copy '<name>__<node>' (as the channel passes do)
+        name = old.name if len(old.outputs) == 1 else f"{old.name}__{gn.name}"
+        base, k = name, 1
+        while len(old.outputs) > 1 and name in taken:
+            name, k = f"{base}_{k}", k + 1
+        taken.add(name)
+        gn.inputs[3] = gs.Constant(name, values)
+        tag(gn, pass_name, None)
+        changed = True
+    return changed

@@ -237,3 +237,68 @@ def test_only_the_image_input_is_resized():
     one = run_ort(applied.proto, {"input": x, "scale": np.ones((1, 4, 1, 1), np.float32)})[0]
     two = run_ort(applied.proto, {"input": x, "scale": np.full((1, 4, 1, 1), 2.0, np.float32)})[0]
     assert one.shape == (1, 4, 16, 8) and rel_err(two, 2 * one) < 1e-6
+
+
+def _fpn(h: int, w: int, dynamic_hw: bool = False) -> onnx.ModelProto:
+    """A feature-pyramid/segmentation head as TorchScript exports it: a deep feature is
+    upsampled to the size of a shallow one (sizes = Concat(Shape(deep)[0:2], Shape(shallow)[2:4])),
+    added to it, and the sum upsampled to the input's size."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    rng = np.random.default_rng(11)
+
+    def w_(name, *shape):
+        return numpy_helper.from_array((rng.standard_normal(shape) * 0.3).astype(np.float32), name)
+
+    def sizes(data, like, out):
+        return [helper.make_node("Shape", [data], [f"{out}_nc"], start=0, end=2),
+                helper.make_node("Shape", [like], [f"{out}_hw"], start=2, end=4),
+                helper.make_node("Concat", [f"{out}_nc", f"{out}_hw"], [f"{out}_sizes"], axis=0),
+                helper.make_node("Resize", [data, "", "", f"{out}_sizes"], [out], mode="linear")]
+
+    nodes = [helper.make_node("Conv", ["input", "w1"], ["c1"], pads=[1, 1, 1, 1], strides=[2, 2]),
+             helper.make_node("Relu", ["c1"], ["shallow"]),
+             helper.make_node("Conv", ["shallow", "w2"], ["c2"], pads=[1, 1, 1, 1], strides=[2, 2]),
+             helper.make_node("Relu", ["c2"], ["deep"]),
+             *sizes("deep", "shallow", "up1"),
+             helper.make_node("Add", ["up1", "shallow"], ["sum"]),
+             helper.make_node("Conv", ["sum", "w3"], ["logits"]),
+             *sizes("logits", "input", "output")]
+    hw = ["H", "W"] if dynamic_hw else [h, w]
+    g = helper.make_graph(nodes, "fpn", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, *hw])],
+                          [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 5, *hw])],
+                          [w_("w1", 16, 3, 3, 3), w_("w2", 16, 16, 3, 3), w_("w3", 5, 16, 1, 1)])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("hw", [(48, 40), (21, 19)])
+def test_resize_to_another_tensors_size_follows_it(hw):
+    """The source computes the upsampling sizes from other tensors; canonicalization folds
+    them, the analysis keeps the link, and the rewritten model equals the source run at the
+    new size (so do channels changed in the same recipe, where the shapes must agree)."""
+    import numpy as np
+
+    from builders import random_input, run_ort
+
+    model, s = built(_fpn(32, 32))
+    assert {n.outputs[0] for n in s.nodes if n.attr("sizes_from")} == {"up1", "output"}
+    applied = apply_checked(model, s, [{"pass": "resolution", "height": hw[0], "width": hw[1]}])
+    assert applied.structure.outputs == (("output", (1, 5, *hw)),)
+    x = random_input((1, 3, *hw))
+    np.testing.assert_allclose(run_ort(applied.proto, {"input": x})[0],
+                               run_ort(_fpn(0, 0, dynamic_hw=True), {"input": x})[0], rtol=1e-5, atol=1e-5)
+    group = next(g.id for g in s.groups if g.adjustable and g.channels == 16)
+    both = apply_checked(model, s, [{"pass": "channels", "site": group, "channels": 8},
+                                    {"pass": "resolution", "height": hw[0], "width": hw[1]}])
+    assert run_ort(both.proto, {"input": x})[0].shape == (1, 5, *hw)
+
+
+def test_resize_sizes_the_source_spells_as_constants_still_fix_the_size():
+    # the same head with its sizes folded in the source (the dynamo exporter's form): no link
+    from archpass.model import canonicalize
+
+    _, s = built(canonicalize(_fpn(32, 32)))
+    assert not [n for n in s.nodes if n.attr("sizes_from")]
+    with pytest.raises(RecipeError, match="cannot run at 48x48.*would join"):
+        apply_recipe_shapes(s, [{"pass": "resolution", "height": 48, "width": 48}])
