@@ -138,5 +138,20 @@ def test_shapes_the_source_computes_follow_the_batch_again(tmp_path):
     assert {i.name for i in o.graph.initializer} <= {i for n in o.graph.node for i in n.input}
 
 
+@pytest.mark.slow
+def test_real_segmentation_model_keeps_its_dynamic_batch_at_another_resolution(tmp_path):
+    import zoo
+
+    src = zoo.model_path("lraspp_mobilenet_v3_large", dynamic_batch=True)
+    out = tmp_path / "o.onnx"
+    doc = api.apply(src, {"rewrites": [{"pass": "resolution", "height": 192, "width": 192}]}, out, ["input:1,3,224,224"])
+    assert any("kept the source's dynamic dims input[0] dynamic" in n for n in doc["notes"]), doc["notes"]
+    assert _dims(out) == {"input": ["N", 3, 192, 192], "output": ["N", 21, 192, 192]}
+    x = random_input((2, 3, 192, 192))
+    y2, y1 = run_ort(str(out), {"input": x})[0], run_ort(str(out), {"input": x[1:2]})[0]
+    # kernels chosen by batch size round differently: about 1e-6 of the output's range here
+    np.testing.assert_allclose(y2[1:2], y1, rtol=1e-4, atol=1e-5 * np.abs(y1).max())
+
+
 def test_symbolic_dims():
     assert symbolic_dims(messy_model()) == (("input", ("N", 3, "H", "W")), ("output", ("N", 10)))

@@ -49,7 +49,13 @@ MODELS: dict[str, dict] = {
     # MobileNetV2 siblings for --seed-recipe (issue 10): narrower, and at a smaller input
     "mobilenet_v2_w075": {"width_mult": 0.75},
     "mobilenet_v2_160": {},
+    # a segmentation head (torchvision.models.segmentation, its "out" map): Resizes to the size of
+    # other tensors, which the resolution pass must follow (archpass.sizelinks)
+    "lraspp_mobilenet_v3_large": {"num_classes": 21, "weights_backbone": None},
 }
+
+# models built by torchvision.models.segmentation (their output: the "out" entry of the dict)
+SEGMENTATION = ("lraspp_mobilenet_v3_large",)
 
 # name -> (torchvision constructor, input H = W) for the models that are variants of another
 VARIANTS: dict[str, tuple[str, int]] = {"mobilenet_v2_w075": ("mobilenet_v2", 224), "mobilenet_v2_160": ("mobilenet_v2", 160)}
@@ -61,7 +67,7 @@ def input_shape(name: str) -> tuple[int, int, int, int]:
     return (*INPUT_SHAPE[:2], hw, hw)
 
 # Models also available with a dynamic batch dimension (input dim 0 named "N").
-DYNAMIC_BATCH = ("mobilenet_v2",)
+DYNAMIC_BATCH = ("mobilenet_v2", "lraspp_mobilenet_v3_large")
 
 
 SKELETONS = Path(__file__).resolve().parent / "skeletons"
@@ -164,7 +170,20 @@ def export_model(name: str, *, dynamic_batch: bool = False) -> Path:
 
     torch.manual_seed(SEED)
     arch = VARIANTS.get(name, (name,))[0]
-    model = getattr(torchvision.models, arch)(weights=None, **MODELS[name])
+    if name in SEGMENTATION:
+        seg = getattr(torchvision.models.segmentation, arch)(weights=None, **MODELS[name])
+
+        class Out(torch.nn.Module):  # the dict's "out" map, as deployed
+            def __init__(self, m):
+                super().__init__()
+                self.m = m
+
+            def forward(self, x):
+                return self.m(x)["out"]
+
+        model = Out(seg)
+    else:
+        model = getattr(torchvision.models, arch)(weights=None, **MODELS[name])
     return export_onnx(model, path, dynamic_batch=dynamic_batch, input_shape=input_shape(name))
 
 

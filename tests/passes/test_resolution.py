@@ -94,6 +94,27 @@ def test_real_architectures(name, hw):
 
 
 @pytest.mark.slow
+def test_real_segmentation_head_follows_its_resizes():
+    """LRASPP-MobileNetV3 as the TorchScript exporter writes it with a dynamic batch: both
+    Resizes take their sizes from other tensors (a backbone feature, the input)."""
+    import zoo
+    from archpass.analysis import analyze
+    from archpass.model import load_model
+
+    model = load_model(zoo.model_path("lraspp_mobilenet_v3_large", dynamic_batch=True), {"input": (1, 3, 224, 224)})
+    s = analyze(model)
+    assert len([n for n in s.nodes if n.attr("sizes_from")]) == 2
+    group = next(g.id for g in s.groups if g.adjustable and g.channels == 128)  # the head's 128-channel branch
+    applied = apply_checked(model, s, [{"pass": "resolution", "height": 160, "width": 192},
+                                       {"pass": "channels", "site": group, "channels": 64}])
+    assert applied.structure.outputs == (("output", (1, 21, 160, 192)),)
+    # exported at 224 with its shapes folded (no dynamic axis), the sizes are literal: refused
+    _, static = loaded("lraspp_mobilenet_v3_large")
+    with pytest.raises(RecipeError, match="cannot run at 160x192: .* would join"):
+        apply_recipe_shapes(static, [{"pass": "resolution", "height": 160, "width": 192}])
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("name,why", [("shufflenet_v2_x1_0", "Reshape"), ("convnext_tiny", "Reshape")])
 def test_real_architectures_refused(name, why):
     _, s = loaded(name)
