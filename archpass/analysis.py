@@ -270,8 +270,15 @@ class _Analyzer:
             l = self.layers[lid]
             ti_in = self.t[l.input]
             ti_out = self.t[l.output]
+            # the input's groups are the layer's input channels only where they add up to them:
+            # a MatMul that contracts another axis than its input's channel axis (MaxViT's and
+            # Swin's attention output projections read (windows, tokens, C) from a reshape whose
+            # channel axis is the windows') keeps its input channels whatever that group becomes
+            in_groups = tuple(gname(s) for s in ti_in.segs)
+            if in_groups and sum(self.uf.size[self.uf.find(s)] for s in ti_in.segs) != l.cin:
+                in_groups = ()
             layers.append(Layer(**{**l.__dict__,
-                                   "in_groups": tuple(gname(s) for s in ti_in.segs),
+                                   "in_groups": in_groups,
                                    "out_group": gname(ti_out.segs[0]) if ti_out.segs else ""}))
         blocks, stages = find_blocks(layers, g.node, self.consumers)
         inputs = tuple((vi.name, self.shape(vi.name)) for vi in graph_inputs)

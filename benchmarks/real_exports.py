@@ -50,16 +50,19 @@ MODELS: dict[str, tuple[dict, int, float]] = {
     "convnext_tiny": ({}, 224, 4.46),
     "swin_t": ({}, 224, 4.49),
     "vit_b_16": ({}, 224, 17.56),
+    "maxvit_t": ({}, 224, 5.56),
 }
 CACHE = Path(os.environ.get("ARCHPASS_BENCH_CACHE", Path.home() / ".cache" / "archpass-bench" / "dynamo"))
 
 
-def export(name: str) -> Path:
-    """The dynamo export of ``name`` (cached by name and torch/torchvision versions)."""
+def export(name: str, exporter: str = "dynamo") -> Path:
+    """The export of ``name`` (cached by name, exporter and torch/torchvision versions):
+    torch's default ``dynamo`` exporter, or the ``torchscript`` one with a dynamic batch
+    ``N``, as older pipelines still write them."""
     import torch
     import torchvision
 
-    path = CACHE / f"{name}-dynamo-torch{torch.__version__}-tv{torchvision.__version__}.onnx".replace("+", "_")
+    path = CACHE / f"{name}-{exporter}-torch{torch.__version__}-tv{torchvision.__version__}.onnx".replace("+", "_")
     if path.exists():
         return path
     kwargs, hw, _ = MODELS[name]
@@ -68,7 +71,12 @@ def export(name: str) -> Path:
     CACHE.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
         tmp_path = Path(tmp) / path.name
-        torch.onnx.export(model, (torch.randn(1, 3, hw, hw),), str(tmp_path))  # the default: dynamo
+        x = (torch.randn(1, 3, hw, hw),)
+        if exporter == "dynamo":
+            torch.onnx.export(model, x, str(tmp_path))  # the default
+        else:
+            torch.onnx.export(model, x, str(tmp_path), dynamo=False, opset_version=17, input_names=["image"],
+                              output_names=["logits"], dynamic_axes={"image": {0: "N"}, "logits": {0: "N"}})
         for f in Path(tmp).iterdir():  # the model and its <name>.data, moved together
             os.replace(f, CACHE / f.name)
     return path

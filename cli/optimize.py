@@ -136,7 +136,7 @@ def optimize(
     passes: Annotated[Optional[list[str]], typer.Option("--passes", help="Restrict the search to these passes (comma-separated): fuse_ibn, channels, width_multiplier, dw_to_dense, resolution.", show_default=False)] = None,
     freeze: Annotated[Optional[list[str]], typer.Option("--freeze", help="Sites to leave alone (comma-separated block/group/layer/stage ids, PASS:SITE, or a pass name).", show_default=False)] = None,
     resolutions: Annotated[Optional[list[str]], typer.Option("--resolutions", help="Input sizes to try, e.g. 160,192,224.", show_default=False)] = None,
-    granularity: Annotated[Optional[str], typer.Option("--granularity", help="Channel counts chosen per 'stage' (default) or per adjustable channel 'group' (default in post-training mode).", show_default=False)] = None,
+    granularity: Annotated[Optional[str], typer.Option("--granularity", help="Channel counts chosen per 'stage' (default) or per adjustable channel 'group' (default in post-training mode and for models without stages, such as transformers).", show_default=False)] = None,
     max_latency_ms: Annotated[Optional[float], typer.Option("--max-latency-ms", help="Latency budget.", show_default=False)] = None,
     max_params_mb: Annotated[Optional[float], typer.Option("--max-params-mb", help="Parameter memory budget (MB = 1e6 bytes).", show_default=False)] = None,
     max_peak_mb: Annotated[Optional[float], typer.Option("--max-peak-mb", help="Peak activation memory budget (MB).", show_default=False)] = None,

@@ -136,8 +136,13 @@ class Space:
                                  f"use values within {d.describe().split(' in ')[-1]}")
         if granularity not in ("group", "stage"):
             raise SpaceError(f"unknown channel granularity '{granularity}'", "use group or stage")
-        if granularity == "stage" and "channels" in chosen and "width_multiplier" not in chosen:
-            granularity = "group"  # per-stage counts are width_multiplier stage sites: without that pass, per group
+        if granularity == "stage" and "channels" in chosen and (
+                "width_multiplier" not in chosen
+                or not any(x.id is not None for x in pass_sites("width_multiplier", structure))):
+            # per-stage counts are width_multiplier stage sites: without that pass, or on a model
+            # without stages (transformers: the width could only change everywhere at once, which
+            # the retrain guard's width floor refuses on Swin-T), per group
+            granularity = "group"
         ordered = tuple(p for p in SEARCHABLE if p in chosen)
         return cls(structure, int(parallelism), ordered, frozenset(freeze), tuple(float(m) for m in multipliers),
                    tuple(float(f) for f in factors), tuple(int(r) for r in resolutions), granularity, int(min_width))

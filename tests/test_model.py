@@ -368,3 +368,44 @@ def test_constant_folding_that_would_exhaust_memory_is_refused(tmp_path, monkeyp
     monkeypatch.setattr(lim, "available_memory", lambda: 2 << 20)
     with pytest.raises(ModelLoadError, match="ConstantOfShape node 'cos' would build a constant of about"):
         load_model(p)
+
+
+def test_onnxslim_infers_shapes_without_the_weights(monkeypatch):
+    """Canonicalization hands onnxslim's shape inference the model with its float weights
+    as typed inputs (serializing the weights each round made ViT-B/16 load in 39 s instead
+    of 10 s): no weight reaches it, the canonical model is the same as with the plain
+    inference, and onnxslim's function is put back afterwards."""
+    from onnxslim import core
+
+    plain = core.shape_infer
+    seen: list[int] = []
+
+    def spy(model):
+        seen.append(max((int(np.prod(t.dims)) for t in model.graph.initializer
+                         if t.data_type == TensorProto.FLOAT), default=0))
+        return plain(model)
+
+    monkeypatch.setattr(core, "shape_infer", spy)
+    proto = messy_model()
+    light = load_model_from(proto, monkeypatch, light=True)
+    assert seen and max(seen) <= 64  # only small float constants (Clip bounds) reached it
+    assert core.shape_infer is spy
+    seen.clear()
+    heavy = load_model_from(proto, monkeypatch, light=False)
+    assert max(seen) > 64  # the plain path does see the weights: the check above can fail
+    assert [n.SerializeToString() for n in light.graph.node] == [n.SerializeToString() for n in heavy.graph.node]
+    assert sorted(v.SerializeToString() for v in light.graph.value_info) == sorted(
+        v.SerializeToString() for v in heavy.graph.value_info)
+    assert [v.SerializeToString() for v in light.graph.output] == [v.SerializeToString() for v in heavy.graph.output]
+    assert sorted(light.graph.initializer, key=lambda t: t.name) == sorted(heavy.graph.initializer, key=lambda t: t.name)
+
+
+def load_model_from(proto, monkeypatch, *, light: bool):
+    """The canonical proto of ``proto`` pinned at 1x3x32x32, with onnxslim's shape inference
+    given the weights as inputs (``light``) or the whole model."""
+    import contextlib
+
+    with monkeypatch.context() as m:
+        if not light:
+            m.setattr(am, "_weights_as_inputs_for_shape_inference", contextlib.nullcontext)
+        return am.model_from_proto(proto, {"input": (1, 3, 32, 32)}).proto

@@ -400,3 +400,32 @@ def test_the_graph_path_reports_a_same_size_rewrite_as_unmodified(mixed):
     for size, modified in ((g.channels, False), (g.channels + 8, True)):
         match = CHANNELS.check(s, g.id, {"channels": size})
         assert CHANNELS.apply_graph(gs.import_onnx(m.proto), s, match).modified is modified
+
+
+def test_a_matmul_over_another_axis_than_its_inputs_channel_axis_keeps_its_input_channels():
+    """MaxViT's and Swin's attention output projections: a MatMul reads (windows, tokens, C)
+    from a tensor whose channel axis, as analysis sees it, is the windows' (an op archpass
+    cannot rewrite made it: Einsum here).  Its output channels are adjustable; resizing them
+    once also "resized" its input channels to the windows' group's size (MaxViT: 'emitted
+    ONNX has 128 input channels, shape-only structure 16', a traceback from optimize)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 6, 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 6, 8])
+    inits = [numpy_helper.from_array(rng.standard_normal((8, 16)).astype(np.float32), "w1"),
+             numpy_helper.from_array(rng.standard_normal((16, 8)).astype(np.float32), "w2")]
+    nodes = [helper.make_node("Einsum", ["x"], ["e"], name="mix", equation="bwtc->bwtc"),
+             helper.make_node("MatMul", ["e", "w1"], ["m1"], name="proj"),
+             helper.make_node("Relu", ["m1"], ["r"], name="act"),
+             helper.make_node("MatMul", ["r", "w2"], ["y"], name="out")]
+    proto = helper.make_model(helper.make_graph(nodes, "g", [x], [y], inits), opset_imports=[helper.make_opsetid("", 17)])
+    m, s = built(proto)
+    proj = s.layer("proj")
+    assert (proj.cin, proj.cout, proj.in_groups) == (8, 16, ())  # the input's group (4 windows) is not its channels
+    assert s.group(proj.out_group).adjustable
+    r = rewrite_one(m, s, "channels", proj.out_group, {"channels": 8})
+    assert r.shapes.structure.layer("proj").cin == 8
+    assert param(r.proto, "proj", 1).shape == (8, 8) and param(r.proto, "out", 1).shape == (8, 8)
+    assert_shapes_agree(r.shapes.structure, r.proto)
+    outputs(r.proto, s)

@@ -71,6 +71,35 @@ def test_passes_channels_without_width_multiplier_chooses_per_group_at_stage_gra
     assert Space.build(structure, parallelism=8, granularity="stage").granularity == "stage"
 
 
+def test_a_model_without_stages_chooses_per_group_at_stage_granularity():
+    """A transformer's MLP has adjustable hidden widths but no stages: per stage the width
+    could only change everywhere at once (Swin-T: every such pick left its 96-channel stem
+    under the retrain guard's width floor, and 40 trials found nothing), so per group."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16, 32])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16, 32])
+    inits = [numpy_helper.from_array(rng.standard_normal((32, 64)).astype(np.float32), "w1"),
+             numpy_helper.from_array(rng.standard_normal((64, 32)).astype(np.float32), "w2")]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"),
+             helper.make_node("Relu", ["h"], ["r"], name="act"),
+             helper.make_node("MatMul", ["r", "w2"], ["y"], name="fc2")]
+    proto = helper.make_model(helper.make_graph(nodes, "mlp", [x], [y], inits), opset_imports=[helper.make_opsetid("", 17)])
+    s = analyze(model_from_proto(proto))
+    assert not s.stages and s.group(s.layer("fc1").out_group).adjustable
+    space = Space.build(s, parallelism=8, granularity="stage")
+    assert space.granularity == "group"
+    params = space.neutral_params()
+    key = f"channels:{s.layer('fc1').out_group}"
+    assert key in params
+    params[key] = 0.5
+    recipe, after = space.suggest(FixedTrial(params))
+    assert [(r.pass_name, r.site, dict(r.choice)) for r in recipe] == [("channels", s.layer("fc1").out_group, {"channels": 32})]
+    assert after.layer("fc1").cout == 32
+
+
 def test_freeze_and_passes_restrict_the_space(structure):
     first = next(b.id for b in structure.blocks if b.kind == "ibn")
     space = Space.build(structure, parallelism=8, passes=["fuse_ibn"], freeze=[first])
