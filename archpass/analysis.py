@@ -181,6 +181,18 @@ class _Analyzer:
         for s in ti.segs:
             self.uf.fix(s, reason, self.source)
 
+    def _nhwc_axes(self, name: str, shp) -> tuple[int, int, int] | None:
+        """(channel, height, width) axes of an image input that one Transpose makes NCHW
+        (TensorFlow/Keras exports feed NHWC: (3, 1, 2)), where that Transpose takes them
+        from; None for an input read as it is."""
+        users = self.consumers.get(name, [])
+        if len(shp) != 4 or len(users) != 1 or users[0].op_type != "Transpose":
+            return None
+        perm = [int(p) for p in attr(users[0], "perm", [])]
+        if sorted(perm) != [0, 1, 2, 3] or perm[0] != 0 or perm == [0, 1, 2, 3]:
+            return None
+        return perm[1], perm[2], perm[3]
+
     def fresh(self, name: str, axis: int | None, reason: str | None = None, member: Member | None = None) -> None:
         shp = self.shape(name)
         ti = _TInfo(shp)
@@ -225,10 +237,13 @@ class _Analyzer:
         graph_inputs = [i for i in g.input if i.name not in init_names]
         for vi in graph_inputs:
             shp = self.shape(vi.name)
-            axis = 1 if len(shp) >= 2 else None
+            nhwc = self._nhwc_axes(vi.name, shp)
+            axis = nhwc[0] if nhwc else 1 if len(shp) >= 2 else None
             self.source = vi.name
             self.fresh(vi.name, axis, reason=f"carries the model input '{vi.name}'",
                        member=Member(vi.name, "input", "input"))
+            if nhwc:
+                self.t[vi.name].spatial = nhwc[1:]
         self.layers: dict[str, Layer] = {}
         self.layer_order: list[str] = []
         self.act_of: dict[str, object] = {}

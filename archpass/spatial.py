@@ -194,9 +194,12 @@ def propagate_hw(s: Structure, hw: HW) -> Structure:
     if first is None:
         raise SpatialError("the model has no NCHW input")
     name, shape = first
-    if (shape[2], shape[3]) == hw:
+    h_axis, w_axis = s.input_hw_axes
+    if (shape[h_axis], shape[w_axis]) == hw:
         return s
-    new: dict[str, tuple[int, ...]] = {name: (shape[0], shape[1], *hw)}
+    resized = list(shape)
+    resized[h_axis], resized[w_axis] = hw
+    new: dict[str, tuple[int, ...]] = {name: tuple(resized)}
     tensors = s.tensors
 
     def get(t: str) -> tuple[int, ...]:

@@ -332,11 +332,25 @@ class Structure:
         return idx
 
     @property
-    def input_hw(self) -> HW | None:
+    def input_hw_axes(self) -> tuple[int, int] | None:
+        """The axes of the image input (the first 4-D input) that hold its height and width:
+        (2, 3) for NCHW; an NHWC input that a Transpose turns into NCHW for the network (as
+        TensorFlow/Keras exports write it) has them where that Transpose takes them from,
+        (1, 2), as the analysis records them on the input tensor."""
         for name, shape in self.inputs:
             if len(shape) == 4:
-                return (shape[2], shape[3])
+                t = self.tensors.get(name)
+                axes = t.spatial_axes if t is not None else ()
+                return (axes[0], axes[1]) if len(axes) == 2 else (2, 3)
         return None
+
+    @property
+    def input_hw(self) -> HW | None:
+        axes = self.input_hw_axes
+        if axes is None:
+            return None
+        shape = next(shape for _, shape in self.inputs if len(shape) == 4)
+        return (shape[axes[0]], shape[axes[1]])
 
     # ---------------------------------------------------------------- totals
     @property

@@ -95,7 +95,7 @@ class Resolution(Pass):
                 return f"{k} must be a positive integer, got {v!r}"
         hw0 = structure.input_hw
         if hw0 is None:
-            return "the model has no NCHW image input"
+            return "the model has no 4-D image input"
         hw = (choice["height"], choice["width"])
         for k, v, cur in zip(self.choice_keys, hw, hw0):
             if v > GROWTH * cur:
@@ -113,11 +113,14 @@ class Resolution(Pass):
 
     def apply_graph(self, graph, structure: Structure, match: Match) -> GraphResult:
         h, w = match.found["hw"]
+        h_axis, w_axis = structure.input_hw_axes
         changed = False
         for t in graph.inputs:
             if len(t.shape) == 4:  # loading pinned every input's shape
-                if tuple(t.shape[2:]) != (h, w):
-                    t.shape = [t.shape[0], t.shape[1], h, w]
+                if (t.shape[h_axis], t.shape[w_axis]) != (h, w):
+                    shape = list(t.shape)
+                    shape[h_axis], shape[w_axis] = h, w
+                    t.shape = shape
                     changed = True
                 for n in t.outputs:
                     tag(n, self.name, None)

@@ -151,9 +151,11 @@ def feeds_for(proto: onnx.ModelProto, arrays: Mapping[str, np.ndarray]) -> dict[
                                    "pass data with one array per input name")
         a = arrays[name]
         if tuple(a.shape[1:]) != tuple(shape[1:]):
-            if a.ndim == 4 and len(shape) == 4 and a.shape[1] == shape[1]:
-                a = zoom(a, (1, 1, shape[2] / a.shape[2], shape[3] / a.shape[3]), order=1).astype(np.float32)
-                a = a[:, :, :shape[2], :shape[3]]
+            # a resolution rewrite changed two axes, height and width, wherever the layout puts them
+            # (NCHW, or NHWC where a Transpose makes it NCHW), and kept the channels
+            if a.ndim == 4 and len(shape) == 4 and sum(x != y for x, y in zip(a.shape[1:], shape[1:])) <= 2:
+                a = zoom(a, (1, *(t / x for x, t in zip(a.shape[1:], shape[1:]))), order=1).astype(np.float32)
+                a = a[:, :shape[1], :shape[2], :shape[3]]
             else:
                 raise CalibrationError(f"calibration array for input '{name}' has shape {a.shape[1:]} per sample, "
                                        f"the model expects {tuple(shape[1:])}", "pass data made for this model")

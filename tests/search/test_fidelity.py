@@ -103,6 +103,34 @@ def test_resolution_candidates_get_resized_inputs(setup):
     assert 0.0 < e.before.score < 1.0 and e.after is None
 
 
+def test_nhwc_calibration_images_are_resized_on_their_height_and_width_axes():
+    """An NHWC input (a Transpose makes it NCHW): a resolution candidate's inputs are resized
+    on axes 1 and 2 (they were refused: only axes 2 and 3 were ever resized)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from archpass.search.fidelity import feeds_for
+
+    proto = NetBuilder((1, 3, 16, 16), seed=3).conv(8, 3, 2, act="relu").head(4).build()
+    g = proto.graph
+    name = g.input[0].name
+    g.node.insert(0, helper.make_node("Transpose", ["nhwc"], [name], name="to_nchw", perm=[0, 3, 1, 2]))
+    del g.input[0]
+    g.input.insert(0, helper.make_tensor_value_info("nhwc", TensorProto.FLOAT, [1, 16, 16, 3]))
+    m = model_from_proto(proto)
+    data = load_calibration(None, m, samples=8, seed=0)
+    assert data.arrays["nhwc"].shape == (8, 16, 16, 3)
+    e = FidelityEvaluator(m, data, structure=analyze(m)).evaluate(
+        Recipe.of([{"pass": "resolution", "height": 12, "width": 10}]))
+    assert 0.0 < e.before.score < 1.0
+    small = onnx.ModelProto()
+    small.CopyFrom(m.proto)
+    for d, v in zip(small.graph.input[0].type.tensor_type.shape.dim, (1, 12, 10, 3)):
+        d.dim_value = v
+    fed = feeds_for(small, {"nhwc": np.ones((2, 16, 16, 3), dtype=np.float32)})["nhwc"]
+    assert fed.shape == (2, 12, 10, 3) and np.allclose(fed, 1.0)
+
+
 def test_emit_false_scores_the_same_without_the_refit_on_every_sample(setup):
     import json
 
