@@ -189,9 +189,9 @@ class _Analyzer:
         if len(shp) != 4 or len(users) != 1 or users[0].op_type != "Transpose":
             return None
         perm = [int(p) for p in attr(users[0], "perm", [])]
-        if sorted(perm) != [0, 1, 2, 3] or perm[0] != 0 or perm == [0, 1, 2, 3]:
+        if perm != [0, 3, 1, 2]:  # NHWC -> NCHW only: another permutation says nothing of the layout
             return None
-        return perm[1], perm[2], perm[3]
+        return 3, 1, 2
 
     def fresh(self, name: str, axis: int | None, reason: str | None = None, member: Member | None = None) -> None:
         shp = self.shape(name)
