@@ -175,18 +175,17 @@ def weightless(proto: ModelProto) -> ModelProto:
     return skel
 
 
-def infer_shapes(proto: ModelProto) -> ModelProto:
+def infer_shapes(proto: ModelProto, *, in_place: bool = False) -> ModelProto:
     """``proto`` with the shapes strict ONNX inference gives (``value_info`` and outputs
-    replaced), inferred on its :func:`weightless` copy so the weights are not serialized
-    again.  ONNX's errors propagate; loading turns them into a ``ModelLoadError``."""
-    inferred = onnx.shape_inference.infer_shapes(weightless(proto), check_type=True, strict_mode=True, data_prop=True)
-    out = ModelProto()
-    out.CopyFrom(proto)
-    del out.graph.value_info[:]
-    out.graph.value_info.extend(inferred.graph.value_info)
-    del out.graph.output[:]
-    out.graph.output.extend(inferred.graph.output)
-    return out
+    replaced), inferred on :func:`_weights_as_inputs`'s copy so the weights are neither
+    copied nor serialized (nor limited to 2 GB).  A new proto unless ``in_place``.  ONNX's
+    errors propagate; loading turns them into a ``ModelLoadError``."""
+    out = proto
+    if not in_place:
+        out = ModelProto()
+        out.CopyFrom(proto)
+    return _infer_with_weights_as_inputs(
+        out, lambda m: onnx.shape_inference.infer_shapes(m, check_type=True, strict_mode=True, data_prop=True))
 
 
 def _check(proto: ModelProto, path: Path | None) -> None:
@@ -409,10 +408,7 @@ def _check_folding(proto: ModelProto) -> None:
 
 def _infer(proto: ModelProto) -> ModelProto:
     try:
-        if is_large(proto):
-            return infer_shapes(proto)
-        return _infer_with_weights_as_inputs(
-            proto, lambda m: onnx.shape_inference.infer_shapes(m, check_type=True, strict_mode=True, data_prop=True))
+        return infer_shapes(proto, in_place=True)  # the proto is loading's own copy
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"cannot infer the model's shapes: {first}", "re-export the model with static shapes or valid ops") from None
@@ -502,13 +498,15 @@ _FLOAT_TYPES = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx
 
 
 def _weights_as_inputs(model: ModelProto) -> tuple[ModelProto, set[str]]:
-    """A copy of ``model`` whose float weights of more than 64 elements are typed graph
-    inputs instead of initializers, and their names: what shape inference needs (it reads
-    no float weight's values: shape tensors are integers, and small float ones such as
-    Resize scales stay) at a fraction of the size to serialize."""
+    """A copy of ``model`` whose float weights of more than 64 elements (and any tensor of
+    more than 1,024: quantized weights) are typed graph inputs instead of initializers, and
+    their names: what shape inference needs (it reads no float weight's values: shape
+    tensors are small integer vectors, and small float ones such as Resize scales stay) at
+    a fraction of the size to serialize; the weights themselves are never copied."""
     g = model.graph
     declared = {i.name for i in g.input}
-    big = [t for t in g.initializer if t.data_type in _FLOAT_TYPES and t.name not in declared and np.prod(t.dims) > 64]
+    big = [t for t in g.initializer if t.name not in declared
+           and np.prod(t.dims) > (64 if t.data_type in _FLOAT_TYPES else 1024)]
     names = {t.name for t in big}
     light = ModelProto()
     for f in ("ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string"):
@@ -536,8 +534,9 @@ def _infer_with_weights_as_inputs(model: ModelProto, infer) -> ModelProto:
     if not names:
         return infer(model)
     inferred = infer(light)
-    # in place: onnxslim replaces the model it passes with the one returned (copying
-    # the weights again would cost a third of what this saves)
+    # in place: onnxslim replaces the model it passes with the one returned, and
+    # infer_shapes copies first unless its caller owns the proto (copying the weights again
+    # would cost a third of what this saves)
     g = model.graph
     del g.value_info[:]
     g.value_info.extend(v for v in inferred.graph.value_info if v.name not in names)

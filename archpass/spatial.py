@@ -192,7 +192,7 @@ def propagate_hw(s: Structure, hw: HW) -> Structure:
     hw = (int(hw[0]), int(hw[1]))
     first = next(((n, shp) for n, shp in s.inputs if len(shp) == 4), None)
     if first is None:
-        raise SpatialError("the model has no NCHW input")
+        raise SpatialError("the model has no 4-D image input")
     name, shape = first
     h_axis, w_axis = s.input_hw_axes
     if (shape[h_axis], shape[w_axis]) == hw:

@@ -495,3 +495,18 @@ def numpy_helper_from(a: np.ndarray, name: str) -> onnx.TensorProto:
     from onnx import numpy_helper
 
     return numpy_helper.from_array(a, name)
+
+
+def nhwc_input(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` (one NCHW image input) fed NHWC, as TensorFlow/Keras exports are: the input
+    becomes ``nhwc`` of shape (N, H, W, C) and a Transpose makes it NCHW for the network."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    g = out.graph
+    name = g.input[0].name
+    n, c, h, w = (d.dim_value for d in g.input[0].type.tensor_type.shape.dim)
+    g.node.insert(0, helper.make_node("Transpose", ["nhwc"], [name], name="to_nchw", perm=[0, 3, 1, 2]))
+    del g.input[0]
+    g.input.insert(0, helper.make_tensor_value_info("nhwc", TensorProto.FLOAT, [n, h, w, c]))
+    onnx.checker.check_model(out, full_check=True)
+    return out

@@ -10,7 +10,7 @@ from apply_helpers import apply_checked, built, loaded
 from archpass.errors import RecipeError
 from archpass.passes.engine import apply_recipe_shapes
 from archpass.spatial import SpatialError, propagate_hw
-from builders import NetBuilder
+from builders import NetBuilder, nhwc_input
 
 
 def _net(flatten="flatten"):
@@ -325,31 +325,16 @@ def test_resize_sizes_the_source_spells_as_constants_still_fix_the_size():
         apply_recipe_shapes(s, [{"pass": "resolution", "height": 48, "width": 48}])
 
 
-def _nhwc(proto: onnx.ModelProto) -> onnx.ModelProto:
-    """``proto`` fed NHWC, as TensorFlow/Keras exports are: the image input is (N, H, W, C)
-    and a Transpose makes it NCHW for the network."""
-    out = onnx.ModelProto()
-    out.CopyFrom(proto)
-    g = out.graph
-    name = g.input[0].name
-    n, c, h, w = (d.dim_value for d in g.input[0].type.tensor_type.shape.dim)
-    g.node.insert(0, helper.make_node("Transpose", ["image_nhwc"], [name], name="to_nchw", perm=[0, 3, 1, 2]))
-    del g.input[0]
-    g.input.insert(0, helper.make_tensor_value_info("image_nhwc", TensorProto.FLOAT, [n, h, w, c]))
-    onnx.checker.check_model(out, full_check=True)
-    return out
-
-
 @pytest.mark.parametrize("hw", [(48, 40), (16, 24)])
 def test_an_nhwc_input_is_resized_on_its_height_and_width_axes(hw):
     """An NHWC image input (Keras exports) keeps its height and width on axes 1 and 2: every
     resolution was once refused ('width must be at most 6 (2x the current 3)': the channels
     read as the width), so a search with --resolutions found nothing at all."""
-    model, s = built(_nhwc(_net()))
+    model, s = built(nhwc_input(_net()))
     assert s.input_hw_axes == (1, 2) and s.input_hw == (32, 32)
     assert built(_net())[1].input_hw_axes == (2, 3)
     applied = apply_checked(model, s, [{"pass": "resolution", "height": hw[0], "width": hw[1]}])
     assert applied.structure.input_hw == hw
-    assert dict(applied.structure.inputs)["image_nhwc"] == (1, *hw, 3)
+    assert dict(applied.structure.inputs)["nhwc"] == (1, *hw, 3)
     assert [d.dim_value for d in applied.proto.graph.input[0].type.tensor_type.shape.dim] == [1, *hw, 3]
     assert applied.structure.layers[0].in_hw == hw

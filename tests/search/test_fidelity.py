@@ -107,17 +107,11 @@ def test_nhwc_calibration_images_are_resized_on_their_height_and_width_axes():
     """An NHWC input (a Transpose makes it NCHW): a resolution candidate's inputs are resized
     on axes 1 and 2 (they were refused: only axes 2 and 3 were ever resized)."""
     import onnx
-    from onnx import TensorProto, helper
 
     from archpass.search.fidelity import feeds_for
+    from builders import nhwc_input
 
-    proto = NetBuilder((1, 3, 16, 16), seed=3).conv(8, 3, 2, act="relu").head(4).build()
-    g = proto.graph
-    name = g.input[0].name
-    g.node.insert(0, helper.make_node("Transpose", ["nhwc"], [name], name="to_nchw", perm=[0, 3, 1, 2]))
-    del g.input[0]
-    g.input.insert(0, helper.make_tensor_value_info("nhwc", TensorProto.FLOAT, [1, 16, 16, 3]))
-    m = model_from_proto(proto)
+    m = model_from_proto(nhwc_input(NetBuilder((1, 3, 16, 16), seed=3).conv(8, 3, 2, act="relu").head(4).build()))
     data = load_calibration(None, m, samples=8, seed=0)
     assert data.arrays["nhwc"].shape == (8, 16, 16, 3)
     e = FidelityEvaluator(m, data, structure=analyze(m)).evaluate(
