@@ -64,7 +64,7 @@ def apply(
     mean: MeanOpt = None,
     std: StdOpt = None,
     channel_order: ChannelOrderOpt = "rgb",
-    layout: LayoutOpt = "nchw",
+    layout: LayoutOpt = "auto",
     json_out: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:

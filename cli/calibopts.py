@@ -20,7 +20,7 @@ MeanOpt = Annotated[str | None, typer.Option(
 StdOpt = Annotated[str | None, typer.Option(
     "--std", help="Divide images by: one value or one per channel, e.g. 0.229,0.224,0.225.", show_default=False)]
 ChannelOrderOpt = Annotated[str, typer.Option("--channel-order", help="Image channel order: rgb or bgr.")]
-LayoutOpt = Annotated[str, typer.Option("--layout", help="Image batch layout: nchw or nhwc.")]
+LayoutOpt = Annotated[str, typer.Option("--layout", help="Image batch layout: nchw, nhwc, or auto (nhwc when only the input's last axis has 1 or 3 channels).")]
 
 
 def _floats(text: str | None, flag: str) -> list[float] | None:

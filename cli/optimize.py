@@ -147,7 +147,7 @@ def optimize(
     mean: MeanOpt = None,
     std: StdOpt = None,
     channel_order: ChannelOrderOpt = "rgb",
-    layout: LayoutOpt = "nchw",
+    layout: LayoutOpt = "auto",
     min_fidelity: Annotated[float, typer.Option("--min-fidelity", help="Post-training guard: lowest fidelity to the original.")] = 0.99,
     min_proxy: Annotated[Optional[float], typer.Option("--min-proxy", help="Retrain guard: lowest zero-shot score (default: the original's minus 0.15, its seed noise).", show_default=False)] = None,
     finalists: Annotated[int, typer.Option("--finalists", help="Guard evaluations spent choosing the result, at most.")] = 12,

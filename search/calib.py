@@ -112,6 +112,13 @@ def _pair(value, n: int, what: str) -> np.ndarray | None:
     return v
 
 
+def image_layout(shape: Sequence[int]) -> str:
+    """The layout of an image batch ``shape`` (N, C, H, W or N, H, W, C) from where its 1 or
+    3 channels are: ``nhwc`` only when the last axis alone has them (a TensorFlow/Keras
+    export), else ``nchw``."""
+    return "nhwc" if shape[3] in (1, 3) and shape[1] not in (1, 3) else "nchw"
+
+
 def _from_images(path: Path, model: Model, image_size, mean, std, channel_order: str, layout: str) -> tuple[dict[str, np.ndarray], str]:
     from PIL import Image, UnidentifiedImageError
 
@@ -120,12 +127,14 @@ def _from_images(path: Path, model: Model, image_size, mean, std, channel_order:
         raise CalibrationError(f"images can only feed a model with one input; this one has {', '.join(shapes)}",
                                "pass an .npz file with one array per input name")
     name, shape = next(iter(shapes.items()))
-    if layout not in ("nchw", "nhwc"):
-        raise CalibrationError(f"unknown layout '{layout}'", "use nchw or nhwc")
+    if layout not in ("auto", "nchw", "nhwc"):
+        raise CalibrationError(f"unknown layout '{layout}'", "use auto, nchw or nhwc")
     if channel_order not in ("rgb", "bgr"):
         raise CalibrationError(f"unknown channel order '{channel_order}'", "use rgb or bgr")
     if len(shape) != 4:
         raise CalibrationError(f"input '{name}' has shape {shape}, not an image batch", "pass an .npy/.npz file instead")
+    if layout == "auto":
+        layout = image_layout(shape)
     c = shape[1] if layout == "nchw" else shape[3]
     hw = (shape[2], shape[3]) if layout == "nchw" else (shape[1], shape[2])
     if c not in (1, 3):
@@ -163,7 +172,7 @@ def _from_images(path: Path, model: Model, image_size, mean, std, channel_order:
 def load_calibration(source: str | os.PathLike | None, model: Model, *, samples: int | None = None, seed: int = 0,
                      image_size: tuple[int, int] | None = None, mean: float | Sequence[float] | None = None,
                      std: float | Sequence[float] | None = None, channel_order: str = "rgb",
-                     layout: str = "nchw") -> CalibData:
+                     layout: str = "auto") -> CalibData:
     """Calibration inputs for ``model`` (see the module doc); ``samples`` keeps the first N."""
     if samples is not None and samples < 1:
         raise CalibrationError(f"--samples must be at least 1, got {samples}", "pass a positive number")

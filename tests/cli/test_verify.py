@@ -113,3 +113,24 @@ def test_verify_subprocess(models):
                         "--min-fidelity", "0.999", "--json"], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     assert json.loads(p.stdout)["passed"] is True
+
+
+def test_verify_reads_images_for_an_nhwc_model_without_a_layout_flag(tmp_path):
+    """A TensorFlow/Keras-style export (input N,H,W,C) takes a folder of images as they
+    come: the default --layout auto reads the channels from the last axis."""
+    from PIL import Image
+
+    from builders import nhwc_input
+
+    src = tmp_path / "nhwc.onnx"
+    onnx.save(nhwc_input(NetBuilder((1, 3, 16, 16), seed=3).conv(8, 3, 2, act="relu").head(4).build()), str(src))
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    for i in range(3):
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(imgs / f"{i}.png")
+    r = runner.invoke(app, ["verify", str(src), str(src), "--calib", str(imgs), "--json"])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert doc["samples"] == 3 and doc["fidelity"] == pytest.approx(1.0, abs=1e-9)
+    r = runner.invoke(app, ["verify", str(src), str(src), "--calib", str(imgs), "--layout", "nchw"])
+    assert r.exit_code == 2 and "16 channels in nchw layout" in r.output

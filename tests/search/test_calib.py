@@ -55,9 +55,21 @@ def test_image_folder_preprocessing(model, tmp_path):
     d = load_calibration(tmp_path, model, mean=[0.5, 0.5, 0.5], std=0.5, channel_order="bgr")
     np.testing.assert_allclose(d.arrays["input"][0, :, 0, 0], [(0.2 - 0.5) / 0.5, -1.0, 1.0], atol=1e-6)
     nhwc = model_from_proto(_nhwc_model())
-    d = load_calibration(tmp_path, nhwc, layout="nhwc")
-    assert d.arrays["input"].shape == (2, 8, 8, 3)
-    np.testing.assert_allclose(d.arrays["input"][1, 0, 0], [0.0, 1.0, 0.0], atol=1e-6)
+    for layout in ("nhwc", "auto"):  # auto: only the last axis has 3 channels
+        d = load_calibration(tmp_path, nhwc, layout=layout)
+        assert d.arrays["input"].shape == (2, 8, 8, 3)
+        np.testing.assert_allclose(d.arrays["input"][1, 0, 0], [0.0, 1.0, 0.0], atol=1e-6)
+    assert load_calibration(tmp_path, model, layout="auto").arrays["input"].shape == (2, 3, 8, 8)
+    with pytest.raises(CalibrationError, match="8 channels in nchw"):
+        load_calibration(tmp_path, nhwc, layout="nchw")
+
+
+def test_auto_layout_reads_where_the_channels_are():
+    from archpass.search.calib import image_layout
+
+    assert image_layout((1, 3, 224, 224)) == "nchw" and image_layout((1, 1, 28, 28)) == "nchw"
+    assert image_layout((1, 224, 224, 3)) == "nhwc" and image_layout((1, 28, 28, 1)) == "nhwc"
+    assert image_layout((1, 3, 3, 3)) == "nchw"  # both could be: the ONNX convention
 
 
 def _nhwc_model():
