@@ -334,6 +334,9 @@ class _Analyzer:
                     spatial.append(("sizes_from", self.size_links[n.output[0]]))
         elif n.op_type == "Gemm":  # the weight layout, which a square weight's shape cannot tell (resize's shape path)
             spatial.append(("transB", int(attr(n, "transB", 0))))
+        elif n.op_type == "Einsum":  # what its MACs need (structure.node_compute)
+            spatial.append(("equation", attr(n, "equation", b"").decode() if isinstance(attr(n, "equation", b""), bytes)
+                            else str(attr(n, "equation", ""))))
         elif n.op_type == "Transpose":
             spatial.append(("perm", tuple(int(p) for p in attr(n, "perm", list(range(len(self.shape(n.input[0]))))[::-1]))))
         elif n.op_type in ("Flatten", "Concat"):

@@ -394,8 +394,11 @@ def optimize(
                     "initialized from the original by the passes: retrain or recover them"),
     }
     from archpass.costmodel import host_notes
+    from archpass.costmodel.estimate import other_compute_note
 
-    # e.g. the estimate is for another host (an onnxruntime target measured elsewhere), random calibration data
+    # e.g. compute the latency leaves out (a video network's 3-D convs), the estimate is for
+    # another host (an onnxruntime target measured elsewhere), random calibration data
+    notes += [n for n in (other_compute_note(prep.structure, prep.target),) if n]
     notes += host_notes(prep.target) + list(getattr(prep.guard, "notes", ()))
     doc["notes"] = list(dict.fromkeys(notes))
     if out.guard_info is not None:

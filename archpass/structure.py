@@ -256,6 +256,58 @@ class Node:
         return default
 
 
+#: ops that multiply-accumulate; a node of these that is not a layer is "other compute"
+COMPUTE_OPS = frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm", "Einsum"})
+
+
+@dataclass(frozen=True)
+class Compute:
+    """A node that multiply-accumulates but is not a layer archpass rewrites or the cost
+    model times as one: an N-D convolution other than 2-D (``what`` "3-D Conv"), a
+    ConvTranspose, a MatMul of two activations (attention), a conv or matmul whose
+    weights are computed.  Its MACs and weights come from its tensors' shapes."""
+
+    node: str
+    what: str
+    macs: int
+    params: int
+
+
+def node_compute(s: "Structure", n: Node) -> Compute | None:
+    """The :class:`Compute` of ``n`` (a COMPUTE_OPS node), None where a shape is unknown."""
+    def shape(name: str) -> tuple[int, ...] | None:
+        t = s.tensors.get(name) if name else None
+        return t.shape if t is not None and t.shape and all(isinstance(d, int) and d > 0 for d in t.shape) else None
+
+    ins = [shape(i) for i in n.inputs]
+    out = shape(n.outputs[0]) if n.outputs else None
+    if len(ins) < 2 or ins[0] is None or ins[1] is None or out is None:
+        return None
+    x, w = ins[0], ins[1]
+    what = n.op
+    if n.op == "Einsum":  # one multiply-add per combination of every index (two or more operands)
+        terms = str(n.attr("equation", "")).replace(" ", "").split("->")[0].split(",")
+        sizes: dict[str, int] = {}
+        if len(terms) != len(ins) or "..." in "".join(terms) or any(
+                t is None or len(term) != len(t) for term, t in zip(terms, ins)):
+            return None
+        for term, t in zip(terms, ins):
+            sizes.update(zip(term, t))
+        macs = math.prod(sizes.values())
+    elif n.op == "Conv":
+        macs = math.prod(out) * math.prod(w[1:])
+        what = f"{len(w) - 2}-D Conv" if len(w) != 4 else "Conv"
+    elif n.op == "ConvTranspose":
+        macs = math.prod(x) * math.prod(w[1:])
+    elif n.op == "MatMul":
+        macs = math.prod(out) * x[-1]  # the contracted axis (numpy's matmul rules)
+    else:  # Gemm: K from B, whose layout transB records
+        macs = math.prod(out) * (w[1] if n.attr("transB", 0) else w[0])
+    params = sum(math.prod(s.tensors[i].shape) if s.tensors[i].shape else 1
+                 for i in n.inputs[1:] if i and i in s.tensors and s.tensors[i].const)
+    return Compute(n.name, what, int(macs), int(params))
+
+
 @dataclass(frozen=True)
 class Stage:
     id: str
@@ -354,12 +406,28 @@ class Structure:
 
     # ---------------------------------------------------------------- totals
     @property
+    def other_compute(self) -> tuple["Compute", ...]:
+        """The nodes that multiply-accumulate but are not layers (see :class:`Compute`),
+        in execution order; computed once per structure."""
+        got = self.__dict__.get("_other_compute")
+        if got is None:
+            got = tuple(c for n in self.nodes if n.layer is None and n.op in COMPUTE_OPS
+                        for c in (node_compute(self, n),) if c is not None)
+            object.__setattr__(self, "_other_compute", got)
+        return got
+
+    @property
+    def other_macs(self) -> int:
+        return sum(c.macs for c in self.other_compute)
+
+    @property
     def macs(self) -> int:
-        return sum(l.macs for l in self.layers)
+        """Every multiply-accumulate of the model: its layers' and its other compute's."""
+        return sum(l.macs for l in self.layers) + self.other_macs
 
     @property
     def params(self) -> int:
-        return sum(l.params for l in self.layers)
+        return sum(l.params for l in self.layers) + sum(c.params for c in self.other_compute)
 
     def totals(self) -> dict:
         return {
@@ -369,6 +437,7 @@ class Structure:
             "channel_groups": len(self.groups),
             "adjustable_groups": sum(1 for g in self.groups if g.adjustable),
             "macs": self.macs,
+            "other_macs": self.other_macs,
             "params": self.params,
             "nodes": len(self.nodes),
         }

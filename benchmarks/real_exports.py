@@ -6,7 +6,8 @@ TorchScript one the test skeletons come from.  For each torchvision architecture
 exports it that way (seeded random weights, cached in ``$ARCHPASS_BENCH_CACHE``, default
 ``~/.cache/archpass-bench/dynamo``) and runs the CLI as a user would, in subprocesses:
 
-* ``inspect --json``: exit code, MACs against the torchvision model card's figure;
+* ``inspect --json``: exit code, MACs against the torchvision model card's figure
+  (``video.r3d_18``: a video network, whose 3-D convs no pass rewrites);
 * ``optimize --target edgetpu`` and ``--target cpu`` (retrain mode: zero-shot guard), and
   ``--calib random`` (post-training: fidelity guard and weight recovery), ``--trials N``;
 * every emitted model: ``onnx.checker.check_model(full_check=True)`` and one onnxruntime
@@ -48,9 +49,10 @@ MODELS: dict[str, tuple[dict, int, float]] = {
     "googlenet": ({"aux_logits": False, "init_weights": True}, 224, 1.50),
     "inception_v3": ({"aux_logits": False, "init_weights": True}, 299, 5.71),
     "convnext_tiny": ({}, 224, 4.46),
-    "swin_t": ({}, 224, 4.49),
-    "vit_b_16": ({}, 224, 17.56),
-    "maxvit_t": ({}, 224, 5.56),
+    "swin_t": ({}, 224, 4.491),
+    "vit_b_16": ({}, 224, 17.564),
+    "maxvit_t": ({}, 224, 5.558),
+    "video.r3d_18": ({}, 112, 40.697),  # a video network: 16 frames, every conv 3-D
 }
 CACHE = Path(os.environ.get("ARCHPASS_BENCH_CACHE", Path.home() / ".cache" / "archpass-bench" / "dynamo"))
 
@@ -67,11 +69,13 @@ def export(name: str, exporter: str = "dynamo") -> Path:
         return path
     kwargs, hw, _ = MODELS[name]
     torch.manual_seed(0)
-    model = getattr(torchvision.models, name)(weights=None, **kwargs).eval()
+    module, _, short = name.rpartition(".")  # "video.r3d_18": torchvision.models.video
+    model = getattr(getattr(torchvision.models, module) if module else torchvision.models, short)(
+        weights=None, **kwargs).eval()
     CACHE.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
         tmp_path = Path(tmp) / path.name
-        x = (torch.randn(1, 3, hw, hw),)
+        x = (torch.randn(1, 3, 16, hw, hw) if module == "video" else torch.randn(1, 3, hw, hw),)
         if exporter == "dynamo":
             torch.onnx.export(model, x, str(tmp_path))  # the default
         else:

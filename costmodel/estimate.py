@@ -185,6 +185,28 @@ def _predict(kernels: list[Kernel], target: Target) -> tuple[np.ndarray, list[st
     return out, used
 
 
+#: the share of a model's MACs outside layers from which an estimate says so
+OTHER_COMPUTE_NOTE_SHARE = 0.01
+
+
+def other_compute_note(structure: Structure, t: Target) -> str | None:
+    """What an estimate leaves out: the MACs of nodes that are not layers (a video
+    network's 3-D convs, attention's MatMuls or Einsums; ``Structure.other_compute``)
+    once they are at least 1% of the model's, and how ``t`` counts them."""
+    other = structure.other_compute
+    total = structure.macs
+    if not other or total <= 0 or structure.other_macs < OTHER_COMPUTE_NOTE_SHARE * total:
+        return None
+    kinds: dict[str, int] = {}
+    for c in other:
+        kinds[c.what] = kinds.get(c.what, 0) + 1
+    what = ", ".join(f"{k} x{v}" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1]))
+    how = ("leaves them out of its latency (it times conv and gemm layers only)" if t.fusion.layers_only else
+           "predicts them as generic ops from their tensor sizes, not their MACs, so its latency for them is rough")
+    return (f"{100 * structure.other_macs / total:.1f}% of the model's MACs ({structure.other_macs / 1e9:.3g} G) are "
+            f"in nodes that are not layers ({what}): target {t.name} {how}; no pass rewrites them")
+
+
 def estimate(structure: Structure, target: Target | str, *, best_order: bool = True) -> Estimate:
     """Latency (sum of predicted kernel latencies), parameter and peak activation memory.
 
@@ -201,6 +223,9 @@ def estimate(structure: Structure, target: Target | str, *, best_order: bool = T
     if fallback:
         notes.append(f"kernel kinds {', '.join(fallback)} were never measured on {t.name}; scored by a generic predictor")
     notes += extrapolation_notes(kernels, used, _root(t))  # an adapted target was calibrated where its first prior was
+    note = other_compute_note(structure, t)
+    if note:
+        notes.append(note)
     notes += host_notes(t)
     mem = memory(structure, t.bytes_per_element, best_order=best_order)
     return Estimate(
@@ -209,7 +234,7 @@ def estimate(structure: Structure, target: Target | str, *, best_order: bool = T
         params_bytes=mem.params_bytes,
         peak_activation_bytes=mem.peak_activation_bytes,
         best_order_peak_activation_bytes=mem.best_order_peak_bytes,
-        macs=int(sum(l.macs for l in structure.layers)),
+        macs=int(structure.macs),
         kernels=tuple(KernelEstimate(k, float(v), u) for k, v, u in zip(kernels, lat, used)),
         notes=tuple(notes),
     )

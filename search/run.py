@@ -149,7 +149,15 @@ def prepare(job: Job, *, model=None, structure=None, target=None, guard_factory:
                         freeze=job.freeze, resolutions=job.resolutions, granularity=job.granularity, min_width=floor)
     evaluation = evaluation_step(job, model)
     guard = None
-    if job.guard and with_guard:
+    if job.guard and with_guard and space.empty_reason() is not None:
+        # nothing to search, so nothing to guard: the guard's reference (the zero-shot score's
+        # runs, a minute on a large model; the fidelity guard's original outputs) is not made,
+        # but calibration data is still read, so bad data stays an error
+        if job.mode == "post-training" and job.calib != "random":
+            from archpass.search.calib import load_calibration
+
+            load_calibration(job.calib, model, **dict(job.calib_options))
+    elif job.guard and with_guard:
         if guard_factory is not None:
             guard = guard_factory(job, model, structure)
         else:

@@ -510,3 +510,42 @@ def nhwc_input(model: onnx.ModelProto) -> onnx.ModelProto:
     g.input.insert(0, helper.make_tensor_value_info("nhwc", TensorProto.FLOAT, [n, h, w, c]))
     onnx.checker.check_model(out, full_check=True)
     return out
+
+
+def _rand_init(name: str, *shape: int) -> onnx.TensorProto:
+    return numpy_helper.from_array(np.random.default_rng(0).standard_normal(shape).astype(np.float32), name)
+
+
+def _io_model(nodes, inits, x_shape, y_shape, name="m"):
+    g = helper.make_graph(nodes, name, [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, y_shape)], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    onnx.checker.check_model(m, full_check=True)
+    return m
+
+
+def video_net():
+    """A 3-D conv (8 of 3x3x3x3 on a 4x8x8 clip), folded into 32 channels for a 2-D conv."""
+    return _io_model([
+        helper.make_node("Conv", ["x", "w3", "b3"], ["c3"], name="conv3d", pads=[1] * 6),
+        helper.make_node("Relu", ["c3"], ["r3"], name="relu3d"),
+        helper.make_node("Reshape", ["r3", "shape"], ["flat"], name="fold"),
+        helper.make_node("Conv", ["flat", "w2"], ["y"], name="conv2d", pads=[1, 1, 1, 1]),
+    ], [_rand_init("w3", 8, 3, 3, 3, 3), _rand_init("b3", 8), numpy_helper.from_array(np.array([1, 32, 8, 8], np.int64), "shape"),
+        _rand_init("w2", 16, 32, 3, 3)], [1, 3, 4, 8, 8], [1, 16, 8, 8], "video")
+
+
+def attention_net():
+    """Tokens through a projection (a layer), then two MatMuls of activations and an Einsum."""
+    return _io_model([
+        helper.make_node("MatMul", ["x", "wq"], ["q"], name="proj"),
+        helper.make_node("Transpose", ["q"], ["qt"], name="t", perm=[0, 2, 1]),
+        helper.make_node("MatMul", ["q", "qt"], ["att"], name="scores"),
+        helper.make_node("Softmax", ["att"], ["p"], name="softmax", axis=-1),
+        helper.make_node("Einsum", ["p", "q"], ["ctx"], name="mix", equation="bij,bjk->bik"),
+        helper.make_node("ConvTranspose", ["img", "wt"], ["up"], name="up", strides=[2, 2]),
+        helper.make_node("Reshape", ["up", "shape"], ["upf"], name="flat"),
+        helper.make_node("Add", ["ctx", "upf"], ["y"], name="add"),
+    ], [_rand_init("wq", 32, 32), _rand_init("img", 1, 8, 4, 4), _rand_init("wt", 8, 2, 4, 4),
+        numpy_helper.from_array(np.array([1, 16, 32], np.int64), "shape")], [1, 16, 32], [1, 16, 32], "attention")

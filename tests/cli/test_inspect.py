@@ -91,6 +91,22 @@ def test_model_with_unsupported_ops_still_inspects(tmp_path):
     assert any(not g["adjustable"] and "LpNormalization" in (g["reason"] or "") for g in doc["channel_groups"])
 
 
+def test_a_video_network_shows_its_whole_macs_and_what_the_latency_leaves_out(tmp_path):
+    from builders import video_net
+
+    p = tmp_path / "video.onnx"
+    onnx.save(video_net(), str(p))
+    r = runner.invoke(app, ["inspect", str(p), "--target", "edgetpu", "--json"])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    t = doc["totals"]
+    assert t["other_macs"] == 8 * 4 * 8 * 8 * 81 and t["macs"] == t["other_macs"] + 16 * 8 * 8 * 32 * 9
+    assert doc["estimate"]["macs"] == t["macs"]
+    assert any("3-D Conv x1" in n for n in doc["notes"])
+    r = runner.invoke(app, ["inspect", str(p), "--target", "edgetpu"], terminal_width=200)
+    assert r.exit_code == 0 and "are in nodes that are not layers (3-D Conv x1)" in r.output
+
+
 def test_subprocess_console_script_and_module():
     out = subprocess.run([sys.executable, "-m", "archpass", "inspect", str(EXAMPLE), "--json"],
                          capture_output=True, text=True, timeout=120)

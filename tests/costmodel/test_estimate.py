@@ -119,3 +119,21 @@ def test_convnext_estimate_has_no_extrapolated_linears(zoo_model):
     assert len(linears) == 36 and all(k.predictor == "conv" for k in linears)
     # the Linears are ~90% of ConvNeXt's MACs: they carry most of its latency
     assert sum(k.latency_ms for k in linears) > 0.5 * est.latency_ms
+
+
+def test_compute_outside_layers_is_counted_and_named():
+    """A video network's 3-D conv is not a layer: its MACs count in the estimate, and a note
+    says how the target times it (layers-only targets leave it out of the latency)."""
+    from builders import video_net
+
+    s = analyze(model_from_proto(video_net()))
+    share = s.other_macs / s.macs
+    assert 0.01 < share < 1
+    tpu, cpu = estimate(s, "edgetpu"), estimate(s, "cpu")
+    assert tpu.macs == cpu.macs == s.macs > sum(l.macs for l in s.layers)
+    (note,) = [n for n in tpu.notes if "not layers" in n]
+    assert f"{100 * share:.1f}% of the model's MACs" in note and "3-D Conv x1" in note
+    assert "leaves them out of its latency" in note
+    assert any("not layers" in n and "generic ops" in n for n in cpu.notes)
+    plain = analyze(model_from_proto(NetBuilder((1, 3, 16, 16)).conv(8, 3).head(4).build()))
+    assert not any("not layers" in n for n in estimate(plain, "edgetpu").notes)

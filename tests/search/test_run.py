@@ -331,3 +331,26 @@ def test_ctrl_c_inside_the_journal_lock_raises_once_it_is_released(tmp_path, pyt
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     lock.acquire()  # not left held: a second acquire in this process does not wait
     lock.release()
+
+
+def test_nothing_to_optimize_builds_no_guard_but_still_reads_the_calibration_data(tmp_path):
+    """A model no pass applies to (a 3-D conv and a 2-D conv, as in a video network) is written back
+    at once: the guard's reference (the zero-shot score ran a video network for a minute)
+    is not made, and bad calibration data is still an error."""
+    from archpass.errors import CalibrationError
+    from builders import video_net
+
+    src = tmp_path / "video.onnx"
+    onnx.save(video_net(), str(src))
+    made = []
+    doc = api.optimize(src, tmp_path / "out.onnx", "edgetpu", trials=5,
+                       guard_factory=lambda *a: made.append(a) or FakeGuard(threshold=0.0).guard)
+    assert doc["message"].startswith("nothing to optimize") and doc["recipe"] == {"rewrites": []}
+    assert not made and "proxy" not in doc and "fidelity" not in doc
+    # the 3-D conv the edgetpu latency leaves out is named
+    assert any("3-D Conv x1" in n and "leaves them out of its latency" in n for n in doc["notes"])
+    onnx.checker.check_model(onnx.load(str(tmp_path / "out.onnx")), full_check=True)
+    (tmp_path / "bad.npy").write_bytes(b"not an array")
+    with pytest.raises(CalibrationError):
+        api.optimize(src, tmp_path / "out2.onnx", "edgetpu", trials=5, calib=tmp_path / "bad.npy")
+    assert not (tmp_path / "out2.onnx").exists()
