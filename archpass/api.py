@@ -308,7 +308,6 @@ def optimize(
 
     from archpass.errors import ArchpassError
     from archpass.model import atomic_write_text, parse_input_shapes, save_model
-    from archpass.passes.engine import apply_recipe
     from archpass.search import run, study as st
     from archpass.search.objective import parse_objectives
 
@@ -358,11 +357,10 @@ def optimize(
         store, name = st.storage_path(dest), None
         shown = str(store)
     out = run.search(prep, store, resume=resume, progress=progress, study_name=name, heartbeat=heartbeat, seeds=seeds)
+    applied, recovered, out, emit_notes = run.emit(prep, out)  # a candidate that cannot be emitted gives way
     recipe = out.best.recipe
-    applied = apply_recipe(model, recipe, structure=prep.structure)
-    recovered = prep.guard.model_for(recipe) if prep.guard is not None and len(recipe) else None
     proto = recovered if recovered is not None else applied.proto  # post-training: recovered weights
-    notes = list(model.notes)
+    notes = list(model.notes) + emit_notes
     if model.symbolic:  # a dynamic batch pinned by --input-shape stays dynamic, as with apply
         from archpass.dynamic import restore_dynamic_dims
 

@@ -460,6 +460,45 @@ def search(prep: Prepared, storage: Path, *, resume: bool = False, progress: Cal
     return replace(out, study=study, explored=explored)
 
 
+#: how many chosen candidates in a row may fail to be emitted before optimize gives up
+EMIT_ATTEMPTS = 3
+
+
+def emit(prep: Prepared, out: Outcome) -> tuple[Any, Any, Outcome, list[str]]:
+    """The chosen candidate made real: ``(applied, recovered proto or None, outcome, notes)``.
+
+    The search scored shapes; this is where the recipe is applied to the ONNX graph, its
+    shapes checked against the shape path's and the result checked (``apply_recipe``), and
+    in post-training mode its weights recovered.  A candidate that fails there is an
+    archpass bug; rather than lose the search (``--resume`` would choose it again), it is
+    dropped and the next best chosen, at most ``EMIT_ATTEMPTS`` times, each named in a note."""
+    from archpass.passes.engine import apply_recipe
+
+    notes: list[str] = []
+    bad: set = set()
+    for attempt in range(EMIT_ATTEMPTS + 1):
+        recipe = out.best.recipe
+        try:
+            applied = apply_recipe(prep.model, recipe, structure=prep.structure)
+            recovered = prep.guard.model_for(recipe) if prep.guard is not None and len(recipe) else None
+            return applied, recovered, out, notes
+        except KeyboardInterrupt:
+            raise
+        except Exception as exc:  # noqa: BLE001 - an internal failure of one candidate, reported below
+            if not len(recipe) or attempt == EMIT_ATTEMPTS:
+                raise
+            what = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}".rstrip(": ")
+            notes.append(f"the best candidate (trial {out.best_trial}) could not be emitted ({what}), an archpass bug "
+                         "(please report it with the model's `archpass inspect --json`): the next best was chosen")
+            bad.add(recipe_key(recipe))
+            kept = tuple(r for r in out.records if recipe_key(r.recipe) not in bad)
+            again = choose(prep, kept, storage=out.storage, interrupted=out.interrupted)
+            out = replace(again, trials=out.trials, records=out.records, study=out.study, explored=out.explored)
+            if out.study is not None:
+                record_outcome(out.study, out)
+    raise AssertionError("unreachable")
+
+
 def record_outcome(study: optuna.Study, out: Outcome) -> None:
     """Store what this run chose in the study (``archpass.finalists``: the guard's results;
     ``archpass.result``: the chosen trial and guard), so ``archpass report`` on the
