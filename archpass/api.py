@@ -133,11 +133,12 @@ def apply(
         from archpass.search.fidelity import FidelityEvaluator, load_calibration
 
         data = load_calibration(None if str(calib) == "random" else calib, model, **dict(calib_options or {}))
-        evaluation = FidelityEvaluator(model, data, structure=structure).evaluate(
-            rec, recover=recover, verify=True, allow_growth=allow_growth)
+        evaluator = FidelityEvaluator(model, data, structure=structure)
+        evaluation = evaluator.evaluate(rec, recover=recover, verify=True, allow_growth=allow_growth)
         applied = evaluation.applied
         proto = evaluation.proto
         fid = fidelity_document(evaluation, data, recover)
+        fid["notes"] += list(evaluator.notes)  # e.g. the original's outputs do not depend on the data
     else:
         applied = apply_recipe(model, rec, structure=structure, allow_growth=allow_growth)
         proto = applied.proto
@@ -230,7 +231,7 @@ def verify(
         "rewrites": record["rewrites"] if record else [],
         "min_fidelity": min_fidelity,
         "passed": min_fidelity is None or fid.score >= min_fidelity,
-        "notes": [RANDOM_DATA_NOTE] if data.random else [],
+        "notes": ([RANDOM_DATA_NOTE] if data.random else []) + list(fid.notes),
     }
     return doc
 

@@ -30,7 +30,7 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -76,6 +76,7 @@ class Fidelity:
     outputs: tuple[OutputFidelity, ...]
     random_data: bool
     samples: int
+    notes: tuple[str, ...] = ()  # e.g. the reference does not depend on its inputs (constant_output_notes)
 
     def to_json(self) -> dict:
         return {"score": self.score, "samples": self.samples, "random_data": self.random_data,
@@ -104,6 +105,29 @@ def output_fidelity(name: str, ref: np.ndarray, cand: np.ndarray) -> OutputFidel
     classes = [d for d in ref.shape[1:] if d > 1]
     top1 = float(np.mean(r.argmax(1) == c.argmax(1))) if len(classes) == 1 and classes[0] >= 2 else None
     return OutputFidelity(name, float(np.mean(cos)), snr, float(np.max(np.abs(c - r))) if r.size else 0.0, top1)
+
+
+#: an output whose spread across samples is below this share of its size does not depend on them
+CONSTANT_OUTPUT_SPREAD = 1e-6
+
+
+def constant_output_notes(reference: Sequence[np.ndarray], names: Sequence[str]) -> tuple[str, ...]:
+    """A note for each reference output that is the same for every calibration sample (a
+    broken export, weights that were never trained, inputs all alike): fidelity to it
+    cannot tell a candidate that keeps the model's function from one that loses it."""
+    notes = []
+    for name, r in zip(names, reference):
+        r = np.asarray(r, np.float64)
+        if r.ndim == 0 or r.shape[0] < 2 or not r.size:
+            continue
+        spread = float(np.mean(np.std(r, axis=0)))
+        size = float(np.mean(np.abs(r)))
+        if spread <= CONSTANT_OUTPUT_SPREAD * size or size == 0.0:
+            rel = f"{spread / size:.1g} of its size" if size else "it is all zeros"
+            notes.append(f"the original model's output '{name}' is the same for all {r.shape[0]} calibration samples "
+                         f"(their spread is {rel}), so fidelity cannot tell candidates apart: check the calibration "
+                         "data (are the samples alike?) and the model's weights (trained?)")
+    return tuple(notes)
 
 
 def compare(reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray], names: Sequence[str] | None = None,
@@ -181,7 +205,8 @@ def fidelity(reference, candidate, data: CalibData) -> Fidelity:
         raise ArchpassError(f"the models' outputs differ: {[tuple(a.shape[1:]) for a in ref_out]} vs "
                             f"{[tuple(b.shape[1:]) for b in cand_out]} per sample",
                             "compare a model with a rewrite of it")
-    return compare(ref_out, cand_out, names, random_data=data.random)
+    return replace(compare(ref_out, cand_out, names, random_data=data.random),
+                   notes=constant_output_notes(ref_out, names))
 
 
 # ---------------------------------------------------------------------------- per-candidate evaluation
@@ -242,6 +267,7 @@ class FidelityEvaluator:
         self.feeds = feeds_for(model.proto, self.score_data.arrays)
         runner = Runner(model.proto)
         self.reference = runner.run(self.feeds)
+        self.notes = constant_output_notes(self.reference, self.names)
         self.dynamic = runner.dynamic
         self._rows: dict[tuple, ReferenceRows] = {}
 

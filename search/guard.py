@@ -128,7 +128,7 @@ def fidelity_guard(model, structure, data, *, min_fidelity: float = DEFAULT_MIN_
     from archpass.search.fidelity import RANDOM_DATA_NOTE
 
     return Guard("fidelity", float(min_fidelity), score, baseline=1.0, additive=True, emitter=emit,
-                 notes=(RANDOM_DATA_NOTE,) if getattr(data, "random", False) else ())
+                 notes=((RANDOM_DATA_NOTE,) if getattr(data, "random", False) else ()) + tuple(getattr(evaluator, "notes", ())))
 
 
 def proxy_guard(model, structure, *, min_proxy: float | None = None, seed: int = 0, scorer=None,

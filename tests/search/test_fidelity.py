@@ -162,3 +162,31 @@ def test_half_precision_export_is_fed_scored_and_recovered_in_float16(setup):
     out = run_ort(e16.proto, {"input": x})[0]
     assert out.dtype == np.float16 and np.isfinite(out).all()
     assert fidelity(m16, e16.proto, ev16.score_data).score == pytest.approx(e16.after.score, abs=0.02)
+
+
+def test_a_reference_that_ignores_its_inputs_is_named():
+    """An original whose output is the same for every sample (weights never trained, a
+    broken export, samples all alike) makes any candidate that keeps the constant look
+    perfect: the fidelity says so (a randomly initialized DeepLabV3 export did this, and
+    50 rewrites scored 1.0)."""
+    from archpass.search.fidelity import constant_output_notes
+
+    rng = np.random.default_rng(0)
+    varying, constant = rng.standard_normal((4, 10)), np.tile(rng.standard_normal(10), (4, 1))
+    assert constant_output_notes([varying], ["logits"]) == ()
+    (note,) = constant_output_notes([varying, constant + 1e-9 * rng.standard_normal((4, 10))], ["logits", "out"])
+    assert "output 'out' is the same for all 4 calibration samples" in note
+    assert "all zeros" in constant_output_notes([np.zeros((3, 5))], ["z"])[0]
+    assert constant_output_notes([constant[:1]], ["one"]) == ()  # one sample cannot tell
+
+    b = NetBuilder((1, 3, 8, 8), seed=2).conv(8, 3, act="relu")
+    b.x = b.node("Mul", [b.x, b.tensor("zero", np.zeros((1,), np.float32))], "mute")
+    m = model_from_proto(b.head(4).build())  # the head's bias alone
+    data = load_calibration(None, m, samples=6, seed=0)
+    assert any("is the same for all 6" in n for n in fidelity(m, m, data).notes)
+    assert any("is the same for all" in n for n in FidelityEvaluator(m, data).notes)
+    from archpass.search.guard import fidelity_guard
+
+    assert any("is the same for all" in n for n in fidelity_guard(m, analyze(m), data).notes)  # optimize's notes
+    live = model_from_proto(NetBuilder((1, 3, 8, 8), seed=2).conv(8, 3, act="relu").head(4).build())
+    assert FidelityEvaluator(live, data).notes == () and fidelity(live, live, data).notes == ()
