@@ -9,7 +9,8 @@ import typer
 
 from archpass.cli.calibopts import (CalibOpt, ChannelOrderOpt, ImageSizeOpt, LayoutOpt, MeanOpt, SamplesOpt, StdOpt,
                                     calib_options, fidelity_line)
-from archpass.cli.common import DebugOpt, InputShapeOpt, JsonOpt, handled, print_json, print_table, rewrites_table, stdout
+from archpass.cli.common import (DebugOpt, InputShapeOpt, JsonOpt, handled, macs_text, print_json, print_table,
+                                 rewrites_table, stdout)
 from archpass.limits import GROWTH_LIMIT
 
 
@@ -26,7 +27,7 @@ def _estimate_line(doc: dict) -> str | None:
 def render(doc: dict) -> None:
     print_table(rewrites_table(doc["rewrites"], f"Applied to {doc['input']}"))
     b, a = doc["before"], doc["after"]
-    stdout.print(f"MACs {b['macs'] / 1e6:.1f} M -> {a['macs'] / 1e6:.1f} M   params {b['params'] / 1e6:.3f} M -> "
+    stdout.print(f"MACs {macs_text(b['macs'])} -> {macs_text(a['macs'])}   params {b['params'] / 1e6:.3f} M -> "
                  f"{a['params'] / 1e6:.3f} M   {'exact' if doc['exact'] else 'lossy: recover or fine-tune the weights'}")
     fid = doc.get("fidelity")
     if fid:

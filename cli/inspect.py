@@ -8,8 +8,8 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from archpass.cli.common import (DebugOpt, InputShapeOpt, JsonOpt, handled, id_column, print_json, print_table,
-                                 rewrites_table, stderr, stdout, table)
+from archpass.cli.common import (DebugOpt, InputShapeOpt, JsonOpt, handled, id_column, macs_text, print_json,
+                                 print_table, rewrites_table, stderr, stdout, table)
 
 
 def _fmt_hw(hw) -> str:
@@ -87,7 +87,7 @@ def render(doc: dict, wide: bool = False) -> None:
                        f"{k.get('latency_ms', 0):.4f}")
         print_table(kt)
         stdout.print(f"latency {e['latency_ms']:.3f} ms   params {e['params_bytes'] / 1e6:.2f} MB   "
-                     f"peak activations {e['peak_activation_bytes'] / 1e6:.2f} MB   MACs {e['macs'] / 1e6:.1f} M")
+                     f"peak activations {e['peak_activation_bytes'] / 1e6:.2f} MB   MACs {macs_text(e['macs'])}")
         m = e.get("measured")
         if m:
             n, slow = len(m["windows_ms"]), m.get("slow_state_windows", 0)
@@ -104,7 +104,7 @@ def render(doc: dict, wide: bool = False) -> None:
     unsup = doc.get("unsupported_ops") or []
     stdout.print(
         f"totals: {t['layers']} layers, {t['blocks']} blocks, {t['stages']} stages, {t['channel_groups']} channel groups "
-        f"({t['adjustable_groups']} adjustable), {t['macs'] / 1e6:.1f} M MACs, {t['params'] / 1e6:.2f} M params"
+        f"({t['adjustable_groups']} adjustable), {macs_text(t['macs'])} MACs, {t['params'] / 1e6:.2f} M params"
         + (f"; not rewritable through: {', '.join(unsup)}" if unsup else "")
     )
 

@@ -105,6 +105,13 @@ def test_a_video_network_shows_its_whole_macs_and_what_the_latency_leaves_out(tm
     assert any("3-D Conv x1" in n for n in doc["notes"])
     r = runner.invoke(app, ["inspect", str(p), "--target", "edgetpu"], terminal_width=200)
     assert r.exit_code == 0 and "are in nodes that are not layers (3-D Conv x1)" in r.output
+    assert f"{t['macs'] / 1e6:.1f} M MACs" in r.output  # under a billion in millions
+
+
+def test_macs_read_in_billions_from_a_billion_on():
+    from archpass.cli.common import macs_text
+
+    assert macs_text(300.8e6) == "300.8 M" and macs_text(40_696_553_472) == "40.70 G"
 
 
 def test_subprocess_console_script_and_module():
