@@ -401,8 +401,10 @@ class _Analyzer:
         else:
             self.visit_unknown(n)
 
-    def visit_unknown(self, n: onnx.NodeProto, why: str | None = None) -> None:
-        self.unsupported.append(n.op_type)
+    def visit_unknown(self, n: onnx.NodeProto, why: str | None = None, label: str | None = None) -> None:
+        """``label``: how ``unsupported`` lists the node where its op type alone would
+        mislead (a 3-D Conv is not the Conv archpass rewrites)."""
+        self.unsupported.append(label or n.op_type)
         custom = n.domain not in ("", "ai.onnx")
         op = f"custom-domain op {n.domain}.{n.op_type}" if custom else n.op_type
         opaque = " (opaque: archpass keeps its declared shapes)" if custom else ""
@@ -430,7 +432,8 @@ class _Analyzer:
         ws = self.shape(w)
         xs, ys = self.shape(x), self.shape(y)
         if len(ws) != 4 or len(xs) != 4:
-            return self.visit_unknown(n, f"{len(ws) - 2}-D convolution '{n.name}' is not rewritten")
+            return self.visit_unknown(n, f"{len(ws) - 2}-D convolution '{n.name}' is not rewritten",
+                                      label=f"Conv ({len(ws) - 2}-D)")
         groups = int(attr(n, "group", 1))
         cout, cin_g, kh, kw = ws
         cin = cin_g * groups

@@ -17,6 +17,7 @@ def test_a_3d_conv_counts_its_macs_and_weights():
     assert s.layer("conv2d").macs == layer and s.macs == layer + c.macs and s.other_macs == c.macs
     assert s.params == 16 * 32 * 9 + c.params
     assert s.totals()["other_macs"] == c.macs and s.totals()["macs"] == s.macs
+    assert s.unsupported == ("Conv (3-D)",)  # not the 2-D Conv archpass rewrites
 
 
 def test_attention_matmuls_einsum_and_conv_transpose_count():
