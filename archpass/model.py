@@ -217,6 +217,42 @@ def input_dtypes(proto: ModelProto) -> dict[str, np.dtype]:
             for vi in _graph_inputs(proto) if vi.type.tensor_type.elem_type}
 
 
+def _index_bounds(proto: ModelProto) -> dict[str, int]:
+    """For each graph input used as Gather indices into a constant table (a token id into an
+    embedding): the number of rows it may index, the smallest over its Gathers."""
+    consts = {t.name: tuple(t.dims) for t in proto.graph.initializer}
+    for n in proto.graph.node:
+        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
+            consts[n.output[0]] = tuple(n.attribute[0].t.dims)
+    names = {vi.name for vi in _graph_inputs(proto)}
+    bounds: dict[str, int] = {}
+    for n in proto.graph.node:
+        if n.op_type == "Gather" and len(n.input) > 1 and n.input[1] in names and n.input[0] in consts:
+            dims = consts[n.input[0]]
+            axis = next((a.i for a in n.attribute if a.name == "axis"), 0)
+            if dims and -len(dims) <= axis < len(dims) and dims[axis] > 0:
+                bounds[n.input[1]] = min(bounds.get(n.input[1], dims[axis]), int(dims[axis]))
+    return bounds
+
+
+def random_inputs(proto: ModelProto, shapes: Sequence[tuple[str, tuple[int, ...]]], n: int,
+                  rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """``n`` random samples per input (float32 arrays; :func:`typed_feeds` casts them): standard
+    normal for a float input; for an integer input, ids drawn uniformly from the rows of the
+    embedding table it indexes (a Gather), else 0 or 1 (a mask); for a bool input, 0 or 1.
+    Standard-normal values cast to int64 were token ids -2 to 2: every sample nearly alike."""
+    dtypes, bounds = input_dtypes(proto), _index_bounds(proto)
+    out = {}
+    for name, shape in shapes:
+        size = (n, *shape[1:])
+        dt = dtypes.get(name, np.dtype(np.float32))
+        if dt.kind in "iub":
+            out[name] = rng.integers(0, bounds.get(name, 2) if dt.kind != "b" else 2, size).astype(np.float32)
+        else:
+            out[name] = rng.standard_normal(size).astype(np.float32)
+    return out
+
+
 def typed_feeds(proto: ModelProto, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """``feeds`` cast to the dtypes of ``proto``'s inputs (:func:`input_dtypes`; others as they are)."""
     dtypes = input_dtypes(proto)

@@ -203,7 +203,9 @@ def other_compute_note(structure: Structure, t: Target) -> str | None:
     what = ", ".join(f"{k} x{v}" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1]))
     how = ("leaves them out of its latency (it times conv and gemm layers only)" if t.fusion.layers_only else
            "predicts them as generic ops from their tensor sizes, not their MACs, so its latency for them is rough")
-    return (f"{100 * structure.other_macs / total:.1f}% of the model's MACs ({structure.other_macs / 1e9:.3g} G) are "
+    n = structure.other_macs
+    count = f"{n / 1e9:.3g} G" if n >= 1e9 else f"{n / 1e6:.3g} M"
+    return (f"{100 * n / total:.1f}% of the model's MACs ({count}) are "
             f"in nodes that are not layers ({what}): target {t.name} {how}; no pass rewrites them")
 
 

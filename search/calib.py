@@ -177,10 +177,12 @@ def load_calibration(source: str | os.PathLike | None, model: Model, *, samples:
     if samples is not None and samples < 1:
         raise CalibrationError(f"--samples must be at least 1, got {samples}", "pass a positive number")
     if source is None:
+        from archpass.model import random_inputs
+
         n = samples or DEFAULT_RANDOM_SAMPLES
-        rng = np.random.default_rng(seed)
-        arrays = {name: rng.standard_normal((n, *shape[1:])).astype(np.float32) for name, shape in model.input_shapes}
-        return CalibData(arrays, True, f"{n} random standard-normal samples (seed {seed})")
+        arrays = random_inputs(model.proto, model.input_shapes, n, np.random.default_rng(seed))
+        return CalibData(arrays, True, f"{n} random samples (seed {seed}: standard normal, "
+                                       f"ids within the tables they index)")
     path = Path(source)
     if not path.exists():
         raise CalibrationError(f"calibration data not found: {path}", "check the path")

@@ -104,7 +104,7 @@ def layer_scores(proto_or_model, *, seed: int = 0, batch: int = 32, data=None) -
     import onnxruntime as ort
 
     from archpass.analysis import analyze
-    from archpass.model import Model, model_from_proto, typed_feeds
+    from archpass.model import Model, model_from_proto, random_inputs, typed_feeds
 
     model = proto_or_model if isinstance(proto_or_model, Model) else model_from_proto(proto_or_model)
     structure = analyze(model)
@@ -118,7 +118,7 @@ def layer_scores(proto_or_model, *, seed: int = 0, batch: int = 32, data=None) -
     if data is not None:
         feeds = {k: v[:batch] for k, v in data.arrays.items()}
     else:
-        feeds = {name: rng.standard_normal((batch, *shape[1:])) for name, shape in model.input_shapes}
+        feeds = random_inputs(proto, model.input_shapes, batch, rng)
     feeds = typed_feeds(proto, feeds)
     names = [l.output for l in layers]
     _expose(proto, names)
@@ -169,7 +169,7 @@ def naswot_logdet(proto_or_model, *, seed: int = 0, batch: int = 32, units_per_l
     import onnxruntime as ort
 
     from archpass.analysis import analyze
-    from archpass.model import Model, model_from_proto, typed_feeds
+    from archpass.model import Model, model_from_proto, random_inputs, typed_feeds
 
     model = proto_or_model if isinstance(proto_or_model, Model) else model_from_proto(proto_or_model)
     structure = analyze(model)
@@ -178,7 +178,7 @@ def naswot_logdet(proto_or_model, *, seed: int = 0, batch: int = 32, units_per_l
     if not layers:
         return 0.0
     proto = _fresh_weights(model.proto, structure.layers, rng)
-    feeds = typed_feeds(proto, {name: rng.standard_normal((batch, *shape[1:])) for name, shape in model.input_shapes})
+    feeds = typed_feeds(proto, random_inputs(proto, model.input_shapes, batch, rng))
     names = [l.output for l in layers]
     _expose(proto, names)
     opts = ort.SessionOptions()

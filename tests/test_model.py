@@ -409,3 +409,40 @@ def load_model_from(proto, monkeypatch, *, light: bool):
         if not light:
             m.setattr(am, "_weights_as_inputs_for_shape_inference", contextlib.nullcontext)
         return am.model_from_proto(proto, {"input": (1, 3, 32, 32)}).proto
+
+
+def test_random_inputs_draw_token_ids_from_the_table_they_index():
+    """A text model's int64 token ids get ids across its embedding table (standard-normal
+    values cast to int64 were ids -2 to 2: random calibration samples nearly all alike);
+    an integer input that indexes nothing (a mask) gets 0 or 1; a float input, N(0, 1)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from archpass.model import model_from_proto, random_inputs, typed_feeds
+    from archpass.search.calib import load_calibration
+
+    rng = np.random.default_rng(0)
+    g = helper.make_graph([
+        helper.make_node("Gather", ["table", "ids"], ["emb"], name="embed"),
+        helper.make_node("Unsqueeze", ["mask", "axes"], ["m3"], name="m3"),
+        helper.make_node("Cast", ["m3"], ["mf"], name="cast", to=TensorProto.FLOAT),
+        helper.make_node("Mul", ["emb", "mf"], ["masked"], name="apply_mask"),
+        helper.make_node("Add", ["masked", "bias"], ["sum"], name="add_bias"),
+        helper.make_node("MatMul", ["sum", "w"], ["y"], name="proj"),
+    ], "text", [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, 6]),
+                helper.make_tensor_value_info("mask", TensorProto.INT64, [1, 6]),
+                helper.make_tensor_value_info("bias", TensorProto.FLOAT, [1, 6, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 6, 4])],
+        [numpy_helper.from_array(rng.standard_normal((300, 8)).astype(np.float32), "table"),
+         numpy_helper.from_array(np.array([2], np.int64), "axes"),
+         numpy_helper.from_array(rng.standard_normal((8, 4)).astype(np.float32), "w")])
+    proto = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(proto, full_check=True)
+    m = model_from_proto(proto)
+    x = random_inputs(m.proto, m.input_shapes, 50, np.random.default_rng(1))
+    ids, mask, bias = x["ids"], x["mask"], x["bias"]
+    assert ids.shape == (50, 6) and ids.min() >= 0 and ids.max() < 300 and ids.max() > 250  # across the table
+    assert set(np.unique(mask)) == {0.0, 1.0} and bias.dtype == np.float32 and bias.std() == pytest.approx(1, abs=0.1)
+    fed = typed_feeds(m.proto, x)
+    assert fed["ids"].dtype == np.int64 and np.array_equal(fed["ids"], ids.astype(np.int64))
+    data = load_calibration(None, m, samples=4, seed=0)
+    assert data.random and data.arrays["ids"].min() >= 0 and data.arrays["ids"].max() > 10  # was -2 to 2
