@@ -176,6 +176,10 @@ def test_a_reference_that_ignores_its_inputs_is_named():
     assert constant_output_notes([varying], ["logits"]) == ()
     (note,) = constant_output_notes([varying, constant + 1e-9 * rng.standard_normal((4, 10))], ["logits", "out"])
     assert "output 'out' is the same for all 4 calibration samples" in note
+    offset = 5.0 + 0.01 * varying  # a large constant part: varies by about 0.001 of its size
+    (note,) = constant_output_notes([offset], ["logits"])
+    assert "varies across the 4 calibration samples by only 0.001 of its size" in note
+    assert constant_output_notes([5.0 + 0.2 * varying], ["logits"]) == ()  # a few % varies enough
     assert "all zeros" in constant_output_notes([np.zeros((3, 5))], ["z"])[0]
     assert constant_output_notes([constant[:1]], ["one"]) == ()  # one sample cannot tell
 
