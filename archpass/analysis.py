@@ -431,19 +431,30 @@ class _Analyzer:
         y = n.output[0]
         ws = self.shape(w)
         xs, ys = self.shape(x), self.shape(y)
-        if len(ws) != 4 or len(xs) != 4:
+        one_d = len(ws) == 3 and len(xs) == 3 and len(ys) == 3
+        if not one_d and (len(ws) != 4 or len(xs) != 4):
             return self.visit_unknown(n, f"{len(ws) - 2}-D convolution '{n.name}' is not rewritten",
                                       label=f"Conv ({len(ws) - 2}-D)")
         groups = int(attr(n, "group", 1))
-        cout, cin_g, kh, kw = ws
+        if one_d:  # a 1-D conv is a 2-D one of height 1
+            cout, cin_g, kw = ws
+            kh = 1
+            strides = (1, *attr(n, "strides", [1]))
+            dil = (1, *attr(n, "dilations", [1]))
+            p = tuple(attr(n, "pads", [0, 0]))
+            pads = (0, p[0], 0, p[1])
+            in_hw, out_hw = (1, xs[2]), (1, ys[2])
+        else:
+            cout, cin_g, kh, kw = ws
+            strides = tuple(attr(n, "strides", [1, 1]))
+            dil = tuple(attr(n, "dilations", [1, 1]))
+            pads = tuple(attr(n, "pads", [0, 0, 0, 0]))
+            pads = (pads[0], pads[1], pads[2], pads[3])
+            in_hw, out_hw = (xs[2], xs[3]), (ys[2], ys[3])
         cin = cin_g * groups
-        strides = tuple(attr(n, "strides", [1, 1]))
-        dil = tuple(attr(n, "dilations", [1, 1]))
-        pads = tuple(attr(n, "pads", [0, 0, 0, 0]))
-        pads = (pads[0], pads[1], pads[2], pads[3])
         xi = self.info(x)
         bias = len(n.input) > 2 and bool(n.input[2])
-        self._register_layer(n, "Conv", cin, cout, (kh, kw), strides, groups, (xs[2], xs[3]), (ys[2], ys[3]),
+        self._register_layer(n, "Conv", cin, cout, (kh, kw), strides, groups, in_hw, out_hw,
                              pads, dil, bias, x, y, w)
         if xi.axis != 1:
             self.fix_tensor(x, f"Conv '{n.name}' reads a tensor whose channel axis was moved")
@@ -459,7 +470,7 @@ class _Analyzer:
         elif groups == cin and cout == cin:
             for s in xi.segs:
                 self.uf.add(s, Member(n.name, "Conv", "depthwise"))
-            self.t[y] = _TInfo(ys, 1, list(xi.segs), (2, 3))
+            self.t[y] = _TInfo(ys, 1, list(xi.segs), (2,) if one_d else (2, 3))
         else:
             why = (f"Conv '{n.name}' is a grouped convolution (groups={groups})" if cout % groups == 0 and groups != cin
                    else multiplier_reason(n.name, cout // max(cin, 1)))

@@ -150,7 +150,7 @@ class DwToDense(Pass):
                         provenance=f"{self.name}:{site}")
         layers = tuple(dense if l.id == d.id else l for l in layers)
         nodes = tuple(replace(n, inputs=(n.inputs[0], w_name, *n.inputs[2:])) if n.name == d.id else n for n in s.nodes)
-        tensors[w_name] = Tensor(w_name, (d.cout, d.cin, *d.kernel), tensors[d.weight].elem_bytes,
+        tensors[w_name] = Tensor(w_name, (d.cout, d.cin, *tensors[d.weight].shape[2:]), tensors[d.weight].elem_bytes,
                                  const=True)
         drop_unused_consts(tensors, nodes, [d.weight])
         gone = {b.id for b in s.blocks if d.id in b.layers}

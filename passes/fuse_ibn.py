@@ -109,7 +109,8 @@ class FuseIBN(Pass):
             tensors.pop(t, None)
         old_w = [n.inputs[1:] for n in s.nodes if n.name in (e.id, d.id)] + [n.inputs for n in chain_nodes]
         elem = tensors[d.weight].elem_bytes  # every layer's weight is a tensor of its structure
-        tensors[w_name] = Tensor(w_name, (d.cout, e.cin, *d.kernel), elem, const=True)
+        # (C, cin, kh, kw), or (C, cin, k) for a 1-D conv: the depthwise weight's own kernel axes
+        tensors[w_name] = Tensor(w_name, (d.cout, e.cin, *tensors[d.weight].shape[2:]), elem, const=True)
         if has_bias:
             tensors[b_name] = Tensor(b_name, (d.cout,), elem, const=True)
         drop_unused_consts(tensors, nodes, [t for ins in old_w for t in ins])
@@ -124,15 +125,17 @@ class FuseIBN(Pass):
     def apply_graph(self, graph, structure: Structure, match: Match) -> GraphResult:
         e, d = match.found["expand"], match.found["depthwise"]
         en, dn = node_named(graph, e.id), node_named(graph, d.id)
-        we = const_value(en.inputs[1]).astype(np.float64)[:, :, 0, 0]  # [C, cin]
-        wd = const_value(dn.inputs[1]).astype(np.float64)  # [C, 1, kh, kw]
+        w_e = const_value(en.inputs[1])
+        we = w_e.astype(np.float64).reshape(w_e.shape[:2])  # [C, cin] (a 1x1 or, 1-D, a size-1 kernel)
+        wd = const_value(dn.inputs[1]).astype(np.float64)  # [C, 1, kh, kw], or [C, 1, k] for a 1-D conv
         be = const_value(en.inputs[2]).astype(np.float64) if len(en.inputs) > 2 else np.zeros(we.shape[0])
         bd = const_value(dn.inputs[2]).astype(np.float64) if len(dn.inputs) > 2 else np.zeros(we.shape[0])
         dtype = np.asarray(en.inputs[1].values).dtype
-        w = wd[:, 0][:, None, :, :] * we[:, :, None, None]  # [C, cin, kh, kw]
+        taps = wd.ndim - 2
+        w = wd[:, 0][:, None] * we.reshape(*we.shape, *(1,) * taps)  # [C, cin, *kernel]
         inputs = [en.inputs[0], fresh_const(f"{d.id}.fused_weight", w.astype(dtype))]
         if e.bias or d.bias:
-            bias = bd + be * wd[:, 0].sum(axis=(1, 2))
+            bias = bd + be * wd[:, 0].sum(axis=tuple(range(1, 1 + taps)))
             inputs.append(fresh_const(f"{d.id}.fused_bias", bias.astype(dtype)))
         dn.inputs.clear()
         dn.inputs.extend(inputs)

@@ -311,6 +311,12 @@ def _positions(n: int, h: int, w: int, rows: int, key: str, seed: int) -> tuple[
     return flat // (h * w), (flat // w) % h, flat % w
 
 
+def _image(t: np.ndarray) -> np.ndarray:
+    """A conv's activation as (N, C, H, W): a 1-D conv's (N, C, L) is one of height 1 (its
+    layer's kernel, stride and pads are (1, k), (1, s) and (0, p, 0, q))."""
+    return t[:, :, None, :] if t.ndim == 3 else t
+
+
 def _patches(x: np.ndarray, l: Layer, ni, hi, wi) -> np.ndarray:
     """im2col rows of conv ``l``'s input ``x`` (N, C, H, W) at output positions (ni, hi, wi):
     (rows, C*kh*kw) in the weight's [cin, kh, kw] order."""
@@ -446,10 +452,10 @@ def recover(applied: Applied, reference: ReferenceRows, feeds: Mapping[str, np.n
             dim = w0[0].size
             rows = min(n * ho * wo, row_budget(dim, max_rows))
             ni, hi, wi = _positions(n, ho, wo, rows, l.id, seed)
-            a = _patches(x, l, ni, hi, wi)
+            a = _patches(_image(x), l, ni, hi, wi)
 
             def pick(t, ni=ni, hi=hi, wi=wi):
-                return t[ni, :, hi, wi]
+                return _image(t)[ni, :, hi, wi]
             pos_key = (n, ho, wo, rows, seed, l.id)
             w_naive = w0.reshape(w0.shape[0], -1).T
         else:
@@ -475,7 +481,7 @@ def recover(applied: Applied, reference: ReferenceRows, feeds: Mapping[str, np.n
                          channel_index(partner[0] if partner else l.output, final, source, applied.channel_maps))
         if partner:
             other = vals[1]
-            target = target - (other[ni, :, hi, wi] if l.op == "Conv" else other.reshape(-1, other.shape[-1])[sel])
+            target = target - (_image(other)[ni, :, hi, wi] if l.op == "Conv" else other.reshape(-1, other.shape[-1])[sel])
         bias_naive = b0.reshape(-1) if b0 is not None else None
         intercept = l.op != "MatMul"
         w, b, info = ridge_fit(a, target, intercept=intercept, activation=l.activation if not partner else None,

@@ -549,3 +549,37 @@ def attention_net():
         helper.make_node("Add", ["ctx", "upf"], ["y"], name="add"),
     ], [_rand_init("wq", 32, 32), _rand_init("img", 1, 8, 4, 4), _rand_init("wt", 8, 2, 4, 4),
         numpy_helper.from_array(np.array([1, 16, 32], np.int64), "shape")], [1, 16, 32], [1, 16, 32], "attention")
+
+
+def conv1d_net(expand_act: bool = True, expand_bias: bool = True, length: int = 32) -> onnx.ModelProto:
+    """A 1-D network (keyword spotting, time series): a stem conv, one residual IBN of 1-D
+    convs (expand 1, depthwise 5, project 1), mean over time and a linear head."""
+    r = np.random.default_rng(3)
+
+    def w(name, *shape):
+        return numpy_helper.from_array((r.standard_normal(shape) / np.sqrt(np.prod(shape[1:]))).astype(np.float32), name)
+
+    def b(name, n):
+        return numpy_helper.from_array((0.1 * r.standard_normal(n)).astype(np.float32), name)
+
+    nodes = [helper.make_node("Conv", ["x", "w_stem", "b_stem"], ["s"], name="stem", pads=[1, 1]),
+             helper.make_node("Relu", ["s"], ["s_act"], name="stem_relu"),
+             helper.make_node("Conv", ["s_act", "w_exp"] + (["b_exp"] if expand_bias else []), ["e"], name="exp")]
+    if expand_act:
+        nodes.append(helper.make_node("Relu", ["e"], ["e_act"], name="exp_relu"))
+    nodes += [helper.make_node("Conv", ["e_act" if expand_act else "e", "w_dw", "b_dw"], ["d"], name="dw", pads=[2, 2],
+                               group=64),
+              helper.make_node("Relu", ["d"], ["d_act"], name="dw_relu"),
+              helper.make_node("Conv", ["d_act", "w_proj", "b_proj"], ["p"], name="proj"),
+              helper.make_node("Add", ["s_act", "p"], ["res"], name="residual"),
+              helper.make_node("ReduceMean", ["res"], ["pooled"], name="pool", axes=[2], keepdims=0),
+              helper.make_node("Gemm", ["pooled", "w_head", "b_head"], ["y"], name="head", transB=1)]
+    g = helper.make_graph(nodes, "conv1d", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, length])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+                          [w("w_stem", 16, 8, 3), b("b_stem", 16), w("w_exp", 64, 16, 1)]
+                          + ([b("b_exp", 64)] if expand_bias else []) + [w("w_dw", 64, 1, 5), b("b_dw", 64), w("w_proj", 16, 64, 1), b("b_proj", 16),
+                           w("w_head", 4, 16), b("b_head", 4)])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    onnx.checker.check_model(m, full_check=True)
+    return m

@@ -317,3 +317,17 @@ def test_residual_blocks_with_identity_and_projection_shortcuts():
         ("residual", ("b0c0", "b0c1")), ("residual", ("b1c0", "b1c1", "b1c2", "b1sc"))]
     assert s.blocks[1].role("shortcut") == "b1sc" and s.blocks[1].residual_add == "b1add"
     assert [st.hw for st in s.stages] == [(16, 16), (8, 8)]
+
+
+def test_1d_convs_are_layers_of_height_1():
+    """A 1-D network (Conv1d: weight (cout, cin/g, k), input (N, C, L)) is analyzed as 2-D
+    layers of height 1: kernel (1, k), pads (0, p, 0, q), H×W (1, L); its IBN is a block."""
+    from builders import conv1d_net
+
+    s = structure_of(conv1d_net())
+    geo = {l.id: (l.kernel, l.stride, l.pads, l.groups, l.in_hw, l.out_hw) for l in s.layers}
+    assert geo["stem"] == ((1, 3), (1, 1), (0, 1, 0, 1), 1, (1, 32), (1, 32))
+    assert geo["dw"] == ((1, 5), (1, 1), (0, 2, 0, 2), 64, (1, 32), (1, 32))
+    assert s.layer("stem").macs == 16 * 32 * 8 * 3 and s.other_compute == () and not s.unsupported
+    assert [(b.kind, b.layers) for b in s.blocks] == [("ibn", ("exp", "dw", "proj"))]
+    assert [g.channels for g in s.groups if g.adjustable] == [16, 64]

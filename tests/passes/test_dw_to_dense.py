@@ -210,3 +210,13 @@ def test_what_stays_tied_to_the_dense_output(after):
     if after == "flatten_head":
         assert t.group(t.layer("dwa").in_groups[0]).adjustable
         assert "Flatten 'flat'" in t.group(t.layer("dwa").out_group).reason
+
+
+def test_a_1d_depthwise_becomes_a_dense_1d_conv_exactly():
+    from builders import conv1d_net
+
+    model, s = built(conv1d_net())
+    applied = apply_checked(model, s, [{"pass": "dw_to_dense", "site": "dw"}])
+    (w,) = [t for t in applied.proto.graph.initializer if t.name == applied.structure.layer("dw").weight]
+    assert tuple(w.dims) == (64, 64, 5) and applied.structure.layer("dw").groups == 1
+    assert_exact(model, applied)

@@ -220,3 +220,24 @@ def test_shape_path_groups_match_a_reanalysis(site):
     model, s = built(_ibn_net(se="hardsigmoid"))
     ours, reanalyzed = groups_as_analyzed(apply_checked(model, s, [{"pass": "fuse_ibn", "site": site}]))
     assert ours == reanalyzed
+
+
+def test_a_1d_ibn_fuses_into_a_1d_conv():
+    """A 1-D network's IBN (keyword spotting, time series): its convs are 2-D layers of
+    height 1 to the analysis, and the fused weight stays 1-D, (C, cin, k)."""
+    from builders import conv1d_net
+
+    model, s = built(conv1d_net(expand_act=False, expand_bias=False))
+    assert s.layer("dw").kernel == (1, 5) and s.layer("dw").in_hw == (1, 32) and s.layer("dw").pads == (0, 2, 0, 2)
+    blk = Block("block0", "ibn", ("exp", "dw", "proj"), True, 0,
+                (("expand", "exp"), ("depthwise", "dw"), ("project", "proj")))
+    s = replace(s, blocks=(blk,))  # no activation after the expand: declared by hand, as above
+    applied = apply_checked(model, s, [{"pass": "fuse_ibn", "site": "block0"}])
+    (w,) = [t for t in applied.proto.graph.initializer if t.name.endswith("fused_weight")]
+    assert tuple(w.dims) == (64, 16, 5)
+    assert applied.structure.layer("dw").macs == 64 * 32 * 16 * 5
+    assert applied.rewrites[0]["exact"] is True
+    assert_exact(model, applied)
+    model, s = built(conv1d_net(expand_act=True))
+    applied = apply_checked(model, s, [{"pass": "fuse_ibn", "site": "block0"}])  # found by the analysis
+    assert applied.rewrites[0]["exact"] is False

@@ -253,3 +253,21 @@ def test_ridge_too_weak_to_factor_is_skipped_not_solved_by_svd():
     with mock.patch("scipy.linalg.cho_factor", side_effect=np.linalg.LinAlgError("not positive definite")):
         w, b, info = ridge_fit(a, y, alphas=(0.0, 1e-3))
     assert info["alpha"] == 1e-3 and np.isfinite(w).all()
+
+
+def test_recovery_refits_1d_convs(tmp_path):
+    """A 1-D network's layers are refitted like 2-D ones of height 1 (im2col over time)."""
+    from archpass import api
+    from builders import conv1d_net
+
+    src = tmp_path / "net1d.onnx"
+    onnx.save(conv1d_net(), str(src))
+    recipe = {"rewrites": [{"pass": "channels", "site": "group2", "channels": 24}]}
+    doc = api.apply(src, recipe, tmp_path / "cut.onnx", calib="random", calib_options={"samples": 64})
+    fid = doc["fidelity"]
+    assert fid["after"]["score"] > fid["before"]["score"] + 0.01
+    refit = [f for f in fid["recovered_layers"] if f["kept"] == "refit"]
+    assert {"proj"} <= {f["layer"] for f in refit}
+    onnx.checker.check_model(str(tmp_path / "cut.onnx"), full_check=True)
+    w = {t.name: tuple(t.dims) for t in onnx.load(str(tmp_path / "cut.onnx")).graph.initializer}
+    assert w[[n for n in w if "proj" in n or n == "w_proj"][0]] == (16, 24, 1)

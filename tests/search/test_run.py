@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import onnx
 import pytest
 
@@ -399,3 +400,19 @@ def test_optimize_gives_up_after_a_few_candidates_fail_to_emit(small_model, tmp_
     with pytest.raises(AssertionError, match="broken"):
         _run(small_model, tmp_path, trials=30)
     assert len(calls) == run.EMIT_ATTEMPTS + 1 and not (tmp_path / "out.onnx").exists()
+
+
+def test_a_1d_network_optimizes_in_both_modes(tmp_path):
+    """Keyword spotting and time-series networks (1-D convs) get the same search."""
+    from builders import conv1d_net, run_ort
+
+    src = tmp_path / "net1d.onnx"
+    onnx.save(conv1d_net(length=64), str(src))
+    x = np.random.default_rng(0).standard_normal((1, 8, 64)).astype(np.float32)
+    for mode, kw in (("retrain", {}), ("post-training", {"calib": "random", "calib_options": {"samples": 32}})):
+        out = tmp_path / f"{mode}.onnx"
+        doc = api.optimize(src, out, "edgetpu", trials=20, **kw)
+        assert doc["mode"] == mode and doc["improved"], doc["message"]
+        assert doc["optimized"]["latency_ms"] < doc["baseline"]["latency_ms"]
+        onnx.checker.check_model(str(out), full_check=True)
+        assert run_ort(onnx.load(str(out)), {"x": x})[0].shape == (1, 4)
