@@ -58,11 +58,21 @@ def _smallest(structure: Structure, axis: int, current: tuple[int, int]) -> int:
     return hi
 
 
+def fixed_reason(structure: Structure) -> str | None:
+    """Why the model's input size cannot change (None when it can): no 4-D image input, or
+    what keeps it from running at twice its current size."""
+    hw = structure.input_hw
+    if hw is None:
+        return "the model has no 4-D image input"
+    out = _propagate(structure, (GROWTH * hw[0], GROWTH * hw[1]))
+    return out if isinstance(out, str) else None
+
+
 def domains(structure: Structure) -> dict[str, IntDomain] | None:
     """The height/width domains of the resolution site, or None when the network fixes its
     spatial size (it cannot run at twice its current size)."""
     hw = structure.input_hw
-    if hw is None or isinstance(_propagate(structure, (GROWTH * hw[0], GROWTH * hw[1])), str):
+    if fixed_reason(structure) is not None:
         return None
     return {"height": IntDomain(_smallest(structure, 0, hw), GROWTH * hw[0], 1, hw[0]),
             "width": IntDomain(_smallest(structure, 1, hw), GROWTH * hw[1], 1, hw[1])}

@@ -111,6 +111,12 @@ class Space:
             raise SpaceError("the resolution pass needs candidate sizes", "add --resolutions 160,192,224")
         if resolutions and any(int(r) < 1 for r in resolutions):
             raise SpaceError(f"resolutions must be positive integers, got {list(resolutions)}", "e.g. --resolutions 160,192,224")
+        if "resolution" in chosen and resolutions and not pass_sites("resolution", structure):
+            from archpass.passes.resolution import fixed_reason
+
+            why = fixed_reason(structure) or "the resolution pass has no site in this model"
+            raise SpaceError(f"--resolutions: the input size of this model cannot change ({why})",
+                             "drop --resolutions")
         if parallelism < 1:
             raise SpaceError(f"parallelism must be at least 1, got {parallelism}", "fix the target's parallelism")
         freeze = [f.strip() for f in freeze if f and f.strip()]

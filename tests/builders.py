@@ -583,3 +583,16 @@ def conv1d_net(expand_act: bool = True, expand_bias: bool = True, length: int = 
     m.ir_version = 8
     onnx.checker.check_model(m, full_check=True)
     return m
+
+
+def flatten_fc_model() -> onnx.ModelProto:
+    """Conv -> Flatten of the 6x6 map -> Gemm: the Gemm fixes the spatial size."""
+    w = helper.make_tensor("w", TensorProto.FLOAT, (4, 3, 3, 3), np.ones(108, np.float32).tolist())
+    fc = helper.make_tensor("fc", TensorProto.FLOAT, (144, 2), np.ones(288, np.float32).tolist())
+    g = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+         helper.make_node("Flatten", ["c"], ["f"], name="flat", axis=1),
+         helper.make_node("Gemm", ["f", "fc"], ["y"], name="fc")],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 6, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])], [w, fc])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])

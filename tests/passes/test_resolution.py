@@ -10,7 +10,7 @@ from apply_helpers import apply_checked, built, loaded
 from archpass.errors import RecipeError
 from archpass.passes.engine import apply_recipe_shapes
 from archpass.spatial import SpatialError, propagate_hw
-from builders import NetBuilder, nhwc_input
+from builders import NetBuilder, flatten_fc_model, nhwc_input
 
 
 def _net(flatten="flatten"):
@@ -38,23 +38,8 @@ def test_reshape_after_global_pool_is_fine():
     apply_checked(model, s, [{"pass": "resolution", "height": 40, "width": 40}])
 
 
-def _flatten_model() -> onnx.ModelProto:
-    """Conv -> Flatten of the 6x6 map -> Gemm: the Gemm fixes the spatial size."""
-    import numpy as np
-
-    w = helper.make_tensor("w", TensorProto.FLOAT, (4, 3, 3, 3), np.ones(108, np.float32).tolist())
-    fc = helper.make_tensor("fc", TensorProto.FLOAT, (144, 2), np.ones(288, np.float32).tolist())
-    g = helper.make_graph(
-        [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
-         helper.make_node("Flatten", ["c"], ["f"], name="flat", axis=1),
-         helper.make_node("Gemm", ["f", "fc"], ["y"], name="fc")],
-        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 6, 6])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])], [w, fc])
-    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-
-
 def test_refuses_flatten_of_spatial_map():
-    _, s = built(_flatten_model())
+    _, s = built(flatten_fc_model())
     with pytest.raises(RecipeError, match="Flatten 'flat'.*not fully convolutional"):
         apply_recipe_shapes(s, [{"pass": "resolution", "height": 8, "width": 8}])
 
@@ -167,7 +152,7 @@ def test_smallest_size_is_found_by_bisection():
 def test_no_site_when_the_spatial_size_is_fixed():
     from archpass.passes.base import get_pass
 
-    _, s = built(_flatten_model())
+    _, s = built(flatten_fc_model())
     assert get_pass("resolution").sites(s) == []
 
 

@@ -128,6 +128,20 @@ def test_bad_restrictions(structure, kw, words):
         Space.build(structure, parallelism=8, **kw)
 
 
+def test_resolutions_on_a_model_whose_input_size_cannot_change_say_why():
+    """--resolutions were ignored without a word on a model with no image input (a 1-D
+    network) or a fixed spatial size (a Flatten into a Linear): now one error naming why."""
+    from builders import conv1d_net, flatten_fc_model
+
+    one_d = analyze(model_from_proto(conv1d_net()))
+    with pytest.raises(SpaceError, match=r"cannot change \(the model has no 4-D image input\)"):
+        Space.build(one_d, parallelism=8, resolutions=[48, 64])
+    fixed = analyze(model_from_proto(flatten_fc_model()))
+    with pytest.raises(SpaceError, match="cannot change .*not fully convolutional"):
+        Space.build(fixed, parallelism=8, resolutions=[6, 8])
+    assert Space.build(one_d, parallelism=8).resolutions == ()  # without --resolutions, nothing to say
+
+
 def test_a_model_with_nothing_to_rewrite_says_why():
     s = analyze(model_from_proto(NetBuilder((1, 3, 8, 8)).conv(8, 3).build()))
     space = Space.build(s, parallelism=8)
