@@ -263,8 +263,8 @@ COMPUTE_OPS = frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm", "Einsum"})
 @dataclass(frozen=True)
 class Compute:
     """A node that multiply-accumulates but is not a layer archpass rewrites or the cost
-    model times as one: an N-D convolution other than 2-D (``what`` "3-D Conv"), a
-    ConvTranspose, a MatMul of two activations (attention), a conv or matmul whose
+    model times as one: a 3-D convolution (``what`` "3-D Conv"; 1-D and 2-D ones are
+    layers), a ConvTranspose, a MatMul of two activations (attention), a conv or matmul whose
     weights are computed.  Its MACs and weights come from its tensors' shapes."""
 
     node: str
