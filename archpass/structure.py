@@ -256,6 +256,11 @@ class Node:
         return default
 
 
+def macs_text(n: float) -> str:
+    """A MAC count for people: '300.8 M', or '40.70 G' from a billion on."""
+    return f"{n / 1e9:.2f} G" if n >= 1e9 else f"{n / 1e6:.1f} M"
+
+
 #: ops that multiply-accumulate; a node of these that is not a layer is "other compute"
 COMPUTE_OPS = frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm", "Einsum"})
 

@@ -9,9 +9,10 @@ import typer
 
 from archpass.cli.calibopts import (CalibOpt, ChannelOrderOpt, ImageSizeOpt, LayoutOpt, MeanOpt, SamplesOpt, StdOpt,
                                     calib_options, fidelity_line)
-from archpass.cli.common import (DebugOpt, InputShapeOpt, JsonOpt, handled, macs_text, print_json, print_table,
+from archpass.cli.common import (DebugOpt, InputShapeOpt, JsonOpt, handled, print_json, print_table,
                                  rewrites_table, stdout)
 from archpass.limits import GROWTH_LIMIT
+from archpass.structure import macs_text
 
 
 def _estimate_line(doc: dict) -> str | None:

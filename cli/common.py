@@ -49,11 +49,6 @@ def print_json(doc) -> None:
     sys.stdout.flush()
 
 
-def macs_text(n: float) -> str:
-    """A MAC count for people: '300.8 M', or '40.70 G' from a billion on."""
-    return f"{n / 1e9:.2f} G" if n >= 1e9 else f"{n / 1e6:.1f} M"
-
-
 def format_shapes(d) -> str:
     """A rewrite's before/after shape summary (a dict in the record) as one cell of a table."""
     return ", ".join(f"{k}: {v}" for k, v in d.items()) if isinstance(d, dict) else str(d or "")

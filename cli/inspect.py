@@ -8,8 +8,9 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from archpass.cli.common import (DebugOpt, InputShapeOpt, JsonOpt, handled, id_column, macs_text, print_json,
+from archpass.cli.common import (DebugOpt, InputShapeOpt, JsonOpt, handled, id_column, print_json,
                                  print_table, rewrites_table, stderr, stdout, table)
+from archpass.structure import macs_text
 
 
 def _fmt_hw(hw) -> str:

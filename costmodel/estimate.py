@@ -12,7 +12,7 @@ from archpass.costmodel.host import host_notes
 from archpass.costmodel.kernels import GENERIC_OP, LAYER_KINDS, Kernel, decompose
 from archpass.costmodel.memory import memory
 from archpass.costmodel.target import Target, load_target
-from archpass.structure import Structure
+from archpass.structure import Structure, macs_text
 
 #: the least share of a kernel's time that taking out profiler bookkeeping leaves it
 MIN_KERNEL_SHARE = 0.2
@@ -204,8 +204,7 @@ def other_compute_note(structure: Structure, t: Target) -> str | None:
     how = ("leaves them out of its latency (it times conv and gemm layers only)" if t.fusion.layers_only else
            "predicts them as generic ops from their tensor sizes, not their MACs, so its latency for them is rough")
     n = structure.other_macs
-    count = f"{n / 1e9:.3g} G" if n >= 1e9 else f"{n / 1e6:.3g} M"
-    return (f"{100 * n / total:.1f}% of the model's MACs ({count}) are "
+    return (f"{100 * n / total:.1f}% of the model's MACs ({macs_text(n)}) are "
             f"in nodes that are not layers ({what}): target {t.name} {how}; no pass rewrites them")
 
 

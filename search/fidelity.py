@@ -200,7 +200,8 @@ def fidelity(reference, candidate, data: CalibData) -> Fidelity:
     reference outputs already computed (a list of arrays); ``candidate`` a model."""
     cand = _proto(candidate)
     names = [o.name for o in cand.graph.output]
-    if isinstance(reference, (list, tuple)) and all(isinstance(r, np.ndarray) for r in reference):
+    given = isinstance(reference, (list, tuple)) and all(isinstance(r, np.ndarray) for r in reference)
+    if given:
         ref_out = list(reference)
     else:
         ref = _proto(reference)
@@ -213,8 +214,10 @@ def fidelity(reference, candidate, data: CalibData) -> Fidelity:
         raise ArchpassError(f"the models' outputs differ: {[tuple(a.shape[1:]) for a in ref_out]} vs "
                             f"{[tuple(b.shape[1:]) for b in cand_out]} per sample",
                             "compare a model with a rewrite of it")
-    return replace(compare(ref_out, cand_out, names, random_data=data.random),
-                   notes=constant_output_notes(ref_out, names))
+    fid = compare(ref_out, cand_out, names, random_data=data.random)
+    # a caller that passes the reference outputs made them once, and their notes with them
+    # (FidelityEvaluator.notes); here only when the reference was run here
+    return fid if given else replace(fid, notes=constant_output_notes(ref_out, names))
 
 
 # ---------------------------------------------------------------------------- per-candidate evaluation

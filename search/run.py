@@ -482,14 +482,16 @@ def emit(prep: Prepared, out: Outcome) -> tuple[Any, Any, Outcome, list[str]]:
             applied = apply_recipe(prep.model, recipe, structure=prep.structure)
             recovered = prep.guard.model_for(recipe) if prep.guard is not None and len(recipe) else None
             return applied, recovered, out, notes
-        except KeyboardInterrupt:
-            raise
-        except Exception as exc:  # noqa: BLE001 - an internal failure of one candidate, reported below
+        except Exception as exc:  # noqa: BLE001 - one candidate's failure, reported below (Ctrl-C is not an Exception)
             if not len(recipe) or attempt == EMIT_ATTEMPTS:
                 raise
-            what = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}".rstrip(": ")
-            notes.append(f"the best candidate (trial {out.best_trial}) could not be emitted ({what}), an archpass bug "
-                         "(please report it with the model's `archpass inspect --json`): the next best was chosen")
+            if isinstance(exc, ArchpassError):  # a refusal (e.g. an output out of proportion), not a bug
+                why = exc.line()
+            else:
+                first = str(exc).splitlines()[0][:200] if str(exc) else ""
+                why = (f"{type(exc).__name__}: {first}".rstrip(": ") + "; an archpass bug, please report it with the "
+                       "model's `archpass inspect --json`")
+            notes.append(f"the best candidate (trial {out.best_trial}) could not be emitted ({why}): the next best was chosen")
             bad.add(recipe_key(recipe))
             kept = tuple(r for r in out.records if recipe_key(r.recipe) not in bad)
             again = choose(prep, kept, storage=out.storage, interrupted=out.interrupted)

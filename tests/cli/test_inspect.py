@@ -109,7 +109,7 @@ def test_a_video_network_shows_its_whole_macs_and_what_the_latency_leaves_out(tm
 
 
 def test_macs_read_in_billions_from_a_billion_on():
-    from archpass.cli.common import macs_text
+    from archpass.structure import macs_text
 
     assert macs_text(300.8e6) == "300.8 M" and macs_text(40_696_553_472) == "40.70 G"
 

@@ -386,6 +386,24 @@ def test_a_candidate_that_cannot_be_emitted_gives_way_to_the_next(small_model, t
     assert chosen.to_json() == doc["recipe"]
 
 
+def test_a_candidate_refused_when_emitted_is_not_called_a_bug(small_model, tmp_path, monkeypatch):
+    from archpass.errors import RecipeError
+    from archpass.passes import engine
+
+    real, failed = engine.apply_recipe, []
+
+    def refusing(model, recipe, **kw):
+        if len(recipe) and not failed:
+            failed.append(recipe)
+            raise RecipeError("the output would be 5x the input's, above the limit", "use --allow-growth")
+        return real(model, recipe, **kw)
+
+    monkeypatch.setattr(engine, "apply_recipe", refusing)
+    doc = _run(small_model, tmp_path, trials=30)
+    (note,) = [n for n in doc["notes"] if "could not be emitted" in n]
+    assert "the output would be 5x the input" in note and "bug" not in note and doc["improved"]
+
+
 def test_optimize_gives_up_after_a_few_candidates_fail_to_emit(small_model, tmp_path, monkeypatch):
     from archpass.passes import engine
     from archpass.search import run
