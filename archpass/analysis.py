@@ -794,6 +794,11 @@ def analyze(model: Model | onnx.ModelProto) -> Structure:
     proto = model.proto if isinstance(model, Model) else model
     with _unexpected("the model"):
         structure = _Analyzer(proto, model.size_links if isinstance(model, Model) else ()).run()
+    tail = getattr(model, "tail", None)
+    if tail is not None:
+        from dataclasses import replace
+
+        structure = replace(structure, post_processing=tuple(tail.seeds))
     prov = read_provenance(proto)
     if prov:  # layers a pass rewrote carry its tag (see archpass.passes.base.tag)
         from dataclasses import replace

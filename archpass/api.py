@@ -107,7 +107,7 @@ def apply(
 
     from archpass.errors import RecipeError
     from archpass.io import check_output
-    from archpass.model import save_model
+    from archpass.model import save_model, source_form
     from archpass.passes.engine import apply_recipe
     from archpass.recipe import Recipe
 
@@ -142,11 +142,13 @@ def apply(
     else:
         applied = apply_recipe(model, rec, structure=structure, allow_growth=allow_growth)
         proto = applied.proto
-    notes = []
+    notes = list(model.notes)  # e.g. the post-processing set aside
+    proto = source_form(proto, model)  # the post-processing set aside, inputs without a batch axis
     if model.symbolic:  # keep what --input-shape pinned only for the analysis dynamic (archpass.dynamic)
         from archpass.dynamic import restore_dynamic_dims
 
-        proto, notes = restore_dynamic_dims(proto, model.symbolic, model.inputs, model.computed_shapes)
+        proto, restored = restore_dynamic_dims(proto, model.symbolic, model.source_inputs, model.computed_shapes)
+        notes += restored
     written = save_model(proto, dest)
     after = applied.structure
     doc = {
@@ -308,7 +310,7 @@ def optimize(
     from pathlib import Path
 
     from archpass.errors import ArchpassError
-    from archpass.model import atomic_write_text, parse_input_shapes, save_model
+    from archpass.model import atomic_write_text, parse_input_shapes, save_model, source_form
     from archpass.search import run, study as st
     from archpass.search.objective import parse_objectives
 
@@ -362,10 +364,11 @@ def optimize(
     recipe = out.best.recipe
     proto = recovered if recovered is not None else applied.proto  # post-training: recovered weights
     notes = list(model.notes) + emit_notes
+    proto = source_form(proto, model)  # the post-processing set aside, inputs without a batch axis
     if model.symbolic:  # a dynamic batch pinned by --input-shape stays dynamic, as with apply
         from archpass.dynamic import restore_dynamic_dims
 
-        proto, restored = restore_dynamic_dims(proto, model.symbolic, model.inputs, model.computed_shapes)
+        proto, restored = restore_dynamic_dims(proto, model.symbolic, model.source_inputs, model.computed_shapes)
         notes += restored
     save_model(proto, dest)
     recipe_path = dest.with_name(dest.stem + ".recipe.json")

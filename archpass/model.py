@@ -46,10 +46,21 @@ class Model:
     #: the Resize nodes whose sizes the source computed from other tensors' dims, element by
     #: element (see archpass.sizelinks): the analysis records them for the resolution pass
     size_links: tuple = ()
+    #: the data-dependent post-processing set aside (a detector's box decoding and NMS),
+    #: put back by :func:`archpass.tail.attach` on emit; see archpass.tail
+    tail: object = None
+    #: inputs without a batch axis, given one of size 1 for the analysis; see archpass.batchaxis
+    batchless: tuple[str, ...] = ()
 
     @property
     def inputs(self) -> dict[str, tuple[int, ...]]:
         return dict(self.input_shapes)
+
+    @property
+    def source_inputs(self) -> dict[str, tuple[int, ...]]:
+        """The pinned input shapes as the source reads them (without the batch axis of one
+        that archpass.batchaxis gives an input that has none)."""
+        return {k: v[1:] if k in self.batchless else v for k, v in self.input_shapes}
 
 
 # --------------------------------------------------------------------------- parsing flags
@@ -452,6 +463,15 @@ def _infer(proto: ModelProto) -> ModelProto:
 
 def _unshaped(proto: ModelProto) -> tuple[str, str] | None:
     """The first node output without a static shape, as (node, tensor)."""
+    return next(iter(_unshaped_outputs(proto)), None)
+
+
+def _unshaped_all(proto: ModelProto) -> set[str]:
+    return {t for _, t in _unshaped_outputs(proto)}
+
+
+def _unshaped_outputs(proto: ModelProto):
+    """Every node output without a static shape, as (node, tensor), in graph order."""
     known = {}
     for vi in list(proto.graph.value_info) + list(proto.graph.output) + list(proto.graph.input):
         tt = vi.type.tensor_type
@@ -462,8 +482,7 @@ def _unshaped(proto: ModelProto) -> tuple[str, str] | None:
     for n in proto.graph.node:
         for o in n.output:
             if o and o not in known:
-                return n.name or n.op_type, o
-    return None
+                yield n.name or n.op_type, o
 
 
 # Ops onnxslim leaves as they are when their inputs are not all constants: a graph made
@@ -730,6 +749,26 @@ def model_from_proto(
     work = canonicalize(work) if canonical else _infer(work)
     links = _size_links(work, source_graph) if source_graph is not None else ()
     missing = _unshaped(work)
+    tail = None
+    if missing:
+        from archpass.tail import split
+
+        tail = split(work, _unshaped_all(work), DATA_DEPENDENT_OPS)
+        if tail is not None:
+            notes.append(tail.note())
+            missing = _unshaped(work)
+    batchless = ()
+    if not missing:
+        from archpass import batchaxis
+
+        batchless = batchaxis.find(work)
+        if batchless:
+            batchaxis.wrap(work, batchless)
+            pinned = tuple((k, (1, *v) if k in batchless else v) for k, v in pinned)
+            notes.append(f"input{'s' if len(batchless) > 1 else ''} {', '.join(repr(n) for n in batchless)} "
+                         f"{'have' if len(batchless) > 1 else 'has'} no batch axis (the graph adds it): archpass "
+                         "reads one sample per run, calibration data as (N, *input shape), and the emitted model "
+                         "keeps the source's input")
     if missing:
         node, tensor = missing
         op = next((n.op_type for n in work.graph.node if n.name == node), "")
@@ -746,7 +785,22 @@ def model_from_proto(
             "pin every dynamic input with --input-shape or re-export with static shapes",
         )
     return Model(proto=work, path=path, sha256=sha256, input_shapes=pinned, notes=tuple(notes), symbolic=symbolic,
-                 computed_shapes=computed, size_links=links)
+                 computed_shapes=computed, size_links=links, tail=tail, batchless=batchless)
+
+
+def source_form(proto: ModelProto, model: Model) -> ModelProto:
+    """A rewritten ``model.proto`` with the source's interface again: inputs without a batch
+    axis read as the source read them (archpass.batchaxis), the post-processing loading set
+    aside put back (archpass.tail).  Symbolic dims are :func:`archpass.dynamic.restore_dynamic_dims`'s."""
+    if model.batchless:
+        from archpass.batchaxis import unwrap
+
+        proto = unwrap(proto, model.batchless)
+    if model.tail is not None:
+        from archpass.tail import attach
+
+        proto = attach(proto, model.tail)
+    return proto
 
 
 # --------------------------------------------------------------------------- saving

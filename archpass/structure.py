@@ -338,6 +338,9 @@ class Structure:
     tensors: Mapping[str, Tensor] = field(default_factory=dict)
     unsupported: tuple[str, ...] = ()  # op types seen that no pass can rewrite through
     notes: tuple[str, ...] = ()
+    #: the data-dependent nodes ("name (Op)") whose post-processing loading set aside
+    #: (archpass.tail): the network analyzed ends where it begins
+    post_processing: tuple[str, ...] = ()
 
     # ---------------------------------------------------------------- lookup
     def __post_init__(self):

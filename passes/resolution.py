@@ -64,6 +64,9 @@ def fixed_reason(structure: Structure) -> str | None:
     hw = structure.input_hw
     if hw is None:
         return "the model has no 4-D image input"
+    if structure.post_processing:
+        return ("its post-processing (after " + ", ".join(structure.post_processing[:2]) +
+                f"{', ...' if len(structure.post_processing) > 2 else ''}) may hold sizes computed for this input size")
     out = _propagate(structure, (GROWTH * hw[0], GROWTH * hw[1]))
     return out if isinstance(out, str) else None
 

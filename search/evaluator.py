@@ -280,12 +280,13 @@ class EvaluationStep:
     def __call__(self, trial, recipe) -> tuple[float, ...]:
         import tempfile
 
-        from archpass.model import save_model
+        from archpass.model import save_model, source_form
         from archpass.passes.engine import apply_recipe
 
         with tempfile.TemporaryDirectory(prefix="archpass-candidate-", dir=self.workdir) as tmp:
             path = Path(tmp) / f"trial{trial.number}.onnx"
-            save_model(apply_recipe(self.model, recipe).proto, path)
+            # the source's interface and post-processing: the metric may need the detections
+            save_model(source_form(apply_recipe(self.model, recipe).proto, self.model), path)
             try:
                 result = self.evaluator.run(path)
             except EvaluatorFailure as exc:

@@ -596,3 +596,60 @@ def flatten_fc_model() -> onnx.ModelProto:
         "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 6, 6])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])], [w, fc])
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def detector_model(batched: bool = True, threshold: float = 0.5) -> onnx.ModelProto:
+    """A detector exported whole: a small backbone with a class head (3 anchors) and a box
+    head, then post-processing whose shapes depend on the data: the anchors whose sigmoid
+    score passes ``threshold`` (``NonZero``) and their boxes, and an ``If`` on whether any
+    passed whose branches read the backbone's pooled features from the outer scope.
+    Outputs ``boxes`` (K, 4), ``scores`` (K,), ``summary`` (1, 32, 1, 1).  With ``batched``
+    False the input is one ``image`` (3, 32, 32), normalized and unsqueezed to a batch of
+    one inside the graph, as torchvision's detectors export."""
+    b = NetBuilder((1, 3, 32, 32), input_name="x", output_name="feat", seed=5)
+    base = b.conv(16, k=3, stride=2, act="relu").ibn(16, expand=4, act="relu6").conv(32, k=1, act="relu").build(check=False)
+    g = base.graph
+    r = np.random.default_rng(7)
+    inits = list(g.initializer) + [
+        numpy_helper.from_array((r.standard_normal((3, 32, 1, 1)) / 4).astype(np.float32), "w_cls"),
+        numpy_helper.from_array((r.standard_normal((12, 32, 1, 1)) / 4).astype(np.float32), "w_reg"),
+        numpy_helper.from_array(np.array([-1], np.int64), "flat"),
+        numpy_helper.from_array(np.array([-1, 4], np.int64), "by4"),
+        numpy_helper.from_array(np.array(threshold, np.float32), "threshold"),
+        numpy_helper.from_array(np.array([0], np.int64), "axis0"),
+        numpy_helper.from_array(np.array(0, np.int64), "zero"),
+    ]
+    then_g = helper.make_graph([helper.make_node("Identity", ["pooled"], ["kept"], name="then_id")], "then", [],
+                               [helper.make_tensor_value_info("kept", TensorProto.FLOAT, [1, 32, 1, 1])])
+    else_g = helper.make_graph([helper.make_node("Sub", ["pooled", "pooled"], ["none"], name="else_sub")], "else", [],
+                               [helper.make_tensor_value_info("none", TensorProto.FLOAT, [1, 32, 1, 1])])
+    nodes = list(g.node) + [
+        helper.make_node("Conv", ["feat", "w_cls"], ["cls"], name="head_cls"),
+        helper.make_node("Conv", ["feat", "w_reg"], ["reg"], name="head_reg"),
+        helper.make_node("GlobalAveragePool", ["feat"], ["pooled"], name="pool"),
+        helper.make_node("Reshape", ["cls", "flat"], ["cls_flat"], name="cls_flat"),
+        helper.make_node("Sigmoid", ["cls_flat"], ["prob"], name="prob"),
+        helper.make_node("Greater", ["prob", "threshold"], ["keep"], name="keep"),
+        helper.make_node("NonZero", ["keep"], ["nz"], name="nonzero"),
+        helper.make_node("Squeeze", ["nz", "axis0"], ["idx"], name="idx"),
+        helper.make_node("Gather", ["prob", "idx"], ["scores"], name="gather_scores", axis=0),
+        helper.make_node("Reshape", ["reg", "by4"], ["reg_rows"], name="reg_rows"),
+        helper.make_node("Gather", ["reg_rows", "idx"], ["boxes"], name="gather_boxes", axis=0),
+        helper.make_node("Size", ["idx"], ["count"], name="count"),
+        helper.make_node("Greater", ["count", "zero"], ["any"], name="any"),
+        helper.make_node("If", ["any"], ["summary"], name="summary", then_branch=then_g, else_branch=else_g),
+    ]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 32, 32])]
+    if not batched:
+        inits.append(numpy_helper.from_array(np.full((3, 1, 1), 0.5, np.float32), "mean"))
+        nodes = [helper.make_node("Sub", ["image", "mean"], ["centered"], name="normalize"),
+                 helper.make_node("Unsqueeze", ["centered", "axis0"], ["x"], name="add_batch")] + nodes
+        inputs = [helper.make_tensor_value_info("image", TensorProto.FLOAT, [3, 32, 32])]
+    outputs = [helper.make_tensor_value_info("boxes", TensorProto.FLOAT, ["K", 4]),
+               helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["K"]),
+               helper.make_tensor_value_info("summary", TensorProto.FLOAT, [1, 32, 1, 1])]
+    graph = helper.make_graph(nodes, "detector", inputs, outputs, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="archpass-tests")
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    return model

@@ -197,3 +197,32 @@ def test_evaluation_step_runs_only_on_promising_trials(tmp_path):
             assert convs == 16 - sum(t.params.values())
             assert t.user_attrs["constraints"] == [12 - convs]
     assert sum(t.state == TrialState.COMPLETE for t in trials) == 13
+
+
+def test_the_evaluator_gets_the_whole_model_with_its_post_processing(tmp_path):
+    """A detector's metric needs its detections: the candidate it scores has the
+    post-processing loading set aside, and the source's input without a batch axis."""
+    import onnx
+    import optuna
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from builders import detector_model
+
+    from archpass.model import load_model
+    from archpass.recipe import Recipe, Rewrite
+    from archpass.search.evaluator import EvaluationStep
+
+    src = tmp_path / "det.onnx"
+    onnx.save(detector_model(batched=False), str(src))
+    model = load_model(src)
+    code = ("import json, sys, numpy as np, onnxruntime as ort\n"
+            "s = ort.InferenceSession(sys.argv[1], providers=['CPUExecutionProvider'])\n"
+            "x = np.random.default_rng(0).standard_normal((3, 32, 32)).astype(np.float32)\n"
+            "boxes, scores, summary = s.run(None, {'image': x})\n"
+            "print(json.dumps({'detections': len(scores), 'outputs': len(s.get_outputs())}))")
+    step = EvaluationStep(Evaluator.parse(_py(code), timeout_s=60), model, parse_min_metrics(["detections=1"]),
+                          workdir=tmp_path)
+    trial = optuna.create_study().ask()
+    assert step(trial, Recipe((Rewrite("dw_to_dense", "ibn0_dw"),))) == (1.0 - trial.user_attrs["evaluator"]["metrics"]["detections"],)
+    assert trial.user_attrs["evaluator"]["metrics"]["outputs"] == 3.0
+    assert trial.user_attrs["evaluator"]["metrics"]["detections"] > 0

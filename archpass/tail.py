@@ -1,0 +1,187 @@
+"""Set a model's data-dependent post-processing aside, and put it back on emit.
+
+A detector exported whole ends in post-processing whose shapes depend on the data: box
+decoding after a ``NonZero``, ``TopK`` over a computed count, ``NonMaxSuppression``,
+``RoiAlign`` over the proposals it kept, a ``Loop``.  Analysis, the passes and the cost
+model need static shapes, and that part is not what a rewrite targets anyway.
+:func:`split` cuts the canonical model at the first nodes whose output shape depends on
+the data (and everything they feed): the network before them is the model archpass
+analyzes, rewrites, scores and compares (its outputs are the tensors the post-processing
+reads, the *frontier*), and the rest is kept as a :class:`Tail`.  :func:`attach` puts the
+tail back after the (rewritten) network, so an emitted model computes what the source
+did, with the source's outputs.
+
+The frontier keeps its names and shapes through every rewrite: the analysis fixes the
+channels of the groups that feed a model output, and the resolution pass is off (the
+tail may hold sizes folded at the current input size; see
+:func:`archpass.passes.resolution.fixed_reason`).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import ModelProto, NodeProto, TensorProto, ValueInfoProto
+
+from archpass.errors import ArchpassError
+
+
+@dataclass(frozen=True)
+class Tail:
+    """The post-processing :func:`split` set aside."""
+
+    nodes: tuple[NodeProto, ...] = field(repr=False)
+    initializers: tuple[TensorProto, ...] = field(repr=False)
+    #: the source's graph outputs, in order, as the (canonical) source declared them
+    outputs: tuple[ValueInfoProto, ...] = field(repr=False)
+    #: tensors of the network the tail reads (the network's outputs while it is analyzed)
+    frontier: tuple[str, ...]
+    #: the first nodes whose output shape depends on the data, as "name (Op)"
+    seeds: tuple[str, ...]
+
+    @property
+    def params(self) -> int:
+        return int(sum(int(np.prod(t.dims)) for t in self.initializers))
+
+    def note(self) -> str:
+        ops = Counter(n.op_type for n in self.nodes)
+        data_ops = sorted({s.rsplit("(", 1)[1].rstrip(")") for s in self.seeds})
+        top = ", ".join(f"{op} x{k}" if k > 1 else op for op, k in ops.most_common(6))
+        params = f", {self.params / 1e6:.2f} M parameters" if self.params >= 1e5 else ""
+        return (f"the post-processing after the data-dependent {', '.join(data_ops)} ({len(self.nodes)} nodes: {top}"
+                f"{', ...' if len(ops) > 6 else ''}{params}) is set aside: archpass rewrites, scores and compares the "
+                f"network before it ({len(self.frontier)} tensors feed it), leaves it out of the estimates, and puts it "
+                "back unchanged in the emitted model")
+
+
+def _subgraph_inputs(node: NodeProto) -> set[str]:
+    """The outer-scope names a node's subgraphs (If/Loop/Scan bodies) read."""
+    names: set[str] = set()
+    for a in node.attribute:
+        graphs = [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs) if a.type == onnx.AttributeProto.GRAPHS else []
+        for g in graphs:
+            local = {i.name for i in g.input} | {i.name for i in g.initializer} | {o for n in g.node for o in n.output}
+            for n in g.node:
+                names.update(i for i in list(n.input) + list(_subgraph_inputs(n)) if i and i not in local)
+            names.update(o.name for o in g.output if o.name not in local)
+    return names
+
+
+def _reads(node: NodeProto) -> set[str]:
+    return {i for i in node.input if i} | _subgraph_inputs(node)
+
+
+def split(proto: ModelProto, unshaped: set[str], data_dependent: frozenset[str]) -> Tail | None:
+    """Cut ``proto`` (canonical, shapes inferred; changed in place) before its
+    data-dependent post-processing: the nodes of a ``data_dependent`` op type with an
+    output in ``unshaped`` and everything downstream of them.  Returns the tail, or None
+    when no such node exists or nothing would be left before it."""
+    g = proto.graph
+    seeds = [n for n in g.node if n.op_type in data_dependent and any(o in unshaped for o in n.output)]
+    if not seeds:
+        return None
+    tainted: set[str] = set()
+    in_tail: list[bool] = []
+    seed_ids = {id(n) for n in seeds}
+    roots = []  # the seeds that read nothing the tail made before them
+    for n in g.node:  # topological order: a node is in the tail when it reads what the tail made
+        downstream = bool(_reads(n) & tainted)
+        t = id(n) in seed_ids or downstream
+        if id(n) in seed_ids and not downstream:
+            roots.append(n)
+        in_tail.append(t)
+        if t:
+            tainted.update(o for o in n.output if o)
+    # Constant nodes only the tail reads go with it
+    tail_reads = set().union(*(_reads(n) for n, t in zip(g.node, in_tail) if t))
+    head_reads = set().union(*(_reads(n) for n, t in zip(g.node, in_tail) if not t))
+    for i, n in enumerate(g.node):
+        if not in_tail[i] and n.op_type == "Constant" and not (set(n.output) & (head_reads | {o.name for o in g.output})):
+            in_tail[i] = True
+    head = [n for n, t in zip(g.node, in_tail) if not t]
+    tail = [n for n, t in zip(g.node, in_tail) if t]
+    if not any(n.op_type != "Constant" for n in head):
+        return None
+    inits = {i.name: i for i in g.initializer}
+    head_reads = set().union(*(_reads(n) for n in head))
+    produced = [o for n in head for o in n.output if o]
+    head_outputs = {o.name for o in g.output}
+    frontier = [o for o in produced if o in tail_reads and o not in head_outputs]
+    tail_inits = [inits[name] for name in sorted(tail_reads & inits.keys())]
+    shapes = {vi.name: vi for vi in g.value_info}
+    sources = tuple(ValueInfoProto.FromString(o.SerializeToString()) for o in g.output)
+    kept_outputs = [o for o in g.output if o.name not in tainted]
+    new_outputs = kept_outputs + [shapes[name] for name in frontier if name in shapes]
+    if len(new_outputs) != len(kept_outputs) + len(frontier):  # a frontier tensor without a shape: not ours to cut
+        return None
+    result = Tail(nodes=tuple(NodeProto.FromString(n.SerializeToString()) for n in tail),
+                  initializers=tuple(TensorProto.FromString(t.SerializeToString()) for t in tail_inits),
+                  outputs=sources, frontier=tuple(frontier), seeds=tuple(f"{n.name} ({n.op_type})" for n in roots))
+    out_copies = [ValueInfoProto.FromString(o.SerializeToString()) for o in new_outputs]
+    del g.node[:]
+    g.node.extend(head)
+    del g.output[:]
+    g.output.extend(out_copies)
+    keep = head_reads | {o.name for o in g.output}
+    kept_inits = [i for i in g.initializer if i.name in keep]
+    del g.initializer[:]
+    g.initializer.extend(kept_inits)
+    dropped = tainted | {o for n in tail for o in n.output}
+    kept_vi = [vi for vi in g.value_info if vi.name not in dropped and vi.name not in set(frontier)]
+    del g.value_info[:]
+    g.value_info.extend(kept_vi)
+    return result
+
+
+def attach(proto: ModelProto, tail: Tail | None) -> ModelProto:
+    """``proto`` (the rewritten network; not changed) followed by ``tail``: the source's
+    outputs again.  A tail initializer whose name the network now uses for another
+    tensor is renamed in the tail."""
+    if tail is None:
+        return proto
+    out = ModelProto()
+    out.CopyFrom(proto)
+    g = out.graph
+    produced = {o for n in g.node for o in n.output} | {i.name for i in g.input} | {i.name for i in g.initializer}
+    missing = [t for t in tail.frontier if t not in produced]
+    if missing:
+        raise ArchpassError(f"the rewritten network no longer computes '{missing[0]}', which the post-processing reads",
+                            "this is an archpass bug: please report it with the model")
+    inits = {i.name: i for i in g.initializer}
+    rename: dict[str, str] = {}
+    added = []
+    for t in tail.initializers:
+        have = inits.get(t.name)
+        if have is None:
+            added.append(t)
+        elif have.SerializeToString() != t.SerializeToString():
+            new = TensorProto.FromString(t.SerializeToString())
+            k = 1
+            while f"{t.name}__tail{k}" in produced:
+                k += 1
+            new.name = rename[t.name] = f"{t.name}__tail{k}"
+            added.append(new)
+    nodes = [NodeProto.FromString(n.SerializeToString()) for n in tail.nodes]
+    if rename:
+        for n in nodes:
+            _rename_inputs(n, rename)
+    g.initializer.extend(added)
+    g.node.extend(nodes)
+    del g.output[:]  # the network's outputs were the source's it computes and the frontier
+    g.output.extend(ValueInfoProto.FromString(o.SerializeToString()) for o in tail.outputs)
+    return out
+
+
+def _rename_inputs(node: NodeProto, rename: dict[str, str]) -> None:
+    for i, name in enumerate(node.input):
+        if name in rename:
+            node.input[i] = rename[name]
+    for a in node.attribute:
+        for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+            local = {i.name for i in sub.input} | {i.name for i in sub.initializer} | {o for n in sub.node for o in n.output}
+            outer = {k: v for k, v in rename.items() if k not in local}
+            for n in sub.node:
+                _rename_inputs(n, outer)
