@@ -466,6 +466,52 @@ def _unshaped(proto: ModelProto) -> tuple[str, str] | None:
     return next(iter(_unshaped_outputs(proto)), None)
 
 
+def _cut_tail(pre: ModelProto, whole: ModelProto, canonical: bool):
+    """(tail, network): the data-dependent post-processing cut from the source ``pre`` (the
+    tail stays as the source wrote it: onnxslim has rewritten a Mask R-CNN's mask-pasting
+    Loop into one that pastes a single mask) and the network before it canonicalized; or
+    the tail cut from the canonical ``whole`` model when the source's own shape inference
+    starts it earlier (fewer layers before it).  (None, whole) when nothing can be cut."""
+    from archpass import tail as tails
+
+    unshaped = _unshaped_all(whole)
+    canonical_seeds = tails.seeds(whole, unshaped, DATA_DEPENDENT_OPS)
+    wanted = tails.layers_before(whole, canonical_seeds)
+    types = {vi.name: vi for vi in list(whole.graph.value_info) + list(whole.graph.output)}
+    src_types = _source_types(pre, data_prop=True)
+    src_unshaped = {o for n in pre.graph.node for o in n.output if o and not _static(src_types.get(o))}
+    head = ModelProto()
+    head.CopyFrom(pre)
+    tail = tails.split(head, tails.seeds(pre, src_unshaped, DATA_DEPENDENT_OPS), {**src_types, **types},
+                       {t.name: t for t in whole.graph.initializer})
+    if tail is not None:
+        net = canonicalize(head) if canonical else _infer(head)
+        tail = tails.settle(net, tail)
+        have = {o for n in net.graph.node for o in n.output} | {i.name for i in net.graph.input}
+        layers = sum(n.op_type in tails.LAYER_OPS for n in net.graph.node)
+        if all(name in have for name in tail.frontier) and layers >= wanted:
+            return tail, net
+    tail = tails.split(whole, canonical_seeds, types, {})  # the canonical tail: shapes folded first
+    return tail, whole
+
+
+def _static(vi) -> bool:
+    if vi is None or not vi.type.HasField("tensor_type") or not vi.type.tensor_type.HasField("shape"):
+        return False
+    return all(d.HasField("dim_value") for d in vi.type.tensor_type.shape.dim)
+
+
+def _source_types(proto: ModelProto, data_prop: bool = False) -> dict[str, onnx.ValueInfoProto]:
+    """The element types (and shapes, where known) ONNX inference gives ``proto``'s tensors
+    before canonicalization (inferred on the weightless copy; not strict)."""
+    light, names = _weights_as_inputs(proto)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(light, data_prop=data_prop)
+    except Exception:  # noqa: BLE001 - the canonical types are the fallback
+        return {}
+    return {vi.name: vi for vi in list(inferred.graph.value_info) + list(inferred.graph.output) if vi.name not in names}
+
+
 def _unshaped_all(proto: ModelProto) -> set[str]:
     return {t for _, t in _unshaped_outputs(proto)}
 
@@ -746,15 +792,18 @@ def model_from_proto(
     if canonical:
         _check_folding(work)
     source_graph = work.graph if _computed_resize(work) else None  # canonicalize returns a new proto
+    pre = None
+    if any(n.op_type in DATA_DEPENDENT_OPS for n in work.graph.node):  # the source, should a tail be cut
+        pre = ModelProto()
+        pre.CopyFrom(work)
     work = canonicalize(work) if canonical else _infer(work)
     links = _size_links(work, source_graph) if source_graph is not None else ()
     missing = _unshaped(work)
     tail = None
-    if missing:
-        from archpass.tail import split
-
-        tail = split(work, _unshaped_all(work), DATA_DEPENDENT_OPS)
+    if missing and pre is not None:
+        tail, work = _cut_tail(pre, work, canonical)
         if tail is not None:
+            links = ()  # the resolution pass is off with a tail
             notes.append(tail.note())
             missing = _unshaped(work)
     batchless = ()

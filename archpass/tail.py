@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -47,11 +48,11 @@ class Tail:
         return int(sum(int(np.prod(t.dims)) for t in self.initializers))
 
     def note(self) -> str:
-        ops = Counter(n.op_type for n in self.nodes)
+        ops = Counter(n.op_type for n in self.nodes if n.op_type != "Constant")
         data_ops = sorted({s.rsplit("(", 1)[1].rstrip(")") for s in self.seeds})
         top = ", ".join(f"{op} x{k}" if k > 1 else op for op, k in ops.most_common(6))
         params = f", {self.params / 1e6:.2f} M parameters" if self.params >= 1e5 else ""
-        return (f"the post-processing after the data-dependent {', '.join(data_ops)} ({len(self.nodes)} nodes: {top}"
+        return (f"the post-processing after the data-dependent {', '.join(data_ops)} ({sum(ops.values())} nodes: {top}"
                 f"{', ...' if len(ops) > 6 else ''}{params}) is set aside: archpass rewrites, scores and compares the "
                 f"network before it ({len(self.frontier)} tensors feed it), leaves it out of the estimates, and puts it "
                 "back unchanged in the emitted model")
@@ -74,15 +75,41 @@ def _reads(node: NodeProto) -> set[str]:
     return {i for i in node.input if i} | _subgraph_inputs(node)
 
 
-def split(proto: ModelProto, unshaped: set[str], data_dependent: frozenset[str]) -> Tail | None:
-    """Cut ``proto`` (canonical, shapes inferred; changed in place) before its
-    data-dependent post-processing: the nodes of a ``data_dependent`` op type with an
-    output in ``unshaped`` and everything downstream of them.  Returns the tail, or None
-    when no such node exists or nothing would be left before it."""
+def seeds(proto: ModelProto, unshaped: set[str], data_dependent: frozenset[str]) -> tuple[str, ...]:
+    """The names of ``proto``'s nodes of a ``data_dependent`` op type with an output in
+    ``unshaped`` (after canonicalization and shape inference: shapes computed from other
+    shapes are folded by then)."""
+    return tuple(n.name for n in proto.graph.node if n.op_type in data_dependent and any(o in unshaped for o in n.output))
+
+
+LAYER_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
+
+
+def layers_before(proto: ModelProto, seed_names: Sequence[str]) -> int:
+    """How many layer nodes (Conv, Gemm, MatMul) of ``proto`` are not downstream of ``seed_names``."""
+    seeds, tainted, count = set(seed_names), set(), 0
+    for n in proto.graph.node:
+        if n.name in seeds or _reads(n) & tainted:
+            tainted.update(o for o in n.output if o)
+        elif n.op_type in LAYER_OPS:
+            count += 1
+    return count
+
+
+def split(proto: ModelProto, seed_names: Sequence[str], types: Mapping[str, ValueInfoProto],
+          constants: Mapping[str, TensorProto] = {}) -> Tail | None:
+    """Cut ``proto`` (the source, before canonicalization: onnxslim has rewritten a Mask
+    R-CNN's mask-pasting Loop into one that pastes a single mask; changed in place) before
+    the nodes ``seed_names`` and everything downstream of them.  ``types`` gives the value
+    info of the tensors that become the network's outputs (the frontier; shapes are
+    inferred again with the network); ``constants`` the tensors canonicalization folded
+    (they go with the tail as initializers).  Returns the tail, or None when a seed is not in
+    ``proto``, a frontier tensor has no type, or nothing would be left before it."""
     g = proto.graph
-    seeds = [n for n in g.node if n.op_type in data_dependent and any(o in unshaped for o in n.output)]
-    if not seeds:
+    by_name = {n.name: n for n in g.node}
+    if not seed_names or any(name not in by_name for name in seed_names):
         return None
+    seeds = [by_name[name] for name in seed_names]
     tainted: set[str] = set()
     in_tail: list[bool] = []
     seed_ids = {id(n) for n in seeds}
@@ -109,12 +136,22 @@ def split(proto: ModelProto, unshaped: set[str], data_dependent: frozenset[str])
     head_reads = set().union(*(_reads(n) for n in head))
     produced = [o for n in head for o in n.output if o]
     head_outputs = {o.name for o in g.output}
-    frontier = [o for o in produced if o in tail_reads and o not in head_outputs]
+    const_nodes = {n.output[0]: n for n in head if n.op_type == "Constant" and n.output}
+    read = [o for o in produced if o in tail_reads and o not in head_outputs]
+    # the tail's constants: initializers, Constant nodes' values, and tensors of the network
+    # that canonicalization folded (``constants``), as initializers of the tail
+    folded = {name: constants[name] for name in read if name in constants}
+    folded.update({name: _constant_value(const_nodes[name]) for name in read
+                   if name in const_nodes and name not in folded})
+    frontier = [o for o in read if o not in folded]
     tail_inits = [inits[name] for name in sorted(tail_reads & inits.keys())]
-    shapes = {vi.name: vi for vi in g.value_info}
+    tail_inits += [TensorProto.FromString(t.SerializeToString()) for t in folded.values() if t is not None]
+    if any(t is None for t in folded.values()):
+        return None
+    shapes = dict(types)
     sources = tuple(ValueInfoProto.FromString(o.SerializeToString()) for o in g.output)
     kept_outputs = [o for o in g.output if o.name not in tainted]
-    new_outputs = kept_outputs + [shapes[name] for name in frontier if name in shapes]
+    new_outputs = kept_outputs + [_typed(shapes[name]) for name in frontier if name in shapes]
     if len(new_outputs) != len(kept_outputs) + len(frontier):  # a frontier tensor without a shape: not ours to cut
         return None
     result = Tail(nodes=tuple(NodeProto.FromString(n.SerializeToString()) for n in tail),
@@ -134,6 +171,45 @@ def split(proto: ModelProto, unshaped: set[str], data_dependent: frozenset[str])
     del g.value_info[:]
     g.value_info.extend(kept_vi)
     return result
+
+
+def _constant_value(node: NodeProto) -> TensorProto | None:
+    """A Constant node's value as an initializer named after its output (None for a sparse one)."""
+    from onnx import numpy_helper
+
+    for a in node.attribute:
+        if a.name == "value":
+            t = TensorProto.FromString(a.t.SerializeToString())
+            t.name = node.output[0]
+            return t
+        if a.name in ("value_float", "value_floats", "value_int", "value_ints"):
+            v = onnx.helper.get_attribute_value(a)
+            dtype = np.float32 if a.name.startswith("value_float") else np.int64
+            return numpy_helper.from_array(np.array(v, dtype=dtype), node.output[0])
+    return None
+
+
+def _typed(vi: ValueInfoProto) -> ValueInfoProto:
+    """``vi``'s name and element type, no shape (inference gives it with the network)."""
+    return onnx.helper.make_tensor_value_info(vi.name, vi.type.tensor_type.elem_type, None)
+
+
+def settle(proto: ModelProto, tail: Tail) -> Tail:
+    """After the network ``proto`` (changed in place) was canonicalized: frontier tensors
+    that became constants (folded) stop being its outputs and go with the tail."""
+    g = proto.graph
+    inits = {t.name: t for t in g.initializer}
+    folded = [name for name in tail.frontier if name in inits]
+    if not folded:
+        return tail
+    keep = [o for o in g.output if o.name not in folded]
+    del g.output[:]
+    g.output.extend(keep)
+    from dataclasses import replace
+
+    return replace(tail, frontier=tuple(n for n in tail.frontier if n not in folded),
+                   initializers=tail.initializers + tuple(TensorProto.FromString(inits[n].SerializeToString())
+                                                          for n in folded))
 
 
 def attach(proto: ModelProto, tail: Tail | None) -> ModelProto:

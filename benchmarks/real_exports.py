@@ -109,6 +109,16 @@ def check_emitted(path: Path) -> None:
     sess.run(None, feeds)
 
 
+def inspect_row(src: Path, row: dict) -> dict | None:
+    """``inspect --json`` of ``src``: its exit code and time in ``row["inspect"]``; the document, or None on failure."""
+    rc, so, se, dt = cli("inspect", str(src), "--json")
+    row["inspect"] = {"exit": rc, "s": round(dt, 1)}
+    if rc:
+        row["inspect"]["error"] = last_line(se)
+        return None
+    return json.loads(so)
+
+
 MODES = {"edgetpu": ["--target", "edgetpu"], "cpu": ["--target", "cpu"],
          "ptq": ["--target", "edgetpu", "--calib", "random", "--samples", "8"]}
 
@@ -116,12 +126,10 @@ MODES = {"edgetpu": ["--target", "edgetpu"], "cpu": ["--target", "cpu"],
 def run_model(name: str, modes: list[str], trials: int, out: Path) -> dict:
     src = export(name)
     row: dict = {"model": name, "export": src.name}
-    rc, so, se, dt = cli("inspect", str(src), "--json")
-    row["inspect"] = {"exit": rc, "s": round(dt, 1)}
-    if rc:
-        row["inspect"]["error"] = last_line(se)
+    doc = inspect_row(src, row)
+    if doc is None:
         return row
-    macs = json.loads(so)["totals"]["macs"]
+    macs = doc["totals"]["macs"]
     published = MODELS[name][2]
     row["inspect"].update(gmacs=round(macs / 1e9, 3), published_gmacs=published,
                           vs_published=None if published is None else round(macs / 1e9 / published - 1, 4))

@@ -13,7 +13,7 @@ from onnx import helper, numpy_helper
 from archpass import api
 from archpass.analysis import analyze
 from archpass.cli.main import app  # noqa: E402
-from archpass.model import DATA_DEPENDENT_OPS, model_from_proto
+from archpass.model import model_from_proto
 from archpass.passes.resolution import fixed_reason
 from archpass.tail import attach, split
 from builders import detector_model, run_ort
@@ -48,13 +48,28 @@ def test_the_network_before_the_data_dependent_nodes_is_what_archpass_analyzes(d
     assert "post-processing" in fixed_reason(s)
 
 
+def test_the_tail_is_kept_as_the_source_wrote_it():
+    # canonicalization (onnxslim) rewrote a Mask R-CNN's mask-pasting Loop into one that
+    # pasted a single mask: the tail is cut from the source, not from the canonical model
+    proto = detector_model()
+    g = proto.graph
+    gather = next(n for n in g.node if n.name == "gather_scores")
+    gather.output[0] = "scores_raw"
+    g.node.append(helper.make_node("Identity", ["scores_raw"], ["scores"], name="kept_identity"))
+    m = model_from_proto(proto)
+    assert any(n.name == "kept_identity" for n in m.tail.nodes)  # onnxslim would have bypassed it
+    whole = attach(m.proto, m.tail)
+    for got, want in zip(run_ort(whole, _feeds()), run_ort(proto, _feeds())):
+        np.testing.assert_array_equal(got, want)
+
+
 def test_no_split_without_data_dependent_shapes():
     proto = detector_model()
     m = model_from_proto(proto)
     again = onnx.ModelProto()
     again.CopyFrom(m.proto)  # the network alone: all of it static
     assert model_from_proto(again).tail is None
-    assert split(again, set(), DATA_DEPENDENT_OPS) is None
+    assert split(again, (), {}) is None
 
 
 def test_attach_gives_back_the_source_model(det):
