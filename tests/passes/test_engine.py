@@ -233,6 +233,16 @@ def recipes(draw):
 def test_random_valid_recipes_give_valid_models(case):
     name, rewrites = case
     model, s = loaded(name)
+    from archpass.limits import GROWTH_LIMIT, predict_output_size
+    from archpass.model import weight_bytes
+
+    after = apply_recipe_shapes(s, rewrites)
+    if predict_output_size(weight_bytes(model.proto), s, after).growth > GROWTH_LIMIT:
+        # dense convs in place of wide late depthwise ones can grow a model past the limit:
+        # refused (with the flag to force it), never written
+        with pytest.raises(RecipeError, match="above the 16x limit.*--allow-growth"):
+            apply_recipe(model, Recipe.of(rewrites), structure=s)
+        return
     applied = apply_checked(model, s, rewrites)
     if all(r["exact"] for r in applied.rewrites):
         assert_exact(model, applied)
