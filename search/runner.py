@@ -107,7 +107,9 @@ class Runner:
             res = self._sess.run(names, self._slice(feeds, i, min(runs, i + step)))
             for p, r in zip(parts, res):
                 p.append(r)
-        return [np.concatenate(p, axis=0) if len(p) > 1 else p[0] for p in parts]
+        # a scalar output (a size the network computes for a post-processing set aside) is
+        # one value per run: stacked, as a batch of them
+        return [(np.stack(p) if p[0].ndim == 0 else np.concatenate(p, axis=0)) if len(p) > 1 else p[0] for p in parts]
 
     def _runs(self, feeds: Mapping[str, np.ndarray]) -> int:
         """How many runs of the static model ``feeds`` hold (the same for every input)."""

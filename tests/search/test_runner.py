@@ -102,3 +102,17 @@ def test_stepper_runs_each_node_once_until_invalidated(samples, batch_spelled):
     (y2,) = s.get(["y"])
     assert s.runs == 3
     np.testing.assert_allclose(y2, y, rtol=1e-6, atol=1e-6)
+
+
+def test_a_scalar_output_is_one_value_per_run():
+    # a size the network computes for a detector's post-processing (archpass.tail): 0-D per run
+    g = helper.make_graph([helper.make_node("ReduceSum", ["x"], ["total"], name="sum", keepdims=0),
+                           helper.make_node("Relu", ["x"], ["y"], name="relu")], "scalar",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                          [helper.make_tensor_value_info("total", TensorProto.FLOAT, []),
+                           helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    x = np.arange(12, dtype=np.float32).reshape(3, 4)
+    total, y = Runner(m).run({"x": x})
+    np.testing.assert_allclose(total, x.sum(axis=1))
+    assert y.shape == (3, 4)
