@@ -229,11 +229,12 @@ def attach(proto: ModelProto, tail: Tail | None) -> ModelProto:
     inits = {i.name: i for i in g.initializer}
     rename: dict[str, str] = {}
     added = []
+    computed = {o for n in g.node for o in n.output}
     for t in tail.initializers:
         have = inits.get(t.name)
-        if have is None:
+        if have is None and t.name not in computed:
             added.append(t)
-        elif have.SerializeToString() != t.SerializeToString():
+        elif have is None or have.SerializeToString() != t.SerializeToString():  # the network computes it, or holds another value
             new = TensorProto.FromString(t.SerializeToString())
             k = 1
             while f"{t.name}__tail{k}" in produced:

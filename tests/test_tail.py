@@ -138,3 +138,14 @@ def test_optimize_emits_the_whole_detector(det, tmp_path):
     assert [o.name for o in model.graph.output] == ["boxes", "scores", "summary"]
     boxes, scores, summary = run_ort(str(out), _feeds())
     assert boxes.shape == (len(scores), 4) and summary.shape == (1, 32, 1, 1)
+
+
+def test_a_tail_constant_the_network_computes_under_that_name_is_renamed(det):
+    m = model_from_proto(onnx.load(str(det)))
+    net = onnx.ModelProto()
+    net.CopyFrom(m.proto)
+    # the network now computes a tensor named like a constant the tail reads
+    net.graph.node.append(helper.make_node("Shape", ["x"], ["axis0"], name="computes_axis0", start=0, end=1))
+    whole = attach(net, m.tail)
+    onnx.checker.check_model(whole, full_check=True)
+    assert any(n.input[1] == "axis0__tail1" for n in whole.graph.node if n.name == "idx")
