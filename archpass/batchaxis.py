@@ -21,6 +21,7 @@ from onnx import ModelProto, helper, numpy_helper
 #: suffix of the tensor the Squeeze writes: the source's input as the graph reads it
 SUFFIX = "__archpass_sample"
 SQUEEZE_PREFIX = "archpass_batch_axis_"
+#: ops that read an input as a layer would (the search stops there; archpass.tail counts them)
 LAYER_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul", "Einsum", "LSTM", "GRU", "RNN", "Attention"})
 #: ops that keep their first input's shape for the element-wise path from the input
 ELEMENTWISE = frozenset({"Sub", "Div", "Mul", "Add", "Cast", "Identity", "Clip", "Relu", "Neg", "Abs", "Sqrt",
@@ -36,12 +37,13 @@ def _shapes(proto: ModelProto) -> dict[str, tuple]:
     return out
 
 
-def _axes(node, consts: dict[str, np.ndarray]) -> tuple[int, ...] | None:
+def _axes(node, inits: dict[str, onnx.TensorProto]) -> tuple[int, ...] | None:
+    """An Unsqueeze's axes (attribute before opset 13, initializer input after)."""
     for a in node.attribute:
         if a.name == "axes":
             return tuple(a.ints)
-    if len(node.input) > 1 and node.input[1] in consts:
-        return tuple(int(x) for x in np.atleast_1d(consts[node.input[1]]))
+    if len(node.input) > 1 and node.input[1] in inits:
+        return tuple(int(x) for x in np.atleast_1d(numpy_helper.to_array(inits[node.input[1]])))
     return None
 
 
@@ -50,12 +52,11 @@ def find(proto: ModelProto) -> tuple[str, ...]:
     ``Reshape`` to ``(1, *shape)``) after element-wise ops only, before any layer reads them."""
     g = proto.graph
     shapes = _shapes(proto)
-    consts = {t.name: numpy_helper.to_array(t) for t in g.initializer}
+    inits = {t.name: t for t in g.initializer}  # read only for an Unsqueeze's axes: no weight is converted
     consumers: dict[str, list] = {}
     for n in g.node:
         for i in n.input:
             consumers.setdefault(i, []).append(n)
-    inits = {t.name for t in g.initializer}
     found = []
     for vi in g.input:
         if vi.name in inits:
@@ -71,7 +72,7 @@ def find(proto: ModelProto) -> tuple[str, ...]:
                     layer = True
                     break
                 out = n.output[0] if n.output else ""
-                if n.op_type == "Unsqueeze" and (_axes(n, consts) or ()) in ((0,), (-len(shape) - 1,)):
+                if n.op_type == "Unsqueeze" and (_axes(n, inits) or ()) in ((0,), (-len(shape) - 1,)):
                     batchless = True
                 elif n.op_type == "Reshape" and shapes.get(out) == (1, *shape):
                     batchless = True
@@ -138,7 +139,10 @@ def unwrap(proto: ModelProto, names: tuple[str, ...]) -> ModelProto:
     kept = [n for n in g.node if n.name not in drop]
     del g.node[:]
     g.node.extend(kept)
-    _rename_reads(g, back)
+    from archpass.tail import rename_reads
+
+    for node in g.node:
+        rename_reads(node, back)
     axes = {SQUEEZE_PREFIX + n + "_axes" for n in names}
     inits = [t for t in g.initializer if t.name not in axes]
     del g.initializer[:]
@@ -157,13 +161,3 @@ def unwrap(proto: ModelProto, names: tuple[str, ...]) -> ModelProto:
     return out
 
 
-def _rename_reads(graph, rename: dict[str, str]) -> None:
-    """Rename the tensors ``graph``'s nodes read (in subgraphs too, unless shadowed)."""
-    for n in graph.node:
-        for i, x in enumerate(n.input):
-            if x in rename:
-                n.input[i] = rename[x]
-        for a in n.attribute:
-            for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
-                local = {i.name for i in sub.input} | {o for m in sub.node for o in m.output}
-                _rename_reads(sub, {k: v for k, v in rename.items() if k not in local})

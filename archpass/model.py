@@ -488,7 +488,7 @@ def _cut_tail(pre: ModelProto, whole: ModelProto, canonical: bool):
         net = canonicalize(head) if canonical else _infer(head)
         tail = tails.settle(net, tail)
         have = {o for n in net.graph.node for o in n.output} | {i.name for i in net.graph.input}
-        layers = sum(n.op_type in tails.LAYER_OPS for n in net.graph.node)
+        layers = sum(n.op_type in tails.LAYER_OPS for n in net.graph.node)  # the same set layers_before counts
         if all(name in have for name in tail.frontier) and layers >= wanted:
             return tail, net
     tail = tails.split(whole, canonical_seeds, types, {})  # the canonical tail: shapes folded first

@@ -4,8 +4,9 @@ A detector exported whole ends in post-processing whose shapes depend on the dat
 decoding after a ``NonZero``, ``TopK`` over a computed count, ``NonMaxSuppression``,
 ``RoiAlign`` over the proposals it kept, a ``Loop``.  Analysis, the passes and the cost
 model need static shapes, and that part is not what a rewrite targets anyway.
-:func:`split` cuts the canonical model at the first nodes whose output shape depends on
-the data (and everything they feed): the network before them is the model archpass
+:func:`split` cuts the graph at the first nodes whose output shape depends on the data
+(and everything they feed); loading (``archpass.model._cut_tail``) cuts the source as
+written and canonicalizes only the network before them, which is the model archpass
 analyzes, rewrites, scores and compares (its outputs are the tensors the post-processing
 reads, the *frontier*), and the rest is kept as a :class:`Tail`.  :func:`attach` puts the
 tail back after the (rewritten) network, so an emitted model computes what the source
@@ -27,6 +28,7 @@ import numpy as np
 import onnx
 from onnx import ModelProto, NodeProto, TensorProto, ValueInfoProto
 
+from archpass.batchaxis import LAYER_OPS
 from archpass.errors import ArchpassError
 
 
@@ -82,16 +84,13 @@ def seeds(proto: ModelProto, unshaped: set[str], data_dependent: frozenset[str])
     return tuple(n.name for n in proto.graph.node if n.op_type in data_dependent and any(o in unshaped for o in n.output))
 
 
-LAYER_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
-
-
 def layers_before(proto: ModelProto, seed_names: Sequence[str]) -> int:
-    """How many layer nodes (Conv, Gemm, MatMul) of ``proto`` are not downstream of ``seed_names``."""
+    """How many layer nodes (Conv, Gemm, MatMul, ...) of ``proto`` are not downstream of ``seed_names``."""
     seeds, tainted, count = set(seed_names), set(), 0
     for n in proto.graph.node:
         if n.name in seeds or _reads(n) & tainted:
             tainted.update(o for o in n.output if o)
-        elif n.op_type in LAYER_OPS:
+        elif n.op_type in LAYER_OPS:  # archpass.batchaxis's
             count += 1
     return count
 
@@ -244,7 +243,7 @@ def attach(proto: ModelProto, tail: Tail | None) -> ModelProto:
     nodes = [NodeProto.FromString(n.SerializeToString()) for n in tail.nodes]
     if rename:
         for n in nodes:
-            _rename_inputs(n, rename)
+            rename_reads(n, rename)
     g.initializer.extend(added)
     g.node.extend(nodes)
     del g.output[:]  # the network's outputs were the source's it computes and the frontier
@@ -252,7 +251,9 @@ def attach(proto: ModelProto, tail: Tail | None) -> ModelProto:
     return out
 
 
-def _rename_inputs(node: NodeProto, rename: dict[str, str]) -> None:
+def rename_reads(node: NodeProto, rename: Mapping[str, str]) -> None:
+    """Rename the tensors ``node`` reads, in its subgraphs too (unless a subgraph defines
+    the name itself)."""
     for i, name in enumerate(node.input):
         if name in rename:
             node.input[i] = rename[name]
@@ -261,4 +262,4 @@ def _rename_inputs(node: NodeProto, rename: dict[str, str]) -> None:
             local = {i.name for i in sub.input} | {i.name for i in sub.initializer} | {o for n in sub.node for o in n.output}
             outer = {k: v for k, v in rename.items() if k not in local}
             for n in sub.node:
-                _rename_inputs(n, outer)
+                rename_reads(n, outer)
