@@ -9,8 +9,11 @@ the Resize sizes and Reshape shapes that the source computed from its batch (and
 canonicalization folded to the pinned one) to the batch again, and keeps the result only
 when it demonstrably works: it passes the ONNX checker, runs in
 onnxruntime at the pinned sizes and at twice them, and (for a symbolic dim 0, a batch)
-the first item of a batch of two equals the output for that item alone.  Otherwise the
-model keeps static dims and the returned note says why.
+the first item of a batch of two equals the output for that item alone.  When that fails
+with spatial dims restored too (a detector's anchors or a flattened token count, computed
+from the input's height and width in the source, are folded for good by canonicalization),
+the batch alone is tried the same way.  Otherwise the model keeps static dims; the
+returned notes say which dims stayed static and why.
 """
 
 from __future__ import annotations
@@ -185,18 +188,59 @@ def restore_dynamic_dims(proto: ModelProto, source: Dims, pinned: dict[str, tupl
     restore = _restorable(proto, source, pinned)
     if not restore:
         return proto, []
-    names = ", ".join(f"{n}[{','.join(str(a) for a in sorted(ax))}]" for n, ax in restore.items()
-                      if n in {i.name for i in proto.graph.input})
+    inputs = {i.name for i in proto.graph.input}
+
+    def label(r: dict[str, dict[int, str]]) -> str:
+        return ", ".join(f"{n}[{','.join(str(a) for a in sorted(ax))}]" for n, ax in r.items() if n in inputs)
+
+    names = label(restore)
     if is_large(proto):
         return proto, [f"kept the pinned dims {names} static: models above 2 GB are not re-checked at other sizes"]
     custom = sorted({f"{n.domain}.{n.op_type}" for n in proto.graph.node if n.domain not in ("", "ai.onnx")})
     if custom:
         return proto, [f"kept the pinned dims {names} static: onnxruntime cannot run the custom-domain ops "
                        f"{', '.join(custom)} here to check other sizes"]
+    out, why = _restore(proto, restore, pinned, computed)
+    if out is not None:
+        return out, [f"kept the source's dynamic dims {names} dynamic (checked in onnxruntime at two sizes)"]
+    static = [f"kept the pinned dims {names} static: the rewritten model does not run with them dynamic ({why})"]
+    # spatial dims the source computed sizes from (anchors, flattened token counts) are folded
+    # for good by canonicalization; the batch alone may still be restorable
+    batch = _batch_only(restore)
+    if batch and batch != restore:
+        out, _ = _restore(proto, batch, pinned, computed)
+        if out is not None:
+            rest = {n: {a: s for a, s in ax.items() if a not in batch.get(n, {})} for n, ax in restore.items()}
+            return out, [f"kept the source's dynamic dims {label(batch)} dynamic (checked in onnxruntime at two sizes)",
+                         f"kept the pinned dims {label({n: ax for n, ax in rest.items() if ax})} static: the rewritten "
+                         f"model does not run with them dynamic ({why})"]
+    return proto, static
+
+
+def _batch_only(restore: dict[str, dict[int, str]]) -> dict[str, dict[int, str]]:
+    """The part of ``restore`` that is a batch: dim 0 of the inputs, and the output dims
+    named by those inputs' dim-0 symbols."""
+    symbols: set[str] = set()
+    out: dict[str, dict[int, str]] = {}
+    for name, axes in restore.items():
+        if 0 in axes and not any(axes[0] == s for ax in restore.values() for a, s in ax.items() if a != 0):
+            symbols.add(axes[0])
+    for name, axes in restore.items():
+        kept = {a: s for a, s in axes.items() if s in symbols}
+        if kept:
+            out[name] = kept
+    return out
+
+
+def _restore(proto: ModelProto, restore: dict[str, dict[int, str]], pinned: dict[str, tuple[int, ...]],
+             computed: tuple[str, ...]) -> tuple[ModelProto | None, str]:
+    """``proto`` with the ``restore`` dims symbolic, checked (see the module); (None, why not)
+    when it fails."""
     batches = {pinned[n][0] for n, ax in restore.items() if n in pinned}
     relink = bool(computed) and all(set(ax) == {0} for ax in restore.values()) and len(batches) == 1
     # with the computed shapes linked to the batch first; should that fail (a Reshape whose
     # leading 1 was not the batch, say), as the folded model has them (the reason given: this one's)
+    why = ""
     for linked in ((True, False) if relink else (False,)):
         out = ModelProto()
         out.CopyFrom(proto)
@@ -213,10 +257,23 @@ def restore_dynamic_dims(proto: ModelProto, source: Dims, pinned: dict[str, tupl
             onnx.checker.check_model(out, full_check=True)
             why = _runs_at_other_sizes(proto, out, restore)
         except Exception as exc:  # noqa: BLE001 - any failure means: keep the static model
-            why = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:160]}"
+            why = _failure(exc)
         if not why:
-            return out, [f"kept the source's dynamic dims {names} dynamic (checked in onnxruntime at two sizes)"]
-    return proto, [f"kept the pinned dims {names} static: the rewritten model does not run with them dynamic ({why})"]
+            return out, ""
+        if not linked:
+            return None, why
+    return None, why
+
+
+def _failure(exc: Exception) -> str:
+    """One line on why a restored model failed: the node onnxruntime stopped at, when it says."""
+    import re
+
+    text = str(exc).strip()
+    m = re.search(r"running (\w+) node\. Name:'([^']*)'", text)
+    if m:
+        return f"onnxruntime fails in {m.group(1)} '{m.group(2)}' with the dims dynamic"
+    return f"{type(exc).__name__}: {(text.splitlines() or [''])[0][:160]}"
 
 
 def _runs_at_other_sizes(static: ModelProto, dynamic: ModelProto, restore: dict[str, dict[int, str]]) -> str | None:

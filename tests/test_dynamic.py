@@ -115,6 +115,15 @@ def _resize_head_model() -> onnx.ModelProto:
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
 
 
+def _assert_runs_at_any_batch(out) -> None:
+    """The resize-head model written to ``out`` has a dynamic batch whose items do not mix."""
+    assert _dims(out) == {"input": ["N", 3, 16, 16], "output": ["N", 2048]}
+    onnx.checker.check_model(str(out), full_check=True)
+    x = random_input((3, 3, 16, 16))
+    y3 = run_ort(str(out), {"input": x})[0]
+    np.testing.assert_allclose(y3[2:3], run_ort(str(out), {"input": x[2:3]})[0], rtol=1e-4, atol=1e-5)
+
+
 def test_shapes_the_source_computes_follow_the_batch_again(tmp_path):
     """Canonicalization folds a Resize's sizes and a Reshape's shape to the pinned batch; the
     output links them to the input's batch again (a literal batch stays, see above)."""
@@ -128,11 +137,7 @@ def test_shapes_the_source_computes_follow_the_batch_again(tmp_path):
     out = tmp_path / "o.onnx"
     doc = api.apply(p, {"rewrites": [{"pass": "channels", "site": group, "channels": 8}]}, out, ["input:1,3,16,16"])
     assert any("kept the source's dynamic dims input[0] dynamic" in n for n in doc["notes"]), doc["notes"]
-    assert _dims(out) == {"input": ["N", 3, 16, 16], "output": ["N", 2048]}
-    onnx.checker.check_model(str(out), full_check=True)
-    x = random_input((3, 3, 16, 16))
-    y3 = run_ort(str(out), {"input": x})[0]
-    np.testing.assert_allclose(y3[2:3], run_ort(str(out), {"input": x[2:3]})[0], rtol=1e-4, atol=1e-5)
+    _assert_runs_at_any_batch(out)
     # the folded shapes are replaced, not left behind
     o = onnx.load(str(out))
     assert {i.name for i in o.graph.initializer} <= {i for n in o.graph.node for i in n.input}
@@ -155,3 +160,21 @@ def test_real_segmentation_model_keeps_its_dynamic_batch_at_another_resolution(t
 
 def test_symbolic_dims():
     assert symbolic_dims(messy_model()) == (("input", ("N", 3, "H", "W")), ("output", ("N", 10)))
+
+
+def test_a_batch_stays_dynamic_when_the_spatial_dims_cannot(tmp_path):
+    """A dynamic (N, H, W) export whose head resizes to a fixed 16x16 and flattens by batch:
+    folded for batch 1, the emitted model cannot run at another H and W and batch with the
+    spatial dims symbolic, but it can with the batch alone (a YOLO export with dynamic=True
+    came back fully static)."""
+    src = _resize_head_model()
+    src.graph.input[0].CopyFrom(helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, "H", "W"]))
+    p = tmp_path / "seg.onnx"
+    onnx.save(src, str(p))
+    out = tmp_path / "o.onnx"
+    doc = api.apply(p, {"rewrites": []}, out, ["input:1,3,16,16"])
+    assert any("kept the source's dynamic dims input[0] dynamic" in n for n in doc["notes"]), doc["notes"]
+    assert any("kept the pinned dims input[2,3] static" in n for n in doc["notes"]), doc["notes"]
+    _assert_runs_at_any_batch(out)
+    spatial = next(n for n in doc["notes"] if "input[2,3] static" in n)
+    assert "(onnxruntime fails in Resize 'resize' with the dims dynamic)" in spatial, spatial

@@ -242,10 +242,11 @@ def test_recipe_found_on_mobilenet_v2_seeds_its_width_075_and_160_siblings(zoo_m
         args = ["optimize", str(zoo_model(sibling)), "-o", str(out), "--trials", "3", "--no-guard",
                 "--seed-recipe", str(tmp_path / "found.recipe.json"), "--seed-recipe", str(by_hand),
                 "--seed-model", str(base), "--report", str(out.parent / "report")]
-        table = runner.invoke(app, args)
-        assert table.exit_code == 0, table.output
-        assert f"{len(recipe)} of {len(recipe)} rewrites resolved" in table.stdout
-        assert "1 of 3 rewrites resolved" in table.stdout and "not resolved" in table.stdout
+        if sibling.endswith("w075"):  # the table once; each sibling's search once more, as --json
+            table = runner.invoke(app, args)
+            assert table.exit_code == 0, table.output
+            assert f"{len(recipe)} of {len(recipe)} rewrites resolved" in table.stdout
+            assert "1 of 3 rewrites resolved" in table.stdout and "not resolved" in table.stdout
         doc = json.loads(runner.invoke(app, args + ["--json"]).stdout)
         s_found, s_hand = doc["seeds"]
         assert s_found["unresolved"] == 0 and s_found["resolved"] == len(recipe)
