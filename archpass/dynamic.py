@@ -57,12 +57,15 @@ def computed_shapes(proto: ModelProto) -> tuple[str, ...]:
                  and n.input[SHAPE_INPUTS[n.op_type]] not in constants)
 
 
-def _relink_batch(proto: ModelProto, computed: tuple[str, ...], batch: int) -> int:
+def _relink_batch(proto: ModelProto, computed: tuple[str, ...], batch: int, batch_input: str,
+                  dim0: dict[str, int]) -> int:
     """In ``proto`` (changed in place), give the ``computed`` Resize/Reshape nodes whose
     folded target shape starts with ``batch`` their input's run-time batch again: Resize
     ``sizes`` becomes Concat(Shape(X)[0:1], the rest), Reshape's leading dim 0 (copy the
-    input's).  Returns how many nodes were relinked; whether that is right is what
-    :func:`_runs_at_other_sizes` then checks."""
+    input's) where the input's dim 0 (``dim0``, at the pinned size) is the batch, else
+    Concat(Shape(``batch_input``)[0:1], the rest) (a Reshape after onnxslim's Gemm over
+    (batch x tokens, C) reads a flattened dim 0).  Returns how many nodes were relinked;
+    whether that is right is what :func:`_runs_at_other_sizes` then checks."""
     from onnx import helper, numpy_helper
 
     inits = {i.name: i for i in proto.graph.initializer}
@@ -93,21 +96,22 @@ def _relink_batch(proto: ModelProto, computed: tuple[str, ...], batch: int) -> i
             nodes.append(n)
             continue
         target_name = n.input[k]
-        if n.op_type == "Reshape":
-            if any(a.name == "allowzero" and a.i for a in n.attribute):
-                nodes.append(n)
-                continue
+        if n.op_type == "Reshape" and any(a.name == "allowzero" and a.i for a in n.attribute):
+            nodes.append(n)
+            continue
+        if n.op_type == "Reshape" and dim0.get(n.input[0]) == batch:
             shape = target.astype(np.int64).copy()
             shape[0] = 0  # copy the input's dim 0
             name = fresh(f"{n.output[0]}_shape")
             proto.graph.initializer.append(numpy_helper.from_array(shape, name))
             n.input[k] = name
-        else:  # Resize: sizes = Concat(Shape(X)[0:1], the folded rest)
+        else:  # sizes/shape = Concat(Shape(X)[0:1], the folded rest); X: the input, or the model's
+            of = n.input[0] if n.op_type == "Resize" else batch_input
             dims, idx, tail, sizes = (fresh(f"{n.output[0]}_{s}") for s in ("in_shape", "batch_index", "tail", "sizes"))
             proto.graph.initializer.extend([numpy_helper.from_array(np.array([0], dtype=np.int64), idx),
                                             numpy_helper.from_array(target[1:].astype(np.int64), tail)])
             batch_of = fresh(f"{n.output[0]}_batch")
-            nodes += [helper.make_node("Shape", [n.input[0]], [dims], name=fresh(f"{n.name}_shape")),
+            nodes += [helper.make_node("Shape", [of], [dims], name=fresh(f"{n.name}_shape")),
                       helper.make_node("Gather", [dims, idx], [batch_of], name=fresh(f"{n.name}_batch"), axis=0),
                       helper.make_node("Concat", [batch_of, tail], [sizes], name=fresh(f"{n.name}_sizes"), axis=0)]
             n.input[k] = sizes
@@ -123,6 +127,27 @@ def _relink_batch(proto: ModelProto, computed: tuple[str, ...], batch: int) -> i
     del proto.graph.node[:]
     proto.graph.node.extend(nodes)
     return relinked
+
+
+def _dims0(proto: ModelProto, computed: tuple[str, ...]) -> dict[str, int]:
+    """Dim 0 of every tensor of the static ``proto`` (inferred when its value_info does not
+    have the inputs of the ``computed`` nodes)."""
+    def table(m: ModelProto) -> dict[str, int]:
+        out = {}
+        for vi in list(m.graph.input) + list(m.graph.value_info) + list(m.graph.output):
+            dims = vi.type.tensor_type.shape.dim
+            if dims and dims[0].HasField("dim_value"):
+                out[vi.name] = dims[0].dim_value
+        return out
+
+    have = table(proto)
+    wanted = set(computed)
+    if all(n.input[0] in have for n in proto.graph.node if n.output and n.output[0] in wanted and n.input):
+        return have
+    try:
+        return table(onnx.shape_inference.infer_shapes(proto))
+    except Exception:  # noqa: BLE001 - without shapes every Reshape takes the model's batch
+        return have
 
 
 def _restorable(proto: ModelProto, source: Dims, pinned: dict[str, tuple[int, ...]]) -> dict[str, dict[int, str]]:
@@ -251,7 +276,8 @@ def _restore(proto: ModelProto, restore: dict[str, dict[int, str]], pinned: dict
                 d.dim_param = sym
         del out.graph.value_info[:]  # intermediate shapes were inferred at the pinned size
         if linked:
-            _relink_batch(out, computed, next(iter(batches)))
+            _relink_batch(out, computed, next(iter(batches)), next(n for n in restore if n in pinned),
+                          _dims0(proto, computed))
         try:
             out = onnx.shape_inference.infer_shapes(out, check_type=True)
             onnx.checker.check_model(out, full_check=True)

@@ -118,7 +118,11 @@ def resize_shapes(structure: Structure, sizes: Mapping[str, int]) -> Structure:
             layers.append(l)
             continue
         cin = sum(gsize[g] for g in l.in_groups) if l.in_groups else l.cin
-        cout = gsize[l.out_group] if l.out_group else l.cout
+        # a depthwise conv's output carries its input's segments: after a Concat of one group
+        # with itself (GhostNet's primary and cheap halves), twice that group
+        out_t = structure.tensors.get(l.output)
+        cout = (sum(gsize[g] for g in out_t.segments) if out_t is not None and len(out_t.segments) > 1
+                else gsize[l.out_group] if l.out_group else l.cout)
         new_l = replace(l, cin=cin, cout=cout, groups=cin if l.depthwise else l.groups)
         layers.append(new_l)
         w = tensors.get(l.weight) if l.weight else None

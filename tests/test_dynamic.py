@@ -178,3 +178,53 @@ def test_a_batch_stays_dynamic_when_the_spatial_dims_cannot(tmp_path):
     _assert_runs_at_any_batch(out)
     spatial = next(n for n in doc["notes"] if "input[2,3] static" in n)
     assert "(onnxruntime fails in Resize 'resize' with the dims dynamic)" in spatial, spatial
+
+
+def _token_model() -> onnx.ModelProto:
+    """Tokens through a linear layer, then split into heads by a Reshape the source computes
+    from the batch: Conv -> Reshape(Concat(Shape[0], [16, -1])) -> Transpose -> MatMul + Add
+    -> Reshape(Concat(Shape[0], [16, 2, 12])) -> ReduceMean.  onnxslim makes the MatMul a
+    Gemm over (N x 16 tokens, C), and merges the Reshape back with the heads' one, so that
+    Reshape's input has dim 0 N x 16, not the batch (timm's EfficientFormer)."""
+    rng = np.random.default_rng(4)
+
+    def t(name, arr):
+        return helper.make_tensor(name, TensorProto.INT64 if arr.dtype == np.int64 else TensorProto.FLOAT,
+                                  arr.shape, arr.ravel().tolist())
+
+    inits = [t("w1", rng.standard_normal((16, 3, 3, 3)).astype(np.float32)),
+             t("wq", rng.standard_normal((16, 24)).astype(np.float32)),
+             t("bq", rng.standard_normal(24).astype(np.float32)),
+             t("i0", np.array([0], dtype=np.int64)),
+             t("flat_rest", np.array([16, -1], dtype=np.int64)),
+             t("heads_rest", np.array([16, 2, 12], dtype=np.int64))]
+    nodes = [helper.make_node("Conv", ["input", "w1"], ["c1"], name="conv1", pads=[1, 1, 1, 1], strides=[2, 2]),
+             helper.make_node("Relu", ["c1"], ["r1"], name="relu1")]
+    for x, rest, out, k in (("r1", "flat_rest", "tok", 1), ("q", "heads_rest", "heads", 2)):
+        if k == 2:
+            nodes += [helper.make_node("Transpose", ["tok"], ["tokT"], name="tokT", perm=[0, 2, 1]),
+                      helper.make_node("MatMul", ["tokT", "wq"], ["q0"], name="qkv"),
+                      helper.make_node("Add", ["q0", "bq"], ["q"], name="qkv_bias")]
+        nodes += [helper.make_node("Shape", [x], [f"s{k}"], name=f"shape{k}"),
+                  helper.make_node("Gather", [f"s{k}", "i0"], [f"b{k}"], name=f"batch{k}", axis=0),
+                  helper.make_node("Concat", [f"b{k}", rest], [f"shape_{out}"], name=f"shape_{out}", axis=0),
+                  helper.make_node("Reshape", [x, f"shape_{out}"], [out], name=f"reshape_{out}")]
+    nodes.append(helper.make_node("ReduceMean", ["heads"], ["output"], name="pool", axes=[1, 3], keepdims=0))
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                          [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", 2])], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_a_reshape_after_a_flattened_gemm_takes_the_models_batch(tmp_path):
+    """The Reshape canonicalization leaves after a Gemm over flattened tokens reads dim 0
+    N x tokens: its batch is the model input's, not its input's dim 0 (0 in the shape)."""
+    p = tmp_path / "tok.onnx"
+    onnx.save(_token_model(), str(p))
+    out = tmp_path / "o.onnx"
+    doc = api.apply(p, {"rewrites": []}, out, ["input:1,3,8,8"])
+    assert any("kept the source's dynamic dims input[0] dynamic" in n for n in doc["notes"]), doc["notes"]
+    assert _dims(out) == {"input": ["N", 3, 8, 8], "output": ["N", 2]}
+    x = random_input((3, 3, 8, 8))
+    y3 = run_ort(str(out), {"input": x})[0]
+    np.testing.assert_allclose(y3[1:2], run_ort(str(out), {"input": x[1:2]})[0], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(y3, run_ort(str(p), {"input": x})[0], rtol=1e-4, atol=1e-5)

@@ -277,3 +277,27 @@ def test_a_computed_gemm_c_is_refused_not_left_behind():
     g = s.layer("fc1").out_group
     with pytest.raises(RecipeError, match="Gemm 'fc1' has a non-constant input 2"):
         resize_graph(gs.import_onnx(model.proto), s, {g: 12}, "channels", g)
+
+
+@pytest.mark.parametrize("channels", [8, 32], ids=["down", "up"])
+def test_depthwise_conv_over_a_group_concatenated_with_itself(channels):
+    """GhostNet's ghost module: a 1x1 conv, a depthwise conv of its output, both
+    concatenated (one group twice), then a stride-2 depthwise conv over the concatenation.
+    That conv's output channels are twice the group's (the shape path gave it the group's
+    once, and timm's ghostnet_100 failed every width multiplier at emit)."""
+    from resize_helpers import assert_same_function, assert_shapes_agree, outputs, rewrite_one
+
+    b = NetBuilder((1, 3, 16, 16), seed=5).conv(16, 3, 2, act="relu").conv(24, 1, act="relu")
+    b.concat(lambda b: None, lambda b: b.dw(3, act="relu"))
+    m, s = built(b.dw(3, stride=2, act=None).conv(16, 1, act=None).head(10).build())
+    dw = next(l for l in s.layers if l.depthwise and l.stride == (2, 2))
+    group = dw.in_groups[0]
+    assert dw.in_groups == (group, group) and dw.cout == 48
+    r = rewrite_one(m, s, "channels", group, {"channels": channels})
+    new = assert_shapes_agree(r.shapes.structure, r.proto)
+    assert next(l for l in new.layers if l.id == dw.id).cout == 2 * channels
+    if channels > 24:
+        assert r.exact
+        assert_same_function(m.proto, r.proto, s)
+    else:
+        outputs(r.proto, s)
