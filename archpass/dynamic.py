@@ -58,13 +58,15 @@ def computed_shapes(proto: ModelProto) -> tuple[str, ...]:
 
 
 def _relink_batch(proto: ModelProto, computed: tuple[str, ...], batch: int, batch_input: str,
-                  dim0: dict[str, int]) -> int:
+                  shapes: dict[str, tuple[int, ...]]) -> int:
     """In ``proto`` (changed in place), give the ``computed`` Resize/Reshape nodes whose
     folded target shape starts with ``batch`` their input's run-time batch again: Resize
     ``sizes`` becomes Concat(Shape(X)[0:1], the rest), Reshape's leading dim 0 (copy the
-    input's) where the input's dim 0 (``dim0``, at the pinned size) is the batch, else
+    input's) where the input's dim 0 (``shapes``: at the pinned size) is the batch, else
     Concat(Shape(``batch_input``)[0:1], the rest) (a Reshape after onnxslim's Gemm over
-    (batch x tokens, C) reads a flattened dim 0).  Returns how many nodes were relinked;
+    (batch x tokens, C) reads a flattened dim 0); a Reshape whose dim 0 is not the batch
+    but holds it (N x C x patches) gets -1 there and its other dims as the pinned output has
+    them.  Returns how many nodes were relinked;
     whether that is right is what :func:`_runs_at_other_sizes` then checks."""
     from onnx import helper, numpy_helper
 
@@ -92,14 +94,25 @@ def _relink_batch(proto: ModelProto, computed: tuple[str, ...], batch: int, batc
     for n in proto.graph.node:
         k = SHAPE_INPUTS.get(n.op_type)
         target = value(n.input[k]) if k is not None and n.output and n.output[0] in wanted and len(n.input) > k else None
-        if target is None or target.ndim != 1 or len(target) < 1 or int(target[0]) != batch:
+        if target is None or target.ndim != 1 or len(target) < 1:
             nodes.append(n)
             continue
         target_name = n.input[k]
         if n.op_type == "Reshape" and any(a.name == "allowzero" and a.i for a in n.attribute):
             nodes.append(n)
             continue
-        if n.op_type == "Reshape" and dim0.get(n.input[0]) == batch:
+        if int(target[0]) != batch:
+            static = shapes.get(n.output[0])
+            if n.op_type != "Reshape" or not static or len(static) != len(target) or min(static) < 1:
+                nodes.append(n)
+                continue
+            # a batch folded into dim 0 (MobileViT's unfold to (N x C x patches, ...)): -1 there
+            # keeps it, the other dims as the pinned model has them
+            shape = np.array([-1, *static[1:]], dtype=np.int64)
+            name = fresh(f"{n.output[0]}_shape")
+            proto.graph.initializer.append(numpy_helper.from_array(shape, name))
+            n.input[k] = name
+        elif n.op_type == "Reshape" and shapes.get(n.input[0], (None,))[:1] == (batch,):
             shape = target.astype(np.int64).copy()
             shape[0] = 0  # copy the input's dim 0
             name = fresh(f"{n.output[0]}_shape")
@@ -129,20 +142,21 @@ def _relink_batch(proto: ModelProto, computed: tuple[str, ...], batch: int, batc
     return relinked
 
 
-def _dims0(proto: ModelProto, computed: tuple[str, ...]) -> dict[str, int]:
-    """Dim 0 of every tensor of the static ``proto`` (inferred when its value_info does not
-    have the inputs of the ``computed`` nodes)."""
-    def table(m: ModelProto) -> dict[str, int]:
+def _static_shapes(proto: ModelProto, computed: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
+    """The static shape of every tensor of the static ``proto`` (inferred when its value_info
+    does not have the inputs and outputs of the ``computed`` nodes)."""
+    def table(m: ModelProto) -> dict[str, tuple[int, ...]]:
         out = {}
         for vi in list(m.graph.input) + list(m.graph.value_info) + list(m.graph.output):
             dims = vi.type.tensor_type.shape.dim
-            if dims and dims[0].HasField("dim_value"):
-                out[vi.name] = dims[0].dim_value
+            if dims and all(d.HasField("dim_value") for d in dims):
+                out[vi.name] = tuple(d.dim_value for d in dims)
         return out
 
     have = table(proto)
     wanted = set(computed)
-    if all(n.input[0] in have for n in proto.graph.node if n.output and n.output[0] in wanted and n.input):
+    if all(n.input[0] in have and n.output[0] in have
+           for n in proto.graph.node if n.output and n.output[0] in wanted and n.input):
         return have
     try:
         return table(onnx.shape_inference.infer_shapes(proto))
@@ -277,7 +291,7 @@ def _restore(proto: ModelProto, restore: dict[str, dict[int, str]], pinned: dict
         del out.graph.value_info[:]  # intermediate shapes were inferred at the pinned size
         if linked:
             _relink_batch(out, computed, next(iter(batches)), next(n for n in restore if n in pinned),
-                          _dims0(proto, computed))
+                          _static_shapes(proto, computed))
         try:
             out = onnx.shape_inference.infer_shapes(out, check_type=True)
             onnx.checker.check_model(out, full_check=True)

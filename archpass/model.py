@@ -41,7 +41,8 @@ class Model:
     #: the source's inputs/outputs with symbolic dims, as declared (see archpass.dynamic)
     symbolic: tuple[tuple[str, tuple[int | str | None, ...]], ...] = ()
     #: Resize/Reshape nodes whose target shape the source computed at run time (from a
-    #: Shape) and canonicalization folded to the pinned sizes (see archpass.dynamic)
+    #: Shape) and canonicalization folded to the pinned sizes, and the Reshapes
+    #: canonicalization wrote itself (see archpass.dynamic)
     computed_shapes: tuple[str, ...] = ()
     #: the Resize nodes whose sizes the source computed from other tensors' dims, element by
     #: element (see archpass.sizelinks): the analysis records them for the resolution pass
@@ -796,7 +797,13 @@ def model_from_proto(
     if any(n.op_type in DATA_DEPENDENT_OPS for n in work.graph.node):  # the source, should a tail be cut
         pre = ModelProto()
         pre.CopyFrom(work)
+    reshaped = {n.output[0] for n in work.graph.node if n.op_type == "Reshape" and n.output}
     work = canonicalize(work) if canonical else _infer(work)
+    if symbolic:  # Reshapes canonicalization wrote (onnxslim's MatMul -> Gemm over flattened rows, a
+        # Flatten as a Reshape) spell the pinned batch as a literal: relinkable like the source's computed ones
+        computed += tuple(n.output[0] for n in work.graph.node
+                          if n.op_type == "Reshape" and n.output and n.output[0] not in reshaped
+                          and n.output[0] not in computed)
     links = _size_links(work, source_graph) if source_graph is not None else ()
     missing = _unshaped(work)
     tail = None

@@ -180,12 +180,14 @@ def test_a_batch_stays_dynamic_when_the_spatial_dims_cannot(tmp_path):
     assert "(onnxruntime fails in Resize 'resize' with the dims dynamic)" in spatial, spatial
 
 
-def _token_model() -> onnx.ModelProto:
+def _token_model(heads: bool = True) -> onnx.ModelProto:
     """Tokens through a linear layer, then split into heads by a Reshape the source computes
     from the batch: Conv -> Reshape(Concat(Shape[0], [16, -1])) -> Transpose -> MatMul + Add
     -> Reshape(Concat(Shape[0], [16, 2, 12])) -> ReduceMean.  onnxslim makes the MatMul a
     Gemm over (N x 16 tokens, C), and merges the Reshape back with the heads' one, so that
-    Reshape's input has dim 0 N x 16, not the batch (timm's EfficientFormer)."""
+    Reshape's input has dim 0 N x 16, not the batch (timm's EfficientFormer).  Without
+    ``heads``, the MatMul's output is pooled over the tokens: the Reshape back from the
+    Gemm's rows is onnxslim's own, with the pinned batch as a literal (timm's EdgeNeXt)."""
     rng = np.random.default_rng(4)
 
     def t(name, arr):
@@ -205,26 +207,59 @@ def _token_model() -> onnx.ModelProto:
             nodes += [helper.make_node("Transpose", ["tok"], ["tokT"], name="tokT", perm=[0, 2, 1]),
                       helper.make_node("MatMul", ["tokT", "wq"], ["q0"], name="qkv"),
                       helper.make_node("Add", ["q0", "bq"], ["q"], name="qkv_bias")]
+            if not heads:
+                break
         nodes += [helper.make_node("Shape", [x], [f"s{k}"], name=f"shape{k}"),
                   helper.make_node("Gather", [f"s{k}", "i0"], [f"b{k}"], name=f"batch{k}", axis=0),
                   helper.make_node("Concat", [f"b{k}", rest], [f"shape_{out}"], name=f"shape_{out}", axis=0),
                   helper.make_node("Reshape", [x, f"shape_{out}"], [out], name=f"reshape_{out}")]
-    nodes.append(helper.make_node("ReduceMean", ["heads"], ["output"], name="pool", axes=[1, 3], keepdims=0))
+    nodes.append(helper.make_node("ReduceMean", ["heads" if heads else "q"], ["output"], name="pool",
+                                  axes=[1, 3] if heads else [1], keepdims=0))
     g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 8, 8])],
-                          [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", 2])], inits)
+                          [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", 2 if heads else 24])], inits)
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
 
 
-def test_a_reshape_after_a_flattened_gemm_takes_the_models_batch(tmp_path):
+@pytest.mark.parametrize("heads", [True, False], ids=["merged-with-the-source's", "canonicalization's-own"])
+def test_a_reshape_after_a_flattened_gemm_takes_the_models_batch(tmp_path, heads):
     """The Reshape canonicalization leaves after a Gemm over flattened tokens reads dim 0
     N x tokens: its batch is the model input's, not its input's dim 0 (0 in the shape)."""
     p = tmp_path / "tok.onnx"
-    onnx.save(_token_model(), str(p))
+    onnx.save(_token_model(heads), str(p))
     out = tmp_path / "o.onnx"
     doc = api.apply(p, {"rewrites": []}, out, ["input:1,3,8,8"])
     assert any("kept the source's dynamic dims input[0] dynamic" in n for n in doc["notes"]), doc["notes"]
-    assert _dims(out) == {"input": ["N", 3, 8, 8], "output": ["N", 2]}
+    assert _dims(out) == {"input": ["N", 3, 8, 8], "output": ["N", 2 if heads else 24]}
     x = random_input((3, 3, 8, 8))
     y3 = run_ort(str(out), {"input": x})[0]
     np.testing.assert_allclose(y3[1:2], run_ort(str(out), {"input": x[1:2]})[0], rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(y3, run_ort(str(p), {"input": x})[0], rtol=1e-4, atol=1e-5)
+
+
+def test_a_batch_folded_into_dim_0_stays_dynamic(tmp_path):
+    """MobileViT unfolds patches with a Reshape to (N x C x patches, ...) computed from the
+    batch: folded at batch 1 its dim 0 is a channel count, and -1 there carries the batch."""
+    rng = np.random.default_rng(6)
+    inits = [helper.make_tensor("w", TensorProto.FLOAT, [16, 3, 3, 3], rng.standard_normal(432).astype(np.float32)),
+             helper.make_tensor("i0", TensorProto.INT64, [1], [0]),
+             helper.make_tensor("c16", TensorProto.INT64, [1], [16]),
+             helper.make_tensor("hw", TensorProto.INT64, [2], [4, 4])]
+    nodes = [helper.make_node("Conv", ["input", "w"], ["c"], name="conv", pads=[1, 1, 1, 1], strides=[2, 2]),
+             helper.make_node("Shape", ["c"], ["s"], name="shape"),
+             helper.make_node("Gather", ["s", "i0"], ["b"], name="batch", axis=0),
+             helper.make_node("Mul", ["b", "c16"], ["bc"], name="batch_x_channels"),
+             helper.make_node("Concat", ["bc", "hw"], ["unfold_shape"], name="unfold_shape", axis=0),
+             helper.make_node("Reshape", ["c", "unfold_shape"], ["unfolded"], name="unfold"),  # (N x 16, 4, 4)
+             helper.make_node("ReduceMax", ["unfolded"], ["m"], name="max", axes=[1, 2], keepdims=0),
+             helper.make_node("Concat", ["b", "c16"], ["fold_shape"], name="fold_shape", axis=0),
+             helper.make_node("Reshape", ["m", "fold_shape"], ["output"], name="fold")]  # (N, 16)
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                          [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", 16])], inits)
+    p = tmp_path / "unfold.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(p))
+    out = tmp_path / "o.onnx"
+    doc = api.apply(p, {"rewrites": []}, out, ["input:1,3,8,8"])
+    assert any("kept the source's dynamic dims input[0] dynamic" in n for n in doc["notes"]), doc["notes"]
+    assert _dims(out) == {"input": ["N", 3, 8, 8], "output": ["N", 16]}
+    x = random_input((3, 3, 8, 8))
+    np.testing.assert_allclose(run_ort(str(out), {"input": x})[0], run_ort(str(p), {"input": x})[0], rtol=1e-5, atol=1e-5)
