@@ -109,9 +109,9 @@ def check_emitted(path: Path) -> None:
     sess.run(None, feeds)
 
 
-def inspect_row(src: Path, row: dict) -> dict | None:
+def inspect_row(src: Path, row: dict, extra: tuple[str, ...] = ()) -> dict | None:
     """``inspect --json`` of ``src``: its exit code and time in ``row["inspect"]``; the document, or None on failure."""
-    rc, so, se, dt = cli("inspect", str(src), "--json")
+    rc, so, se, dt = cli("inspect", str(src), "--json", *extra)
     row["inspect"] = {"exit": rc, "s": round(dt, 1)}
     if rc:
         row["inspect"]["error"] = last_line(se)
@@ -123,19 +123,22 @@ MODES = {"edgetpu": ["--target", "edgetpu"], "cpu": ["--target", "cpu"],
          "ptq": ["--target", "edgetpu", "--calib", "random", "--samples", "8"]}
 
 
-def run_model(name: str, modes: list[str], trials: int, out: Path) -> dict:
-    src = export(name)
+def run_model(name: str, modes: list[str], trials: int, out: Path, src: Path | None = None,
+              extra: tuple[str, ...] = ()) -> dict:
+    """Every command on ``src`` (default: the torchvision export of ``name``), with ``extra``
+    arguments (``--input-shape``) for inspect, optimize and apply."""
+    src = src or export(name)
     row: dict = {"model": name, "export": src.name}
-    doc = inspect_row(src, row)
+    doc = inspect_row(src, row, extra)
     if doc is None:
         return row
     macs = doc["totals"]["macs"]
-    published = MODELS[name][2]
+    published = MODELS[name][2] if name in MODELS else None
     row["inspect"].update(gmacs=round(macs / 1e9, 3), published_gmacs=published,
                           vs_published=None if published is None else round(macs / 1e9 / published - 1, 4))
     for mode in modes:
         dest = out / f"{name}.{mode}.onnx"
-        rc, so, se, dt = cli("optimize", str(src), "-o", str(dest), "-n", str(trials), "--json", *MODES[mode])
+        rc, so, se, dt = cli("optimize", str(src), "-o", str(dest), "-n", str(trials), "--json", *MODES[mode], *extra)
         r: dict = {"exit": rc, "s": round(dt, 1)}
         row[mode] = r
         if rc:
@@ -143,40 +146,52 @@ def run_model(name: str, modes: list[str], trials: int, out: Path) -> dict:
             continue
         doc = json.loads(so)
         r["rewrites"] = len(doc.get("rewrites") or [])
+        r["improved"] = bool(doc.get("improved"))
+        if doc.get("baseline") and doc.get("optimized"):
+            r["latency_ms"] = [round(doc["baseline"]["latency_ms"], 3), round(doc["optimized"]["latency_ms"], 3)]
+        r["notes"] = [n for n in doc.get("notes", []) if "dims" in n]
         try:
             check_emitted(dest)
             r["emitted"] = "checker and onnxruntime ok"
         except Exception as exc:  # noqa: BLE001 - reported, not raised
             r["emitted"] = f"{type(exc).__name__}: {str(exc)[:200]}"
         if mode == modes[0]:
-            rc2, _, se2, _ = cli("apply", str(src), str(dest.with_suffix(".recipe.json")), "-o", str(out / f"{name}.applied.onnx"))
-            rc3, _, se3, _ = cli("inspect", str(dest))
+            rc2, _, se2, _ = cli("apply", str(src), str(dest.with_suffix(".recipe.json")), "-o",
+                                 str(out / f"{name}.applied.onnx"), *extra)
+            rc3, _, se3, _ = cli("inspect", str(dest), *extra)
             r["apply_exit"], r["inspect_emitted_exit"] = rc2, rc3
             if rc2 or rc3:
                 r["apply_error"] = last_line(se2 or se3)
     return row
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", default=",".join(MODELS))
-    ap.add_argument("--modes", default="edgetpu,cpu,ptq")
-    ap.add_argument("--trials", type=int, default=30)
+def bench_args(doc: str, models, modes: str, trials: int) -> tuple[list[str], list[str], int]:
+    """``--models`` (of ``models``), ``--modes`` (of :data:`MODES`) and ``--trials`` from the
+    command line, an unknown name refused."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--models", default=",".join(models))
+    ap.add_argument("--modes", default=modes)
+    ap.add_argument("--trials", type=int, default=trials)
     a = ap.parse_args()
-    names, modes = a.models.split(","), a.modes.split(",")
-    unknown = [n for n in names if n not in MODELS] + [m for m in modes if m not in MODES]
+    names, chosen = a.models.split(","), a.modes.split(",")
+    unknown = [n for n in names if n not in models] + [m for m in chosen if m not in MODES]
     if unknown:
         sys.exit(f"unknown model or mode: {', '.join(unknown)}")
+    return names, chosen, a.trials
+
+
+def main() -> None:
+    names, modes, trials = bench_args(__doc__, MODELS, "edgetpu,cpu,ptq", 30)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
-            row = run_model(name, modes, a.trials, Path(tmp))
+            row = run_model(name, modes, trials, Path(tmp))
             rows.append(row)
             parts = [f"{k}={v['exit']}" + (f" ({v['s']}s)" if "s" in v else "") for k, v in row.items() if isinstance(v, dict)]
             print(f"{name:20s} {row['inspect'].get('gmacs', '-')} GMACs  " + "  ".join(parts), flush=True)
     failed = [r["model"] for r in rows if any(isinstance(v, dict) and (v.get("exit") or v.get("apply_exit") or v.get("inspect_emitted_exit")
                                                                        or "ok" not in v.get("emitted", "ok")) for v in r.values())]
-    path = write_results("real_exports", {"exporter": "torch.onnx.export default (dynamo)", "trials": a.trials,
+    path = write_results("real_exports", {"exporter": "torch.onnx.export default (dynamo)", "trials": trials,
                                           "modes": modes, "models": rows, "failed": failed})
     print(f"{len(rows) - len(failed)}/{len(rows)} models through every command; wrote {path}")
 
