@@ -59,8 +59,8 @@ def computed_shapes(proto: ModelProto) -> tuple[str, ...]:
 
 def _relink_batch(proto: ModelProto, computed: tuple[str, ...], batch: int, batch_input: str,
                   shapes: dict[str, tuple[int, ...]]) -> int:
-    """In ``proto`` (changed in place), give the ``computed`` Resize/Reshape nodes whose
-    folded target shape starts with ``batch`` their input's run-time batch again: Resize
+    """In ``proto`` (changed in place), give the ``computed`` Resize/Reshape nodes their
+    run-time batch again.  Those whose folded target shape starts with ``batch``: Resize
     ``sizes`` becomes Concat(Shape(X)[0:1], the rest), Reshape's leading dim 0 (copy the
     input's) where the input's dim 0 (``shapes``: at the pinned size) is the batch, else
     Concat(Shape(``batch_input``)[0:1], the rest) (a Reshape after onnxslim's Gemm over
@@ -300,8 +300,6 @@ def _restore(proto: ModelProto, restore: dict[str, dict[int, str]], pinned: dict
             why = _failure(exc)
         if not why:
             return out, ""
-        if not linked:
-            return None, why
     return None, why
 
 

@@ -797,7 +797,7 @@ def model_from_proto(
     if any(n.op_type in DATA_DEPENDENT_OPS for n in work.graph.node):  # the source, should a tail be cut
         pre = ModelProto()
         pre.CopyFrom(work)
-    reshaped = {n.output[0] for n in work.graph.node if n.op_type == "Reshape" and n.output}
+    reshaped = {n.output[0] for n in work.graph.node if n.op_type == "Reshape" and n.output} if symbolic else set()
     work = canonicalize(work) if canonical else _infer(work)
     if symbolic:  # Reshapes canonicalization wrote (onnxslim's MatMul -> Gemm over flattened rows, a
         # Flatten as a Reshape) spell the pinned batch as a literal: relinkable like the source's computed ones

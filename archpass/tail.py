@@ -79,8 +79,8 @@ def _reads(node: NodeProto) -> set[str]:
 
 def seeds(proto: ModelProto, unshaped: set[str], data_dependent: frozenset[str]) -> tuple[str, ...]:
     """The names of ``proto``'s nodes of a ``data_dependent`` op type with an output in
-    ``unshaped`` (after canonicalization and shape inference: shapes computed from other
-    shapes are folded by then)."""
+    ``unshaped`` (the tensors its shape inference leaves without a static shape: the
+    canonical model's, or the source's inferred with data propagation)."""
     return tuple(n.name for n in proto.graph.node if n.op_type in data_dependent and any(o in unshaped for o in n.output))
 
 
@@ -96,7 +96,7 @@ def layers_before(proto: ModelProto, seed_names: Sequence[str]) -> int:
 
 
 def split(proto: ModelProto, seed_names: Sequence[str], types: Mapping[str, ValueInfoProto],
-          constants: Mapping[str, TensorProto] = {}) -> Tail | None:
+          constants: Mapping[str, TensorProto] | None = None) -> Tail | None:
     """Cut ``proto`` (the source, before canonicalization: onnxslim has rewritten a Mask
     R-CNN's mask-pasting Loop into one that pastes a single mask; changed in place) before
     the nodes ``seed_names`` and everything downstream of them.  ``types`` gives the value
@@ -139,14 +139,15 @@ def split(proto: ModelProto, seed_names: Sequence[str], types: Mapping[str, Valu
     read = [o for o in produced if o in tail_reads and o not in head_outputs]
     # the tail's constants: initializers, Constant nodes' values, and tensors of the network
     # that canonicalization folded (``constants``), as initializers of the tail
+    constants = constants or {}
     folded = {name: constants[name] for name in read if name in constants}
     folded.update({name: _constant_value(const_nodes[name]) for name in read
                    if name in const_nodes and name not in folded})
+    if any(t is None for t in folded.values()):  # a sparse Constant: not ours to cut
+        return None
     frontier = [o for o in read if o not in folded]
     tail_inits = [inits[name] for name in sorted(tail_reads & inits.keys())]
-    tail_inits += [TensorProto.FromString(t.SerializeToString()) for t in folded.values() if t is not None]
-    if any(t is None for t in folded.values()):
-        return None
+    tail_inits += [TensorProto.FromString(t.SerializeToString()) for t in folded.values()]
     shapes = dict(types)
     sources = tuple(ValueInfoProto.FromString(o.SerializeToString()) for o in g.output)
     kept_outputs = [o for o in g.output if o.name not in tainted]
