@@ -147,7 +147,8 @@ def apply(
     if model.symbolic:  # keep what --input-shape pinned only for the analysis dynamic (archpass.dynamic)
         from archpass.dynamic import restore_dynamic_dims
 
-        proto, restored = restore_dynamic_dims(proto, model.symbolic, model.source_inputs, model.computed_shapes)
+        proto, restored = restore_dynamic_dims(proto, model.symbolic, model.source_inputs, model.computed_shapes,
+                                               model.shape_data)
         notes += restored
     written = save_model(proto, dest)
     after = applied.structure
@@ -368,7 +369,8 @@ def optimize(
     if model.symbolic:  # a dynamic batch pinned by --input-shape stays dynamic, as with apply
         from archpass.dynamic import restore_dynamic_dims
 
-        proto, restored = restore_dynamic_dims(proto, model.symbolic, model.source_inputs, model.computed_shapes)
+        proto, restored = restore_dynamic_dims(proto, model.symbolic, model.source_inputs, model.computed_shapes,
+                                               model.shape_data)
         notes += restored
     save_model(proto, dest)
     recipe_path = dest.with_name(dest.stem + ".recipe.json")

@@ -6,7 +6,9 @@ dynamic batch stays dynamic.  :func:`restore_dynamic_dims` sets the source's sym
 names (``"N"``, ``"batch"``...) back on the emitted model's inputs and outputs wherever
 the recipe left the pinned value unchanged, drops the now stale intermediate shapes, links
 the Resize sizes and Reshape shapes that the source computed from its batch (and
-canonicalization folded to the pinned one) to the batch again, and keeps the result only
+canonicalization folded to the pinned one) to the batch again, puts back the source's
+computation of other data it derived from its input shapes (:mod:`archpass.shapedata`:
+the Gather indices of torch's dynamo ``as_strided``), and keeps the result only
 when it demonstrably works: it passes the ONNX checker, runs in
 onnxruntime at the pinned sizes and at twice them, and (for a symbolic dim 0, a batch)
 the first item of a batch of two equals the output for that item alone.  When that fails
@@ -57,6 +59,22 @@ def computed_shapes(proto: ModelProto) -> tuple[str, ...]:
                  and n.input[SHAPE_INPUTS[n.op_type]] not in constants)
 
 
+def fresh_namer(proto: ModelProto):
+    """A function that gives ``base``, or ``base_1``, ``base_2``..., whichever no tensor,
+    initializer or node of ``proto`` (nor an earlier call) uses yet."""
+    taken = {i.name for i in proto.graph.initializer} | {o for n in proto.graph.node for o in n.output} | {
+        n.name for n in proto.graph.node}
+
+    def fresh(base: str) -> str:
+        name, k = base, 1
+        while name in taken:
+            name, k = f"{base}_{k}", k + 1
+        taken.add(name)
+        return name
+
+    return fresh
+
+
 def _relink_batch(proto: ModelProto, computed: tuple[str, ...], batch: int, batch_input: str,
                   shapes: dict[str, tuple[int, ...]]) -> int:
     """In ``proto`` (changed in place), give the ``computed`` Resize/Reshape nodes their
@@ -73,14 +91,7 @@ def _relink_batch(proto: ModelProto, computed: tuple[str, ...], batch: int, batc
     inits = {i.name: i for i in proto.graph.initializer}
     consts = {n.output[0]: n for n in proto.graph.node if n.op_type == "Constant" and n.output}
     wanted = set(computed)
-    taken = {i.name for i in proto.graph.initializer} | {o for n in proto.graph.node for o in n.output}
-
-    def fresh(base: str) -> str:
-        name, k = base, 1
-        while name in taken:
-            name, k = f"{base}_{k}", k + 1
-        taken.add(name)
-        return name
+    fresh = fresh_namer(proto)
 
     def value(name: str):
         if name in inits:
@@ -216,12 +227,13 @@ def random_feeds(proto: ModelProto, seed: int = 0, scale: dict[str, dict[int, in
 
 
 def restore_dynamic_dims(proto: ModelProto, source: Dims, pinned: dict[str, tuple[int, ...]],
-                         computed: tuple[str, ...] = ()) -> tuple[ModelProto, list[str]]:
+                         computed: tuple[str, ...] = (), data: tuple = ()) -> tuple[ModelProto, list[str]]:
     """``proto`` with the source's symbolic dims restored where that is safe (see the
     module), and notes for the user.  ``computed`` (``Model.computed_shapes``): the
     Resize/Reshape nodes whose target shape the source computed at run time; when only a
     batch is restored, those folded to the pinned batch follow the input's batch again.
-    ``proto`` itself is never modified."""
+    ``data`` (``Model.shape_data``): other inputs the source computed from its input
+    shapes, computed that way again (archpass.shapedata).  ``proto`` itself is never modified."""
     from archpass.model import is_large
 
     restore = _restorable(proto, source, pinned)
@@ -239,7 +251,7 @@ def restore_dynamic_dims(proto: ModelProto, source: Dims, pinned: dict[str, tupl
     if custom:
         return proto, [f"kept the pinned dims {names} static: onnxruntime cannot run the custom-domain ops "
                        f"{', '.join(custom)} here to check other sizes"]
-    out, why = _restore(proto, restore, pinned, computed)
+    out, why = _restore(proto, restore, pinned, computed, data)
     if out is not None:
         return out, [f"kept the source's dynamic dims {names} dynamic (checked in onnxruntime at two sizes)"]
     static = [f"kept the pinned dims {names} static: the rewritten model does not run with them dynamic ({why})"]
@@ -247,7 +259,7 @@ def restore_dynamic_dims(proto: ModelProto, source: Dims, pinned: dict[str, tupl
     # for good by canonicalization; the batch alone may still be restorable
     batch = _batch_only(restore)
     if batch and batch != restore:
-        out, _ = _restore(proto, batch, pinned, computed)
+        out, _ = _restore(proto, batch, pinned, computed, data)
         if out is not None:
             rest = {n: {a: s for a, s in ax.items() if a not in batch.get(n, {})} for n, ax in restore.items()}
             return out, [f"kept the source's dynamic dims {label(batch)} dynamic (checked in onnxruntime at two sizes)",
@@ -272,11 +284,14 @@ def _batch_only(restore: dict[str, dict[int, str]]) -> dict[str, dict[int, str]]
 
 
 def _restore(proto: ModelProto, restore: dict[str, dict[int, str]], pinned: dict[str, tuple[int, ...]],
-             computed: tuple[str, ...]) -> tuple[ModelProto | None, str]:
+             computed: tuple[str, ...], data: tuple = ()) -> tuple[ModelProto | None, str]:
     """``proto`` with the ``restore`` dims symbolic, checked (see the module); (None, why not)
     when it fails."""
+    from archpass.shapedata import relink as relink_data
+
     batches = {pinned[n][0] for n, ax in restore.items() if n in pinned}
-    relink = bool(computed) and all(set(ax) == {0} for ax in restore.values()) and len(batches) == 1
+    batch_only = all(set(ax) == {0} for ax in restore.values()) and len(batches) == 1
+    relink = (bool(computed) and batch_only) or bool(data)
     # with the computed shapes linked to the batch first; should that fail (a Reshape whose
     # leading 1 was not the batch, say), as the folded model has them (the reason given: this one's)
     why = ""
@@ -290,8 +305,10 @@ def _restore(proto: ModelProto, restore: dict[str, dict[int, str]], pinned: dict
                 d.dim_param = sym
         del out.graph.value_info[:]  # intermediate shapes were inferred at the pinned size
         if linked:
-            _relink_batch(out, computed, next(iter(batches)), next(n for n in restore if n in pinned),
-                          _static_shapes(proto, computed))
+            if computed and batch_only:
+                _relink_batch(out, computed, next(iter(batches)), next(n for n in restore if n in pinned),
+                              _static_shapes(proto, computed))
+            relink_data(out, data, proto)
         try:
             out = onnx.shape_inference.infer_shapes(out, check_type=True)
             onnx.checker.check_model(out, full_check=True)

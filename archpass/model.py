@@ -44,6 +44,9 @@ class Model:
     #: Shape) and canonicalization folded to the pinned sizes, and the Reshapes
     #: canonicalization wrote itself (see archpass.dynamic)
     computed_shapes: tuple[str, ...] = ()
+    #: other data inputs the source computes from its inputs' shapes (archpass.shapedata),
+    #: which canonicalization folds at the pinned sizes
+    shape_data: tuple = ()
     #: the Resize nodes whose sizes the source computed from other tensors' dims, element by
     #: element (see archpass.sizelinks): the analysis records them for the resolution pass
     size_links: tuple = ()
@@ -772,9 +775,11 @@ def model_from_proto(
     _check(work, path)
     declared = _custom_op_shapes(work)
     from archpass.dynamic import computed_shapes, symbolic_dims
+    from archpass.shapedata import shape_data
 
     symbolic = symbolic_dims(work)
     computed = computed_shapes(work) if symbolic else ()
+    derived = shape_data(work) if symbolic else ()
     pinned = _pin_inputs(work, {k: tuple(v) for k, v in (input_shapes or {}).items()})
     notes: list[str] = []
     if declared:
@@ -841,7 +846,7 @@ def model_from_proto(
             "pin every dynamic input with --input-shape or re-export with static shapes",
         )
     return Model(proto=work, path=path, sha256=sha256, input_shapes=pinned, notes=tuple(notes), symbolic=symbolic,
-                 computed_shapes=computed, size_links=links, tail=tail, batchless=batchless)
+                 computed_shapes=computed, shape_data=derived, size_links=links, tail=tail, batchless=batchless)
 
 
 def source_form(proto: ModelProto, model: Model) -> ModelProto:

@@ -18,6 +18,10 @@ Prints one line per model and writes ``benchmarks/results/real_exports.json``.  
 a 2-core machine, for scale only.
 
     python benchmarks/real_exports.py [--models a,b] [--modes edgetpu,cpu,ptq] [--trials 30]
+                                      [--exporter dynamo|torchscript]
+
+``--exporter torchscript`` runs the TorchScript exports with a dynamic batch instead
+(``--input-shape`` pins it) and writes ``real_exports_torchscript.json``.
 """
 
 from __future__ import annotations
@@ -88,7 +92,8 @@ def export(name: str, exporter: str = "dynamo") -> Path:
 
 def cli(*args: str, timeout: float = 3600) -> tuple[int, str, str, float]:
     t = time.perf_counter()
-    p = subprocess.run([sys.executable, "-m", "archpass", *args], capture_output=True, text=True, timeout=timeout)
+    p = subprocess.run([sys.executable, "-m", "archpass", *args], check=False, capture_output=True, text=True,
+                       timeout=timeout)
     return p.returncode, p.stdout, p.stderr, time.perf_counter() - t
 
 
@@ -165,34 +170,42 @@ def run_model(name: str, modes: list[str], trials: int, out: Path, src: Path | N
     return row
 
 
-def bench_args(doc: str, models, modes: str, trials: int) -> tuple[list[str], list[str], int]:
-    """``--models`` (of ``models``), ``--modes`` (of :data:`MODES`) and ``--trials`` from the
-    command line, an unknown name refused."""
+def bench_args(doc: str, models, modes: str, trials: int,
+               exporters: tuple[str, ...] = ("dynamo", "torchscript")) -> tuple[list[str], list[str], int, str]:
+    """``--models`` (of ``models``), ``--modes`` (of :data:`MODES`), ``--trials`` and
+    ``--exporter`` (of ``exporters``, the first the default) from the command line, an
+    unknown name refused."""
     ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("--models", default=",".join(models))
     ap.add_argument("--modes", default=modes)
     ap.add_argument("--trials", type=int, default=trials)
+    ap.add_argument("--exporter", choices=exporters, default=exporters[0])
     a = ap.parse_args()
     names, chosen = a.models.split(","), a.modes.split(",")
     unknown = [n for n in names if n not in models] + [m for m in chosen if m not in MODES]
     if unknown:
         sys.exit(f"unknown model or mode: {', '.join(unknown)}")
-    return names, chosen, a.trials
+    return names, chosen, a.trials, a.exporter
 
 
 def main() -> None:
-    names, modes, trials = bench_args(__doc__, MODELS, "edgetpu,cpu,ptq", 30)
+    names, modes, trials, exporter = bench_args(__doc__, MODELS, "edgetpu,cpu,ptq", 30)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
-            row = run_model(name, modes, trials, Path(tmp))
+            extra: tuple[str, ...] = ()
+            if exporter == "torchscript":  # its batch is dynamic: pinned as for a user
+                hw = MODELS[name][1]
+                extra = ("--input-shape", "image:1,3," + ("16," if name.startswith("video.") else "") + f"{hw},{hw}")
+            row = run_model(name, modes, trials, Path(tmp), src=export(name, exporter), extra=extra)
             rows.append(row)
             parts = [f"{k}={v['exit']}" + (f" ({v['s']}s)" if "s" in v else "") for k, v in row.items() if isinstance(v, dict)]
             print(f"{name:20s} {row['inspect'].get('gmacs', '-')} GMACs  " + "  ".join(parts), flush=True)
     failed = [r["model"] for r in rows if any(isinstance(v, dict) and (v.get("exit") or v.get("apply_exit") or v.get("inspect_emitted_exit")
                                                                        or "ok" not in v.get("emitted", "ok")) for v in r.values())]
-    path = write_results("real_exports", {"exporter": "torch.onnx.export default (dynamo)", "trials": trials,
-                                          "modes": modes, "models": rows, "failed": failed})
+    label = "torch.onnx.export default (dynamo)" if exporter == "dynamo" else "TorchScript, opset 17, dynamic batch"
+    path = write_results("real_exports" + ("" if exporter == "dynamo" else f"_{exporter}"),
+                         {"exporter": label, "trials": trials, "modes": modes, "models": rows, "failed": failed})
     print(f"{len(rows) - len(failed)}/{len(rows)} models through every command; wrote {path}")
 
 
