@@ -4,12 +4,15 @@ torch's default (dynamo) exporter writes some tensors as arithmetic on the input
 symbolic sizes: timm's ConvNeXt-V2 and EdgeNeXt heads (an ``as_strided`` after pooling)
 become a Gather whose indices are ``Range(0, batch) * C + ...`` over ``Shape(input)``.
 Canonicalization folds those at the pinned sizes, so the emitted model would gather item 0
-whatever the batch.  Reshape and Resize target shapes are relinked by
+whatever the batch; ViT's class token, expanded to ``Concat(Shape(input)[0:1], 1, 1)``,
+is folded to one copy the same way.  Reshape and Resize target shapes are relinked by
 :func:`archpass.dynamic._relink_batch`; this module covers every other data input.
 
 :func:`shape_data` records, before canonicalization, each input of a node that the source
-computes from nothing but ``Shape`` of graph inputs and constants: the consumer node, the
-input's index and the subgraph that computes it (a serialized GraphProto).  :func:`relink`
+computes from nothing but ``Shape`` of graph inputs and constants (none above
+:data:`MAX_CONSTANT` elements: a weight that large is not copied, that input stays folded
+and the batch static): the consumer node, the input's index and the subgraph that computes
+it (a serialized GraphProto).  :func:`relink`
 puts each such subgraph back in front of its consumer in an emitted model, but only where
 the consumer still reads a constant and the subgraph gives exactly that constant at the
 emitted model's (static) input sizes; :mod:`archpass.dynamic` then checks the whole model

@@ -18,10 +18,11 @@ Prints one line per model and writes ``benchmarks/results/real_exports.json``.  
 a 2-core machine, for scale only.
 
     python benchmarks/real_exports.py [--models a,b] [--modes edgetpu,cpu,ptq] [--trials 30]
-                                      [--exporter dynamo|torchscript]
+                                      [--exporter dynamo|dynamo-batch|torchscript]
 
-``--exporter torchscript`` runs the TorchScript exports with a dynamic batch instead
-(``--input-shape`` pins it) and writes ``real_exports_torchscript.json``.
+``--exporter dynamo-batch`` exports with a dynamic batch (``dynamic_shapes``), ``torchscript``
+with the TorchScript exporter and a dynamic batch; ``--input-shape`` pins it, each emitted
+model is checked for keeping it, and the figures go to ``real_exports_<exporter>.json``.
 """
 
 from __future__ import annotations
@@ -63,8 +64,9 @@ CACHE = Path(os.environ.get("ARCHPASS_BENCH_CACHE", Path.home() / ".cache" / "ar
 
 def export(name: str, exporter: str = "dynamo") -> Path:
     """The export of ``name`` (cached by name, exporter and torch/torchvision versions):
-    torch's default ``dynamo`` exporter, or the ``torchscript`` one with a dynamic batch
-    ``N``, as older pipelines still write them."""
+    torch's default ``dynamo`` exporter, the same with a dynamic batch ``N``
+    (``dynamo-batch``), or the ``torchscript`` one with a dynamic batch ``N``, as older
+    pipelines still write them."""
     import torch
     import torchvision
 
@@ -82,6 +84,9 @@ def export(name: str, exporter: str = "dynamo") -> Path:
         x = (torch.randn(1, 3, 16, hw, hw) if module == "video" else torch.randn(1, 3, hw, hw),)
         if exporter == "dynamo":
             torch.onnx.export(model, x, str(tmp_path))  # the default
+        elif exporter == "dynamo-batch":  # a batch of 2: torch.export specializes a dim traced at size 1
+            torch.onnx.export(model, (torch.cat([x[0], x[0]]),), str(tmp_path), input_names=["image"],
+                              output_names=["logits"], dynamic_shapes=({0: torch.export.Dim("N")},))
         else:
             torch.onnx.export(model, x, str(tmp_path), dynamo=False, opset_version=17, input_names=["image"],
                               output_names=["logits"], dynamic_axes={"image": {0: "N"}, "logits": {0: "N"}})
@@ -155,6 +160,9 @@ def run_model(name: str, modes: list[str], trials: int, out: Path, src: Path | N
         if doc.get("baseline") and doc.get("optimized"):
             r["latency_ms"] = [round(doc["baseline"]["latency_ms"], 3), round(doc["optimized"]["latency_ms"], 3)]
         r["notes"] = [n for n in doc.get("notes", []) if "dims" in n]
+        if extra:  # a source with a dynamic batch, pinned: did the output keep it?
+            r["dynamic_batch"] = any(n.startswith("kept the source's dynamic dims") and "[0" in n.split(" dynamic (")[0]
+                                     for n in r["notes"])
         try:
             check_emitted(dest)
             r["emitted"] = "checker and onnxruntime ok"
@@ -168,6 +176,14 @@ def run_model(name: str, modes: list[str], trials: int, out: Path, src: Path | N
             if rc2 or rc3:
                 r["apply_error"] = last_line(se2 or se3)
     return row
+
+
+def failures(rows: list[dict]) -> list[str]:
+    """The models of ``rows`` some command failed on, or whose output lost the source's dynamic batch."""
+    return [r["model"] for r in rows if any(
+        isinstance(v, dict) and (v.get("exit") or v.get("apply_exit") or v.get("inspect_emitted_exit")
+                                 or "ok" not in v.get("emitted", "ok") or v.get("dynamic_batch") is False)
+        for v in r.values())]
 
 
 def bench_args(doc: str, models, modes: str, trials: int,
@@ -189,22 +205,24 @@ def bench_args(doc: str, models, modes: str, trials: int,
 
 
 def main() -> None:
-    names, modes, trials, exporter = bench_args(__doc__, MODELS, "edgetpu,cpu,ptq", 30)
+    names, modes, trials, exporter = bench_args(__doc__, MODELS, "edgetpu,cpu,ptq", 30,
+                                                ("dynamo", "dynamo-batch", "torchscript"))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
             extra: tuple[str, ...] = ()
-            if exporter == "torchscript":  # its batch is dynamic: pinned as for a user
+            if exporter != "dynamo":  # its batch is dynamic: pinned as for a user
                 hw = MODELS[name][1]
                 extra = ("--input-shape", "image:1,3," + ("16," if name.startswith("video.") else "") + f"{hw},{hw}")
             row = run_model(name, modes, trials, Path(tmp), src=export(name, exporter), extra=extra)
             rows.append(row)
-            parts = [f"{k}={v['exit']}" + (f" ({v['s']}s)" if "s" in v else "") for k, v in row.items() if isinstance(v, dict)]
+            parts = [f"{k}={v['exit']}" + (f" ({v['s']}s)" if "s" in v else "")
+                     + (" dynamic-batch" if v.get("dynamic_batch") else "") for k, v in row.items() if isinstance(v, dict)]
             print(f"{name:20s} {row['inspect'].get('gmacs', '-')} GMACs  " + "  ".join(parts), flush=True)
-    failed = [r["model"] for r in rows if any(isinstance(v, dict) and (v.get("exit") or v.get("apply_exit") or v.get("inspect_emitted_exit")
-                                                                       or "ok" not in v.get("emitted", "ok")) for v in r.values())]
-    label = "torch.onnx.export default (dynamo)" if exporter == "dynamo" else "TorchScript, opset 17, dynamic batch"
-    path = write_results("real_exports" + ("" if exporter == "dynamo" else f"_{exporter}"),
+    failed = failures(rows)
+    label = {"dynamo": "torch.onnx.export default (dynamo)", "dynamo-batch": "dynamo, dynamic_shapes batch",
+             "torchscript": "TorchScript, opset 17, dynamic batch"}[exporter]
+    path = write_results("real_exports" + ("" if exporter == "dynamo" else f"_{exporter.replace('-', '_')}"),
                          {"exporter": label, "trials": trials, "modes": modes, "models": rows, "failed": failed})
     print(f"{len(rows) - len(failed)}/{len(rows)} models through every command; wrote {path}")
 

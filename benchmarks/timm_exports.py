@@ -15,7 +15,8 @@ with ``--input-shape`` pinning the batch; it also records whether the emitted mo
 the dynamic batch.
 
 Prints one line per model and writes ``benchmarks/results/timm_exports.json`` (with
-``--exporter dynamo``: ``timm_exports_dynamo.json``).  Needs the
+``--exporter dynamo``: ``timm_exports_dynamo.json``; with other ``--modes``, their names
+appended: ``timm_exports_dynamo_ptq.json``).  Needs the
 ``bench`` extra (torch, timm).  Wall times are of the whole command, for scale only.
 
     python benchmarks/timm_exports.py [--models a,b] [--modes edgetpu,cpu,ptq] [--trials 8]
@@ -29,7 +30,7 @@ import tempfile
 from pathlib import Path
 
 from _common import write_results
-from real_exports import CACHE, bench_args, run_model
+from real_exports import CACHE, bench_args, failures, run_model
 
 MODELS = ("mixnet_s", "ghostnet_100", "lcnet_050", "efficientnet_lite0", "tinynet_a", "rexnet_100", "mobilevit_xs",
           "fastvit_t8", "efficientformer_l1", "repvgg_a0", "mobileone_s0", "hardcorenas_a", "mobilenetv4_conv_small",
@@ -78,24 +79,19 @@ def main() -> None:
                 print(f"{name:24s} not exported: {unexported[name]}", flush=True)
                 continue
             row = run_model(name, modes, trials, Path(tmp), src=src, extra=("--input-shape", f"input:1,3,{hw},{hw}"))
-            for mode in modes:
-                r = row.get(mode)
-                if isinstance(r, dict) and not r.get("exit"):
-                    r["dynamic_batch"] = any("dynamic dims input[0] dynamic" in n for n in r.get("notes", []))
             rows.append(row)
             parts = [f"{k}={v['exit']}" + (f" ({v['s']}s)" if "s" in v else "")
                      + (f" {v['latency_ms'][0]}->{v['latency_ms'][1]} ms" if "latency_ms" in v else "")
                      + (" dynamic-batch" if v.get("dynamic_batch") else "")
                      for k, v in row.items() if isinstance(v, dict)]
             print(f"{name:24s} {row['inspect'].get('gmacs', '-')} GMACs  " + "  ".join(parts), flush=True)
-    failed = [r["model"] for r in rows if any(
-        isinstance(v, dict) and (v.get("exit") or v.get("apply_exit") or v.get("inspect_emitted_exit")
-                                 or "ok" not in v.get("emitted", "ok") or v.get("dynamic_batch") is False)
-        for v in r.values())]
+    failed = failures(rows)
     improved = {m: sum(1 for r in rows if isinstance(r.get(m), dict) and r[m].get("improved")) for m in modes}
     label = ("torch.onnx.export TorchScript, opset 17, dynamic batch" if exporter == "torchscript"
              else "torch.onnx.export default (dynamo), dynamic_shapes batch")
-    path = write_results("timm_exports" + ("" if exporter == "torchscript" else f"_{exporter}"),
+    # one file per exporter and, beyond the default edgetpu, per set of modes
+    path = write_results("timm_exports" + ("" if exporter == "torchscript" else f"_{exporter}")
+                         + ("" if modes == ["edgetpu"] else "_" + "_".join(modes)),
                          {"exporter": label, "weights": "timm random init, torch.manual_seed(0)", "trials": trials,
                           "modes": modes, "models": rows, "failed": failed, "improved": improved,
                           "not_exported": unexported})

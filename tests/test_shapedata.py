@@ -8,7 +8,7 @@ import pytest
 from builders import NetBuilder, random_input, run_ort
 from onnx import TensorProto, helper
 
-from archpass import api
+from archpass import api, shapedata
 from archpass.model import load_model
 from archpass.shapedata import relink, shape_data
 
@@ -88,3 +88,47 @@ def test_relink_keeps_a_constant_the_subgraph_does_not_reproduce(tmp_path):
     other = load_model(p, {"input": (3, 3, 8, 8)}).proto  # the indices of a batch of 3
     k, work = relinked(other)
     assert k == 0 and work == m.proto
+
+
+def _class_token_model() -> onnx.ModelProto:
+    """ViT's class token as torch's dynamo exporter writes it with a dynamic batch: an
+    Expand of the (1, 1, C) token to Concat(Shape(input)[0:1], 1, 1), concatenated with
+    the patch tokens (which a Reshape to (0, C, -1) keeps batched)."""
+    rng = np.random.default_rng(9)
+    c = 16
+    inits = [helper.make_tensor("w", TensorProto.FLOAT, [c, 3, 4, 4], rng.standard_normal(c * 48).astype(np.float32)),
+             helper.make_tensor("class_token", TensorProto.FLOAT, [1, 1, c], rng.standard_normal(c).astype(np.float32)),
+             helper.make_tensor("one", TensorProto.INT64, [1], [1]),
+             helper.make_tensor("tokens_shape", TensorProto.INT64, [3], [0, c, -1]),
+             helper.make_tensor("axes", TensorProto.INT64, [1], [1])]
+    nodes = [helper.make_node("Conv", ["input", "w"], ["patches"], name="patchify", strides=[4, 4]),
+             helper.make_node("Reshape", ["patches", "tokens_shape"], ["flat"], name="flatten"),
+             helper.make_node("Transpose", ["flat"], ["tokens"], name="to_tokens", perm=[0, 2, 1]),
+             helper.make_node("Shape", ["input"], ["in_shape"], name="in_shape", start=0, end=1),
+             helper.make_node("Concat", ["in_shape", "one", "one"], ["expand_shape"], name="expand_shape", axis=0),
+             helper.make_node("Expand", ["class_token", "expand_shape"], ["cls"], name="expand"),
+             helper.make_node("Concat", ["cls", "tokens"], ["seq"], name="cat", axis=1),
+             helper.make_node("ReduceMean", ["seq", "axes"], ["pooled"], name="pool", keepdims=0),
+             helper.make_node("Relu", ["pooled"], ["output"], name="relu")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                          [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", c])], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
+
+
+@pytest.mark.parametrize("large", [False, True], ids=["token-recorded", "token-above-MAX_CONSTANT"])
+def test_a_class_token_expanded_to_the_batch_follows_it(tmp_path, monkeypatch, large):
+    """The class token's Expand is recorded with the token and the output keeps the batch
+    and the source's values; a token counted as a large weight is not copied: the batch
+    stays static and the notes say so."""
+    if large:
+        monkeypatch.setattr(shapedata, "MAX_CONSTANT", 8)
+    assert [(d.consumer, d.index) for d in shape_data(_class_token_model())] == ([] if large else [("cat", 0)])
+    p, out = tmp_path / "vit.onnx", tmp_path / "o.onnx"
+    onnx.save(_class_token_model(), str(p))
+    doc = api.apply(p, {"rewrites": []}, out, ["input:1,3,8,8"])
+    if large:
+        assert any("kept the pinned dims input[0] static" in n for n in doc["notes"]), doc["notes"]
+        return
+    assert any("kept the source's dynamic dims input[0] dynamic" in n for n in doc["notes"]), doc["notes"]
+    x = random_input((3, 3, 8, 8))
+    np.testing.assert_allclose(run_ort(str(out), {"input": x})[0], run_ort(str(p), {"input": x})[0], rtol=1e-5, atol=1e-5)
