@@ -173,12 +173,15 @@ def linear_hw(shape: tuple[int, ...], batch: int = 1) -> HW:
     """The positions a Gemm or MatMul layer runs over, per sample, as (H, W): every axis of
     its input but the batch and the channels (the last).  A 2-D input is rows of channels:
     one row per sample after a flatten, but H*W rows per sample for a Linear over the
-    flattened positions ([N*H*W, C], as exports write ConvNeXt's and transformers' Linears)."""
-    if len(shape) > 2:
+    flattened positions ([N*H*W, C], as exports write ConvNeXt's and transformers' Linears).
+    An input whose dim 0 is not the batch is rows too, all its leading axes per sample:
+    sequence-first (tokens, N, C), as torch's MultiheadAttention projects, or windows folded
+    into the batch (N x windows, tokens, C)."""
+    batch = max(1, int(batch))
+    if len(shape) > 2 and int(shape[0]) == batch:
         hw = tuple(int(d) for d in shape[1:-1])
         return (hw[0], int(math.prod(hw[1:])) if len(hw) > 1 else 1)
-    rows = int(shape[0]) if shape else 1
-    batch = max(1, int(batch))
+    rows = int(math.prod(int(d) for d in shape[:-1])) if len(shape) > 1 else (int(shape[0]) if shape else 1)
     return (rows // batch if rows % batch == 0 else rows, 1) if rows > 0 else (1, 1)
 
 

@@ -264,6 +264,32 @@ def test_linear_over_flattened_positions_counts_every_position(batch):
     assert fc.macs == 20 * 8 * 16
 
 
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("layout", ["sequence-first", "windows-in-dim-0"])
+def test_linear_whose_dim_0_is_not_the_batch_counts_every_row(batch, layout):
+    """A MatMul over (tokens, N, C), as torch's MultiheadAttention projects (ViT-B/16 from the
+    dynamo exporter with a dynamic batch), or over (N x windows, tokens, C), runs over every
+    leading position of a sample: its dim 0 is not the batch (once read as one, ViT-B/16
+    counted 13.75 GMACs instead of its card's 17.56)."""
+    rng = np.random.default_rng(1)
+    if layout == "sequence-first":  # (N, 8, 20) -> (20, N, 8)
+        shape, perm, rows = [batch, 8, 20], [2, 0, 1], 20
+    else:  # (N, 16 tokens, 8) -> (N x 4 windows, 4, 8)
+        shape, perm, rows = [batch * 4, 4, 8], [0, 1, 2], 16
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 8, 4, 5] if layout == "sequence-first"
+                                      else [batch, 16, 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [shape[p] for p in perm[:2]] + [16])
+    inits = [numpy_helper.from_array(rng.standard_normal((8, 16)).astype(np.float32), "w"),
+             numpy_helper.from_array(np.array(shape, np.int64), "shape")]
+    nodes = [helper.make_node("Reshape", ["x", "shape"], ["r"], name="tokens"),
+             helper.make_node("Transpose", ["r"], ["t"], name="layout", perm=perm),
+             helper.make_node("MatMul", ["t", "w"], ["y"], name="proj")]
+    proto = helper.make_model(helper.make_graph(nodes, "g", [x], [y], inits), opset_imports=[helper.make_opsetid("", 17)])
+    (proj,) = analyze(model_from_proto(proto)).layers
+    assert (proj.cin, proj.cout, proj.in_hw, proj.out_hw) == (8, 16, (rows, 1), (rows, 1))
+    assert proj.macs == rows * 8 * 16
+
+
 def _model(nodes, inputs, outputs, inits=()):
     proto = helper.make_model(helper.make_graph(nodes, "g", inputs, outputs, list(inits)),
                               opset_imports=[helper.make_opsetid("", 17)])
