@@ -75,6 +75,25 @@ def fresh_namer(proto: ModelProto):
     return fresh
 
 
+def constant_reader(proto: ModelProto):
+    """A function giving the value of an initializer or Constant node output of ``proto``
+    by name (None for anything else: a computed tensor, a Constant without a tensor value)."""
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in proto.graph.initializer}
+    consts = {n.output[0]: n for n in proto.graph.node if n.op_type == "Constant" and n.output}
+
+    def value(name: str) -> np.ndarray | None:
+        if name in inits:
+            return numpy_helper.to_array(inits[name])
+        node = consts.get(name)
+        if node is not None and node.attribute and node.attribute[0].name == "value":
+            return numpy_helper.to_array(node.attribute[0].t)
+        return None
+
+    return value
+
+
 def _relink_batch(proto: ModelProto, computed: tuple[str, ...], batch: int, batch_input: str,
                   shapes: dict[str, tuple[int, ...]]) -> int:
     """In ``proto`` (changed in place), give the ``computed`` Resize/Reshape nodes their
@@ -88,18 +107,9 @@ def _relink_batch(proto: ModelProto, computed: tuple[str, ...], batch: int, batc
     whether that is right is what :func:`_runs_at_other_sizes` then checks."""
     from onnx import helper, numpy_helper
 
-    inits = {i.name: i for i in proto.graph.initializer}
-    consts = {n.output[0]: n for n in proto.graph.node if n.op_type == "Constant" and n.output}
     wanted = set(computed)
     fresh = fresh_namer(proto)
-
-    def value(name: str):
-        if name in inits:
-            return numpy_helper.to_array(inits[name])
-        node = consts.get(name)
-        if node is not None and node.attribute and node.attribute[0].name == "value":
-            return numpy_helper.to_array(node.attribute[0].t)
-        return None
+    value = constant_reader(proto)
 
     nodes, relinked, replaced = [], 0, set()
     for n in proto.graph.node:
@@ -305,10 +315,13 @@ def _restore(proto: ModelProto, restore: dict[str, dict[int, str]], pinned: dict
                 d.dim_param = sym
         del out.graph.value_info[:]  # intermediate shapes were inferred at the pinned size
         if linked:
+            relinked = 0
             if computed and batch_only:
-                _relink_batch(out, computed, next(iter(batches)), next(n for n in restore if n in pinned),
-                              _static_shapes(proto, computed))
-            relink_data(out, data, proto)
+                relinked += _relink_batch(out, computed, next(iter(batches)), next(n for n in restore if n in pinned),
+                                          _static_shapes(proto, computed))
+            relinked += relink_data(out, data, proto)
+            if not relinked:  # the same model as the plain attempt that follows: checked once
+                continue
         try:
             out = onnx.shape_inference.infer_shapes(out, check_type=True)
             onnx.checker.check_model(out, full_check=True)

@@ -26,9 +26,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import GraphProto, ModelProto, helper, numpy_helper
+from onnx import GraphProto, ModelProto, helper
 
-from archpass.dynamic import SHAPE_INPUTS, fresh_namer
+from archpass.dynamic import SHAPE_INPUTS, constant_reader, fresh_namer
 
 #: constants larger than this are weights, not shape arithmetic: such a subgraph is not recorded
 MAX_CONSTANT = 1 << 16
@@ -111,17 +111,6 @@ def _subgraph(tensor: str, derived: dict, inits: dict, consts: dict, inputs: dic
                              [onnx.ValueInfoProto(name=tensor)], [v for v in used.values() if v is not None])
 
 
-def _constant(proto: ModelProto, name: str) -> np.ndarray | None:
-    for i in proto.graph.initializer:
-        if i.name == name:
-            return numpy_helper.to_array(i)
-    for n in proto.graph.node:
-        if n.op_type == "Constant" and n.output and n.output[0] == name and n.attribute \
-                and n.attribute[0].name == "value":
-            return numpy_helper.to_array(n.attribute[0].t)
-    return None
-
-
 def _evaluate(sub: GraphProto, static: ModelProto) -> np.ndarray | None:
     """``sub``'s output for zeros at ``static``'s input shapes (None: an input unknown or not static)."""
     from onnx.reference import ReferenceEvaluator
@@ -148,6 +137,7 @@ def relink(proto: ModelProto, data: tuple[ShapeData, ...], static: ModelProto) -
         return 0
     nodes = {n.name: n for n in proto.graph.node if n.name}
     fresh = fresh_namer(proto)
+    constant = constant_reader(proto)
     graph_inputs = {i.name for i in proto.graph.input}
 
     new_nodes, new_inits, replaced = [], [], set()
@@ -155,7 +145,7 @@ def relink(proto: ModelProto, data: tuple[ShapeData, ...], static: ModelProto) -
         n = nodes.get(d.consumer)
         if n is None or d.index >= len(n.input):
             continue
-        folded = _constant(proto, n.input[d.index])
+        folded = constant(n.input[d.index])
         sub = GraphProto.FromString(d.graph)
         if folded is None or any(vi.name not in graph_inputs for vi in sub.input):
             continue
