@@ -278,13 +278,20 @@ SCENARIOS = {"2threads": {"threads": 2, "graph_opt": "all"}, "basic": {"threads"
 BUDGET_S = 60.0
 
 
-def adapt_run(sc: str, tag: str, seed: int = 0, windows: int = 3, spread_s: float | None = None) -> dict:
+def adapt_run(sc: str, tag: str, seed: int = 0, windows: int = 3, spread_s: float | None = None,
+              warmup_s: float | None = None) -> dict:
     """One adaptation of ``cpu`` to scenario ``sc`` with the plan drawn from ``seed`` (its
-    own quiet section), recorded in ort_runs.json."""
+    own quiet section), recorded in ort_runs.json.  ``warmup_s``: the least time of untimed
+    runs before each one-thread timed block instead of ``adapt_measure.WARMUP_MIN_S_1T`` (0:
+    the run count alone, as before that setting existed; for side-by-side comparisons)."""
+    import shutil
+
+    from archpass.costmodel import adapt_measure
     from archpass.costmodel.adapt import adapt_onnxruntime
     from archpass.costmodel.adapt_measure import WARMUP_RUNS_1T, WARMUP_RUNS_MT
 
-    import shutil
+    if warmup_s is not None:
+        adapt_measure.WARMUP_MIN_S_1T = warmup_s
 
     d = work_dir() / f"ort_{sc}_{tag}"
     shutil.rmtree(d, ignore_errors=True)  # a fresh adaptation (the dataset would resume an earlier one)
@@ -299,7 +306,10 @@ def adapt_run(sc: str, tag: str, seed: int = 0, windows: int = 3, spread_s: floa
              "cross_validation": t.accuracy["cross_validation"],
              # untimed runs before each timed block (one thread: none before this setting existed;
              # several threads: one before)
-             "warmup_runs_1t": WARMUP_RUNS_1T, "warmup_runs_mt": WARMUP_RUNS_MT}
+             "warmup_runs_1t": WARMUP_RUNS_1T, "warmup_runs_mt": WARMUP_RUNS_MT,
+             # and their least time with one thread (none before this setting existed; the
+             # 2-thread rounds q1 and q2 of the eleventh machine had it at 2 threads too)
+             "warmup_min_s_1t": adapt_measure.WARMUP_MIN_S_1T}
     print(f"adapted {sc} ({tag}): {entry['measurement']['seconds']} s of measurement, "
           f"{entry['measurement']['networks']} networks, method {entry['method']}", file=sys.stderr)
     path = work_dir() / "ort_runs.json"
@@ -418,7 +428,7 @@ def need_scenario(args) -> None:
 def phase_ort_adapt(args) -> None:
     need_scenario(args)
     settle()
-    adapt_run(args.scenario, args.tag, args.seed, args.windows, args.spread_s)
+    adapt_run(args.scenario, args.tag, args.seed, args.windows, args.spread_s, args.warmup_s)
 
 
 def full_samples() -> int:
@@ -1075,6 +1085,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="ort-adapt: the seed the plan's networks are drawn from")
     ap.add_argument("--spread-s", type=float, default=None,
                     help="ort-adapt: seconds between the starts of window rounds (the adaptation's default when omitted)")
+    ap.add_argument("--warmup-s", type=float, default=None,
+                    help="ort-adapt: least seconds of untimed runs before each one-thread timed block (default: the code's "
+                         "WARMUP_MIN_S_1T; 0 = the run count alone, the protocol before it)")
     ap.add_argument("--windows", type=int, default=3,
                     help="ort-adapt: timing windows per network (calibrate --adapt's default: 3)")
     ap.add_argument("--adapt-tags", default="first,second",

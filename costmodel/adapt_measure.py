@@ -80,6 +80,17 @@ WARMUP_RUNS_1T = 2
 #: 2-thread adaptations here with four got 75, 70 and 80% of the held-out models within
 #: ±10% of the truths taken around them (8-channel features), where six with one got 60-75%
 WARMUP_RUNS_MT = 4
+#: with one thread the untimed runs before a block also last at least this long: a small
+#: network timed right after other networks needs some tens of runs to reach its steady
+#: speed.  On the eleventh machine (docs/architecture.md), in six interleaved rounds, the
+#: 5-run median after two untimed runs was 2.1-4.9% above a steady 0.15 s window for real
+#: models of 0.6-1.3 ms (runs 3-7 of a window up to 11% above runs 60 and later), within 1%
+#: with 10 ms of untimed runs; models of 3.6 ms and more within 1% either way.  Two
+#: 1-thread adaptations with it got 85 and 95% of the held-out models within ±10%, two
+#: without 50 and 90%.  Not with several threads, whose blocks follow a pause and
+#: :data:`WARMUP_RUNS_MT` runs and last :data:`MIN_BLOCK_S` (two 2-thread adaptations with
+#: the floor 75 and 80%, two without 90 and 85%)
+WARMUP_MIN_S_1T = 0.01
 
 
 class OtherLoad:
@@ -147,6 +158,18 @@ class Network:
         return [self.plain[i] for i in (self.fast or range(len(self.plain)))]
 
 
+def warm_up(session, feeds: dict, runs: int, min_s: float) -> int:
+    """Untimed runs of ``session`` before a timed block: at least ``runs`` of them, for at
+    least ``min_s`` seconds in all; returns how many ran (the profiled session's profile
+    holds them too)."""
+    t0 = time.perf_counter()
+    done = 0
+    while done < runs or time.perf_counter() - t0 < min_s:
+        session.run(None, feeds)
+        done += 1
+    return done
+
+
 def planned_network(key: str, label: str, proto, base: Target, windows: int, runs: int, threads: int) -> Network:
     """A network to time: decomposed into ``base``'s kernels, with the seconds its
     measurement is planned to take (``windows`` windows of ``runs`` runs at ``threads``
@@ -168,7 +191,7 @@ def planned_network(key: str, label: str, proto, base: Target, windows: int, run
         cost += windows * 2 * (PROBE_SETTLE_S + 0.003)
         cost += windows * 2 * max(MIN_BLOCK_S - runs * pred_ms / 1e3 / (0.7 * threads), 0.0)
     else:  # the untimed runs before each block
-        cost += windows * 2 * WARMUP_RUNS_1T * pred_ms / 1e3
+        cost += windows * 2 * max(WARMUP_RUNS_1T * pred_ms / 1e3, WARMUP_MIN_S_1T)
     return Network(key, label, proto, kernels, owner, tensor_owner, cost)
 
 
@@ -177,7 +200,8 @@ def measure_networks(nets: list[Network], provider: str, threads: int, graph_opt
                      progress: Callable[[str], None] | None = None) -> dict:
     """Time ``nets`` in ``windows`` interleaved windows (each window: every network
     ``runs`` times with onnxruntime's profiler and ``runs`` times without, each block after
-    untimed runs: with one thread :data:`WARMUP_RUNS_1T`, with several a pause,
+    untimed runs: with one thread :data:`WARMUP_RUNS_1T` and for at least
+    :data:`WARMUP_MIN_S_1T` (:func:`warm_up`), with several a pause,
     :data:`SPIN_SETTLE_S`, and :data:`WARMUP_RUNS_MT`), within
     ``budget_s`` seconds of measurement (wall time, sessions included, waits for a quiet
     host excluded).  The first window admits networks in order while the time they took,
@@ -239,16 +263,14 @@ def measure_networks(nets: list[Network], provider: str, threads: int, graph_opt
             with OtherLoad() as load:
                 if settle:  # let the last session's spinning workers stop, then wake this one's
                     time.sleep(settle)
-                warm = WARMUP_RUNS_MT if settle else WARMUP_RUNS_1T  # untimed runs before the block
-                for _ in range(warm):
-                    prof.run(None, feeds)
-                n.runs += warm
+                # untimed runs before the block
+                warm, warm_s = (WARMUP_RUNS_MT, 0.0) if settle else (WARMUP_RUNS_1T, WARMUP_MIN_S_1T)
+                n.runs += warm_up(prof, feeds, warm, warm_s)
                 first = n.runs
                 done = len(timed_runs(prof, feeds, runs, min_block))
                 if settle:
                     time.sleep(settle)
-                for _ in range(warm):
-                    plain.run(None, feeds)
+                warm_up(plain, feeds, warm, warm_s)
                 times = timed_runs(plain, feeds, runs, min_block)
             n.runs += done
             other = load.cores if load.cores is not None else 0.0
@@ -424,4 +446,4 @@ def network_points(n: Network, profile_path: str, optimized_path: str, overhead_
 
 __all__ = ["measure_networks", "measurement_notes", "network_ms", "network_points", "kernel_window_statistic",
            "Network", "planned_network", "OtherLoad", "allowed_other_cores", "wait_quiet", "RUNS", "MIN_NETWORK_S",
-           "SPREAD_S", "SPREAD_FACTOR", "WAIT_FACTOR", "MAX_WAIT_S", "UNSTABLE_SHARE"]
+           "SPREAD_S", "SPREAD_FACTOR", "WAIT_FACTOR", "MAX_WAIT_S", "UNSTABLE_SHARE", "WARMUP_MIN_S_1T", "warm_up"]

@@ -4,6 +4,7 @@ windows."""
 
 from __future__ import annotations
 
+import shutil
 import time
 
 import numpy as np
@@ -169,12 +170,60 @@ def test_single_thread_blocks_start_after_untimed_runs(tmp_path, monkeypatch):
     proto = NetBuilder((1, 3, 32, 32)).conv(16, 3, stride=2, act="relu").head(10).build()
     n = adapt_measure.planned_network("one", "one", _loaded(tmp_path, proto), base, 2, 2, 1)
     monkeypatch.setattr(adapt_measure, "WARMUP_RUNS_1T", 3)
+    monkeypatch.setattr(adapt_measure, "WARMUP_MIN_S_1T", 0.0)  # the count alone (the time floor: below)
     # no window is taken again because of other load on the machine (that adds runs)
     monkeypatch.setattr(adapt_measure, "allowed_other_cores", lambda threads: float("inf"))
     adapt_measure.measure_networks([n], "CPUExecutionProvider", 1, "all", budget_s=30.0, windows=2, runs=2)
     # one run when the session is built, then per window 3 untimed and 2 timed profiled runs
     assert [(w[0], w[1]) for w in n.windows] == [(1 + 3, 2), (1 + 3 + 2 + 3, 2)]
     assert n.runs == 1 + 2 * (3 + 2)
+
+
+class _Sleeper:
+    """A session whose run takes ``ms`` milliseconds."""
+
+    def __init__(self, ms):
+        self.ms, self.runs = ms, 0
+
+    def run(self, outputs, feeds):
+        time.sleep(self.ms / 1e3)
+        self.runs += 1
+
+
+def test_warm_up_runs_the_count_and_for_the_least_time():
+    fast = _Sleeper(1.0)
+    assert adapt_measure.warm_up(fast, {}, 2, 0.0) == 2 == fast.runs
+    n = adapt_measure.warm_up(fast, {}, 2, 0.03)  # a small network: the time floor decides
+    assert n == fast.runs - 2 and 10 <= n <= 31
+    slow = _Sleeper(20.0)
+    assert adapt_measure.warm_up(slow, {}, 2, 0.01) == 2  # a large one: the count does
+
+
+def test_untimed_runs_before_a_block_last_the_floor_and_the_profiled_windows_skip_them(tmp_path, monkeypatch):
+    """With the warm-up floor a small network runs more untimed than WARMUP_RUNS_1T before
+    each block; the profiled windows still point at their own timed runs: the profile holds
+    every run, and the last window ends at the last run."""
+    import json
+
+    base = load_target("cpu")
+    proto = NetBuilder((1, 3, 32, 32)).conv(16, 3, stride=2, act="relu").head(10).build()
+    n = adapt_measure.planned_network("one", "one", _loaded(tmp_path, proto), base, 2, 2, 1)
+    monkeypatch.setattr(adapt_measure, "WARMUP_RUNS_1T", 2)
+    monkeypatch.setattr(adapt_measure, "WARMUP_MIN_S_1T", 0.02)
+    monkeypatch.setattr(adapt_measure, "allowed_other_cores", lambda threads: float("inf"))
+    got = adapt_measure.measure_networks([n], "CPUExecutionProvider", 1, "all", budget_s=30.0, windows=2, runs=2)
+    (f1, d1), (f2, d2) = [(w[0], w[1]) for w in n.windows]
+    assert d1 == d2 == 2 and f1 > 1 + 2 and f2 > f1 + d1 + 2  # more untimed runs than the count
+    assert n.runs == f2 + d2
+    path, _ = got["profiles"]["one"]
+    with open(path) as f:
+        events = json.load(f)
+    per_node: dict = {}
+    for e in events:
+        if e.get("cat") == "Node" and str(e.get("name", "")).endswith("_kernel_time"):
+            per_node[e["name"]] = per_node.get(e["name"], 0) + 1
+    assert per_node and set(per_node.values()) == {n.runs}
+    shutil.rmtree(got["tmp"], ignore_errors=True)
 
 
 def test_run_statistic_is_the_median_with_one_thread_and_a_low_percentile_with_several():
