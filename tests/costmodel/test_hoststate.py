@@ -194,7 +194,7 @@ def test_warm_up_runs_the_count_and_for_the_least_time():
     fast = _Sleeper(1.0)
     assert adapt_measure.warm_up(fast, {}, 2, 0.0) == 2 == fast.runs
     n = adapt_measure.warm_up(fast, {}, 2, 0.03)  # a small network: the time floor decides
-    assert n == fast.runs - 2 and 10 <= n <= 31
+    assert n == fast.runs - 2 and 5 <= n <= 31  # 30 ms of 1 ms runs (fewer when sleeps overshoot)
     slow = _Sleeper(20.0)
     assert adapt_measure.warm_up(slow, {}, 2, 0.01) == 2  # a large one: the count does
 
