@@ -85,9 +85,9 @@ WARMUP_RUNS_MT = 4
 #: speed.  On the eleventh machine (docs/architecture.md), in six interleaved rounds, the
 #: 5-run median after two untimed runs was 2.1-4.9% above a steady 0.15 s window for real
 #: models of 0.6-1.3 ms (runs 3-7 of a window up to 11% above runs 60 and later), within 1%
-#: with 10 ms of untimed runs; models of 3.6 ms and more within 1% either way.  Two
-#: 1-thread adaptations with it got 85 and 95% of the held-out models within ±10%, two
-#: without 50 and 90%.  Not with several threads, whose blocks follow a pause and
+#: with 10 ms of untimed runs; models of 3.6 ms and more within 1% either way.  Four
+#: 1-thread adaptations with it got 85, 95, 85 and 95% of the held-out models within
+#: ±10%, two measured between them without it 50 and 90%.  Not with several threads, whose blocks follow a pause and
 #: :data:`WARMUP_RUNS_MT` runs and last :data:`MIN_BLOCK_S` (two 2-thread adaptations with
 #: the floor 75 and 80%, two without 90 and 85%)
 WARMUP_MIN_S_1T = 0.01
